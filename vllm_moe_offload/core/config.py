@@ -1,0 +1,151 @@
+"""The one configuration of expert offload.
+
+`OffloadConfig` is the single source of truth for the three ways to set it:
+`additional_config={"expert_offload": {...}}`, `VLLM_MOE_OFFLOAD_<FIELD>` env vars,
+and CLI flags (`--enable-expert-offload`, `--expert-pool-slots`, ...). Each field's
+metadata names its flag; its help text is the field's comment below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ENV_PREFIX = "VLLM_MOE_OFFLOAD_"
+CONFIG_KEY = "expert_offload"  # key inside vLLM's additional_config
+STORES = ("auto", "host", "disk")
+DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm_moe_offload")
+
+
+def _f(default, flag: str, help: str):
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    enabled: bool = _f(False, "--enable-expert-offload",
+                       "Turn expert offload on. Everything else is inert while off.")
+    pool_slots: int | None = _f(None, "--expert-pool-slots",
+                                "Expert slots resident in fast memory, shared by all MoE "
+                                "layers. At least one layer's experts. Default: half of "
+                                "all experts (or from pool_gib).")
+    pool_gib: float | None = _f(None, "--expert-pool-gib",
+                                "Size the pool in GiB instead of slots (rounded down to "
+                                "whole slots). Exclusive with pool_slots.")
+    store: str = _f("auto", "--expert-store",
+                    "Where all experts live: 'host' (RAM, pinned on CUDA), 'disk' (one "
+                    "file per model, read past the page cache) or 'auto' (disk on CPU "
+                    "hosts, host on GPUs).")
+    store_dir: str = _f(DEFAULT_STORE_DIR, "--expert-store-dir",
+                        "Directory of the disk store's cache files.")
+    trace_path: str | None = _f(None, "--expert-trace-path",
+                                "Write every MoE layer's routed expert ids per forward "
+                                "step to this file (format: docs/design.md).")
+    stats_log_interval_s: float = _f(30.0, "--expert-stats-log-interval",
+                                     "Seconds between one-line cache summaries in the "
+                                     "log; 0 turns periodic logging off.")
+
+    def __post_init__(self):
+        if self.pool_slots is not None and self.pool_slots < 1:
+            raise ValueError(
+                f"expert_offload.pool_slots={self.pool_slots} must be a positive number "
+                "of expert slots; it must cover at least one layer's experts.")
+        if self.pool_gib is not None and self.pool_gib <= 0:
+            raise ValueError(f"expert_offload.pool_gib={self.pool_gib} must be > 0 GiB.")
+        if self.pool_slots is not None and self.pool_gib is not None:
+            raise ValueError(
+                f"expert_offload.pool_slots={self.pool_slots} and pool_gib="
+                f"{self.pool_gib} are both set; set only one of them.")
+        if self.store not in STORES:
+            raise ValueError(
+                f"expert_offload.store={self.store!r} is not a known store; use one of "
+                f"{', '.join(STORES)} (--expert-store).")
+        if self.stats_log_interval_s < 0:
+            raise ValueError(
+                f"expert_offload.stats_log_interval_s={self.stats_log_interval_s} must "
+                "be >= 0 (0 turns periodic logging off).")
+
+    # ---- sources --------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "OffloadConfig":
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown expert_offload field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+    @classmethod
+    def env_values(cls, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Fields set through `VLLM_MOE_OFFLOAD_<FIELD>` env vars."""
+        environ = os.environ if environ is None else environ
+        out = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                out[f.name] = _coerce(cls, f.name, raw)
+        return out
+
+    @classmethod
+    def resolve(cls, additional_config: Mapping[str, Any] | None,
+                environ: Mapping[str, str] | None = None) -> "OffloadConfig":
+        """Env vars first, then `additional_config["expert_offload"]` on top."""
+        values = cls.env_values(environ)
+        values.update((additional_config or {}).get(CONFIG_KEY) or {})
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- derived ----------------------------------------------------------------
+
+    def resolved_store(self, on_gpu: bool) -> str:
+        if self.store != "auto":
+            return self.store
+        return "host" if on_gpu else "disk"
+
+    def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int) -> int:
+        """Pool size in slots for a model, checked against one layer's experts."""
+        total = num_layers * experts_per_layer
+        if self.pool_slots is not None:
+            slots, source = self.pool_slots, f"pool_slots={self.pool_slots}"
+        elif self.pool_gib is not None:
+            slots = int(self.pool_gib * 2**30 // slot_bytes)
+            source = f"pool_gib={self.pool_gib} ({slots} slots of {slot_bytes} bytes)"
+        else:
+            slots, source = max(experts_per_layer, total // 2), "the default (half)"
+        if slots < experts_per_layer:
+            need_gib = experts_per_layer * slot_bytes / 2**30
+            raise ValueError(
+                f"expert_offload {source} is smaller than one layer's experts "
+                f"({experts_per_layer}): every layer call must fit in the pool. Set "
+                f"pool_slots >= {experts_per_layer} (--expert-pool-slots "
+                f"{experts_per_layer}) or pool_gib >= {need_gib:.4f}.")
+        return min(slots, total)
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    """Turn a string (env var, CLI) into the field's type; pass others through."""
+    if not isinstance(value, str):
+        return value
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    try:
+        if kind == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise ValueError(
+            f"expert_offload.{name}={value!r} is not a valid {kind} "
+            f"(env {ENV_PREFIX}{name.upper()})") from None
+    return value

@@ -1,0 +1,140 @@
+"""A global pool of expert slots, paged like KV blocks.
+
+Three plain structures: `(layer, expert) -> slot` table, a free list of empty
+slots, and an LRU order of resident, unpinned slots (an `OrderedDict`, O(1) to
+touch, pop the oldest, or remove). Checks (`can_acquire`) are separate from
+changes (`acquire`, `release`).
+
+NOTE #1: a pinned slot is never in `_evictable` and never evicted. `acquire`
+pins every slot of one layer call before it picks victims for that call's
+misses, so a call never evicts an expert it needs itself.
+NOTE #2: every slot is in exactly one of: `_free`, `_evictable`, pinned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, NamedTuple
+
+
+class ExpertKey(NamedTuple):
+    layer: int  # MoE layer index (0-based, in model order)
+    expert: int  # expert id as the router emits it (global id)
+
+
+class SlotGrant(NamedTuple):
+    key: ExpertKey
+    slot: int
+    hit: bool  # the expert was already resident
+    evicted: ExpertKey | None  # expert whose slot this miss took, if any
+
+
+class SlotPool:
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be >= 1")
+        self.num_slots = num_slots
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._key_of: list[ExpertKey | None] = [None] * num_slots
+        self._pins = [0] * num_slots
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives 0 first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    # ---- queries ----------------------------------------------------------------
+
+    def lookup(self, key: ExpertKey) -> int | None:
+        return self._slot_of.get(key)
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._slot_of
+
+    def num_resident(self) -> int:
+        return len(self._slot_of)
+
+    def num_pinned(self) -> int:
+        return sum(1 for p in self._pins if p)
+
+    def can_acquire(self, keys: Iterable[ExpertKey]) -> bool:
+        """True if `acquire(keys)` would find a slot for every missing key."""
+        keys = set(keys)
+        missing = sum(1 for k in keys if k not in self._slot_of)
+        reclaimable = len(self._free) + sum(
+            1 for s in self._evictable if self._key_of[s] not in keys)
+        return missing <= reclaimable
+
+    # ---- changes ----------------------------------------------------------------
+
+    def acquire(self, keys: Iterable[ExpertKey]) -> list[SlotGrant] | None:
+        """Pin a slot for each distinct key; load-on-miss is the caller's job.
+
+        Returns None (and changes nothing) when the misses cannot all get a slot
+        right now, i.e. too many slots are pinned.
+        """
+        keys = list(dict.fromkeys(keys))
+        if not self.can_acquire(keys):
+            return None
+        grants: list[SlotGrant] = []
+        misses = []
+        for key in keys:  # pin hits first (NOTE #1)
+            slot = self._slot_of.get(key)
+            if slot is None:
+                misses.append(key)
+                continue
+            self._pin(slot)
+            grants.append(SlotGrant(key, slot, True, None))
+        for key in misses:
+            slot, evicted = self._take_slot()
+            self._slot_of[key] = slot
+            self._key_of[slot] = key
+            self._pin(slot)
+            grants.append(SlotGrant(key, slot, False, evicted))
+        return grants
+
+    def release(self, slots: Iterable[int]) -> None:
+        """Unpin; a slot whose last pin goes becomes the most recently used."""
+        for slot in slots:
+            if self._pins[slot] <= 0:
+                raise RuntimeError(f"slot {slot} released more often than acquired")
+            self._pins[slot] -= 1
+            if self._pins[slot] == 0:
+                self._evictable[slot] = None
+
+    def drop(self, key: ExpertKey) -> None:
+        """Forget a resident, unpinned expert (its slot becomes free)."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            return
+        if self._pins[slot]:
+            raise RuntimeError(f"{key} is pinned and cannot be dropped")
+        del self._evictable[slot]
+        del self._slot_of[key]
+        self._key_of[slot] = None
+        self._free.append(slot)
+
+    # ---- internals --------------------------------------------------------------
+
+    def _pin(self, slot: int) -> None:
+        if self._pins[slot] == 0:
+            self._evictable.pop(slot, None)
+        self._pins[slot] += 1
+
+    def _take_slot(self) -> tuple[int, ExpertKey | None]:
+        if self._free:
+            return self._free.pop(), None
+        slot, _ = self._evictable.popitem(last=False)  # least recently used
+        evicted = self._key_of[slot]
+        del self._slot_of[evicted]
+        self._key_of[slot] = None
+        return slot, evicted
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if NOTE #1/#2 or the two maps disagree (tests)."""
+        pinned = {s for s, p in enumerate(self._pins) if p}
+        free, evictable = set(self._free), set(self._evictable)
+        assert len(self._free) == len(free), "slot twice in free list"
+        assert not (free & evictable) and not (free & pinned) and not (evictable & pinned)
+        assert free | evictable | pinned == set(range(self.num_slots))
+        for key, slot in self._slot_of.items():
+            assert self._key_of[slot] == key
+        assert all(self._key_of[s] is None for s in free)
+        assert all(self._key_of[s] is not None for s in evictable | pinned)

@@ -1,0 +1,100 @@
+"""Routing traces: every MoE layer call's routed expert ids, per forward step.
+
+File format (little-endian), version 1:
+    header  b"MOETRACE" | u32 version | u32 num_layers | u32 experts_per_layer | u32 top_k
+    record  u32 step | u16 layer | u16 top_k | u32 num_tokens | u16 ids[num_tokens * top_k]
+`step` counts forward passes of the engine (a new step starts at layer 0's call);
+ids are row-major [num_tokens, top_k], in the router's order. `read_trace` also
+accepts JSONL lines `{"layer": l, "token_idx": t, "topk_ids": [...]}`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+MAGIC = b"MOETRACE"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIII")
+_RECORD = struct.Struct("<IHHI")
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    num_layers: int
+    experts_per_layer: int
+    top_k: int
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    step: int
+    layer: int
+    top_k: int
+    expert_ids: list[int]  # flat [num_tokens * top_k]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.expert_ids) // self.top_k if self.top_k else 0
+
+
+class TraceWriter:
+    def __init__(self, path: str, header: TraceHeader):
+        self._file: BinaryIO = open(path, "wb")
+        self._file.write(_HEADER.pack(MAGIC, VERSION, header.num_layers,
+                                      header.experts_per_layer, header.top_k))
+        self._step = -1
+        self._last_layer = None
+
+    def write(self, layer: int, top_k: int, ids_u16: bytes) -> None:
+        """`ids_u16`: the layer call's [tokens, top_k] ids as little-endian u16."""
+        if self._last_layer is None or layer <= self._last_layer:
+            self._step += 1  # layer order restarted: a new forward step
+        self._last_layer = layer
+        num_tokens = len(ids_u16) // (2 * top_k)
+        self._file.write(_RECORD.pack(self._step, layer, top_k, num_tokens))
+        self._file.write(ids_u16)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def read_trace(path: str) -> tuple[TraceHeader | None, Iterator[TraceRecord]]:
+    """Open a binary trace (or a JSONL one, whose header is None)."""
+    with open(path, "rb") as f:
+        magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+        return None, _read_jsonl(path)
+    f = open(path, "rb")
+    _, version, layers, experts, top_k = _HEADER.unpack(f.read(_HEADER.size))
+    if version != VERSION:
+        f.close()
+        raise ValueError(f"{path}: trace version {version}, this reader knows {VERSION}")
+    return TraceHeader(layers, experts, top_k), _read_records(f, path)
+
+
+def _read_records(f: BinaryIO, path: str) -> Iterator[TraceRecord]:
+    with f:
+        while head := f.read(_RECORD.size):
+            if len(head) < _RECORD.size:
+                raise ValueError(f"{path}: truncated trace record")
+            step, layer, top_k, num_tokens = _RECORD.unpack(head)
+            ids = array("H")
+            ids.frombytes(f.read(2 * num_tokens * top_k))
+            yield TraceRecord(step, layer, top_k, ids.tolist())
+
+
+def _read_jsonl(path: str) -> Iterator[TraceRecord]:
+    with open(path) as f:
+        for n, line in enumerate(f):
+            if line.strip():
+                row = json.loads(line)
+                ids = list(row["topk_ids"])
+                yield TraceRecord(row.get("token_idx", n), row["layer"], len(ids), ids)

@@ -1,0 +1,224 @@
+"""The routed-experts layer with an expert-slot pool (vLLM's OOT layer hook).
+
+Registered with `RoutedExperts.register_oot`, so vLLM builds this class for
+every MoE layer. While offload is off it is `RoutedExperts` unchanged. While on:
+- the layer's own `w13_weight`/`w2_weight` are created empty ([0, ...]);
+- `weight_loader` stages each checkpoint expert, converts it to the kernel's
+  layout with vLLM's own post-processing (padding, CPU prepack), and streams it
+  into the store, so all experts are never in fast memory at once;
+- after loading, `w13_weight`/`w2_weight` become the shared slot buffers [S, ...];
+- `forward_modular` maps router ids to slots (opaque custom op: loads misses),
+  then runs vLLM's own MoE kernel with `global_num_experts = S`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import vllm
+from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
+    convert_to_unquantized_kernel_format)
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+    UnquantizedFusedMoEMethod)
+from vllm.model_executor.utils import replace_parameter, set_weight_attrs
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.integration.vllm import model_state
+from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
+from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
+
+logger = init_logger("vllm.moe_offload")
+
+
+def _fingerprint(vllm_config) -> dict:
+    """What the disk store's contents depend on: model files, dtype, vLLM, load format."""
+    mc, lc = vllm_config.model_config, vllm_config.load_config
+    files = []
+    try:
+        from pathlib import Path
+        for f in sorted(Path(mc.model).glob("*.safetensors")):
+            st = f.stat()
+            files.append([f.name, st.st_size, int(st.st_mtime)])
+    except OSError:
+        pass
+    return {"model": str(mc.model), "revision": mc.revision, "dtype": str(mc.dtype),
+            "vllm": vllm.__version__, "load_format": str(lc.load_format),
+            "seed": mc.seed if str(lc.load_format) == "dummy" else None, "files": files}
+
+
+class OffloadedRoutedExperts(RoutedExperts):
+    def __init__(self, layer_name, params_dtype, moe_config, quant_config,
+                 expert_map_manager, *args, **kwargs):
+        vllm_config = get_current_vllm_config()
+        cfg = OffloadConfig.resolve(vllm_config.additional_config)
+        self._offload_cfg = cfg if cfg.enabled else None
+        if self._offload_cfg is not None:
+            _check_supported(layer_name, moe_config, quant_config)
+        super().__init__(layer_name, params_dtype, moe_config, quant_config,
+                         expert_map_manager, *args, **kwargs)
+        if self._offload_cfg is None:
+            return
+        self._model = model_state.get_or_create(
+            cfg, _fingerprint(vllm_config), torch.device(moe_config.device))
+        self._layer = self._model.register_layer(self.global_num_experts, self.top_k)
+        self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, set]] = {}
+
+    # ---- weights ------------------------------------------------------------------
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        qm = super()._get_quant_method(prefix, quant_config, moe_config)
+        if getattr(self, "_offload_cfg", None) is None:
+            return qm
+        if type(qm) is not UnquantizedFusedMoEMethod:
+            raise NotImplementedError(
+                f"expert offload: {prefix} uses {type(qm).__name__}; only unquantized "
+                "(bf16/fp16/fp32) experts are supported yet. Drop --quantization or "
+                "turn expert offload off.")
+        create = qm.create_weights
+
+        def create_empty(layer, num_experts, **kw):  # all experts live in the store
+            return create(layer=layer, num_experts=0, **kw)
+
+        qm.create_weights = create_empty
+        qm.process_weights_after_loading = lambda layer: layer.bind_pool()
+        return qm
+
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id,
+                      return_success=False):
+        if self._offload_cfg is None:
+            return super().weight_loader(param, loaded_weight, weight_name, shard_id,
+                                         expert_id, return_success)
+        if "weight" not in weight_name or any(s in weight_name for s in ("scale", "bias")):
+            raise NotImplementedError(
+                f"expert offload: checkpoint tensor {weight_name} (shard {shard_id}) is not "
+                "a plain expert weight; biased or quantized experts are not supported yet.")
+        store = self._model.store
+        if store is not None and store.reused:
+            return True if return_success else None  # the disk store already has it
+        w13, w2, seen = self._stage(expert_id)
+        half = w13.shape[0] // 2
+        if shard_id == "w1":
+            w13[:half].copy_(loaded_weight)
+        elif shard_id == "w3":
+            w13[half:].copy_(loaded_weight)
+        elif shard_id == "w2":
+            w2.copy_(loaded_weight)
+        else:
+            raise ValueError(f"shard_id must be w1, w2 or w3, got {shard_id!r}")
+        seen.add(shard_id)
+        if seen == {"w1", "w2", "w3"}:
+            del self._staging[expert_id]
+            packed = self._pack(w13, w2)
+            self._model.ensure_store(_layout_of(packed))
+            self._model.put_expert(self._layer, expert_id, packed)
+        return True if return_success else None
+
+    def _stage(self, expert_id: int):
+        if expert_id not in self._staging:
+            inter = self.moe_config.intermediate_size_per_partition_unpadded or \
+                self.intermediate_size_per_partition
+            hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
+            self._staging[expert_id] = (
+                torch.empty(2 * inter, hidden, dtype=self.params_dtype),
+                torch.empty(hidden, inter, dtype=self.params_dtype), set())
+        return self._staging[expert_id]
+
+    def _pack(self, w13: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
+        """One expert, checkpoint layout -> kernel layout, via vLLM's own steps."""
+        qm = self.quant_method
+        if qm.moe_kernel is None:
+            qm._init_moe_kernel(self)
+        keep = (self.w13_weight, self.w2_weight)
+        w13, w2 = convert_to_unquantized_kernel_format(
+            qm.unquantized_backend, moe_config=self.moe_config,
+            w13_weight=w13.unsqueeze(0).to(self.moe_config.device),
+            w2_weight=w2.unsqueeze(0).to(self.moe_config.device), layer=self)
+        replace_parameter(self, "w13_weight", w13)
+        replace_parameter(self, "w2_weight", w2)
+        qm.moe_kernel.fused_experts.process_weights_after_loading(self)
+        packed = [self.w13_weight.data[0].cpu(), self.w2_weight.data[0].cpu()]
+        self.w13_weight, self.w2_weight = keep
+        return packed
+
+    def _dummy_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """load_format="dummy": random weights, as vLLM's dummy loader draws them."""
+        inter = self.moe_config.intermediate_size_per_partition_unpadded or \
+            self.intermediate_size_per_partition
+        hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
+        gen = torch.Generator().manual_seed(layer * 100003 + expert)
+        w13 = torch.empty(2 * inter, hidden, dtype=self.params_dtype).uniform_(
+            -1e-3, 1e-3, generator=gen)
+        w2 = torch.empty(hidden, inter, dtype=self.params_dtype).uniform_(
+            -1e-3, 1e-3, generator=gen)
+        return self._pack(w13, w2)
+
+    def bind_pool(self) -> None:
+        """Called by vLLM after loading: seal the store, point weights at the pool."""
+        if self._staging:
+            raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
+                               f"experts {sorted(self._staging)[:4]} after loading")
+        if self._model.store is None:  # dummy load or reused store: learn the layout
+            inter = self.moe_config.intermediate_size_per_partition_unpadded or \
+                self.intermediate_size_per_partition
+            hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
+            probe = self._pack(torch.zeros(2 * inter, hidden, dtype=self.params_dtype),
+                               torch.zeros(hidden, inter, dtype=self.params_dtype))
+            self._model.ensure_store(_layout_of(probe))
+        elif self.quant_method.moe_kernel is None:  # reused store: set up this kernel
+            self._dummy_expert(self._layer, 0)
+        cache = self._model.finish_loading(self._dummy_expert)
+        for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
+            param = torch.nn.Parameter(buf, requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": self.weight_loader})
+            setattr(self, name, param)
+        self._num_slots = cache.num_slots
+
+    # ---- forward ------------------------------------------------------------------
+
+    def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None,
+                        shared_experts_input=None):
+        if self._offload_cfg is None:
+            return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
+                                           shared_experts_input)
+        slot_ids = map_to_slots_op(topk_ids, self._layer)
+        return self.quant_method.moe_kernel.apply(
+            hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
+            topk_weights=topk_weights, topk_ids=slot_ids, activation=self.activation,
+            apply_router_weight_on_input=self.apply_router_weight_on_input,
+            global_num_experts=self._num_slots, expert_map=None,
+            shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+
+
+def _layout_of(tensors: list[torch.Tensor]) -> ExpertLayout:
+    return ExpertLayout(tuple(TensorSpec(tuple(t.shape), t.dtype) for t in tensors))
+
+
+def _check_supported(layer_name, moe_config, quant_config) -> None:
+    par = moe_config.moe_parallel_config
+    if par.tp_size > 1 or par.use_ep or par.dp_size > 1:
+        raise NotImplementedError(
+            f"expert offload: {layer_name} runs with tp={par.tp_size}, ep="
+            f"{par.use_ep}, dp={par.dp_size}; only a single device per model is "
+            "supported yet. Use tensor_parallel_size=1 or turn expert offload off.")
+    if moe_config.num_experts != moe_config.num_logical_experts:
+        raise NotImplementedError("expert offload: redundant (EPLB) experts are not supported")
+    if not moe_config.is_act_and_mul or moe_config.has_bias:
+        raise NotImplementedError(
+            f"expert offload: {layer_name} has a non-gated or biased expert MLP; "
+            "only gated bias-free experts (Mixtral, Qwen-MoE style) are supported yet.")
+
+
+def install() -> None:
+    """Make vLLM build OffloadedRoutedExperts for MoE layers (idempotent)."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    if op_registry_oot.get("RoutedExperts") is OffloadedRoutedExperts:
+        return
+    if "RoutedExperts" in op_registry_oot:
+        raise RuntimeError(
+            f"another plugin already replaces RoutedExperts with "
+            f"{op_registry_oot['RoutedExperts']}; expert offload cannot be combined with it")
+    RoutedExperts.register_oot(OffloadedRoutedExperts)

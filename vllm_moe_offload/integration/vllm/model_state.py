@@ -1,0 +1,153 @@
+"""Per-worker state of the one model this worker serves: store, cache, stats.
+
+MoE layers register here as they are built; experts stream into the store as
+the checkpoint loads; when loading ends the store is sealed and one slot pool
+is created and bound to every layer. Nothing here touches vLLM internals.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.stats import OffloadStats
+from vllm_moe_offload.core.trace import TraceHeader, TraceWriter
+from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
+                                            HostStore, store_file_name)
+
+logger = logging.getLogger("vllm.moe_offload")
+
+# (layer, expert) staging: the expert's tensors in checkpoint layout, and which
+# shards (w1, w3, w2) have arrived.
+Packer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+class ModelOffload:
+    def __init__(self, cfg: OffloadConfig, fingerprint: dict, device: torch.device):
+        self.cfg = cfg
+        self.fingerprint = fingerprint
+        self.device = device
+        self.num_layers = 0
+        self.experts_per_layer: int | None = None
+        self.top_k = 0
+        self.store: ExpertStore | None = None
+        self.cache: ExpertCache | None = None
+        self.stats = OffloadStats()
+        self.experts_arrived = 0
+
+    def register_layer(self, num_experts: int, top_k: int) -> int:
+        if self.cache is not None:
+            raise RuntimeError("expert offload: a MoE layer was built after loading ended")
+        if self.experts_per_layer not in (None, num_experts):
+            raise NotImplementedError(
+                f"expert offload: MoE layers with different expert counts "
+                f"({self.experts_per_layer} and {num_experts}) are not supported yet")
+        self.experts_per_layer = num_experts
+        self.top_k = top_k
+        self.num_layers += 1
+        return self.num_layers - 1
+
+    # ---- loading ------------------------------------------------------------------
+
+    def ensure_store(self, layout: ExpertLayout) -> ExpertStore:
+        if self.store is not None:
+            return self.store
+        store_kind = self.cfg.resolved_store(self.device.type == "cuda")
+        if store_kind == "host":
+            self.store = HostStore(layout, self.num_layers, self.experts_per_layer,
+                                   pin_memory=self.device.type == "cuda")
+        else:
+            directory = Path(os.path.expanduser(self.cfg.store_dir))
+            path = directory / store_file_name(dict(self.fingerprint, layout=layout.describe()))
+            self.store = DiskStore(path, layout, self.num_layers, self.experts_per_layer,
+                                   self.fingerprint)
+            problem = getattr(self.store, "problem", None)
+            if self.store.reused:
+                logger.info("expert offload: reusing disk store %s", path)
+            elif problem:
+                logger.warning("expert offload: rebuilding disk store: %s", problem)
+        return self.store
+
+    def put_expert(self, layer: int, expert: int, packed: list[torch.Tensor]) -> None:
+        self.store.put(layer, expert, packed)
+        self.experts_arrived += 1
+
+    def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]]) -> ExpertCache:
+        """Seal the store and build the slot pool (once, at the first layer's call)."""
+        if self.cache is not None:
+            return self.cache
+        store = self.store
+        if not store.is_complete():
+            if self.experts_arrived:  # a real load that left experts out: a bug
+                raise RuntimeError(
+                    f"expert offload: {len(store.missing())} experts never arrived from "
+                    f"the checkpoint (first: {store.missing()[:4]})")
+            for layer, expert in store.missing():  # load_format="dummy"
+                store.put(layer, expert, dummy_expert(layer, expert))
+        store.seal()
+        layout = store.layout
+        num_slots = self.cfg.num_slots(self.num_layers, self.experts_per_layer,
+                                       layout.expert_bytes)
+        trace = None
+        if self.cfg.trace_path:
+            trace = TraceWriter(self.cfg.trace_path, TraceHeader(
+                self.num_layers, self.experts_per_layer, self.top_k))
+        self.cache = ExpertCache(store, num_slots, self.device, self.stats, trace)
+        total = self.num_layers * self.experts_per_layer
+        logger.info(
+            "expert offload: pool %d of %d experts (%.1f%%), %.3f GiB in %s memory; "
+            "store %s %.3f GiB%s", num_slots, total, 100 * num_slots / total,
+            self.cache.pool_bytes / 2**30, self.device.type, store.kind,
+            store.nbytes / 2**30, f" at {store.path}" if store.kind == "disk" else "")
+        atexit.register(self.shutdown)
+        return self.cache
+
+    # ---- running ------------------------------------------------------------------
+
+    def map_to_slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        slot_ids = self.cache.map_to_slots(layer, topk_ids)
+        if layer == 0 and self.stats.due(self.cfg.stats_log_interval_s):
+            logger.info(self.stats.summary_line())
+        return slot_ids
+
+    def stats_dict(self) -> dict:
+        out = self.stats.to_dict()
+        cache, store = self.cache, self.store
+        if cache is not None:
+            out["pool"] = {
+                "num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
+                "pool_bytes": cache.pool_bytes, "num_layers": self.num_layers,
+                "experts_per_layer": self.experts_per_layer,
+                "store": store.kind, "store_bytes": store.nbytes,
+                "store_path": str(getattr(store, "path", "")),
+            }
+        return out
+
+    def shutdown(self) -> None:
+        if self.cache is None:
+            return
+        logger.info("%s (shutdown)", self.stats.summary_line())
+        if self.cache.trace is not None:
+            self.cache.trace.close()
+        self.store.close()
+
+
+_MODEL: ModelOffload | None = None
+
+
+def current() -> ModelOffload | None:
+    return _MODEL
+
+
+def get_or_create(cfg: OffloadConfig, fingerprint: dict, device: torch.device) -> ModelOffload:
+    global _MODEL
+    if _MODEL is None or _MODEL.fingerprint != fingerprint:
+        _MODEL = ModelOffload(cfg, fingerprint, device)
+    return _MODEL

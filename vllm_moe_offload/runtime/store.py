@@ -1,0 +1,293 @@
+"""Expert stores: where every expert lives, outside the slot pool.
+
+Both stores hold each expert in the kernel's ready-to-use layout (what the slot
+buffers hold), as one record of `layout.record_bytes`: its tensors back to back.
+Interface (LMCache-like): `put`, `read_into`, `contains`, `seal`, `close`.
+
+- `HostStore`: one RAM tensor [L * E, record_bytes] (pinned when CUDA is there).
+- `DiskStore`: one file per model, written once, read with positioned reads;
+  after each read the range is dropped from the page cache (posix_fadvise), so
+  RAM stays bounded and timings measure the disk. A header carries the model
+  fingerprint and layout; a file that is truncated, unsealed or stale is
+  detected and rebuilt, never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_MAGIC = b"MOESTORE"
+_FORMAT = 1
+_ALIGN = 4096  # record alignment (O_DIRECT-friendly, page-sized fadvise ranges)
+_HEADER_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.tensor([], dtype=self.dtype).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shapes of one expert's tensors in kernel layout (e.g. packed w13, w2)."""
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def record_bytes(self) -> int:
+        return -(-self.expert_bytes // _ALIGN) * _ALIGN
+
+    def describe(self) -> list:
+        return [[list(t.shape), str(t.dtype)] for t in self.tensors]
+
+
+def _byte_views(tensors: list[torch.Tensor]) -> list[memoryview]:
+    """Writable byte views of contiguous CPU tensors (no copies)."""
+    return [memoryview(t.view(torch.uint8).reshape(-1).numpy()) for t in tensors]
+
+
+class ExpertStore:
+    kind = "abstract"
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, experts_per_layer: int):
+        self.layout = layout
+        self.num_layers = num_layers
+        self.experts_per_layer = experts_per_layer
+        self._present = [[False] * experts_per_layer for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * self.experts_per_layer * self.layout.record_bytes
+
+    def contains(self, layer: int, expert: int) -> bool:
+        return self._present[layer][expert]
+
+    def is_complete(self) -> bool:
+        return all(all(row) for row in self._present)
+
+    def missing(self) -> list[tuple[int, int]]:
+        return [(l, e) for l, row in enumerate(self._present)
+                for e, ok in enumerate(row) if not ok]
+
+    def _index(self, layer: int, expert: int) -> int:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.experts_per_layer):
+            raise IndexError(f"expert ({layer}, {expert}) outside the store "
+                             f"({self.num_layers} x {self.experts_per_layer})")
+        return layer * self.experts_per_layer + expert
+
+    def put(self, layer: int, expert: int, tensors: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def read_into(self, layer: int, expert: int, dst: list[torch.Tensor]) -> int:
+        """Copy one expert into `dst` (slot views). Returns bytes read."""
+        raise NotImplementedError
+
+    def seal(self) -> None:
+        """All experts are in: make the store durable / read-only."""
+
+    def close(self) -> None:
+        pass
+
+    def _check(self, tensors: list[torch.Tensor]) -> None:
+        specs = self.layout.tensors
+        if len(tensors) != len(specs) or any(
+                tuple(t.shape) != s.shape or t.dtype != s.dtype
+                for t, s in zip(tensors, specs)):
+            got = [(tuple(t.shape), t.dtype) for t in tensors]
+            raise ValueError(f"expert tensors {got} do not match the store layout "
+                             f"{self.layout.describe()}")
+
+
+class HostStore(ExpertStore):
+    kind = "host"
+
+    def __init__(self, layout, num_layers, experts_per_layer, pin_memory: bool = False):
+        super().__init__(layout, num_layers, experts_per_layer)
+        rows = num_layers * experts_per_layer
+        self._data = torch.empty((rows, layout.record_bytes), dtype=torch.uint8,
+                                 pin_memory=pin_memory)
+        self._offsets = []
+        off = 0
+        for spec in layout.tensors:
+            self._offsets.append(off)
+            off += spec.nbytes
+
+    def views(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """The stored expert as typed tensors (no copy)."""
+        row = self._data[self._index(layer, expert)]
+        return [row[o:o + s.nbytes].view(s.dtype).view(s.shape)
+                for o, s in zip(self._offsets, self.layout.tensors)]
+
+    def put(self, layer, expert, tensors):
+        self._check(tensors)
+        for dst, src in zip(self.views(layer, expert), tensors):
+            dst.copy_(src)
+        self._present[layer][expert] = True
+
+    def read_into(self, layer, expert, dst):
+        non_blocking = dst[0].device.type == "cuda"
+        for d, s in zip(dst, self.views(layer, expert)):
+            d.copy_(s, non_blocking=non_blocking)
+        return self.layout.expert_bytes
+
+
+class StoreFileError(ValueError):
+    """A disk store file that cannot be used (truncated, stale, unsealed)."""
+
+
+class DiskStore(ExpertStore):
+    kind = "disk"
+
+    def __init__(self, path: str | Path, layout: ExpertLayout, num_layers: int,
+                 experts_per_layer: int, fingerprint: dict):
+        super().__init__(layout, num_layers, experts_per_layer)
+        self.path = Path(path)
+        self.fingerprint = dict(fingerprint, layout=layout.describe(),
+                                num_layers=num_layers,
+                                experts_per_layer=experts_per_layer,
+                                record_bytes=layout.record_bytes)
+        self._lock = threading.Lock()
+        self.reused = self._open_existing()
+        if not self.reused:
+            self._create()
+
+    # ---- file life cycle ----------------------------------------------------------
+
+    def _header(self, sealed: bool) -> bytes:
+        body = json.dumps({"format": _FORMAT, "sealed": sealed,
+                           "fingerprint": self.fingerprint}).encode()
+        head = _MAGIC + struct.pack("<I", len(body)) + body
+        if len(head) > _HEADER_BYTES:
+            raise ValueError("disk store header too large")
+        return head.ljust(_HEADER_BYTES, b"\0")
+
+    def validate(self) -> None:
+        """Raise StoreFileError unless the file is a sealed, complete store of this model."""
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(_HEADER_BYTES)
+        except OSError as e:
+            raise StoreFileError(f"{self.path}: cannot read ({e})") from None
+        if len(head) < 12 or head[:8] != _MAGIC:
+            raise StoreFileError(f"{self.path}: not an expert store file")
+        (n,) = struct.unpack("<I", head[8:12])
+        try:
+            meta = json.loads(head[12:12 + n])
+        except ValueError:
+            raise StoreFileError(f"{self.path}: corrupt header") from None
+        if meta.get("format") != _FORMAT or meta.get("fingerprint") != self.fingerprint:
+            raise StoreFileError(f"{self.path}: stale (built for another model, "
+                                 "dtype, layout or vLLM version)")
+        if not meta.get("sealed"):
+            raise StoreFileError(f"{self.path}: unsealed (an earlier build did not finish)")
+        if size != _HEADER_BYTES + self.nbytes:
+            raise StoreFileError(f"{self.path}: truncated ({size} bytes, expected "
+                                 f"{_HEADER_BYTES + self.nbytes})")
+
+    def _open_existing(self) -> bool:
+        if not self.path.exists():
+            return False
+        try:
+            self.validate()
+        except StoreFileError as e:
+            self.problem = str(e)
+            return False
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._present = [[True] * self.experts_per_layer for _ in range(self.num_layers)]
+        return True
+
+    def _create(self) -> None:
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".building")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise ValueError(
+                f"expert_offload.store_dir={str(directory)!r} is not writable ({e}); "
+                "set --expert-store-dir / VLLM_MOE_OFFLOAD_STORE_DIR to a writable "
+                "directory, or use --expert-store host.") from None
+        os.pwrite(fd, self._header(sealed=False), 0)
+        os.ftruncate(fd, _HEADER_BYTES + self.nbytes)
+        self._tmp, self._fd = tmp, fd
+
+    def put(self, layer, expert, tensors):
+        if self.reused:
+            return  # the sealed file already holds this expert
+        self._check(tensors)
+        data = b"".join(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                        for t in tensors)
+        os.pwrite(self._fd, data, self._offset(layer, expert))
+        self._present[layer][expert] = True
+
+    def seal(self):
+        if self.reused:
+            return
+        if not self.is_complete():
+            raise RuntimeError(f"{self.path}: {len(self.missing())} experts never "
+                               f"arrived, first {self.missing()[:4]}")
+        os.fsync(self._fd)
+        os.pwrite(self._fd, self._header(sealed=True), 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        os.replace(self._tmp, self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self.reused = True
+
+    def _offset(self, layer: int, expert: int) -> int:
+        return _HEADER_BYTES + self._index(layer, expert) * self.layout.record_bytes
+
+    def read_into(self, layer, expert, dst):
+        if not self.reused:
+            raise RuntimeError(f"{self.path}: read before the store was sealed")
+        offset = self._offset(layer, expert)
+        views = _byte_views(dst)
+        want = self.layout.expert_bytes
+        got = os.preadv(self._fd, views, offset)
+        if got != want:
+            raise StoreFileError(f"{self.path}: short read of expert ({layer}, {expert}) "
+                                 f"({got} of {want} bytes): the file changed under us")
+        os.posix_fadvise(self._fd, offset, self.layout.record_bytes,
+                         os.POSIX_FADV_DONTNEED)
+        return got
+
+    def close(self):
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+
+def store_file_name(fingerprint: dict) -> str:
+    """Cache file name keyed by model, dtype, vLLM version and layout."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    model = Path(str(fingerprint.get("model", "model"))).name or "model"
+    return f"{model}-{digest[:16]}.experts"
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0

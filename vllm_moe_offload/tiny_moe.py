@@ -1,0 +1,145 @@
+"""Tiny MoE checkpoints built on the spot, for tests, the demo and benchmarks.
+
+No hub access is needed: the config comes from transformers, the weights are
+random (seeded), and the tokenizer is a byte-level BPE trained with `tokenizers`
+on a few built-in sentences.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# One line per architecture: the transformers config class and its model class.
+ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "llama")
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture of experts models route each token to a few experts.",
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "Expert offloading keeps only a bounded pool of experts in fast memory.",
+    "The licence grants permission to use, copy and modify the software.",
+    "In the beginning the world was quiet, and the river ran to the sea.",
+    "int main(void) { return 0; }",
+]
+
+
+def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(out_dir)
+
+
+def _config(arch: str, **sizes):
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=sizes["vocab_size"],
+        hidden_size=sizes["hidden_size"],
+        num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["hidden_size"] // 64,
+        num_key_value_heads=max(1, sizes["hidden_size"] // 128),
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    experts, top_k, ffn = sizes["num_experts"], sizes["top_k"], sizes["expert_ffn"]
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common, head_dim=64, num_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, intermediate_size=ffn, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[],
+        )
+    if arch == "mixtral":
+        return MixtralConfig(
+            **common, head_dim=64, num_local_experts=experts,
+            num_experts_per_tok=top_k, intermediate_size=ffn,
+        )
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **common, num_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, shared_expert_intermediate_size=ffn,
+            intermediate_size=ffn, norm_topk_prob=False, decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if arch == "llama":
+        return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def build_tiny_moe(
+    out_dir: str | Path,
+    arch: str = "qwen3_moe",
+    *,
+    num_layers: int = 4,
+    num_experts: int = 8,
+    top_k: int = 2,
+    hidden_size: int = 128,
+    expert_ffn: int = 128,
+    vocab_size: int = 512,
+    seed: int = 0,
+    init_std: float = 0.05,
+) -> Path:
+    """Write a random-weight checkpoint of `arch` (bf16 safetensors + tokenizer).
+
+    `init_std` is larger than the usual 0.02 so that routing varies across tokens
+    and experts are really exercised. Returns `out_dir`. Reuses a directory that
+    already holds a checkpoint built with the same arguments.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    spec = dict(arch=arch, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                hidden_size=hidden_size, expert_ffn=expert_ffn, vocab_size=vocab_size,
+                seed=seed, init_std=init_std)
+    marker = out / "tiny_moe.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = _config(arch, vocab_size=vocab_size, hidden_size=hidden_size,
+                     num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                     expert_ffn=expert_ffn)
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    with torch.no_grad():  # experts of transformers 5 may skip the initializer
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, init_std)
+    model.save_pretrained(out)
+    _train_tokenizer(out, vocab_size)
+    marker.write_text(json.dumps(spec))
+    return out
+
+
+def expert_bytes(model_dir: str | Path) -> int:
+    """Bytes of routed-expert weights in a checkpoint (read from safetensors headers)."""
+    import struct
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, meta in header.items():
+            if ".experts." in name and name != "__metadata__":
+                total += meta["data_offsets"][1] - meta["data_offsets"][0]
+    return total
