@@ -67,6 +67,7 @@ def _byte_views(tensors: list[torch.Tensor]) -> list[memoryview]:
 
 class ExpertStore:
     kind = "abstract"
+    reused = False  # True when the store already held every expert at open time
 
     def __init__(self, layout: ExpertLayout, num_layers: int, experts_per_layer: int):
         self.layout = layout

@@ -89,13 +89,18 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
     return merged
 
 
-def check_model(model_config) -> None:
+def check_model(model_config, cfg: OffloadConfig) -> None:
+    """Refuse unsupported models and a pool below one layer's experts, early."""
     archs = list(getattr(model_config.hf_config, "architectures", None) or [])
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        return
     text = model_config.hf_text_config
-    is_moe = any(getattr(text, k, 0) for k in (
-        "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+    experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts",
+                                               "n_routed_experts", "moe_num_experts")
+                    if getattr(text, k, None)), 0)
+    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
+            cfg.num_slots(text.num_hidden_layers, experts, slot_bytes=1)
+        return
+    is_moe = experts > 0
     why = "is not supported yet" if is_moe else "has no routed experts (a dense model)"
     raise ValueError(
         f"expert offload: model {model_config.model} ({', '.join(archs) or 'unknown'}) "
@@ -135,7 +140,7 @@ def _install_engine_args_hooks() -> None:
             _maybe_force_eager(self)
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
-            check_model(vllm_config.model_config)
+            check_model(vllm_config.model_config, cfg)
         return vllm_config
 
     create._moe_offload = True

