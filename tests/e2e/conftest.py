@@ -1,20 +1,17 @@
 """End-to-end fixtures: tiny generated checkpoints and engines in subprocesses.
 
-Each engine runs in its own process (tests/e2e/run_engine.py), one at a time:
+Each engine runs in its own process (vllm_moe_offload/engine_probe.py), one at a time:
 this machine has 2 cores. Results are cached per configuration for the session.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from vllm_moe_offload.engine_probe import EngineFailed  # noqa: F401 (used by tests)
+from vllm_moe_offload.engine_probe import run_in_subprocess as run_engine
 from vllm_moe_offload.tiny_moe import build_tiny_moe
 
-ROOT = Path(__file__).resolve().parents[2]
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
 LAYERS, EXPERTS = 4, 8
 
@@ -24,26 +21,6 @@ PROMPTS = [
     "The licence grants permission to use, copy and modify the software. " * 12,
     "Mixture of experts models route each token",
 ]
-
-
-class EngineFailed(Exception):
-    def __init__(self, output: str):
-        super().__init__(output[-3000:])
-        self.output = output
-
-
-def run_engine(spec: dict, env: dict | None = None, timeout: int = 600) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.run_engine", json.dumps(spec)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})})
-    output = proc.stdout + proc.stderr
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            result["log"] = output
-            return result
-    raise EngineFailed(output)
 
 
 @pytest.fixture(scope="session")

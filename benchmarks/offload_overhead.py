@@ -1,0 +1,155 @@
+"""What does the slot pool cost, and what memory does it give back to the KV cache?
+
+    .venv/bin/python benchmarks/offload_overhead.py [--quick]
+
+For each model: plain vLLM (all experts resident) against expert offload with the
+pool at 100%, 50% and 25% of all experts, host and disk stores. Reports decode
+tokens/s and its ratio to plain vLLM (same run, same machine), hit rate and bytes
+loaded during the timed batch, load stall seconds, the worker's RSS, and the KV-cache
+capacity in tokens that vLLM sizes at the same memory setting (auto KV sizing:
+gpu_memory_utilization x RAM minus what the worker holds). Writes
+benchmarks/results/offload_overhead.{json,md,png}.
+
+Models: the trained checkpoint in ../shared/models/tiny-moe-4domains (real routing,
+held-out text from ../shared/data/corpus) when present, and a generated Qwen3-MoE
+whose experts are most of its weights (random routing), to make the memory visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+from vllm_moe_offload.engine_probe import run_in_subprocess
+from vllm_moe_offload.tiny_moe import build_tiny_moe, expert_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def held_out_prompts(n: int, chars: int = 400) -> list[str]:
+    corpus = SHARED / "data" / "corpus"
+    files = sorted(corpus.glob("*.txt")) if corpus.exists() else []
+    if not files:
+        return [f"Prompt number {i}: the quick brown fox jumps over the lazy dog. " * 6
+                for i in range(n)]
+    prompts = []
+    for i in range(n):
+        text = files[i % len(files)].read_text(errors="replace")
+        tail = text[int(len(text) * 0.95):]
+        start = (i // len(files)) * chars * 3
+        prompts.append(tail[start:start + chars])
+    return prompts
+
+
+def models(quick: bool, work: Path) -> list[dict]:
+    out = []
+    trained = SHARED / "models" / "tiny-moe-4domains"
+    if trained.exists():
+        out.append({"name": "tiny-moe-4domains (trained)", "path": str(trained),
+                    "layers": 8, "experts": 16})
+    if not quick:
+        path = build_tiny_moe(work / "gen-qwen3-moe-6x32", "qwen3_moe", num_layers=6,
+                              num_experts=32, hidden_size=512, expert_ffn=1024)
+        out.append({"name": "generated Qwen3-MoE 6x32 (random)", "path": str(path),
+                    "layers": 6, "experts": 32})
+    return out
+
+
+def run(model: dict, prompts, max_tokens: int, offload: dict | None, store_dir: str) -> dict:
+    spec = {"model": model["path"], "prompts": prompts, "max_tokens": max_tokens,
+            "timed": True, "kv_cache_gib": None, "gpu_memory_utilization": 0.3,
+            "max_model_len": 1024, "offload": None}
+    if offload is not None:
+        spec["offload"] = {"enabled": True, "store_dir": store_dir, **offload}
+    # Auto KV sizing, so memory the experts give back shows up as KV capacity.
+    return run_in_subprocess(spec, env={"VLLM_CPU_KVCACHE_SPACE": None})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="trained model only, fewer tokens")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = RESULTS / "work"
+    prompts = held_out_prompts(args.batch)
+    max_tokens = 16 if args.quick else args.max_tokens
+    rows = []
+    for model in models(args.quick, work):
+        total = model["layers"] * model["experts"]
+        configs = [("plain vLLM", None)]
+        for store in ("host", "disk"):
+            for frac in (1.0, 0.5, 0.25):
+                slots = max(model["experts"], int(total * frac))
+                configs.append((f"offload {store} S={frac:.0%}",
+                                {"store": store, "pool_slots": slots}))
+        base = None
+        for label, offload in configs:
+            r = run(model, prompts, max_tokens, offload, str(work / "store"))
+            tps = r["generated_tokens"] / r["gen_seconds"]
+            base = base or tps
+            timed = r["stats"].get("timed", {})
+            lookups = timed.get("hits", 0) + timed.get("misses", 0)
+            row = {"model": model["name"], "config": label, "tokens_per_s": tps,
+                   "ratio_to_plain": tps / base,
+                   "hit_rate": timed["hits"] / lookups if lookups else None,
+                   "mib_loaded": timed.get("bytes_loaded", 0) / 2**20,
+                   "load_s": timed.get("load_seconds", 0.0),
+                   "rss_mib": r["stats"]["rss_bytes"] / 2**20,
+                   "kv_cache_tokens": r["kv_cache_tokens"],
+                   "expert_mib": expert_bytes(model["path"]) / 2**20}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    table = markdown(rows)
+    print(table)
+    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    (RESULTS / "offload_overhead.md").write_text(
+        f"Machine: {host}. Command: `.venv/bin/python benchmarks/offload_overhead.py"
+        f"{' --quick' if args.quick else ''}`\n\n{table}\n")
+    (RESULTS / "offload_overhead.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, RESULTS / "offload_overhead.png")
+
+
+def markdown(rows) -> str:
+    lines = ["| model | config | tok/s | vs plain | hit rate | MiB loaded | load s | "
+             "worker RSS MiB | KV cache tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
+        lines.append(f"| {r['model']} | {r['config']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ratio_to_plain']:.2f} | {hit} | {r['mib_loaded']:.1f} | "
+                     f"{r['load_s']:.3f} | {r['rss_mib']:.0f} | {r['kv_cache_tokens']:,} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(names), 2, figsize=(13, 3.6 * len(names)), squeeze=False)
+    for (ax_tps, ax_kv), name in zip(axes, names):
+        mine = [r for r in rows if r["model"] == name]
+        labels = [r["config"].replace("offload ", "") for r in mine]
+        colors = ["gray"] + ["tab:blue" if "host" in l else "tab:orange" for l in labels[1:]]
+        ax_tps.bar(labels, [r["tokens_per_s"] for r in mine], color=colors)
+        ax_tps.set_ylabel("decode tokens/s")
+        ax_tps.set_title(f"{name}: throughput")
+        ax_kv.bar(labels, [r["kv_cache_tokens"] / 1e3 for r in mine], color=colors)
+        ax_kv.set_ylabel("KV cache capacity (k tokens)")
+        ax_kv.set_title(f"{name}: KV capacity at the same memory setting")
+        for ax in (ax_tps, ax_kv):
+            ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Run one vLLM engine in its own process and print what it did as JSON.
+
+    python -m vllm_moe_offload.engine_probe '{"model": ..., "offload": {...} | null, ...}'
+
+Tests and benchmarks start every engine configuration this way, so each starts
+clean and one at a time. Prints one line `RESULT <json>`: greedy token ids and
+texts, offload stats (with the worker's RSS), the KV-cache capacity in tokens,
+and the timed generation (after one warm-up batch when `timed` is set).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+class EngineFailed(Exception):
+    """The engine process ended without a result; `output` is everything it printed."""
+
+    def __init__(self, output: str):
+        super().__init__(output[-3000:])
+        self.output = output
+
+
+def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
+    """Start `python -m vllm_moe_offload.engine_probe SPEC`; return its RESULT (+ log).
+
+    `env` overrides this process's environment; a value of None unsets the variable.
+    """
+    full_env = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    proc = subprocess.run([sys.executable, "-m", "vllm_moe_offload.engine_probe",
+                           json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    output = proc.stdout + proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[len("RESULT "):]), log=output)
+    raise EngineFailed(output)
+
+
+def main(spec: dict) -> dict:
+    if spec.get("kv_cache_gib", 1) is not None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
+    from vllm import LLM, SamplingParams
+
+    import vllm_moe_offload
+
+    kwargs = dict(model=spec["model"], max_model_len=spec.get("max_model_len", 512),
+                  gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.5),
+                  enforce_eager=spec.get("enforce_eager", True), seed=0,
+                  load_format=spec.get("load_format", "auto"))
+    if spec.get("offload") is not None:
+        kwargs["additional_config"] = {"expert_offload": spec["offload"]}
+    llm = LLM(**kwargs)
+    cache = llm.llm_engine.vllm_config.cache_config
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24),
+                            ignore_eos=True)
+    if spec.get("timed"):
+        llm.generate(spec["prompts"], params, use_tqdm=False)  # warm-up
+        before = vllm_moe_offload.get_stats(llm).get("totals", {})
+    start = time.perf_counter()
+    outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    stats = vllm_moe_offload.get_stats(llm)
+    if spec.get("timed") and before:  # report the timed batch alone
+        stats["timed"] = {k: stats["totals"][k] - before.get(k, 0)
+                          for k in ("hits", "misses", "bytes_loaded", "load_seconds")}
+    return {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
+        "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "gen_seconds": seconds,
+        "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
+        "stats": stats,
+    }
+
+
+if __name__ == "__main__":
+    result = main(json.loads(sys.argv[1]))
+    print("RESULT " + json.dumps(result), flush=True)
