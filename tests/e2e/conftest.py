@@ -2,6 +2,9 @@
 
 Each engine runs in its own process (vllm_moe_offload/engine_probe.py), one at a time:
 this machine has 2 cores. Results are cached per configuration for the session.
+Most specs run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~12 s per engine
+instead of ~30 s); the compiled-mode, server and memory tests use vLLM's default
+multi-process engine.
 """
 
 import json
@@ -51,8 +54,10 @@ def engine():
 
 
 def plain_spec(model: str, **extra) -> dict:
-    return {"model": model, "offload": None, "prompts": PROMPTS, **extra}
+    return {"model": model, "offload": None, "prompts": PROMPTS, "in_process": True,
+            **extra}
 
 
 def offload_spec(model: str, **offload) -> dict:
-    return {"model": model, "offload": {"enabled": True, **offload}, "prompts": PROMPTS}
+    return {"model": model, "offload": {"enabled": True, **offload}, "prompts": PROMPTS,
+            "in_process": True}

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 ENV_PREFIX = "VLLM_MOE_OFFLOAD_"
 CONFIG_KEY = "expert_offload"  # key inside vLLM's additional_config
 STORES = ("auto", "host", "disk")
+PREDICTORS = ("none", "next-gate", "lookahead", "oracle")
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm_moe_offload")
 
 
@@ -43,6 +44,21 @@ class OffloadConfig:
     trace_path: str | None = _f(None, "--expert-trace-path",
                                 "Write every MoE layer's routed expert ids per forward "
                                 "step to this file (format: docs/design.md).")
+    predictor: str = _f("none", "--expert-predictor",
+                        "Which experts to load ahead of their layer: 'none' (on demand "
+                        "only), 'next-gate' (later layers' gates on this layer's "
+                        "hidden state), 'lookahead' (trained heads, needs "
+                        "predictor_path) or 'oracle' (replays predictor_path, a trace "
+                        "of an identical earlier run; benchmarks only).")
+    predictor_path: str | None = _f(None, "--expert-predictor-path",
+                                    "Lookahead sidecar (.safetensors from "
+                                    "train_lookahead) or, for 'oracle', a routing trace.")
+    prefetch_depth: int = _f(2, "--expert-prefetch-depth",
+                             "Predict and prefetch layers L+1..L+depth.")
+    prefetch_budget_slots: int | None = _f(None, "--expert-prefetch-budget",
+                                           "Most slots held by prefetched experts at "
+                                           "once. Default and cap: pool slots minus one "
+                                           "layer's experts.")
     stats_log_interval_s: float = _f(30.0, "--expert-stats-log-interval",
                                      "Seconds between one-line cache summaries in the "
                                      "log; 0 turns periodic logging off.")
@@ -62,6 +78,22 @@ class OffloadConfig:
             raise ValueError(
                 f"expert_offload.store={self.store!r} is not a known store; use one of "
                 f"{', '.join(STORES)} (--expert-store).")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(
+                f"expert_offload.predictor={self.predictor!r} is not a known predictor; "
+                f"use one of {', '.join(PREDICTORS)} (--expert-predictor).")
+        if self.predictor in ("lookahead", "oracle") and not self.predictor_path:
+            what = ("a sidecar from python -m vllm_moe_offload.train_lookahead"
+                    if self.predictor == "lookahead" else "a routing trace (trace_path)")
+            raise ValueError(
+                f"expert_offload.predictor={self.predictor!r} needs predictor_path: "
+                f"{what} (--expert-predictor-path).")
+        if self.prefetch_depth < 1:
+            raise ValueError(f"expert_offload.prefetch_depth={self.prefetch_depth} must "
+                             "be >= 1 (layers ahead to prefetch).")
+        if self.prefetch_budget_slots is not None and self.prefetch_budget_slots < 0:
+            raise ValueError(f"expert_offload.prefetch_budget_slots="
+                             f"{self.prefetch_budget_slots} must be >= 0.")
         if self.stats_log_interval_s < 0:
             raise ValueError(
                 f"expert_offload.stats_log_interval_s={self.stats_log_interval_s} must "

@@ -12,8 +12,17 @@ class LayerStats:
     misses: int = 0  # routed experts loaded on demand
     evictions: int = 0  # resident experts pushed out to make room
     bytes_loaded: int = 0  # bytes copied from the store into slots
-    load_seconds: float = 0.0  # wall time spent in those copies (a stall)
+    load_seconds: float = 0.0  # wall time of those copies (foreground or background)
+    stall_seconds: float = 0.0  # time the forward pass waited for experts
     calls: int = 0  # layer calls
+    prefetched: int = 0  # experts loaded ahead of their layer on a prediction
+    prefetch_hits: int = 0  # prefetched experts the layer then used (misses covered)
+    prefetch_wasted: int = 0  # prefetched experts the layer did not use
+    # distance d -> [correctly predicted, predicted, routed] distinct experts per call
+    predictions: dict = field(default_factory=dict)
+
+    def prediction(self, distance: int) -> list[int]:
+        return self.predictions.setdefault(distance, [0, 0, 0])
 
 
 @dataclass
@@ -31,15 +40,18 @@ class OffloadStats:
         total = LayerStats()
         for s in self.layers.values():
             for name, value in asdict(s).items():
-                setattr(total, name, getattr(total, name) + value)
+                if name == "predictions":
+                    for d, acc in value.items():
+                        mine = total.prediction(d)
+                        for i, v in enumerate(acc):
+                            mine[i] += v
+                else:
+                    setattr(total, name, getattr(total, name) + value)
         return total
 
     def to_dict(self) -> dict:
-        totals = asdict(self.totals())
-        lookups = totals["hits"] + totals["misses"]
-        totals["hit_rate"] = totals["hits"] / lookups if lookups else 0.0
-        return {"layers": {l: asdict(s) for l, s in sorted(self.layers.items())},
-                "totals": totals}
+        layers = {l: _with_rates(asdict(s)) for l, s in sorted(self.layers.items())}
+        return {"layers": layers, "totals": _with_rates(asdict(self.totals()))}
 
     def summary_line(self) -> str:
         t = self.to_dict()["totals"]
@@ -54,3 +66,15 @@ class OffloadStats:
             return False
         self._last_log = now
         return True
+
+
+def _with_rates(d: dict) -> dict:
+    """Add hit rate and, per distance, prediction precision and recall."""
+    lookups = d["hits"] + d["misses"]
+    d["hit_rate"] = d["hits"] / lookups if lookups else 0.0
+    d["predictions"] = {
+        dist: {"precision": ok / predicted if predicted else 0.0,
+               "recall": ok / routed if routed else 0.0,
+               "predicted": predicted, "routed": routed}
+        for dist, (ok, predicted, routed) in sorted(d["predictions"].items())}
+    return d

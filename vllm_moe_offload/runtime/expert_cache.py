@@ -1,30 +1,39 @@
-"""Slot buffers + slot pool + store: turn a layer call's expert ids into slot ids.
+"""Slot buffers + slot pool + store (+ predictor): layer call ids -> slot ids.
 
 Legend: T = tokens of the call, K = experts per token (top-k), S = slots,
-L = MoE layers, E = experts per layer.
+L = MoE layers, E = experts per layer, H = hidden size, d = prefetch distance.
 
 One `ExpertCache` serves all MoE layers of a model. A layer call hands in its
 router output `topk_ids [T, K]`; the cache pins a slot for every distinct expert,
-loads the missing ones from the store (synchronously: on-demand loading), and
-returns `slot_ids [T, K]` for the kernel, which runs over the slot buffers
-`[S, ...]` as if they were the layer's own `[E, ...]` weights. Since S >= E, a
-call never waits on itself, and the kernel is the same one plain vLLM runs.
+loads the missing ones from the store (synchronously: a stall), and returns
+`slot_ids [T, K]` for the kernel, which runs over the slot buffers `[S, ...]` as
+if they were the layer's own `[E, ...]` weights. Since S >= E a call never waits
+on itself, and the kernel is the one plain vLLM runs.
 
-NOTE #1: pins are released when the *next* layer call starts. On CPU the kernel
-has returned by then. On CUDA the copy stream first waits for the compute
+With a predictor, the call then predicts the experts of layers L+1..L+d from its
+hidden state `[T, H]` and starts loading them in the background (a loader thread on
+CPU; a copy stream on CUDA). Prefetched slots stay pinned until their target layer
+runs, so later predictions cannot evict sooner ones, and at most S - E slots are
+ever pinned by prefetch, so every layer call still fits.
+
+NOTE #1: call pins are released when the *next* layer call starts. On CPU the
+kernel has returned by then. On CUDA the copy stream first waits for the compute
 stream, so a slot is never overwritten while a queued kernel still reads it.
 NOTE #2: `torch.unique(...).tolist()` is a host sync: the host must know which
 experts miss before it can load them. This is the one sync per layer call.
+NOTE #3: a slot with a load in flight is always pinned (by the call that loads it,
+or by prefetch), so it is never chosen as a victim.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
 
-from vllm_moe_offload.core.slot_pool import ExpertKey, SlotPool
+from vllm_moe_offload.core.slot_pool import ExpertKey, SlotGrant, SlotPool
 from vllm_moe_offload.core.stats import OffloadStats
 from vllm_moe_offload.core.trace import TraceWriter
 from vllm_moe_offload.runtime.store import ExpertStore
@@ -32,7 +41,8 @@ from vllm_moe_offload.runtime.store import ExpertStore
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device | str,
-                 stats: OffloadStats | None = None, trace: TraceWriter | None = None):
+                 stats: OffloadStats | None = None, trace: TraceWriter | None = None,
+                 predictor=None, prefetch_budget_slots: int | None = None):
         self.store = store
         self.device = torch.device(device)
         self.num_layers = store.num_layers
@@ -41,16 +51,28 @@ class ExpertCache:
         self.pool = SlotPool(num_slots)
         self.stats = stats or OffloadStats()
         self.trace = trace
+        self.predictor = predictor
+        room = num_slots - self.experts_per_layer  # see module docstring
+        self.prefetch_budget = room if prefetch_budget_slots is None else min(
+            prefetch_budget_slots, room)
         # One buffer per expert tensor (e.g. w13, w2): [S, *shape], allocated once.
         self.buffers = [torch.zeros((num_slots, *spec.shape), dtype=spec.dtype,
                                     device=self.device) for spec in store.layout.tensors]
-        # expert -> slot per layer; -1 = not resident. Host copy is the truth.
+        # expert -> slot per layer; -1 = not resident. The host copy is the truth.
         self._table = torch.full((self.num_layers, self.experts_per_layer), -1,
                                  dtype=torch.int32)
         self._table_dev = self._table.to(self.device)
-        self._pinned: list[int] = []
+        self._call_pins: list[int] = []
+        # target layer -> [(key, slot, loaded_by_prefetch)] pinned for that layer
+        self._prefetched: dict[int, list[tuple[ExpertKey, int, bool]]] = {}
+        self._prefetch_pins = 0
+        self._inflight: dict[int, Future | torch.cuda.Event] = {}  # slot -> load
+        self._release_when_loaded: list[int] = []
+        self._predicted: dict[tuple[int, int], set[int]] = {}  # (target, d) -> experts
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._loader = (ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
+                        if predictor is not None and not self._cuda else None)
 
     @property
     def slot_bytes(self) -> int:
@@ -63,11 +85,18 @@ class ExpertCache:
     def slot_views(self, slot: int) -> list[torch.Tensor]:
         return [b[slot] for b in self.buffers]
 
-    def map_to_slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+    def resident(self, layer: int) -> list[int]:
+        return [e for e in range(self.experts_per_layer) if self._table[layer, e] >= 0]
+
+    # ---- one layer call -----------------------------------------------------------
+
+    def map_to_slots(self, layer: int, topk_ids: torch.Tensor,
+                     hidden: torch.Tensor | None = None) -> torch.Tensor:
         """[T, K] expert ids of `layer` -> [T, K] slot ids; loads misses first."""
-        if self._pinned:  # NOTE #1
-            self.pool.release(self._pinned)
-            self._pinned = []
+        if self._call_pins:  # NOTE #1
+            self.pool.release(self._call_pins)
+            self._call_pins = []
+        self._release_finished_prefetches()
         experts = torch.unique(topk_ids).tolist()  # NOTE #2
         grants = self.pool.acquire(ExpertKey(layer, e) for e in experts)
         if grants is None:
@@ -75,38 +104,144 @@ class ExpertCache:
                                f"{self.num_slots} slots with {self.pool.num_pinned()} pinned")
         stats = self.stats.layer(layer)
         stats.calls += 1
+        hits = [g for g in grants if g.hit]
         misses = [g for g in grants if not g.hit]
-        stats.hits += len(grants) - len(misses)
+        stats.hits += len(hits)
+        self._wait_for(layer, [g.slot for g in hits])
+        self._settle_prefetch(layer, set(experts))
         if misses:
-            self._load(layer, misses)
-        self._pinned = [g.slot for g in grants]
+            self._load_now(layer, misses)
+        self._call_pins = [g.slot for g in grants]
         if self.trace is not None:
             k = topk_ids.shape[-1]
             self.trace.write(layer, k, topk_ids.to(torch.int16).cpu().numpy().tobytes())
+        if self.predictor is not None and hidden is not None:
+            self._prefetch(layer, hidden)
+        self._table_dev.copy_(self._table)
         return self._table_dev[layer][topk_ids.long()].to(topk_ids.dtype)
 
-    def _load(self, layer: int, misses) -> None:
+    def _load_now(self, layer: int, misses: list[SlotGrant]) -> None:
         stats = self.stats.layer(layer)
         t0 = time.perf_counter()
-        nbytes = 0
+        for g in misses:
+            self._evict(g)
         if self._cuda:  # wait for kernels that may still read the victims' slots
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream) if self._cuda else nullcontext():
-            for g in misses:
-                if g.evicted is not None:
-                    self._table[g.evicted.layer, g.evicted.expert] = -1
-                    self.stats.layer(g.evicted.layer).evictions += 1
-                nbytes += self.store.read_into(g.key.layer, g.key.expert,
-                                               self.slot_views(g.slot))
-                self._table[g.key.layer, g.key.expert] = g.slot
+            nbytes = sum(self._copy_in(g) for g in misses)
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
             self._copy_stream.synchronize()  # on-demand: the stall is real, count it
-        self._table_dev.copy_(self._table)
+        seconds = time.perf_counter() - t0
         stats.misses += len(misses)
         stats.bytes_loaded += nbytes
-        stats.load_seconds += time.perf_counter() - t0
+        stats.load_seconds += seconds
+        stats.stall_seconds += seconds
 
-    def resident(self, layer: int) -> list[int]:
-        return [e for e in range(self.experts_per_layer) if self._table[layer, e] >= 0]
+    def _evict(self, grant: SlotGrant) -> None:
+        if grant.evicted is not None:
+            self._table[grant.evicted.layer, grant.evicted.expert] = -1
+            self.stats.layer(grant.evicted.layer).evictions += 1
 
+    def _copy_in(self, grant: SlotGrant) -> int:
+        nbytes = self.store.read_into(grant.key.layer, grant.key.expert,
+                                      self.slot_views(grant.slot))
+        self._table[grant.key.layer, grant.key.expert] = grant.slot
+        return nbytes
+
+    # ---- prefetch -----------------------------------------------------------------
+
+    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        for target, experts in self.predictor.predict(layer, hidden):
+            self._predicted[(target, target - layer)] = set(experts)
+            pinned = self._prefetched.setdefault(target, [])
+            already = {key.expert for key, _, _ in pinned}
+            for e in experts:
+                if self._prefetch_pins >= self.prefetch_budget:
+                    return
+                if e in already:
+                    continue
+                grants = self.pool.acquire([ExpertKey(target, e)])
+                if grants is None:
+                    return
+                (g,) = grants
+                self._prefetch_pins += 1
+                pinned.append((g.key, g.slot, not g.hit))
+                if not g.hit:
+                    self._evict(g)
+                    self._start_load(g)
+
+    def _start_load(self, grant: SlotGrant) -> None:
+        stats = self.stats.layer(grant.key.layer)
+        stats.prefetched += 1
+        stats.bytes_loaded += self.slot_bytes
+        self._table[grant.key.layer, grant.key.expert] = grant.slot
+        if self._cuda:
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                self.store.read_into(grant.key.layer, grant.key.expert,
+                                     self.slot_views(grant.slot))
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            self._inflight[grant.slot] = event
+            return
+
+        def load(views=self.slot_views(grant.slot), key=grant.key):
+            t0 = time.perf_counter()
+            self.store.read_into(key.layer, key.expert, views)
+            return time.perf_counter() - t0
+
+        self._inflight[grant.slot] = self._loader.submit(load)
+
+    def _wait_for(self, layer: int, slots: list[int]) -> None:
+        """Block until loads into `slots` finished; the wait is a stall."""
+        stats = self.stats.layer(layer)
+        for slot in slots:
+            pending = self._inflight.pop(slot, None)
+            if pending is None:
+                continue
+            if isinstance(pending, Future):
+                t0 = time.perf_counter()
+                stats.load_seconds += pending.result()
+                stats.stall_seconds += time.perf_counter() - t0
+            else:  # CUDA: order the compute stream after the copy, no host sync
+                torch.cuda.current_stream(self.device).wait_event(pending)
+
+    def _settle_prefetch(self, layer: int, used: set[int]) -> None:
+        """Score this layer's predictions and drop its prefetch pins."""
+        stats = self.stats.layer(layer)
+        for d in range(1, self.predictor.depth + 1 if self.predictor else 1):
+            predicted = self._predicted.pop((layer, d), None)
+            if predicted is not None:
+                acc = stats.prediction(d)
+                acc[0] += len(predicted & used)
+                acc[1] += len(predicted)
+                acc[2] += len(used)
+        for key, slot, loaded in self._prefetched.pop(layer, []):
+            self._prefetch_pins -= 1
+            if loaded:
+                if key.expert in used:
+                    stats.prefetch_hits += 1  # a miss that prefetch covered
+                else:
+                    stats.prefetch_wasted += 1
+            if slot in self._inflight and key.expert not in used:
+                self._release_when_loaded.append(slot)  # NOTE #3
+            else:
+                self.pool.release([slot])
+
+    def _release_finished_prefetches(self) -> None:
+        still = []
+        for slot in self._release_when_loaded:
+            pending = self._inflight.get(slot)
+            done = pending is None or (pending.done() if isinstance(pending, Future)
+                                       else pending.query())
+            if done:
+                self._inflight.pop(slot, None)
+                self.pool.release([slot])
+            else:
+                still.append(slot)
+        self._release_when_loaded = still
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)

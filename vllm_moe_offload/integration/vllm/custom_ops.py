@@ -13,11 +13,15 @@ from vllm_moe_offload.integration.vllm import model_state
 
 
 @torch.library.custom_op("vllm_moe_offload::map_to_slots", mutates_args=())
-def map_to_slots_op(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """[T, K] expert ids of MoE layer `layer` -> [T, K] slot ids (loads misses)."""
-    return model_state.current().map_to_slots(layer, topk_ids)
+def map_to_slots_op(topk_ids: torch.Tensor, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    """[T, K] expert ids of MoE layer `layer` -> [T, K] slot ids.
+
+    Loads misses; with a predictor, `hidden` [T, H] (the experts' input) drives the
+    prefetch of the next layers' experts.
+    """
+    return model_state.current().map_to_slots(layer, topk_ids, hidden)
 
 
 @map_to_slots_op.register_fake
-def _(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+def _(topk_ids: torch.Tensor, hidden: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.empty_like(topk_ids)

@@ -183,7 +183,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._offload_cfg is None:
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
-        slot_ids = map_to_slots_op(topk_ids, self._layer)
+        slot_ids = map_to_slots_op(topk_ids, x, self._layer)
         return self.quant_method.moe_kernel.apply(
             hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
             topk_weights=topk_weights, topk_ids=slot_ids, activation=self.activation,

@@ -17,8 +17,10 @@ import torch
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.stats import OffloadStats
-from vllm_moe_offload.core.trace import TraceHeader, TraceWriter
+from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
+                                                 load_gates, load_lookahead)
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
                                             HostStore, store_file_name)
 
@@ -99,20 +101,48 @@ class ModelOffload:
         if self.cfg.trace_path:
             trace = TraceWriter(self.cfg.trace_path, TraceHeader(
                 self.num_layers, self.experts_per_layer, self.top_k))
-        self.cache = ExpertCache(store, num_slots, self.device, self.stats, trace)
+        predictor = self._make_predictor()
+        self.cache = ExpertCache(store, num_slots, self.device, self.stats, trace,
+                                 predictor, self.cfg.prefetch_budget_slots)
         total = self.num_layers * self.experts_per_layer
         logger.info(
             "expert offload: pool %d of %d experts (%.1f%%), %.3f GiB in %s memory; "
-            "store %s %.3f GiB%s", num_slots, total, 100 * num_slots / total,
-            self.cache.pool_bytes / 2**30, self.device.type, store.kind,
-            store.nbytes / 2**30, f" at {store.path}" if store.kind == "disk" else "")
+            "store %s %.3f GiB%s; predictor %s (depth %d, budget %d slots)", num_slots,
+            total, 100 * num_slots / total, self.cache.pool_bytes / 2**30,
+            self.device.type, store.kind, store.nbytes / 2**30,
+            f" at {store.path}" if store.kind == "disk" else "", self.cfg.predictor,
+            self.cfg.prefetch_depth, self.cache.prefetch_budget if predictor else 0)
         atexit.register(self.shutdown)
         return self.cache
 
+    def _make_predictor(self):
+        cfg = self.cfg
+        if cfg.predictor == "none":
+            return None
+        if cfg.predictor == "oracle":
+            if cfg.trace_path and Path(cfg.trace_path).resolve() == Path(
+                    cfg.predictor_path).resolve():
+                raise ValueError("expert_offload.predictor_path and trace_path are the "
+                                 "same file; the oracle reads an *earlier* run's trace")
+            _, records = read_trace(cfg.predictor_path)
+            return OraclePredictor(records, cfg.prefetch_depth, self.top_k, self.num_layers)
+        gates = [g.to(self.device) for g in load_gates(self.fingerprint["model"])]
+        if len(gates) != self.num_layers:
+            raise ValueError(f"expert offload: found {len(gates)} router weights for "
+                             f"{self.num_layers} MoE layers; cannot predict")
+        if cfg.predictor == "next-gate":
+            return NextGatePredictor(gates, cfg.prefetch_depth, self.top_k)
+        predictor = load_lookahead(cfg.predictor_path, [g.cpu() for g in gates],
+                                   cfg.prefetch_depth, self.top_k)
+        for head in predictor.heads.values():
+            head.to(self.device)
+        return predictor
+
     # ---- running ------------------------------------------------------------------
 
-    def map_to_slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        slot_ids = self.cache.map_to_slots(layer, topk_ids)
+    def map_to_slots(self, layer: int, topk_ids: torch.Tensor,
+                     hidden: torch.Tensor | None = None) -> torch.Tensor:
+        slot_ids = self.cache.map_to_slots(layer, topk_ids, hidden)
         if layer == 0 and self.stats.due(self.cfg.stats_log_interval_s):
             logger.info(self.stats.summary_line())
         return slot_ids
@@ -134,6 +164,7 @@ class ModelOffload:
         if self.cache is None:
             return
         logger.info("%s (shutdown)", self.stats.summary_line())
+        self.cache.close()
         if self.cache.trace is not None:
             self.cache.trace.close()
         self.store.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from pathlib import Path
 
 from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
 
@@ -99,6 +100,10 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
     if any(a in SUPPORTED_ARCHITECTURES for a in archs):
         if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
             cfg.num_slots(text.num_hidden_layers, experts, slot_bytes=1)
+        if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
+            from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
+                                                             model_fingerprint)
+            check_sidecar(cfg.predictor_path, model_fingerprint(load_gates(model_config.model)))
         return
     is_moe = experts > 0
     why = "is not supported yet" if is_moe else "has no routed experts (a dense model)"

@@ -1,0 +1,100 @@
+"""Prefetch in the expert cache: covered misses, waste, budget, and exact outputs."""
+
+import torch
+
+from tests.unit.runtime.test_expert_cache import (E, H, L, LAYOUT, make_cache, moe, routing,
+                                                  weights)
+from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.predictors import Predictor
+
+
+class ScriptedPredictor(Predictor):
+    """Predicts from a fixed table {(step, layer): experts}; wrong on purpose if told."""
+
+    def __init__(self, future, depth=1, wrong=False):
+        super().__init__(depth=depth, top_k=2, num_layers=L)
+        self.future, self.wrong, self.step, self.last = future, wrong, -1, None
+
+    def predict(self, layer, hidden):
+        if self.last is None or layer <= self.last:
+            self.step += 1
+        self.last = layer
+        out = []
+        for t in self.targets(layer):
+            experts = self.future[(self.step, t)]
+            if self.wrong:
+                experts = [e for e in range(E) if e not in experts][:len(experts)]
+            out.append((t, experts))
+        return out
+
+
+def schedule(steps=3, tokens=3):
+    return {(s, l): routing(s * 10 + l, tokens) for s in range(steps) for l in range(L)}
+
+
+def run(cache, plan, steps=3):
+    full = weights()
+    for s in range(steps):
+        for layer in range(L):
+            tw, ids = plan[(s, layer)]
+            x = torch.randn(ids.shape[0], H, generator=torch.Generator().manual_seed(s + layer))
+            slot_ids = cache.map_to_slots(layer, ids, x)
+            w13 = torch.stack([w[0] for w in full[layer]])
+            w2 = torch.stack([w[1] for w in full[layer]])
+            assert torch.equal(moe(x, cache.buffers[0], cache.buffers[1], tw, slot_ids),
+                               moe(x, w13, w2, tw, ids))
+    cache.close()
+    return cache.stats.to_dict()
+
+
+def with_predictor(tmp_path, kind, predictor, num_slots, budget=None):
+    base = make_cache(kind, tmp_path, num_slots)
+    return ExpertCache(base.store, num_slots, "cpu", predictor=predictor,
+                       prefetch_budget_slots=budget)
+
+
+def test_perfect_prediction_covers_every_miss_after_layer_0(tmp_path):
+    plan = schedule()
+    future = {k: sorted(set(ids.flatten().tolist())) for k, (_, ids) in plan.items()}
+    cache = with_predictor(tmp_path, "disk", ScriptedPredictor(future), num_slots=2 * E)
+    stats = run(cache, plan)
+    for layer in range(1, L):  # every expert of layers 1.. was prefetched or resident
+        s = stats["layers"][layer]
+        assert s["misses"] == 0, (layer, s)
+        assert s["prefetch_hits"] == s["prefetched"] > 0
+        assert s["prefetch_wasted"] == 0
+        assert s["predictions"][1]["recall"] == 1.0 == s["predictions"][1]["precision"]
+    assert stats["layers"][0]["misses"] > 0  # layer 0 of each step has no predictor
+
+
+def test_wrong_prediction_is_counted_as_waste_and_outputs_stay_exact(tmp_path):
+    plan = schedule()
+    future = {k: sorted(set(ids.flatten().tolist())) for k, (_, ids) in plan.items()}
+    cache = with_predictor(tmp_path, "host", ScriptedPredictor(future, wrong=True),
+                           num_slots=2 * E)
+    t = run(cache, plan)["totals"]
+    assert t["prefetched"] > 0 and t["prefetch_hits"] == 0
+    assert t["prefetch_wasted"] == t["prefetched"]
+    assert t["predictions"][1]["recall"] == 0.0
+    assert t["bytes_loaded"] == (t["misses"] + t["prefetched"]) * LAYOUT.expert_bytes
+
+
+def test_budget_caps_prefetch_pins_and_a_full_pool_leaves_no_room(tmp_path):
+    plan = schedule()
+    future = {k: list(range(E)) for k in plan}  # predict everything
+    cache = with_predictor(tmp_path, "host", ScriptedPredictor(future, depth=2),
+                           num_slots=2 * E, budget=3)
+    seen = []
+    original = cache._prefetch
+
+    def spy(layer, hidden):
+        original(layer, hidden)
+        seen.append(cache._prefetch_pins)
+
+    cache._prefetch = spy
+    run(cache, plan)
+    assert max(seen) == 3
+    # S == E: no slot may be held for prefetch, or the next call could not fit.
+    tight = with_predictor(tmp_path, "host", ScriptedPredictor(future), num_slots=E)
+    assert tight.prefetch_budget == 0
+    assert run(tight, plan)["totals"]["prefetched"] == 0

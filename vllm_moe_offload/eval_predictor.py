@@ -1,0 +1,70 @@
+"""Recall of an expert predictor on any text, per distance, against next-gate.
+
+    python -m vllm_moe_offload.eval_predictor --model M --predictor lookahead \
+        --predictor-path heads.safetensors --text FILE --depth 3
+
+Recall at distance d: of the (token, layer L+d, expert) triples the model routed,
+the fraction that the predictor's top-k from layer L's hidden state named.
+Prints one line per distance with next-gate and previous-token reuse as references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from vllm_moe_offload.hf_routing import (capture, load_model, previous_token_recall,
+                                         read_text, recall)
+from vllm_moe_offload.runtime.predictors import NextGatePredictor, load_gates, load_lookahead
+
+
+def evaluate(model_dir: str, predictor: str, predictor_path: str | None, text: str,
+             depth: int, max_tokens: int = 40_000, loaded=None) -> dict:
+    model, tokenizer = loaded or load_model(model_dir)
+    gates = load_gates(model_dir)
+    routing = capture(model, tokenizer, text, max_tokens)
+    reference = NextGatePredictor(gates, depth, routing.top_k)
+    if predictor == "next-gate":
+        chosen = reference
+    elif predictor == "lookahead":
+        chosen = load_lookahead(predictor_path, gates, depth, routing.top_k)
+    else:
+        raise ValueError(f"--predictor {predictor!r}: evaluate next-gate or lookahead "
+                         "(oracle is exact by construction; none predicts nothing)")
+    out = {"tokens": len(routing.hidden[0]), "previous_token": previous_token_recall(routing),
+           "recall": {}}
+    for d in range(1, depth + 1):
+        out["recall"][d] = {
+            predictor: recall(lambda l, d, x: chosen.logits(l, d, x), routing, d),
+            "next-gate": recall(lambda l, d, x: reference.logits(l, d, x), routing, d)}
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--predictor", default="lookahead", choices=["next-gate", "lookahead"])
+    p.add_argument("--predictor-path")
+    p.add_argument("--text", nargs="+", required=True)
+    p.add_argument("--part", default="all", choices=["all", "train", "heldout"],
+                   help="use the whole files, or the first 95%% / last 5%% of each")
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=40_000)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    result = evaluate(args.model, args.predictor, args.predictor_path,
+                      read_text(args.text, args.part), args.depth, args.max_tokens)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['tokens']} tokens; previous-token reuse recall "
+          f"{result['previous_token']:.3f}")
+    for d, row in result["recall"].items():
+        print(f"d={d}: " + "  ".join(f"{name} {value:.3f}" for name, value in row.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Routing captured from HF transformers runs (training and evaluating predictors).
+
+Legend: N = tokens, H = hidden size, E = experts per layer, k = top-k.
+For every MoE layer we record the router's input `x [N, H]` (the hidden state that
+enters the layer's experts: the same tensor the plugin sees in vLLM) and the
+experts it picked `ids [N, k]`, recomputed from the router weight so the result
+does not depend on how a transformers version shapes the router's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Routing:
+    hidden: list[torch.Tensor]  # per layer [N, H] fp32: input of that layer's router
+    expert_ids: list[torch.Tensor]  # per layer [N, k] int64: experts it routed to
+    top_k: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden)
+
+
+def load_model(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _routers(model) -> list[torch.nn.Module]:
+    routers = []
+    for layer in model.model.layers:
+        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        gate = getattr(block, "gate", None)
+        if gate is None or not hasattr(gate, "weight"):
+            raise ValueError(f"{type(layer).__name__} has no MoE router (mlp.gate)")
+        routers.append(gate)
+    return routers
+
+
+def top_k_of(config) -> int:
+    return int(getattr(config, "num_experts_per_tok"))
+
+
+@torch.no_grad()
+def capture(model, tokenizer, text: str, max_tokens: int, seq_len: int = 256) -> Routing:
+    """Run `text` (first `max_tokens` tokens, in `seq_len` windows) and record routing."""
+    k = top_k_of(model.config)
+    routers = _routers(model)
+    xs: list[list[torch.Tensor]] = [[] for _ in routers]
+    hooks = []
+    for i, gate in enumerate(routers):
+        def hook(module, args, _out, i=i):
+            xs[i].append(args[0].reshape(-1, args[0].shape[-1]).float().clone())
+        hooks.append(gate.register_forward_hook(hook))
+    try:
+        ids = tokenizer(text)["input_ids"][:max_tokens]
+        for start in range(0, len(ids), seq_len):
+            window = ids[start:start + seq_len]
+            if len(window) > 1:
+                model(torch.tensor([window]))
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden = [torch.cat(x) for x in xs]
+    expert_ids = [(h @ g.weight.float().T).topk(k, dim=-1).indices
+                  for h, g in zip(hidden, routers)]
+    return Routing(hidden, expert_ids, k)
+
+
+@torch.no_grad()
+def recall(logits_fn, routing: Routing, distance: int) -> float:
+    """Fraction of routed (token, layer, expert) triples at layer L+d that the top-k
+    of `logits_fn(L, d, x_L)` predicted."""
+    hit = total = 0
+    for layer in range(routing.num_layers - distance):
+        predicted = logits_fn(layer, distance, routing.hidden[layer]).topk(
+            routing.top_k, dim=-1).indices  # [N, k]
+        routed = routing.expert_ids[layer + distance]  # [N, k]
+        hit += (predicted.unsqueeze(-1) == routed.unsqueeze(-2)).any(-2).sum().item()
+        total += routed.numel()
+    return hit / total if total else 0.0
+
+
+def previous_token_recall(routing: Routing) -> float:
+    """Baseline: predict that each token reuses the previous token's experts."""
+    hit = total = 0
+    for ids in routing.expert_ids:
+        hit += (ids[:-1].unsqueeze(-1) == ids[1:].unsqueeze(-2)).any(-2).sum().item()
+        total += ids[1:].numel()
+    return hit / total if total else 0.0
+
+
+def read_text(paths: list[str], part: str = "all") -> str:
+    """Concatenate text files; `part` 'train' = first 95% of each, 'heldout' = last 5%."""
+    chunks = []
+    for p in paths:
+        text = Path(p).read_text(errors="replace")
+        cut = int(len(text) * 0.95)
+        chunks.append({"all": text, "train": text[:cut], "heldout": text[cut:]}[part])
+    return "\n".join(chunks)

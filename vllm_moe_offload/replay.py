@@ -1,0 +1,70 @@
+"""Replay a routing trace against the slot pool and eviction policies.
+
+    python -m vllm_moe_offload.replay TRACE --pool-slots N [--policy lru,lfu,fifo,belady]
+        [--predictor none|oracle] [--depth D] [--profile qwen3-30b-a3b-pcie5 | all]
+
+TRACE: the plugin's recorder format (trace_path) or JSONL lines
+`{"layer": l, "token_idx": t, "topk_ids": [...]}`. The trace supplies the routing;
+the hardware profile supplies the costs (link bandwidth, compute per layer call,
+bytes per expert). Prints a markdown table: hit rate, bytes moved, stall time and
+modeled tokens/s per policy, beside the physical lower bound of ../shared/ANCHORS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vllm_moe_offload.core.replay import (POLICIES, PROFILES, calls_from_records,
+                                          lower_bound_s_per_token, replay)
+from vllm_moe_offload.core.trace import read_trace
+
+
+def table(trace: str, pool_slots: int, policies: list[str], profiles: list[str],
+          predictor: str, depth: int) -> str:
+    _, records = read_trace(trace)
+    calls = calls_from_records(records)
+    if not calls:
+        raise ValueError(f"{trace}: no layer calls in the trace")
+    depths = [0] if predictor == "none" else [0, depth]
+    layers = len({c.layer for c in calls})
+    rows = [f"trace {trace}: {len(calls)} layer calls, {layers} layers, "
+            f"{len({c.step for c in calls})} steps; pool {pool_slots} slots", "",
+            "| profile | policy | prefetch | hit rate | GB moved | stall s | modeled tok/s "
+            "| bound tok/s at this hit rate | bound tok/s all-miss |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name in profiles:
+        profile = PROFILES[name]
+        for policy in policies:
+            for d in depths:
+                r = replay(calls, pool_slots, policy, profile, d)
+                bound = 1 / lower_bound_s_per_token(profile, r.hit_rate)
+                worst = 1 / lower_bound_s_per_token(profile, 0.0)
+                rows.append(f"| {name} | {policy} | {'oracle d=' + str(d) if d else 'none'} "
+                            f"| {r.hit_rate:.1%} | {r.bytes_moved / 1e9:.2f} | "
+                            f"{r.stall_s:.3f} | {r.tokens_per_s:.1f} | {bound:.1f} | "
+                            f"{worst:.1f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("--pool-slots", type=int, required=True)
+    p.add_argument("--policy", default=",".join(POLICIES),
+                   help=f"comma-separated, from {', '.join(POLICIES)}")
+    p.add_argument("--predictor", default="oracle", choices=["none", "oracle"],
+                   help="prefetch with the trace's own future (oracle) or not at all")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--profile", default="qwen3-30b-a3b-pcie5",
+                   help=f"'all' or one of {', '.join(PROFILES)}")
+    args = p.parse_args(argv)
+    profiles = list(PROFILES) if args.profile == "all" else args.profile.split(",")
+    for name in profiles:
+        if name not in PROFILES:
+            p.error(f"--profile {name!r}: choose from {', '.join(PROFILES)} or all")
+    print(table(args.trace, args.pool_slots, args.policy.split(","), profiles,
+                args.predictor, args.depth))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Expert predictors: which experts will layers L+1..L+d route to?
+
+Legend: T = tokens, H = hidden size, E = experts per layer, d = distance (1..depth).
+
+All predictors read the hidden state that enters layer L's experts (the router's
+input, after attention and its norm): that is what the slot pool sees when layer L
+runs, and the loads they trigger overlap layer L's experts and the next layers'
+attention. Predictions only decide what is loaded early, never what is computed.
+
+- `NextGatePredictor`: layer L+d's own gate applied to layer L's hidden state.
+- `LookaheadPredictor`: one small head per (L, d), initialised from layer L+d's gate
+  and trained to reproduce that gate's top-k decisions (train_lookahead.py).
+- `OraclePredictor`: replays a recorded routing trace (benchmarks: the ceiling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+_GATE_NAME = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
+    """Each MoE layer's router weight [E, H] (fp32), read from the checkpoint files."""
+    from safetensors import safe_open
+
+    gates: dict[int, torch.Tensor] = {}
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                m = _GATE_NAME.search(name)
+                if m:
+                    gates[int(m.group(1))] = st.get_tensor(name).float()
+    if not gates:
+        raise ValueError(f"no router weights (*.gate.weight) found in {model_dir}; "
+                         "next-gate and lookahead predictors need a real checkpoint "
+                         "(not load_format='dummy')")
+    return [gates[i] for i in sorted(gates)]
+
+
+def model_fingerprint(gates: list[torch.Tensor]) -> str:
+    """Identifies a model by its routers: same shapes *and* same weights."""
+    h = hashlib.sha256()
+    for g in gates:
+        h.update(str(tuple(g.shape)).encode())
+        h.update(g.to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class Predictor:
+    name = "none"
+
+    def __init__(self, depth: int, top_k: int, num_layers: int):
+        self.depth, self.top_k, self.num_layers = depth, top_k, num_layers
+
+    def targets(self, layer: int) -> range:
+        return range(layer + 1, min(layer + self.depth, self.num_layers - 1) + 1)
+
+    def logits(self, layer: int, distance: int, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, list[int]]]:
+        """[(target layer, distinct predicted experts over the batch)], nearest first."""
+        out = []
+        x = hidden.float()
+        for target in self.targets(layer):
+            ids = self.logits(layer, target - layer, x).topk(self.top_k, dim=-1).indices
+            out.append((target, torch.unique(ids).tolist()))
+        return out
+
+
+class NextGatePredictor(Predictor):
+    name = "next-gate"
+
+    def __init__(self, gates: list[torch.Tensor], depth: int, top_k: int):
+        super().__init__(depth, top_k, len(gates))
+        self.gates = [g.float() for g in gates]
+
+    def logits(self, layer, distance, hidden):
+        return hidden @ self.gates[layer + distance].to(hidden.device).T  # [T, E]
+
+
+class LookaheadHead(nn.Module):
+    """gate_{L+d}(x) + a small MLP correction that starts at zero."""
+
+    def __init__(self, gate: torch.Tensor, hidden_units: int = 512):
+        super().__init__()
+        num_experts, hidden = gate.shape
+        self.gate = nn.Linear(hidden, num_experts)
+        self.norm = nn.LayerNorm(hidden)
+        self.up = nn.Linear(hidden, hidden_units)
+        self.down = nn.Linear(hidden_units, num_experts)
+        with torch.no_grad():
+            self.gate.weight.copy_(gate)
+            self.gate.bias.zero_()
+            self.down.weight.zero_()
+            self.down.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, E]
+        return self.gate(x) + self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+class LookaheadPredictor(Predictor):
+    name = "lookahead"
+
+    def __init__(self, heads: dict[tuple[int, int], LookaheadHead], depth: int,
+                 top_k: int, num_layers: int):
+        super().__init__(depth, top_k, num_layers)
+        self.heads = heads
+
+    @torch.no_grad()
+    def logits(self, layer, distance, hidden):
+        return self.heads[(layer, distance)](hidden)
+
+
+def save_lookahead(path: str | Path, heads: dict[tuple[int, int], LookaheadHead],
+                   fingerprint: str, depth: int, top_k: int, num_layers: int,
+                   extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"head.{l}.{d}.{k}": v.detach().contiguous()
+               for (l, d), head in heads.items() for k, v in head.state_dict().items()}
+    meta = {"format": "vllm-moe-offload-lookahead/1", "model_fingerprint": fingerprint,
+            "depth": str(depth), "top_k": str(top_k), "num_layers": str(num_layers),
+            "hidden_units": str(next(iter(heads.values())).up.out_features),
+            "extra": json.dumps(extra or {})}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_lookahead_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise ValueError(f"expert_offload.predictor_path={str(path)!r} does not exist; "
+                         "train one with: python -m vllm_moe_offload.train_lookahead "
+                         "--model M --prompts FILE --depth D --out FILE")
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            meta = st.metadata() or {}
+    except Exception as e:  # not a safetensors file at all
+        raise ValueError(f"expert_offload.predictor_path={str(path)!r} is not a "
+                         f"lookahead sidecar ({e})") from None
+    if meta.get("format") != "vllm-moe-offload-lookahead/1":
+        raise ValueError(f"expert_offload.predictor_path={str(path)!r} is not a "
+                         "lookahead sidecar written by train_lookahead")
+    return meta
+
+
+def check_sidecar(path: str | Path, fingerprint: str) -> dict:
+    meta = read_lookahead_metadata(path)
+    if meta["model_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"expert_offload.predictor_path={str(path)!r} was trained for another model "
+            f"(router fingerprint {meta['model_fingerprint'][:12]}, this model "
+            f"{fingerprint[:12]}); retrain it for this model with python -m "
+            "vllm_moe_offload.train_lookahead --model THIS_MODEL ...")
+    return meta
+
+
+def load_lookahead(path: str | Path, gates: list[torch.Tensor], depth: int,
+                   top_k: int) -> LookaheadPredictor:
+    from safetensors.torch import load_file
+
+    meta = check_sidecar(path, model_fingerprint(gates))
+    trained_depth = int(meta["depth"])
+    if depth > trained_depth:
+        raise ValueError(f"expert_offload.prefetch_depth={depth} exceeds the depth "
+                         f"{trained_depth} that {path} was trained for; lower it or "
+                         "retrain with --depth")
+    state = defaultdict(dict)
+    for name, value in load_file(str(path)).items():
+        _, l, d, key = name.split(".", 3)
+        state[(int(l), int(d))][key] = value
+    heads = {}
+    for (l, d), sd in state.items():
+        head = LookaheadHead(gates[l + d], int(meta["hidden_units"]))
+        head.load_state_dict(sd)
+        heads[(l, d)] = head.eval()
+    return LookaheadPredictor(heads, depth, top_k, len(gates))
+
+
+class OraclePredictor(Predictor):
+    """Predicts from a trace of an earlier, identical run: the exact future routing."""
+
+    name = "oracle"
+
+    def __init__(self, records, depth: int, top_k: int, num_layers: int):
+        super().__init__(depth, top_k, num_layers)
+        self.calls: dict[tuple[int, int], list[int]] = {}
+        for r in records:
+            self.calls[(r.step, r.layer)] = sorted(set(r.expert_ids))
+        self.step = -1
+        self._last_layer = None
+
+    def predict(self, layer, hidden):
+        if self._last_layer is None or layer <= self._last_layer:
+            self.step += 1  # same step rule as the trace writer
+        self._last_layer = layer
+        return [(t, self.calls.get((self.step, t), [])) for t in self.targets(layer)]
