@@ -15,16 +15,17 @@ import json
 
 import torch
 
-from vllm_moe_offload.hf_routing import (capture, load_model, previous_token_recall,
-                                         read_text, recall)
+from vllm_moe_offload.hf_routing import (capture_texts, load_model, previous_token_recall,
+                                         read_texts, recall)
 from vllm_moe_offload.runtime.predictors import NextGatePredictor, load_gates, load_lookahead
 
 
-def evaluate(model_dir: str, predictor: str, predictor_path: str | None, text: str,
-             depth: int, max_tokens: int = 40_000, loaded=None) -> dict:
+def evaluate(model_dir: str, predictor: str, predictor_path: str | None,
+             texts: list[str], depth: int, max_tokens: int = 40_000, loaded=None) -> dict:
+    """Recall per distance over `texts` (an equal share of `max_tokens` from each)."""
     model, tokenizer = loaded or load_model(model_dir)
     gates = load_gates(model_dir)
-    routing = capture(model, tokenizer, text, max_tokens)
+    routing = capture_texts(model, tokenizer, texts, max_tokens)
     reference = NextGatePredictor(gates, depth, routing.top_k)
     if predictor == "next-gate":
         chosen = reference
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     result = evaluate(args.model, args.predictor, args.predictor_path,
-                      read_text(args.text, args.part), args.depth, args.max_tokens)
+                      read_texts(args.text, args.part), args.depth, args.max_tokens)
     if args.json:
         print(json.dumps(result))
         return

@@ -97,11 +97,19 @@ def previous_token_recall(routing: Routing) -> float:
     return hit / total if total else 0.0
 
 
-def read_text(paths: list[str], part: str = "all") -> str:
-    """Concatenate text files; `part` 'train' = first 95% of each, 'heldout' = last 5%."""
-    chunks = []
+def read_texts(paths: list[str], part: str = "all") -> list[str]:
+    """Text of each file; `part` 'train' = its first 95%, 'heldout' = its last 5%."""
+    texts = []
     for p in paths:
         text = Path(p).read_text(errors="replace")
         cut = int(len(text) * 0.95)
-        chunks.append({"all": text, "train": text[:cut], "heldout": text[cut:]}[part])
-    return "\n".join(chunks)
+        texts.append({"all": text, "train": text[:cut], "heldout": text[cut:]}[part])
+    return texts
+
+
+def capture_texts(model, tokenizer, texts: list[str], max_tokens: int) -> Routing:
+    """Capture an equal share of `max_tokens` from each text (domains weigh the same)."""
+    parts = [capture(model, tokenizer, t, max_tokens // len(texts)) for t in texts]
+    return Routing([torch.cat([p.hidden[l] for p in parts]) for l in range(parts[0].num_layers)],
+                   [torch.cat([p.expert_ids[l] for p in parts])
+                    for l in range(parts[0].num_layers)], parts[0].top_k)

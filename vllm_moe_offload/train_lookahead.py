@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vllm_moe_offload.hf_routing import Routing, capture, load_model, read_text, recall
+from vllm_moe_offload.hf_routing import Routing, capture_texts, load_model, read_texts, recall
 from vllm_moe_offload.runtime.predictors import (LookaheadHead, load_gates,
                                                  model_fingerprint, save_lookahead)
 
@@ -62,7 +62,10 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", nargs="+", required=True, help="text files to train on")
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-tokens", type=int, default=90_000)
+    p.add_argument("--part", default="all", choices=["all", "train"],
+                   help="whole files, or the first 95%% of each (keep the rest held out)")
+    p.add_argument("--max-tokens", type=int, default=90_000,
+                   help="tokens to train on, an equal share from each file")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden-units", type=int, default=512)
@@ -72,11 +75,13 @@ def main(argv=None) -> None:
 
     model, tokenizer = load_model(args.model)
     gates = load_gates(args.model)
-    text = read_text(args.prompts)
-    cut = int(len(text) * 0.95)  # the last 5% checks the heads on text they never saw
+    texts = read_texts(args.prompts, args.part)
+    cuts = [int(len(t) * 0.95) for t in texts]  # the last 5% checks the heads
     t0 = time.perf_counter()
-    routing = capture(model, tokenizer, text[:cut], args.max_tokens)
-    check = capture(model, tokenizer, text[cut:], args.max_tokens // 10)
+    routing = capture_texts(model, tokenizer, [t[:c] for t, c in zip(texts, cuts)],
+                            args.max_tokens)
+    check = capture_texts(model, tokenizer, [t[c:] for t, c in zip(texts, cuts)],
+                          args.max_tokens // 10)
     print(f"captured {len(routing.hidden[0])} tokens x {routing.num_layers} layers in "
           f"{time.perf_counter() - t0:.0f} s")
     heads = train(routing, gates, args.depth, args.epochs, args.lr, args.hidden_units)

@@ -94,10 +94,11 @@ class LookaheadHead(nn.Module):
     def __init__(self, gate: torch.Tensor, hidden_units: int = 512):
         super().__init__()
         num_experts, hidden = gate.shape
-        self.gate = nn.Linear(hidden, num_experts)
-        self.norm = nn.LayerNorm(hidden)
-        self.up = nn.Linear(hidden, hidden_units)
-        self.down = nn.Linear(hidden_units, num_experts)
+        f32 = dict(dtype=torch.float32)  # vLLM loads models under a bf16 default dtype
+        self.gate = nn.Linear(hidden, num_experts, **f32)
+        self.norm = nn.LayerNorm(hidden, **f32)
+        self.up = nn.Linear(hidden, hidden_units, **f32)
+        self.down = nn.Linear(hidden_units, num_experts, **f32)
         with torch.no_grad():
             self.gate.weight.copy_(gate)
             self.gate.bias.zero_()
