@@ -72,7 +72,9 @@ def main(spec: dict) -> dict:
     stats = vllm_moe_offload.get_stats(llm)
     if spec.get("timed") and before:  # report the timed batch alone
         stats["timed"] = {k: stats["totals"][k] - before.get(k, 0)
-                          for k in ("hits", "misses", "bytes_loaded", "load_seconds")}
+                          for k in ("hits", "misses", "bytes_loaded", "load_seconds",
+                                    "stall_seconds", "prefetched", "prefetch_hits",
+                                    "prefetch_wasted")}
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],

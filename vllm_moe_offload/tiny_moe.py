@@ -60,7 +60,7 @@ def _config(arch: str, **sizes):
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     experts, top_k, ffn = sizes["num_experts"], sizes["top_k"], sizes["expert_ffn"]
     if arch == "qwen3_moe":
@@ -120,7 +120,7 @@ def build_tiny_moe(
                      expert_ffn=expert_ffn)
     config.initializer_range = init_std
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():  # experts of transformers 5 may skip the initializer
         for p in model.parameters():
             if p.dim() >= 2:

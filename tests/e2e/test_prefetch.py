@@ -41,6 +41,7 @@ def test_outputs_are_identical_with_each_predictor(models, engine, sidecars, sto
         recorded = run_engine(offload_spec(model, pool_slots=HALF, store="disk",
                                            store_dir=store_dir, trace_path=trace))
         assert recorded["token_ids"] == plain["token_ids"]
+        check_replay_of(trace, recorded)
         extra["predictor_path"] = trace
     off = run_engine(offload_spec(model, pool_slots=HALF, store="disk", store_dir=store_dir,
                                   predictor=predictor, prefetch_depth=2, **extra))
@@ -70,3 +71,20 @@ def test_missing_sidecar_is_refused(models, tmp_path):
     with pytest.raises(EngineFailed) as err:
         run_engine(spec)
     assert "predictor_path" in err.value.output and "does not exist" in err.value.output
+
+
+def check_replay_of(trace: str, recorded: dict) -> None:
+    """The replay tool reads the plugin's own trace; LRU replay with the engine's pool
+    size reproduces the engine's hit and miss counts exactly."""
+    from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
+    from vllm_moe_offload.core.trace import read_trace
+
+    header, records = read_trace(trace)
+    assert (header.num_layers, header.experts_per_layer) == (LAYERS, EXPERTS)
+    result = replay(calls_from_records(records), HALF, "lru", PROFILES["olmoe-1b-7b-pcie4"])
+    totals = recorded["stats"]["totals"]
+    assert (result.hits, result.misses) == (totals["hits"], totals["misses"])
+    out = subprocess.run([sys.executable, "-m", "vllm_moe_offload.replay", trace,
+                          "--pool-slots", str(HALF), "--profile", "mixtral-8x7b-pcie5"],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.count("| mixtral-8x7b-pcie5 |") == 8  # 4 policies x (none, oracle)

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from vllm_moe_offload.core.slot_pool import ExpertKey
+from vllm_moe_offload.core.tasks import (ReplanClock, TaskProfiles, TaskRules, expected_load,
+                                         plan_residency)
+
+
+def rules(tmp_path, data):
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_rules_first_match_wins_and_default(tmp_path):
+    r = TaskRules.load(rules(tmp_path, {"default": "prose", "rules": [
+        {"task": "python", "keywords": ["def ", "import "]},
+        {"task": "c", "regex": [r"#include\s*<"]},
+        {"task": "legal", "keywords": ["LICENSE", "copyright"]}]}))
+    assert r.classify("def f(x): return x") == "python"
+    assert r.classify("#include <stdio.h>") == "c"
+    assert r.classify("Copyright 2020 the authors") == "legal"  # keywords ignore case
+    assert r.classify("Once upon a time") == "prose"
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "not valid JSON"),
+    ({"rules": [{"keywords": ["x"]}]}, "rule 0 has no 'task'"),
+    ({"rules": [{"task": "a", "regex": ["("]}]}, "bad regular expression"),
+    ({"rules": [{"task": "a"}]}, "neither keywords nor regex"),
+    ({"rules": "python"}, "no 'rules' list"),
+])
+def test_bad_rule_files_are_refused_with_the_reason(tmp_path, content, words):
+    with pytest.raises(ValueError) as err:
+        TaskRules.load(rules(tmp_path, content))
+    assert words in str(err.value) and "rules.json" in str(err.value)
+
+
+def make_profiles():
+    p = TaskProfiles(num_layers=2, experts_per_layer=4)
+    p.record("python", 0, [0, 0, 0, 1])  # f(python, 0) = [.75, .25, 0, 0]
+    p.record("python", 1, [2, 2])
+    p.record("legal", 0, [3, 3, 1, 1])  # f(legal, 0) = [0, .5, 0, .5]
+    p.record("legal", 1, [0])
+    return p
+
+
+def test_expected_load_is_the_documented_sum():
+    load = expected_load(make_profiles(), {"python": 100, "legal": 40})
+    assert load[ExpertKey(0, 0)] == pytest.approx(75)
+    assert load[ExpertKey(0, 1)] == pytest.approx(100 * 0.25 + 40 * 0.5)
+    assert load[ExpertKey(0, 3)] == pytest.approx(20)
+    assert load[ExpertKey(1, 2)] == pytest.approx(100)
+    assert load[ExpertKey(1, 0)] == pytest.approx(40)
+
+
+def test_plan_takes_the_largest_loads_and_skips_insensitive_pairs():
+    p = make_profiles()
+    plan = plan_residency(p, {"python": 100, "legal": 40}, budget_slots=3)
+    assert plan == [ExpertKey(1, 2), ExpertKey(0, 0), ExpertKey(0, 1)]
+    # python's layer 1 is insensitive to routing: it stops steering the plan.
+    plan = plan_residency(p, {"python": 100, "legal": 40}, 3, insensitive={("python", 1)})
+    assert ExpertKey(1, 2) not in plan and plan[0] == ExpertKey(0, 0)
+    assert plan_residency(p, {"python": 0, "legal": 0}, 3) == []
+
+
+def test_profiles_survive_a_restart_and_corruption_is_refused(tmp_path):
+    path = tmp_path / "profiles.json"
+    make_profiles().save(path)
+    again = TaskProfiles.load(path, 2, 4)
+    assert again.frequency("python", 0) == [0.75, 0.25, 0.0, 0.0]
+    with pytest.raises(ValueError, match="2 layers x 4 experts"):
+        TaskProfiles.load(path, 3, 4)
+    data = json.loads(path.read_text())
+    data["profiles"]["counts"]["python"][0][0] = 999  # edited: checksum no longer holds
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="checksum"):
+        TaskProfiles.load(path, 2, 4)
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ValueError, match="corrupt"):
+        TaskProfiles.load(path, 2, 4)
+
+
+def test_replan_every_p_prompts():
+    clock = ReplanClock(every=3)
+    assert [clock.on_prompt() for _ in range(7)] == [False, False, True, False, False, True, False]

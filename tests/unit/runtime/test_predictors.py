@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from vllm_moe_offload.core.trace import TraceRecord
+from vllm_moe_offload.runtime.predictors import (LookaheadHead, NextGatePredictor,
+                                                 OraclePredictor, load_lookahead,
+                                                 model_fingerprint, save_lookahead)
+
+L, E, H = 4, 8, 16
+
+
+def gates(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(E, H, generator=g) for _ in range(L)]
+
+
+def test_next_gate_uses_the_target_layers_gate():
+    gs = gates()
+    p = NextGatePredictor(gs, depth=2, top_k=2)
+    x = torch.randn(5, H)
+    out = p.predict(1, x)
+    assert [t for t, _ in out] == [2, 3]
+    assert out[0][1] == torch.unique((x @ gs[2].T).topk(2, dim=-1).indices).tolist()
+    assert p.predict(3, x) == []  # the last layer has nothing ahead
+
+
+def test_fresh_lookahead_head_equals_next_gate():
+    g = gates()[2]
+    x = torch.randn(7, H)
+    assert torch.allclose(LookaheadHead(g, 8)(x), x @ g.T, atol=1e-5)
+
+
+def test_sidecar_round_trip_and_refusal(tmp_path):
+    gs = gates()
+    heads = {(l, d): LookaheadHead(gs[l + d], 8) for d in (1, 2) for l in range(L - d)}
+    with torch.no_grad():
+        heads[(0, 1)].down.bias.fill_(0.5)  # something trained
+    path = tmp_path / "h.safetensors"
+    save_lookahead(path, heads, model_fingerprint(gs), depth=2, top_k=2, num_layers=L)
+    p = load_lookahead(path, gs, depth=2, top_k=2)
+    x = torch.randn(3, H)
+    assert torch.allclose(p.logits(0, 1, x), heads[(0, 1)](x))
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_lookahead(path, gates(seed=1), depth=2, top_k=2)
+    with pytest.raises(ValueError, match="prefetch_depth=3 exceeds the depth 2"):
+        load_lookahead(path, gs, depth=3, top_k=2)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a sidecar")
+    with pytest.raises(ValueError, match="is not a lookahead sidecar"):
+        load_lookahead(tmp_path / "junk.safetensors", gs, depth=1, top_k=2)
+
+
+def test_oracle_replays_the_trace_step_by_step():
+    records = [TraceRecord(s, l, 2, [s, l, (s + l) % E, 1]) for s in range(2) for l in range(L)]
+    p = OraclePredictor(records, depth=1, top_k=2, num_layers=L)
+    x = torch.zeros(2, H)
+    seen = [p.predict(l, x) for s in range(2) for l in range(L)]
+    assert seen[0] == [(1, sorted({0, 1, 1, 1}))]
+    assert seen[L] == [(1, sorted({1, 1, 2, 1}))]  # step 1, layer 0 predicts layer 1

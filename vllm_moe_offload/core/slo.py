@@ -1,0 +1,99 @@
+"""A latency model and an SLO admission rule for the task-aware scheduler.
+
+Pure Python. The model learns online, per task, the expected output length, and
+globally the cost of one token and of one expert miss (exponential moving
+averages). A request's predicted completion is
+
+    t = load_cost + (prompt_tokens + running_requests * expected_output) * per_token_s
+        + elapsed
+
+and a request is admitted only while that prediction keeps every running request,
+and the new one, within its SLO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Ema:
+    value: float
+    alpha: float = 0.2
+    samples: int = 0
+
+    def update(self, x: float) -> None:
+        self.value = x if self.samples == 0 else (1 - self.alpha) * self.value + self.alpha * x
+        self.samples += 1
+
+
+@dataclass
+class RequestInfo:
+    request_id: str
+    task: str
+    prompt_tokens: int
+    arrival_s: float
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    expected_misses: float = 0.0  # experts this request will likely load
+
+
+@dataclass
+class LatencyModel:
+    per_token_s: Ema = field(default_factory=lambda: Ema(0.01))
+    per_miss_s: Ema = field(default_factory=lambda: Ema(0.001))
+    default_output_tokens: float = 64.0
+    output_tokens: dict[str, Ema] = field(default_factory=dict)
+
+    def expected_output(self, task: str) -> float:
+        ema = self.output_tokens.get(task)
+        return ema.value if ema else self.default_output_tokens
+
+    def observe_output(self, task: str, tokens: int) -> None:
+        self.output_tokens.setdefault(task, Ema(float(tokens))).update(float(tokens))
+
+    def observe_step(self, tokens: int, seconds: float, misses: int, stall_s: float) -> None:
+        if tokens > 0:
+            self.per_token_s.update(max(seconds - stall_s, 0.0) / tokens)
+        if misses > 0:
+            self.per_miss_s.update(stall_s / misses)
+
+    def predict_ttft_s(self, req: RequestInfo, running: int, now_s: float) -> float:
+        load_cost = req.expected_misses * self.per_miss_s.value
+        work = req.prompt_tokens + running * self.expected_output(req.task)
+        return load_cost + work * self.per_token_s.value + (now_s - req.arrival_s)
+
+    def predict_tpot_s(self, batch_size: int) -> float:
+        return batch_size * self.per_token_s.value
+
+
+def slack_s(req: RequestInfo, now_s: float) -> float:
+    """Time left before the TTFT SLO (inf without one): smaller = more urgent."""
+    if req.slo_ttft_ms is None:
+        return float("inf")
+    return req.slo_ttft_ms / 1000 - (now_s - req.arrival_s)
+
+
+def order_by_slo(waiting: list[RequestInfo], now_s: float) -> list[RequestInfo]:
+    """Most stringent first (least slack), then arrival order."""
+    return sorted(waiting, key=lambda r: (slack_s(r, now_s), r.arrival_s))
+
+
+def can_admit(model: LatencyModel, candidate: RequestInfo, running: list[RequestInfo],
+              now_s: float) -> bool:
+    """Admit while the candidate meets its TTFT SLO and the grown batch keeps every
+    running request (and the candidate) within its TPOT SLO."""
+    ttft = model.predict_ttft_s(candidate, len(running), now_s)
+    if candidate.slo_ttft_ms is not None and ttft * 1000 > candidate.slo_ttft_ms:
+        # Admitting late does not help it; but refusing forever starves it. Admit when
+        # nothing is running (it can only get worse by waiting).
+        return not running
+    tpot_ms = model.predict_tpot_s(len(running) + 1) * 1000
+    return all(r.slo_tpot_ms is None or tpot_ms <= r.slo_tpot_ms
+               for r in running + [candidate])
+
+
+def affinity_order(waiting: list[RequestInfo], resident_tasks: dict[str, float]) -> list[RequestInfo]:
+    """Prefer requests whose task's experts are resident (share of its expected load
+    that the pool holds), keeping SLO order among equals."""
+    return sorted(waiting, key=lambda r: -resident_tasks.get(r.task, 0.0))

@@ -1,0 +1,177 @@
+"""Tasks: classify prompts, learn per-task expert profiles, plan what stays resident.
+
+Pure Python. Requests of one task route to similar experts (eMoE), so per (task,
+layer) expert frequencies, weighted by how much work of each task is queued, say
+which experts are worth pinning:
+
+    N_e = sum over tasks t of demand(t) * s(t, layer) * f(t, layer, e)
+
+demand(t) = queued prompt tokens + expected output tokens of t's requests;
+s(t, layer) = 1 if the task is sensitive to that layer's routing, else 0;
+f(t, layer, e) = the share of t's routed tokens at `layer` that went to expert e.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_moe_offload.core.slot_pool import ExpertKey
+
+PROFILE_FORMAT = "vllm-moe-offload-task-profiles/1"
+
+
+# ---- classification ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskRule:
+    task: str
+    keywords: tuple[str, ...] = ()
+    patterns: tuple[re.Pattern, ...] = ()
+
+    def matches(self, prompt: str) -> bool:
+        low = prompt.lower()
+        return (any(k in low for k in self.keywords)
+                or any(p.search(prompt) for p in self.patterns))
+
+
+@dataclass(frozen=True)
+class TaskRules:
+    """First matching rule wins; otherwise `default`. File format (JSON):
+    {"default": "general", "rules": [{"task": "python", "keywords": ["def "],
+    "regex": ["^import \\\\w+"]}, ...]}"""
+    rules: tuple[TaskRule, ...]
+    default: str = "default"
+
+    def classify(self, prompt: str) -> str:
+        for rule in self.rules:
+            if rule.matches(prompt):
+                return rule.task
+        return self.default
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TaskRules":
+        def bad(why: str) -> ValueError:
+            return ValueError(f"task rule file {str(path)!r}: {why}. Expected JSON "
+                              '{"default": NAME, "rules": [{"task": NAME, "keywords": '
+                              '[...], "regex": [...]}]}')
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise bad(f"cannot be read ({e.strerror})") from None
+        except ValueError as e:
+            raise bad(f"is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
+            raise bad("has no 'rules' list")
+        rules = []
+        for i, r in enumerate(data.get("rules", [])):
+            if not isinstance(r, dict) or not isinstance(r.get("task"), str):
+                raise bad(f"rule {i} has no 'task' name")
+            try:
+                patterns = tuple(re.compile(p) for p in r.get("regex", []))
+            except re.error as e:
+                raise bad(f"rule {i} ({r['task']}): bad regular expression ({e})") from None
+            keywords = tuple(k.lower() for k in r.get("keywords", []))
+            if not keywords and not patterns:
+                raise bad(f"rule {i} ({r['task']}) has neither keywords nor regex")
+            rules.append(TaskRule(r["task"], keywords, patterns))
+        return cls(tuple(rules), str(data.get("default", "default")))
+
+
+# ---- profiles ------------------------------------------------------------------
+
+@dataclass
+class TaskProfiles:
+    """Per (task, layer) routed-token counts per expert, learned online."""
+    num_layers: int
+    experts_per_layer: int
+    # task -> layer -> expert -> tokens routed
+    counts: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def record(self, task: str, layer: int, expert_ids) -> None:
+        table = self.counts.get(task)
+        if table is None:
+            table = self.counts[task] = [[0] * self.experts_per_layer
+                                         for _ in range(self.num_layers)]
+        row = table[layer]
+        for e in expert_ids:
+            row[e] += 1
+
+    def frequency(self, task: str, layer: int) -> list[float]:
+        row = self.counts.get(task, [[0] * self.experts_per_layer] * self.num_layers)[layer]
+        total = sum(row)
+        return [c / total if total else 0.0 for c in row]
+
+    def save(self, path: str | Path) -> None:
+        body = {"num_layers": self.num_layers, "experts_per_layer": self.experts_per_layer,
+                "counts": self.counts}
+        text = json.dumps(body, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps({"format": PROFILE_FORMAT, "sha256": digest,
+                                   "profiles": body}))
+        tmp.replace(path)  # never leave a half-written file under the real name
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int, experts_per_layer: int) -> "TaskProfiles":
+        def bad(why: str) -> ValueError:
+            return ValueError(f"task profile file {str(path)!r} {why}; delete it to start "
+                              "cold, or point task_profiles_path elsewhere")
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise bad(f"cannot be read ({e.strerror})") from None
+        except ValueError:
+            raise bad("is corrupt (not JSON)") from None
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise bad("is not a task profile file")
+        body = data.get("profiles")
+        text = json.dumps(body, sort_keys=True)
+        if hashlib.sha256(text.encode()).hexdigest() != data.get("sha256"):
+            raise bad("is corrupt (checksum mismatch)")
+        if (body["num_layers"], body["experts_per_layer"]) != (num_layers, experts_per_layer):
+            raise bad(f"was learned on a model with {body['num_layers']} layers x "
+                      f"{body['experts_per_layer']} experts, not {num_layers} x "
+                      f"{experts_per_layer}")
+        return cls(num_layers, experts_per_layer, body["counts"])
+
+
+# ---- residency plan ------------------------------------------------------------
+
+def expected_load(profiles: TaskProfiles, demand: dict[str, float],
+                  insensitive: set[tuple[str, int]] = frozenset()) -> dict[ExpertKey, float]:
+    """N_e for every (layer, expert) with a non-zero expected load."""
+    load: dict[ExpertKey, float] = defaultdict(float)
+    for task, tokens in demand.items():
+        if tokens <= 0:
+            continue
+        for layer in range(profiles.num_layers):
+            if (task, layer) in insensitive:
+                continue  # s(task, layer) = 0: this pair does not steer the plan
+            for expert, f in enumerate(profiles.frequency(task, layer)):
+                if f:
+                    load[ExpertKey(layer, expert)] += tokens * f
+    return dict(load)
+
+
+def plan_residency(profiles: TaskProfiles, demand: dict[str, float], budget_slots: int,
+                   insensitive: set[tuple[str, int]] = frozenset()) -> list[ExpertKey]:
+    """The `budget_slots` (layer, expert) pairs with the largest N_e, largest first."""
+    load = expected_load(profiles, demand, insensitive)
+    ranked = sorted(load.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [key for key, _ in ranked[:budget_slots]]
+
+
+@dataclass
+class ReplanClock:
+    """Re-plan every `every` prompts, not every prompt (eMoE's p)."""
+    every: int = 40
+    seen: int = 0
+
+    def on_prompt(self) -> bool:
+        self.seen += 1
+        return self.seen % self.every == 0
