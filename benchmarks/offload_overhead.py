@@ -19,31 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
+
+from common import RESULTS, SHARED, held_out_prompts, write_results
 
 from vllm_moe_offload.engine_probe import run_in_subprocess
 from vllm_moe_offload.tiny_moe import build_tiny_moe, expert_bytes
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def held_out_prompts(n: int, chars: int = 400) -> list[str]:
-    corpus = SHARED / "data" / "corpus"
-    files = sorted(corpus.glob("*.txt")) if corpus.exists() else []
-    if not files:
-        return [f"Prompt number {i}: the quick brown fox jumps over the lazy dog. " * 6
-                for i in range(n)]
-    prompts = []
-    for i in range(n):
-        text = files[i % len(files)].read_text(errors="replace")
-        tail = text[int(len(text) * 0.95):]
-        start = (i // len(files)) * chars * 3
-        prompts.append(tail[start:start + chars])
-    return prompts
 
 
 def models(quick: bool, work: Path) -> list[dict]:
@@ -62,7 +43,7 @@ def models(quick: bool, work: Path) -> list[dict]:
 
 def run(model: dict, prompts, max_tokens: int, offload: dict | None, store_dir: str) -> dict:
     spec = {"model": model["path"], "prompts": prompts, "max_tokens": max_tokens,
-            "timed": True, "kv_cache_gib": None, "gpu_memory_utilization": 0.3,
+            "timed": True, "repeats": 3, "kv_cache_gib": None, "gpu_memory_utilization": 0.3,
             "max_model_len": 1024, "offload": None}
     if offload is not None:
         spec["offload"] = {"enabled": True, "store_dir": store_dir, **offload}
@@ -76,7 +57,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     work = RESULTS / "work"
     prompts = held_out_prompts(args.batch)
     max_tokens = 16 if args.quick else args.max_tokens
@@ -108,12 +88,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     table = markdown(rows)
     print(table)
-    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    (RESULTS / "offload_overhead.md").write_text(
-        f"Machine: {host}. Command: `.venv/bin/python benchmarks/offload_overhead.py"
-        f"{' --quick' if args.quick else ''}`\n\n{table}\n")
-    (RESULTS / "offload_overhead.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, RESULTS / "offload_overhead.png")
+    write_results("offload_overhead", ".venv/bin/python benchmarks/offload_overhead.py"
+                  + (" --quick" if args.quick else ""), table, rows, plot)
 
 
 def markdown(rows) -> str:

@@ -17,13 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import RESULTS, SHARED
+
 from vllm_moe_offload.eval_predictor import evaluate
 from vllm_moe_offload.hf_routing import load_model, read_texts
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT.parent / "shared" / "models" / "tiny-moe-4domains"
-CORPUS = ROOT.parent / "shared" / "data" / "corpus"
-RESULTS = ROOT / "benchmarks" / "results"
+MODEL = SHARED / "models" / "tiny-moe-4domains"
+CORPUS = SHARED / "data" / "corpus"
 SEEN, UNSEEN = ["python", "c", "prose"], ["legal"]
 DEPTH = 3
 

@@ -14,23 +14,22 @@ waited for experts), misses, prefetch hits/waste and prediction recall. Batch 1
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offload_overhead import held_out_prompts  # noqa: E402
-from predictor_recall import MODEL, RESULTS, sidecar  # noqa: E402
+from common import RESULTS, held_out_prompts, write_results
+from predictor_recall import MODEL, sidecar
 
-from vllm_moe_offload.engine_probe import run_in_subprocess  # noqa: E402
+from vllm_moe_offload.engine_probe import run_in_subprocess
 
 SLOTS = 64  # 50% of 8 layers x 16 experts
 
 
 def run(prompts, offload, max_tokens=48) -> dict:
+    # In-process engine: all prompts enter before the first step, so every run takes
+    # the same steps and the oracle's trace lines up with the run it replays.
     spec = {"model": str(MODEL), "prompts": prompts, "max_tokens": max_tokens,
-            "timed": True, "max_model_len": 1024, "offload": offload}
+            "timed": True, "repeats": 3, "max_model_len": 1024, "offload": offload,
+            "in_process": True}
     return run_in_subprocess(spec)
 
 
@@ -70,12 +69,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     table = markdown(rows)
     print(table)
-    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    (RESULTS / "prefetch_cpu.md").write_text(
-        f"Machine: {host}. Command: `.venv/bin/python benchmarks/prefetch_cpu.py`\n\n"
-        f"{table}\n")
-    (RESULTS / "prefetch_cpu.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, RESULTS / "prefetch_cpu.png")
+    write_results("prefetch_cpu", ".venv/bin/python benchmarks/prefetch_cpu.py", table,
+                  rows, plot)
 
 
 def _fmt(value, spec):

@@ -5,7 +5,8 @@
 Tests and benchmarks start every engine configuration this way, so each starts
 clean and one at a time. Prints one line `RESULT <json>`: greedy token ids and
 texts, offload stats (with the worker's RSS), the KV-cache capacity in tokens,
-and the timed generation (after one warm-up batch when `timed` is set).
+and the timed generation (when `timed` is set: one warm-up batch, then `repeats`
+timed batches; stats["timed"] holds the counters of the timed batches alone).
 """
 
 import json
@@ -63,14 +64,16 @@ def main(spec: dict) -> dict:
     cache = llm.llm_engine.vllm_config.cache_config
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24),
                             ignore_eos=True)
+    repeats = spec.get("repeats", 1) if spec.get("timed") else 1
     if spec.get("timed"):
         llm.generate(spec["prompts"], params, use_tqdm=False)  # warm-up
         before = vllm_moe_offload.get_stats(llm).get("totals", {})
     start = time.perf_counter()
-    outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    for _ in range(repeats):  # the same batch again: more time measured, less noise
+        outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
     seconds = time.perf_counter() - start
     stats = vllm_moe_offload.get_stats(llm)
-    if spec.get("timed") and before:  # report the timed batch alone
+    if spec.get("timed") and before:  # report the timed batches alone
         stats["timed"] = {k: stats["totals"][k] - before.get(k, 0)
                           for k in ("hits", "misses", "bytes_loaded", "load_seconds",
                                     "stall_seconds", "prefetched", "prefetch_hits",
@@ -79,7 +82,7 @@ def main(spec: dict) -> dict:
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
         "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
-        "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "generated_tokens": repeats * sum(len(o.outputs[0].token_ids) for o in outputs),
         "gen_seconds": seconds,
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "stats": stats,

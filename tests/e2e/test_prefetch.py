@@ -87,4 +87,4 @@ def check_replay_of(trace: str, recorded: dict) -> None:
     out = subprocess.run([sys.executable, "-m", "vllm_moe_offload.replay", trace,
                           "--pool-slots", str(HALF), "--profile", "mixtral-8x7b-pcie5"],
                          check=True, capture_output=True, text=True).stdout
-    assert out.count("| mixtral-8x7b-pcie5 |") == 8  # 4 policies x (none, oracle)
+    assert out.count("| mixtral-8x7b-pcie5 |") == 10  # 5 policies x (none, oracle)

@@ -10,9 +10,11 @@ bytes per expert). The timing model:
   of the next `depth` calls are issued when the current call starts, so they load
   while it computes. Prefetched experts are protected until their call.
 
-Policies: `lru`, `lfu` (ties: least recent), `fifo`, and `belady`: evict the expert
-whose next use is farthest in the future, with the future read from the trace, i.e.
-eviction driven by a perfect predictor (the optimum a predictor can approach).
+Policies: `lru`, `lfu` (ties: least recent), `fifo`, `layer-cyclic` (evict from the
+layer whose turn comes last in the layer cycle: the one just run; LRU within a
+layer), and `belady`: evict the expert whose next use is farthest in the future,
+with the future read from the trace, i.e. eviction driven by a perfect predictor
+(the optimum a predictor can approach).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Iterable, NamedTuple
 
 from vllm_moe_offload.core.slot_pool import ExpertKey
 
-POLICIES = ("lru", "lfu", "fifo", "belady")
+POLICIES = ("lru", "lfu", "fifo", "layer-cyclic", "belady")
 
 
 class Call(NamedTuple):
@@ -98,12 +100,15 @@ def calls_from_records(records: Iterable) -> list[Call]:
 class _Pool:
     """Slot pool with a pluggable victim choice (the engine's SlotPool is LRU)."""
 
-    def __init__(self, num_slots: int, policy: str, future: dict[ExpertKey, list[int]]):
+    def __init__(self, num_slots: int, policy: str, future: dict[ExpertKey, list[int]],
+                 num_layers: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
         self.num_slots, self.policy, self.future = num_slots, policy, future
         self.resident: OrderedDict[ExpertKey, None] = OrderedDict()  # LRU / FIFO order
         self.uses: dict[ExpertKey, int] = defaultdict(int)
+        self.num_layers = num_layers
+        self.layer = 0  # the layer running now (for layer-cyclic)
 
     def touch(self, key: ExpertKey) -> None:
         self.uses[key] += 1
@@ -129,6 +134,8 @@ class _Pool:
             return candidates[0]
         if self.policy == "lfu":
             return min(candidates, key=lambda k: self.uses[k])  # stable: LRU among ties
+        if self.policy == "layer-cyclic":  # stable: LRU among one layer's experts
+            return max(candidates, key=lambda k: (k.layer - self.layer - 1) % self.num_layers)
         return max(candidates, key=lambda k: self._next_use(k, now))
 
     def _next_use(self, key: ExpertKey, now: int) -> float:
@@ -147,7 +154,7 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
     for i, c in enumerate(calls):
         for e in c.experts:
             future[ExpertKey(c.layer, e)].append(i)
-    pool = _Pool(num_slots, policy, future)
+    pool = _Pool(num_slots, policy, future, num_layers=max(c.layer for c in calls) + 1)
     ready_at: dict[ExpertKey, float] = {}  # prefetched key -> when its load finishes
     prefetched_for: dict[int, set[ExpertKey]] = defaultdict(set)
     clock = link_free = stall = 0.0
@@ -159,6 +166,7 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
         for j in range(i + 1, min(i + depth, len(calls) - 1) + 1):
             protected |= prefetched_for[j]
         start = clock
+        pool.layer = c.layer
         for key in keys:  # hits, including experts that prefetch brought in
             if key in pool.resident:
                 pool.touch(key)
@@ -196,6 +204,19 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
 
 
 def lower_bound_s_per_token(profile: HardwareProfile, hit_rate: float) -> float:
-    """T >= L * k * (1 - h) * bytes_per_expert / bandwidth (ANCHORS.md), plus compute."""
+    """The profile's own model at batch 1: T >= L * k * (1 - h) * bytes / bandwidth
+    (ANCHORS.md), and never less than its compute, L * compute per layer."""
     moved = profile.layers * profile.top_k * (1 - hit_rate) * profile.bytes_per_expert
-    return moved / (profile.link_gbps * 1e9) + profile.layers * profile.compute_s_per_layer
+    return max(moved / (profile.link_gbps * 1e9), profile.layers * profile.compute_s_per_layer)
+
+
+def trace_bound_tokens_per_s(calls: list[Call], profile: HardwareProfile,
+                             hit_rate: float) -> float:
+    """Best tokens/s any policy or prefetch could reach on this trace at hit rate h:
+    the link moves (1 - h) of the routed experts, compute runs every call, and at best
+    the two overlap completely."""
+    routed = sum(len(c.experts) for c in calls)
+    transfer = (1 - hit_rate) * routed * profile.load_s()
+    compute = len(calls) * profile.compute_s_per_layer
+    tokens = sum(c.tokens for c in calls if c.layer == calls[0].layer)
+    return tokens / max(transfer, compute)

@@ -67,14 +67,27 @@ class Predictor:
     def logits(self, layer: int, distance: int, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def all_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [D', T, E] for every target of `layer` (D' = len(targets))."""
+        return torch.stack([self.logits(layer, t - layer, hidden)
+                            for t in self.targets(layer)])
+
+    @torch.inference_mode()
     def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, list[int]]]:
-        """[(target layer, distinct predicted experts over the batch)], nearest first."""
-        out = []
-        x = hidden.float()
-        for target in self.targets(layer):
-            ids = self.logits(layer, target - layer, x).topk(self.top_k, dim=-1).indices
-            out.append((target, torch.unique(ids).tolist()))
-        return out
+        """[(target layer, distinct predicted experts over the batch)], nearest first.
+
+        Runs in the forward pass of every layer call, so all targets are computed in
+        one batched pass and read back with one host sync.
+        """
+        targets = self.targets(layer)
+        if not targets:
+            return []
+        logits = self.all_logits(layer, hidden.float())  # [D', T, E]
+        ids = logits.topk(self.top_k, dim=-1).indices.flatten(1)  # [D', T * k]
+        chosen = torch.zeros(logits.shape[0], logits.shape[2], dtype=torch.bool,
+                             device=logits.device).scatter_(1, ids, True)  # [D', E]
+        rows = chosen.tolist()
+        return [(t, [e for e, on in enumerate(row) if on]) for t, row in zip(targets, rows)]
 
 
 class NextGatePredictor(Predictor):
@@ -83,9 +96,15 @@ class NextGatePredictor(Predictor):
     def __init__(self, gates: list[torch.Tensor], depth: int, top_k: int):
         super().__init__(depth, top_k, len(gates))
         self.gates = [g.float() for g in gates]
+        # layer -> its targets' gates stacked [D', E, H]
+        self._stacked = {l: torch.stack([self.gates[t] for t in self.targets(l)])
+                         for l in range(self.num_layers) if self.targets(l)}
 
     def logits(self, layer, distance, hidden):
-        return hidden @ self.gates[layer + distance].to(hidden.device).T  # [T, E]
+        return hidden @ self.gates[layer + distance].T  # [T, E]
+
+    def all_logits(self, layer, hidden):
+        return torch.matmul(hidden, self._stacked[layer].transpose(1, 2))  # [D', T, E]
 
 
 class LookaheadHead(nn.Module):
@@ -116,10 +135,43 @@ class LookaheadPredictor(Predictor):
                  top_k: int, num_layers: int):
         super().__init__(depth, top_k, num_layers)
         self.heads = heads
+        self._stacked: dict[int, dict[str, torch.Tensor]] = {}
+
+    def to(self, device) -> "LookaheadPredictor":
+        for head in self.heads.values():
+            head.to(device)
+        self._stacked.clear()
+        return self
 
     @torch.no_grad()
     def logits(self, layer, distance, hidden):
         return self.heads[(layer, distance)](hidden)
+
+    def _params(self, layer: int) -> dict[str, torch.Tensor]:
+        """The heads of `layer`'s targets, stacked on a leading D' dimension."""
+        if layer not in self._stacked:
+            heads = [self.heads[(layer, t - layer)] for t in self.targets(layer)]
+            stack = lambda get: torch.stack([get(h).detach() for h in heads])  # noqa: E731
+            self._stacked[layer] = {
+                "gate_w": stack(lambda h: h.gate.weight).transpose(1, 2),  # [D', H, E]
+                "gate_b": stack(lambda h: h.gate.bias).unsqueeze(1),  # [D', 1, E]
+                "ln_w": stack(lambda h: h.norm.weight).unsqueeze(1),  # [D', 1, H]
+                "ln_b": stack(lambda h: h.norm.bias).unsqueeze(1),
+                "up_w": stack(lambda h: h.up.weight).transpose(1, 2),  # [D', H, M]
+                "up_b": stack(lambda h: h.up.bias).unsqueeze(1),  # [D', 1, M]
+                "down_w": stack(lambda h: h.down.weight).transpose(1, 2),  # [D', M, E]
+                "down_b": stack(lambda h: h.down.bias).unsqueeze(1),  # [D', 1, E]
+                "eps": torch.tensor(heads[0].norm.eps)}
+        return self._stacked[layer]
+
+    def all_logits(self, layer, hidden):
+        p = self._params(layer)
+        x = hidden.unsqueeze(0)  # [1, T, H]
+        xn = nn.functional.layer_norm(hidden, hidden.shape[-1:], eps=float(p["eps"]))
+        xa = xn.unsqueeze(0) * p["ln_w"] + p["ln_b"]  # [D', T, H]
+        up = nn.functional.gelu(torch.baddbmm(p["up_b"], xa, p["up_w"]))  # [D', T, M]
+        out = torch.baddbmm(p["down_b"], up, p["down_w"])  # [D', T, E]
+        return out + torch.matmul(x, p["gate_w"]) + p["gate_b"]
 
 
 def save_lookahead(path: str | Path, heads: dict[tuple[int, int], LookaheadHead],

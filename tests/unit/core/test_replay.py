@@ -3,7 +3,8 @@ import json
 import pytest
 
 from vllm_moe_offload.core.replay import (PROFILES, Call, HardwareProfile, calls_from_records,
-                                          lower_bound_s_per_token, replay)
+                                          lower_bound_s_per_token, replay,
+                                          trace_bound_tokens_per_s)
 from vllm_moe_offload.core.trace import read_trace
 from vllm_moe_offload.replay import table
 
@@ -29,6 +30,14 @@ def test_policies_on_a_cycle(policy, hits, misses):
 def test_frequency_matters_for_lfu(policy, hits, misses):
     r = replay(calls({0}, {0}, {1}, {2}, {0}), 2, policy, PROFILE)
     assert (r.hits, r.misses) == (hits, misses)
+
+
+def test_layer_cyclic_keeps_the_layers_that_come_next():
+    # Three layers, one expert each, pool of 2: LRU always evicts what comes next.
+    seq = [Call(s, l, (0,), 1) for s in range(3) for l in range(3)]
+    assert replay(seq, 2, "lru", PROFILE).hits == 0
+    assert replay(seq, 2, "layer-cyclic", PROFILE).hits == 3
+    assert replay(seq, 2, "belady", PROFILE).hits == 3
 
 
 def test_fifo_does_not_reorder_on_hits():
@@ -62,10 +71,20 @@ def test_pool_smaller_than_a_call_is_refused():
 
 
 def test_lower_bound_matches_anchors():
-    # ANCHORS.md: Mixtral all-miss decode on PCIe Gen5 ~ 410 ms of transfer per token.
-    p = PROFILES["mixtral-8x7b-pcie5"]
-    transfer = lower_bound_s_per_token(p, 0.0) - p.layers * p.compute_s_per_layer
-    assert transfer == pytest.approx(0.41, rel=0.01)
+    # ANCHORS.md: Mixtral all-miss decode on PCIe Gen5 ~ 410 ms per token.
+    assert lower_bound_s_per_token(PROFILES["mixtral-8x7b-pcie5"], 0.0) == pytest.approx(
+        0.41, rel=0.01)
+    # Qwen3 with 96% hits: transfer 48*8*0.04*9.4 MB / 55 GB/s = 2.6 ms > compute 2.0 ms
+    assert lower_bound_s_per_token(PROFILES["qwen3-30b-a3b-pcie5"], 0.96) == pytest.approx(
+        48 * 8 * 0.04 * 9.4e6 / 55e9)
+
+
+def test_trace_bound_is_never_beaten_by_a_replay():
+    seq = [Call(s, l, (s % 3, (s + l) % 4), 2) for s in range(6) for l in range(3)]
+    for policy in ("lru", "belady"):
+        for depth in (0, 2):
+            r = replay(seq, 4, policy, PROFILE, depth)
+            assert r.tokens_per_s <= trace_bound_tokens_per_s(seq, PROFILE, r.hit_rate) * 1.0001
 
 
 def test_cli_table_reads_jsonl_traces(tmp_path):

@@ -56,3 +56,27 @@ def test_oracle_replays_the_trace_step_by_step():
     seen = [p.predict(l, x) for s in range(2) for l in range(L)]
     assert seen[0] == [(1, sorted({0, 1, 1, 1}))]
     assert seen[L] == [(1, sorted({1, 1, 2, 1}))]  # step 1, layer 0 predicts layer 1
+
+
+def test_batched_prediction_equals_head_by_head():
+    gs = gates()
+    heads = {(l, d): LookaheadHead(gs[l + d], 8) for d in (1, 2, 3) for l in range(L - d)}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for h in heads.values():  # make the MLP and the norm matter
+            for prm in h.parameters():
+                prm.add_(0.3 * torch.randn(prm.shape, generator=g))
+    from vllm_moe_offload.runtime.predictors import LookaheadPredictor
+    for p in (LookaheadPredictor(heads, 3, 2, L), NextGatePredictor(gs, 3, 2)):
+        x = torch.randn(6, H, generator=g)
+        for layer in range(L):
+            targets = list(p.targets(layer))
+            if not targets:
+                assert p.predict(layer, x) == []
+                continue
+            fused = p.all_logits(layer, x)
+            for i, t in enumerate(targets):
+                torch.testing.assert_close(fused[i], p.logits(layer, t - layer, x))
+            want = [(t, torch.unique(p.logits(layer, t - layer, x).topk(2, -1).indices).tolist())
+                    for t in targets]
+            assert p.predict(layer, x) == want

@@ -132,11 +132,8 @@ class ModelOffload:
                              f"{self.num_layers} MoE layers; cannot predict")
         if cfg.predictor == "next-gate":
             return NextGatePredictor(gates, cfg.prefetch_depth, self.top_k)
-        predictor = load_lookahead(cfg.predictor_path, [g.cpu() for g in gates],
-                                   cfg.prefetch_depth, self.top_k)
-        for head in predictor.heads.values():
-            head.to(self.device)
-        return predictor
+        return load_lookahead(cfg.predictor_path, [g.cpu() for g in gates],
+                              cfg.prefetch_depth, self.top_k).to(self.device)
 
     # ---- running ------------------------------------------------------------------
 
