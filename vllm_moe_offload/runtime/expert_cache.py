@@ -61,7 +61,9 @@ class ExpertCache:
         # expert -> slot per layer; -1 = not resident. The host copy is the truth.
         self._table = torch.full((self.num_layers, self.experts_per_layer), -1,
                                  dtype=torch.int32)
-        self._table_dev = self._table.to(self.device)
+        # On CPU the kernel reads the host table itself; on CUDA a device copy.
+        self._cuda = self.device.type == "cuda"
+        self._table_dev = self._table.to(self.device) if self._cuda else self._table
         self._call_pins: list[int] = []
         # target layer -> [(key, slot, loaded_by_prefetch)] pinned for that layer
         self._prefetched: dict[int, list[tuple[ExpertKey, int, bool]]] = {}
@@ -69,7 +71,6 @@ class ExpertCache:
         self._inflight: dict[int, Future | torch.cuda.Event] = {}  # slot -> load
         self._release_when_loaded: list[int] = []
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target, d) -> experts
-        self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._loader = (ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
                         if predictor is not None and not self._cuda else None)
@@ -117,8 +118,10 @@ class ExpertCache:
             self.trace.write(layer, k, topk_ids.to(torch.int16).cpu().numpy().tobytes())
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
-        self._table_dev.copy_(self._table)
-        return self._table_dev[layer][topk_ids.long()].to(topk_ids.dtype)
+        if self._table_dev is not self._table:
+            self._table_dev.copy_(self._table)
+        slots = self._table_dev[layer].index_select(0, topk_ids.reshape(-1))
+        return slots.view(topk_ids.shape).to(topk_ids.dtype)
 
     def _load_now(self, layer: int, misses: list[SlotGrant]) -> None:
         stats = self.stats.layer(layer)

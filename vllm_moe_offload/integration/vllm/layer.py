@@ -116,14 +116,21 @@ class OffloadedRoutedExperts(RoutedExperts):
             self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
 
+    def _checkpoint_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One expert's w13 [2I, H] and w2 [H, I] as the checkpoint holds them."""
+        inter = (self.moe_config.intermediate_size_per_partition_unpadded
+                 or self.intermediate_size_per_partition)
+        hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
+        return (2 * inter, hidden), (hidden, inter)
+
+    def _empty_expert(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s13, s2 = self._checkpoint_shapes()
+        return (torch.zeros(s13, dtype=self.params_dtype),
+                torch.zeros(s2, dtype=self.params_dtype))
+
     def _stage(self, expert_id: int):
         if expert_id not in self._staging:
-            inter = self.moe_config.intermediate_size_per_partition_unpadded or \
-                self.intermediate_size_per_partition
-            hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
-            self._staging[expert_id] = (
-                torch.empty(2 * inter, hidden, dtype=self.params_dtype),
-                torch.empty(hidden, inter, dtype=self.params_dtype), set())
+            self._staging[expert_id] = (*self._empty_expert(), set())
         return self._staging[expert_id]
 
     def _pack(self, w13: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
@@ -144,31 +151,22 @@ class OffloadedRoutedExperts(RoutedExperts):
         return packed
 
     def _dummy_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
-        """load_format="dummy": random weights, as vLLM's dummy loader draws them."""
-        inter = self.moe_config.intermediate_size_per_partition_unpadded or \
-            self.intermediate_size_per_partition
-        hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
+        """load_format="dummy": random weights, in vLLM's dummy loader's range."""
         gen = torch.Generator().manual_seed(layer * 100003 + expert)
-        w13 = torch.empty(2 * inter, hidden, dtype=self.params_dtype).uniform_(
-            -1e-3, 1e-3, generator=gen)
-        w2 = torch.empty(hidden, inter, dtype=self.params_dtype).uniform_(
-            -1e-3, 1e-3, generator=gen)
-        return self._pack(w13, w2)
+        w13, w2 = self._empty_expert()
+        return self._pack(w13.uniform_(-1e-3, 1e-3, generator=gen),
+                          w2.uniform_(-1e-3, 1e-3, generator=gen))
 
     def bind_pool(self) -> None:
         """Called by vLLM after loading: seal the store, point weights at the pool."""
         if self._staging:
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
                                f"experts {sorted(self._staging)[:4]} after loading")
-        if self._model.store is None:  # dummy load or reused store: learn the layout
-            inter = self.moe_config.intermediate_size_per_partition_unpadded or \
-                self.intermediate_size_per_partition
-            hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
-            probe = self._pack(torch.zeros(2 * inter, hidden, dtype=self.params_dtype),
-                               torch.zeros(hidden, inter, dtype=self.params_dtype))
+        if self.quant_method.moe_kernel is None:
+            # No expert of this layer was packed (dummy load, or a reused disk store):
+            # packing one empty expert sets up the layer's kernel and gives the layout.
+            probe = self._pack(*self._empty_expert())
             self._model.ensure_store(_layout_of(probe))
-        elif self.quant_method.moe_kernel is None:  # reused store: set up this kernel
-            self._dummy_expert(self._layer, 0)
         cache = self._model.finish_loading(self._dummy_expert)
         for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
             param = torch.nn.Parameter(buf, requires_grad=False)
