@@ -12,6 +12,6 @@ def get_stats(llm) -> dict:
     Returns `{"layers": {layer: {...}}, "totals": {...}, "pool": {...}}` for the
     first worker (one per engine on CPU). `{}` when offload is off.
     """
-    from vllm_moe_offload.integration.vllm.stats_rpc import collect_stats
+    from vllm_moe_offload.integration.vllm.worker import collect_stats
 
     return collect_stats(llm)

@@ -43,10 +43,10 @@ def register() -> None:
     if problem:
         logger.warning("%s Expert offload stays off.", problem)
         return
-    from vllm_moe_offload.integration.vllm import layer, stats_rpc
+    from vllm_moe_offload.integration.vllm import layer, worker
 
     layer.install()
-    stats_rpc.install()
+    worker.install()
 
 
 # ---- CLI flags and engine config ------------------------------------------------
