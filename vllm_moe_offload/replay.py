@@ -7,17 +7,17 @@ TRACE: the plugin's recorder format (trace_path) or JSONL lines
 `{"layer": l, "token_idx": t, "topk_ids": [...]}`. The trace supplies the routing;
 the hardware profile supplies the costs (link bandwidth, compute per layer call,
 bytes per expert). Prints a markdown table: hit rate, bytes moved, stall time and
-modeled tokens/s per policy, beside the physical bound (ANCHORS.md: the link must
-move (1 - h) of the routed experts; at best that fully overlaps compute) at the
-policy's hit rate and with every expert a miss.
+modeled tokens/s per policy, beside the physical bound (ANCHORS.md: time per token
+>= bytes the link must move / bandwidth, and >= compute; at best they overlap) for the
+bytes the policy moved, and for every routed expert a miss.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from vllm_moe_offload.core.replay import (POLICIES, PROFILES, calls_from_records, replay,
-                                          trace_bound_tokens_per_s)
+from vllm_moe_offload.core.replay import (POLICIES, PROFILES, all_miss_bytes,
+                                          calls_from_records, replay, trace_bound_tokens_per_s)
 from vllm_moe_offload.core.trace import read_trace
 
 
@@ -32,15 +32,15 @@ def table(trace: str, pool_slots: int, policies: list[str], profiles: list[str],
     rows = [f"trace {trace}: {len(calls)} layer calls, {layers} layers, "
             f"{len({c.step for c in calls})} steps; pool {pool_slots} slots", "",
             "| profile | policy | prefetch | hit rate | GB moved | stall s | modeled tok/s "
-            "| bound tok/s at this hit rate | bound tok/s, all miss |",
+            "| bound tok/s for these bytes | bound tok/s, all miss |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name in profiles:
         profile = PROFILES[name]
         for policy in policies:
             for d in depths:
                 r = replay(calls, pool_slots, policy, profile, d)
-                bound = trace_bound_tokens_per_s(calls, profile, r.hit_rate)
-                worst = trace_bound_tokens_per_s(calls, profile, 0.0)
+                bound = trace_bound_tokens_per_s(calls, profile, r.bytes_moved)
+                worst = trace_bound_tokens_per_s(calls, profile, all_miss_bytes(calls, profile))
                 rows.append(f"| {name} | {policy} | {'oracle d=' + str(d) if d else 'none'} "
                             f"| {r.hit_rate:.1%} | {r.bytes_moved / 1e9:.2f} | "
                             f"{r.stall_s:.3f} | {r.tokens_per_s:.1f} | {bound:.1f} | "

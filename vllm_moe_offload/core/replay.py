@@ -211,12 +211,14 @@ def lower_bound_s_per_token(profile: HardwareProfile, hit_rate: float) -> float:
 
 
 def trace_bound_tokens_per_s(calls: list[Call], profile: HardwareProfile,
-                             hit_rate: float) -> float:
-    """Best tokens/s any policy or prefetch could reach on this trace at hit rate h:
-    the link moves (1 - h) of the routed experts, compute runs every call, and at best
-    the two overlap completely."""
-    routed = sum(len(c.experts) for c in calls)
-    transfer = (1 - hit_rate) * routed * profile.load_s()
+                             bytes_moved: float) -> float:
+    """Best tokens/s on this trace when the link must move `bytes_moved`: compute runs
+    every call, and at best transfer and compute overlap completely."""
+    transfer = bytes_moved / (profile.link_gbps * 1e9)
     compute = len(calls) * profile.compute_s_per_layer
     tokens = sum(c.tokens for c in calls if c.layer == calls[0].layer)
     return tokens / max(transfer, compute)
+
+
+def all_miss_bytes(calls: list[Call], profile: HardwareProfile) -> int:
+    return sum(len(c.experts) for c in calls) * profile.bytes_per_expert

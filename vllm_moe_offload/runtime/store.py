@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +164,6 @@ class DiskStore(ExpertStore):
                                 num_layers=num_layers,
                                 experts_per_layer=experts_per_layer,
                                 record_bytes=layout.record_bytes)
-        self._lock = threading.Lock()
         self.reused = self._open_existing()
         if not self.reused:
             self._create()
@@ -287,8 +284,3 @@ def store_file_name(fingerprint: dict) -> str:
     model = Path(str(fingerprint.get("model", "model"))).name or "model"
     return f"{model}-{digest[:16]}.experts"
 
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0

@@ -26,10 +26,6 @@ from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore
 
 logger = logging.getLogger("vllm.moe_offload")
 
-# (layer, expert) staging: the expert's tensors in checkpoint layout, and which
-# shards (w1, w3, w2) have arrived.
-Packer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
-
 
 class ModelOffload:
     def __init__(self, cfg: OffloadConfig, fingerprint: dict, device: torch.device):

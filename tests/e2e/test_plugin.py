@@ -1,0 +1,35 @@
+"""Registration: idempotent, flags on vLLM's own parser, config folded into the hash."""
+
+import subprocess
+import sys
+
+SCRIPT = r"""
+import os
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.model_executor.custom_op import op_registry_oot
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm_moe_offload.integration.vllm import register
+from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
+
+register(); register()  # vLLM may load plugins several times per process
+assert op_registry_oot["RoutedExperts"] is OffloadedRoutedExperts
+parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+args = parser.parse_args(["--model", "m", "--enable-expert-offload",
+                          "--expert-pool-slots", "12", "--expert-store", "disk",
+                          "--expert-predictor", "next-gate"])
+ea = AsyncEngineArgs.from_cli_args(args)
+cfg = ea.additional_config["expert_offload"]
+assert cfg["enabled"] and cfg["pool_slots"] == 12 and cfg["store"] == "disk", cfg
+assert cfg["predictor"] == "next-gate"
+os.environ["VLLM_MOE_OFFLOAD_POOL_SLOTS"] = "99"  # env is below the CLI
+ea2 = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", "--enable-expert-offload"]))
+from vllm_moe_offload.integration.vllm.plugin import fold_offload_config
+assert fold_offload_config(ea2.additional_config)["expert_offload"]["pool_slots"] == 99
+print("OK")
+"""
+
+
+def test_register_twice_and_flags_reach_additional_config():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.strip().endswith("OK"), out.stdout[-2000:] + out.stderr[-3000:]
