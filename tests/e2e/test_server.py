@@ -63,3 +63,5 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
     text = log.read()
     assert returncode == 0, text[-3000:]
     assert "expert offload: pool 16 of 32 experts" in text
+    assert "expert offload: memory budget: KV cache" in text  # pool beside the KV cache
+    assert "(shutdown)" in text  # the summary line at shutdown

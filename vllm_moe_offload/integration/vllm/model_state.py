@@ -39,6 +39,7 @@ class ModelOffload:
         self.cache: ExpertCache | None = None
         self.stats = OffloadStats()
         self.experts_arrived = 0
+        self._closed = False
 
     def register_layer(self, num_experts: int, top_k: int) -> int:
         if self.cache is not None:
@@ -154,8 +155,11 @@ class ModelOffload:
         return out
 
     def shutdown(self) -> None:
-        if self.cache is None:
+        """Log the summary, stop the loader, close files. Runs once (worker shutdown
+        or interpreter exit, whichever comes first)."""
+        if self.cache is None or self._closed:
             return
+        self._closed = True
         logger.info("%s (shutdown)", self.stats.summary_line())
         self.cache.close()
         if self.cache.trace is not None:

@@ -1,5 +1,6 @@
-"""Worker-side hooks: the stats RPC behind `get_stats(llm)`, and the start-up line
-that puts the expert pool next to the KV cache it shares the memory budget with."""
+"""Worker-side hooks: the stats RPC behind `get_stats(llm)`, the start-up line that
+puts the expert pool next to the KV cache it shares the memory budget with, and the
+summary line at worker shutdown."""
 
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ def install() -> None:
 
     initialize_from_config._moe_offload = True
     Worker.initialize_from_config = initialize_from_config
+
+    original_shutdown = Worker.shutdown
+
+    def shutdown(self):  # the server path ends workers here, not through atexit
+        model = model_state.current()
+        if model is not None:
+            model.shutdown()
+        return original_shutdown(self)
+
+    Worker.shutdown = shutdown
 
 
 def collect_stats(llm) -> dict:
