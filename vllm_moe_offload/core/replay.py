@@ -24,7 +24,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
-from vllm_moe_offload.core.slot_pool import ExpertKey
+from .slot_pool import ExpertKey
 
 POLICIES = ("lru", "lfu", "fifo", "layer-cyclic", "belady")
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_moe_offload.core.slot_pool import ExpertKey
+from .slot_pool import ExpertKey
 
 PROFILE_FORMAT = "vllm-moe-offload-task-profiles/1"
 

@@ -33,10 +33,10 @@ from contextlib import nullcontext
 
 import torch
 
-from vllm_moe_offload.core.slot_pool import ExpertKey, SlotGrant, SlotPool
-from vllm_moe_offload.core.stats import OffloadStats
-from vllm_moe_offload.core.trace import TraceWriter
-from vllm_moe_offload.runtime.store import ExpertStore
+from ..core.slot_pool import ExpertKey, SlotGrant, SlotPool
+from ..core.stats import OffloadStats
+from ..core.trace import TraceWriter
+from .store import ExpertStore
 
 
 class ExpertCache:
@@ -155,18 +155,21 @@ class ExpertCache:
     # ---- prefetch -----------------------------------------------------------------
 
     def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        room = True  # every prediction is scored, even once the budget is spent
         for target, experts in self.predictor.predict(layer, hidden):
             self._predicted[(target, target - layer)] = set(experts)
             pinned = self._prefetched.setdefault(target, [])
             already = {key.expert for key, _, _ in pinned}
             for e in experts:
-                if self._prefetch_pins >= self.prefetch_budget:
-                    return
+                if not room or self._prefetch_pins >= self.prefetch_budget:
+                    room = False
+                    break
                 if e in already:
                     continue
                 grants = self.pool.acquire([ExpertKey(target, e)])
                 if grants is None:
-                    return
+                    room = False
+                    break
                 (g,) = grants
                 self._prefetch_pins += 1
                 pinned.append((g.key, g.slot, not g.hit))

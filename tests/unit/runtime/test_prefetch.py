@@ -92,8 +92,12 @@ def test_budget_caps_prefetch_pins_and_a_full_pool_leaves_no_room(tmp_path):
         seen.append(cache._prefetch_pins)
 
     cache._prefetch = spy
-    run(cache, plan)
+    totals = run(cache, plan)["totals"]
     assert max(seen) == 3
+    # predictions at every distance are scored even when the budget stops the loads
+    steps = 3
+    assert totals["predictions"][1]["predicted"] == steps * (L - 1) * E
+    assert totals["predictions"][2]["predicted"] == steps * (L - 2) * E
     # S == E: no slot may be held for prefetch, or the next call could not fit.
     tight = with_predictor(tmp_path, "host", ScriptedPredictor(future), num_slots=E)
     assert tight.prefetch_budget == 0
