@@ -19,6 +19,7 @@ def test_greedy_outputs_match_plain_vllm(models, engine, store_dir, arch, pool):
     assert off["token_ids"] == plain["token_ids"]
     assert off["texts"] == plain["texts"]
 
+    assert "(shutdown)" in off["log"]  # the summary line when the engine exits
     totals, info = off["stats"]["totals"], off["stats"]["pool"]
     assert (info["num_slots"], info["store"]) == (slots, store)
     assert totals["bytes_loaded"] == totals["misses"] * info["slot_bytes"]

@@ -59,9 +59,9 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=120)
-    log.seek(0)
-    text = log.read()
+        log.close()
+    text = (tmp_path / "server.log").read_text()
     assert returncode == 0, text[-3000:]
     assert "expert offload: pool 16 of 32 experts" in text
     assert "expert offload: memory budget: KV cache" in text  # pool beside the KV cache
-    assert "(shutdown)" in text  # the summary line at shutdown
+    # No "(shutdown)" summary here: the API server force-kills its workers on exit.
