@@ -123,14 +123,15 @@ class ModelOffload:
                                  "same file; the oracle reads an *earlier* run's trace")
             _, records = read_trace(cfg.predictor_path)
             return OraclePredictor(records, cfg.prefetch_depth, self.top_k, self.num_layers)
-        gates = [g.to(self.device) for g in load_gates(self.fingerprint["model"])]
+        gates = load_gates(self.fingerprint["model"])  # CPU, fp32
         if len(gates) != self.num_layers:
             raise ValueError(f"expert offload: found {len(gates)} router weights for "
                              f"{self.num_layers} MoE layers; cannot predict")
         if cfg.predictor == "next-gate":
-            return NextGatePredictor(gates, cfg.prefetch_depth, self.top_k)
-        return load_lookahead(cfg.predictor_path, [g.cpu() for g in gates],
-                              cfg.prefetch_depth, self.top_k).to(self.device)
+            return NextGatePredictor([g.to(self.device) for g in gates],
+                                     cfg.prefetch_depth, self.top_k)
+        return load_lookahead(cfg.predictor_path, gates, cfg.prefetch_depth,
+                              self.top_k).to(self.device)
 
     # ---- running ------------------------------------------------------------------
 
