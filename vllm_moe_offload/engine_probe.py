@@ -64,7 +64,11 @@ def main(spec: dict) -> dict:
     cache = llm.llm_engine.vllm_config.cache_config
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24),
                             ignore_eos=True)
-    repeats = spec.get("repeats", 1) if spec.get("timed") else 1
+    if spec.get("extra_args"):  # per prompt: task / SLO fields, or None
+        params = [SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24),
+                                 ignore_eos=True, extra_args=args)
+                  for args in spec["extra_args"]]
+    repeats = spec.get("repeats", 1) if spec.get("timed") else spec.get("rounds", 1)
     if spec.get("timed"):
         llm.generate(spec["prompts"], params, use_tqdm=False)  # warm-up
         before = vllm_moe_offload.get_stats(llm).get("totals", {})

@@ -59,6 +59,32 @@ class OffloadConfig:
                                            "Most slots held by prefetched experts at "
                                            "once. Default and cap: pool slots minus one "
                                            "layer's experts.")
+    task_aware: bool = _f(False, "--expert-task-aware",
+                          "Learn per-task expert profiles and pin the experts that the "
+                          "queued work of each task will need (eMoE-style residency).")
+    task_scheduler: bool | None = _f(None, "--expert-task-scheduler",
+                                     "Order and admit requests by SLO, expected output "
+                                     "length and shared resident experts. Default: on "
+                                     "with task_aware.")
+    task_rules_path: str | None = _f(None, "--expert-task-rules",
+                                     "JSON rule file (keywords/regex -> task) that "
+                                     "classifies requests sent without a task.")
+    task_profiles_path: str | None = _f(None, "--expert-task-profiles",
+                                        "Where per-task expert profiles are loaded from "
+                                        "at start and saved at every re-plan.")
+    replan_every: int = _f(40, "--expert-replan-every",
+                           "Re-plan the pinned experts every this many new prompts.")
+    resident_slots: int | None = _f(None, "--expert-resident-slots",
+                                    "Slots the residency plan may pin. Default: half "
+                                    "of pool slots minus one layer's experts.")
+    sensitivity_path: str | None = _f(None, "--expert-sensitivity",
+                                      "Routing-sensitivity file from python -m "
+                                      "vllm_moe_offload.sensitivity: insensitive (task, "
+                                      "layer) pairs do not steer the plan.")
+    approximate: bool = _f(False, "--expert-approximate",
+                           "Opt-in, changes outputs: for insensitive (task, layer) "
+                           "pairs re-route a missing expert to the best resident one "
+                           "instead of loading it.")
     stats_log_interval_s: float = _f(30.0, "--expert-stats-log-interval",
                                      "Seconds between one-line cache summaries in the "
                                      "log; 0 turns periodic logging off.")
@@ -94,6 +120,24 @@ class OffloadConfig:
         if self.prefetch_budget_slots is not None and self.prefetch_budget_slots < 0:
             raise ValueError(f"expert_offload.prefetch_budget_slots="
                              f"{self.prefetch_budget_slots} must be >= 0.")
+        if self.replan_every < 1:
+            raise ValueError(f"expert_offload.replan_every={self.replan_every} must be "
+                             ">= 1 (prompts between re-plans).")
+        if self.resident_slots is not None and self.resident_slots < 0:
+            raise ValueError(f"expert_offload.resident_slots={self.resident_slots} must "
+                             "be >= 0.")
+        task_only = [name for name in ("task_scheduler", "task_rules_path",
+                                       "task_profiles_path", "sensitivity_path",
+                                       "approximate")
+                     if getattr(self, name) and not self.task_aware]
+        if task_only:
+            raise ValueError(f"expert_offload.{task_only[0]} needs task_aware=true "
+                             "(--expert-task-aware).")
+        if self.approximate and not self.sensitivity_path:
+            raise ValueError(
+                "expert_offload.approximate=true needs sensitivity_path: the file that "
+                "says which (task, layer) pairs tolerate re-routing (python -m "
+                "vllm_moe_offload.sensitivity; --expert-sensitivity).")
         if self.stats_log_interval_s < 0:
             raise ValueError(
                 f"expert_offload.stats_log_interval_s={self.stats_log_interval_s} must "
@@ -135,6 +179,10 @@ class OffloadConfig:
 
     # ---- derived ----------------------------------------------------------------
 
+    @property
+    def use_task_scheduler(self) -> bool:
+        return self.task_aware and self.task_scheduler is not False
+
     def resolved_store(self, on_gpu: bool) -> str:
         if self.store != "auto":
             return self.store
@@ -166,7 +214,7 @@ def _coerce(cls, name: str, value: Any) -> Any:
         return value
     kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
     try:
-        if kind == "bool":
+        if kind.startswith("bool"):
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
             if value.lower() in ("0", "false", "no", "off"):

@@ -74,26 +74,35 @@ def slack_s(req: RequestInfo, now_s: float) -> float:
     return req.slo_ttft_ms / 1000 - (now_s - req.arrival_s)
 
 
-def order_by_slo(waiting: list[RequestInfo], now_s: float) -> list[RequestInfo]:
-    """Most stringent first (least slack), then arrival order."""
-    return sorted(waiting, key=lambda r: (slack_s(r, now_s), r.arrival_s))
+def is_late(model: LatencyModel, req: RequestInfo, running: int, now_s: float) -> bool:
+    """True when even admitting `req` now cannot meet its TTFT SLO."""
+    return (req.slo_ttft_ms is not None
+            and model.predict_ttft_s(req, running, now_s) * 1000 > req.slo_ttft_ms)
 
 
 def can_admit(model: LatencyModel, candidate: RequestInfo, running: list[RequestInfo],
               now_s: float) -> bool:
-    """Admit while the candidate meets its TTFT SLO and the grown batch keeps every
-    running request (and the candidate) within its TPOT SLO."""
-    ttft = model.predict_ttft_s(candidate, len(running), now_s)
-    if candidate.slo_ttft_ms is not None and ttft * 1000 > candidate.slo_ttft_ms:
-        # Admitting late does not help it; but refusing forever starves it. Admit when
-        # nothing is running (it can only get worse by waiting).
-        return not running
+    """Admit while the grown batch keeps every running request, and the candidate,
+    within its TPOT SLO. An empty batch always admits, so nothing starves."""
+    if not running:
+        return True
     tpot_ms = model.predict_tpot_s(len(running) + 1) * 1000
     return all(r.slo_tpot_ms is None or tpot_ms <= r.slo_tpot_ms
                for r in running + [candidate])
 
 
-def affinity_order(waiting: list[RequestInfo], resident_tasks: dict[str, float]) -> list[RequestInfo]:
-    """Prefer requests whose task's experts are resident (share of its expected load
-    that the pool holds), keeping SLO order among equals."""
-    return sorted(waiting, key=lambda r: -resident_tasks.get(r.task, 0.0))
+def order_waiting(model: LatencyModel, waiting: list[RequestInfo], running: int,
+                  now_s: float, affinity: dict[str, float]) -> list[RequestInfo]:
+    """The order in which waiting requests are considered for admission:
+    1. urgent ones (slack under twice their predicted TTFT), least slack first;
+    2. the others by expert affinity (their task's share of resident experts,
+       plus how many running requests share their task), then slack;
+    3. last, the late ones, whose TTFT SLO is lost anyway (best effort, FCFS)."""
+    def key(r: RequestInfo):
+        if is_late(model, r, running, now_s):
+            return (2, 0.0, r.arrival_s, 0.0)
+        slack = slack_s(r, now_s)
+        if slack < 2 * model.predict_ttft_s(r, running, r.arrival_s):  # without elapsed
+            return (0, slack, r.arrival_s, 0.0)
+        return (1, -round(affinity.get(r.task, 0.0), 2), slack, r.arrival_s)
+    return sorted(waiting, key=key)

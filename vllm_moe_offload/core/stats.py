@@ -18,6 +18,8 @@ class LayerStats:
     prefetched: int = 0  # experts loaded ahead of their layer on a prediction
     prefetch_hits: int = 0  # prefetched experts the layer then used (misses covered)
     prefetch_wasted: int = 0  # prefetched experts the layer did not use
+    planned_loads: int = 0  # experts loaded because the residency plan pinned them
+    rerouted: int = 0  # approximate mode: misses sent to a resident expert instead
     # distance d -> [correctly predicted, predicted, routed] distinct experts per call
     predictions: dict = field(default_factory=dict)
 
@@ -57,7 +59,8 @@ class OffloadStats:
         t = self.to_dict()["totals"]
         return (f"expert offload: hit rate {t['hit_rate']:.1%} ({t['hits']} hits, "
                 f"{t['misses']} misses, {t['evictions']} evictions), "
-                f"{t['bytes_loaded'] / 2**20:.1f} MiB loaded in {t['load_seconds']:.3f} s")
+                f"{t['bytes_loaded'] / 2**20:.1f} MiB loaded in {t['load_seconds']:.3f} s"
+                + (f", {t['rerouted']} rerouted (approximate)" if t["rerouted"] else ""))
 
     def due(self, interval_s: float) -> bool:
         """True once every `interval_s` seconds (for the periodic log line)."""

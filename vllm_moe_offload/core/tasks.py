@@ -117,7 +117,10 @@ class TaskProfiles:
         tmp.replace(path)  # never leave a half-written file under the real name
 
     @classmethod
-    def load(cls, path: str | Path, num_layers: int, experts_per_layer: int) -> "TaskProfiles":
+    def load(cls, path: str | Path, num_layers: int | None = None,
+             experts_per_layer: int | None = None) -> "TaskProfiles":
+        """Read and verify a profile file; with shapes given, also check that it
+        was learned on a model of that many MoE layers x experts."""
         def bad(why: str) -> ValueError:
             return ValueError(f"task profile file {str(path)!r} {why}; delete it to start "
                               "cold, or point task_profiles_path elsewhere")
@@ -133,6 +136,8 @@ class TaskProfiles:
         text = json.dumps(body, sort_keys=True)
         if hashlib.sha256(text.encode()).hexdigest() != data.get("sha256"):
             raise bad("is corrupt (checksum mismatch)")
+        if num_layers is None:
+            num_layers, experts_per_layer = body["num_layers"], body["experts_per_layer"]
         if (body["num_layers"], body["experts_per_layer"]) != (num_layers, experts_per_layer):
             raise bad(f"was learned on a model with {body['num_layers']} layers x "
                       f"{body['experts_per_layer']} experts, not {num_layers} x "
@@ -175,3 +180,31 @@ class ReplanClock:
     def on_prompt(self) -> bool:
         self.seen += 1
         return self.seen % self.every == 0
+
+
+# ---- request fields ------------------------------------------------------------
+
+REQUEST_FIELDS = ("task", "slo_ttft_ms", "slo_tpot_ms")
+
+
+def request_fields(extra_args: dict | None) -> tuple[str | None, float | None, float | None]:
+    """(task, slo_ttft_ms, slo_tpot_ms) from `SamplingParams.extra_args` (the OpenAI
+    API's `vllm_xargs`); absent fields are None, bad ones raise ValueError."""
+    args = extra_args or {}
+    task = args.get("task")
+    if task is not None and (not isinstance(task, str) or not task):
+        raise ValueError(f"vllm_xargs task={task!r} must be a non-empty string "
+                         "naming the request's task")
+    slos = []
+    for name in REQUEST_FIELDS[1:]:
+        value = args.get(name)
+        if value is not None:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = -1.0
+            if not value > 0:
+                raise ValueError(f"vllm_xargs {name}={args.get(name)!r} must be a "
+                                 "positive number of milliseconds")
+        slos.append(value)
+    return task, slos[0], slos[1]

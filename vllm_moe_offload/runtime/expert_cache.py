@@ -53,8 +53,10 @@ class ExpertCache:
         self.trace = trace
         self.predictor = predictor
         room = num_slots - self.experts_per_layer  # see module docstring
-        self.prefetch_budget = room if prefetch_budget_slots is None else min(
+        self._prefetch_budget_cfg = room if prefetch_budget_slots is None else min(
             prefetch_budget_slots, room)
+        self.prefetch_budget = self._prefetch_budget_cfg
+        self._planned: dict[ExpertKey, int] = {}  # residency plan: key -> pinned slot
         # One buffer per expert tensor (e.g. w13, w2): [S, *shape], allocated once.
         self.buffers = [torch.zeros((num_slots, *spec.shape), dtype=spec.dtype,
                                     device=self.device) for spec in store.layout.tensors]
@@ -85,6 +87,10 @@ class ExpertCache:
 
     def slot_views(self, slot: int) -> list[torch.Tensor]:
         return [b[slot] for b in self.buffers]
+
+    def resident_mask(self) -> torch.Tensor:
+        """[L, E] bool: which experts are in the pool (or loading into it)."""
+        return self._table >= 0
 
     def resident(self, layer: int) -> list[int]:
         return [e for e in range(self.experts_per_layer) if self._table[layer, e] >= 0]
@@ -151,6 +157,65 @@ class ExpertCache:
                                       self.slot_views(grant.slot))
         self._table[grant.key.layer, grant.key.expert] = grant.slot
         return nbytes
+
+    # ---- residency plan -------------------------------------------------------------
+
+    @property
+    def planned(self) -> list[ExpertKey]:
+        return list(self._planned)
+
+    def set_plan(self, keys: list[ExpertKey]) -> tuple[list[ExpertKey], list[ExpertKey]]:
+        """Keep exactly `keys` pinned resident (loading the missing ones now); the
+        rest of the pool stays LRU + prefetch. Returns (added, removed).
+
+        Called between forward steps. The plan plus one layer call plus prefetch
+        must fit: at most S - E slots are planned, and the prefetch budget shrinks
+        by what the plan holds.
+        """
+        keys = list(dict.fromkeys(keys))
+        room = self.num_slots - self.experts_per_layer
+        if len(keys) > room:
+            raise ValueError(f"a residency plan of {len(keys)} experts leaves no room for "
+                             f"one layer call ({self.experts_per_layer} of "
+                             f"{self.num_slots} slots); plan at most {room}")
+        wanted = set(keys)
+        removed = [k for k in self._planned if k not in wanted]
+        self.pool.release([self._planned.pop(k) for k in removed])
+        added = [k for k in keys if k not in self._planned]
+        grants = self.pool.acquire(added)
+        if grants is None:
+            raise RuntimeError(f"residency plan: {len(added)} experts do not fit with "
+                               f"{self.pool.num_pinned()} of {self.num_slots} slots pinned")
+        for g in grants:
+            if not g.hit:
+                stats = self.stats.layer(g.key.layer)
+                t0 = time.perf_counter()
+                self._evict(g)
+                stats.bytes_loaded += self._copy_in(g)
+                stats.load_seconds += time.perf_counter() - t0
+                stats.planned_loads += 1
+            self._planned[g.key] = g.slot
+        self.prefetch_budget = max(0, min(self._prefetch_budget_cfg,
+                                          room - len(self._planned)))
+        return added, removed
+
+    def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,
+                       tokens: torch.Tensor) -> torch.Tensor:
+        """Approximate mode: for the `tokens` [T] bool rows, replace every expert
+        that is not resident by the best-scoring resident expert the token did not
+        pick (`scores` [T, E] router logits). Exact rows are left alone; a row
+        keeps its misses when too few experts are resident."""
+        resident = self._table[layer] >= 0
+        if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
+            return topk_ids
+        scores = scores.float().masked_fill(~resident.to(scores.device), float("-inf"))
+        scores = scores.scatter(1, topk_ids.long(), float("-inf"))
+        best_scores, best = scores.topk(topk_ids.shape[1], dim=1)
+        miss = ~resident.to(topk_ids.device)[topk_ids.long()] & tokens.unsqueeze(1)
+        rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
+        swap = miss & torch.isfinite(best_scores.gather(1, rank))
+        self.stats.layer(layer).rerouted += int(swap.sum())
+        return torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids)
 
     # ---- prefetch -----------------------------------------------------------------
 

@@ -54,3 +54,17 @@ def test_auto_store_follows_the_device():
     assert OffloadConfig().resolved_store(on_gpu=False) == "disk"
     assert OffloadConfig().resolved_store(on_gpu=True) == "host"
     assert OffloadConfig(store="host").resolved_store(on_gpu=False) == "host"
+
+
+def test_task_settings_need_task_aware_and_approximate_needs_sensitivity():
+    with pytest.raises(ValueError, match="task_rules_path needs task_aware=true"):
+        OffloadConfig.from_dict({"enabled": True, "task_rules_path": "r.json"})
+    with pytest.raises(ValueError, match="approximate=true needs sensitivity_path"):
+        OffloadConfig.from_dict({"enabled": True, "task_aware": True, "approximate": True})
+    with pytest.raises(ValueError, match="replan_every=0 must be >= 1"):
+        OffloadConfig.from_dict({"task_aware": True, "replan_every": 0})
+    cfg = OffloadConfig.from_dict({"task_aware": True})
+    assert cfg.use_task_scheduler and cfg.replan_every == 40
+    env = OffloadConfig.env_values({"VLLM_MOE_OFFLOAD_TASK_SCHEDULER": "false"})
+    assert env == {"task_scheduler": False}
+    assert not OffloadConfig.from_dict({"task_aware": True, **env}).use_task_scheduler

@@ -1,7 +1,7 @@
 import pytest
 
-from vllm_moe_offload.core.slo import (Ema, LatencyModel, RequestInfo, affinity_order,
-                                       can_admit, order_by_slo)
+from vllm_moe_offload.core.slo import (Ema, LatencyModel, RequestInfo, can_admit, is_late,
+                                       order_waiting)
 
 
 def req(rid, task="a", prompt=100, arrival=0.0, ttft=None, tpot=None, misses=0.0):
@@ -32,27 +32,32 @@ def test_learning_output_lengths_and_costs():
     assert m.per_miss_s.value == pytest.approx(0.02)
 
 
-def test_order_by_slo_puts_least_slack_first():
-    waiting = [req("loose", ttft=5000, arrival=0.0), req("none"),
-               req("tight", ttft=1000, arrival=0.5), req("late", ttft=2000, arrival=0.0)]
-    assert [r.request_id for r in order_by_slo(waiting, now_s=1.0)] == [
-        "tight", "late", "loose", "none"]
+def test_order_urgent_first_then_affinity_then_late():
+    m = model(per_token=0.001, output=0)  # predicted TTFT = prompt tokens x 1 ms
+    now = 1.0
+    waiting = [
+        req("loose-c", task="c", ttft=60_000, arrival=0.0),
+        req("none-py", task="python"),
+        req("urgent", task="c", prompt=400, ttft=1_500, arrival=0.4),  # slack 0.9 s >= 2 x 0.4 s
+        req("urgent2", task="c", prompt=400, ttft=1_500, arrival=0.1),  # slack 0.6 s < 0.8 s
+        req("lost", task="python", prompt=100, ttft=500, arrival=0.0),  # 1 s waited > 0.5 s
+        req("loose-py", task="python", ttft=60_000, arrival=0.5),
+    ]
+    assert is_late(m, waiting[4], running=0, now_s=now)
+    got = order_waiting(m, waiting, running=0, now_s=now, affinity={"python": 0.9, "c": 0.2})
+    # urgent2 first; then by affinity: python (0.9) before c (0.2), slack breaking
+    # ties (no SLO = infinite slack); the lost one last.
+    assert [r.request_id for r in got] == [
+        "urgent2", "loose-py", "none-py", "urgent", "loose-c", "lost"]
 
 
-def test_admission_keeps_running_requests_within_their_slos():
+def test_admission_keeps_running_requests_within_their_tpot_slos():
     m = model(per_token=0.01)
     running = [req(f"r{i}", tpot=45) for i in range(3)]  # 4 in batch -> 40 ms/token: ok
     assert can_admit(m, req("new", prompt=10), running, now_s=0.0)
     running.append(req("r3", tpot=45))  # 5 in batch -> 50 ms/token > 45 ms
     assert not can_admit(m, req("new", prompt=10), running, now_s=0.0)
-    # a candidate that would miss its own TTFT is held back while others run...
-    hopeless = req("h", prompt=10_000, ttft=100)
-    assert not can_admit(m, hopeless, running[:1], now_s=0.0)
-    # ...but admitted when nothing runs (waiting only makes it later)
-    assert can_admit(m, hopeless, [], now_s=0.0)
-
-
-def test_affinity_prefers_tasks_whose_experts_are_resident():
-    waiting = [req("1", task="legal"), req("2", task="python"), req("3", task="c")]
-    got = affinity_order(waiting, {"python": 0.9, "legal": 0.2})
-    assert [r.request_id for r in got] == ["2", "1", "3"]
+    # the candidate's own TPOT SLO counts too
+    assert not can_admit(m, req("strict", tpot=15), running[:1], now_s=0.0)
+    # an empty batch always admits: nothing starves
+    assert can_admit(m, req("strict", tpot=1e-6), [], now_s=0.0)

@@ -85,3 +85,17 @@ def test_profiles_survive_a_restart_and_corruption_is_refused(tmp_path):
 def test_replan_every_p_prompts():
     clock = ReplanClock(every=3)
     assert [clock.on_prompt() for _ in range(7)] == [False, False, True, False, False, True, False]
+
+
+def test_request_fields_from_extra_args():
+    from vllm_moe_offload.core.tasks import request_fields
+
+    assert request_fields(None) == (None, None, None)
+    assert request_fields({"task": "python", "slo_ttft_ms": "250", "slo_tpot_ms": 40,
+                           "other": 1}) == ("python", 250.0, 40.0)
+    with pytest.raises(ValueError, match="slo_ttft_ms='soon' must be a positive number"):
+        request_fields({"slo_ttft_ms": "soon"})
+    with pytest.raises(ValueError, match="slo_tpot_ms=0 must be a positive number"):
+        request_fields({"slo_tpot_ms": 0})
+    with pytest.raises(ValueError, match="task=3 must be a non-empty string"):
+        request_fields({"task": 3})

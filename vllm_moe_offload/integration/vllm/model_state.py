@@ -16,11 +16,13 @@ from typing import Callable
 import torch
 
 from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.stats import OffloadStats
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
+from vllm_moe_offload.runtime.task_residency import TaskResidency
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
                                             HostStore, store_file_name)
 
@@ -39,6 +41,9 @@ class ModelOffload:
         self.cache: ExpertCache | None = None
         self.stats = OffloadStats()
         self.experts_arrived = 0
+        self.tasks: TaskResidency | None = None
+        self._gates: list[torch.Tensor] | None = None  # approximate mode: router weights
+        self._reported = (0, 0.0)  # misses, stall seconds at the last step report
         self._closed = False
 
     def register_layer(self, num_experts: int, top_k: int) -> int:
@@ -101,6 +106,8 @@ class ModelOffload:
         predictor = self._make_predictor()
         self.cache = ExpertCache(store, num_slots, self.device, self.stats, trace,
                                  predictor, self.cfg.prefetch_budget_slots)
+        if self.cfg.task_aware:
+            self.tasks = self._make_task_residency()
         total = self.num_layers * self.experts_per_layer
         logger.info(
             "expert offload: pool %d of %d experts (%.1f%%), %.3f GiB in %s memory; "
@@ -133,17 +140,57 @@ class ModelOffload:
         return load_lookahead(cfg.predictor_path, gates, cfg.prefetch_depth,
                               self.top_k).to(self.device)
 
+    def _make_task_residency(self) -> TaskResidency:
+        cfg, cache = self.cfg, self.cache
+        room = cache.num_slots - self.experts_per_layer
+        budget = room // 2 if cfg.resident_slots is None else cfg.resident_slots
+        if budget > room:
+            raise ValueError(
+                f"expert_offload.resident_slots={budget} leaves no room for one layer "
+                f"call: the pool has {cache.num_slots} slots and a layer needs up to "
+                f"{self.experts_per_layer}. Set resident_slots <= {room}.")
+        insensitive = set()
+        if cfg.sensitivity_path:
+            insensitive = load_insensitive(cfg.sensitivity_path, self.num_layers)
+        if cfg.approximate:
+            self._gates = [g.to(self.device) for g in load_gates(self.fingerprint["model"])]
+        residency = TaskResidency(cache, budget, cfg.replan_every, cfg.task_profiles_path,
+                                  insensitive, cfg.approximate)
+        logger.info("expert offload: task-aware residency: up to %d pinned slots, re-plan "
+                    "every %d prompts, %d insensitive (task, layer) pairs%s", budget,
+                    cfg.replan_every, len(insensitive),
+                    "; APPROXIMATE routing on for them" if cfg.approximate else "")
+        return residency
+
     # ---- running ------------------------------------------------------------------
 
     def map_to_slots(self, layer: int, topk_ids: torch.Tensor,
                      hidden: torch.Tensor | None = None) -> torch.Tensor:
+        tasks = self.tasks
+        if tasks is not None:
+            tasks.record(layer, topk_ids)  # the router's own choice, before any re-route
+            rows = tasks.approx_tokens(layer, topk_ids.shape[0])
+            if rows is not None and hidden is not None:
+                scores = hidden.float() @ self._gates[layer].T
+                topk_ids = self.cache.reroute_misses(layer, topk_ids, scores,
+                                                     rows.to(topk_ids.device))
         slot_ids = self.cache.map_to_slots(layer, topk_ids, hidden)
         if layer == 0 and self.stats.due(self.cfg.stats_log_interval_s):
             logger.info(self.stats.summary_line())
         return slot_ids
 
+    def step_report(self) -> dict:
+        """What the scheduler's latency model learns from one step."""
+        t = self.stats.totals()
+        misses, stall = t.misses - self._reported[0], t.stall_seconds - self._reported[1]
+        self._reported = (t.misses, t.stall_seconds)
+        return {"misses": misses, "stall_s": stall,
+                "resident_share": self.tasks.resident_share() if self.tasks else {}}
+
     def stats_dict(self) -> dict:
         out = self.stats.to_dict()
+        if self.tasks is not None:
+            out["tasks"] = self.tasks.to_dict()
         cache, store = self.cache, self.store
         if cache is not None:
             out["pool"] = {
@@ -162,6 +209,8 @@ class ModelOffload:
             return
         self._closed = True
         logger.info("%s (shutdown)", self.stats.summary_line())
+        if self.tasks is not None:
+            self.tasks.save()
         self.cache.close()
         if self.cache.trace is not None:
             self.cache.trace.close()

@@ -43,10 +43,12 @@ def register() -> None:
     if problem:
         logger.warning("%s Expert offload stays off.", problem)
         return
-    from vllm_moe_offload.integration.vllm import layer, worker
+    from vllm_moe_offload.integration.vllm import layer, tasks, worker
 
     layer.install()
     worker.install()
+    tasks.install_worker_hooks()
+    tasks.install_request_validation()
 
 
 # ---- CLI flags and engine config ------------------------------------------------
@@ -104,6 +106,7 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
             from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
                                                              model_fingerprint)
             check_sidecar(cfg.predictor_path, model_fingerprint(load_gates(model_config.model)))
+        check_task_files(cfg)
         return
     is_moe = experts > 0
     why = "is not supported yet" if is_moe else "has no routed experts (a dense model)"
@@ -111,6 +114,20 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
         f"expert offload: model {model_config.model} ({', '.join(archs) or 'unknown'}) "
         f"{why}. Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}. "
         "Turn offload off (drop --enable-expert-offload / expert_offload.enabled).")
+
+
+def check_task_files(cfg: OffloadConfig) -> None:
+    """Refuse a bad rule, profile or sensitivity file before the engine starts
+    (layer counts are checked again in the worker, which knows the MoE layers)."""
+    from vllm_moe_offload.core.sensitivity import load_insensitive
+    from vllm_moe_offload.core.tasks import TaskProfiles, TaskRules
+
+    if cfg.task_rules_path:
+        TaskRules.load(cfg.task_rules_path)
+    if cfg.task_profiles_path and Path(cfg.task_profiles_path).exists():
+        TaskProfiles.load(cfg.task_profiles_path)
+    if cfg.sensitivity_path:
+        load_insensitive(cfg.sensitivity_path)
 
 
 def _install_engine_args_hooks() -> None:
@@ -143,6 +160,8 @@ def _install_engine_args_hooks() -> None:
             if problem:
                 raise RuntimeError(problem)
             _maybe_force_eager(self)
+            if cfg.use_task_scheduler:
+                _set_task_scheduler(self)
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)
@@ -152,6 +171,18 @@ def _install_engine_args_hooks() -> None:
     EngineArgs.add_cli_args = staticmethod(add)
     EngineArgs.from_cli_args = classmethod(from_cli)
     EngineArgs.create_engine_config = create
+
+
+def _set_task_scheduler(engine_args) -> None:
+    from vllm_moe_offload.integration.vllm.scheduler import SCHEDULER_CLS
+
+    current = engine_args.scheduler_cls
+    if current not in (None, SCHEDULER_CLS):
+        raise ValueError(
+            f"expert_offload.task_aware wants the task-aware scheduler but "
+            f"--scheduler-cls={current} is set; drop --scheduler-cls, or set "
+            "expert_offload.task_scheduler=false to keep your scheduler.")
+    engine_args.scheduler_cls = SCHEDULER_CLS
 
 
 def _maybe_force_eager(engine_args) -> None:

@@ -1,0 +1,96 @@
+"""Residency plan and approximate re-routing on a real ExpertCache (no vLLM)."""
+
+import json
+
+import pytest
+import torch
+
+from vllm_moe_offload.core.slot_pool import ExpertKey
+from vllm_moe_offload.core.tasks import TaskProfiles
+from vllm_moe_offload.runtime.task_residency import TaskResidency
+from tests.unit.runtime.test_expert_cache import E, L, LAYOUT, make_cache
+
+
+def ids(rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def test_plan_pins_within_budget_and_counts_loads(tmp_path):
+    cache = make_cache("host", tmp_path, num_slots=10)  # E = 6: room for 4 planned
+    plan = [ExpertKey(1, 0), ExpertKey(2, 5), ExpertKey(0, 3)]
+    added, removed = cache.set_plan(plan)
+    assert (added, removed) == (plan, [])
+    assert cache.prefetch_budget == 10 - 6 - 3  # the plan shrinks the prefetch room
+    totals = cache.stats.totals()
+    assert totals.planned_loads == 3 and totals.bytes_loaded == 3 * LAYOUT.expert_bytes
+    # Planned experts survive a layer call that needs 6 other slots...
+    cache.map_to_slots(1, ids([[1, 2], [3, 4], [5, 1]]))
+    cache.map_to_slots(0, ids([[0, 1], [2, 4], [5, 0]]))
+    assert all(cache.pool.lookup(k) is not None for k in plan)
+    # ...and are hits when routed to, with no load.
+    before = cache.stats.totals().bytes_loaded
+    cache.map_to_slots(2, ids([[5, 5]]))
+    assert cache.stats.layer(2).hits == 1 and cache.stats.totals().bytes_loaded == before
+    # Re-plan: one kept, one dropped (unpinned, not evicted), one new.
+    added, removed = cache.set_plan([ExpertKey(1, 0), ExpertKey(1, 1)])
+    assert added == [ExpertKey(1, 1)] and set(removed) == {ExpertKey(2, 5), ExpertKey(0, 3)}
+    cache.pool.check_invariants()
+    with pytest.raises(ValueError, match="plan at most 4"):
+        cache.set_plan([ExpertKey(l, e) for l in range(L) for e in range(2)])
+
+
+def test_reroute_replaces_only_misses_of_marked_rows(tmp_path):
+    cache = make_cache("host", tmp_path, num_slots=8)
+    cache.map_to_slots(0, ids([[0, 1], [2, 3]]))  # resident in layer 0: 0, 1, 2, 3
+    topk = ids([[0, 4], [5, 1], [4, 5]])
+    scores = torch.tensor([[0, 0, 9, 1, 0, 0], [0, 0, 1, 7, 0, 0], [5, 0, 0, 6, 0, 0]],
+                          dtype=torch.float32)
+    rows = torch.tensor([True, True, False])
+    got = cache.reroute_misses(0, topk, scores, rows)
+    # Row 0: 4 missing -> best resident not picked = 2. Row 1: 5 -> 3. Row 2: exact.
+    assert got.tolist() == [[0, 2], [3, 1], [4, 5]]
+    assert cache.stats.layer(0).rerouted == 2
+    # All hits: unchanged, nothing counted.
+    assert cache.reroute_misses(0, ids([[0, 1]]), scores[:1], rows[:1]).tolist() == [[0, 1]]
+    assert cache.stats.layer(0).rerouted == 2
+
+
+def test_residency_attributes_tokens_to_tasks_and_replans(tmp_path):
+    cache = make_cache("host", tmp_path, num_slots=10)
+    profiles = tmp_path / "profiles.json"
+    res = TaskResidency(cache, budget=2, replan_every=3, profiles_path=str(profiles))
+    # Step 1: request "a" has 2 tokens, "b" 1 token; two new prompts.
+    res.begin_step([("a", 2), ("b", 1)], new_prompts=2, demand={"a": 10, "b": 1})
+    res.record(0, ids([[0, 1], [0, 2], [5, 4]]))
+    res.record(0, ids([[3, 3], [3, 3], [3, 3], [3, 3]])[:2])  # a shorter call: skipped
+    assert res.replans == 0 and not profiles.exists()
+    # Step 2: third prompt -> re-plan, weighted by demand: a's experts win.
+    res.begin_step([("b", 1), ("a", 1)], new_prompts=1, demand={"a": 10, "b": 1})
+    assert res.replans == 1
+    counts = json.loads(profiles.read_text())["profiles"]["counts"]
+    assert counts["a"][0] == [2, 1, 1, 0, 0, 0] and counts["b"][0] == [0, 0, 0, 0, 1, 1]
+    assert sorted(cache.planned) == [ExpertKey(0, 0), ExpertKey(0, 1)]  # a: 0 (2), 1 or 2 (1)
+    share = res.resident_share()
+    assert share["a"] == pytest.approx(3 / 4) and share["b"] == 0.0
+    # A restart loads the saved profiles and plans at the first step.
+    again = TaskResidency(make_cache("host", tmp_path / "2", 10), 2, 100, str(profiles))
+    again.begin_step([("b", 1)], new_prompts=1, demand={})
+    assert again.replans == 1 and len(again.cache.planned) == 2
+
+
+def test_approx_rows_follow_the_insensitive_pairs(tmp_path):
+    cache = make_cache("host", tmp_path, num_slots=10)
+    res = TaskResidency(cache, 2, 40, insensitive={("b", 1)}, approximate=True)
+    res.begin_step([("a", 2), ("b", 1)], new_prompts=0, demand={})
+    assert res.approx_tokens(1, 4).tolist() == [False, False, True, False]  # padded call
+    assert res.approx_tokens(0, 3).tolist() == [False, False, False]
+    exact = TaskResidency(cache, 2, 40, insensitive={("b", 1)}, approximate=False)
+    exact.begin_step([("b", 1)], 0, {})
+    assert exact.approx_tokens(1, 1) is None
+
+
+def test_profiles_with_other_shapes_are_refused(tmp_path):
+    path = tmp_path / "p.json"
+    TaskProfiles(L + 1, E).save(path)
+    with pytest.raises(ValueError, match=f"{L + 1} layers x {E} experts, not {L} x {E}"):
+        TaskResidency(make_cache("host", tmp_path, 10), 2, 40, str(path))

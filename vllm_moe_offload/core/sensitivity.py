@@ -1,0 +1,56 @@
+"""Routing-sensitivity files: which (task, layer) pairs tolerate re-routing.
+
+Pure Python. `python -m vllm_moe_offload.sensitivity` measures, per task and MoE
+layer, how often the greedy next token changes when that layer's routing is
+perturbed, and marks the layers below a threshold insensitive (eMoE). The
+task-aware plan and approximate re-routing read the result here. File format (JSON):
+
+    {"format": "vllm-moe-offload-sensitivity/1", "model": DIR, "num_layers": L,
+     "threshold": 0.05, "metric": "...",
+     "tasks": {"python": {"change": [float per layer], "insensitive": [layer, ...]}}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SENSITIVITY_FORMAT = "vllm-moe-offload-sensitivity/1"
+
+
+def load_insensitive(path, num_layers: int | None = None) -> set[tuple[str, int]]:
+    """The (task, layer) pairs that `path` marks insensitive, for a model of
+    `num_layers` MoE layers (None: the file's own count, a check before the model
+    is built). Raises ValueError naming the file and the fix."""
+    remedy = ("write one with python -m vllm_moe_offload.sensitivity --model MODEL "
+              "--task NAME=FILE --out PATH")
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"expert_offload.sensitivity_path {str(path)!r} {why}; {remedy}")
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise bad(f"cannot be read ({e.strerror})") from None
+    except ValueError:
+        raise bad("is corrupt (not JSON)") from None
+    if not isinstance(data, dict) or data.get("format") != SENSITIVITY_FORMAT:
+        raise bad(f"is not a sensitivity file (format is not {SENSITIVITY_FORMAT!r})")
+    if num_layers is None and isinstance(data.get("num_layers"), int):
+        num_layers = data["num_layers"]
+    if data.get("num_layers") != num_layers:
+        raise bad(f"was profiled on a model with {data.get('num_layers')} MoE layers, "
+                  f"not {num_layers}")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict):
+        raise bad("has no 'tasks' object")
+    pairs = set()
+    for task, entry in tasks.items():
+        layers = entry.get("insensitive") if isinstance(entry, dict) else None
+        if not isinstance(layers, list):
+            raise bad(f"task {task!r} has no 'insensitive' list of layers")
+        for layer in layers:
+            if not isinstance(layer, int) or not 0 <= layer < num_layers:
+                raise bad(f"task {task!r} marks layer {layer!r}, outside 0..{num_layers - 1}")
+            pairs.add((task, layer))
+    return pairs

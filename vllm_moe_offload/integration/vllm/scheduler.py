@@ -1,0 +1,161 @@
+"""`TaskAwareScheduler`: vLLM's scheduler, with the waiting queue ordered and
+admitted by SLO, expected output length and expert affinity.
+
+Set by the plugin when `expert_offload.task_aware` is on (unless
+`task_scheduler=false`), or by hand: `--scheduler-cls
+vllm_moe_offload.integration.vllm.scheduler.TaskAwareScheduler`.
+
+Each step, before vLLM's own `schedule()` runs:
+1. fresh waiting requests are ordered by `core.slo.order_waiting` (urgent
+   first, then by the share of their task's experts that are resident, late
+   ones last); preempted or blocked requests keep their place in front;
+2. requests are admitted in that order while `core.slo.can_admit` says the grown
+   batch keeps every running request within its TPOT SLO; the rest are held
+   out of the queue for this step (vLLM then applies its own token budget);
+3. the expected work per task (demand) rides on the SchedulerOutput to the
+   worker, whose residency planner weighs tasks by it.
+After each step the latency model learns the per-token and per-miss costs
+(step time, and the misses and stall the worker reports on its output), and at
+each finish the task's output length.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.slo import LatencyModel, RequestInfo, can_admit, order_waiting
+from vllm_moe_offload.core.tasks import request_fields
+from vllm_moe_offload.integration.vllm.tasks import REPORT_ATTR, TaskClassifier
+
+logger = logging.getLogger("vllm.moe_offload")
+
+SCHEDULER_CLS = "vllm_moe_offload.integration.vllm.scheduler.TaskAwareScheduler"
+
+
+class TaskAwareScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = OffloadConfig.resolve(self.vllm_config.additional_config)
+        self._classifier = TaskClassifier(cfg.task_rules_path,
+                                          self.vllm_config.model_config.tokenizer)
+        self.latency = LatencyModel()
+        self._info: dict[str, tuple[RequestInfo, Request]] = {}
+        self._resident_share: dict[str, float] = {}
+        self._step_t0: float | None = None
+        self.counters = {"admitted": 0, "held": 0, "classified": 0, "steps": 0}
+        self._last_log = time.monotonic()
+        self._log_interval = cfg.stats_log_interval_s
+        if not isinstance(self.waiting, deque):
+            logger.warning("task-aware scheduler: policy %r keeps vLLM's own order; SLO "
+                           "ordering needs the fcfs policy", self.scheduler_config.policy)
+        logger.info("expert offload: task-aware scheduler on (rules: %s)",
+                    cfg.task_rules_path or "none, untagged requests are 'default'")
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.requests:
+            params = request.sampling_params
+            task, ttft, tpot = request_fields(params.extra_args if params else None)
+            if task is None:
+                task = self._classifier.task_of(None, request.prompt_token_ids)
+                self.counters["classified"] += 1
+                if params is not None:  # the worker reads the task from here
+                    params.extra_args = dict(params.extra_args or {}, task=task)
+            info = RequestInfo(request.request_id, task, request.num_prompt_tokens,
+                               request.arrival_time, ttft, tpot)
+            self._info[request.request_id] = (info, request)
+        super().add_request(request)
+
+    # ---- one step -------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        held = self._order_and_hold(time.time())
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            if held:  # back in front, in order, for the next step
+                self.waiting.extendleft(reversed(held))
+        setattr(output, REPORT_ATTR, {"demand": self._demand()})
+        self._step_t0 = time.perf_counter()
+        return output
+
+    def _order_and_hold(self, now: float) -> list[Request]:
+        if not isinstance(self.waiting, deque) or not self.waiting:
+            return []
+        fresh, keep = [], []
+        for r in self.waiting:
+            new = (r.status == RequestStatus.WAITING and r.num_computed_tokens == 0
+                   and r.request_id in self._info)
+            (fresh if new else keep).append(r)
+        running = [self._info[r.request_id][0] for r in self.running
+                   if r.request_id in self._info]
+        affinity = dict(self._resident_share)
+        for info in running:  # sharing a task with the batch shares its experts
+            affinity[info.task] = affinity.get(info.task, 0.0) + 1 / len(running)
+        ordered = order_waiting(self.latency, [self._info[r.request_id][0] for r in fresh],
+                                len(running), now, affinity)
+        admitted, held = [], []
+        batch = list(running)
+        for info in ordered:
+            request = self._info[info.request_id][1]
+            if not held and can_admit(self.latency, info, batch, now):
+                admitted.append(request)
+                batch.append(info)
+            else:
+                held.append(request)  # once one waits, later ones wait too (order)
+        self.waiting.clear()
+        self.waiting.extend(keep + admitted)
+        self.counters["held"] += len(held)
+        return held
+
+    def _demand(self) -> dict[str, float]:
+        """Per task: prompt tokens still to compute + output tokens still expected."""
+        demand: dict[str, float] = {}
+        for info, request in self._info.values():
+            left = max(0, request.num_prompt_tokens - request.num_computed_tokens)
+            left += max(0.0, self.latency.expected_output(info.task) - request.num_output_tokens)
+            demand[info.task] = demand.get(info.task, 0.0) + left
+        return demand
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        report = getattr(model_runner_output, REPORT_ATTR, None)
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if self._step_t0 is not None and tokens:
+            misses, stall = (report["misses"], report["stall_s"]) if report else (0, 0.0)
+            self.latency.observe_step(tokens, time.perf_counter() - self._step_t0,
+                                      misses, stall)
+            self.counters["steps"] += 1
+        if report:
+            self._resident_share = report["resident_share"]
+        self.counters["admitted"] += len(scheduler_output.scheduled_new_reqs)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        self._forget_finished()
+        if self._log_interval and time.monotonic() - self._last_log >= self._log_interval:
+            self._last_log = time.monotonic()
+            logger.info(self.summary_line())
+        return result
+
+    def _forget_finished(self) -> None:
+        for req_id in [r for r in self._info if r not in self.requests]:
+            info, request = self._info.pop(req_id)
+            if request.status != RequestStatus.FINISHED_ABORTED:
+                self.latency.observe_output(info.task, request.num_output_tokens)
+
+    def summary_line(self) -> str:
+        c, m = self.counters, self.latency
+        outputs = {t: round(e.value) for t, e in sorted(m.output_tokens.items())}
+        return (f"task scheduler: {c['admitted']} admitted, {c['held']} held back, "
+                f"{c['classified']} classified by rules; per token "
+                f"{m.per_token_s.value * 1e3:.2f} ms, per miss "
+                f"{m.per_miss_s.value * 1e3:.2f} ms; expected outputs {outputs}")
+
+    def shutdown(self) -> None:
+        logger.info("%s (shutdown)", self.summary_line())
+        super().shutdown()

@@ -1,0 +1,159 @@
+"""Tasks inside vLLM: request validation, classification, and the model-runner
+hooks that tell the worker's `TaskResidency` which task each token belongs to.
+
+- `SamplingParams` validation also checks our `extra_args` fields (task, SLOs),
+  so a bad `vllm_xargs` is a 400 from the API server, not an engine crash.
+- Requests without a task are classified by the rule file over the decoded
+  prompt (the scheduler does it first and writes the task into `extra_args`;
+  the worker repeats it only when vLLM's own scheduler runs).
+- `_update_states` is wrapped: after vLLM laid out the batch, the worker knows
+  each request's scheduled tokens in batch order, which is the token order the
+  MoE layers see.
+- `sample_tokens` is wrapped to attach the step's misses, stall and per-task
+  resident share to the model runner output, for the scheduler's latency model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_moe_offload.core.tasks import TaskRules, request_fields
+from vllm_moe_offload.integration.vllm import model_state
+
+logger = logging.getLogger("vllm.moe_offload")
+
+DEFAULT_TASK = "default"
+REPORT_ATTR = "moe_offload"  # attribute on SchedulerOutput / ModelRunnerOutput
+
+
+class TaskClassifier:
+    """extra_args["task"] if given, else the rule file over the decoded prompt."""
+
+    def __init__(self, rules_path: str | None, tokenizer_path: str):
+        self.rules = TaskRules.load(rules_path) if rules_path else None
+        self._tokenizer_path = tokenizer_path
+        self._tokenizer = None
+
+    def task_of(self, extra_args: dict | None, prompt_token_ids) -> str:
+        task, _, _ = request_fields(extra_args)
+        if task:
+            return task
+        if self.rules is None:
+            return DEFAULT_TASK
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+        return self.rules.classify(self._tokenizer.decode(list(prompt_token_ids or [])[:1024]))
+
+
+# ---- worker side ------------------------------------------------------------------
+
+class WorkerTasks:
+    """Per worker: request -> task, and the demand seen from the model runner."""
+
+    def __init__(self, classifier: TaskClassifier):
+        self.classifier = classifier
+        self.task_of: dict[str, str] = {}
+
+    def task(self, req_id: str, state) -> str:
+        task = self.task_of.get(req_id)
+        if task is None:
+            params = state.sampling_params
+            task = self.task_of[req_id] = self.classifier.task_of(
+                params.extra_args if params else None, state.prompt_token_ids)
+        return task
+
+    def before_update(self, runner, scheduler_output) -> None:
+        """Finished requests leave the runner in `_update_states`: learn their
+        output lengths first."""
+        residency = model_state.current().tasks
+        for req_id in scheduler_output.finished_req_ids:
+            state = runner.requests.get(req_id)
+            task = self.task_of.pop(req_id, None)
+            if state is not None and task is not None:
+                residency.observe_output(task, len(state.output_token_ids))
+
+    def after_update(self, runner, scheduler_output) -> None:
+        residency = model_state.current().tasks
+        batch = runner.input_batch
+        req_ids = batch.req_ids[: batch.num_reqs]
+        layout = [(self.task(r, runner.requests[r]), scheduler_output.num_scheduled_tokens.get(r, 0))
+                  for r in req_ids]
+        demand = (getattr(scheduler_output, REPORT_ATTR, None) or {}).get("demand")
+        if demand is None:  # vLLM's own scheduler: only the runner's requests are known
+            demand = {}
+            for r, state in runner.requests.items():
+                task = self.task(r, state)
+                left_prompt = max(0, len(state.prompt_token_ids or []) - state.num_computed_tokens)
+                left_out = max(0.0, residency.expected_output(task) - len(state.output_token_ids))
+                demand[task] = demand.get(task, 0.0) + left_prompt + left_out
+        residency.begin_step(layout, len(scheduler_output.scheduled_new_reqs), demand)
+
+
+_worker_tasks: WorkerTasks | None = None
+
+
+def install_worker_hooks() -> None:
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._update_states, "_moe_offload", False):
+        return
+    original_update = GPUModelRunner._update_states
+    original_sample = GPUModelRunner.sample_tokens
+
+    def _update_states(self, scheduler_output):
+        tasks = _tasks_for(self)
+        if tasks is not None:
+            tasks.before_update(self, scheduler_output)
+        result = original_update(self, scheduler_output)
+        if tasks is not None:
+            tasks.after_update(self, scheduler_output)
+        return result
+
+    def sample_tokens(self, grammar_output):
+        output = original_sample(self, grammar_output)
+        model = model_state.current()
+        if (model is not None and model.tasks is not None and output is not None
+                and output is not EMPTY_MODEL_RUNNER_OUTPUT and hasattr(output, "__dict__")):
+            setattr(output, REPORT_ATTR, model.step_report())
+        return output
+
+    _update_states._moe_offload = True
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner.sample_tokens = sample_tokens
+
+
+def _tasks_for(runner) -> WorkerTasks | None:
+    global _worker_tasks
+    model = model_state.current()
+    if model is None or model.tasks is None:
+        return None
+    if _worker_tasks is None:
+        cfg = model.cfg
+        _worker_tasks = WorkerTasks(TaskClassifier(
+            cfg.task_rules_path, runner.vllm_config.model_config.tokenizer))
+    return _worker_tasks
+
+
+# ---- request validation (front end and engine) ------------------------------------
+
+def install_request_validation() -> None:
+    from vllm.sampling_params import SamplingParams
+
+    if getattr(SamplingParams._verify_extra_args, "_moe_offload", False):
+        return
+    original = SamplingParams._verify_extra_args
+
+    def _verify_extra_args(self):
+        original(self)
+        try:
+            request_fields(self.extra_args)
+        except ValueError as e:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+
+    _verify_extra_args._moe_offload = True
+    SamplingParams._verify_extra_args = _verify_extra_args
