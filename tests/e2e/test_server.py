@@ -32,30 +32,45 @@ def wait_healthy(proc, url: str, timeout_s: float = 300) -> None:
 
 
 def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
-    from openai import OpenAI
+    """Also the task-aware path across processes: the scheduler (engine-core
+    process) classifies, the worker (its own process) profiles and plans."""
+    import json
+
+    from openai import BadRequestError, OpenAI
 
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))
     port = free_port()
+    rules, profiles = tmp_path / "rules.json", tmp_path / "profiles.json"
+    rules.write_text(json.dumps({"rules": [{"task": "python", "keywords": ["def "]}]}))
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
          "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "512",
          "--gpu-memory-utilization", "0.5", "--enforce-eager", "--seed", "0",
          "--enable-expert-offload", "--expert-pool-slots", str(LAYERS * EXPERTS // 2),
-         "--expert-store", "disk", "--expert-store-dir", store_dir],
+         "--expert-store", "disk", "--expert-store-dir", store_dir,
+         "--expert-task-aware", "--expert-task-rules", str(rules),
+         "--expert-task-profiles", str(profiles), "--expert-replan-every", "1"],
         stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}")
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        for i in (1, 2):
+        for i, xargs in ((1, None), (2, {"task": "legal", "slo_ttft_ms": 5000}), (0, None)):
             out = client.completions.create(
                 model=model, prompt=PROMPTS[i], max_tokens=24, temperature=0.0,
-                extra_body={"ignore_eos": True, "return_token_ids": True})
+                extra_body={"ignore_eos": True, "return_token_ids": True,
+                            "vllm_xargs": xargs})
             choice = out.choices[0]
             assert choice.token_ids == plain["token_ids"][i]
             assert choice.text == plain["texts"][i]
+        try:  # a bad SLO is the client's error, not the engine's
+            client.completions.create(model=model, prompt="x", max_tokens=2,
+                                      extra_body={"vllm_xargs": {"slo_tpot_ms": "fast"}})
+            raise AssertionError("a bad slo_tpot_ms was accepted")
+        except BadRequestError as e:
+            assert "slo_tpot_ms='fast' must be a positive number" in str(e)
     finally:
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=120)
@@ -64,4 +79,11 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
     assert returncode == 0, text[-3000:]
     assert "expert offload: pool 16 of 32 experts" in text
     assert "expert offload: memory budget: KV cache" in text  # pool beside the KV cache
+    assert "task-aware scheduler on" in text
+    # The worker saw the rule file's "python" and the client's "legal", and saved
+    # the profiles at its re-plans (the third prompt's re-plan saved the second's
+    # routing; the server kills workers at exit, so the last window is not saved).
+    assert "expert offload: replan 3 after 3 prompts" in text
+    counts = json.loads(profiles.read_text())["profiles"]["counts"]
+    assert sorted(counts) == ["legal", "python"]
     # No "(shutdown)" summary here: the API server force-kills its workers on exit.
