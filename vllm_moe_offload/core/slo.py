@@ -1,14 +1,16 @@
 """A latency model and an SLO admission rule for the task-aware scheduler.
 
 Pure Python. The model learns online, per task, the expected output length, and
-globally the cost of one token and of one expert miss (exponential moving
-averages). A request's predicted completion is
+globally the cost of a step, of one token and of one expert miss. A request's
+predicted time to first token is
 
     t = load_cost + (prompt_tokens + running_requests * expected_output) * per_token_s
         + elapsed
 
-and a request is admitted only while that prediction keeps every running request,
-and the new one, within its SLO.
+and the time per output token of a batch of b requests is one decode step,
+per_step + b * per_token + misses_per_step * per_miss. A request is admitted only
+while that keeps every running request, and the new one, within its TPOT SLO;
+requests whose TTFT SLO is already lost are considered last.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ class RequestInfo:
 
 @dataclass
 class LatencyModel:
-    per_token_s: Ema = field(default_factory=lambda: Ema(0.01))
+    """Step time = per_step + per_token * tokens + per_miss * misses, learned online.
+
+    per_miss is stall time per on-demand miss (as the worker reports them); the
+    compute part (step time minus stall) is fitted against the step's token count
+    by an exponentially weighted least-squares line, so decode steps (few tokens,
+    fixed costs dominate) and prefill steps (many tokens) both inform it.
+    """
+    per_token_s: float = 0.001
+    per_step_s: float = 0.005
     per_miss_s: Ema = field(default_factory=lambda: Ema(0.001))
+    misses_per_step: Ema = field(default_factory=lambda: Ema(0.0))
     default_output_tokens: float = 64.0
     output_tokens: dict[str, Ema] = field(default_factory=dict)
+    # EW moments of (tokens n, compute seconds c): E[n], E[c], E[n^2], E[n c]
+    _moments: list[Ema] = field(default_factory=lambda: [Ema(0.0, 0.1) for _ in range(4)])
 
     def expected_output(self, task: str) -> float:
         ema = self.output_tokens.get(task)
@@ -53,18 +66,29 @@ class LatencyModel:
         self.output_tokens.setdefault(task, Ema(float(tokens))).update(float(tokens))
 
     def observe_step(self, tokens: int, seconds: float, misses: int, stall_s: float) -> None:
-        if tokens > 0:
-            self.per_token_s.update(max(seconds - stall_s, 0.0) / tokens)
+        if tokens <= 0:
+            return
+        compute = max(seconds - stall_s, 0.0)
+        for ema, x in zip(self._moments, (tokens, compute, tokens * tokens, tokens * compute)):
+            ema.update(float(x))
+        n, c, nn, nc = (m.value for m in self._moments)
+        var = nn - n * n
+        slope = (nc - n * c) / var if var > 1e-6 * nn else c / n
+        self.per_token_s = max(slope, 0.0)
+        self.per_step_s = max(c - self.per_token_s * n, 0.0)
+        self.misses_per_step.update(float(misses))
         if misses > 0:
             self.per_miss_s.update(stall_s / misses)
 
     def predict_ttft_s(self, req: RequestInfo, running: int, now_s: float) -> float:
         load_cost = req.expected_misses * self.per_miss_s.value
         work = req.prompt_tokens + running * self.expected_output(req.task)
-        return load_cost + work * self.per_token_s.value + (now_s - req.arrival_s)
+        return load_cost + work * self.per_token_s + (now_s - req.arrival_s)
 
     def predict_tpot_s(self, batch_size: int) -> float:
-        return batch_size * self.per_token_s.value
+        """One decode step of `batch_size` requests, with this regime's misses."""
+        return (self.per_step_s + batch_size * self.per_token_s
+                + self.misses_per_step.value * self.per_miss_s.value)
 
 
 def slack_s(req: RequestInfo, now_s: float) -> float:

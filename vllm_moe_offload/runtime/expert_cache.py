@@ -205,13 +205,14 @@ class ExpertCache:
         that is not resident by the best-scoring resident expert the token did not
         pick (`scores` [T, E] router logits). Exact rows are left alone; a row
         keeps its misses when too few experts are resident."""
-        resident = self._table[layer] >= 0
+        resident = (self._table[layer] >= 0).to(topk_ids.device)
+        tokens = tokens.to(topk_ids.device)
         if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
             return topk_ids
-        scores = scores.float().masked_fill(~resident.to(scores.device), float("-inf"))
+        scores = scores.float().masked_fill(~resident, float("-inf"))
         scores = scores.scatter(1, topk_ids.long(), float("-inf"))
         best_scores, best = scores.topk(topk_ids.shape[1], dim=1)
-        miss = ~resident.to(topk_ids.device)[topk_ids.long()] & tokens.unsqueeze(1)
+        miss = ~resident[topk_ids.long()] & tokens.unsqueeze(1)
         rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
         swap = miss & torch.isfinite(best_scores.gather(1, rank))
         self.stats.layer(layer).rerouted += int(swap.sum())

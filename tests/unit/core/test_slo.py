@@ -8,10 +8,9 @@ def req(rid, task="a", prompt=100, arrival=0.0, ttft=None, tpot=None, misses=0.0
     return RequestInfo(rid, task, prompt, arrival, ttft, tpot, misses)
 
 
-def model(per_token=0.001, per_miss=0.01, output=50):
-    m = LatencyModel(per_token_s=Ema(per_token), per_miss_s=Ema(per_miss),
-                     default_output_tokens=output)
-    return m
+def model(per_token=0.001, per_miss=0.01, output=50, per_step=0.0):
+    return LatencyModel(per_token_s=per_token, per_step_s=per_step, per_miss_s=Ema(per_miss),
+                        default_output_tokens=output)
 
 
 def test_latency_model_formula():
@@ -21,15 +20,23 @@ def test_latency_model_formula():
     assert m.predict_ttft_s(r, running=2, now_s=1.5) == pytest.approx(0.03 + 0.3 + 0.5)
 
 
-def test_learning_output_lengths_and_costs():
+def test_learning_output_lengths_and_step_costs():
     m = model()
     m.observe_output("a", 10)
     m.observe_output("a", 20)
     assert m.expected_output("a") == pytest.approx(0.8 * 10 + 0.2 * 20)
     assert m.expected_output("b") == 50
-    m.observe_step(tokens=100, seconds=0.5, misses=10, stall_s=0.2)
-    assert m.per_token_s.value == pytest.approx(0.003)  # first sample replaces the prior
-    assert m.per_miss_s.value == pytest.approx(0.02)
+    # Steps of 2 ms + 0.1 ms per token, plus 0.5 ms of stall per miss.
+    for tokens, misses in [(4, 10), (300, 40), (8, 12), (120, 30), (6, 10), (250, 36)] * 3:
+        m.observe_step(tokens, 0.002 + 0.0001 * tokens + 0.0005 * misses, misses,
+                       0.0005 * misses)
+    assert m.per_token_s == pytest.approx(0.0001, rel=1e-6)
+    assert m.per_step_s == pytest.approx(0.002, rel=1e-6)
+    assert m.per_miss_s.value == pytest.approx(0.0005)
+    # A decode step of 10 requests: base + 10 tokens + the regime's misses.
+    expected = 0.002 + 10 * 0.0001 + m.misses_per_step.value * 0.0005
+    assert m.predict_tpot_s(10) == pytest.approx(expected)
+    assert 10 < m.misses_per_step.value < 40
 
 
 def test_order_urgent_first_then_affinity_then_late():
@@ -52,7 +59,7 @@ def test_order_urgent_first_then_affinity_then_late():
 
 
 def test_admission_keeps_running_requests_within_their_tpot_slos():
-    m = model(per_token=0.01)
+    m = model(per_token=0.01)  # no fixed or miss cost: 10 ms per request in the batch
     running = [req(f"r{i}", tpot=45) for i in range(3)]  # 4 in batch -> 40 ms/token: ok
     assert can_admit(m, req("new", prompt=10), running, now_s=0.0)
     running.append(req("r3", tpot=45))  # 5 in batch -> 50 ms/token > 45 ms

@@ -99,8 +99,11 @@ class TaskAwareScheduler(Scheduler):
         affinity = dict(self._resident_share)
         for info in running:  # sharing a task with the batch shares its experts
             affinity[info.task] = affinity.get(info.task, 0.0) + 1 / len(running)
-        ordered = order_waiting(self.latency, [self._info[r.request_id][0] for r in fresh],
-                                len(running), now, affinity)
+        infos = [self._info[r.request_id][0] for r in fresh]
+        for info in infos:  # a prefill loads about a step's misses, less what is resident
+            info.expected_misses = self.latency.misses_per_step.value * (
+                1 - self._resident_share.get(info.task, 0.0))
+        ordered = order_waiting(self.latency, infos, len(running), now, affinity)
         admitted, held = [], []
         batch = list(running)
         for info in ordered:
@@ -152,9 +155,9 @@ class TaskAwareScheduler(Scheduler):
         c, m = self.counters, self.latency
         outputs = {t: round(e.value) for t, e in sorted(m.output_tokens.items())}
         return (f"task scheduler: {c['admitted']} admitted, {c['held']} held back, "
-                f"{c['classified']} classified by rules; per token "
-                f"{m.per_token_s.value * 1e3:.2f} ms, per miss "
-                f"{m.per_miss_s.value * 1e3:.2f} ms; expected outputs {outputs}")
+                f"{c['classified']} classified by rules; step {m.per_step_s * 1e3:.2f} ms "
+                f"+ {m.per_token_s * 1e3:.3f} ms/token + {m.misses_per_step.value:.1f} "
+                f"misses x {m.per_miss_s.value * 1e3:.2f} ms; expected outputs {outputs}")
 
     def shutdown(self) -> None:
         logger.info("%s (shutdown)", self.summary_line())
