@@ -3,8 +3,9 @@
 Checked: outputs stay token-identical to plain vLLM with task profiles, the
 residency plan and the task-aware scheduler on; tasks come from extra_args or
 the rule file; profiles are saved and a restarted engine starts warm from them;
-a corrupt profile or rule file is refused up front; tight TPOT SLOs make the
-scheduler hold requests back (outputs unchanged); approximate mode re-routes
+a corrupt profile or rule file is refused up front; a TPOT SLO that one more
+request would break makes the scheduler hold requests back (outputs unchanged);
+approximate mode re-routes
 misses only for the insensitive task and says so in the stats.
 """
 
@@ -88,15 +89,17 @@ def test_corrupt_profile_and_rule_files_are_refused(models, engine, task_files):
     assert "rule 0 (python): bad regular expression" in e.value.output
 
 
-def test_tight_tpot_slo_holds_requests_back_outputs_unchanged(models, engine, task_files):
+def test_tpot_admission_holds_requests_back_outputs_unchanged(models, engine, task_files):
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))
     spec = task_spec(model, task_files, task_files / "slo_profiles.json")
-    spec["extra_args"] = [{"task": "chat", "slo_tpot_ms": 1e-6}] * len(PROMPTS)
+    # At the first step the latency model still has its prior (5 ms per step + 1 ms
+    # per request): a batch of 1 is predicted at 6 ms, of 2 at 7 ms. A 6.5 ms TPOT
+    # SLO is met by the first request alone and broken by a second one, so the
+    # scheduler admits one and holds the other three back.
+    spec["extra_args"] = [{"task": "chat", "slo_tpot_ms": 6.5}] * len(PROMPTS)
     out = engine(spec)
     assert out["token_ids"] == plain["token_ids"]
-    # Nothing meets a 1 ns TPOT, so the scheduler admits one request at a time
-    # (an empty batch always admits): the others are held back step after step.
     line = next(l for l in out["log"].splitlines() if "task scheduler:" in l)
     held = int(line.split(" held back")[0].rsplit(" ", 1)[1])
     assert held >= len(PROMPTS) - 1, line

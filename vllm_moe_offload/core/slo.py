@@ -106,13 +106,16 @@ def is_late(model: LatencyModel, req: RequestInfo, running: int, now_s: float) -
 
 def can_admit(model: LatencyModel, candidate: RequestInfo, running: list[RequestInfo],
               now_s: float) -> bool:
-    """Admit while the grown batch keeps every running request, and the candidate,
-    within its TPOT SLO. An empty batch always admits, so nothing starves."""
+    """Refuse only when this admission is what breaks a TPOT SLO: some running
+    request (or the candidate) meets its SLO at today's batch size but would not
+    at the grown one. An SLO broken either way does not stop admission (holding
+    would only add queueing), and an empty batch always admits."""
     if not running:
         return True
-    tpot_ms = model.predict_tpot_s(len(running) + 1) * 1000
-    return all(r.slo_tpot_ms is None or tpot_ms <= r.slo_tpot_ms
-               for r in running + [candidate])
+    now_ms = model.predict_tpot_s(len(running)) * 1000
+    grown_ms = model.predict_tpot_s(len(running) + 1) * 1000
+    return not any(r.slo_tpot_ms is not None and now_ms <= r.slo_tpot_ms < grown_ms
+                   for r in running + [candidate])
 
 
 def order_waiting(model: LatencyModel, waiting: list[RequestInfo], running: int,

@@ -68,3 +68,6 @@ def test_admission_keeps_running_requests_within_their_tpot_slos():
     assert not can_admit(m, req("strict", tpot=15), running[:1], now_s=0.0)
     # an empty batch always admits: nothing starves
     assert can_admit(m, req("strict", tpot=1e-6), [], now_s=0.0)
+    # an SLO already broken at today's size is not a reason to hold (it only adds
+    # queueing): 4 running -> 40 ms today, nobody asks for 40..50 ms
+    assert can_admit(m, req("new", tpot=5), [req(f"r{i}", tpot=35) for i in range(4)], 0.0)
