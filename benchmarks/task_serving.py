@@ -419,6 +419,7 @@ def serving(model: str, additional_config: dict | None, log_path: Path, work: Pa
 
 HIT_RE = re.compile(r"hit rate ([\d.]+)% \((\d+) hits, (\d+) misses, (\d+) evictions\)")
 REROUTED_RE = re.compile(r"(\d+) rerouted")
+LOADED_RE = re.compile(r"([\d.]+) MiB loaded in ([\d.]+) s")
 REPLAN_RE = re.compile(r"(?i)\breplan\b")  # not "replan_every" (the logged config)
 
 
@@ -437,7 +438,8 @@ def parse_log(path: Path) -> dict:
         if REPLAN_RE.search(line):
             replans += 1
     out = {"hit_rate": None, "hits": None, "misses": None, "evictions": None,
-           "rerouted": None, "replans": replans or None, "stats_line": last,
+           "rerouted": None, "mib_loaded": None, "load_s": None,
+           "replans": replans or None, "stats_line": last,
            "scheduler_line": sched}
     m = HIT_RE.search(last or "")
     if m:
@@ -445,6 +447,9 @@ def parse_log(path: Path) -> dict:
                    evictions=int(m[4]))
         r = REROUTED_RE.search(last)
         out["rerouted"] = int(r[1]) if r else 0
+        loaded = LOADED_RE.search(last)
+        if loaded:
+            out.update(mib_loaded=float(loaded[1]), load_s=float(loaded[2]))
     return out
 
 
@@ -540,9 +545,9 @@ def _f(v, spec):
 
 def markdown(rows) -> str:
     lines = ["| config | requests | completed | SLO % | out tok/s | req/s | TTFT p50 ms | "
-             "TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | hit rate | replans | "
-             "similarity to d | same as plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | hit rate | MiB loaded | load s | "
+             "replans | similarity to d | same as plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sim = (_f(r["similarity_to_d"], ".3f") + f" ({r['similarity_unit']})"
                if r.get("similarity_to_d") is not None else "-")
@@ -553,6 +558,7 @@ def markdown(rows) -> str:
             f"{_f(r['req_per_s'], '.2f')} | {_f(r['ttft_p50_ms'], '.0f')} | "
             f"{_f(r['ttft_p99_ms'], '.0f')} | {_f(r['tpot_p50_ms'], '.1f')} | "
             f"{_f(r['tpot_p99_ms'], '.1f')} | {_f(r['hit_rate'], '.1%')} | "
+            f"{_f(r['mib_loaded'], '.0f')} | {_f(r['load_s'], '.2f')} | "
             f"{_f(r['replans'], '.0f')} | {sim} | {_f(r.get('same_as_plain'), '.3f')} |")
     lines += ["", "Per-task SLO attainment %:", "",
               "| config | " + " | ".join(TASKS) + " |",
@@ -625,6 +631,8 @@ def parse_args(argv=None):
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="pass --enforce-eager to the server (as tests/e2e does)")
     p.add_argument("--work-dir", default=str(WORK))
+    p.add_argument("--name", default="task_serving",
+                   help="result files benchmarks/results/NAME.{md,json,png}")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 24 requests, warm-up 12, re-plan every 6")
     args = p.parse_args(argv)
@@ -692,6 +700,7 @@ def main(argv=None) -> None:
                    "hit_rate": log["hit_rate"], "hits": log["hits"],
                    "misses": log["misses"], "evictions": log["evictions"],
                    "rerouted": log["rerouted"], "replans": log["replans"],
+                   "mib_loaded": log["mib_loaded"], "load_s": log["load_s"],
                    "stats_line": log["stats_line"], "scheduler_line": log["scheduler_line"]}
             runs[key].append(row)
             print("  " + json.dumps({k: v for k, v in row.items() if k not in (
@@ -723,7 +732,7 @@ def main(argv=None) -> None:
               f"{acc['overall']:.1%}. Similarity to d: mean fraction of leading "
               f"{'tokens' if tokenizer else 'characters'} identical.")
     print(table)
-    write_results("task_serving", command, table, rows, plot)
+    write_results(args.name, command, table, rows, plot)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def test_load_reads_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("body, words", [
-    ("{not json", "is corrupt (not JSON)"),
+    ("{not json", "is corrupt (not JSON"),
     (_good(format="something/1"), "is not a sensitivity file"),
     (_good(num_layers=4), "with 4 MoE layers, not 2"),
     (_good(tasks={"python": {"change": [0.0, 0.0]}}), "no 'insensitive' list"),

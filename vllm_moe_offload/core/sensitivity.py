@@ -12,8 +12,7 @@ task-aware plan and approximate re-routing read the result here. File format (JS
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from .tasks import read_json
 
 SENSITIVITY_FORMAT = "vllm-moe-offload-sensitivity/1"
 
@@ -28,12 +27,7 @@ def load_insensitive(path, num_layers: int | None = None) -> set[tuple[str, int]
     def bad(why: str) -> ValueError:
         return ValueError(f"expert_offload.sensitivity_path {str(path)!r} {why}; {remedy}")
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise bad(f"cannot be read ({e.strerror})") from None
-    except ValueError:
-        raise bad("is corrupt (not JSON)") from None
+    data = read_json(path, bad)
     if not isinstance(data, dict) or data.get("format") != SENSITIVITY_FORMAT:
         raise bad(f"is not a sensitivity file (format is not {SENSITIVITY_FORMAT!r})")
     if num_layers is None and isinstance(data.get("num_layers"), int):

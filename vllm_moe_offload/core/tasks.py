@@ -25,6 +25,16 @@ from .slot_pool import ExpertKey
 PROFILE_FORMAT = "vllm-moe-offload-task-profiles/1"
 
 
+def read_json(path, bad):
+    """A user-given JSON file; `bad(why)` builds the error that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise bad(f"cannot be read ({e.strerror})") from None
+    except ValueError as e:
+        raise bad(f"is corrupt (not JSON: {e})") from None
+
+
 # ---- classification ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -59,12 +69,7 @@ class TaskRules:
             return ValueError(f"task rule file {str(path)!r}: {why}. Expected JSON "
                               '{"default": NAME, "rules": [{"task": NAME, "keywords": '
                               '[...], "regex": [...]}]}')
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise bad(f"cannot be read ({e.strerror})") from None
-        except ValueError as e:
-            raise bad(f"is not valid JSON ({e})") from None
+        data = read_json(path, bad)
         if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
             raise bad("has no 'rules' list")
         rules = []
@@ -124,12 +129,7 @@ class TaskProfiles:
         def bad(why: str) -> ValueError:
             return ValueError(f"task profile file {str(path)!r} {why}; delete it to start "
                               "cold, or point task_profiles_path elsewhere")
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise bad(f"cannot be read ({e.strerror})") from None
-        except ValueError:
-            raise bad("is corrupt (not JSON)") from None
+        data = read_json(path, bad)
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise bad("is not a task profile file")
         body = data.get("profiles")

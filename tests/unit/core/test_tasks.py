@@ -25,7 +25,7 @@ def test_rules_first_match_wins_and_default(tmp_path):
 
 
 @pytest.mark.parametrize("content, words", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "is corrupt (not JSON"),
     ({"rules": [{"keywords": ["x"]}]}, "rule 0 has no 'task'"),
     ({"rules": [{"task": "a", "regex": ["("]}]}, "bad regular expression"),
     ({"rules": [{"task": "a"}]}, "neither keywords nor regex"),

@@ -76,13 +76,14 @@ class TaskAwareScheduler(Scheduler):
     # ---- one step -------------------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
+        demand = self._demand()  # before vLLM counts this step's prompt tokens as done
         held = self._order_and_hold(time.time())
         try:
             output = super().schedule(*args, **kwargs)
         finally:
             if held:  # back in front, in order, for the next step
                 self.waiting.extendleft(reversed(held))
-        setattr(output, REPORT_ATTR, {"demand": self._demand()})
+        setattr(output, REPORT_ATTR, {"demand": demand})
         self._step_t0 = time.perf_counter()
         return output
 
