@@ -82,8 +82,9 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
     assert "task-aware scheduler on" in text
     # The worker saw the rule file's "python" and the client's "legal", and saved
     # the profiles at its re-plans (the third prompt's re-plan saved the second's
-    # routing; the server kills workers at exit, so the last window is not saved).
+    # routing). The third prompt's own task ("default") is in the file only when
+    # the worker got to save at shutdown, which the server does not always allow.
     assert "expert offload: replan 3 after 3 prompts" in text
     counts = json.loads(profiles.read_text())["profiles"]["counts"]
-    assert sorted(counts) == ["legal", "python"]
+    assert set(counts) - {"default"} == {"legal", "python"}
     # No "(shutdown)" summary here: the API server force-kills its workers on exit.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.slo import Ema
+from ..core.slo import LatencyModel
 from ..core.slot_pool import ExpertKey
 from ..core.tasks import ReplanClock, TaskProfiles, plan_residency
 from .expert_cache import ExpertCache
@@ -55,8 +55,8 @@ class TaskResidency:
         self._counts = torch.zeros(len(self.tasks), self.num_layers, self.experts_per_layer,
                                    dtype=torch.int64)  # [n, L, E] not yet folded
         self._token_task: torch.Tensor | None = None  # [T] task index per token
-        self._approx: torch.Tensor | None = None  # [L, n] insensitive pairs
-        self.output_tokens: dict[str, Ema] = {}
+        self._approx = self._insensitive_table()  # [L, n] bool
+        self.outputs = LatencyModel()  # only its per-task output lengths are used here
         self.replans = 0
         self.last_demand: dict[str, float] = {}
         self._warm = bool(self.profiles.counts)  # plan at the first step
@@ -69,7 +69,13 @@ class TaskResidency:
             self.tasks.append(task)
             grow = torch.zeros(1, self.num_layers, self.experts_per_layer, dtype=torch.int64)
             self._counts = torch.cat([self._counts, grow])
+            self._approx = self._insensitive_table()
         return self.tasks.index(task)
+
+    def _insensitive_table(self) -> torch.Tensor:
+        return torch.tensor([[(t, l) in self.insensitive for t in self.tasks]
+                             for l in range(self.num_layers)],
+                            dtype=torch.bool).view(self.num_layers, len(self.tasks))
 
     def begin_step(self, layout: list[tuple[str, int]], new_prompts: int,
                    demand: dict[str, float]) -> None:
@@ -79,9 +85,6 @@ class TaskResidency:
             self._token_task = idx.repeat_interleave(torch.tensor([n for _, n in layout]))
         else:
             self._token_task = None
-        if self.approximate:
-            self._approx = torch.tensor([[(t, l) in self.insensitive for t in self.tasks]
-                                         for l in range(self.num_layers)], dtype=torch.bool)
         replan = self._warm
         for _ in range(new_prompts):
             replan |= self.clock.on_prompt()
@@ -115,13 +118,6 @@ class TaskResidency:
         rows = torch.zeros(num_tokens, dtype=torch.bool)
         rows[: tt.numel()] = self._approx[layer][tt]
         return rows
-
-    def observe_output(self, task: str, tokens: int) -> None:
-        self.output_tokens.setdefault(task, Ema(float(tokens))).update(float(tokens))
-
-    def expected_output(self, task: str, default: float = 64.0) -> float:
-        ema = self.output_tokens.get(task)
-        return ema.value if ema else default
 
     # ---- re-plan --------------------------------------------------------------------
 

@@ -72,7 +72,7 @@ class WorkerTasks:
             state = runner.requests.get(req_id)
             task = self.task_of.pop(req_id, None)
             if state is not None and task is not None:
-                residency.observe_output(task, len(state.output_token_ids))
+                residency.outputs.observe_output(task, len(state.output_token_ids))
 
     def after_update(self, runner, scheduler_output) -> None:
         residency = model_state.current().tasks
@@ -86,7 +86,8 @@ class WorkerTasks:
             for r, state in runner.requests.items():
                 task = self.task(r, state)
                 left_prompt = max(0, len(state.prompt_token_ids or []) - state.num_computed_tokens)
-                left_out = max(0.0, residency.expected_output(task) - len(state.output_token_ids))
+                left_out = max(0.0, residency.outputs.expected_output(task)
+                               - len(state.output_token_ids))
                 demand[task] = demand.get(task, 0.0) + left_prompt + left_out
         residency.begin_step(layout, len(scheduler_output.scheduled_new_reqs), demand)
 
