@@ -205,7 +205,7 @@ class ExpertCache:
         that is not resident by the best-scoring resident expert the token did not
         pick (`scores` [T, E] router logits). Exact rows are left alone; a row
         keeps its misses when too few experts are resident."""
-        resident = (self._table[layer] >= 0).to(topk_ids.device)
+        resident = self.resident_mask()[layer].to(topk_ids.device)
         tokens = tokens.to(topk_ids.device)
         if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
             return topk_ids

@@ -185,7 +185,7 @@ class ModelOffload:
         misses, stall = t.misses - self._reported[0], t.stall_seconds - self._reported[1]
         self._reported = (t.misses, t.stall_seconds)
         return {"misses": misses, "stall_s": stall,
-                "resident_share": self.tasks.resident_share() if self.tasks else {}}
+                "resident_share": self.tasks.resident_share()}
 
     def stats_dict(self) -> dict:
         out = self.stats.to_dict()

@@ -10,7 +10,8 @@ hooks that tell the worker's `TaskResidency` which task each token belongs to.
   each request's scheduled tokens in batch order, which is the token order the
   MoE layers see.
 - `sample_tokens` is wrapped to attach the step's misses, stall and per-task
-  resident share to the model runner output, for the scheduler's latency model.
+  resident share to the model runner output, for the task-aware scheduler's
+  latency model (only when that scheduler runs).
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ def install_worker_hooks() -> None:
     def sample_tokens(self, grammar_output):
         output = original_sample(self, grammar_output)
         model = model_state.current()
-        if (model is not None and model.tasks is not None and output is not None
-                and output is not EMPTY_MODEL_RUNNER_OUTPUT and hasattr(output, "__dict__")):
+        if (model is not None and model.tasks is not None and model.cfg.use_task_scheduler
+                and output is not None and output is not EMPTY_MODEL_RUNNER_OUTPUT
+                and hasattr(output, "__dict__")):  # only our scheduler reads the report
             setattr(output, REPORT_ATTR, model.step_report())
         return output
 
