@@ -188,6 +188,19 @@ class OffloadConfig:
             return self.store
         return "host" if on_gpu else "disk"
 
+    def host_work_reason(self, on_gpu: bool) -> str | None:
+        """Why a layer call needs host work on a GPU (vLLM must then run eager, as
+        CUDA graphs replay without the host); None when graphs can stay on."""
+        if self.resolved_store(on_gpu) == "disk":
+            return "the disk store is read by the host at every miss"
+        if self.trace_path:
+            return "the routing trace copies every layer call's ids to the host"
+        if self.task_aware:
+            return "task-aware residency counts every layer call's routing on the host"
+        if self.predictor == "oracle":
+            return "the oracle predictor replays a trace on the host"
+        return None
+
     def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int) -> int:
         """Pool size in slots for a model, checked against one layer's experts."""
         total = num_layers * experts_per_layer

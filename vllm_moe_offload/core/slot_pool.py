@@ -9,6 +9,8 @@ NOTE #1: a pinned slot is never in `_evictable` and never evicted. `acquire`
 pins every slot of one layer call before it picks victims for that call's
 misses, so a call never evicts an expert it needs itself.
 NOTE #2: every slot is in exactly one of: `_free`, `_evictable`, pinned.
+NOTE #3: every query and change costs O(1) per key it names: `_num_pinned` is a
+count kept by `_pin`/`release`, never a scan over the S slots.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class SlotPool:
         self._pins = [0] * num_slots
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives 0 first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._num_pinned = 0  # slots with a pin count > 0 (NOTE #3)
 
     # ---- queries ----------------------------------------------------------------
 
@@ -52,15 +55,22 @@ class SlotPool:
         return len(self._slot_of)
 
     def num_pinned(self) -> int:
-        return sum(1 for p in self._pins if p)
+        return self._num_pinned
 
     def can_acquire(self, keys: Iterable[ExpertKey]) -> bool:
-        """True if `acquire(keys)` would find a slot for every missing key."""
-        keys = set(keys)
-        missing = sum(1 for k in keys if k not in self._slot_of)
-        reclaimable = len(self._free) + sum(
-            1 for s in self._evictable if self._key_of[s] not in keys)
-        return missing <= reclaimable
+        """True if `acquire(keys)` would find a slot for every missing key.
+
+        O(len(keys)): the hits that sit in the LRU order will be pinned, so they
+        leave it; every other evictable slot and every free slot can take a miss.
+        """
+        missing = hits_evictable = 0
+        for key in set(keys):
+            slot = self._slot_of.get(key)
+            if slot is None:
+                missing += 1
+            elif self._pins[slot] == 0:
+                hits_evictable += 1
+        return missing <= len(self._free) + len(self._evictable) - hits_evictable
 
     # ---- changes ----------------------------------------------------------------
 
@@ -97,6 +107,7 @@ class SlotPool:
                 raise RuntimeError(f"slot {slot} released more often than acquired")
             self._pins[slot] -= 1
             if self._pins[slot] == 0:
+                self._num_pinned -= 1
                 self._evictable[slot] = None
 
     def drop(self, key: ExpertKey) -> None:
@@ -116,6 +127,7 @@ class SlotPool:
     def _pin(self, slot: int) -> None:
         if self._pins[slot] == 0:
             self._evictable.pop(slot, None)
+            self._num_pinned += 1
         self._pins[slot] += 1
 
     def _take_slot(self) -> tuple[int, ExpertKey | None]:
@@ -134,6 +146,7 @@ class SlotPool:
         assert len(self._free) == len(free), "slot twice in free list"
         assert not (free & evictable) and not (free & pinned) and not (evictable & pinned)
         assert free | evictable | pinned == set(range(self.num_slots))
+        assert self._num_pinned == len(pinned), "pinned count drifted"
         for key, slot in self._slot_of.items():
             assert self._key_of[slot] == key
         assert all(self._key_of[s] is None for s in free)

@@ -31,6 +31,8 @@ class LayerStats:
 class OffloadStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     _last_log: float = field(default_factory=time.monotonic)
+    # Device mode counts on the GPU and does not time loads (timing would sync).
+    untimed: bool = False
 
     def layer(self, layer: int) -> LayerStats:
         stats = self.layers.get(layer)
@@ -59,7 +61,9 @@ class OffloadStats:
         t = self.to_dict()["totals"]
         return (f"expert offload: hit rate {t['hit_rate']:.1%} ({t['hits']} hits, "
                 f"{t['misses']} misses, {t['evictions']} evictions), "
-                f"{t['bytes_loaded'] / 2**20:.1f} MiB loaded in {t['load_seconds']:.3f} s"
+                f"{t['bytes_loaded'] / 2**20:.1f} MiB loaded"
+                + (" (device mode: not timed)" if self.untimed
+                   else f" in {t['load_seconds']:.3f} s")
                 + (f", {t['rerouted']} rerouted (approximate)" if t["rerouted"] else ""))
 
     def due(self, interval_s: float) -> bool:

@@ -19,14 +19,19 @@ ever pinned by prefetch, so every layer call still fits.
 NOTE #1: call pins are released when the *next* layer call starts. On CPU the
 kernel has returned by then. On CUDA the copy stream first waits for the compute
 stream, so a slot is never overwritten while a queued kernel still reads it.
-NOTE #2: `torch.unique(...).tolist()` is a host sync: the host must know which
-experts miss before it can load them. This is the one sync per layer call.
+NOTE #2: reading the call's distinct experts back (`_distinct`) is a host sync:
+the host must know which experts miss before it can load them. This is the one
+sync per layer call, and why this host mode runs without CUDA graphs. On CUDA with
+the pinned host store, `DeviceExpertCache` (device mode) needs no sync at all.
+NOTE #4: on CUDA the device copy of the slot table is updated in place, entry by
+entry as slots change (one small copy per call that changed any); never whole.
 NOTE #3: a slot with a load in flight is always pinned (by the call that loads it,
 or by prefetch), so it is never chosen as a victim.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -36,10 +41,12 @@ import torch
 from ..core.slot_pool import ExpertKey, SlotGrant, SlotPool
 from ..core.stats import OffloadStats
 from ..core.trace import TraceWriter
-from .store import ExpertStore
+from .store import ExpertStore, HostStore
 
 
 class ExpertCache:
+    mode = "host"
+
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device | str,
                  stats: OffloadStats | None = None, trace: TraceWriter | None = None,
                  predictor=None, prefetch_budget_slots: int | None = None):
@@ -66,6 +73,7 @@ class ExpertCache:
         # On CPU the kernel reads the host table itself; on CUDA a device copy.
         self._cuda = self.device.type == "cuda"
         self._table_dev = self._table.to(self.device) if self._cuda else self._table
+        self._changed: dict[int, int] = {}  # flat key -> slot, not yet on the device
         self._call_pins: list[int] = []
         # target layer -> [(key, slot, loaded_by_prefetch)] pinned for that layer
         self._prefetched: dict[int, list[tuple[ExpertKey, int, bool]]] = {}
@@ -104,7 +112,7 @@ class ExpertCache:
             self.pool.release(self._call_pins)
             self._call_pins = []
         self._release_finished_prefetches()
-        experts = torch.unique(topk_ids).tolist()  # NOTE #2
+        experts = self._distinct(topk_ids)  # NOTE #2
         grants = self.pool.acquire(ExpertKey(layer, e) for e in experts)
         if grants is None:
             raise RuntimeError(f"layer {layer}: {len(experts)} experts do not fit in "
@@ -124,10 +132,32 @@ class ExpertCache:
             self.trace.write(layer, k, topk_ids.to(torch.int16).cpu().numpy().tobytes())
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
-        if self._table_dev is not self._table:
-            self._table_dev.copy_(self._table)
+        if self._changed:
+            self._push_changes()
         slots = self._table_dev[layer].index_select(0, topk_ids.reshape(-1))
         return slots.view(topk_ids.shape).to(topk_ids.dtype)
+
+    def _distinct(self, topk_ids: torch.Tensor) -> list[int]:
+        if not self._cuda:
+            return torch.unique(topk_ids).tolist()
+        # A scatter into [E] and one read-back: cheaper on the GPU than torch.unique.
+        seen = torch.zeros(self.experts_per_layer, dtype=torch.bool, device=self.device)
+        seen[topk_ids.reshape(-1).long()] = True
+        return seen.nonzero().flatten().tolist()
+
+    def _set(self, layer: int, expert: int, slot: int) -> None:
+        self._table[layer, expert] = slot
+        if self._cuda:
+            self._changed[layer * self.experts_per_layer + expert] = slot
+
+    def _push_changes(self) -> None:
+        """NOTE #4: write the changed entries of the device table, in stream order."""
+        keys, slots = zip(*self._changed.items())
+        self._changed.clear()
+        idx = torch.tensor(keys, dtype=torch.long).pin_memory()
+        val = torch.tensor(slots, dtype=torch.int32).pin_memory()
+        self._table_dev.view(-1).index_put_(
+            (idx.to(self.device, non_blocking=True),), val.to(self.device, non_blocking=True))
 
     def _load_now(self, layer: int, misses: list[SlotGrant]) -> None:
         stats = self.stats.layer(layer)
@@ -149,13 +179,13 @@ class ExpertCache:
 
     def _evict(self, grant: SlotGrant) -> None:
         if grant.evicted is not None:
-            self._table[grant.evicted.layer, grant.evicted.expert] = -1
+            self._set(grant.evicted.layer, grant.evicted.expert, -1)
             self.stats.layer(grant.evicted.layer).evictions += 1
 
     def _copy_in(self, grant: SlotGrant) -> int:
         nbytes = self.store.read_into(grant.key.layer, grant.key.expert,
                                       self.slot_views(grant.slot))
-        self._table[grant.key.layer, grant.key.expert] = grant.slot
+        self._set(grant.key.layer, grant.key.expert, grant.slot)
         return nbytes
 
     # ---- residency plan -------------------------------------------------------------
@@ -205,18 +235,12 @@ class ExpertCache:
         that is not resident by the best-scoring resident expert the token did not
         pick (`scores` [T, E] router logits). Exact rows are left alone; a row
         keeps its misses when too few experts are resident."""
-        resident = self.resident_mask()[layer].to(topk_ids.device)
-        tokens = tokens.to(topk_ids.device)
-        if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
-            return topk_ids
-        scores = scores.float().masked_fill(~resident, float("-inf"))
-        scores = scores.scatter(1, topk_ids.long(), float("-inf"))
-        best_scores, best = scores.topk(topk_ids.shape[1], dim=1)
-        miss = ~resident[topk_ids.long()] & tokens.unsqueeze(1)
-        rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
-        swap = miss & torch.isfinite(best_scores.gather(1, rank))
-        self.stats.layer(layer).rerouted += int(swap.sum())
-        return torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids)
+        rerouted, count = reroute(self.resident_mask()[layer], topk_ids, scores, tokens)
+        self.stats.layer(layer).rerouted += count
+        return rerouted
+
+    def sync_stats(self):
+        return self.stats  # host mode counts on the host as it goes
 
     # ---- prefetch -----------------------------------------------------------------
 
@@ -247,7 +271,7 @@ class ExpertCache:
         stats = self.stats.layer(grant.key.layer)
         stats.prefetched += 1
         stats.bytes_loaded += self.slot_bytes
-        self._table[grant.key.layer, grant.key.expert] = grant.slot
+        self._set(grant.key.layer, grant.key.expert, grant.slot)
         if self._cuda:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copy_stream):
@@ -317,3 +341,44 @@ class ExpertCache:
     def close(self) -> None:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
+
+
+def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor,
+            tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`resident` [E] bool; see `ExpertCache.reroute_misses`. Returns (ids, swaps)."""
+    resident = resident.to(topk_ids.device)
+    tokens = tokens.to(topk_ids.device)
+    if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
+        return topk_ids, 0
+    scores = scores.float().masked_fill(~resident, float("-inf"))
+    scores = scores.scatter(1, topk_ids.long(), float("-inf"))
+    best_scores, best = scores.topk(topk_ids.shape[1], dim=1)
+    miss = ~resident[topk_ids.long()] & tokens.unsqueeze(1)
+    rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
+    swap = miss & torch.isfinite(best_scores.gather(1, rank))
+    return torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids), int(swap.sum())
+
+
+def device_mode_problem(device: torch.device, store: ExpertStore, trace) -> str | None:
+    """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
+    if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        return "the pool is not on a CUDA device"
+    if not isinstance(store, HostStore):
+        return (f"the {store.kind} store is read by the host (device mode reads the "
+                "pinned host store in place: --expert-store host)")
+    if trace is not None:
+        return "the routing trace copies every layer call's ids to the host"
+    return None
+
+
+def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
+                      predictor=None, prefetch_budget_slots=None):
+    """Device mode where it can run, else host mode. Returns (cache, why host mode)."""
+    problem = device_mode_problem(device, store, trace)
+    if problem is None:
+        from .device_cache import DeviceExpertCache  # imports Triton
+
+        return DeviceExpertCache(store, num_slots, device, stats, predictor,
+                                 prefetch_budget_slots), None
+    return ExpertCache(store, num_slots, device, stats, trace, predictor,
+                       prefetch_budget_slots), problem

@@ -89,6 +89,16 @@ class Predictor:
         rows = chosen.tolist()
         return [(t, [e for e, on in enumerate(row) if on]) for t, row in zip(targets, rows)]
 
+    @torch.inference_mode()
+    def predict_ids(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """[(target layer, predicted ids [T, k])] on the device, with no host sync
+        (device mode): the same top-k as `predict`, left for the prefetch kernel."""
+        targets = self.targets(layer)
+        if not targets:
+            return []
+        ids = self.all_logits(layer, hidden.float()).topk(self.top_k, dim=-1).indices
+        return [(t, ids[i]) for i, t in enumerate(targets)]  # ids: [D', T, k]
+
 
 class NextGatePredictor(Predictor):
     name = "next-gate"
@@ -258,3 +268,14 @@ class OraclePredictor(Predictor):
             self.step += 1  # same step rule as the trace writer
         self._last_layer = layer
         return [(t, self.calls.get((self.step, t), [])) for t in self.targets(layer)]
+
+    def predict_ids(self, layer, hidden):
+        """The trace's ids as device tensors (a small pinned upload per target)."""
+        out = []
+        for t, experts in self.predict(layer, hidden):
+            if experts:
+                ids = torch.tensor(experts, dtype=torch.int32)
+                if hidden.is_cuda:
+                    ids = ids.pin_memory().to(hidden.device, non_blocking=True)
+                out.append((t, ids))
+        return out

@@ -9,7 +9,9 @@ Interface (LMCache-like): `put`, `read_into`, `contains`, `seal`, `close`.
   after each read the range is dropped from the page cache (posix_fadvise), so
   RAM stays bounded and timings measure the disk. A header carries the model
   fingerprint and layout; a file that is truncated, unsealed or stale is
-  detected and rebuilt, never read.
+  detected and rebuilt, never read. Into GPU slots it reads through two pinned
+  staging chunks: while chunk i crosses the link (copy stream), chunk i+1 is read
+  from disk, with O_DIRECT where the file system allows it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _MAGIC = b"MOESTORE"
 _FORMAT = 1
 _ALIGN = 4096  # record alignment (O_DIRECT-friendly, page-sized fadvise ranges)
 _HEADER_BYTES = 4096
+_STAGING_BYTES = 16 << 20  # one of the two pinned staging chunks (disk -> GPU)
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,8 @@ class DiskStore(ExpertStore):
         if self.reused:
             return  # the sealed file already holds this expert
         self._check(tensors)
-        data = b"".join(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-                        for t in tensors)
+        data = b"".join(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
+                        .numpy().tobytes() for t in tensors)
         os.pwrite(self._fd, data, self._offset(layer, expert))
         self._present[layer][expert] = True
 
@@ -259,21 +262,97 @@ class DiskStore(ExpertStore):
     def read_into(self, layer, expert, dst):
         if not self.reused:
             raise RuntimeError(f"{self.path}: read before the store was sealed")
+        if dst[0].device.type == "cuda":
+            return self._read_staged(layer, expert, dst)
         offset = self._offset(layer, expert)
         views = _byte_views(dst)
         want = self.layout.expert_bytes
         got = os.preadv(self._fd, views, offset)
-        if got != want:
-            raise StoreFileError(f"{self.path}: short read of expert ({layer}, {expert}) "
-                                 f"({got} of {want} bytes): the file changed under us")
+        self._check_read(layer, expert, got, want)
         os.posix_fadvise(self._fd, offset, self.layout.record_bytes,
                          os.POSIX_FADV_DONTNEED)
         return got
+
+    def _check_read(self, layer, expert, got, want):
+        if got < want:
+            raise StoreFileError(f"{self.path}: short read of expert ({layer}, {expert}) "
+                                 f"({got} of {want} bytes): the file changed under us")
+
+    # ---- disk -> pinned staging -> GPU --------------------------------------------
+
+    def _read_staged(self, layer, expert, dst):
+        """Chunk by chunk through two pinned buffers on the current (copy) stream.
+
+        Before a buffer is refilled, the host waits for the copy that last read it
+        (an event, not a stream sync), so the disk read of chunk i+1 overlaps the
+        link copy of chunk i, also across experts.
+        """
+        self._ensure_staging()
+        dst_bytes = [t.view(torch.uint8).reshape(-1) for t in dst]
+        base, want = self._offset(layer, expert), self.layout.expert_bytes
+        done = 0
+        while done < want:
+            b = self._next_buf
+            self._next_buf ^= 1
+            self._staging_done[b].synchronize()
+            n = min(_STAGING_BYTES, self.layout.record_bytes - done)
+            got = self._pread(self._staging_views[b][:n], base + done)
+            self._check_read(layer, expert, done + got, min(done + n, want))
+            useful = min(n, want - done)
+            self._scatter(self._staging[b], done, useful, dst_bytes)
+            self._staging_done[b].record()
+            done += useful
+        if self._direct_fd is None:
+            os.posix_fadvise(self._fd, base, self.layout.record_bytes,
+                             os.POSIX_FADV_DONTNEED)
+        return want
+
+    def _scatter(self, chunk: torch.Tensor, start: int, n: int, dst_bytes) -> None:
+        """Copy record bytes [start, start + n) from `chunk` into the tensors they belong to."""
+        off = 0
+        for d in dst_bytes:
+            lo, hi = max(start, off), min(start + n, off + d.numel())
+            if lo < hi:
+                d[lo - off:hi - off].copy_(chunk[lo - start:hi - start], non_blocking=True)
+            off += d.numel()
+
+    def _pread(self, view: memoryview, offset: int) -> int:
+        if self._direct_fd is not None:
+            try:
+                return os.preadv(self._direct_fd, [view], offset)
+            except OSError:  # the file system refused O_DIRECT after all
+                os.close(self._direct_fd)
+                self._direct_fd = None
+        return os.preadv(self._fd, [view], offset)
+
+    def _ensure_staging(self) -> None:
+        if getattr(self, "_staging", None) is not None:
+            return
+        self._staging = torch.empty((2, _STAGING_BYTES), dtype=torch.uint8, pin_memory=True)
+        self._staging_views = [memoryview(b.numpy()) for b in self._staging]
+        self._staging_done = [torch.cuda.Event(), torch.cuda.Event()]
+        for ev in self._staging_done:
+            ev.record()
+        self._next_buf = 0
+        self._direct_fd = None
+        aligned = self._staging.data_ptr() % _ALIGN == 0 and _STAGING_BYTES % _ALIGN == 0
+        if aligned and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # tmpfs and some others: buffered reads + fadvise
+                self._direct_fd = None
+
+    @property
+    def uses_direct_io(self) -> bool:
+        return getattr(self, "_direct_fd", None) is not None
 
     def close(self):
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             os.close(fd)
+        direct, self._direct_fd = getattr(self, "_direct_fd", None), None
+        if direct is not None:
+            os.close(direct)
 
 
 def store_file_name(fingerprint: dict) -> str:

@@ -1,4 +1,5 @@
 import random
+from collections import OrderedDict
 
 import pytest
 
@@ -92,3 +93,25 @@ def test_random_operations_keep_invariants_and_match_a_reference_lru(seed):
         pinned_calls.append([g.slot for g in grants])
         pool.check_invariants()
         assert pool.num_resident() <= num_slots
+
+
+def test_queries_do_not_scan_the_pool():
+    """can_acquire and num_pinned keep counts (O(1) per key), never walk all S slots."""
+    class NoWalk(OrderedDict):
+        def __iter__(self):
+            raise AssertionError("scanned the evictable slots")
+
+    pool = SlotPool(1000)
+    pool.release(g.slot for g in pool.acquire(keys(0, *range(900))))
+    pool._evictable = NoWalk(pool._evictable)
+    pool._pins = _NoScanList(pool._pins)
+    assert pool.can_acquire(keys(1, 0, 1)) and not pool.can_acquire(keys(2, *range(1001)))
+    grants = pool.acquire(keys(0, 5, 6) + keys(1, 1))
+    assert pool.num_pinned() == 3
+    pool.release(g.slot for g in grants)
+    assert pool.num_pinned() == 0
+
+
+class _NoScanList(list):
+    def __iter__(self):
+        raise AssertionError("scanned the pin counts")

@@ -19,7 +19,7 @@ from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.stats import OffloadStats
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
-from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
 from vllm_moe_offload.runtime.task_residency import TaskResidency
@@ -104,8 +104,13 @@ class ModelOffload:
             trace = TraceWriter(self.cfg.trace_path, TraceHeader(
                 self.num_layers, self.experts_per_layer, self.top_k))
         predictor = self._make_predictor()
-        self.cache = ExpertCache(store, num_slots, self.device, self.stats, trace,
-                                 predictor, self.cfg.prefetch_budget_slots)
+        self.cache, why_host = make_expert_cache(store, num_slots, self.device, self.stats,
+                                                 trace, predictor,
+                                                 self.cfg.prefetch_budget_slots)
+        if self.device.type == "cuda":
+            logger.info("expert offload: %s", "device mode (residency on the GPU, no host "
+                        "sync per layer call)" if why_host is None else
+                        f"host mode, one host sync per layer call: {why_host}")
         if self.cfg.task_aware:
             self.tasks = self._make_task_residency()
         total = self.num_layers * self.experts_per_layer
@@ -175,19 +180,22 @@ class ModelOffload:
                 topk_ids = self.cache.reroute_misses(layer, topk_ids, scores,
                                                      rows.to(topk_ids.device))
         slot_ids = self.cache.map_to_slots(layer, topk_ids, hidden)
-        if layer == 0 and self.stats.due(self.cfg.stats_log_interval_s):
-            logger.info(self.stats.summary_line())
+        if layer == 0 and not _capturing(slot_ids) and self.stats.due(
+                self.cfg.stats_log_interval_s):
+            logger.info(self.cache.sync_stats().summary_line())
         return slot_ids
 
     def step_report(self) -> dict:
         """What the scheduler's latency model learns from one step."""
-        t = self.stats.totals()
+        t = self.cache.sync_stats().totals()
         misses, stall = t.misses - self._reported[0], t.stall_seconds - self._reported[1]
         self._reported = (t.misses, t.stall_seconds)
         return {"misses": misses, "stall_s": stall,
                 "resident_share": self.tasks.resident_share()}
 
     def stats_dict(self) -> dict:
+        if self.cache is not None:
+            self.cache.sync_stats()
         out = self.stats.to_dict()
         if self.tasks is not None:
             out["tasks"] = self.tasks.to_dict()
@@ -208,6 +216,10 @@ class ModelOffload:
         if self.cache is None or self._closed:
             return
         self._closed = True
+        try:
+            self.cache.sync_stats()
+        except Exception as e:  # a dead device at exit must not hide the summary
+            logger.warning("expert offload: could not read the device counters: %s", e)
         logger.info("%s (shutdown)", self.stats.summary_line())
         if self.tasks is not None:
             self.tasks.save()
@@ -215,6 +227,11 @@ class ModelOffload:
         if self.cache.trace is not None:
             self.cache.trace.close()
         self.store.close()
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Inside a CUDA graph capture nothing may sync (reading counters would)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 _MODEL: ModelOffload | None = None

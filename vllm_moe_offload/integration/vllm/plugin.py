@@ -159,12 +159,13 @@ def _install_engine_args_hooks() -> None:
             problem = vllm_version_problem()
             if problem:
                 raise RuntimeError(problem)
-            _maybe_force_eager(self)
+            _choose_graph_mode(self, cfg)
             if cfg.use_task_scheduler:
                 _set_task_scheduler(self)
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)
+            _split_at_remap(vllm_config, cfg)
         return vllm_config
 
     create._moe_offload = True
@@ -185,12 +186,32 @@ def _set_task_scheduler(engine_args) -> None:
     engine_args.scheduler_cls = SCHEDULER_CLS
 
 
-def _maybe_force_eager(engine_args) -> None:
+def _choose_graph_mode(engine_args, cfg) -> None:
+    """Device mode keeps vLLM's CUDA graphs; host work per layer call needs eager."""
     from vllm.platforms import current_platform
 
-    if current_platform.is_cuda_alike() and not engine_args.enforce_eager:
-        logger.warning(
-            "expert offload: CUDA graphs replay fixed addresses without host work, "
-            "but the slot remap loads missing experts on the host; setting "
-            "enforce_eager=True.")
+    if not current_platform.is_cuda_alike():
+        return
+    reason = cfg.host_work_reason(on_gpu=True)
+    if reason is None:
+        logger.info("expert offload: device mode: expert residency lives on the GPU, "
+                    "a layer call needs no host sync, CUDA graphs stay on")
+    elif not engine_args.enforce_eager:
+        logger.warning("expert offload: %s, and CUDA graphs replay without the host; "
+                       "setting enforce_eager=True (the pinned host store, no trace, no "
+                       "task-aware residency and a next-gate/lookahead predictor keep "
+                       "graphs on)", reason)
         engine_args.enforce_eager = True
+
+
+def _split_at_remap(vllm_config, cfg) -> None:
+    """With prefetch on a GPU, the copy stream a layer call forks is joined by a
+    later layer's call. vLLM's piecewise graphs (prefill, mixed batches) end at
+    every attention op, so the remap becomes a splitting op too: it then runs
+    between pieces, and full graphs (decode) still capture it whole."""
+    from vllm.platforms import current_platform
+
+    ops = vllm_config.compilation_config.splitting_ops
+    if (current_platform.is_cuda_alike() and cfg.predictor != "none" and ops
+            and "vllm_moe_offload::map_to_slots" not in ops):
+        ops.append("vllm_moe_offload::map_to_slots")

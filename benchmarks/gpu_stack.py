@@ -1,0 +1,451 @@
+"""What does expert offload cost on the GPU hot path, against plain and the link?
+
+    python3 benchmarks/gpu_stack.py                      # CUDA: Mixtral- and Qwen3-shaped
+    python3 benchmarks/gpu_stack.py --device cpu --steps 2   # small shapes, no GPU
+
+Runtime only (no vLLM): a stack of L MoE layers, each the same expert kernel
+(`moe_kernel.py`) over plain [E, ...] weights or over the offload pool's [S, ...]
+slot buffers, so a ratio measures offload and nothing else. Rows:
+- plain eager / plain CUDA graph: every expert in GPU memory (the baseline);
+- resident: device-mode offload with every expert in the pool, graphed;
+- S50 on-demand / prefetch (next-gate, depth 2) / oracle: half the experts in
+  the pool, graphed, with uniform routing and with a skewed, temporally local mix;
+- host mode: the per-layer host-sync path (eager) at S = 50%;
+- stream: vLLM `--cpu-offload-gb` style, every offloaded expert copied each step;
+- disk: host mode from the disk store (batch 1), against the disk's own O_DIRECT
+  sequential read in the same run.
+Achieved link GB/s = bytes moved / (row time - plain graph time); the bound is
+bytes / raw pinned copy rate (same run) + plain graph time. Outputs of every row
+are compared bit for bit with plain's on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_kernel import moe  # noqa: E402
+
+from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache  # noqa: E402
+from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
+from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, HostStore,  # noqa: E402
+                                            TensorSpec)
+
+SHAPES = {  # L layers (of the real model's 32 / 48), E experts, K top-k, H, I
+    "mixtral": dict(L=8, E=8, K=2, H=4096, I=14336),
+    "qwen3": dict(L=8, E=128, K=8, H=2048, I=768),
+    "tiny": dict(L=4, E=8, K=2, H=64, I=128),
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+class Routing:
+    """Hidden states, ids and weights of every step, precomputed on the device.
+
+    uniform: independent random hidden states, no bias: every expert equally likely,
+      nothing predictable. local: a skewed mix (Zipf-like bias per layer) with
+      hidden states correlated across layers (0.95) and steps (0.9), so next-gate
+      prediction and reuse both have something to find."""
+
+    def __init__(self, shape, T, steps, mode, device, seed=0):
+        L, E, K, H = shape["L"], shape["E"], shape["K"], shape["H"]
+        g = torch.Generator(device=device).manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+        self.gates = rnd(L, E, H) / math.sqrt(H)
+        self.bias = torch.zeros(L, E, device=device)
+        h = torch.empty(steps, L, T, H, device=device)
+        if mode == "uniform":
+            h.copy_(rnd(steps, L, T, H))
+        else:
+            ranks = torch.stack([torch.randperm(E, generator=g, device=device)
+                                 for _ in range(L)]).float()
+            self.bias = -1.5 * torch.log1p(ranks)
+            prev = rnd(T, H)
+            for s in range(steps):
+                cur = 0.9 * prev + math.sqrt(1 - 0.81) * rnd(T, H)
+                prev = cur
+                for layer in range(L):
+                    h[s, layer] = cur
+                    cur = 0.95 * cur + math.sqrt(1 - 0.9025) * rnd(T, H)
+        logits = torch.einsum("slth,leh->slte", h, self.gates) + self.bias[None, :, None]
+        top, ids = logits.topk(K, dim=-1)
+        self.hidden = h.to(torch.bfloat16)  # [steps, L, T, H]
+        self.ids = ids.to(torch.int32)  # [steps, L, T, K]
+        self.weights = torch.softmax(top, dim=-1)  # [steps, L, T, K]
+        self.steps = steps
+
+
+class GatePredictor(Predictor):
+    """next-gate with the routing's bias: layer L+d's router on layer L's input."""
+    name = "next-gate"
+
+    def __init__(self, routing: Routing, depth: int, top_k: int):
+        super().__init__(depth, top_k, routing.gates.shape[0])
+        self._stacked = {}  # layer -> its targets' gates [D', E, H] and bias [D', 1, E]
+        for layer in range(self.num_layers):
+            t = list(self.targets(layer))
+            if t:
+                self._stacked[layer] = (routing.gates[t], routing.bias[t].unsqueeze(1))
+
+    def all_logits(self, layer, hidden):
+        gates, bias = self._stacked[layer]
+        return torch.einsum("th,deh->dte", hidden.float(), gates) + bias
+
+
+class OracleBufferPredictor(Predictor):
+    """Reads the true ids of later layers from the step's input buffer."""
+    name = "oracle"
+
+    def __init__(self, ids_buf: torch.Tensor, depth: int, top_k: int):
+        super().__init__(depth, top_k, ids_buf.shape[0])
+        self.ids_buf = ids_buf
+
+    def predict_ids(self, layer, hidden):
+        return [(t, self.ids_buf[t]) for t in self.targets(layer)]
+
+    def predict(self, layer, hidden):  # host mode
+        return [(t, sorted(set(self.ids_buf[t].reshape(-1).tolist())))
+                for t in self.targets(layer)]
+
+
+class Stack:
+    """Weights, stores and the static input buffers one step reads."""
+
+    def __init__(self, shape, T, device, disk_dir=None):
+        L, E, K, H, I = (shape[k] for k in "LEKHI")
+        self.shape, self.T, self.device = shape, T, device
+        self.layout = ExpertLayout((TensorSpec((2 * I, H), torch.bfloat16),
+                                    TensorSpec((H, I), torch.bfloat16)))
+        cuda = device.type == "cuda"
+        self.store = HostStore(self.layout, L, E, pin_memory=cuda)
+        g = torch.Generator(device=device).manual_seed(1)
+        self.w13, self.w2 = [], []
+        for layer in range(L):
+            w13 = (0.02 * torch.randn(E, 2 * I, H, generator=g, device=device)).bfloat16()
+            w2 = (0.02 * torch.randn(E, H, I, generator=g, device=device)).bfloat16()
+            for e in range(E):
+                self.store.put(layer, e, [w13[e], w2[e]])
+            self.w13.append(w13)
+            self.w2.append(w2)
+        self.store.seal()
+        self.disk = None
+        if disk_dir is not None:
+            self.disk = DiskStore(Path(disk_dir) / f"gpu_stack-{L}x{E}x{H}x{I}.experts",
+                                  self.layout, L, E, {"bench": "gpu_stack"})
+            if not self.disk.reused:
+                for layer in range(L):
+                    for e in range(E):
+                        self.disk.put(layer, e, self.store.views(layer, e))
+                self.disk.seal()
+        self.x = torch.zeros(L, T, H, dtype=torch.bfloat16, device=device)
+        self.ids = torch.zeros(L, T, K, dtype=torch.int32, device=device)
+        self.wts = torch.zeros(L, T, K, device=device)
+        self.out = torch.zeros(L, T, H, dtype=torch.bfloat16, device=device)
+
+    def load(self, routing: Routing, step: int) -> None:
+        s = step % routing.steps
+        self.x.copy_(routing.hidden[s])
+        self.ids.copy_(routing.ids[s])
+        self.wts.copy_(routing.weights[s])
+
+    # ---- one step of each kind ----------------------------------------------------
+
+    def plain_step(self) -> None:
+        for layer in range(self.shape["L"]):
+            self.out[layer] = moe(self.x[layer], self.w13[layer], self.w2[layer],
+                                  self.ids[layer], self.wts[layer])
+
+    def offload_step(self, cache) -> None:
+        for layer in range(self.shape["L"]):
+            slots = cache.map_to_slots(layer, self.ids[layer], self.x[layer])
+            self.out[layer] = moe(self.x[layer], cache.buffers[0], cache.buffers[1],
+                                  slots, self.wts[layer])
+
+    def stream_step(self) -> None:
+        """Every offloaded expert (the upper half of each layer) crosses the link."""
+        E = self.shape["E"]
+        for layer in range(self.shape["L"]):
+            for e in range(E // 2, E):
+                w13, w2 = self.store.views(layer, e)
+                self.w13[layer][e].copy_(w13, non_blocking=True)
+                self.w2[layer][e].copy_(w2, non_blocking=True)
+            self.out[layer] = moe(self.x[layer], self.w13[layer], self.w2[layer],
+                                  self.ids[layer], self.wts[layer])
+
+
+# ---- timing ------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def capture(step, device):
+    """A CUDA graph of `step` (warmed up on a side stream first, as torch asks)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_row(stack, routing, run, warmup, steps):
+    """ms per step over `steps` steps (inputs loaded in the timed loop for every row)."""
+    for s in range(warmup):
+        stack.load(routing, s)
+        run()
+    sync(stack.device)
+    t0 = time.perf_counter()
+    for s in range(warmup, warmup + steps):
+        stack.load(routing, s)
+        run()
+    sync(stack.device)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def output_of(stack, routing, run, step=0):
+    stack.load(routing, step)
+    run()
+    sync(stack.device)
+    return stack.out.clone()
+
+
+def link_gbs(device, nbytes=256 << 20, reps=10) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    sync(device)
+    return nbytes * reps / (time.perf_counter() - t0) / 1e9
+
+
+def disk_gbs(store: DiskStore, limit=4 << 30) -> float:
+    """The disk's own sequential read rate of the store file (O_DIRECT where allowed)."""
+    chunk = 16 << 20
+    buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    view = memoryview(buf.numpy())
+    flags = os.O_RDONLY
+    if buf.data_ptr() % 4096 == 0:  # O_DIRECT needs an aligned buffer
+        flags |= getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(store.path, flags)
+    except OSError:  # a file system without O_DIRECT: buffered, cache dropped
+        fd = os.open(store.path, os.O_RDONLY)
+    size = min(os.fstat(fd).st_size // 4096 * 4096, limit)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    t0 = time.perf_counter()
+    for off in range(0, size, chunk):
+        os.preadv(fd, [view[:min(chunk, size - off)]], off)
+    seconds = time.perf_counter() - t0
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    return size / seconds / 1e9
+
+
+# ---- rows --------------------------------------------------------------------------
+
+def run_shape(name, shape, T, args, device, disk_dir):
+    L, E, K = shape["L"], shape["E"], shape["K"]
+    cuda = device.type == "cuda"
+    with_disk = T == 1 and name in args.disk_shapes
+    stack = Stack(shape, T, device, disk_dir if with_disk else None)
+    uniform = Routing(shape, T, args.warmup + args.steps, "uniform", device)
+    local = Routing(shape, T, args.warmup + args.steps, "local", device, seed=1)
+    half = L * E // 2
+    rows = []
+    ref = {}  # routing name -> plain output of step 0
+
+    def row(label, routing_name, routing, run, graph, cache=None, extra=None, steps=None):
+        step_run = capture(run, device) if graph else run
+        before = _moved(cache)
+        steps = steps or args.steps
+        ms = time_row(stack, routing, step_run, args.warmup, steps)
+        after = _moved(cache)
+        if routing_name not in ref:
+            ref[routing_name] = output_of(stack, routing, plain_eager)
+        same = torch.equal(output_of(stack, routing, step_run), ref[routing_name])
+        misses = (after[0] - before[0]) / steps
+        nbytes = (after[1] - before[1]) / steps
+        r = dict(shape=name, batch=T, row=label, routing=routing_name, ms=ms,
+                 misses_per_step=misses, mib_per_step=nbytes / 2**20, identical=same,
+                 mode=getattr(cache, "mode", "-"), graph=graph)
+        r.update(extra or {})
+        rows.append(r)
+        print(f"  {name} T={T} {label:22s} {routing_name:7s} {ms:9.3f} ms  "
+              f"{misses:7.1f} miss  {nbytes / 2**20:9.1f} MiB  identical={same}", flush=True)
+        return r
+
+    plain_eager = stack.plain_step
+    row("plain eager", "uniform", uniform, plain_eager, False)
+    if cuda:
+        row("plain graph", "uniform", uniform, plain_eager, True)
+    cache, _ = make_expert_cache(stack.store, L * E, device)
+    warm_all(stack, cache)
+    row("resident", "uniform", uniform, lambda: stack.offload_step(cache), cuda, cache)
+    del cache
+    for rname, routing in (("uniform", uniform), ("local", local)):
+        for label, predictor in (("S50 on-demand", None),
+                                 ("S50 prefetch", GatePredictor(routing, 2, K)),
+                                 ("S50 oracle", OracleBufferPredictor(stack.ids, 2, K))):
+            cache, _ = make_expert_cache(stack.store, half, device, predictor=predictor)
+            row(label, rname, routing, lambda c=cache: stack.offload_step(c), cuda, cache)
+            del cache
+            _free(device)
+    if cuda:
+        host = ExpertCache(stack.store, half, device)
+        row("S50 host mode", "uniform", uniform, lambda: stack.offload_step(host), False, host)
+        del host
+    row("stream (cpu-offload)", "uniform", uniform, stack.stream_step, cuda,
+        extra=dict(mib_per_step=L * (E - E // 2) * stack.layout.expert_bytes / 2**20))
+    if stack.disk is not None:
+        disk_rate = disk_gbs(stack.disk)
+        cache = ExpertCache(stack.disk, half, device)
+        r = row("S50 disk (host mode)", "uniform", uniform,
+                lambda: stack.offload_step(cache), False, cache, steps=args.disk_steps)
+        t = cache.stats.totals()
+        r["disk_seq_gbs"] = disk_rate
+        r["disk_to_slot_gbs"] = t.bytes_loaded / t.load_seconds / 1e9 if t.load_seconds else 0
+        r["direct_io"] = stack.disk.uses_direct_io
+        print(f"  disk: sequential {disk_rate:.2f} GB/s, into slots "
+              f"{r['disk_to_slot_gbs']:.2f} GB/s (O_DIRECT: {r['direct_io']})")
+        stack.disk.close()
+        os.unlink(stack.disk.path)
+    del stack
+    _free(device)
+    return rows
+
+
+def warm_all(stack, cache):
+    """Load every expert once (all-resident rows)."""
+    E = stack.shape["E"]
+    every = torch.arange(E, dtype=torch.int32, device=stack.device).view(-1, 1)
+    for layer in range(stack.shape["L"]):
+        cache.map_to_slots(layer, every)
+    sync(stack.device)
+
+
+def _moved(cache) -> tuple[float, float]:
+    if cache is None:
+        return 0.0, 0.0
+    t = cache.sync_stats().totals()
+    return float(t.misses), float(t.bytes_loaded)
+
+
+def _free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- report ------------------------------------------------------------------------
+
+def finish(rows, link, device):
+    base = {(r["shape"], r["batch"]): r["ms"] for r in rows
+            if r["row"] == ("plain graph" if device.type == "cuda" else "plain eager")}
+    for r in rows:
+        compute = base[(r["shape"], r["batch"])]
+        nbytes = r["mib_per_step"] * 2**20
+        r["x_plain"] = r["ms"] / compute
+        r["bound_ms"] = compute + (nbytes / link / 1e6 if link == link else 0.0)
+        r["x_bound"] = r["ms"] / r["bound_ms"]
+        extra = r["ms"] - compute
+        r["link_gbs"] = nbytes / extra / 1e6 if nbytes and extra > 0 else None
+    lines = [f"Raw pinned host -> GPU copy: {link:.1f} GB/s (same run)", "",
+             "| shape | batch | row | routing | ms/step | x plain graph | misses/step | "
+             "MiB/step | link GB/s | bound ms | x bound | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['row']} | {r['routing']} | {r['ms']:.3f} | "
+            f"{r['x_plain']:.3f} | {r['misses_per_step']:.1f} | {r['mib_per_step']:.1f} | "
+            f"{gbs} | {r['bound_ms']:.3f} | {r['x_bound']:.3f} | {r['identical']} |")
+    for r in rows:
+        if "disk_seq_gbs" in r:
+            lines.append(f"\nDisk ({r['shape']}): sequential read {r['disk_seq_gbs']:.2f} GB/s, "
+                         f"disk -> slot {r['disk_to_slot_gbs']:.2f} GB/s "
+                         f"({r['disk_to_slot_gbs'] / r['disk_seq_gbs']:.0%}), "
+                         f"O_DIRECT {r['direct_io']}")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["shape"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 2.6 * len(groups)), squeeze=False)
+    for ax, (shape, batch) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if (r["shape"], r["batch"]) == (shape, batch)]
+        labels = [f"{r['row']}\n{r['routing']}" for r in sel]
+        ax.bar(range(len(sel)), [r["x_plain"] for r in sel], color="tab:blue")
+        ax.plot(range(len(sel)), [r["bound_ms"] * r["x_plain"] / r["ms"] for r in sel],
+                "k_", ms=18, label="bound: misses x bytes / link + plain")
+        ax.set_xticks(range(len(sel)), labels, fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel("x plain graph")
+        ax.set_title(f"{shape}, batch {batch}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="*", default=None)
+    p.add_argument("--batches", nargs="*", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--disk-shapes", nargs="*", default=["qwen3", "tiny"],
+                   help="shapes that get the disk row (batch 1)")
+    p.add_argument("--disk-steps", type=int, default=4)
+    p.add_argument("--disk-dir", default=None)
+    p.add_argument("--out", default=str(RESULTS), help="folder for gpu_stack.{md,json,png}")
+    p.add_argument("--name", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shapes = args.shapes or (["mixtral", "qwen3"] if cuda else ["tiny"])
+    batches = args.batches or ([1, 16, 64] if cuda else [1, 4])
+    link = link_gbs(device)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:
+        for name in shapes:
+            for T in batches:
+                rows += run_shape(name, SHAPES[name], T, args, device, tmp)
+    table = finish(rows, link, device)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or ("gpu_stack" if cuda else "gpu_stack_cpu")
+    gpu = torch.cuda.get_device_name(device) if cuda else "CPU"
+    command = "python3 benchmarks/gpu_stack.py " + " ".join(sys.argv[1:])
+    (out / f"{stem}.md").write_text(f"Device: {gpu}, torch {torch.__version__}. "
+                                    f"Command: `{command}`\n\n{table}\n")
+    (out / f"{stem}.json").write_text(json.dumps(dict(link_gbs=link, rows=rows), indent=2))
+    plot(rows, out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Device mode on CUDA: residency on the GPU, no host sync, CUDA graphs, disk tier."""
+
+import pytest
+import torch
+
+from tests.unit.runtime import device_cases
+from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache
+from vllm_moe_offload.runtime.store import DiskStore, ExpertLayout, HostStore, TensorSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+H, I = 256, 512
+LAYOUT = ExpertLayout((TensorSpec((2 * I, H), torch.bfloat16),
+                       TensorSpec((H, I), torch.bfloat16)))
+
+
+@pytest.mark.parametrize("case", sorted(device_cases.CASES))
+def test_device_cases_on_cuda(case):
+    device_cases.CASES[case]("cuda")
+
+
+def moe(x, w13, w2, ids, weights):
+    """Reference MoE: x [T, H], w13 [N, 2I, H], w2 [N, H, I] -> [T, H]."""
+    gate, up = torch.einsum("th,tkih->tki", x, w13[ids]).chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up  # [T, K, I]
+    return torch.einsum("tki,tkhi,tk->th", act, w2[ids], weights)
+
+
+class Script:
+    """Per layer: static inputs a graph reads, and a fresh routing per step."""
+
+    def __init__(self, L, E, T, K, seed=0):
+        self.L, self.E, self.T, self.K = L, E, T, K
+        self.gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.x = torch.zeros(L, T, H, dtype=torch.bfloat16, device="cuda")
+        self.ids = torch.zeros(L, T, K, dtype=torch.int64, device="cuda")
+        self.w = torch.zeros(L, T, K, dtype=torch.bfloat16, device="cuda")
+        self.out = torch.zeros(L, T, H, dtype=torch.bfloat16, device="cuda")
+
+    def next(self):
+        self.x.copy_(torch.randn(self.x.shape, generator=self.gen, device="cuda"))
+        scores = torch.rand(self.L, self.T, self.E, generator=self.gen, device="cuda")
+        top, ids = scores.topk(self.K, dim=-1)
+        self.ids.copy_(ids)
+        self.w.copy_(top / top.sum(-1, keepdim=True))
+
+    def expected(self, full13, full2):
+        return torch.stack([moe(self.x[l], full13[l], full2[l], self.ids[l], self.w[l])
+                            for l in range(self.L)])
+
+
+class TruePredictor:
+    """Predicts the script's real ids for the next layers (read from the buffer)."""
+
+    def __init__(self, script, depth):
+        self.script, self.depth, self.num_layers = script, depth, script.L
+
+    def predict_ids(self, layer, hidden):
+        return [(t, self.script.ids[t]) for t in range(
+            layer + 1, min(layer + self.depth, self.num_layers - 1) + 1)]
+
+
+def stacked(full, L, E):
+    w13 = torch.stack([torch.stack([full[(l, e)][0] for e in range(E)]) for l in range(L)])
+    w2 = torch.stack([torch.stack([full[(l, e)][1] for e in range(E)]) for l in range(L)])
+    return w13.cuda(), w2.cuda()
+
+
+@pytest.mark.parametrize("num_slots,predict", [(8, False), (12, True), (20, True), (64, False)])
+def test_graphed_steps_match_all_resident(num_slots, predict):
+    """A whole step of L layers in one CUDA graph, replayed with new routing: every
+    replay's outputs equal the all-resident reference, bit for bit. With a pool of
+    one layer (S = E) every call evicts; with a predictor, prefetch fills run on the
+    copy stream beside the compute stream. A slot overwritten while a queued kernel
+    still read it would show up as a wrong output here."""
+    L, E, T, K = 8, 8, 4, 2
+    store, full = device_cases.make_store(L, E, LAYOUT, pinned=True)
+    full13, full2 = stacked(full, L, E)
+    script = Script(L, E, T, K, seed=num_slots)
+    predictor = TruePredictor(script, depth=2) if predict else None
+    cache, why = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
+    assert why is None and cache.mode == "device"
+
+    def step():
+        for l in range(L):
+            slots = cache.map_to_slots(l, script.ids[l], script.x[l])
+            script.out[l] = moe(script.x[l], cache.buffers[0], cache.buffers[1], slots,
+                                script.w[l])
+
+    script.next()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(12):
+        script.next()
+        graph.replay()
+        torch.testing.assert_close(script.out, script.expected(full13, full2), rtol=0, atol=0)
+    t = cache.sync_stats().totals()
+    assert t.calls == (12 + 1) * L  # warm-up step + replays (capture runs nothing)
+    if num_slots < L * E:
+        assert t.misses + t.prefetched > 0 and t.evictions > 0
+    if predict:
+        assert t.prefetch_hits > 0
+    device_cases.check_state(cache)
+
+
+def test_no_host_sync_in_a_layer_call():
+    """With every expert resident, and with misses and prefetch, a layer call never
+    synchronizes with the host (torch raises on any sync in this mode)."""
+    L, E = 4, 8
+    store, full = device_cases.make_store(L, E, LAYOUT, pinned=True)
+    script = Script(L, E, 2, 2)
+    for num_slots, predictor in ((L * E, None), (E + 2, TruePredictor(script, 2))):
+        cache, _ = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
+        script.next()
+        for l in range(L):  # compile the kernels first (compiling may sync)
+            cache.map_to_slots(l, script.ids[l], script.x[l])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                script.next()
+                for l in range(L):
+                    cache.map_to_slots(l, script.ids[l], script.x[l])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        device_cases.check_state(cache)
+
+
+def test_pinned_store_is_read_in_place_through_a_cuda_alias():
+    from vllm_moe_offload.runtime.device_cache import _device_alias
+
+    host = torch.arange(1 << 20, dtype=torch.int32).pin_memory()
+    alias = _device_alias(host)
+    assert alias.is_cuda and alias.data_ptr() == host.data_ptr()
+    assert torch.equal(alias[12345:12400].cpu(), host[12345:12400])
+
+
+def test_disk_store_reads_into_cuda_slots(tmp_path):
+    L, E = 2, 4
+    layout = ExpertLayout((TensorSpec((2 * I, H), torch.bfloat16),
+                           TensorSpec((H, 3 * I), torch.bfloat16)))
+    store = DiskStore(tmp_path / "s.experts", layout, L, E, {"model": "t"})
+    g = torch.Generator(device="cuda").manual_seed(0)
+    want = {}
+    for l in range(L):
+        for e in range(E):
+            w = [torch.randn(s.shape, generator=g, device="cuda").to(s.dtype)
+                 for s in layout.tensors]
+            store.put(l, e, w)  # put takes tensors on any device
+            want[(l, e)] = w
+    store.seal()
+    slots = [torch.zeros((3, *s.shape), dtype=s.dtype, device="cuda") for s in layout.tensors]
+    for i, (l, e) in enumerate([(0, 1), (1, 3), (0, 0), (1, 2), (0, 3)]):
+        assert store.read_into(l, e, [b[i % 3] for b in slots]) == layout.expert_bytes
+        torch.cuda.synchronize()
+        for b, w in zip(slots, want[(l, e)]):
+            assert torch.equal(b[i % 3], w)
+    store.close()
+
+
+def test_disk_store_under_host_mode_matches_all_resident(tmp_path):
+    L, E, T, K = 4, 8, 3, 2
+    host, full = device_cases.make_store(L, E, LAYOUT, pinned=True)
+    disk = DiskStore(tmp_path / "d.experts", LAYOUT, L, E, {"model": "t"})
+    for (l, e), w in full.items():
+        disk.put(l, e, w)
+    disk.seal()
+    cache, why = make_expert_cache(disk, E + 4, "cuda")
+    assert isinstance(cache, ExpertCache) and "disk" in why
+    full13, full2 = stacked(full, L, E)
+    script = Script(L, E, T, K)
+    for _ in range(4):
+        script.next()
+        for l in range(L):
+            slots = cache.map_to_slots(l, script.ids[l])
+            script.out[l] = moe(script.x[l], cache.buffers[0], cache.buffers[1], slots,
+                                script.w[l])
+        torch.testing.assert_close(script.out, script.expected(full13, full2), rtol=0, atol=0)
+    t = cache.stats.totals()
+    assert t.misses > 0 and t.bytes_loaded == t.misses * LAYOUT.expert_bytes

@@ -1,0 +1,211 @@
+"""Device-mode cases, run on a CUDA GPU (tests/gpu) and, without one, in Triton's
+interpreter on the CPU (test_device_cache.py runs this file in a subprocess with
+TRITON_INTERPRET=1: the variable must be set before Triton compiles anything).
+
+Each case checks what a kernel must guarantee: every slot id a call returns holds
+exactly the routed expert's bytes, the device state stays consistent, the counters
+add up, and no slot a call uses is ever a victim.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from vllm_moe_offload.core.slot_pool import ExpertKey
+from vllm_moe_offload.runtime import residency_kernels as K
+from vllm_moe_offload.runtime.device_cache import DeviceExpertCache
+from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
+
+LAYOUT = ExpertLayout((TensorSpec((6, 8), torch.bfloat16), TensorSpec((8, 3), torch.bfloat16)))
+
+
+def make_store(L, E, layout=LAYOUT, pinned=False):
+    store = HostStore(layout, L, E, pin_memory=pinned)
+    g = torch.Generator().manual_seed(0)
+    full = {}
+    for layer in range(L):
+        for e in range(E):
+            w = [torch.randn(s.shape, generator=g).to(s.dtype) for s in layout.tensors]
+            store.put(layer, e, w)
+            full[(layer, e)] = w
+    store.seal()
+    return store, full
+
+
+def check_slots(cache, full, layer, ids, slots):
+    """Every routed (token, k) reads the right expert from its slot."""
+    for e, s in zip(ids.reshape(-1).tolist(), slots.reshape(-1).tolist()):
+        for buf, want in zip(cache.buffers, full[(layer, e)]):
+            assert torch.equal(buf[s].cpu(), want), f"layer {layer} expert {e} slot {s}"
+
+
+def check_state(cache):
+    """table and owner agree; free slots carry no flags; locks are counted."""
+    E = cache.experts_per_layer
+    table, owner = cache.table.tolist(), cache.owner.tolist()
+    flags, state = cache.flags.tolist(), cache.state.tolist()
+    for key, slot in enumerate(table):
+        if slot >= 0:
+            assert owner[slot] == key, f"key {key} -> slot {slot} owned by {owner[slot]}"
+    for slot, key in enumerate(owner):
+        if key >= 0:
+            assert table[key] == slot, f"slot {slot} owner {key} but table {table[key]}"
+        else:
+            assert flags[slot] == 0, f"free slot {slot} has flags {flags[slot]}"
+        assert not flags[slot] & K.TAKEN.value
+    protect = sum(1 for f in flags if f & K.PROTECT.value)
+    assert state[K.LOCKS.value] == protect, (state, protect)
+    assert state[K.ERROR.value] == 0
+    assert len({k for k in owner if k >= 0}) == sum(1 for k in owner if k >= 0)
+    assert all(0 <= k < cache.num_layers * E for k in owner if k >= 0)
+
+
+def routing(gen, T, E, K_, device):
+    return torch.rand(T, E, generator=gen).topk(K_).indices.to(torch.int32).to(device)
+
+
+class FixedPredictor:
+    """Predicts what the test tells it (an oracle over a script of future calls)."""
+
+    def __init__(self, depth, num_layers):
+        self.depth, self.num_layers = depth, num_layers
+        self.next: dict[int, torch.Tensor] = {}
+
+    def predict_ids(self, layer, hidden):
+        return [(t, self.next[t]) for t in range(layer + 1, min(layer + self.depth,
+                                                               self.num_layers - 1) + 1)
+                if t in self.next]
+
+
+def case_small_pools_hold_the_right_bytes(device):
+    L, E = 4, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    for num_slots in (E, E + 3, L * E // 2, L * E):
+        cache = DeviceExpertCache(store, num_slots, device)
+        gen = torch.Generator().manual_seed(num_slots)
+        distinct = 0
+        for step in range(3):
+            for layer in range(L):
+                ids = routing(gen, 5, E, 2, device)
+                distinct += len(set(ids.reshape(-1).tolist()))
+                slots = cache.map_to_slots(layer, ids)
+                assert slots.dtype == ids.dtype and slots.shape == ids.shape
+                check_slots(cache, full, layer, ids, slots)
+            check_state(cache)
+        t = cache.sync_stats().totals()
+        assert t.hits + t.misses == distinct
+        assert t.calls == 3 * L
+        assert t.bytes_loaded == t.misses * LAYOUT.expert_bytes
+        assert (t.evictions == 0) == (num_slots == L * E)
+        assert t.misses >= min(num_slots, L * E) or num_slots == L * E
+
+
+def case_all_resident_only_misses_once(device):
+    L, E = 3, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, L * E, device)
+    every = torch.arange(E, dtype=torch.int64, device=device).view(4, 2)
+    for layer in range(L):
+        cache.map_to_slots(layer, every)
+    before = cache.sync_stats().totals().misses
+    assert before == L * E
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        for layer in range(L):
+            ids = routing(gen, 3, E, 2, device).long()
+            check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
+    t = cache.sync_stats().totals()
+    assert t.misses == before and t.evictions == 0
+
+
+def case_a_call_never_evicts_its_own_experts(device):
+    """S = E: a call that needs all E experts of its layer must hold all of them."""
+    L, E = 3, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, E, device)
+    every = torch.arange(E, dtype=torch.int32, device=device).flip(0).view(2, 4)
+    for step in range(2):
+        for layer in range(L):
+            slots = cache.map_to_slots(layer, every)
+            assert sorted(slots.reshape(-1).tolist()) == list(range(E))
+            check_slots(cache, full, layer, every, slots)
+            check_state(cache)
+
+
+def case_prefetch_covers_predicted_misses(device):
+    L, E = 4, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    pred = FixedPredictor(depth=2, num_layers=L)
+    cache = DeviceExpertCache(store, 2 * E, device, predictor=pred)
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.zeros(1, 4, device=device)
+    for step in range(3):
+        script = [routing(gen, 1, E, 2, device) for _ in range(L)]
+        pred.next = dict(enumerate(script))
+        for layer in range(L):
+            slots = cache.map_to_slots(layer, script[layer], hidden)
+            check_slots(cache, full, layer, script[layer], slots)
+        check_state(cache)
+    s = cache.sync_stats()
+    t = s.totals()
+    assert t.prefetched > 0 and t.prefetch_hits == t.prefetched and t.prefetch_wasted == 0
+    # Every layer after the first is predicted exactly: it never misses.
+    assert sum(s.layer(layer).misses for layer in range(1, L)) == 0
+    assert t.bytes_loaded == (t.misses + t.prefetched) * LAYOUT.expert_bytes
+    assert s.layer(2).predictions[1][0] == s.layer(2).predictions[1][1] > 0
+
+
+def case_wrong_predictions_are_wasted_not_wrong(device):
+    L, E = 4, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    pred = FixedPredictor(depth=1, num_layers=L)
+    cache = DeviceExpertCache(store, E + 2, device, predictor=pred)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.zeros(1, 4, device=device)
+    for step in range(4):
+        script = [routing(gen, 2, E, 2, device) for _ in range(L)]
+        pred.next = {t: routing(gen, 1, E, 2, device) for t in range(L)}  # noise
+        for layer in range(L):
+            slots = cache.map_to_slots(layer, script[layer], hidden)
+            check_slots(cache, full, layer, script[layer], slots)
+        check_state(cache)
+    t = cache.sync_stats().totals()
+    assert t.prefetched == t.prefetch_hits + t.prefetch_wasted
+    assert t.prefetched <= 2 * (L - 1) * 4  # the budget (2 slots) bounds each call
+
+
+def case_plan_stays_resident(device):
+    L, E = 3, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, E + 4, device)
+    plan = [ExpertKey(0, 1), ExpertKey(2, 5), ExpertKey(1, 7)]
+    added, removed = cache.set_plan(plan)
+    assert added == plan and removed == [] and cache.prefetch_budget == 1
+    gen = torch.Generator().manual_seed(4)
+    for step in range(3):
+        for layer in range(L):
+            ids = routing(gen, 4, E, 2, device)
+            check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
+        mask = cache.resident_mask()
+        assert all(mask[k.layer, k.expert] for k in plan)
+        check_state(cache)
+    added, removed = cache.set_plan(plan[:1])
+    assert added == [] and removed == plan[1:] and cache.prefetch_budget == 3
+    assert cache.sync_stats().layer(0).planned_loads == 1
+
+
+CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+if __name__ == "__main__":  # python device_cases.py DEVICE: JSON {case: error or null}
+    results = {}
+    for name, fn in CASES.items():
+        try:
+            fn(sys.argv[1])
+            results[name] = None
+        except Exception as e:  # report every case, not only the first failure
+            results[name] = f"{type(e).__name__}: {e}"
+    print(json.dumps(results))

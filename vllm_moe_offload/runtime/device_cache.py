@@ -1,0 +1,310 @@
+"""Expert residency kept on the GPU: no host sync per layer call, CUDA graphs kept.
+
+Legend: T = tokens, K = top-k, L = MoE layers, E = experts per layer, S = slots,
+d = prefetch distance, D = prefetch depth.
+
+`DeviceExpertCache` has `ExpertCache`'s interface, but the slot table, the owner of
+each slot, the eviction order (CLOCK) and the counters live in device memory and
+only the kernels of `residency_kernels.py` touch them while the model runs. A layer
+call is two launches on the current stream (resolve, then fill) and no host work
+that depends on data, so it can be captured in a CUDA graph. A miss is served at
+link speed: fill reads the expert from the pinned host store in place (UVA) and
+writes it into its slot; vLLM's kernel then reads the slot.
+
+Prefetch (a predictor) runs on the device too: the predicted ids of layer L+d go
+through `prefetch_kernel` on the compute stream, and their fill runs on a copy
+stream that first waits for the compute stream; the call of layer L+d waits for
+that fill with an event. Nothing waits on the host.
+
+Synchronisation rules (why a slot is never overwritten while a kernel reads it):
+NOTE #1: every table/owner/flags change happens on the compute stream, in order,
+  inside resolve/prefetch kernels; kernels queued before a change read the old
+  table, kernels queued after it read the new one.
+NOTE #2: a demand fill runs on the compute stream, after every earlier kernel, so
+  its victim slot has no reader left.
+NOTE #3: a prefetch fill runs on the copy stream after the compute stream's point
+  of the prefetch, so earlier kernels are done; only the current layer's own MoE
+  kernel can run beside it, and its slots are never victims (they are in use).
+  A prefetched slot is PROTECT until its target call settles it, so no other
+  victim search can pick it while its fill may still be in flight.
+NOTE #4: the pool must hold one layer call, the plan and the prefetch budget:
+  S >= E + planned + budget, so a victim always exists (the kernel flags an error
+  otherwise, and `sync_stats` raises it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.slot_pool import ExpertKey
+from ..core.stats import OffloadStats
+from . import residency_kernels as K
+from .store import HostStore
+
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _device_alias(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor over the pinned host tensor `t`: kernels read it in place over
+    the link (unified addressing maps pinned memory at the same address)."""
+    if t.device.type == "cuda" or not torch.cuda.is_available():
+        return t
+    typestr = {torch.int64: "<i8", torch.int32: "<i4", torch.int16: "<i2",
+               torch.uint8: "|u1"}[t.dtype]
+
+    class _Interface:
+        __cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": typestr,
+                                    "data": (t.data_ptr(), False), "version": 3,
+                                    "strides": None}
+
+    try:
+        return torch.as_tensor(_Interface(), device="cuda")
+    except (RuntimeError, TypeError):  # Triton also accepts the pinned tensor itself
+        return t
+
+
+class DeviceExpertCache:
+    mode = "device"
+    trace = None
+
+    def __init__(self, store: HostStore, num_slots: int, device: torch.device | str,
+                 stats: OffloadStats | None = None, predictor=None,
+                 prefetch_budget_slots: int | None = None):
+        self.store = store
+        self.device = torch.device(device)
+        L, E = store.num_layers, store.experts_per_layer
+        self.num_layers, self.experts_per_layer, self.num_slots = L, E, num_slots
+        if num_slots < E:
+            raise ValueError(f"a pool of {num_slots} slots cannot hold one layer's "
+                             f"{E} experts")
+        self.stats = stats or OffloadStats()
+        self.predictor = predictor
+        self.depth = predictor.depth if predictor is not None else 0
+        room = num_slots - E  # NOTE #4
+        self._budget_cfg = room if prefetch_budget_slots is None else min(
+            prefetch_budget_slots, room)
+        self.prefetch_budget = self._budget_cfg
+        self._planned: dict[ExpertKey, int] = {}
+        self._host_evictions = [0] * L  # made by set_plan on the host
+        self.stats.untimed = True  # loads are not timed: timing them would sync
+        dev, i32 = self.device, torch.int32
+        self.buffers = [torch.zeros((num_slots, *spec.shape), dtype=spec.dtype, device=dev)
+                        for spec in store.layout.tensors]
+        # Device state (see residency_kernels.py).
+        self.table = torch.full((L * E,), -1, dtype=i32, device=dev)
+        self.owner = torch.full((num_slots,), -1, dtype=i32, device=dev)
+        self.flags = torch.zeros(num_slots, dtype=i32, device=dev)
+        self.state = torch.zeros(4, dtype=i32, device=dev)
+        self.state[int(K.BUDGET.value)] = self.prefetch_budget  # read by graphs, too
+        self.counters = torch.zeros((L, int(K.NSTAT.value)), dtype=torch.int64, device=dev)
+        depth = max(self.depth, 1)
+        self.pred_counts = torch.zeros((L, depth, 3), dtype=torch.int64, device=dev)
+        self._pmask = torch.zeros((L, depth, E), dtype=i32, device=dev)
+        self._pvalid = torch.zeros((L, depth), dtype=i32, device=dev)
+        self._need = torch.zeros(E, dtype=i32, device=dev)
+        self._victims = torch.zeros(E, dtype=i32, device=dev)
+        self._jobs = torch.full((2, E), -1, dtype=i32, device=dev)  # key, slot
+        self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
+        self._e_pad = K.next_pow2(E)
+        self._ch = min(K.next_pow2(num_slots), 1024)
+        self._setup_fill(store)
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._ready = [torch.cuda.Event() for _ in range(L)] if self._cuda else []
+        self._pending: set[int] = set()  # targets whose prefetch fill this step issued
+
+    def _setup_fill(self, store: HostStore) -> None:
+        """Fill copies words: the widest integer that divides every size and offset."""
+        specs = store.layout.tensors
+        if len(specs) > 4:
+            raise NotImplementedError("device mode copies at most 4 tensors per expert")
+        sizes, offsets, off = [s.nbytes for s in specs], [], 0
+        for n in sizes:
+            offsets.append(off)
+            off += n
+        word = next(w for w in (8, 4, 2, 1) if all(
+            x % w == 0 for x in (*sizes, *offsets, store.layout.record_bytes)))
+        dtype = _WORDS[word]
+        if self.device.type == "cuda" and not store._data.is_pinned():
+            raise ValueError("device mode needs the host store in pinned memory")
+        self._src = _device_alias(store._data.view(dtype))
+        self._record_words = store.layout.record_bytes // word
+        dst = [(b.view(-1).view(dtype), o // word, n // word)
+               for b, o, n in zip(self.buffers, offsets, sizes)]
+        dst += [dst[0]] * (4 - len(dst))
+        self._fill_args = [x for d in dst for x in d]
+        self._nt = len(specs)
+        self._word_block = max(256, 16384 // word)  # 16 KiB of copy in flight per program
+
+    # ---- sizes and queries ------------------------------------------------------------
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.store.layout.expert_bytes
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def slot_views(self, slot: int) -> list[torch.Tensor]:
+        return [b[slot] for b in self.buffers]
+
+    def resident_mask(self) -> torch.Tensor:
+        """[L, E] bool on the host (a sync: call it between steps)."""
+        return (self.table >= 0).view(self.num_layers, self.experts_per_layer).cpu()
+
+    def resident(self, layer: int) -> list[int]:
+        return self.resident_mask()[layer].nonzero().flatten().tolist()
+
+    # ---- one layer call ---------------------------------------------------------------
+
+    def map_to_slots(self, layer: int, topk_ids: torch.Tensor,
+                     hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, K] expert ids of `layer` -> [T, K] slot ids, on the device only."""
+        if self._cuda and layer in self._pending:  # this layer's prefetch fill
+            self._pending.discard(layer)
+            torch.cuda.current_stream(self.device).wait_event(self._ready[layer])
+        ids = topk_ids.reshape(-1).contiguous()
+        n = ids.numel()
+        out = torch.empty_like(ids)
+        if n == 0:
+            return out.view(topk_ids.shape)
+        jobs = min(self.experts_per_layer, n)
+        E = self.experts_per_layer
+        K.resolve_kernel[(1,)](
+            ids, n, out, layer, self.table, self.owner, self.flags, self.state,
+            self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
+            self._pmask, self._pvalid, self.pred_counts, self.num_slots, E, jobs,
+            DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=self._id_block(n), CH=self._ch)
+        self._fill(self._jobs, jobs)
+        if self.predictor is not None and hidden is not None:
+            self._prefetch(layer, hidden)
+        return out.view(topk_ids.shape)
+
+    def _fill(self, jobs: torch.Tensor, num_jobs: int) -> None:
+        parts = max(4, min(128, 512 // num_jobs))
+        K.fill_kernel[(num_jobs, parts)](
+            self._src, jobs[0], jobs[1], self._record_words, *self._fill_args,
+            NT=self._nt, PARTS=parts, BLOCK=self._word_block)
+
+    @staticmethod
+    def _id_block(n: int) -> int:
+        return min(K.next_pow2(n), 1024)
+
+    # ---- prefetch ---------------------------------------------------------------------
+
+    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        predicted = self.predictor.predict_ids(layer, hidden)  # [(target, ids)], device
+        if not predicted:
+            return
+        E = self.experts_per_layer
+        launches = []
+        for target, ids in predicted:
+            d = target - layer
+            ids = ids.reshape(-1).contiguous()
+            n = ids.numel()
+            jobs = min(E, n)  # not the budget: it lives on the device and may change
+            pjobs = self._pjobs[layer, d - 1]
+            K.prefetch_kernel[(1,)](
+                ids, n, layer, target, d, self.table, self.owner,
+                self.flags, self.state, self._need, self._victims, pjobs[0], pjobs[1],
+                self.counters, self._pmask, self._pvalid, self.num_slots, E, jobs,
+                DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=self._id_block(n),
+                CH=self._ch)
+            launches.append((target, pjobs, jobs))
+        if not self._cuda:  # the Triton interpreter (tests): no streams
+            for _, pjobs, jobs in launches:
+                self._fill(pjobs, jobs)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)  # NOTE #3
+        with torch.cuda.stream(self._copy_stream):
+            for target, pjobs, jobs in launches:
+                self._fill(pjobs, jobs)
+                self._ready[target].record(self._copy_stream)
+                self._pending.add(target)
+
+    # ---- residency plan (between steps; syncs) --------------------------------------
+
+    @property
+    def planned(self) -> list[ExpertKey]:
+        return list(self._planned)
+
+    def set_plan(self, keys: list[ExpertKey]) -> tuple[list[ExpertKey], list[ExpertKey]]:
+        """Keep exactly `keys` pinned resident; load the missing ones now (on the
+        compute stream, ordered after every queued kernel). Between steps only:
+        it reads the device state back (a sync)."""
+        keys = list(dict.fromkeys(keys))
+        E = self.experts_per_layer
+        room = self.num_slots - E
+        if len(keys) > room:
+            raise ValueError(f"a residency plan of {len(keys)} experts leaves no room for "
+                             f"one layer call ({E} of {self.num_slots} slots); plan at "
+                             f"most {room}")
+        table, owner, flags = (t.tolist() for t in (self.table, self.owner, self.flags))
+        pinned, locked = int(K.PINNED.value), int(K.PINNED.value | K.PROTECT.value)
+        wanted = set(keys)
+        removed = [k for k in self._planned if k not in wanted]
+        for k in removed:
+            flags[self._planned.pop(k)] &= ~pinned
+        added = [k for k in keys if k not in self._planned]
+        for k in added:  # pin the resident ones first: they must not become victims
+            slot = table[k.layer * E + k.expert]
+            if slot >= 0:
+                flags[slot] |= pinned
+                self._planned[k] = slot
+        victims = iter(sorted((s for s in range(self.num_slots) if not flags[s] & locked),
+                              key=lambda s: owner[s] >= 0))  # free slots first
+        for k in added:
+            if k in self._planned:
+                continue
+            slot, key = next(victims), k.layer * E + k.expert
+            if owner[slot] >= 0:
+                table[owner[slot]] = -1
+                self._host_evictions[owner[slot] // E] += 1
+            self.store.read_into(k.layer, k.expert, self.slot_views(slot))
+            self.stats.layer(k.layer).planned_loads += 1
+            table[key], owner[slot] = slot, key
+            flags[slot] = pinned
+            self._planned[k] = slot
+        for dev, host in ((self.table, table), (self.owner, owner), (self.flags, flags)):
+            dev.copy_(torch.tensor(host, dtype=dev.dtype))
+        self.prefetch_budget = max(0, min(self._budget_cfg, room - len(self._planned)))
+        self.state[int(K.BUDGET.value)] = self.prefetch_budget
+        return added, removed
+
+    def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,
+                       tokens: torch.Tensor) -> torch.Tensor:
+        """Approximate mode (see ExpertCache.reroute_misses); reads the device table."""
+        from .expert_cache import reroute
+
+        E = self.experts_per_layer
+        resident = self.table[layer * E:(layer + 1) * E] >= 0
+        rerouted, count = reroute(resident, topk_ids, scores, tokens)
+        self.stats.layer(layer).rerouted += count
+        return rerouted
+
+    # ---- counters -----------------------------------------------------------------------
+
+    def sync_stats(self) -> OffloadStats:
+        """Copy the device counters into `stats` (a host sync: not per layer call)."""
+        counters = self.counters.cpu().tolist()
+        preds = self.pred_counts.cpu().tolist()
+        if int(self.state[int(K.ERROR.value)]):
+            raise RuntimeError(
+                "expert offload: a layer call found no evictable slot (pool "
+                f"{self.num_slots}, plan {len(self._planned)}, prefetch budget "
+                f"{self.prefetch_budget}); this breaks the pool's sizing rule")
+        for layer, row in enumerate(counters):
+            s = self.stats.layer(layer)
+            s.calls, s.hits, s.misses = row[0], row[1], row[2]
+            s.evictions = row[3] + self._host_evictions[layer]
+            s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
+            s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.slot_bytes
+            for d in range(self.depth):
+                s.predictions[d + 1] = list(preds[layer][d])
+        return self.stats
+
+    def close(self) -> None:
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)

@@ -1,0 +1,254 @@
+"""Triton kernels that keep expert residency on the GPU (device mode).
+
+Legend: L = MoE layers, E = experts per layer, S = slots, n = ids in one call
+(tokens x top-k), J = most jobs of one call (min(E, n)), key = layer * E + expert.
+
+Device state (int32 unless noted), read and written only by these kernels while
+the model runs, so a layer call needs no host sync and can sit in a CUDA graph:
+- `table [L * E]`: slot of each key, -1 when not resident;
+- `owner [S]`: key held by each slot, -1 when free;
+- `flags [S]`: PROTECT (prefetched for a later call, not a victim until that call
+  settles it), PINNED (residency plan), AHEAD (filled by prefetch, not yet scored),
+  REF (CLOCK reference bit), TAKEN (picked as a victim inside this kernel);
+- `state [4]`: clock hand, slots locked by prefetch, error code (1: no victim),
+  prefetch budget (slots prefetch may lock; the host changes it with the plan);
+- `counters [L, NSTAT]` int64 (the columns below), `pred [L, D, 3]` int64.
+
+`resolve` runs one layer call in one CTA: marks the needed experts, settles the
+layer's prefetched slots, picks CLOCK victims for its misses (never a slot this
+call needs, never a locked one), updates table/owner/flags in place, writes the
+fill jobs and the slot ids. `fill` then copies each job's expert from pinned host
+memory (read in place over the link, UVA) into its slot; its grid is fixed, and a
+program whose job is empty returns at once, so an all-hit call costs two tiny
+launches. `prefetch` is `resolve` for a predicted later layer: its fill runs on the
+copy stream, and the target layer's call waits for it with an event.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Kernels may only read globals that are constexpr; host code reads `.value`.
+PROTECT, PINNED, AHEAD, REF, TAKEN = (tl.constexpr(1 << i) for i in range(5))
+CALLS, HITS, MISSES, EVICTIONS, PREFETCHED, PF_HITS, PF_WASTED = (
+    tl.constexpr(i) for i in range(7))
+NSTAT = tl.constexpr(8)
+HAND, LOCKS, ERROR, BUDGET = (tl.constexpr(i) for i in range(4))
+
+
+@triton.jit
+def _mark(ids_ptr, n_ids, mask_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr):
+    """mask[e] = 1 for every expert in ids[:n_ids], 0 otherwise; returns it [E_PAD]."""
+    e = tl.arange(0, E_PAD)
+    tl.store(mask_ptr + e, tl.zeros([E_PAD], tl.int32), mask=e < E)
+    tl.debug_barrier()
+    for start in range(0, n_ids, ID_BLOCK):
+        i = start + tl.arange(0, ID_BLOCK)
+        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
+        tl.store(mask_ptr + ids, tl.full([ID_BLOCK], 1, tl.int32), mask=i < n_ids)
+    tl.debug_barrier()
+    return tl.load(mask_ptr + e, mask=e < E, other=0) != 0
+
+
+@triton.jit
+def _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer, n_want,
+                  num_slots, E, CH: tl.constexpr):
+    """CLOCK over the slots from the hand: take `n_want` slots that are neither locked
+    (PROTECT, PINNED, TAKEN) nor holding an expert that `layer`'s call needs (need_ptr).
+    A candidate with REF set loses the bit and is passed over once (second chance).
+    Writes the victims to vict_ptr[0:taken] (marked TAKEN) and returns `taken`."""
+    hand = tl.load(state_ptr + HAND)
+    offs = tl.arange(0, CH)
+    width = tl.minimum(num_slots, CH)  # a chunk never holds a slot twice
+    limit = 2 * num_slots + CH  # two sweeps clear every REF bit
+    taken = n_want * 0
+    scanned = n_want * 0
+    while (taken < n_want) & (scanned < limit):
+        live = offs < width
+        s = (hand + scanned + offs) % num_slots
+        f = tl.load(flags_ptr + s, mask=live, other=PINNED)
+        o = tl.load(owner_ptr + s, mask=live, other=-1)
+        held = live & (o >= 0)
+        o_layer = tl.where(held, o // E, -1)
+        o_need = tl.load(need_ptr + tl.where(held, o % E, 0), mask=held, other=0)
+        in_use = held & (o_layer == layer) & (o_need != 0)
+        cand = live & ((f & (PROTECT | PINNED | TAKEN)) == 0) & (in_use == 0)
+        ok = cand & ((f & REF) == 0)
+        rank = tl.cumsum(ok.to(tl.int32), 0) - 1 + taken
+        chosen = ok & (rank < n_want)
+        n_chosen = tl.sum(chosen.to(tl.int32), 0)
+        last = tl.max(tl.where(chosen, offs, -1), 0)
+        done = taken + n_chosen >= n_want
+        adv = tl.where(done, last + 1, width)
+        passed = cand & ((f & REF) != 0) & (offs < adv)
+        tl.store(vict_ptr + rank, s, mask=chosen)
+        tl.store(flags_ptr + s, f | TAKEN, mask=chosen)
+        tl.store(flags_ptr + s, f & ~REF, mask=passed)
+        tl.debug_barrier()
+        taken += n_chosen
+        scanned += adv
+    tl.store(state_ptr + HAND, (hand + scanned) % num_slots)
+    tl.debug_barrier()
+    return taken
+
+
+@triton.jit
+def _assign(layer, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
+            counters_ptr, new_flags, E):
+    """Give expert e (where `sel`) the victim vict[rank]: evict its old key, then
+    point table and owner at the new one. Returns the slots [E_PAD] (0 where not sel)."""
+    slot = tl.load(vict_ptr + rank, mask=sel, other=0)
+    old = tl.load(owner_ptr + slot, mask=sel, other=-1)
+    evict = sel & (old >= 0)
+    # `old` is resident and the new keys are not, so these stores never collide.
+    tl.store(table_ptr + old, tl.full(old.shape, -1, tl.int32), mask=evict)
+    old_layer = tl.where(evict, old // E, 0)
+    tl.atomic_add(counters_ptr + old_layer * NSTAT + EVICTIONS,
+                  tl.full(old.shape, 1, tl.int64), mask=evict)
+    key = layer * E + e
+    tl.store(owner_ptr + slot, key, mask=sel)
+    tl.store(table_ptr + key, slot, mask=sel)
+    tl.store(flags_ptr + slot, tl.full(old.shape, 0, tl.int32) + new_flags, mask=sel)
+    return slot
+
+
+@triton.jit
+def _write_jobs(e, key_base, sel, rank, slot, job_key_ptr, job_slot_ptr, J,
+                E_PAD: tl.constexpr):
+    j = tl.arange(0, E_PAD)
+    tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
+    tl.debug_barrier()
+    tl.store(job_key_ptr + rank, key_base + e, mask=sel)
+    tl.store(job_slot_ptr + rank, slot, mask=sel)
+
+
+@triton.jit
+def _add(ptr, value):
+    tl.store(ptr, tl.load(ptr) + value.to(tl.int64))
+
+
+@triton.jit
+def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
+                   state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
+                   counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J,
+                   DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
+                   CH: tl.constexpr):
+    """One layer call: ids [n] -> out [n] slot ids; misses become fill jobs."""
+    e = tl.arange(0, E_PAD)
+    need = _mark(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
+    row = tl.load(table_ptr + layer * E + e, mask=e < E, other=-1)
+    resident = row >= 0
+    miss = need & (resident == 0)
+    # Settle this layer's slots: score prefetch, drop its locks, mark the hits used.
+    f = tl.load(flags_ptr + row, mask=resident, other=0)
+    ahead = resident & ((f & AHEAD) != 0)
+    unlock = resident & ((f & PROTECT) != 0)
+    settled = f & ~(PROTECT | AHEAD)
+    settled = tl.where(need, settled | REF, settled)
+    tl.store(flags_ptr + row, settled, mask=resident)
+    n_unlock = tl.sum(unlock.to(tl.int32), 0)
+    tl.store(state_ptr + LOCKS, tl.load(state_ptr + LOCKS) - n_unlock)
+    for d in tl.static_range(DEPTH):  # prediction precision / recall per distance
+        at = layer * DEPTH + d
+        valid = tl.load(pvalid_ptr + at)
+        pm = (tl.load(pmask_ptr + at * E + e, mask=e < E, other=0) * valid) != 0
+        _add(pred_ptr + at * 3 + 0, tl.sum((pm & need).to(tl.int32), 0))
+        _add(pred_ptr + at * 3 + 1, tl.sum(pm.to(tl.int32), 0))
+        _add(pred_ptr + at * 3 + 2, tl.sum(need.to(tl.int32), 0) * valid)
+        tl.store(pvalid_ptr + at, valid * 0)
+    tl.debug_barrier()
+    n_miss = tl.sum(miss.to(tl.int32), 0)
+    taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
+                          n_miss, num_slots, E, CH)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1
+    sel = miss & (rank < taken)
+    slot = _assign(layer, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
+                   counters_ptr, REF, E)
+    _write_jobs(e, layer * E, sel, rank, slot, job_key_ptr, job_slot_ptr, J, E_PAD)
+    tl.store(state_ptr + ERROR, tl.load(state_ptr + ERROR) | (taken < n_miss).to(tl.int32))
+    tl.debug_barrier()
+    for start in range(0, n_ids, ID_BLOCK):
+        i = start + tl.arange(0, ID_BLOCK)
+        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
+        slots = tl.load(table_ptr + layer * E + ids, mask=i < n_ids, other=0)
+        tl.store(out_ptr + i, tl.maximum(slots, 0).to(out_ptr.dtype.element_ty),
+                 mask=i < n_ids)
+    base = counters_ptr + layer * NSTAT
+    n_need = tl.sum(need.to(tl.int32), 0)
+    _add(base + CALLS, n_need * 0 + 1)
+    _add(base + HITS, n_need - n_miss)
+    _add(base + MISSES, n_miss)
+    _add(base + PF_HITS, tl.sum((ahead & need).to(tl.int32), 0))
+    _add(base + PF_WASTED, tl.sum((ahead & (need == 0)).to(tl.int32), 0))
+
+
+@triton.jit
+def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
+                    flags_ptr, state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
+                    counters_ptr, pmask_ptr, pvalid_ptr, num_slots, E, J,
+                    DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
+                    CH: tl.constexpr):
+    """Layer `layer` predicts ids [n] for layer `target` (= layer + dist): lock the
+    predicted experts that are resident, and give up to the budget minus the slots
+    already locked to the missing ones (fill jobs for the copy stream)."""
+    e = tl.arange(0, E_PAD)
+    at = target * DEPTH + dist - 1
+    pm = _mark(ids_ptr, n_ids, pmask_ptr + at * E, E, E_PAD, ID_BLOCK)
+    tl.store(pvalid_ptr + at, n_ids * 0 + 1)
+    row = tl.load(table_ptr + target * E + e, mask=e < E, other=-1)
+    resident = row >= 0
+    hit = pm & resident
+    f = tl.load(flags_ptr + row, mask=hit, other=0)
+    newly = hit & ((f & PROTECT) == 0)
+    tl.store(flags_ptr + row, f | PROTECT, mask=newly)
+    locks = tl.load(state_ptr + LOCKS) + tl.sum(newly.to(tl.int32), 0)
+    miss = pm & (resident == 0)
+    budget = tl.load(state_ptr + BUDGET)
+    want = tl.minimum(tl.sum(miss.to(tl.int32), 0), tl.maximum(budget - locks, 0))
+    tl.debug_barrier()
+    taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
+                          want, num_slots, E, CH)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1
+    sel = miss & (rank < taken)
+    slot = _assign(target, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
+                   counters_ptr, PROTECT | AHEAD, E)
+    _write_jobs(e, target * E, sel, rank, slot, job_key_ptr, job_slot_ptr, J, E_PAD)
+    tl.store(state_ptr + LOCKS, locks + taken)
+    _add(counters_ptr + target * NSTAT + PREFETCHED, taken)
+
+
+@triton.jit
+def _copy_part(src, dst, n, part, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Copy this program's share [part/PARTS] of n words from src to dst."""
+    per = tl.cdiv(n, PARTS)
+    lo = part * per
+    hi = tl.minimum(lo + per, n)
+    for start in range(lo, hi, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        tl.store(dst + i, tl.load(src + i, mask=i < hi), mask=i < hi)
+
+
+@triton.jit
+def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, record_words,
+                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+                NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (job, part) copies its part of every tensor of one expert record
+    (src row `key`, host memory) into slot `slot` of each slot buffer."""
+    job = tl.program_id(0)
+    part = tl.program_id(1)
+    key = tl.load(job_key_ptr + job)
+    if key >= 0:
+        slot = tl.load(job_slot_ptr + job).to(tl.int64)
+        src = src_ptr + key.to(tl.int64) * record_words
+        _copy_part(src + off0, dst0 + slot * n0, n0, part, PARTS, BLOCK)
+        if NT > 1:
+            _copy_part(src + off1, dst1 + slot * n1, n1, part, PARTS, BLOCK)
+        if NT > 2:
+            _copy_part(src + off2, dst2 + slot * n2, n2, part, PARTS, BLOCK)
+        if NT > 3:
+            _copy_part(src + off3, dst3 + slot * n3, n3, part, PARTS, BLOCK)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
