@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from moe_kernel import moe  # noqa: E402
 
 from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache  # noqa: E402
@@ -204,18 +204,22 @@ def capture(step, device):
     return graph.replay
 
 
-def time_row(stack, routing, run, warmup, steps):
-    """ms per step over `steps` steps (inputs loaded in the timed loop for every row)."""
+def time_row(stack, routing, run, warmup, steps, cache=None):
+    """(ms per step, (misses, bytes) moved per step) over `steps` timed steps, after
+    `warmup` untimed ones (inputs are loaded in the timed loop for every row)."""
     for s in range(warmup):
         stack.load(routing, s)
         run()
     sync(stack.device)
+    before = _moved(cache)
     t0 = time.perf_counter()
     for s in range(warmup, warmup + steps):
         stack.load(routing, s)
         run()
     sync(stack.device)
-    return (time.perf_counter() - t0) / steps * 1e3
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    after = _moved(cache)
+    return ms, [(a - b) / steps for a, b in zip(after, before)]
 
 
 def output_of(stack, routing, run, step=0):
@@ -273,19 +277,18 @@ def run_shape(name, shape, T, args, device, disk_dir):
     local = Routing(shape, T, args.warmup + args.steps, "local", device, seed=1)
     half = L * E // 2
     rows = []
+    sm_link = SM_LINK
     ref = {}  # routing name -> plain output of step 0
 
     def row(label, routing_name, routing, run, graph, cache=None, extra=None, steps=None):
         step_run = capture(run, device) if graph else run
-        before = _moved(cache)
-        steps = steps or args.steps
-        ms = time_row(stack, routing, step_run, args.warmup, steps)
-        after = _moved(cache)
+        ms, (misses, nbytes) = time_row(stack, routing, step_run, args.warmup,
+                                        steps or args.steps, cache)
         if routing_name not in ref:
             ref[routing_name] = output_of(stack, routing, plain_eager)
         same = torch.equal(output_of(stack, routing, step_run), ref[routing_name])
-        misses = (after[0] - before[0]) / steps
-        nbytes = (after[1] - before[1]) / steps
+        if cache is not None and cuda:
+            same = same and pool_holds_store(cache)
         r = dict(shape=name, batch=T, row=label, routing=routing_name, ms=ms,
                  misses_per_step=misses, mib_per_step=nbytes / 2**20, identical=same,
                  mode=getattr(cache, "mode", "-"), graph=graph)
@@ -302,6 +305,12 @@ def run_shape(name, shape, T, args, device, disk_dir):
     cache, _ = make_expert_cache(stack.store, L * E, device)
     warm_all(stack, cache)
     row("resident", "uniform", uniform, lambda: stack.offload_step(cache), cuda, cache)
+    if cuda:  # the demand fill as a second launch instead of inside the resolve
+        cache.fused = False
+        row("resident (2 launches)", "uniform", uniform, lambda: stack.offload_step(cache),
+            True, cache)
+        if T == 1:
+            sm_link[name] = fill_gbs(stack)
     del cache
     for rname, routing in (("uniform", uniform), ("local", local)):
         for label, predictor in (("S50 on-demand", None),
@@ -335,6 +344,44 @@ def run_shape(name, shape, T, args, device, disk_dir):
     return rows
 
 
+SM_LINK: dict[str, float] = {}  # shape -> GB/s of the fill kernel alone
+
+
+def fill_gbs(stack) -> float:
+    """The fill kernel's own link rate: a pool of one layer, every call misses all E
+    experts of another layer (distinct bytes each call, nothing else running)."""
+    L, E = stack.shape["L"], stack.shape["E"]
+    cache, _ = make_expert_cache(stack.store, E, stack.device)
+    every = torch.arange(E, dtype=torch.int32, device=stack.device).view(-1, 1)
+    cache.map_to_slots(0, every)
+    sync(stack.device)
+    t0 = time.perf_counter()
+    for layer in range(1, L):
+        cache.map_to_slots(layer, every)
+    sync(stack.device)
+    seconds = time.perf_counter() - t0
+    return (L - 1) * E * stack.layout.expert_bytes / seconds / 1e9
+
+
+def pool_holds_store(cache) -> bool:
+    """Every slot that the device table names holds its expert's bytes exactly."""
+    E = cache.experts_per_layer
+    owner = cache.owner.tolist() if hasattr(cache, "owner") else [
+        -1] * cache.num_slots
+    if not hasattr(cache, "owner"):  # host mode: its host table
+        for key, slot in enumerate(cache._table.view(-1).tolist()):
+            if slot >= 0:
+                owner[slot] = key
+    for slot, key in enumerate(owner):
+        if key >= 0:
+            want = cache.store.views(key // E, key % E)
+            for buf, w in zip(cache.buffers, want):
+                if not torch.equal(buf[slot], w.to(buf.device, non_blocking=True)):
+                    print(f"  SLOT {slot} DOES NOT HOLD EXPERT {key}")
+                    return False
+    return True
+
+
 def warm_all(stack, cache):
     """Load every expert once (all-resident rows)."""
     E = stack.shape["E"]
@@ -359,6 +406,7 @@ def _free(device):
 # ---- report ------------------------------------------------------------------------
 
 def finish(rows, link, device):
+    link_note = ", ".join(f"{k} {v:.1f} GB/s" for k, v in SM_LINK.items())
     base = {(r["shape"], r["batch"]): r["ms"] for r in rows
             if r["row"] == ("plain graph" if device.type == "cuda" else "plain eager")}
     for r in rows:
@@ -369,7 +417,8 @@ def finish(rows, link, device):
         r["x_bound"] = r["ms"] / r["bound_ms"]
         extra = r["ms"] - compute
         r["link_gbs"] = nbytes / extra / 1e6 if nbytes and extra > 0 else None
-    lines = [f"Raw pinned host -> GPU copy: {link:.1f} GB/s (same run)", "",
+    lines = [f"Raw pinned host -> GPU copy (copy engine): {link:.1f} GB/s; the fill kernel "
+             f"alone (SM loads over the link): {link_note or '-'} (same run)", "",
              "| shape | batch | row | routing | ms/step | x plain graph | misses/step | "
              "MiB/step | link GB/s | bound ms | x bound | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -443,7 +492,8 @@ def main() -> None:
     command = "python3 benchmarks/gpu_stack.py " + " ".join(sys.argv[1:])
     (out / f"{stem}.md").write_text(f"Device: {gpu}, torch {torch.__version__}. "
                                     f"Command: `{command}`\n\n{table}\n")
-    (out / f"{stem}.json").write_text(json.dumps(dict(link_gbs=link, rows=rows), indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(dict(link_gbs=link, fill_gbs=SM_LINK,
+                                                      rows=rows), indent=2))
     plot(rows, out / f"{stem}.png")
 
 

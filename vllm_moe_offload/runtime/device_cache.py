@@ -42,6 +42,8 @@ from . import residency_kernels as K
 from .store import HostStore
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+DEMAND_PARTS = 64  # programs that copy a call's misses (2 x 16 KiB in flight each)
+PREFETCH_PARTS = 32  # fewer beside compute: the link, not the SMs, is the limit
 
 
 def _device_alias(t: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class DeviceExpertCache:
 
     def __init__(self, store: HostStore, num_slots: int, device: torch.device | str,
                  stats: OffloadStats | None = None, predictor=None,
-                 prefetch_budget_slots: int | None = None):
+                 prefetch_budget_slots: int | None = None, fused: bool = True):
         self.store = store
         self.device = torch.device(device)
         L, E = store.num_layers, store.experts_per_layer
@@ -104,6 +106,8 @@ class DeviceExpertCache:
         self._need = torch.zeros(E, dtype=i32, device=dev)
         self._victims = torch.zeros(E, dtype=i32, device=dev)
         self._jobs = torch.full((2, E), -1, dtype=i32, device=dev)  # key, slot
+        self._bell = torch.zeros(2, dtype=i32, device=dev)  # fused fill's doorbell
+        self.fused = fused
         self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
         self._e_pad = K.next_pow2(E)
         self._ch = min(K.next_pow2(num_slots), 1024)
@@ -134,7 +138,7 @@ class DeviceExpertCache:
         dst += [dst[0]] * (4 - len(dst))
         self._fill_args = [x for d in dst for x in d]
         self._nt = len(specs)
-        self._word_block = max(256, 16384 // word)  # 16 KiB of copy in flight per program
+        self._word_block = max(256, 16384 // word)  # 2 x 16 KiB in flight per program
 
     # ---- sizes and queries ------------------------------------------------------------
 
@@ -171,21 +175,26 @@ class DeviceExpertCache:
             return out.view(topk_ids.shape)
         jobs = min(self.experts_per_layer, n)
         E = self.experts_per_layer
-        K.resolve_kernel[(1,)](
+        id_block = self._id_block(n)
+        parts = DEMAND_PARTS if self.fused else 0
+        K.resolve_kernel[(1 + parts,)](
             ids, n, out, layer, self.table, self.owner, self.flags, self.state,
             self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
             self._pmask, self._pvalid, self.pred_counts, self.num_slots, E, jobs,
-            DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=self._id_block(n), CH=self._ch)
-        self._fill(self._jobs, jobs)
+            self._bell, self._src, self._record_words, *self._fill_args,
+            DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block, CH=self._ch,
+            SMALL=id_block * self._e_pad <= 8192, FUSED=self.fused, NT=self._nt,
+            PARTS=max(parts, 1), BLOCK=self._word_block)
+        if not self.fused:
+            self._fill(self._jobs, jobs, DEMAND_PARTS)
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
         return out.view(topk_ids.shape)
 
-    def _fill(self, jobs: torch.Tensor, num_jobs: int) -> None:
-        parts = max(4, min(128, 512 // num_jobs))
-        K.fill_kernel[(num_jobs, parts)](
-            self._src, jobs[0], jobs[1], self._record_words, *self._fill_args,
-            NT=self._nt, PARTS=parts, BLOCK=self._word_block)
+    def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int) -> None:
+        K.fill_kernel[(parts,)](
+            self._src, jobs[0], jobs[1], num_jobs, self._record_words, *self._fill_args,
+            NT=self._nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
 
     @staticmethod
     def _id_block(n: int) -> int:
@@ -214,13 +223,13 @@ class DeviceExpertCache:
             launches.append((target, pjobs, jobs))
         if not self._cuda:  # the Triton interpreter (tests): no streams
             for _, pjobs, jobs in launches:
-                self._fill(pjobs, jobs)
+                self._fill(pjobs, jobs, PREFETCH_PARTS)
             return
         compute = torch.cuda.current_stream(self.device)
         self._copy_stream.wait_stream(compute)  # NOTE #3
         with torch.cuda.stream(self._copy_stream):
             for target, pjobs, jobs in launches:
-                self._fill(pjobs, jobs)
+                self._fill(pjobs, jobs, PREFETCH_PARTS)
                 self._ready[target].record(self._copy_stream)
                 self._pending.add(target)
 

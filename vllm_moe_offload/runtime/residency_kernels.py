@@ -114,73 +114,132 @@ def _assign(layer, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
 
 
 @triton.jit
-def _write_jobs(e, key_base, sel, rank, slot, job_key_ptr, job_slot_ptr, J,
-                E_PAD: tl.constexpr):
-    j = tl.arange(0, E_PAD)
-    tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
-    tl.debug_barrier()
-    tl.store(job_key_ptr + rank, key_base + e, mask=sel)
-    tl.store(job_slot_ptr + rank, slot, mask=sel)
-
-
-@triton.jit
 def _add(ptr, value):
     tl.store(ptr, tl.load(ptr) + value.to(tl.int64))
 
 
 @triton.jit
-def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
-                   state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
-                   counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J,
-                   DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
-                   CH: tl.constexpr):
-    """One layer call: ids [n] -> out [n] slot ids; misses become fill jobs."""
+def _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr):
+    """All ids in one block: the need mask in registers (no scatter, no barrier)."""
     e = tl.arange(0, E_PAD)
-    need = _mark(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
+    i = tl.arange(0, ID_BLOCK)
+    ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
+    need = (tl.max((ids[:, None] == e[None, :]).to(tl.int32), 0) != 0) & (e < E)
+    tl.store(need_ptr + e, need.to(tl.int32), mask=e < E)  # for victim search, prefetch
+    return need, ids
+
+
+@triton.jit
+def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, state_ptr,
+             need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr, pmask_ptr,
+             pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH: tl.constexpr,
+             E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr, CH: tl.constexpr,
+             SMALL: tl.constexpr):
+    e = tl.arange(0, E_PAD)
+    if SMALL:
+        need, ids = _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
+    else:
+        need = _mark(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
     row = tl.load(table_ptr + layer * E + e, mask=e < E, other=-1)
     resident = row >= 0
     miss = need & (resident == 0)
-    # Settle this layer's slots: score prefetch, drop its locks, mark the hits used.
+    n_need = tl.sum(need.to(tl.int32), 0)
+    n_miss = tl.sum(miss.to(tl.int32), 0)
+    # Settle this layer's slots: mark the hits used; with prefetch, score it and
+    # drop its locks.
     f = tl.load(flags_ptr + row, mask=resident, other=0)
-    ahead = resident & ((f & AHEAD) != 0)
-    unlock = resident & ((f & PROTECT) != 0)
-    settled = f & ~(PROTECT | AHEAD)
-    settled = tl.where(need, settled | REF, settled)
+    settled = tl.where(need, f | REF, f)
+    n_pf_hit = n_need * 0
+    n_pf_waste = n_need * 0
+    if DEPTH > 0:
+        ahead = resident & ((f & AHEAD) != 0)
+        n_pf_hit = tl.sum((ahead & need).to(tl.int32), 0)
+        n_pf_waste = tl.sum((ahead & (need == 0)).to(tl.int32), 0)
+        n_unlock = tl.sum((resident & ((f & PROTECT) != 0)).to(tl.int32), 0)
+        settled = settled & ~(PROTECT | AHEAD)
+        tl.store(state_ptr + LOCKS, tl.load(state_ptr + LOCKS) - n_unlock)
     tl.store(flags_ptr + row, settled, mask=resident)
-    n_unlock = tl.sum(unlock.to(tl.int32), 0)
-    tl.store(state_ptr + LOCKS, tl.load(state_ptr + LOCKS) - n_unlock)
     for d in tl.static_range(DEPTH):  # prediction precision / recall per distance
         at = layer * DEPTH + d
         valid = tl.load(pvalid_ptr + at)
         pm = (tl.load(pmask_ptr + at * E + e, mask=e < E, other=0) * valid) != 0
         _add(pred_ptr + at * 3 + 0, tl.sum((pm & need).to(tl.int32), 0))
         _add(pred_ptr + at * 3 + 1, tl.sum(pm.to(tl.int32), 0))
-        _add(pred_ptr + at * 3 + 2, tl.sum(need.to(tl.int32), 0) * valid)
+        _add(pred_ptr + at * 3 + 2, n_need * valid)
         tl.store(pvalid_ptr + at, valid * 0)
-    tl.debug_barrier()
-    n_miss = tl.sum(miss.to(tl.int32), 0)
-    taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
-                          n_miss, num_slots, E, CH)
+    j = tl.arange(0, E_PAD)
+    tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
-    sel = miss & (rank < taken)
-    slot = _assign(layer, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
-                   counters_ptr, REF, E)
-    _write_jobs(e, layer * E, sel, rank, slot, job_key_ptr, job_slot_ptr, J, E_PAD)
-    tl.store(state_ptr + ERROR, tl.load(state_ptr + ERROR) | (taken < n_miss).to(tl.int32))
-    tl.debug_barrier()
-    for start in range(0, n_ids, ID_BLOCK):
-        i = start + tl.arange(0, ID_BLOCK)
-        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
-        slots = tl.load(table_ptr + layer * E + ids, mask=i < n_ids, other=0)
+    taken = n_miss * 0
+    slot = row * 0
+    if n_miss > 0:
+        tl.debug_barrier()
+        taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
+                              n_miss, num_slots, E, CH)
+        got = miss & (rank < taken)
+        slot = _assign(layer, e, got, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
+                       counters_ptr, REF, E)
+        tl.store(job_key_ptr + rank, layer * E + e, mask=got)
+        tl.store(job_slot_ptr + rank, slot, mask=got)
+        tl.store(state_ptr + ERROR,
+                 tl.load(state_ptr + ERROR) | (taken < n_miss).to(tl.int32))
+        tl.debug_barrier()
+    new_row = tl.where(miss & (rank < taken), slot, row)
+    if SMALL:  # ids -> slots through the row in registers
+        i = tl.arange(0, ID_BLOCK)
+        slots = tl.sum(tl.where(ids[:, None] == e[None, :], new_row[None, :], 0), 1)
         tl.store(out_ptr + i, tl.maximum(slots, 0).to(out_ptr.dtype.element_ty),
                  mask=i < n_ids)
+    else:
+        for start in range(0, n_ids, ID_BLOCK):
+            i = start + tl.arange(0, ID_BLOCK)
+            ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
+            slots = tl.load(table_ptr + layer * E + ids, mask=i < n_ids, other=0)
+            tl.store(out_ptr + i, tl.maximum(slots, 0).to(out_ptr.dtype.element_ty),
+                     mask=i < n_ids)
+    c = tl.arange(0, NSTAT)
     base = counters_ptr + layer * NSTAT
-    n_need = tl.sum(need.to(tl.int32), 0)
-    _add(base + CALLS, n_need * 0 + 1)
-    _add(base + HITS, n_need - n_miss)
-    _add(base + MISSES, n_miss)
-    _add(base + PF_HITS, tl.sum((ahead & need).to(tl.int32), 0))
-    _add(base + PF_WASTED, tl.sum((ahead & (need == 0)).to(tl.int32), 0))
+    delta = (tl.where(c == CALLS, 1, 0) + tl.where(c == HITS, n_need - n_miss, 0)
+             + tl.where(c == MISSES, n_miss, 0) + tl.where(c == PF_HITS, n_pf_hit, 0)
+             + tl.where(c == PF_WASTED, n_pf_waste, 0))
+    tl.store(base + c, tl.load(base + c) + delta.to(tl.int64))
+
+
+@triton.jit
+def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
+                   state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
+                   counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J,
+                   bell_ptr, src_ptr, record_words,
+                   dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+                   DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
+                   CH: tl.constexpr, SMALL: tl.constexpr, FUSED: tl.constexpr,
+                   NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """One layer call: ids [n] -> out [n] slot ids; misses become fill jobs.
+
+    Program 0 resolves. With FUSED, programs 1..PARTS are the fill: they wait for
+    program 0's doorbell (bell[0], released after the jobs are written), copy
+    their part of every job, and the last one out rings the bell down for the next
+    launch (stream order makes that safe). Without FUSED, `fill_kernel` follows."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
+                 state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
+                 pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH, E_PAD, ID_BLOCK,
+                 CH, SMALL)
+        if FUSED:
+            tl.debug_barrier()
+            tl.atomic_xchg(bell_ptr, 1, sem="release")
+    else:
+        ready = tl.atomic_add(bell_ptr, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(bell_ptr, 0, sem="acquire")
+        _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, pid - 1, record_words,
+                   dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+                   NT, PARTS, BLOCK, E_PAD)
+        left = tl.atomic_add(bell_ptr + 1, 1, sem="acq_rel")
+        if left == PARTS - 1:
+            tl.atomic_xchg(bell_ptr + 1, 0)
+            tl.atomic_xchg(bell_ptr, 0)
 
 
 @triton.jit
@@ -206,6 +265,8 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     miss = pm & (resident == 0)
     budget = tl.load(state_ptr + BUDGET)
     want = tl.minimum(tl.sum(miss.to(tl.int32), 0), tl.maximum(budget - locks, 0))
+    j = tl.arange(0, E_PAD)
+    tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
     tl.debug_barrier()
     taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
                           want, num_slots, E, CH)
@@ -213,41 +274,62 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     sel = miss & (rank < taken)
     slot = _assign(target, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
                    counters_ptr, PROTECT | AHEAD, E)
-    _write_jobs(e, target * E, sel, rank, slot, job_key_ptr, job_slot_ptr, J, E_PAD)
+    tl.store(job_key_ptr + rank, target * E + e, mask=sel)
+    tl.store(job_slot_ptr + rank, slot, mask=sel)
     tl.store(state_ptr + LOCKS, locks + taken)
     _add(counters_ptr + target * NSTAT + PREFETCHED, taken)
 
 
 @triton.jit
 def _copy_part(src, dst, n, part, PARTS: tl.constexpr, BLOCK: tl.constexpr):
-    """Copy this program's share [part/PARTS] of n words from src to dst."""
-    per = tl.cdiv(n, PARTS)
+    """Copy this program's share [part/PARTS] of n words from src to dst, two
+    blocks in flight per step (a host read waits the link's latency)."""
+    per = tl.cdiv(tl.cdiv(n, PARTS), BLOCK) * BLOCK
     lo = part * per
     hi = tl.minimum(lo + per, n)
-    for start in range(lo, hi, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        tl.store(dst + i, tl.load(src + i, mask=i < hi), mask=i < hi)
+    for start in range(lo, hi, 2 * BLOCK):
+        i0 = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        i1 = i0 + BLOCK
+        a = tl.load(src + i0, mask=i0 < hi)
+        b = tl.load(src + i1, mask=i1 < hi)
+        tl.store(dst + i0, a, mask=i0 < hi)
+        tl.store(dst + i1, b, mask=i1 < hi)
 
 
 @triton.jit
-def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, record_words,
+def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
+               dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+               NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+               E_PAD: tl.constexpr):
+    """This program's part of every job: expert record `key` (host memory) into
+    slot `slot` of each slot buffer. One vector read decides that there is none."""
+    j = tl.arange(0, E_PAD)
+    keys = tl.load(job_key_ptr + j, mask=j < J, other=-1, cache_modifier=".cg")
+    if tl.max(keys, 0) >= 0:
+        for k in range(0, J):
+            key = tl.load(job_key_ptr + k, cache_modifier=".cg")
+            if key >= 0:
+                slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
+                src = src_ptr + key.to(tl.int64) * record_words
+                _copy_part(src + off0, dst0 + slot * n0, n0, part, PARTS, BLOCK)
+                if NT > 1:
+                    _copy_part(src + off1, dst1 + slot * n1, n1, part, PARTS, BLOCK)
+                if NT > 2:
+                    _copy_part(src + off2, dst2 + slot * n2, n2, part, PARTS, BLOCK)
+                if NT > 3:
+                    _copy_part(src + off3, dst3 + slot * n3, n3, part, PARTS, BLOCK)
+
+
+@triton.jit
+def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
                 dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
-                NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (job, part) copies its part of every tensor of one expert record
-    (src row `key`, host memory) into slot `slot` of each slot buffer."""
-    job = tl.program_id(0)
-    part = tl.program_id(1)
-    key = tl.load(job_key_ptr + job)
-    if key >= 0:
-        slot = tl.load(job_slot_ptr + job).to(tl.int64)
-        src = src_ptr + key.to(tl.int64) * record_words
-        _copy_part(src + off0, dst0 + slot * n0, n0, part, PARTS, BLOCK)
-        if NT > 1:
-            _copy_part(src + off1, dst1 + slot * n1, n1, part, PARTS, BLOCK)
-        if NT > 2:
-            _copy_part(src + off2, dst2 + slot * n2, n2, part, PARTS, BLOCK)
-        if NT > 3:
-            _copy_part(src + off3, dst3 + slot * n3, n3, part, PARTS, BLOCK)
+                NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                E_PAD: tl.constexpr):
+    """Grid (PARTS,): the fill as its own launch (prefetch on the copy stream, and
+    demand fills when not FUSED)."""
+    _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, tl.program_id(0), record_words,
+               dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+               NT, PARTS, BLOCK, E_PAD)
 
 
 def next_pow2(n: int) -> int:
