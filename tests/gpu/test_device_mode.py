@@ -14,10 +14,10 @@ LAYOUT = ExpertLayout((TensorSpec((2 * I, H), torch.bfloat16),
                        TensorSpec((H, I), torch.bfloat16)))
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("small", [True, False])
 @pytest.mark.parametrize("case", sorted(device_cases.CASES))
-def test_device_cases_on_cuda(case, fused, monkeypatch):
-    monkeypatch.setattr(device_cases, "FUSED", fused)
+def test_device_cases_on_cuda(case, small, monkeypatch):
+    monkeypatch.setattr(device_cases, "SMALL", small)
     device_cases.CASES[case]("cuda")
 
 
@@ -68,9 +68,8 @@ def stacked(full, L, E):
     return w13.cuda(), w2.cuda()
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_slots,predict", [(8, False), (12, True), (20, True), (64, False)])
-def test_graphed_steps_match_all_resident(num_slots, predict, fused):
+def test_graphed_steps_match_all_resident(num_slots, predict):
     """A whole step of L layers in one CUDA graph, replayed with new routing: every
     replay's outputs equal the all-resident reference, bit for bit. With a pool of
     one layer (S = E) every call evicts; with a predictor, prefetch fills run on the
@@ -83,7 +82,6 @@ def test_graphed_steps_match_all_resident(num_slots, predict, fused):
     predictor = TruePredictor(script, depth=2) if predict else None
     cache, why = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
     assert why is None and cache.mode == "device"
-    cache.fused = fused
 
     def step():
         for l in range(L):

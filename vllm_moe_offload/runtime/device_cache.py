@@ -71,7 +71,7 @@ class DeviceExpertCache:
 
     def __init__(self, store: HostStore, num_slots: int, device: torch.device | str,
                  stats: OffloadStats | None = None, predictor=None,
-                 prefetch_budget_slots: int | None = None, fused: bool = True):
+                 prefetch_budget_slots: int | None = None):
         self.store = store
         self.device = torch.device(device)
         L, E = store.num_layers, store.experts_per_layer
@@ -106,8 +106,7 @@ class DeviceExpertCache:
         self._need = torch.zeros(E, dtype=i32, device=dev)
         self._victims = torch.zeros(E, dtype=i32, device=dev)
         self._jobs = torch.full((2, E), -1, dtype=i32, device=dev)  # key, slot
-        self._bell = torch.zeros(2, dtype=i32, device=dev)  # fused fill's doorbell
-        self.fused = fused
+        self.small_path = True  # decode-sized calls resolve in registers (benchmarks)
         self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
         self._e_pad = K.next_pow2(E)
         self._ch = min(K.next_pow2(num_slots), 1024)
@@ -176,17 +175,13 @@ class DeviceExpertCache:
         jobs = min(self.experts_per_layer, n)
         E = self.experts_per_layer
         id_block = self._id_block(n)
-        parts = DEMAND_PARTS if self.fused else 0
-        K.resolve_kernel[(1 + parts,)](
+        K.resolve_kernel[(1,)](
             ids, n, out, layer, self.table, self.owner, self.flags, self.state,
             self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
             self._pmask, self._pvalid, self.pred_counts, self.num_slots, E, jobs,
-            self._bell, self._src, self._record_words, *self._fill_args,
             DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block, CH=self._ch,
-            SMALL=id_block * self._e_pad <= 8192, FUSED=self.fused, NT=self._nt,
-            PARTS=max(parts, 1), BLOCK=self._word_block)
-        if not self.fused:
-            self._fill(self._jobs, jobs, DEMAND_PARTS)
+            SMALL=self.small_path and id_block * self._e_pad <= 8192)
+        self._fill(self._jobs, jobs, DEMAND_PARTS)
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
         return out.view(topk_ids.shape)

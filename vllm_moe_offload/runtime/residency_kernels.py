@@ -209,37 +209,16 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
 def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
                    state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
                    counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J,
-                   bell_ptr, src_ptr, record_words,
-                   dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
                    DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
-                   CH: tl.constexpr, SMALL: tl.constexpr, FUSED: tl.constexpr,
-                   NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
-    """One layer call: ids [n] -> out [n] slot ids; misses become fill jobs.
-
-    Program 0 resolves. With FUSED, programs 1..PARTS are the fill: they wait for
-    program 0's doorbell (bell[0], released after the jobs are written), copy
-    their part of every job, and the last one out rings the bell down for the next
-    launch (stream order makes that safe). Without FUSED, `fill_kernel` follows."""
-    pid = tl.program_id(0)
-    if pid == 0:
-        _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
-                 state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
-                 pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH, E_PAD, ID_BLOCK,
-                 CH, SMALL)
-        if FUSED:
-            tl.debug_barrier()
-            tl.atomic_xchg(bell_ptr, 1, sem="release")
-    else:
-        ready = tl.atomic_add(bell_ptr, 0, sem="acquire")
-        while ready == 0:
-            ready = tl.atomic_add(bell_ptr, 0, sem="acquire")
-        _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, pid - 1, record_words,
-                   dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
-                   NT, PARTS, BLOCK, E_PAD)
-        left = tl.atomic_add(bell_ptr + 1, 1, sem="acq_rel")
-        if left == PARTS - 1:
-            tl.atomic_xchg(bell_ptr + 1, 0)
-            tl.atomic_xchg(bell_ptr, 0)
+                   CH: tl.constexpr, SMALL: tl.constexpr):
+    """One layer call in one program: ids [n] -> out [n] slot ids; misses become
+    fill jobs for `fill_kernel`, the next launch on the same stream.
+    (A fused variant, whose other programs waited on a doorbell and copied, measured
+    slower on an H100: docs/results.md.)"""
+    _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
+             state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
+             pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH, E_PAD, ID_BLOCK,
+             CH, SMALL)
 
 
 @triton.jit
@@ -325,8 +304,8 @@ def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
                 dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
                 NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
                 E_PAD: tl.constexpr):
-    """Grid (PARTS,): the fill as its own launch (prefetch on the copy stream, and
-    demand fills when not FUSED)."""
+    """Grid (PARTS,): demand fills on the compute stream, prefetch fills on the copy
+    stream."""
     _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, tl.program_id(0), record_words,
                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
                NT, PARTS, BLOCK, E_PAD)

@@ -19,11 +19,13 @@ from vllm_moe_offload.runtime import device_cache
 from vllm_moe_offload.runtime import residency_kernels as K
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
-FUSED = True  # the demand fill inside the resolve launch; tests/gpu runs both
+SMALL = True  # decode-sized calls take the in-register path; both are run
 
 
 def DeviceExpertCache(*args, **kwargs):
-    return device_cache.DeviceExpertCache(*args, fused=FUSED, **kwargs)
+    cache = device_cache.DeviceExpertCache(*args, **kwargs)
+    cache.small_path = SMALL
+    return cache
 
 
 LAYOUT = ExpertLayout((TensorSpec((6, 8), torch.bfloat16), TensorSpec((8, 3), torch.bfloat16)))
@@ -208,18 +210,20 @@ CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
 def run_all(device: str) -> dict:
-    """{case[/unfused]: error or None}; every case fused, the first two also not."""
-    global FUSED
+    """{case[/general]: error or None}: every case with the register path for small
+    calls, the first two also with the general (scatter through memory) path."""
+    global SMALL
     results = {}
-    for fused, names in ((True, list(CASES)), (False, list(CASES)[:2])):
-        FUSED = fused
+    for small, names in ((True, list(CASES)), (False, list(CASES)[:2])):
+        SMALL = small
         for name in names:
+            label = name + ("" if small else "/general")
             try:
                 CASES[name](device)
-                results[name + ("" if fused else "/unfused")] = None
+                results[label] = None
             except Exception as e:  # report every case, not only the first failure
-                results[name + ("" if fused else "/unfused")] = f"{type(e).__name__}: {e}"
-    FUSED = True
+                results[label] = f"{type(e).__name__}: {e}"
+    SMALL = True
     return results
 
 

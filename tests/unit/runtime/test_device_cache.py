@@ -29,6 +29,6 @@ def results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + [c + "/unfused" for c in list(CASES)[:2]])
+@pytest.mark.parametrize("case", sorted(CASES) + [c + "/general" for c in list(CASES)[:2]])
 def test_device_case_in_interpreter(results, case):
     assert results[case] is None, results[case]
