@@ -107,6 +107,7 @@ class DeviceExpertCache:
         self._victims = torch.zeros(E, dtype=i32, device=dev)
         self._jobs = torch.full((2, E), -1, dtype=i32, device=dev)  # key, slot
         self.small_path = True  # decode-sized calls resolve in registers (benchmarks)
+        self.demand_parts = DEMAND_PARTS
         self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
         self._e_pad = K.next_pow2(E)
         self._ch = min(K.next_pow2(num_slots), 1024)
@@ -181,7 +182,7 @@ class DeviceExpertCache:
             self._pmask, self._pvalid, self.pred_counts, self.num_slots, E, jobs,
             DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block, CH=self._ch,
             SMALL=self.small_path and id_block * self._e_pad <= 8192)
-        self._fill(self._jobs, jobs, DEMAND_PARTS)
+        self._fill(self._jobs, jobs, self.demand_parts)
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
         return out.view(topk_ids.shape)
