@@ -7,7 +7,7 @@ from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (run through the device tool)")
+                                reason="needs a CUDA GPU")
 
 L, E, H, I = 4, 8, 256, 512
 LAYOUT = ExpertLayout((TensorSpec((2 * I, H), torch.bfloat16),

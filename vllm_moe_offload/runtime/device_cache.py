@@ -39,6 +39,7 @@ import torch
 from ..core.slot_pool import ExpertKey
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
+from .expert_cache import SlotBuffers, reroute
 from .store import HostStore
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -65,7 +66,7 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
         return t
 
 
-class DeviceExpertCache:
+class DeviceExpertCache(SlotBuffers):
     mode = "device"
     trace = None
 
@@ -140,18 +141,7 @@ class DeviceExpertCache:
         self._nt = len(specs)
         self._word_block = max(256, 16384 // word)  # 2 x 16 KiB in flight per program
 
-    # ---- sizes and queries ------------------------------------------------------------
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.store.layout.expert_bytes
-
-    @property
-    def pool_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
-
-    def slot_views(self, slot: int) -> list[torch.Tensor]:
-        return [b[slot] for b in self.buffers]
+    # ---- queries ----------------------------------------------------------------------
 
     def resident_mask(self) -> torch.Tensor:
         """[L, E] bool on the host (a sync: call it between steps)."""
@@ -281,7 +271,6 @@ class DeviceExpertCache:
     def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,
                        tokens: torch.Tensor) -> torch.Tensor:
         """Approximate mode (see ExpertCache.reroute_misses); reads the device table."""
-        from .expert_cache import reroute
 
         E = self.experts_per_layer
         resident = self.table[layer * E:(layer + 1) * E] >= 0

@@ -44,7 +44,25 @@ from ..core.trace import TraceWriter
 from .store import ExpertStore, HostStore
 
 
-class ExpertCache:
+class SlotBuffers:
+    """What both modes share: the slot buffers [S, *shape], one per expert tensor."""
+
+    store: ExpertStore
+    buffers: list[torch.Tensor]
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.store.layout.expert_bytes
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def slot_views(self, slot: int) -> list[torch.Tensor]:
+        return [b[slot] for b in self.buffers]
+
+
+class ExpertCache(SlotBuffers):
     mode = "host"
 
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device | str,
@@ -84,17 +102,6 @@ class ExpertCache:
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._loader = (ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
                         if predictor is not None and not self._cuda else None)
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.store.layout.expert_bytes
-
-    @property
-    def pool_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
-
-    def slot_views(self, slot: int) -> list[torch.Tensor]:
-        return [b[slot] for b in self.buffers]
 
     def resident_mask(self) -> torch.Tensor:
         """[L, E] bool: which experts are in the pool (or loading into it)."""
