@@ -35,7 +35,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from moe_kernel import moe  # noqa: E402
 
-from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache  # noqa: E402
+from vllm_moe_offload.runtime.expert_cache import ExpertCache  # noqa: E402
+from vllm_moe_offload.runtime.modes import make_expert_cache  # noqa: E402
 from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, HostStore,  # noqa: E402
                                             TensorSpec)
@@ -343,7 +344,6 @@ def run_shape(name, shape, T, args, device, disk_dir):
               f"{r['disk_to_slot_gbs']:.2f} GB/s (O_DIRECT: {r['direct_io']})")
         stack.disk.close()
         os.unlink(stack.disk.path)
-    del stack
     _free(device)
     return rows
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.unit.runtime import device_cases
-from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache
-from vllm_moe_offload.runtime.store import DiskStore, ExpertLayout, HostStore, TensorSpec
+from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.modes import make_expert_cache
+from vllm_moe_offload.runtime.store import DiskStore, ExpertLayout, TensorSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -39,7 +39,7 @@ import torch
 from ..core.slot_pool import ExpertKey
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
-from .expert_cache import SlotBuffers, reroute
+from .slot_buffers import SlotBuffers, reroute
 from .store import HostStore
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}

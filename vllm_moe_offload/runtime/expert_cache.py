@@ -31,7 +31,6 @@ or by prefetch), so it is never chosen as a victim.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -41,25 +40,8 @@ import torch
 from ..core.slot_pool import ExpertKey, SlotGrant, SlotPool
 from ..core.stats import OffloadStats
 from ..core.trace import TraceWriter
-from .store import ExpertStore, HostStore
-
-
-class SlotBuffers:
-    """What both modes share: the slot buffers [S, *shape], one per expert tensor."""
-
-    store: ExpertStore
-    buffers: list[torch.Tensor]
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.store.layout.expert_bytes
-
-    @property
-    def pool_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
-
-    def slot_views(self, slot: int) -> list[torch.Tensor]:
-        return [b[slot] for b in self.buffers]
+from .slot_buffers import SlotBuffers, reroute
+from .store import ExpertStore
 
 
 class ExpertCache(SlotBuffers):
@@ -349,43 +331,3 @@ class ExpertCache(SlotBuffers):
         if self._loader is not None:
             self._loader.shutdown(wait=True)
 
-
-def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor,
-            tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`resident` [E] bool; see `ExpertCache.reroute_misses`. Returns (ids, swaps)."""
-    resident = resident.to(topk_ids.device)
-    tokens = tokens.to(topk_ids.device)
-    if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
-        return topk_ids, 0
-    scores = scores.float().masked_fill(~resident, float("-inf"))
-    scores = scores.scatter(1, topk_ids.long(), float("-inf"))
-    best_scores, best = scores.topk(topk_ids.shape[1], dim=1)
-    miss = ~resident[topk_ids.long()] & tokens.unsqueeze(1)
-    rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
-    swap = miss & torch.isfinite(best_scores.gather(1, rank))
-    return torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids), int(swap.sum())
-
-
-def device_mode_problem(device: torch.device, store: ExpertStore, trace) -> str | None:
-    """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
-    if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
-        return "the pool is not on a CUDA device"
-    if not isinstance(store, HostStore):
-        return (f"the {store.kind} store is read by the host (device mode reads the "
-                "pinned host store in place: --expert-store host)")
-    if trace is not None:
-        return "the routing trace copies every layer call's ids to the host"
-    return None
-
-
-def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
-                      predictor=None, prefetch_budget_slots=None):
-    """Device mode where it can run, else host mode. Returns (cache, why host mode)."""
-    problem = device_mode_problem(device, store, trace)
-    if problem is None:
-        from .device_cache import DeviceExpertCache  # imports Triton
-
-        return DeviceExpertCache(store, num_slots, device, stats, predictor,
-                                 prefetch_budget_slots), None
-    return ExpertCache(store, num_slots, device, stats, trace, predictor,
-                       prefetch_budget_slots), problem

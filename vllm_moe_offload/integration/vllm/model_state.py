@@ -19,7 +19,8 @@ from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.stats import OffloadStats
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
-from vllm_moe_offload.runtime.expert_cache import ExpertCache, make_expert_cache
+from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.modes import make_expert_cache
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
 from vllm_moe_offload.runtime.task_residency import TaskResidency

@@ -1,0 +1,35 @@
+"""Host mode or device mode: which expert cache runs where, and why."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .expert_cache import ExpertCache
+from .store import ExpertStore, HostStore
+
+
+def device_mode_problem(device: torch.device, store: ExpertStore, trace) -> str | None:
+    """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
+    if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        return "the pool is not on a CUDA device"
+    if not isinstance(store, HostStore):
+        return (f"the {store.kind} store is read by the host (device mode reads the "
+                "pinned host store in place: --expert-store host)")
+    if trace is not None:
+        return "the routing trace copies every layer call's ids to the host"
+    return None
+
+
+def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
+                      predictor=None, prefetch_budget_slots=None):
+    """Device mode where it can run, else host mode. Returns (cache, why host mode)."""
+    problem = device_mode_problem(device, store, trace)
+    if problem is None:
+        from .device_cache import DeviceExpertCache  # imports Triton: CUDA hosts only
+
+        return DeviceExpertCache(store, num_slots, device, stats, predictor,
+                                 prefetch_budget_slots), None
+    return ExpertCache(store, num_slots, device, stats, trace, predictor,
+                       prefetch_budget_slots), problem
