@@ -123,10 +123,7 @@ class DeviceExpertCache(SlotBuffers):
         specs = store.layout.tensors
         if len(specs) > 4:
             raise NotImplementedError("device mode copies at most 4 tensors per expert")
-        sizes, offsets, off = [s.nbytes for s in specs], [], 0
-        for n in sizes:
-            offsets.append(off)
-            off += n
+        sizes, offsets = [s.nbytes for s in specs], store._offsets
         word = next(w for w in (8, 4, 2, 1) if all(
             x % w == 0 for x in (*sizes, *offsets, store.layout.record_bytes)))
         dtype = _WORDS[word]

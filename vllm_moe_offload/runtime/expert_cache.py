@@ -23,10 +23,10 @@ NOTE #2: reading the call's distinct experts back (`_distinct`) is a host sync:
 the host must know which experts miss before it can load them. This is the one
 sync per layer call, and why this host mode runs without CUDA graphs. On CUDA with
 the pinned host store, `DeviceExpertCache` (device mode) needs no sync at all.
-NOTE #4: on CUDA the device copy of the slot table is updated in place, entry by
-entry as slots change (one small copy per call that changed any); never whole.
 NOTE #3: a slot with a load in flight is always pinned (by the call that loads it,
 or by prefetch), so it is never chosen as a victim.
+NOTE #4: on CUDA the device copy of the slot table is updated in place, entry by
+entry as slots change (one small copy per call that changed any); never whole.
 """
 
 from __future__ import annotations
@@ -330,4 +330,3 @@ class ExpertCache(SlotBuffers):
     def close(self) -> None:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
-

@@ -79,13 +79,12 @@ class Predictor:
         Runs in the forward pass of every layer call, so all targets are computed in
         one batched pass and read back with one host sync.
         """
-        targets = self.targets(layer)
-        if not targets:
+        top = self._top_ids(layer, hidden)
+        if top is None:
             return []
-        logits = self.all_logits(layer, hidden.float())  # [D', T, E]
-        ids = logits.topk(self.top_k, dim=-1).indices.flatten(1)  # [D', T * k]
-        chosen = torch.zeros(logits.shape[0], logits.shape[2], dtype=torch.bool,
-                             device=logits.device).scatter_(1, ids, True)  # [D', E]
+        targets, ids, num_experts = top
+        chosen = torch.zeros(len(targets), num_experts, dtype=torch.bool,
+                             device=ids.device).scatter_(1, ids.flatten(1), True)  # [D', E]
         rows = chosen.tolist()
         return [(t, [e for e, on in enumerate(row) if on]) for t, row in zip(targets, rows)]
 
@@ -93,11 +92,19 @@ class Predictor:
     def predict_ids(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """[(target layer, predicted ids [T, k])] on the device, with no host sync
         (device mode): the same top-k as `predict`, left for the prefetch kernel."""
+        top = self._top_ids(layer, hidden)
+        if top is None:
+            return []
+        targets, ids, _ = top
+        return [(t, ids[i]) for i, t in enumerate(targets)]
+
+    def _top_ids(self, layer: int, hidden: torch.Tensor):
+        """(targets, top-k ids [D', T, k], E) of one batched pass; None without targets."""
         targets = self.targets(layer)
         if not targets:
-            return []
-        ids = self.all_logits(layer, hidden.float()).topk(self.top_k, dim=-1).indices
-        return [(t, ids[i]) for i, t in enumerate(targets)]  # ids: [D', T, k]
+            return None
+        logits = self.all_logits(layer, hidden.float())  # [D', T, E]
+        return targets, logits.topk(self.top_k, dim=-1).indices, logits.shape[-1]
 
 
 class NextGatePredictor(Predictor):

@@ -39,4 +39,3 @@ def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor
     rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
     swap = miss & torch.isfinite(best_scores.gather(1, rank))
     return torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids), int(swap.sum())
-
