@@ -58,6 +58,8 @@ def main(spec: dict) -> dict:
                   gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.5),
                   enforce_eager=spec.get("enforce_eager", True), seed=0,
                   load_format=spec.get("load_format", "auto"))
+    if spec.get("max_num_seqs"):  # requests decoded together: the batch size
+        kwargs["max_num_seqs"] = spec["max_num_seqs"]
     if spec.get("offload") is not None:
         kwargs["additional_config"] = {"expert_offload": spec["offload"]}
     llm = LLM(**kwargs)

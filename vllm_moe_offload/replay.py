@@ -1,6 +1,6 @@
 """Replay a routing trace against the slot pool and eviction policies.
 
-    python -m vllm_moe_offload.replay TRACE --pool-slots N [--policy lru,lfu,fifo,belady]
+    python -m vllm_moe_offload.replay TRACE --pool-slots N [--policy lru,reuse,belady]
         [--predictor none|oracle] [--depth D] [--profile qwen3-30b-a3b-pcie5 | all]
 
 TRACE: the plugin's recorder format (trace_path) or JSONL lines
@@ -23,26 +23,30 @@ from vllm_moe_offload.core.trace import read_trace
 
 def table(trace: str, pool_slots: int, policies: list[str], profiles: list[str],
           predictor: str, depth: int) -> str:
-    _, records = read_trace(trace)
+    header, records = read_trace(trace)
     calls = calls_from_records(records)
+    experts = header.experts_per_layer if header else None
     if not calls:
         raise ValueError(f"{trace}: no layer calls in the trace")
     depths = [0] if predictor == "none" else [0, depth]
     layers = len({c.layer for c in calls})
     rows = [f"trace {trace}: {len(calls)} layer calls, {layers} layers, "
             f"{len({c.step for c in calls})} steps; pool {pool_slots} slots", "",
-            "| profile | policy | prefetch | hit rate | GB moved | stall s | modeled tok/s "
-            "| bound tok/s for these bytes | bound tok/s, all miss |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| profile | policy | prefetch | hit rate | of Belady's | GB moved | stall s "
+            "| modeled tok/s | bound tok/s for these bytes | bound tok/s, all miss |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    best = {d: replay(calls, pool_slots, "belady", PROFILES[profiles[0]], d, experts).hit_rate
+            for d in depths}  # hit rates do not depend on the profile
     for name in profiles:
         profile = PROFILES[name]
         for policy in policies:
             for d in depths:
-                r = replay(calls, pool_slots, policy, profile, d)
+                r = replay(calls, pool_slots, policy, profile, d, experts)
                 bound = trace_bound_tokens_per_s(calls, profile, r.bytes_moved)
                 worst = trace_bound_tokens_per_s(calls, profile, all_miss_bytes(calls, profile))
                 rows.append(f"| {name} | {policy} | {'oracle d=' + str(d) if d else 'none'} "
-                            f"| {r.hit_rate:.1%} | {r.bytes_moved / 1e9:.2f} | "
+                            f"| {r.hit_rate:.1%} | {r.hit_rate / max(best[d], 1e-9):.1%} | "
+                            f"{r.bytes_moved / 1e9:.2f} | "
                             f"{r.stall_s:.3f} | {r.tokens_per_s:.1f} | {bound:.1f} | "
                             f"{worst:.1f} |")
     return "\n".join(rows)

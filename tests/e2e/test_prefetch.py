@@ -74,17 +74,19 @@ def test_missing_sidecar_is_refused(models, tmp_path):
 
 
 def check_replay_of(trace: str, recorded: dict) -> None:
-    """The replay tool reads the plugin's own trace; LRU replay with the engine's pool
-    size reproduces the engine's hit and miss counts exactly."""
+    """The replay tool reads the plugin's own trace; replay with the engine's pool size
+    and policy (the default) reproduces the engine's hit and miss counts exactly."""
+    from vllm_moe_offload.core.eviction import DEFAULT_POLICY
     from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
     from vllm_moe_offload.core.trace import read_trace
 
     header, records = read_trace(trace)
     assert (header.num_layers, header.experts_per_layer) == (LAYERS, EXPERTS)
-    result = replay(calls_from_records(records), HALF, "lru", PROFILES["olmoe-1b-7b-pcie4"])
+    result = replay(calls_from_records(records), HALF, DEFAULT_POLICY,
+                    PROFILES["olmoe-1b-7b-pcie4"])
     totals = recorded["stats"]["totals"]
     assert (result.hits, result.misses) == (totals["hits"], totals["misses"])
     out = subprocess.run([sys.executable, "-m", "vllm_moe_offload.replay", trace,
                           "--pool-slots", str(HALF), "--profile", "mixtral-8x7b-pcie5"],
                          check=True, capture_output=True, text=True).stdout
-    assert out.count("| mixtral-8x7b-pcie5 |") == 10  # 5 policies x (none, oracle)
+    assert out.count("| mixtral-8x7b-pcie5 |") == 12  # 6 policies x (none, oracle)

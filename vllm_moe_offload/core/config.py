@@ -17,6 +17,7 @@ ENV_PREFIX = "VLLM_MOE_OFFLOAD_"
 CONFIG_KEY = "expert_offload"  # key inside vLLM's additional_config
 STORES = ("auto", "host", "disk")
 PREDICTORS = ("none", "next-gate", "lookahead", "oracle")
+EVICTIONS = ("auto", "lru", "lfu", "layer", "reuse", "predicted")
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm_moe_offload")
 
 
@@ -59,6 +60,13 @@ class OffloadConfig:
                                            "Most slots held by prefetched experts at "
                                            "once. Default and cap: pool slots minus one "
                                            "layer's experts.")
+    eviction: str = _f("auto", "--expert-eviction",
+                       "Which resident expert gives up its slot: 'lru', 'lfu' (decayed "
+                       "frequency), 'layer' (the layer that just ran first), 'reuse' "
+                       "(layer cycle x decayed frequency: farthest expected next use), "
+                       "'predicted' (reuse, plus the predictor's named experts kept) or "
+                       "'auto' (reuse; on a GPU in device mode, CLOCK in the kernel). "
+                       "docs/results.md section 7 has the measurements.")
     task_aware: bool = _f(False, "--expert-task-aware",
                           "Learn per-task expert profiles and pin the experts that the "
                           "queued work of each task will need (eMoE-style residency).")
@@ -114,6 +122,15 @@ class OffloadConfig:
             raise ValueError(
                 f"expert_offload.predictor={self.predictor!r} needs predictor_path: "
                 f"{what} (--expert-predictor-path).")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(
+                f"expert_offload.eviction={self.eviction!r} is not a known policy; use one "
+                f"of {', '.join(EVICTIONS)} (--expert-eviction).")
+        if self.eviction == "predicted" and self.predictor == "none":
+            raise ValueError(
+                "expert_offload.eviction='predicted' keeps the experts a predictor names, "
+                "and predictor is 'none'; set predictor (--expert-predictor next-gate) or "
+                "use eviction='reuse'.")
         if self.prefetch_depth < 1:
             raise ValueError(f"expert_offload.prefetch_depth={self.prefetch_depth} must "
                              "be >= 1 (layers ahead to prefetch).")
@@ -199,6 +216,9 @@ class OffloadConfig:
             return "task-aware residency counts every layer call's routing on the host"
         if self.predictor == "oracle":
             return "the oracle predictor replays a trace on the host"
+        if self.eviction != "auto":
+            return (f"eviction={self.eviction!r} runs on the host (device mode evicts by "
+                    "CLOCK in its kernel; eviction='auto' keeps it)")
         return None
 
     def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int) -> int:

@@ -10,23 +10,29 @@ bytes per expert). The timing model:
   of the next `depth` calls are issued when the current call starts, so they load
   while it computes. Prefetched experts are protected until their call.
 
-Policies: `lru`, `lfu` (ties: least recent), `fifo`, `layer-cyclic` (evict from the
-layer whose turn comes last in the layer cycle: the one just run; LRU within a
-layer), and `belady`: evict the expert whose next use is farthest in the future,
-with the future read from the trace, i.e. eviction driven by a perfect predictor
-(the optimum a predictor can approach).
+The pool is the engine's own `SlotPool` with the engine's own eviction policies
+(`core/eviction.py`), driven in the engine's order (`runtime/expert_cache.py`): a call's
+pins go when the next call starts; prefetch pins go at their target call; prefetch
+holds at most S - E slots. So replay and engine cannot drift: LRU replay reproduces
+the engine's hit and miss counts exactly (tests/e2e/test_prefetch.py). One policy is
+replay's own: `belady` evicts the expert whose next use is farthest in the future,
+read from the trace. It is the bound that eviction can approach, not a candidate.
+With prefetch, oracle predictions are also the hints of the `predicted` policy.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections import OrderedDict, defaultdict
+import math
+from bisect import bisect_left
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
-from .slot_pool import ExpertKey
+from .eviction import POLICIES as ENGINE_POLICIES
+from .eviction import EvictionPolicy, _LazyHeap, make_policy
+from .slot_pool import ExpertKey, SlotPool
 
-POLICIES = ("lru", "lfu", "fifo", "layer-cyclic", "belady")
+POLICIES = ENGINE_POLICIES + ("belady",)
 
 
 class Call(NamedTuple):
@@ -97,55 +103,43 @@ def calls_from_records(records: Iterable) -> list[Call]:
             for r in records]
 
 
-class _Pool:
-    """Slot pool with a pluggable victim choice (the engine's SlotPool is LRU)."""
+class Belady(EvictionPolicy):
+    """Farthest next use, read from the trace (replay only). A key's next use is
+    fixed while it is evictable (any use pins it first), so one heap does."""
 
-    def __init__(self, num_slots: int, policy: str, future: dict[ExpertKey, list[int]],
-                 num_layers: int = 1):
-        if policy not in POLICIES:
-            raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
-        self.num_slots, self.policy, self.future = num_slots, policy, future
-        self.resident: OrderedDict[ExpertKey, None] = OrderedDict()  # LRU / FIFO order
-        self.uses: dict[ExpertKey, int] = defaultdict(int)
-        self.num_layers = num_layers
-        self.layer = 0  # the layer running now (for layer-cyclic)
+    name = "belady"
 
-    def touch(self, key: ExpertKey) -> None:
-        self.uses[key] += 1
-        if self.policy != "fifo":
-            self.resident.move_to_end(key)
+    def __init__(self, future: dict[ExpertKey, list[int]]):
+        super().__init__()
+        self.future = future
+        self.now = 0  # index of the call running now
+        self._heap = _LazyHeap()
 
-    def admit(self, key: ExpertKey, now: int, protected: set) -> bool:
-        """Make `key` resident; False if every resident expert is protected."""
-        if len(self.resident) >= self.num_slots:
-            victim = self._victim(now, protected)
-            if victim is None:
-                return False
-            del self.resident[victim]
-        self.resident[key] = None
-        self.uses[key] += 1
-        return True
-
-    def _victim(self, now: int, protected: set) -> ExpertKey | None:
-        candidates = [k for k in self.resident if k not in protected]
-        if not candidates:
-            return None
-        if self.policy in ("lru", "fifo"):
-            return candidates[0]
-        if self.policy == "lfu":
-            return min(candidates, key=lambda k: self.uses[k])  # stable: LRU among ties
-        if self.policy == "layer-cyclic":  # stable: LRU among one layer's experts
-            return max(candidates, key=lambda k: (k.layer - self.layer - 1) % self.num_layers)
-        return max(candidates, key=lambda k: self._next_use(k, now))
-
-    def _next_use(self, key: ExpertKey, now: int) -> float:
+    def add(self, slot: int, key: ExpertKey) -> None:
         times = self.future.get(key, [])
-        i = bisect_right(times, now)
-        return times[i] if i < len(times) else float("inf")
+        i = bisect_left(times, self.now)
+        self._heap.push(slot, -(times[i] if i < len(times) else math.inf))
+
+    def discard(self, slot: int) -> None:
+        self._heap.remove(slot)
+
+    def pop_victim(self) -> int:
+        return self._heap.pop()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def slots(self) -> set[int]:
+        return self._heap.slots()
 
 
 def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProfile,
-           depth: int = 0) -> ReplayResult:
+           depth: int = 0, experts_per_layer: int | None = None) -> ReplayResult:
+    """Play `calls` against a pool of `num_slots` under `policy`; with `depth`, oracle
+    prefetch of the next `depth` calls (at most S - experts_per_layer slots, as the
+    engine; default: the largest call)."""
+    if policy not in POLICIES:
+        raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
     max_experts = max((len(c.experts) for c in calls), default=0)
     if num_slots < max_experts:
         raise ValueError(f"--pool-slots {num_slots} is smaller than the largest layer call "
@@ -154,47 +148,66 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
     for i, c in enumerate(calls):
         for e in c.experts:
             future[ExpertKey(c.layer, e)].append(i)
-    pool = _Pool(num_slots, policy, future, num_layers=max(c.layer for c in calls) + 1)
+    num_layers = max((c.layer for c in calls), default=0) + 1
+    evict = Belady(future) if policy == "belady" else make_policy(policy, num_layers)
+    pool = SlotPool(num_slots, evict)
+    budget = num_slots - (experts_per_layer or max_experts)
     ready_at: dict[ExpertKey, float] = {}  # prefetched key -> when its load finishes
-    prefetched_for: dict[int, set[ExpertKey]] = defaultdict(set)
+    # call index -> prefetch pins held for it: (key, slot, loaded by prefetch)
+    prefetched_for: dict[int, list[tuple[ExpertKey, int, bool]]] = defaultdict(list)
+    call_pins: list[int] = []
+    prefetch_pins = 0
     clock = link_free = stall = 0.0
     hits = misses = prefetched = prefetch_hits = 0
     load = profile.load_s()
     for i, c in enumerate(calls):
-        keys = [ExpertKey(c.layer, e) for e in c.experts]
-        protected = set(keys)
-        for j in range(i + 1, min(i + depth, len(calls) - 1) + 1):
-            protected |= prefetched_for[j]
+        if isinstance(evict, Belady):
+            evict.now = i
+        pool.release(call_pins)
+        pool.start_call(c.layer)
+        grants = pool.acquire([ExpertKey(c.layer, e) for e in c.experts], used=True)
+        if grants is None:
+            raise RuntimeError(f"call {i}: {len(c.experts)} experts do not fit")
+        call_pins = [g.slot for g in grants]
         start = clock
-        pool.layer = c.layer
-        for key in keys:  # hits, including experts that prefetch brought in
-            if key in pool.resident:
-                pool.touch(key)
+        for g in grants:
+            if g.hit:
                 hits += 1
-                if key in prefetched_for[i]:
-                    prefetch_hits += 1
-                start = max(start, ready_at.pop(key, 0.0))
-        for key in keys:  # on-demand misses: a stall
-            if key in pool.resident:
-                continue
-            misses += 1
-            pool.admit(key, i, protected)
-            link_free = max(link_free, clock) + load
-            start = max(start, link_free)
+                start = max(start, ready_at.pop(g.key, 0.0))
+            else:  # on-demand miss: a stall
+                misses += 1
+                ready_at.pop(g.key, None)
+                link_free = max(link_free, clock) + load
+                start = max(start, link_free)
         stall += start - clock
+        used = set(c.experts)
+        for key, slot, loaded in prefetched_for.pop(i, []):  # settle this call's prefetch
+            prefetch_pins -= 1
+            prefetch_hits += loaded and key.expert in used
+            pool.release([slot])
+        room = True
         for j in range(i + 1, min(i + depth, len(calls) - 1) + 1):  # oracle prefetch
-            for e in calls[j].experts:
-                key = ExpertKey(calls[j].layer, e)
-                if key in pool.resident or key in prefetched_for[j]:
-                    continue
-                if not pool.admit(key, i, protected):
+            target = calls[j]
+            for e in target.experts:
+                pool.hint(ExpertKey(target.layer, e))
+            already = {key for key, _, _ in prefetched_for[j]}
+            for e in target.experts:
+                key = ExpertKey(target.layer, e)
+                if not room or prefetch_pins >= budget:
+                    room = False
                     break
-                prefetched += 1
-                prefetched_for[j].add(key)
-                protected.add(key)
-                link_free = max(link_free, start) + load
-                ready_at[key] = link_free
-        prefetched_for.pop(i, None)
+                if key in already:
+                    continue
+                got = pool.acquire([key])
+                if got is None:
+                    room = False
+                    break
+                prefetch_pins += 1
+                prefetched_for[j].append((key, got[0].slot, not got[0].hit))
+                if not got[0].hit:
+                    prefetched += 1
+                    link_free = max(link_free, start) + load
+                    ready_at[key] = link_free
         clock = start + profile.compute_s_per_layer
     steps = len({c.step for c in calls})
     tokens = sum(c.tokens for c in calls if c.layer == calls[0].layer) if calls else 0

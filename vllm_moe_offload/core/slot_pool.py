@@ -1,21 +1,21 @@
 """A global pool of expert slots, paged like KV blocks.
 
 Three plain structures: `(layer, expert) -> slot` table, a free list of empty
-slots, and an LRU order of resident, unpinned slots (an `OrderedDict`, O(1) to
-touch, pop the oldest, or remove). Checks (`can_acquire`) are separate from
-changes (`acquire`, `release`).
+slots, and an eviction policy (`core/eviction.py`) that holds the resident,
+unpinned slots and picks victims among them (LRU by default here; the engine
+passes the configured one). Checks (`can_acquire`) are separate from changes
+(`acquire`, `release`).
 
-NOTE #1: a pinned slot is never in `_evictable` and never evicted. `acquire`
+NOTE #1: a pinned slot is never in the policy's set and never evicted. `acquire`
 pins every slot of one layer call before it picks victims for that call's
 misses, so a call never evicts an expert it needs itself.
-NOTE #2: every slot is in exactly one of: `_free`, `_evictable`, pinned.
+NOTE #2: every slot is in exactly one of: `_free`, the policy's set, pinned.
 NOTE #3: every query and change costs O(1) per key it names: `_num_pinned` is a
 count kept by `_pin`/`release`, never a scan over the S slots.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Iterable, NamedTuple
 
 
@@ -32,15 +32,17 @@ class SlotGrant(NamedTuple):
 
 
 class SlotPool:
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, policy=None):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
+        from .eviction import EvictionPolicy
+
         self.num_slots = num_slots
+        self.policy = policy if policy is not None else EvictionPolicy()
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * num_slots
         self._pins = [0] * num_slots
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives 0 first
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._num_pinned = 0  # slots with a pin count > 0 (NOTE #3)
 
     # ---- queries ----------------------------------------------------------------
@@ -60,8 +62,9 @@ class SlotPool:
     def can_acquire(self, keys: Iterable[ExpertKey]) -> bool:
         """True if `acquire(keys)` would find a slot for every missing key.
 
-        O(len(keys)): the hits that sit in the LRU order will be pinned, so they
-        leave it; every other evictable slot and every free slot can take a miss.
+        O(len(keys)): the hits that are evictable will be pinned, so they leave
+        the policy's set; every other evictable slot and every free slot can take
+        a miss.
         """
         missing = hits_evictable = 0
         for key in set(keys):
@@ -70,12 +73,21 @@ class SlotPool:
                 missing += 1
             elif self._pins[slot] == 0:
                 hits_evictable += 1
-        return missing <= len(self._free) + len(self._evictable) - hits_evictable
+        return missing <= len(self._free) + len(self.policy) - hits_evictable
 
     # ---- changes ----------------------------------------------------------------
 
-    def acquire(self, keys: Iterable[ExpertKey]) -> list[SlotGrant] | None:
+    def start_call(self, layer: int) -> None:
+        """A layer call begins: the policy's clock (layers run in a cycle)."""
+        self.policy.start_call(layer)
+
+    def hint(self, key: ExpertKey) -> None:
+        """A predictor expects `key` at its layer's next call."""
+        self.policy.hint(key)
+
+    def acquire(self, keys: Iterable[ExpertKey], used: bool = False) -> list[SlotGrant] | None:
         """Pin a slot for each distinct key; load-on-miss is the caller's job.
+        `used`: a layer call routed to these keys (not a prefetch or a plan).
 
         Returns None (and changes nothing) when the misses cannot all get a slot
         right now, i.e. too many slots are pinned.
@@ -83,6 +95,9 @@ class SlotPool:
         keys = list(dict.fromkeys(keys))
         if not self.can_acquire(keys):
             return None
+        if used:
+            for key in keys:
+                self.policy.used(key)
         grants: list[SlotGrant] = []
         misses = []
         for key in keys:  # pin hits first (NOTE #1)
@@ -101,14 +116,14 @@ class SlotPool:
         return grants
 
     def release(self, slots: Iterable[int]) -> None:
-        """Unpin; a slot whose last pin goes becomes the most recently used."""
+        """Unpin; a slot whose last pin goes becomes evictable."""
         for slot in slots:
             if self._pins[slot] <= 0:
                 raise RuntimeError(f"slot {slot} released more often than acquired")
             self._pins[slot] -= 1
             if self._pins[slot] == 0:
                 self._num_pinned -= 1
-                self._evictable[slot] = None
+                self.policy.add(slot, self._key_of[slot])
 
     def drop(self, key: ExpertKey) -> None:
         """Forget a resident, unpinned expert (its slot becomes free)."""
@@ -117,7 +132,7 @@ class SlotPool:
             return
         if self._pins[slot]:
             raise RuntimeError(f"{key} is pinned and cannot be dropped")
-        del self._evictable[slot]
+        self.policy.discard(slot)
         del self._slot_of[key]
         self._key_of[slot] = None
         self._free.append(slot)
@@ -126,14 +141,14 @@ class SlotPool:
 
     def _pin(self, slot: int) -> None:
         if self._pins[slot] == 0:
-            self._evictable.pop(slot, None)
+            self.policy.discard(slot)
             self._num_pinned += 1
         self._pins[slot] += 1
 
     def _take_slot(self) -> tuple[int, ExpertKey | None]:
         if self._free:
             return self._free.pop(), None
-        slot, _ = self._evictable.popitem(last=False)  # least recently used
+        slot = self.policy.pop_victim()
         evicted = self._key_of[slot]
         del self._slot_of[evicted]
         self._key_of[slot] = None
@@ -142,7 +157,8 @@ class SlotPool:
     def check_invariants(self) -> None:
         """Raise AssertionError if NOTE #1/#2 or the two maps disagree (tests)."""
         pinned = {s for s, p in enumerate(self._pins) if p}
-        free, evictable = set(self._free), set(self._evictable)
+        free, evictable = set(self._free), self.policy.slots()
+        assert len(evictable) == len(self.policy), "policy size drifted"
         assert len(self._free) == len(free), "slot twice in free list"
         assert not (free & evictable) and not (free & pinned) and not (evictable & pinned)
         assert free | evictable | pinned == set(range(self.num_slots))

@@ -68,6 +68,7 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
 
 class DeviceExpertCache(SlotBuffers):
     mode = "device"
+    eviction = "clock"  # CLOCK in resolve_kernel (residency_kernels.py)
     trace = None
 
     def __init__(self, store: HostStore, num_slots: int, device: torch.device | str,

@@ -37,6 +37,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..core.eviction import make_policy
 from ..core.slot_pool import ExpertKey, SlotGrant, SlotPool
 from ..core.stats import OffloadStats
 from ..core.trace import TraceWriter
@@ -49,13 +50,14 @@ class ExpertCache(SlotBuffers):
 
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device | str,
                  stats: OffloadStats | None = None, trace: TraceWriter | None = None,
-                 predictor=None, prefetch_budget_slots: int | None = None):
+                 predictor=None, prefetch_budget_slots: int | None = None,
+                 eviction: str = "lru"):
         self.store = store
         self.device = torch.device(device)
         self.num_layers = store.num_layers
         self.experts_per_layer = store.experts_per_layer
         self.num_slots = num_slots
-        self.pool = SlotPool(num_slots)
+        self.pool = SlotPool(num_slots, make_policy(eviction, self.num_layers))
         self.stats = stats or OffloadStats()
         self.trace = trace
         self.predictor = predictor
@@ -85,6 +87,10 @@ class ExpertCache(SlotBuffers):
         self._loader = (ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
                         if predictor is not None and not self._cuda else None)
 
+    @property
+    def eviction(self) -> str:
+        return self.pool.policy.name
+
     def resident_mask(self) -> torch.Tensor:
         """[L, E] bool: which experts are in the pool (or loading into it)."""
         return self._table >= 0
@@ -102,7 +108,8 @@ class ExpertCache(SlotBuffers):
             self._call_pins = []
         self._release_finished_prefetches()
         experts = self._distinct(topk_ids)  # NOTE #2
-        grants = self.pool.acquire(ExpertKey(layer, e) for e in experts)
+        self.pool.start_call(layer)
+        grants = self.pool.acquire((ExpertKey(layer, e) for e in experts), used=True)
         if grants is None:
             raise RuntimeError(f"layer {layer}: {len(experts)} experts do not fit in "
                                f"{self.num_slots} slots with {self.pool.num_pinned()} pinned")
@@ -239,6 +246,8 @@ class ExpertCache(SlotBuffers):
             self._predicted[(target, target - layer)] = set(experts)
             pinned = self._prefetched.setdefault(target, [])
             already = {key.expert for key, _, _ in pinned}
+            for e in experts:
+                self.pool.hint(ExpertKey(target, e))
             for e in experts:
                 if not room or self._prefetch_pins >= self.prefetch_budget:
                     room = False

@@ -6,11 +6,13 @@ import os
 
 import torch
 
+from ..core.eviction import DEFAULT_POLICY
 from .expert_cache import ExpertCache
 from .store import ExpertStore, HostStore
 
 
-def device_mode_problem(device: torch.device, store: ExpertStore, trace) -> str | None:
+def device_mode_problem(device: torch.device, store: ExpertStore, trace,
+                        eviction: str = "auto") -> str | None:
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
     if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
         return "the pool is not on a CUDA device"
@@ -19,17 +21,23 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace) -> str 
                 "pinned host store in place: --expert-store host)")
     if trace is not None:
         return "the routing trace copies every layer call's ids to the host"
+    if eviction != "auto":
+        return (f"eviction={eviction!r} runs on the host (device mode evicts by CLOCK in "
+                "its kernel; eviction='auto' keeps it)")
     return None
 
 
 def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
-                      predictor=None, prefetch_budget_slots=None):
-    """Device mode where it can run, else host mode. Returns (cache, why host mode)."""
-    problem = device_mode_problem(device, store, trace)
+                      predictor=None, prefetch_budget_slots=None, eviction: str = "auto"):
+    """Device mode where it can run, else host mode. Returns (cache, why host mode).
+    `eviction`: a policy of core/eviction.py, or 'auto' (device mode's CLOCK where it
+    runs, else the measured default)."""
+    problem = device_mode_problem(device, store, trace, eviction)
     if problem is None:
         from .device_cache import DeviceExpertCache  # imports Triton: CUDA hosts only
 
         return DeviceExpertCache(store, num_slots, device, stats, predictor,
                                  prefetch_budget_slots), None
     return ExpertCache(store, num_slots, device, stats, trace, predictor,
-                       prefetch_budget_slots), problem
+                       prefetch_budget_slots,
+                       DEFAULT_POLICY if eviction == "auto" else eviction), problem

@@ -22,6 +22,9 @@ def test_env_then_additional_config_on_top():
     ({"pool_gib": -1}, ["pool_gib=-1"]),
     ({"stats_log_interval_s": -5}, ["stats_log_interval_s=-5"]),
     ({"pool_slot": 4}, ["unknown", "pool_slot"]),
+    ({"eviction": "mru"}, ["eviction='mru'", "lru", "reuse", "--expert-eviction"]),
+    ({"eviction": "predicted"}, ["eviction='predicted'", "predictor", "next-gate",
+                                 "eviction='reuse'"]),
 ])
 def test_bad_values_name_the_field_and_value(values, words):
     with pytest.raises(ValueError) as err:
@@ -68,3 +71,11 @@ def test_task_settings_need_task_aware_and_approximate_needs_sensitivity():
     env = OffloadConfig.env_values({"VLLM_MOE_OFFLOAD_TASK_SCHEDULER": "false"})
     assert env == {"task_scheduler": False}
     assert not OffloadConfig.from_dict({"task_aware": True, **env}).use_task_scheduler
+
+
+def test_eviction_auto_is_the_measured_default_and_keeps_device_mode():
+    cfg = OffloadConfig(enabled=True, store="host")
+    assert cfg.eviction == "auto" and cfg.host_work_reason(on_gpu=True) is None
+    lru = OffloadConfig(enabled=True, store="host", eviction="lru")
+    assert "eviction='lru' runs on the host" in lru.host_work_reason(on_gpu=True)
+    assert OffloadConfig.resolve({}, environ={"VLLM_MOE_OFFLOAD_EVICTION": "lfu"}).eviction == "lfu"

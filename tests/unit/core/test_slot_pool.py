@@ -1,8 +1,8 @@
 import random
-from collections import OrderedDict
 
 import pytest
 
+from vllm_moe_offload.core.eviction import POLICIES, make_policy
 from vllm_moe_offload.core.slot_pool import ExpertKey, SlotPool
 
 
@@ -95,21 +95,25 @@ def test_random_operations_keep_invariants_and_match_a_reference_lru(seed):
         assert pool.num_resident() <= num_slots
 
 
-def test_queries_do_not_scan_the_pool():
-    """can_acquire and num_pinned keep counts (O(1) per key), never walk all S slots."""
-    class NoWalk(OrderedDict):
-        def __iter__(self):
-            raise AssertionError("scanned the evictable slots")
-
-    pool = SlotPool(1000)
-    pool.release(g.slot for g in pool.acquire(keys(0, *range(900))))
-    pool._evictable = NoWalk(pool._evictable)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_queries_do_not_scan_the_pool(policy):
+    """can_acquire and num_pinned keep counts (O(1) per key), never walk all S slots;
+    a policy is asked for its size, never for its slots."""
+    pool = SlotPool(1000, make_policy(policy, 3))
+    pool.start_call(0)
+    pool.release(g.slot for g in pool.acquire(keys(0, *range(900)), used=True))
+    pool.policy.slots = _no_scan
     pool._pins = _NoScanList(pool._pins)
     assert pool.can_acquire(keys(1, 0, 1)) and not pool.can_acquire(keys(2, *range(1001)))
-    grants = pool.acquire(keys(0, 5, 6) + keys(1, 1))
+    pool.start_call(1)
+    grants = pool.acquire(keys(0, 5, 6) + keys(1, 1), used=True)
     assert pool.num_pinned() == 3
     pool.release(g.slot for g in grants)
     assert pool.num_pinned() == 0
+
+
+def _no_scan():
+    raise AssertionError("scanned the evictable slots")
 
 
 class _NoScanList(list):

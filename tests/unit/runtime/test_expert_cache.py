@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm_moe_offload.core.eviction import POLICIES
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.store import DiskStore, ExpertLayout, HostStore, TensorSpec
@@ -29,14 +30,14 @@ def moe(x, w13, w2, topk_weights, topk_ids):
     return out
 
 
-def make_cache(kind, tmp_path, num_slots, trace=None):
+def make_cache(kind, tmp_path, num_slots, trace=None, eviction="lru"):
     store = (HostStore(LAYOUT, L, E) if kind == "host"
              else DiskStore(tmp_path / "m.experts", LAYOUT, L, E, {"model": "t"}))
     for layer, experts in enumerate(weights()):
         for e, tensors in enumerate(experts):
             store.put(layer, e, tensors)
     store.seal()
-    return ExpertCache(store, num_slots, "cpu", trace=trace)
+    return ExpertCache(store, num_slots, "cpu", trace=trace, eviction=eviction)
 
 
 def routing(seed, tokens):
@@ -46,10 +47,12 @@ def routing(seed, tokens):
     return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
 
 
-@pytest.mark.parametrize("kind", ["host", "disk"])
+@pytest.mark.parametrize("kind, eviction", [("host", "lru"), ("disk", "lru"),
+                                            *(("host", p) for p in POLICIES if p != "lru")])
 @pytest.mark.parametrize("num_slots", [E, 2 * E, L * E])
-def test_outputs_match_all_resident_and_counts_add_up(tmp_path, kind, num_slots):
-    cache = make_cache(kind, tmp_path, num_slots)
+def test_outputs_match_all_resident_and_counts_add_up(tmp_path, kind, num_slots, eviction):
+    cache = make_cache(kind, tmp_path, num_slots, eviction=eviction)
+    assert cache.eviction == eviction
     full = weights()
     distinct_loads = 0
     for step in range(4):
@@ -97,3 +100,15 @@ def test_trace_records_every_call(tmp_path):
     header, records = read_trace(str(path))
     assert header == TraceHeader(L, E, K)
     assert [(r.step, r.layer, r.expert_ids) for r in records] == calls
+
+
+def test_a_named_policy_runs_in_host_mode(tmp_path, monkeypatch):
+    """Device mode evicts by CLOCK in its kernel; a named policy needs the host."""
+    from vllm_moe_offload.runtime.modes import device_mode_problem, make_expert_cache
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where device mode could run on CPU
+    store = make_cache("host", tmp_path, E).store
+    assert device_mode_problem("cpu", store, None, "auto") is None
+    cache, why = make_expert_cache(store, E, "cpu", eviction="layer")
+    assert cache.mode == "host" and cache.eviction == "layer"
+    assert "eviction='layer' runs on the host" in why

@@ -107,7 +107,8 @@ class ModelOffload:
         predictor = self._make_predictor()
         self.cache, why_host = make_expert_cache(store, num_slots, self.device, self.stats,
                                                  trace, predictor,
-                                                 self.cfg.prefetch_budget_slots)
+                                                 self.cfg.prefetch_budget_slots,
+                                                 self.cfg.eviction)
         if self.device.type == "cuda":
             logger.info("expert offload: %s", "device mode (residency on the GPU, no host "
                         "sync per layer call)" if why_host is None else
@@ -117,11 +118,13 @@ class ModelOffload:
         total = self.num_layers * self.experts_per_layer
         logger.info(
             "expert offload: pool %d of %d experts (%.1f%%), %.3f GiB in %s memory; "
-            "store %s %.3f GiB%s; predictor %s (depth %d, budget %d slots)", num_slots,
+            "store %s %.3f GiB%s; predictor %s (depth %d, budget %d slots); eviction %s",
+            num_slots,
             total, 100 * num_slots / total, self.cache.pool_bytes / 2**30,
             self.device.type, store.kind, store.nbytes / 2**30,
             f" at {store.path}" if store.kind == "disk" else "", self.cfg.predictor,
-            self.cfg.prefetch_depth, self.cache.prefetch_budget if predictor else 0)
+            self.cfg.prefetch_depth, self.cache.prefetch_budget if predictor else 0,
+            self.cache.eviction)
         atexit.register(self.shutdown)
         return self.cache
 
