@@ -75,8 +75,11 @@ def main(spec: dict) -> dict:
         llm.generate(spec["prompts"], params, use_tqdm=False)  # warm-up
         before = vllm_moe_offload.get_stats(llm).get("totals", {})
     start = time.perf_counter()
+    repeat_seconds = []
     for _ in range(repeats):  # the same batch again: more time measured, less noise
+        t0 = time.perf_counter()
         outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
+        repeat_seconds.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - start
     stats = vllm_moe_offload.get_stats(llm)
     if spec.get("timed") and before:  # report the timed batches alone
@@ -90,6 +93,7 @@ def main(spec: dict) -> dict:
         "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
         "generated_tokens": repeats * sum(len(o.outputs[0].token_ids) for o in outputs),
         "gen_seconds": seconds,
+        "repeat_seconds": repeat_seconds,  # per batch: a median resists noise
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "stats": stats,
     }

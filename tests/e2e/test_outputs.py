@@ -33,6 +33,18 @@ def test_greedy_outputs_match_plain_vllm(models, engine, store_dir, arch, pool):
         assert totals["hits"] > totals["misses"]
 
 
+def test_pool_settings_without_enabled_turn_offload_on(models, engine, store_dir):
+    """The trap of writing pool settings and forgetting `enabled`: they mean offload."""
+    plain = engine(plain_spec(models["mixtral"]))
+    spec = offload_spec(models["mixtral"], pool_slots=EXPERTS, store="disk",
+                        store_dir=store_dir)
+    del spec["offload"]["enabled"]
+    off = engine(spec)
+    assert "since pool_slots, store, store_dir set without enabled" in off["log"]
+    assert off["token_ids"] == plain["token_ids"]
+    assert off["stats"]["pool"]["num_slots"] == EXPERTS and off["stats"]["totals"]["misses"] > 0
+
+
 def test_plain_vllm_is_untouched_by_the_plugin(models, engine):
     plain = engine(plain_spec(models["qwen3_moe"]))
     assert "expert offload" not in plain["log"]

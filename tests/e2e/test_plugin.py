@@ -25,6 +25,9 @@ os.environ["VLLM_MOE_OFFLOAD_POOL_SLOTS"] = "99"  # env is below the CLI
 ea2 = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", "--enable-expert-offload"]))
 from vllm_moe_offload.integration.vllm.plugin import fold_offload_config
 assert fold_offload_config(ea2.additional_config)["expert_offload"]["pool_slots"] == 99
+del os.environ["VLLM_MOE_OFFLOAD_POOL_SLOTS"]
+ea3 = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", "--expert-pool-slots", "8"]))
+assert ea3.additional_config["expert_offload"]["enabled"]  # a setting means offload
 print("OK")
 """
 

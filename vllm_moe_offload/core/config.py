@@ -28,7 +28,8 @@ def _f(default, flag: str, help: str):
 @dataclass(frozen=True)
 class OffloadConfig:
     enabled: bool = _f(False, "--enable-expert-offload",
-                       "Turn expert offload on. Everything else is inert while off.")
+                       "Turn expert offload on. Setting any other field turns it on "
+                       "too, unless this is set to false.")
     pool_slots: int | None = _f(None, "--expert-pool-slots",
                                 "Expert slots resident in fast memory, shared by all MoE "
                                 "layers. At least one layer's experts. Default: half of "
@@ -164,12 +165,16 @@ class OffloadConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "OffloadConfig":
+        """Settings without `enabled` mean offload: whoever wrote pool settings
+        meant it (the same for additional_config, env vars and flags)."""
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
                 f"unknown expert_offload field(s) {unknown}; known fields: {sorted(known)}.")
+        if values and "enabled" not in values:
+            values["enabled"] = True
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
     @classmethod

@@ -79,3 +79,16 @@ def test_eviction_auto_is_the_measured_default_and_keeps_device_mode():
     lru = OffloadConfig(enabled=True, store="host", eviction="lru")
     assert "eviction='lru' runs on the host" in lru.host_work_reason(on_gpu=True)
     assert OffloadConfig.resolve({}, environ={"VLLM_MOE_OFFLOAD_EVICTION": "lfu"}).eviction == "lfu"
+
+
+@pytest.mark.parametrize("source", ["additional_config", "env"])
+def test_any_setting_turns_offload_on_unless_enabled_is_false(source):
+    def resolve(values):
+        if source == "env":
+            env = {f"VLLM_MOE_OFFLOAD_{k.upper()}": str(v).lower() for k, v in values.items()}
+            return OffloadConfig.resolve({}, environ=env)
+        return OffloadConfig.resolve({"expert_offload": values}, environ={})
+
+    assert resolve({"pool_slots": 10}).enabled  # the trap: pool settings meant offload
+    assert not resolve({"pool_slots": 10, "enabled": False}).enabled
+    assert not resolve({}).enabled

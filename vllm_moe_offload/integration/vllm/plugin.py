@@ -88,6 +88,10 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
     values.update(merged.get(CONFIG_KEY) or {})
     values.update(cli or {})
     if values:
+        if "enabled" not in values:
+            logger.info("expert offload: on, since %s set without enabled (set "
+                        "expert_offload.enabled=false to keep it off)",
+                        ", ".join(sorted(values)))
         merged[CONFIG_KEY] = OffloadConfig.from_dict(values).to_dict()
     return merged
 
