@@ -45,6 +45,21 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -
     raise EngineFailed(output)
 
 
+def damage_store(path: str, how: str) -> None:
+    """Damage a disk store file under the running engine: 'flip' one byte in every
+    4 KiB of expert records, or 'truncate' it to half."""
+    size = os.path.getsize(path)
+    if how == "truncate":
+        os.truncate(path, size // 2)
+        return
+    with open(path, "r+b") as f:
+        for offset in range(4096 + 17, size - 4096, 4096):
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x5A]))
+
+
 def main(spec: dict) -> dict:
     if spec.get("in_process"):  # engine core and worker in this process: starts in ~3 s
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -76,10 +91,13 @@ def main(spec: dict) -> dict:
         before = vllm_moe_offload.get_stats(llm).get("totals", {})
     start = time.perf_counter()
     repeat_seconds = []
-    for _ in range(repeats):  # the same batch again: more time measured, less noise
+    for i in range(repeats):  # the same batch again: more time measured, less noise
         t0 = time.perf_counter()
         outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
         repeat_seconds.append(time.perf_counter() - t0)
+        if spec.get("damage_store") and i == 0:  # fault tests: the next batch reads it
+            damage_store(vllm_moe_offload.get_stats(llm)["pool"]["store_path"],
+                         spec["damage_store"])
     seconds = time.perf_counter() - start
     stats = vllm_moe_offload.get_stats(llm)
     if spec.get("timed") and before:  # report the timed batches alone

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 from tests.e2e.conftest import LAYERS, EXPERTS, PROMPTS, plain_spec
+from vllm_moe_offload.engine_probe import damage_store
 
 
 def free_port() -> int:
@@ -31,9 +32,10 @@ def wait_healthy(proc, url: str, timeout_s: float = 300) -> None:
     raise TimeoutError("server did not become healthy")
 
 
-def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
+def test_openai_server_with_offload_flags(models, engine, tmp_path):
     """Also the task-aware path across processes: the scheduler (engine-core
-    process) classifies, the worker (its own process) profiles and plans."""
+    process) classifies, the worker (its own process) profiles and plans; and a
+    store file damaged under the running server heals, the server stays healthy."""
     import json
 
     from openai import BadRequestError, OpenAI
@@ -42,6 +44,7 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
     plain = engine(plain_spec(model))
     port = free_port()
     rules, profiles = tmp_path / "rules.json", tmp_path / "profiles.json"
+    store_dir = tmp_path / "store"
     rules.write_text(json.dumps({"rules": [{"task": "python", "keywords": ["def "]}]}))
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
@@ -49,7 +52,7 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
          "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "512",
          "--gpu-memory-utilization", "0.5", "--enforce-eager", "--seed", "0",
          "--enable-expert-offload", "--expert-pool-slots", str(LAYERS * EXPERTS // 2),
-         "--expert-store", "disk", "--expert-store-dir", store_dir,
+         "--expert-store", "disk", "--expert-store-dir", str(store_dir),
          "--expert-task-aware", "--expert-task-rules", str(rules),
          "--expert-task-profiles", str(profiles), "--expert-replan-every", "1"],
         stdout=log, stderr=subprocess.STDOUT,
@@ -65,6 +68,15 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
             choice = out.choices[0]
             assert choice.token_ids == plain["token_ids"][i]
             assert choice.text == plain["texts"][i]
+        (store_file,) = store_dir.glob("*.experts")
+        damage_store(str(store_file), "flip")  # every record, under the running server
+        for i in (3, 1):
+            out = client.completions.create(
+                model=model, prompt=PROMPTS[i], max_tokens=24, temperature=0.0,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert out.choices[0].token_ids == plain["token_ids"][i]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
         try:  # a bad SLO is the client's error, not the engine's
             client.completions.create(model=model, prompt="x", max_tokens=2,
                                       extra_body={"vllm_xargs": {"slo_tpot_ms": "fast"}})
@@ -80,6 +92,7 @@ def test_openai_server_with_offload_flags(models, engine, store_dir, tmp_path):
     assert "expert offload: pool 16 of 32 experts" in text
     assert "expert offload: memory budget: KV cache" in text  # pool beside the KV cache
     assert "task-aware scheduler on" in text
+    assert "checksum mismatch; re-derived it from the checkpoint and repaired" in text
     # The worker saw the rule file's "python" and the client's "legal", and saved
     # the profiles at its re-plans (the third prompt's re-plan saved the second's
     # routing). The third prompt's own task ("default") is in the file only when

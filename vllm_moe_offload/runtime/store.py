@@ -12,20 +12,44 @@ Interface (LMCache-like): `put`, `read_into`, `contains`, `seal`, `close`.
   detected and rebuilt, never read. Into GPU slots it reads through two pinned
   staging chunks: while chunk i crosses the link (copy stream), chunk i+1 is read
   from disk, with O_DIRECT where the file system allows it.
+
+The disk store is a cache of the checkpoint, and heals like one. File layout:
+header | L * E records | L * E checksums (u64, xxh3_64 or, without xxhash, crc32).
+NOTE #1: every read is checked (length and checksum) before the slot is used. A
+short read, a mismatch or an I/O error re-derives that expert through `rederive`
+(the checkpoint, converted as at load time), writes the record back and serves the
+request, with a warning naming the file and the expert. Without `rederive`, or
+when it fails too, the read raises `StoreFileError`: never garbage weights.
+NOTE #2: a build writes `<name>.building`, reserves its full size first (a full
+disk fails at once, naming the space needed) and is renamed only once sealed, so
+a kill -9 or ENOSPC mid-build never leaves a file that looks valid.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 import struct
+import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+try:
+    import xxhash
+except ImportError:  # a bare GPU box: crc32 from the standard library
+    xxhash = None
+
+logger = logging.getLogger("vllm.moe_offload")
+
 _MAGIC = b"MOESTORE"
-_FORMAT = 1
+_FORMAT = 2  # 2: a checksum per record
 _ALIGN = 4096  # record alignment (O_DIRECT-friendly, page-sized fadvise ranges)
 _HEADER_BYTES = 4096
 _STAGING_BYTES = 16 << 20  # one of the two pinned staging chunks (disk -> GPU)
@@ -153,7 +177,34 @@ class HostStore(ExpertStore):
 
 
 class StoreFileError(ValueError):
-    """A disk store file that cannot be used (truncated, stale, unsealed)."""
+    """A disk store file that cannot be used (truncated, stale, unsealed), or an
+    expert that could neither be read intact nor re-derived."""
+
+
+class _Digest:
+    """Incremental record checksum: xxh3_64 where xxhash is installed, else crc32."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._h = xxhash.xxh3_64() if name == "xxh3_64" else None
+        self._crc = 0
+
+    @staticmethod
+    def best() -> str:
+        return "xxh3_64" if xxhash is not None else "crc32"
+
+    @staticmethod
+    def available(name: str) -> bool:
+        return name == "crc32" or (name == "xxh3_64" and xxhash is not None)
+
+    def update(self, data) -> None:
+        if self._h is not None:
+            self._h.update(data)
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+
+    def value(self) -> int:
+        return self._h.intdigest() if self._h is not None else self._crc
 
 
 class DiskStore(ExpertStore):
@@ -167,6 +218,12 @@ class DiskStore(ExpertStore):
                                 num_layers=num_layers,
                                 experts_per_layer=experts_per_layer,
                                 record_bytes=layout.record_bytes)
+        # (layer, expert) -> tensors as put() got them: the checkpoint's copy (NOTE #1)
+        self.rederive: Callable[[int, int], list[torch.Tensor]] | None = None
+        self.repairs = 0  # records re-derived after a bad read
+        self._unrepaired: set[tuple[int, int]] = set()  # could not be written back
+        self._sums = array("Q", bytes(8 * num_layers * experts_per_layer))
+        self.checksum = _Digest.best()
         self.reused = self._open_existing()
         if not self.reused:
             self._create()
@@ -174,7 +231,7 @@ class DiskStore(ExpertStore):
     # ---- file life cycle ----------------------------------------------------------
 
     def _header(self, sealed: bool) -> bytes:
-        body = json.dumps({"format": _FORMAT, "sealed": sealed,
+        body = json.dumps({"format": _FORMAT, "sealed": sealed, "checksum": self.checksum,
                            "fingerprint": self.fingerprint}).encode()
         head = _MAGIC + struct.pack("<I", len(body)) + body
         if len(head) > _HEADER_BYTES:
@@ -199,11 +256,19 @@ class DiskStore(ExpertStore):
         if meta.get("format") != _FORMAT or meta.get("fingerprint") != self.fingerprint:
             raise StoreFileError(f"{self.path}: stale (built for another model, "
                                  "dtype, layout or vLLM version)")
+        if not _Digest.available(meta.get("checksum")):
+            raise StoreFileError(f"{self.path}: checksums are {meta.get('checksum')}, "
+                                 "which this host cannot compute (pip install xxhash)")
         if not meta.get("sealed"):
             raise StoreFileError(f"{self.path}: unsealed (an earlier build did not finish)")
-        if size != _HEADER_BYTES + self.nbytes:
+        if size != self._file_bytes:
             raise StoreFileError(f"{self.path}: truncated ({size} bytes, expected "
-                                 f"{_HEADER_BYTES + self.nbytes})")
+                                 f"{self._file_bytes})")
+        self.checksum = meta["checksum"]
+
+    @property
+    def _file_bytes(self) -> int:
+        return _HEADER_BYTES + self.nbytes + 8 * self.num_layers * self.experts_per_layer
 
     def _open_existing(self) -> bool:
         if not self.path.exists():
@@ -214,6 +279,8 @@ class DiskStore(ExpertStore):
             self.problem = str(e)
             return False
         self._fd = os.open(self.path, os.O_RDONLY)
+        table = os.pread(self._fd, 8 * len(self._sums), _HEADER_BYTES + self.nbytes)
+        self._sums = array("Q", table)
         self._present = [[True] * self.experts_per_layer for _ in range(self.num_layers)]
         return True
 
@@ -228,18 +295,53 @@ class DiskStore(ExpertStore):
                 f"expert_offload.store_dir={str(directory)!r} is not writable ({e}); "
                 "set --expert-store-dir / VLLM_MOE_OFFLOAD_STORE_DIR to a writable "
                 "directory, or use --expert-store host.") from None
-        os.pwrite(fd, self._header(sealed=False), 0)
-        os.ftruncate(fd, _HEADER_BYTES + self.nbytes)
         self._tmp, self._fd = tmp, fd
+        try:  # NOTE #2: the whole file up front
+            os.pwrite(fd, self._header(sealed=False), 0)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, self._file_bytes)
+            else:
+                os.ftruncate(fd, self._file_bytes)
+        except OSError as e:
+            self._abandon(e)
+
+    def _abandon(self, error: OSError):
+        """A build that cannot finish: remove the partial file, say what it needs."""
+        os.close(self._fd)
+        self._fd = None
+        self._tmp.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(self._tmp.parent).free
+            raise ValueError(
+                f"expert_offload.store_dir={str(self._tmp.parent)!r}: the disk store of "
+                f"this model needs {self._file_bytes / 2**30:.2f} GiB and "
+                f"{free / 2**30:.2f} GiB are free there ({error.strerror}). Free space, "
+                "set --expert-store-dir to a larger disk, or use --expert-store host."
+            ) from None
+        raise StoreFileError(f"{self._tmp}: building the disk store failed ({error})") from None
 
     def put(self, layer, expert, tensors):
         if self.reused:
             return  # the sealed file already holds this expert
         self._check(tensors)
-        data = b"".join(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
-                        .numpy().tobytes() for t in tensors)
-        os.pwrite(self._fd, data, self._offset(layer, expert))
+        data = self._record(tensors)
+        try:
+            os.pwrite(self._fd, data, self._offset(layer, expert))
+        except OSError as e:
+            self._abandon(e)
+        self._sums[self._index(layer, expert)] = self._digest(data)
         self._present[layer][expert] = True
+
+    @staticmethod
+    def _record(tensors: list[torch.Tensor]) -> bytes:
+        return b"".join(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
+                        .numpy().tobytes() for t in tensors)
+
+    def _digest(self, *chunks) -> int:
+        d = _Digest(self.checksum)
+        for c in chunks:
+            d.update(c)
+        return d.value()
 
     def seal(self):
         if self.reused:
@@ -247,7 +349,11 @@ class DiskStore(ExpertStore):
         if not self.is_complete():
             raise RuntimeError(f"{self.path}: {len(self.missing())} experts never "
                                f"arrived, first {self.missing()[:4]}")
-        os.fsync(self._fd)
+        try:
+            os.pwrite(self._fd, self._sums.tobytes(), _HEADER_BYTES + self.nbytes)
+            os.fsync(self._fd)
+        except OSError as e:
+            self._abandon(e)
         os.pwrite(self._fd, self._header(sealed=True), 0)
         os.fsync(self._fd)
         os.close(self._fd)
@@ -262,21 +368,69 @@ class DiskStore(ExpertStore):
     def read_into(self, layer, expert, dst):
         if not self.reused:
             raise RuntimeError(f"{self.path}: read before the store was sealed")
-        if dst[0].device.type == "cuda":
-            return self._read_staged(layer, expert, dst)
+        if (layer, expert) in self._unrepaired:
+            return self._recover(layer, expert, dst, "was damaged earlier")
+        try:
+            if dst[0].device.type == "cuda":
+                return self._read_staged(layer, expert, dst)
+            return self._read_cpu(layer, expert, dst)
+        except (OSError, StoreFileError) as e:  # NOTE #1
+            return self._recover(layer, expert, dst, str(e))
+
+    def _read_cpu(self, layer, expert, dst):
         offset = self._offset(layer, expert)
         views = _byte_views(dst)
         want = self.layout.expert_bytes
         got = os.preadv(self._fd, views, offset)
         self._check_read(layer, expert, got, want)
+        self._check_sum(layer, expert, self._digest(*views))
         os.posix_fadvise(self._fd, offset, self.layout.record_bytes,
                          os.POSIX_FADV_DONTNEED)
         return got
 
     def _check_read(self, layer, expert, got, want):
         if got < want:
-            raise StoreFileError(f"{self.path}: short read of expert ({layer}, {expert}) "
-                                 f"({got} of {want} bytes): the file changed under us")
+            raise StoreFileError(f"short read ({got} of {want} bytes)")
+
+    def _check_sum(self, layer, expert, value: int) -> None:
+        if value != self._sums[self._index(layer, expert)]:
+            raise StoreFileError("checksum mismatch")
+
+    def _recover(self, layer: int, expert: int, dst, why: str) -> int:
+        """NOTE #1: the checkpoint's copy into `dst`, and the record repaired."""
+        where = f"{self.path}: expert ({layer}, {expert})"
+        if self.rederive is None:
+            raise StoreFileError(f"{where}: {why}, and there is no checkpoint to "
+                                 "re-derive it from") from None
+        try:
+            tensors = self.rederive(layer, expert)
+        except Exception as e:
+            raise StoreFileError(f"{where}: {why}, and re-deriving it from the "
+                                 f"checkpoint failed ({e}); restore the checkpoint or "
+                                 "delete the store file to rebuild it") from None
+        self._check(tensors)
+        for d, t in zip(dst, tensors):
+            d.copy_(t)
+        if (layer, expert) in self._unrepaired:
+            return self.layout.expert_bytes
+        data = self._record(tensors)
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, self._offset(layer, expert))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._unrepaired.add((layer, expert))
+            logger.warning("expert offload: %s: %s; served from the checkpoint, but the "
+                           "record could not be repaired (%s)", where, why, e)
+            return self.layout.expert_bytes
+        self._sums[self._index(layer, expert)] = self._digest(data)  # as it was sealed
+        self.repairs += 1
+        logger.warning("expert offload: %s: %s; re-derived it from the checkpoint and "
+                       "repaired the record", where, why)
+        return self.layout.expert_bytes
 
     # ---- disk -> pinned staging -> GPU --------------------------------------------
 
@@ -290,6 +444,7 @@ class DiskStore(ExpertStore):
         self._ensure_staging()
         dst_bytes = [t.view(torch.uint8).reshape(-1) for t in dst]
         base, want = self._offset(layer, expert), self.layout.expert_bytes
+        digest = _Digest(self.checksum)
         done = 0
         while done < want:
             b = self._next_buf
@@ -299,9 +454,11 @@ class DiskStore(ExpertStore):
             got = self._pread(self._staging_views[b][:n], base + done)
             self._check_read(layer, expert, done + got, min(done + n, want))
             useful = min(n, want - done)
+            digest.update(self._staging_views[b][:useful])
             self._scatter(self._staging[b], done, useful, dst_bytes)
             self._staging_done[b].record()
             done += useful
+        self._check_sum(layer, expert, digest.value())  # before any kernel reads the slot
         if self._direct_fd is None:
             os.posix_fadvise(self._fd, base, self.layout.record_bytes,
                              os.POSIX_FADV_DONTNEED)

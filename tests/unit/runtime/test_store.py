@@ -128,3 +128,123 @@ def _bare(path):
     s.fingerprint = dict(FP, layout=LAYOUT.describe(), num_layers=L,
                          experts_per_layer=E, record_bytes=LAYOUT.record_bytes)
     return s
+
+
+# ---- a self-healing cache of the checkpoint ------------------------------------------
+
+def healing_store(tmp_path):
+    path = tmp_path / "s.experts"
+    fill(DiskStore(path, LAYOUT, L, E, FP))
+    store = DiskStore(path, LAYOUT, L, E, FP)
+    assert store.reused
+    store.rederive = expert  # the checkpoint's copy of every expert
+    return path, store
+
+
+def record_offset(store, layer, e):
+    return store._offset(layer, e)
+
+
+def read(store, layer, e):
+    dst = empty_slot()
+    store.read_into(layer, e, dst)
+    return dst
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_flipped_bytes_are_caught_re_derived_and_repaired(tmp_path, caplog):
+    path, store = healing_store(tmp_path)
+    with open(path, "r+b") as f:  # one flipped byte inside expert (1, 2)
+        f.seek(record_offset(store, 1, 2) + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert same(read(store, 1, 2), expert(1, 2))
+    assert store.repairs == 1
+    assert "expert (1, 2): checksum mismatch; re-derived it from the checkpoint" in caplog.text
+    assert str(path) in caplog.text
+    assert same(read(store, 1, 2), expert(1, 2)) and store.repairs == 1  # repaired on disk
+    assert same(read(DiskStore(path, LAYOUT, L, E, FP), 1, 2), expert(1, 2))
+
+
+def test_truncated_file_under_a_running_store_is_healed(tmp_path):
+    path, store = healing_store(tmp_path)
+    os.truncate(path, record_offset(store, 1, 1) + 7)
+    for layer in range(L):
+        for e in range(E):
+            assert same(read(store, layer, e), expert(layer, e))
+    assert store.repairs == 2  # (1, 1) and (1, 2), the cut-off records
+
+
+def test_a_failing_read_is_served_from_the_checkpoint(tmp_path, monkeypatch):
+    _, store = healing_store(tmp_path)
+
+    def eio(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", eio)
+    assert same(read(store, 0, 1), expert(0, 1))
+    assert store.repairs == 1
+
+
+def test_read_only_store_serves_the_checkpoint_and_says_it_could_not_repair(
+        tmp_path, caplog, monkeypatch):
+    path, store = healing_store(tmp_path)
+    with open(path, "r+b") as f:
+        f.seek(record_offset(store, 0, 0))
+        f.write(b"\0" * 8)
+    real_open = os.open
+
+    def read_only(name, flags, *args):  # as on a read-only mount (root writes 0o444 files)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(30, "Read-only file system", str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert same(read(store, 0, 0), expert(0, 0))
+    assert store.repairs == 0 and "could not be repaired" in caplog.text
+    store.rederive = lambda layer, e: expert(layer, e)
+    assert same(read(store, 0, 0), expert(0, 0))  # again, straight from the checkpoint
+
+
+def test_no_checkpoint_to_re_derive_from_is_an_error_not_garbage(tmp_path):
+    path, store = healing_store(tmp_path)
+    with open(path, "r+b") as f:
+        f.seek(record_offset(store, 0, 2) + 3)
+        f.write(b"\x55\xaa")
+    store.rederive = None
+    with pytest.raises(StoreFileError, match=r"expert \(0, 2\): checksum mismatch, and "
+                                              "there is no checkpoint"):
+        read(store, 0, 2)
+
+    def gone(layer, e):
+        raise FileNotFoundError("model.safetensors")
+
+    store.rederive = gone
+    with pytest.raises(StoreFileError, match="re-deriving it from the checkpoint failed "
+                                              r"\(model.safetensors\); restore"):
+        read(store, 0, 2)
+
+
+def test_a_full_disk_leaves_no_file_and_says_how_much_space(tmp_path, monkeypatch):
+    def enospc(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    with pytest.raises(ValueError) as err:
+        DiskStore(tmp_path / "s.experts", LAYOUT, L, E, FP)
+    assert "store_dir" in str(err.value) and "GiB are free" in str(err.value)
+    assert "needs 0.00 GiB" in str(err.value) and "--expert-store host" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_killed_midway_is_not_reused(tmp_path):
+    path = tmp_path / "s.experts"
+    store = DiskStore(path, LAYOUT, L, E, FP)
+    store.put(0, 0, expert(0, 0))  # then the process dies: nothing sealed, nothing renamed
+    assert not path.exists()
+    again = DiskStore(path, LAYOUT, L, E, FP)
+    assert not again.reused

@@ -13,6 +13,8 @@ every MoE layer. While offload is off it is `RoutedExperts` unchanged. While on:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import vllm
@@ -63,7 +65,8 @@ class OffloadedRoutedExperts(RoutedExperts):
             return
         self._model = model_state.get_or_create(
             cfg, _fingerprint(vllm_config), torch.device(moe_config.device))
-        self._layer = self._model.register_layer(self.global_num_experts, self.top_k)
+        self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
+                                                 layer_name)
         self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, set]] = {}
 
     # ---- weights ------------------------------------------------------------------
@@ -150,12 +153,28 @@ class OffloadedRoutedExperts(RoutedExperts):
         self.w13_weight, self.w2_weight = keep
         return packed
 
-    def _dummy_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
+    def _dummy_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """load_format="dummy": random weights, in vLLM's dummy loader's range."""
         gen = torch.Generator().manual_seed(layer * 100003 + expert)
         w13, w2 = self._empty_expert()
-        return self._pack(w13.uniform_(-1e-3, 1e-3, generator=gen),
-                          w2.uniform_(-1e-3, 1e-3, generator=gen))
+        return w13.uniform_(-1e-3, 1e-3, generator=gen), w2.uniform_(-1e-3, 1e-3,
+                                                                      generator=gen)
+
+    def _dummy_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
+        return self._pack(*self._dummy_weights(layer, expert))
+
+    def _rederive(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """A damaged store record's expert, again from the checkpoint, converted as
+        at load time. On a copy of this module: loader threads may run it while the
+        model's forward uses the real one."""
+        if self._model.fingerprint["load_format"] == "dummy":
+            w13, w2 = self._dummy_weights(layer, expert)
+        else:
+            w13, w2 = self._model.checkpoint_expert(layer, expert)
+        twin = copy.copy(self)
+        twin._parameters = dict(self._parameters)  # replace_parameter stays on the twin
+        return OffloadedRoutedExperts._pack(twin, w13.to(self.params_dtype),
+                                            w2.to(self.params_dtype))
 
     def bind_pool(self) -> None:
         """Called by vLLM after loading: seal the store, point weights at the pool."""
@@ -167,7 +186,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             # packing one empty expert sets up the layer's kernel and gives the layout.
             probe = self._pack(*self._empty_expert())
             self._model.ensure_store(_layout_of(probe))
-        cache = self._model.finish_loading(self._dummy_expert)
+        cache = self._model.finish_loading(self._dummy_expert, self._rederive)
         for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
             param = torch.nn.Parameter(buf, requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self.weight_loader})

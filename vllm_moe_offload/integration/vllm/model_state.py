@@ -19,6 +19,7 @@ from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.stats import OffloadStats
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
+from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.modes import make_expert_cache
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
@@ -46,8 +47,10 @@ class ModelOffload:
         self._gates: list[torch.Tensor] | None = None  # approximate mode: router weights
         self._reported = (0, 0.0)  # misses, stall seconds at the last step report
         self._closed = False
+        self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
+        self._checkpoint: CheckpointExperts | None = None
 
-    def register_layer(self, num_experts: int, top_k: int) -> int:
+    def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
             raise RuntimeError("expert offload: a MoE layer was built after loading ended")
         if self.experts_per_layer not in (None, num_experts):
@@ -56,8 +59,15 @@ class ModelOffload:
                 f"({self.experts_per_layer} and {num_experts}) are not supported yet")
         self.experts_per_layer = num_experts
         self.top_k = top_k
+        self.layer_names.append(name)
         self.num_layers += 1
         return self.num_layers - 1
+
+    def checkpoint_expert(self, layer: int, expert: int):
+        """(w13, w2) of one expert from the checkpoint files (store repair)."""
+        if self._checkpoint is None:
+            self._checkpoint = CheckpointExperts(self.fingerprint["model"])
+        return self._checkpoint.read(self.layer_names[layer], expert)
 
     # ---- loading ------------------------------------------------------------------
 
@@ -84,8 +94,12 @@ class ModelOffload:
         self.store.put(layer, expert, packed)
         self.experts_arrived += 1
 
-    def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]]) -> ExpertCache:
-        """Seal the store and build the slot pool (once, at the first layer's call)."""
+    def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]],
+                       rederive: Callable[[int, int], list[torch.Tensor]] | None = None
+                       ) -> ExpertCache:
+        """Seal the store and build the slot pool (once, at the first layer's call).
+        `rederive(layer, expert)`: the expert again from the checkpoint, should a
+        disk store record turn out damaged."""
         if self.cache is not None:
             return self.cache
         store = self.store
@@ -97,6 +111,8 @@ class ModelOffload:
             for layer, expert in store.missing():  # load_format="dummy"
                 store.put(layer, expert, dummy_expert(layer, expert))
         store.seal()
+        if isinstance(store, DiskStore):
+            store.rederive = rederive
         layout = store.layout
         num_slots = self.cfg.num_slots(self.num_layers, self.experts_per_layer,
                                        layout.expert_bytes)
@@ -211,6 +227,7 @@ class ModelOffload:
                 "experts_per_layer": self.experts_per_layer,
                 "store": store.kind, "store_bytes": store.nbytes,
                 "store_path": str(getattr(store, "path", "")),
+                "store_repairs": getattr(store, "repairs", 0),
             }
         return out
 

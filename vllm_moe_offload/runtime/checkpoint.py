@@ -1,0 +1,55 @@
+"""One expert's weights, read straight from the safetensors checkpoint.
+
+The disk store is a cache of the checkpoint; when one of its records is damaged,
+the expert is read again from here (store.py NOTE #1). Names follow the
+checkpoints of the supported families: `{prefix}.{e}.gate_proj|up_proj|down_proj
+.weight` (Qwen-MoE) and `{prefix}.{e}.w1|w3|w2.weight` (Mixtral), `prefix` being
+the layer's module path (`model.layers.3.mlp.experts`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+class CheckpointExperts:
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self._file_of: dict[str, Path] | None = None  # tensor name -> shard file
+
+    def _index(self) -> dict[str, Path]:
+        if self._file_of is None:
+            if not self.model_dir.is_dir():
+                raise FileNotFoundError(f"checkpoint directory {self.model_dir} is gone")
+            index = self.model_dir / "model.safetensors.index.json"
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._file_of = {k: self.model_dir / v for k, v in weight_map.items()}
+            else:
+                self._file_of = {}
+                for f in sorted(self.model_dir.glob("*.safetensors")):
+                    with safe_open(f, "pt") as st:
+                        self._file_of.update((k, f) for k in st.keys())
+        return self._file_of
+
+    def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them."""
+        index = self._index()
+        for names in _PROJECTIONS:
+            keys = [f"{prefix}.{expert}.{n}.weight" for n in names]
+            if all(k in index for k in keys):
+                gate, up, down = (self._tensor(index[k], k) for k in keys)
+                return torch.cat([gate, up]), down
+        raise KeyError(f"{prefix}.{expert}.gate_proj.weight (or .w1.weight) is not in the "
+                       f"checkpoint at {self.model_dir}")
+
+    @staticmethod
+    def _tensor(path: Path, name: str) -> torch.Tensor:
+        with safe_open(path, "pt") as st:
+            return st.get_tensor(name)
