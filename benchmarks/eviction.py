@@ -28,8 +28,8 @@ from common import RESULTS, SHARED, held_out_prompts, write_results
 from vllm_moe_offload.core.eviction import POLICIES
 from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
 from vllm_moe_offload.core.trace import read_trace
-from vllm_moe_offload.engine_probe import run_in_subprocess
-from vllm_moe_offload.tiny_moe import build_tiny_moe
+from vllm_moe_offload.cli.engine_probe import run_in_subprocess
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
 TRAINED = SHARED / "models" / "tiny-moe-4domains"
 REPLAY_POLICIES = ("lru", "lfu", "layer", "reuse", "belady")

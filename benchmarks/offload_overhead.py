@@ -23,8 +23,8 @@ from pathlib import Path
 
 from common import RESULTS, SHARED, held_out_prompts, write_results
 
-from vllm_moe_offload.engine_probe import run_in_subprocess
-from vllm_moe_offload.tiny_moe import build_tiny_moe, expert_bytes
+from vllm_moe_offload.cli.engine_probe import run_in_subprocess
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes
 
 
 def models(quick: bool, work: Path) -> list[dict]:

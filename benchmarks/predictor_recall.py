@@ -19,8 +19,8 @@ from pathlib import Path
 
 from common import RESULTS, SHARED
 
-from vllm_moe_offload.eval_predictor import evaluate
-from vllm_moe_offload.hf_routing import load_model, read_texts
+from vllm_moe_offload.cli.eval_predictor import evaluate
+from vllm_moe_offload.hf.routing import load_model, read_texts
 
 MODEL = SHARED / "models" / "tiny-moe-4domains"
 CORPUS = SHARED / "data" / "corpus"
@@ -32,7 +32,7 @@ def sidecar() -> Path:
     out = RESULTS / "work" / "lookahead-3domains.safetensors"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "vllm_moe_offload.train_lookahead",
+        subprocess.run([sys.executable, "-m", "vllm_moe_offload", "train-lookahead",
                         "--model", str(MODEL), "--part", "train", "--depth", str(DEPTH),
                         "--out", str(out), "--prompts",
                         *[str(CORPUS / f"{d}.txt") for d in SEEN]], check=True)

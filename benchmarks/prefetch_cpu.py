@@ -19,7 +19,7 @@ from pathlib import Path
 from common import RESULTS, held_out_prompts, write_results
 from predictor_recall import MODEL, sidecar
 
-from vllm_moe_offload.engine_probe import run_in_subprocess
+from vllm_moe_offload.cli.engine_probe import run_in_subprocess
 
 SLOTS = 64  # 50% of 8 layers x 16 experts
 

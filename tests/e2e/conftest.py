@@ -1,6 +1,6 @@
 """End-to-end fixtures: tiny generated checkpoints and engines in subprocesses.
 
-Each engine runs in its own process (vllm_moe_offload/engine_probe.py), one at a time:
+Each engine runs in its own process (vllm_moe_offload/cli/engine_probe.py), one at a time:
 this machine has 2 cores. Results are cached per configuration for the session.
 Most specs run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~12 s per engine
 instead of ~30 s); the compiled-mode, server and memory tests use vLLM's default
@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from vllm_moe_offload.engine_probe import EngineFailed  # noqa: F401 (used by tests)
-from vllm_moe_offload.engine_probe import run_in_subprocess as run_engine
-from vllm_moe_offload.tiny_moe import build_tiny_moe
+from vllm_moe_offload.cli.engine_probe import EngineFailed  # noqa: F401 (used by tests)
+from vllm_moe_offload.cli.engine_probe import run_in_subprocess as run_engine
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
 LAYERS, EXPERTS = 4, 8

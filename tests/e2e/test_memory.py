@@ -1,7 +1,7 @@
 """The worker's resident memory really falls when experts live on disk."""
 
 from tests.e2e.conftest import run_engine
-from vllm_moe_offload.tiny_moe import build_tiny_moe, expert_bytes
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes
 
 LAYERS, EXPERTS = 6, 32
 

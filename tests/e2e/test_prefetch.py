@@ -14,7 +14,7 @@ HALF = LAYERS * EXPERTS // 2
 def train_sidecar(model: str, out, tmp_path) -> str:
     text = tmp_path / "train.txt"
     text.write_text("\n".join(PROMPTS * 8) + "\ndef f(x):\n    return x * 2\n" * 40)
-    subprocess.run([sys.executable, "-m", "vllm_moe_offload.train_lookahead",
+    subprocess.run([sys.executable, "-m", "vllm_moe_offload", "train-lookahead",
                     "--model", model, "--prompts", str(text), "--depth", "2",
                     "--out", str(out), "--max-tokens", "4000", "--epochs", "1",
                     "--hidden-units", "32"], check=True, capture_output=True, text=True)
@@ -86,7 +86,7 @@ def check_replay_of(trace: str, recorded: dict) -> None:
                     PROFILES["olmoe-1b-7b-pcie4"])
     totals = recorded["stats"]["totals"]
     assert (result.hits, result.misses) == (totals["hits"], totals["misses"])
-    out = subprocess.run([sys.executable, "-m", "vllm_moe_offload.replay", trace,
+    out = subprocess.run([sys.executable, "-m", "vllm_moe_offload", "replay", trace,
                           "--pool-slots", str(HALF), "--profile", "mixtral-8x7b-pcie5"],
                          check=True, capture_output=True, text=True).stdout
     assert out.count("| mixtral-8x7b-pcie5 |") == 12  # 6 policies x (none, oracle)

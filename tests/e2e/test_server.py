@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 from tests.e2e.conftest import LAYERS, EXPERTS, PROMPTS, plain_spec
-from vllm_moe_offload.engine_probe import damage_store
+from vllm_moe_offload.cli.engine_probe import damage_store
 
 
 def free_port() -> int:

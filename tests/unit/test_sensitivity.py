@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vllm_moe_offload.core.sensitivity import SENSITIVITY_FORMAT, load_insensitive
-from vllm_moe_offload.sensitivity import _drop_top1, main
-from vllm_moe_offload.tiny_moe import build_tiny_moe
+from vllm_moe_offload.cli.sensitivity import _drop_top1, main
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
 LAYERS = 2
 TEXT = "def add(a, b):\n    return a + b\nThe licence grants permission to use it.\n" * 40
@@ -87,7 +87,7 @@ def test_load_reads_pairs(tmp_path):
 def test_load_rejects_bad_files(tmp_path, body, words):
     with pytest.raises(ValueError, match="sensitivity_path") as e:
         load_insensitive(_write(tmp_path, body), 2)
-    assert words in str(e.value) and "python -m vllm_moe_offload.sensitivity" in str(e.value)
+    assert words in str(e.value) and "python -m vllm_moe_offload sensitivity" in str(e.value)
 
 
 def test_load_rejects_missing_file(tmp_path):

@@ -88,7 +88,7 @@ class OffloadConfig:
                                     "of pool slots minus one layer's experts.")
     sensitivity_path: str | None = _f(None, "--expert-sensitivity",
                                       "Routing-sensitivity file from python -m "
-                                      "vllm_moe_offload.sensitivity: insensitive (task, "
+                                      "vllm_moe_offload.cli.sensitivity: insensitive (task, "
                                       "layer) pairs do not steer the plan.")
     approximate: bool = _f(False, "--expert-approximate",
                            "Opt-in, changes outputs: for insensitive (task, layer) "
@@ -118,7 +118,7 @@ class OffloadConfig:
                 f"expert_offload.predictor={self.predictor!r} is not a known predictor; "
                 f"use one of {', '.join(PREDICTORS)} (--expert-predictor).")
         if self.predictor in ("lookahead", "oracle") and not self.predictor_path:
-            what = ("a sidecar from python -m vllm_moe_offload.train_lookahead"
+            what = ("a sidecar from python -m vllm_moe_offload train-lookahead"
                     if self.predictor == "lookahead" else "a routing trace (trace_path)")
             raise ValueError(
                 f"expert_offload.predictor={self.predictor!r} needs predictor_path: "
@@ -155,7 +155,7 @@ class OffloadConfig:
             raise ValueError(
                 "expert_offload.approximate=true needs sensitivity_path: the file that "
                 "says which (task, layer) pairs tolerate re-routing (python -m "
-                "vllm_moe_offload.sensitivity; --expert-sensitivity).")
+                "vllm_moe_offload.cli.sensitivity; --expert-sensitivity).")
         if self.stats_log_interval_s < 0:
             raise ValueError(
                 f"expert_offload.stats_log_interval_s={self.stats_log_interval_s} must "

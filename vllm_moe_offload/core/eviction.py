@@ -28,10 +28,8 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .slot_pool import ExpertKey
+from .keys import ExpertKey
 
 POLICIES = ("lru", "lfu", "layer", "reuse", "predicted")
 DEFAULT_POLICY = "reuse"

@@ -1,6 +1,6 @@
 """Routing-sensitivity files: which (task, layer) pairs tolerate re-routing.
 
-Pure Python. `python -m vllm_moe_offload.sensitivity` measures, per task and MoE
+Pure Python. `python -m vllm_moe_offload sensitivity` measures, per task and MoE
 layer, how often the greedy next token changes when that layer's routing is
 perturbed, and marks the layers below a threshold insensitive (eMoE). The
 task-aware plan and approximate re-routing read the result here. File format (JSON):
@@ -21,7 +21,7 @@ def load_insensitive(path, num_layers: int | None = None) -> set[tuple[str, int]
     """The (task, layer) pairs that `path` marks insensitive, for a model of
     `num_layers` MoE layers (None: the file's own count, a check before the model
     is built). Raises ValueError naming the file and the fix."""
-    remedy = ("write one with python -m vllm_moe_offload.sensitivity --model MODEL "
+    remedy = ("write one with python -m vllm_moe_offload sensitivity --model MODEL "
               "--task NAME=FILE --out PATH")
 
     def bad(why: str) -> ValueError:

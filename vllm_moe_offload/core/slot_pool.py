@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple
 
-
-class ExpertKey(NamedTuple):
-    layer: int  # MoE layer index (0-based, in model order)
-    expert: int  # expert id as the router emits it (global id)
+from .eviction import EvictionPolicy
+from .keys import ExpertKey
 
 
 class SlotGrant(NamedTuple):
@@ -32,11 +30,9 @@ class SlotGrant(NamedTuple):
 
 
 class SlotPool:
-    def __init__(self, num_slots: int, policy=None):
+    def __init__(self, num_slots: int, policy: EvictionPolicy | None = None):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
-        from .eviction import EvictionPolicy
-
         self.num_slots = num_slots
         self.policy = policy if policy is not None else EvictionPolicy()
         self._slot_of: dict[ExpertKey, int] = {}

@@ -6,7 +6,7 @@ from vllm_moe_offload.core.replay import (PROFILES, Call, HardwareProfile, calls
                                           lower_bound_s_per_token, replay,
                                           trace_bound_tokens_per_s)
 from vllm_moe_offload.core.trace import read_trace
-from vllm_moe_offload.replay import table
+from vllm_moe_offload.cli.replay import table
 
 # 1 ms of compute per layer call, 2 ms to load one expert.
 PROFILE = HardwareProfile("test", link_gbps=1e-3, compute_s_per_layer=1e-3,

@@ -1,6 +1,6 @@
 """Demo: serve a tiny generated MoE with only part of its experts resident.
 
-    python -m vllm_moe_offload.demo [--pool-fraction 0.5] [--store disk]
+    python -m vllm_moe_offload demo [--pool-fraction 0.5] [--store disk]
 
 Builds a random-weight Qwen3-MoE checkpoint (no hub needed), generates with
 vLLM on this machine with expert offload on, and prints the text, the cache
@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "vllm_moe_offload_demo"))
     p.add_argument("--pool-fraction", type=float, default=0.5)
     p.add_argument("--store", default="disk", choices=["host", "disk"])
     p.add_argument("--max-tokens", type=int, default=32)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    from vllm_moe_offload.tiny_moe import build_tiny_moe, expert_bytes
+    from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes
 
     layers, experts = 6, 16
     model = str(build_tiny_moe(Path(args.model_dir) / "tiny-qwen3-moe", "qwen3_moe",

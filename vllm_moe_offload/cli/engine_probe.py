@@ -1,6 +1,6 @@
 """Run one vLLM engine in its own process and print what it did as JSON.
 
-    python -m vllm_moe_offload.engine_probe '{"model": ..., "offload": {...} | null, ...}'
+    python -m vllm_moe_offload.cli.engine_probe '{"model": ..., "offload": {...} | null, ...}'
 
 Tests and benchmarks start every engine configuration this way, so each starts
 clean and one at a time. Prints one line `RESULT <json>`: greedy token ids and
@@ -25,7 +25,7 @@ class EngineFailed(Exception):
 
 
 def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
-    """Start `python -m vllm_moe_offload.engine_probe SPEC`; return its RESULT (+ log).
+    """Start `python -m vllm_moe_offload.cli.engine_probe SPEC`; return its RESULT (+ log).
 
     `env` overrides this process's environment; a value of None unsets the variable.
     """
@@ -35,7 +35,7 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run([sys.executable, "-m", "vllm_moe_offload.engine_probe",
+    proc = subprocess.run([sys.executable, "-m", "vllm_moe_offload.cli.engine_probe",
                            json.dumps(spec)], capture_output=True, text=True,
                           timeout=timeout, env=full_env)
     output = proc.stdout + proc.stderr

@@ -1,6 +1,6 @@
 """Routing sensitivity per task and MoE layer (eMoE), for the task-aware plan.
 
-    python -m vllm_moe_offload.sensitivity --model M --task python=python.txt \
+    python -m vllm_moe_offload sensitivity --model M --task python=python.txt \
         --task legal=legal.txt --out sensitivity.json [--threshold 0.05]
 
 For each task the greedy next token at every position of `--tokens` tokens of its
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vllm_moe_offload.core.sensitivity import SENSITIVITY_FORMAT
-from vllm_moe_offload.hf_routing import _routers, load_model, read_texts
+from vllm_moe_offload.hf.routing import _routers, load_model, read_texts
 
 SEQ_LEN = 256
 

@@ -1,6 +1,6 @@
 """Replay a routing trace against the slot pool and eviction policies.
 
-    python -m vllm_moe_offload.replay TRACE --pool-slots N [--policy lru,reuse,belady]
+    python -m vllm_moe_offload replay TRACE --pool-slots N [--policy lru,reuse,belady]
         [--predictor none|oracle] [--depth D] [--profile qwen3-30b-a3b-pcie5 | all]
 
 TRACE: the plugin's recorder format (trace_path) or JSONL lines

@@ -1,6 +1,6 @@
 """Recall of an expert predictor on any text, per distance, against next-gate.
 
-    python -m vllm_moe_offload.eval_predictor --model M --predictor lookahead \
+    python -m vllm_moe_offload eval-predictor --model M --predictor lookahead \
         --predictor-path heads.safetensors --text FILE --depth 3
 
 Recall at distance d: of the (token, layer L+d, expert) triples the model routed,
@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from vllm_moe_offload.hf_routing import (capture_texts, load_model, previous_token_recall,
+from vllm_moe_offload.hf.routing import (capture_texts, load_model, previous_token_recall,
                                          read_texts, recall)
 from vllm_moe_offload.runtime.predictors import NextGatePredictor, load_gates, load_lookahead
 

@@ -1,6 +1,6 @@
 """Train lookahead heads by layer-wise gate alignment and write a sidecar.
 
-    python -m vllm_moe_offload.train_lookahead --model M --prompts FILE [FILE ...] \
+    python -m vllm_moe_offload train-lookahead --model M --prompts FILE [FILE ...] \
         --depth D --out heads.safetensors
 
 Captures router inputs and decisions from real runs of the model (HF transformers,
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vllm_moe_offload.hf_routing import Routing, capture_texts, load_model, read_texts, recall
+from vllm_moe_offload.hf.routing import Routing, capture_texts, load_model, read_texts, recall
 from vllm_moe_offload.runtime.predictors import (LookaheadHead, load_gates,
                                                  model_fingerprint, save_lookahead)
 

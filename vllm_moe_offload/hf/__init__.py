@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints without vLLM: routing read with transformers, tiny models."""
