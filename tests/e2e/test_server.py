@@ -8,6 +8,8 @@ import sys
 import time
 import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.e2e.conftest import LAYERS, EXPERTS, PROMPTS, plain_spec
 from vllm_moe_offload.cli.engine_probe import damage_store
 
@@ -77,6 +79,8 @@ def test_openai_server_with_offload_flags(models, engine, tmp_path):
             assert out.choices[0].token_ids == plain["token_ids"][i]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
             assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            scraped = r.read().decode()  # the worker's counters, in the API server
         try:  # a bad SLO is the client's error, not the engine's
             client.completions.create(model=model, prompt="x", max_tokens=2,
                                       extra_body={"vllm_xargs": {"slo_tpot_ms": "fast"}})
@@ -93,6 +97,14 @@ def test_openai_server_with_offload_flags(models, engine, tmp_path):
     assert "expert offload: memory budget: KV cache" in text  # pool beside the KV cache
     assert "task-aware scheduler on" in text
     assert "checksum mismatch; re-derived it from the checkpoint and repaired" in text
+    samples = [s for f in text_string_to_metric_families(scraped) for s in f.samples]
+    assert any(s.name == "vllm:prompt_tokens_total" for s in samples)  # vLLM's own
+    series = {s.name: s.value for s in samples if not s.labels}
+    assert series["vllm_moe_offload_store_repairs_total"] > 0
+    assert series["vllm_moe_offload_replans_total"] >= 3
+    assert series["vllm_moe_offload_misses_total"] + series[
+        "vllm_moe_offload_planned_loads_total"] > 0
+    assert series["vllm_moe_offload_hits_total"] > 0
     # The worker saw the rule file's "python" and the client's "legal", and saved
     # the profiles at its re-plans (the third prompt's re-plan saved the second's
     # routing). The third prompt's own task ("default") is in the file only when

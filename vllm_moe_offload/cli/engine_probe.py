@@ -100,6 +100,12 @@ def main(spec: dict) -> dict:
                          spec["damage_store"])
     seconds = time.perf_counter() - start
     stats = vllm_moe_offload.get_stats(llm)
+    exposition = None
+    if spec.get("metrics"):  # what /metrics would serve, from this process's registry
+        from prometheus_client import REGISTRY, generate_latest
+
+        time.sleep(0.5)  # the worker's last snapshot is at most 0.2 s behind
+        exposition = generate_latest(REGISTRY).decode()
     if spec.get("timed") and before:  # report the timed batches alone
         stats["timed"] = {k: stats["totals"][k] - before.get(k, 0)
                           for k in ("hits", "misses", "bytes_loaded", "load_seconds",
@@ -114,6 +120,7 @@ def main(spec: dict) -> dict:
         "repeat_seconds": repeat_seconds,  # per batch: a median resists noise
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "stats": stats,
+        "metrics": exposition,
     }
 
 

@@ -94,6 +94,9 @@ class OffloadConfig:
                            "Opt-in, changes outputs: for insensitive (task, layer) "
                            "pairs re-route a missing expert to the best resident one "
                            "instead of loading it.")
+    metrics_per_layer: bool = _f(False, "--expert-metrics-per-layer",
+                                 "Also export every counter per MoE layer on /metrics "
+                                 "(one series per layer: many series on large models).")
     stats_log_interval_s: float = _f(30.0, "--expert-stats-log-interval",
                                      "Seconds between one-line cache summaries in the "
                                      "log; 0 turns periodic logging off.")

@@ -43,15 +43,17 @@ class OffloadStats:
     def totals(self) -> LayerStats:
         total = LayerStats()
         for s in self.layers.values():
-            for name, value in asdict(s).items():
-                if name == "predictions":
-                    for d, acc in value.items():
-                        mine = total.prediction(d)
-                        for i, v in enumerate(acc):
-                            mine[i] += v
-                else:
-                    setattr(total, name, getattr(total, name) + value)
+            for name in _COUNTS:
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+            for d, acc in s.predictions.items():
+                mine = total.prediction(d)
+                for i, v in enumerate(acc):
+                    mine[i] += v
         return total
+
+    def totals_dict(self) -> dict:
+        """`to_dict()["totals"]` without the per-layer part (cheap: metrics)."""
+        return _with_rates(asdict(self.totals()))
 
     def to_dict(self) -> dict:
         layers = {l: _with_rates(asdict(s)) for l, s in sorted(self.layers.items())}
@@ -73,6 +75,9 @@ class OffloadStats:
             return False
         self._last_log = now
         return True
+
+
+_COUNTS = tuple(f for f in LayerStats.__dataclass_fields__ if f != "predictions")
 
 
 def _with_rates(d: dict) -> dict:

@@ -278,6 +278,13 @@ class DeviceExpertCache(SlotBuffers):
 
     # ---- counters -----------------------------------------------------------------------
 
+    def occupancy(self) -> dict:
+        """Slots holding an expert, pinned by the plan or prefetch, planned. Reads the
+        GPU's state: a host sync (metrics.py calls it at most once a second)."""
+        used = int((self.owner >= 0).sum())
+        held = int(((self.flags & int(K.PINNED.value | K.PROTECT.value)) != 0).sum())
+        return {"used": used, "pinned": held, "planned": len(self._planned)}
+
     def sync_stats(self) -> OffloadStats:
         """Copy the device counters into `stats` (a host sync: not per layer call)."""
         counters = self.counters.cpu().tolist()

@@ -192,7 +192,7 @@ class ExpertCache(SlotBuffers):
 
     def set_plan(self, keys: list[ExpertKey]) -> tuple[list[ExpertKey], list[ExpertKey]]:
         """Keep exactly `keys` pinned resident (loading the missing ones now); the
-        rest of the pool stays LRU + prefetch. Returns (added, removed).
+        rest of the pool is the eviction policy's and prefetch's. Returns (added, removed).
 
         Called between forward steps. The plan plus one layer call plus prefetch
         must fit: at most S - E slots are planned, and the prefetch budget shrinks
@@ -237,6 +237,11 @@ class ExpertCache(SlotBuffers):
 
     def sync_stats(self):
         return self.stats  # host mode counts on the host as it goes
+
+    def occupancy(self) -> dict:
+        """Slots holding an expert, pinned (a call, prefetch or the plan), planned."""
+        return {"used": self.pool.num_resident(), "pinned": self.pool.num_pinned(),
+                "planned": len(self._planned)}
 
     # ---- prefetch -----------------------------------------------------------------
 

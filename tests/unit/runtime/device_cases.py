@@ -201,6 +201,7 @@ def case_plan_stays_resident(device):
         mask = cache.resident_mask()
         assert all(mask[k.layer, k.expert] for k in plan)
         check_state(cache)
+    assert cache.occupancy() == {"used": E + 4, "pinned": 3, "planned": 3}
     added, removed = cache.set_plan(plan[:1])
     assert added == [] and removed == plan[1:] and cache.prefetch_budget == 3
     assert cache.sync_stats().layer(0).planned_loads == 1

@@ -219,17 +219,18 @@ class ModelOffload:
         out = self.stats.to_dict()
         if self.tasks is not None:
             out["tasks"] = self.tasks.to_dict()
+        if self.cache is not None:
+            out["pool"] = self.pool_info()
+        return out
+
+    def pool_info(self) -> dict:
         cache, store = self.cache, self.store
-        if cache is not None:
-            out["pool"] = {
-                "num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
+        return {"num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
                 "pool_bytes": cache.pool_bytes, "num_layers": self.num_layers,
                 "experts_per_layer": self.experts_per_layer,
                 "store": store.kind, "store_bytes": store.nbytes,
                 "store_path": str(getattr(store, "path", "")),
-                "store_repairs": getattr(store, "repairs", 0),
-            }
-        return out
+                "store_repairs": getattr(store, "repairs", 0)}
 
     def shutdown(self) -> None:
         """Log the summary, stop the loader, close files. Runs once (worker shutdown

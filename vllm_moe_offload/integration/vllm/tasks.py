@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from vllm_moe_offload.core.tasks import TaskRules, request_fields
-from vllm_moe_offload.integration.vllm import model_state
+from vllm_moe_offload.integration.vllm import metrics, model_state
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -117,6 +117,8 @@ def install_worker_hooks() -> None:
     def sample_tokens(self, grammar_output):
         output = original_sample(self, grammar_output)
         model = model_state.current()
+        if model is not None and model.cache is not None:
+            metrics.after_step(model)  # /metrics reads its snapshot (metrics.py)
         if (model is not None and model.tasks is not None and model.cfg.use_task_scheduler
                 and output is not None and output is not EMPTY_MODEL_RUNNER_OUTPUT
                 and hasattr(output, "__dict__")):  # only our scheduler reads the report

@@ -1,0 +1,60 @@
+"""Prometheus series from the workers' snapshots (integration/vllm/metrics.py; it
+imports no vLLM, so this runs without an engine)."""
+
+import json
+import os
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_moe_offload.integration.vllm import metrics
+
+
+def snapshot(hits, misses, layers=None):
+    totals = {k: 0 for k in metrics.COUNTERS}
+    totals.update(hits=hits, misses=misses, bytes_loaded=misses * 100,
+                  predictions={"1": {"precision": 0.5, "recall": 0.25, "predicted": 4,
+                                     "routed": 8}})
+    snap = {"totals": totals, "pool": {"num_slots": 10, "store_repairs": 1},
+            "occupancy": {"used": 9, "pinned": 2, "planned": 0}, "replans": 3}
+    if layers:
+        snap["layers"] = layers
+    return snap
+
+
+def scrape(tmp_path, monkeypatch, snaps, dead=()):
+    monkeypatch.setenv(metrics.DIR_ENV, str(tmp_path))
+    for i, snap in enumerate(snaps):  # live workers: this process and its parent
+        pid = (os.getpid(), os.getppid())[i]
+        (tmp_path / f"worker-{pid}.json").write_text(json.dumps(snap))
+    for snap in dead:
+        (tmp_path / "worker-999999999.json").write_text(json.dumps(snap))
+    registry = CollectorRegistry()
+    registry.register(metrics.OffloadCollector())
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_series_sum_the_live_workers(tmp_path, monkeypatch):
+    got = scrape(tmp_path, monkeypatch, [snapshot(10, 4), snapshot(5, 6)],
+                 dead=[snapshot(1000, 1000)])
+    assert got[("vllm_moe_offload_hits_total", ())] == 15
+    assert got[("vllm_moe_offload_misses_total", ())] == 10
+    assert got[("vllm_moe_offload_loaded_bytes_total", ())] == 1000
+    assert got[("vllm_moe_offload_store_repairs_total", ())] == 2
+    assert got[("vllm_moe_offload_replans_total", ())] == 6
+    assert got[("vllm_moe_offload_prediction_precision", (("distance", "1"),))] == 0.5
+    assert got[("vllm_moe_offload_pool_slots", (("state", "total"),))] == 20
+    assert got[("vllm_moe_offload_pool_slots", (("state", "pinned"),))] == 4
+    assert not any(name.startswith("vllm_moe_offload_per_layer_") for name, _ in got)
+
+
+def test_per_layer_series_only_when_asked(tmp_path, monkeypatch):
+    layer = snapshot(3, 1)["totals"]
+    got = scrape(tmp_path, monkeypatch, [snapshot(3, 1, layers={"0": layer, "1": layer})])
+    assert got[("vllm_moe_offload_per_layer_hits_total", (("layer", "1"),))] == 3
+
+
+def test_nothing_to_report_is_no_series(tmp_path, monkeypatch):
+    assert scrape(tmp_path, monkeypatch, []) == {}

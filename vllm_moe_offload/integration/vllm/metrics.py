@@ -1,0 +1,179 @@
+"""The plugin's counters on vLLM's `/metrics`, across vLLM's processes.
+
+The counters live in the worker (engine-core process, or a worker process under
+it); `/metrics` is served by the API server, another process. The worker writes a
+snapshot of its counters after a step (`write_snapshot`: one small JSON file per
+worker, replaced atomically) into a directory that the first process creates
+and its children inherit (`VLLM_MOE_OFFLOAD_METRICS_DIR`); a collector registered
+in every process's default Prometheus registry reads the live workers' snapshots
+when scraped. Series are named `vllm_moe_offload_*` (docs/metrics.md); per-layer
+series only with `metrics_per_layer`.
+
+NOTE #1: a snapshot is taken at most every 0.2 s in host mode; a step that comes
+sooner starts a timer instead, so the last step's counters are written even when
+the engine then idles. In device mode a snapshot reads the GPU's counters (a host
+sync): at most once a second, only after a step, never from a timer (a sync from
+another thread could land in a graph capture), so there the series can lag the
+last step until the next one.
+NOTE #2: vLLM's multi-API-server mode (`--api-server-count` > 1) serves `/metrics`
+from a multiprocess registry that this collector is not part of.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+DIR_ENV = "VLLM_MOE_OFFLOAD_METRICS_DIR"
+PREFIX = "vllm_moe_offload_"
+HOST_MODE_INTERVAL_S = 0.2  # a snapshot costs ~0.1-0.3 ms: not after every step
+DEVICE_MODE_INTERVAL_S = 1.0
+
+# totals key -> (series name, help); all counters (exposed with a _total suffix)
+COUNTERS = {
+    "hits": ("hits", "Routed experts found resident (once per layer call)."),
+    "misses": ("misses", "Routed experts loaded on demand (a stall)."),
+    "evictions": ("evictions", "Resident experts pushed out to make room."),
+    "bytes_loaded": ("loaded_bytes", "Bytes copied from the store into slots."),
+    "load_seconds": ("load_seconds", "Wall time of expert loads (host mode)."),
+    "stall_seconds": ("stall_seconds", "Time the forward pass waited for experts."),
+    "prefetched": ("prefetch_issued", "Experts loaded ahead of their layer."),
+    "prefetch_hits": ("prefetch_hits", "Prefetched experts their layer then used."),
+    "prefetch_wasted": ("prefetch_wasted", "Prefetched experts their layer did not use."),
+    "planned_loads": ("planned_loads", "Experts loaded because the residency plan pinned them."),
+    "rerouted": ("rerouted", "Approximate mode: misses sent to a resident expert."),
+    "calls": ("layer_calls", "MoE layer calls."),
+}
+
+
+def ensure_dir() -> Path:
+    """The snapshot directory: inherited from a parent process, else created here
+    (and removed at this process's exit)."""
+    path = os.environ.get(DIR_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="vllm_moe_offload_metrics_")
+        os.environ[DIR_ENV] = path
+        atexit.register(shutil.rmtree, path, True)
+    return Path(path)
+
+
+def install_collector() -> None:
+    """Add the collector to this process's default registry (idempotent)."""
+    from prometheus_client import REGISTRY
+
+    if not any(isinstance(c, OffloadCollector) for c in list(REGISTRY._collector_to_names)):
+        REGISTRY.register(OffloadCollector())
+
+
+def after_step(model) -> None:
+    """Called after every step: snapshot now, or once the interval is up (NOTE #1)."""
+    now = time.monotonic()
+    device = model.cache.mode == "device"
+    wait = (DEVICE_MODE_INTERVAL_S if device else HOST_MODE_INTERVAL_S) - (
+        now - getattr(model, "_metrics_at", 0.0))
+    if wait <= 0:
+        write_snapshot(model)
+    elif not device and getattr(model, "_metrics_timer", None) is None:
+        timer = threading.Timer(wait, write_snapshot, (model,))
+        timer.daemon = True
+        model._metrics_timer = timer
+        timer.start()
+
+
+def write_snapshot(model) -> None:
+    """The worker's counters into its snapshot file, replaced atomically."""
+    model._metrics_at, model._metrics_timer = time.monotonic(), None
+    stats = model.cache.sync_stats()
+    snapshot = {"totals": stats.totals_dict(), "pool": model.pool_info(),
+                "occupancy": model.cache.occupancy(),
+                "replans": model.tasks.replans if model.tasks is not None else 0}
+    if model.cfg.metrics_per_layer:
+        snapshot["layers"] = stats.to_dict()["layers"]
+    directory = Path(os.environ.get(DIR_ENV) or ensure_dir())
+    tmp = directory / f".worker-{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp.write_text(json.dumps(snapshot))
+    os.replace(tmp, directory / f"worker-{os.getpid()}.json")
+
+
+def read_snapshots(directory: Path) -> list[dict]:
+    """The snapshots of workers that are still alive."""
+    out = []
+    for f in sorted(directory.glob("worker-*.json")):
+        try:
+            os.kill(int(f.stem.split("-")[1]), 0)
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):  # a dead worker's file, or one being replaced
+            continue
+    return out
+
+
+def families(snapshots: list[dict]) -> list:
+    """Prometheus metric families for the summed snapshots of all workers."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not snapshots:
+        return []
+    out = []
+    per_layer = any("layers" in s for s in snapshots)
+    for key, (name, doc) in COUNTERS.items():
+        total = CounterMetricFamily(PREFIX + name, doc)
+        total.add_metric([], sum(s["totals"][key] for s in snapshots))
+        out.append(total)
+        if per_layer:
+            layered = CounterMetricFamily(PREFIX + "per_layer_" + name, doc + " Per layer.",
+                                          labels=["layer"])
+            for layer in sorted({l for s in snapshots for l in s.get("layers", {})}, key=int):
+                layered.add_metric([str(layer)], sum(s["layers"][layer][key] for s in snapshots
+                                                     if layer in s.get("layers", {})))
+            out.append(layered)
+    repairs = CounterMetricFamily(PREFIX + "store_repairs",
+                                  "Disk store records re-derived from the checkpoint.")
+    repairs.add_metric([], sum(s["pool"].get("store_repairs", 0) for s in snapshots))
+    replans = CounterMetricFamily(PREFIX + "replans", "Task-aware residency re-plans.")
+    replans.add_metric([], sum(s.get("replans", 0) for s in snapshots))
+    out += [repairs, replans]
+    for name, key, doc in (("precision", "precision", "Share of predicted experts the layer "
+                            "used, by prediction distance."),
+                           ("recall", "recall", "Share of used experts that were predicted, "
+                            "by prediction distance.")):
+        gauge = GaugeMetricFamily(PREFIX + "prediction_" + name, doc, labels=["distance"])
+        for d in sorted({d for s in snapshots for d in s["totals"]["predictions"]}, key=int):
+            pairs = [s["totals"]["predictions"][d] for s in snapshots
+                     if d in s["totals"]["predictions"]]
+            gauge.add_metric([str(d)], _ratio(pairs, key))
+        out.append(gauge)
+    slots = GaugeMetricFamily(PREFIX + "pool_slots",
+                              "Expert slots by state: total, used (holding an expert), "
+                              "pinned (a layer call, prefetch or the plan holds them), "
+                              "planned (the residency plan).", labels=["state"])
+    slots.add_metric(["total"], sum(s["pool"]["num_slots"] for s in snapshots))
+    for state in ("used", "pinned", "planned"):
+        values = [s["occupancy"].get(state) for s in snapshots]
+        if all(v is not None for v in values):
+            slots.add_metric([state], sum(values))
+    out.append(slots)
+    return out
+
+
+def _ratio(pairs: list[dict], key: str) -> float:
+    """Precision or recall over workers, from their counts."""
+    num = sum(p[key] * (p["predicted"] if key == "precision" else p["routed"]) for p in pairs)
+    den = sum(p["predicted"] if key == "precision" else p["routed"] for p in pairs)
+    return num / den if den else 0.0
+
+
+class OffloadCollector:
+    """Reads the workers' snapshots at each scrape."""
+
+    def collect(self):
+        path = os.environ.get(DIR_ENV)
+        return families(read_snapshots(Path(path))) if path else []
+
+    def describe(self):
+        return []  # names depend on what the workers report
