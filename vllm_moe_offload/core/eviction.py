@@ -128,9 +128,37 @@ class _LazyHeap:
         return set(self._live)
 
 
-class DecayedFrequency(EvictionPolicy):
+class HeapPolicy(EvictionPolicy):
+    """Evict the lowest `priority(key)`, fixed when the slot becomes evictable (a key
+    in the heap is never used, so its priority cannot change). Ties: the slot
+    evictable longest."""
+
+    def __init__(self, num_layers: int = 1):
+        super().__init__(num_layers)
+        self._heap = _LazyHeap()
+
+    def priority(self, key: ExpertKey) -> float:
+        raise NotImplementedError
+
+    def add(self, slot: int, key: ExpertKey) -> None:
+        self._heap.push(slot, self.priority(key))
+
+    def discard(self, slot: int) -> None:
+        self._heap.remove(slot)
+
+    def pop_victim(self) -> int:
+        return self._heap.pop()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def slots(self) -> set[int]:
+        return self._heap.slots()
+
+
+class DecayedFrequency(HeapPolicy):
     """LFU with ageing: evict the lowest decayed use count; a use counts half as
-    much after H steps (NOTE #2). Ties: the slot evictable longest."""
+    much after H steps (NOTE #2)."""
 
     name = "lfu"
 
@@ -139,7 +167,6 @@ class DecayedFrequency(EvictionPolicy):
         self.half_life_steps = half_life_steps
         self._score: dict[ExpertKey, float] = {}  # log2 of the decayed use count
         self._steps = _NEVER  # log2 of the decayed step count (NOTE #3)
-        self._heap = _LazyHeap()
 
     def start_call(self, layer: int) -> None:
         new_step = layer <= self.layer or self._steps == _NEVER
@@ -156,20 +183,7 @@ class DecayedFrequency(EvictionPolicy):
     def score(self, key: ExpertKey) -> float:
         return self._score.get(key, _NEVER)
 
-    def add(self, slot: int, key: ExpertKey) -> None:
-        self._heap.push(slot, self.score(key))
-
-    def discard(self, slot: int) -> None:
-        self._heap.remove(slot)
-
-    def pop_victim(self) -> int:
-        return self._heap.pop()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def slots(self) -> set[int]:
-        return self._heap.slots()
+    priority = score
 
 
 class LayerCycle(EvictionPolicy):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 from .eviction import POLICIES as ENGINE_POLICIES
-from .eviction import EvictionPolicy, _LazyHeap, make_policy
+from .eviction import HeapPolicy, make_policy
 from .slot_pool import ExpertKey, SlotPool
 
 POLICIES = ENGINE_POLICIES + ("belady",)
@@ -103,7 +103,7 @@ def calls_from_records(records: Iterable) -> list[Call]:
             for r in records]
 
 
-class Belady(EvictionPolicy):
+class Belady(HeapPolicy):
     """Farthest next use, read from the trace (replay only). A key's next use is
     fixed while it is evictable (any use pins it first), so one heap does."""
 
@@ -113,24 +113,11 @@ class Belady(EvictionPolicy):
         super().__init__()
         self.future = future
         self.now = 0  # index of the call running now
-        self._heap = _LazyHeap()
 
-    def add(self, slot: int, key: ExpertKey) -> None:
+    def priority(self, key: ExpertKey) -> float:
         times = self.future.get(key, [])
         i = bisect_left(times, self.now)
-        self._heap.push(slot, -(times[i] if i < len(times) else math.inf))
-
-    def discard(self, slot: int) -> None:
-        self._heap.remove(slot)
-
-    def pop_victim(self) -> int:
-        return self._heap.pop()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def slots(self) -> set[int]:
-        return self._heap.slots()
+        return -(times[i] if i < len(times) else math.inf)
 
 
 def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProfile,
