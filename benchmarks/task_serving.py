@@ -68,7 +68,7 @@ def run_config(key: str, cfg: dict | None, workload: Workload, args, work: Path,
         cfg = {**cfg, "task_profiles_path": str(profiles)}
     log_path = work / f"server-{tag}.log"
     with serving(args.model, cfg, log_path, work, args.startup_timeout,
-                 args.enforce_eager) as url:
+                 args.enforce_eager) as (url, _):
         t = time.monotonic()
         results = asyncio.run(run_load(url, workload, args.request_timeout))
         print(f"  load done in {time.monotonic() - t:.1f} s", flush=True)

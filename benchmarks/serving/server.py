@@ -101,7 +101,8 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 @contextlib.contextmanager
 def serving(model: str, additional_config: dict | None, log_path: Path, work: Path,
             startup_timeout: float, enforce_eager: bool = True):
-    """A fresh server for one configuration; yields its base URL; always stopped."""
+    """A fresh server for one configuration; yields (base URL, server process);
+    always stopped."""
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONUNBUFFERED": "1",
            "VLLM_MOE_OFFLOAD_STORE_DIR": str(work / "store")}
@@ -111,7 +112,7 @@ def serving(model: str, additional_config: dict | None, log_path: Path, work: Pa
     proc = start_server(cmd, log_path, env, startup_timeout, port)
     print(f"  healthy after {time.monotonic() - t:.0f} s", flush=True)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         stop_server(proc)
 
