@@ -91,9 +91,6 @@ class SlotPool:
         keys = list(dict.fromkeys(keys))
         if not self.can_acquire(keys):
             return None
-        if used:
-            for key in keys:
-                self.policy.used(key)
         grants: list[SlotGrant] = []
         misses = []
         for key in keys:  # pin hits first (NOTE #1)
@@ -109,6 +106,9 @@ class SlotPool:
             self._key_of[slot] = key
             self._pin(slot)
             grants.append(SlotGrant(key, slot, False, evicted))
+        if used:  # every key is pinned now, so no policy reorders a queued slot
+            for key in keys:
+                self.policy.used(key)
         return grants
 
     def release(self, slots: Iterable[int]) -> None:
