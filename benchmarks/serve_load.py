@@ -121,7 +121,7 @@ def run_config(name: str, cfg: dict | None, model: str, total_experts: int,
             while True:  # once, or again and again for a soak
                 r = run_load(url, model, dataset, concurrency, prompts, text_file)
                 rows.append({"config": name, "dataset": dataset, "concurrency": concurrency,
-                             "requests": prompts, **r})
+                             "requests": prompts, "soak": bool(soak_s), **r})
                 print(json.dumps(rows[-1]), flush=True)
                 if time.monotonic() - t0 >= soak_s:
                     break
@@ -142,6 +142,8 @@ def markdown(rows) -> str:
            "| TTFT p50 / p99 ms | TPOT p50 / p99 ms | RSS start / end / peak MiB |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("soak"):
+            continue
         base = plain.get((r["dataset"], r["concurrency"]))
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
         out.append(f"| {r['config']} | {r['dataset']} | {r['concurrency']} | "
@@ -150,6 +152,19 @@ def markdown(rows) -> str:
                    f"{r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / "
                    f"{r['tpot_p99_ms']:.1f} | {r['rss_start_mib']:.0f} / "
                    f"{r['rss_end_mib']:.0f} / {r['rss_peak_mib']:.0f} |")
+    soak = [r for r in rows if r.get("soak")]
+    if soak:
+        rss = soak[-1]["rss_samples"]
+        at = {m: next((v for t, v in rss if t >= 60 * m), rss[-1][1])
+              for m in (0, 1, 2, 5, 10)}
+        tps = sorted(r["tokens_per_s"] for r in soak)
+        out += ["", f"Soak: {soak[0]['config']}, {soak[0]['dataset']} prompts, concurrency "
+                f"{soak[0]['concurrency']}, {rss[-1][0] / 60:.1f} minutes: "
+                f"{sum(r['completed'] + r['failed'] for r in soak)} requests, "
+                f"{sum(r['failed'] for r in soak)} failed; output tok/s median "
+                f"{tps[len(tps) // 2]:.1f} (min {tps[0]:.1f}, max {tps[-1]:.1f}); server RSS "
+                "(all processes) at " + ", ".join(f"{m} min {v:.0f} MiB" for m, v in at.items())
+                + "."]
     return "\n".join(out)
 
 
@@ -180,6 +195,13 @@ def plot(rows, path: Path) -> None:
         ax.set_title(f"soak: {soak[-1]['config']}, concurrency {soak[-1]['concurrency']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def rewrite_from_json(name: str = "serve_load") -> None:
+    """Re-render the table and plot from NAME.json (no servers)."""
+    rows = json.loads((RESULTS / f"{name}.json").read_text())
+    command = (RESULTS / f"{name}.md").read_text().split("Command: `")[1].split("`")[0]
+    write_results(name, command, markdown(rows), rows, plot)
 
 
 def main(argv=None) -> None:

@@ -47,17 +47,30 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -
 
 def damage_store(path: str, how: str) -> None:
     """Damage a disk store file under the running engine: 'flip' one byte in every
-    4 KiB of expert records, or 'truncate' it to half."""
+    4 KiB of expert records, 'truncate' it to half, 'remove' it, or 'eio': the next
+    16 reads in this process fail with an I/O error (an in-process engine's worker
+    reads here)."""
     size = os.path.getsize(path)
     if how == "truncate":
         os.truncate(path, size // 2)
-        return
-    with open(path, "r+b") as f:
-        for offset in range(4096 + 17, size - 4096, 4096):
-            f.seek(offset)
-            byte = f.read(1)
-            f.seek(offset)
-            f.write(bytes([byte[0] ^ 0x5A]))
+    elif how == "remove":
+        os.remove(path)
+    elif how == "eio":
+        real, failures = os.preadv, iter(range(16))
+
+        def failing_preadv(fd, buffers, offset, *args):
+            if next(failures, None) is not None:
+                raise OSError(5, "Input/output error")
+            return real(fd, buffers, offset, *args)
+
+        os.preadv = failing_preadv
+    else:
+        with open(path, "r+b") as f:
+            for offset in range(4096 + 17, size - 4096, 4096):
+                f.seek(offset)
+                byte = f.read(1)
+                f.seek(offset)
+                f.write(bytes([byte[0] ^ 0x5A]))
 
 
 def main(spec: dict) -> dict:
