@@ -97,8 +97,18 @@ def write_snapshot(model) -> None:
         snapshot["layers"] = stats.to_dict()["layers"]
     directory = Path(os.environ.get(DIR_ENV) or ensure_dir())
     tmp = directory / f".worker-{os.getpid()}-{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps(snapshot))
-    os.replace(tmp, directory / f"worker-{os.getpid()}.json")
+    try:
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, directory / f"worker-{os.getpid()}.json")
+    except OSError:  # the directory went with the process that made it: shutting down
+        tmp.unlink(missing_ok=True)
+
+
+def stop(model) -> None:
+    """At worker shutdown: no snapshot timer outlives the worker."""
+    timer = getattr(model, "_metrics_timer", None)
+    if timer is not None:
+        timer.cancel()
 
 
 def read_snapshots(directory: Path) -> list[dict]:

@@ -18,6 +18,7 @@ import torch
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.stats import OffloadStats
+from vllm_moe_offload.integration.vllm import metrics
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
@@ -238,6 +239,7 @@ class ModelOffload:
         if self.cache is None or self._closed:
             return
         self._closed = True
+        metrics.stop(self)
         try:
             self.cache.sync_stats()
         except Exception as e:  # a dead device at exit must not hide the summary
