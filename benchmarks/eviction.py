@@ -83,7 +83,7 @@ def e2e_rows(store_dir: Path, rounds: int) -> list[dict]:
     for (batch, slots, policy), results in runs.items():
         plain = runs[(batch, None, None)]
         assert all(r["token_ids"] == plain[0]["token_ids"] for r in results), policy
-        per_batch = results[0]["generated_tokens"] / 3
+        per_batch = results[0]["generated_tokens"] / len(results[0]["repeat_seconds"])
         tps = median(per_batch / s for r in results for s in r["repeat_seconds"])
         timed = [r["stats"].get("timed", {}) for r in results]
         row = {"part": "e2e", "batch": batch, "policy": policy or "-",

@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .eviction import POLICIES, host_only_reason
+
 ENV_PREFIX = "VLLM_MOE_OFFLOAD_"
 CONFIG_KEY = "expert_offload"  # key inside vLLM's additional_config
 STORES = ("auto", "host", "disk")
 PREDICTORS = ("none", "next-gate", "lookahead", "oracle")
-EVICTIONS = ("auto", "lru", "lfu", "layer", "reuse", "predicted")
+EVICTIONS = ("auto",) + POLICIES
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm_moe_offload")
 
 
@@ -88,7 +90,7 @@ class OffloadConfig:
                                     "of pool slots minus one layer's experts.")
     sensitivity_path: str | None = _f(None, "--expert-sensitivity",
                                       "Routing-sensitivity file from python -m "
-                                      "vllm_moe_offload.cli.sensitivity: insensitive (task, "
+                                      "vllm_moe_offload sensitivity: insensitive (task, "
                                       "layer) pairs do not steer the plan.")
     approximate: bool = _f(False, "--expert-approximate",
                            "Opt-in, changes outputs: for insensitive (task, layer) "
@@ -158,7 +160,7 @@ class OffloadConfig:
             raise ValueError(
                 "expert_offload.approximate=true needs sensitivity_path: the file that "
                 "says which (task, layer) pairs tolerate re-routing (python -m "
-                "vllm_moe_offload.cli.sensitivity; --expert-sensitivity).")
+                "vllm_moe_offload sensitivity; --expert-sensitivity).")
         if self.stats_log_interval_s < 0:
             raise ValueError(
                 f"expert_offload.stats_log_interval_s={self.stats_log_interval_s} must "
@@ -224,10 +226,7 @@ class OffloadConfig:
             return "task-aware residency counts every layer call's routing on the host"
         if self.predictor == "oracle":
             return "the oracle predictor replays a trace on the host"
-        if self.eviction != "auto":
-            return (f"eviction={self.eviction!r} runs on the host (device mode evicts by "
-                    "CLOCK in its kernel; eviction='auto' keeps it)")
-        return None
+        return host_only_reason(self.eviction)
 
     def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int) -> int:
         """Pool size in slots for a model, checked against one layer's experts."""

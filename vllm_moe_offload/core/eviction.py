@@ -46,15 +46,15 @@ def _log2_add(a: float, b: float) -> float:
 
 
 class EvictionPolicy:
-    """LRU: the slot whose last pin went longest ago. The base of the others."""
+    """What `SlotPool` calls. The base keeps the clock (layer, step) and ignores uses
+    and hints; a policy keeps the evictable set and picks victims."""
 
-    name = "lru"
+    name = ""
 
     def __init__(self, num_layers: int = 1):
         self.num_layers = max(1, num_layers)
         self.layer = 0  # the layer whose call runs now
         self.step = 0  # forward steps seen (a new one starts when the layer index drops)
-        self._order: OrderedDict[int, ExpertKey] = OrderedDict()  # oldest first
 
     def start_call(self, layer: int) -> None:
         if layer <= self.layer:
@@ -66,6 +66,32 @@ class EvictionPolicy:
 
     def hint(self, key: ExpertKey) -> None:
         pass
+
+    def add(self, slot: int, key: ExpertKey) -> None:
+        raise NotImplementedError
+
+    def discard(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def pop_victim(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def slots(self) -> set[int]:
+        """The evictable slots (O(S): for invariant checks in tests)."""
+        raise NotImplementedError
+
+
+class LRU(EvictionPolicy):
+    """The slot whose last pin went longest ago."""
+
+    name = "lru"
+
+    def __init__(self, num_layers: int = 1):
+        super().__init__(num_layers)
+        self._order: OrderedDict[int, ExpertKey] = OrderedDict()  # oldest first
 
     def add(self, slot: int, key: ExpertKey) -> None:
         self._order[slot] = key
@@ -81,7 +107,6 @@ class EvictionPolicy:
         return len(self._order)
 
     def slots(self) -> set[int]:
-        """The evictable slots (O(S): for invariant checks in tests)."""
         return set(self._order)
 
 
@@ -156,11 +181,9 @@ class HeapPolicy(EvictionPolicy):
         return self._heap.slots()
 
 
-class DecayedFrequency(HeapPolicy):
-    """LFU with ageing: evict the lowest decayed use count; a use counts half as
-    much after H steps (NOTE #2)."""
-
-    name = "lfu"
+class _DecayedUses(EvictionPolicy):
+    """Decayed use counts (NOTE #2, #3), for the policies that weigh frequency; it
+    keeps no evictable set of its own."""
 
     def __init__(self, num_layers: int = 1, half_life_steps: float = HALF_LIFE_STEPS):
         super().__init__(num_layers)
@@ -183,7 +206,15 @@ class DecayedFrequency(HeapPolicy):
     def score(self, key: ExpertKey) -> float:
         return self._score.get(key, _NEVER)
 
-    priority = score
+
+class DecayedFrequency(_DecayedUses, HeapPolicy):
+    """LFU with ageing: evict the lowest decayed use count; a use counts half as
+    much after H steps (NOTE #2)."""
+
+    name = "lfu"
+
+    def priority(self, key: ExpertKey) -> float:
+        return self.score(key)
 
 
 class LayerCycle(EvictionPolicy):
@@ -223,7 +254,7 @@ class LayerCycle(EvictionPolicy):
         return set(self._layer_of)
 
 
-class ReuseDistance(DecayedFrequency):
+class ReuseDistance(_DecayedUses):
     """Layer cycle x decayed frequency: evict the expert whose next use is expected
     furthest away. A key of layer l, routed at a call of l with chance p (NOTE #3),
     is next needed after dist(l) + L * (1/p - 1) layer calls, dist(l) being the calls
@@ -318,10 +349,18 @@ class ReuseDistance(DecayedFrequency):
         return set(self._key_of)
 
 
+def host_only_reason(name: str) -> str | None:
+    """Why eviction `name` needs host mode; None for 'auto' (device mode's CLOCK)."""
+    if name == "auto":
+        return None
+    return (f"eviction={name!r} runs on the host (device mode evicts by CLOCK in its "
+            "kernel; eviction='auto' keeps it)")
+
+
 def make_policy(name: str, num_layers: int) -> EvictionPolicy:
     """The policy called `name` for a model of `num_layers` MoE layers."""
     if name == "lru":
-        return EvictionPolicy(num_layers)
+        return LRU(num_layers)
     if name == "lfu":
         return DecayedFrequency(num_layers)
     if name == "layer":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple
 
-from .eviction import EvictionPolicy
+from .eviction import LRU, EvictionPolicy
 from .keys import ExpertKey
 
 
@@ -34,7 +34,7 @@ class SlotPool:
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
         self.num_slots = num_slots
-        self.policy = policy if policy is not None else EvictionPolicy()
+        self.policy = policy if policy is not None else LRU()
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * num_slots
         self._pins = [0] * num_slots

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ..core.eviction import DEFAULT_POLICY
+from ..core.eviction import DEFAULT_POLICY, host_only_reason
 from .expert_cache import ExpertCache
 from .store import ExpertStore, HostStore
 
@@ -21,10 +21,7 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
                 "pinned host store in place: --expert-store host)")
     if trace is not None:
         return "the routing trace copies every layer call's ids to the host"
-    if eviction != "auto":
-        return (f"eviction={eviction!r} runs on the host (device mode evicts by CLOCK in "
-                "its kernel; eviction='auto' keeps it)")
-    return None
+    return host_only_reason(eviction)
 
 
 def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,

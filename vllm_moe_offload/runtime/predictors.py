@@ -231,7 +231,7 @@ def check_sidecar(path: str | Path, fingerprint: str) -> dict:
             f"expert_offload.predictor_path={str(path)!r} was trained for another model "
             f"(router fingerprint {meta['model_fingerprint'][:12]}, this model "
             f"{fingerprint[:12]}); retrain it for this model with python -m "
-            "vllm_moe_offload.cli.train_lookahead --model THIS_MODEL ...")
+            "vllm_moe_offload train-lookahead --model THIS_MODEL ...")
     return meta
 
 

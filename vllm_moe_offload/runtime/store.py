@@ -185,7 +185,6 @@ class _Digest:
     """Incremental record checksum: xxh3_64 where xxhash is installed, else crc32."""
 
     def __init__(self, name: str):
-        self.name = name
         self._h = xxhash.xxh3_64() if name == "xxh3_64" else None
         self._crc = 0
 
@@ -382,17 +381,18 @@ class DiskStore(ExpertStore):
         views = _byte_views(dst)
         want = self.layout.expert_bytes
         got = os.preadv(self._fd, views, offset)
-        self._check_read(layer, expert, got, want)
+        self._check_read(got, want)
         self._check_sum(layer, expert, self._digest(*views))
         os.posix_fadvise(self._fd, offset, self.layout.record_bytes,
                          os.POSIX_FADV_DONTNEED)
         return got
 
-    def _check_read(self, layer, expert, got, want):
+    @staticmethod
+    def _check_read(got, want):
         if got < want:
             raise StoreFileError(f"short read ({got} of {want} bytes)")
 
-    def _check_sum(self, layer, expert, value: int) -> None:
+    def _check_sum(self, layer: int, expert: int, value: int) -> None:
         if value != self._sums[self._index(layer, expert)]:
             raise StoreFileError("checksum mismatch")
 
@@ -452,7 +452,7 @@ class DiskStore(ExpertStore):
             self._staging_done[b].synchronize()
             n = min(_STAGING_BYTES, self.layout.record_bytes - done)
             got = self._pread(self._staging_views[b][:n], base + done)
-            self._check_read(layer, expert, done + got, min(done + n, want))
+            self._check_read(done + got, min(done + n, want))
             useful = min(n, want - done)
             digest.update(self._staging_views[b][:useful])
             self._scatter(self._staging[b], done, useful, dst_bytes)

@@ -95,7 +95,7 @@ def write_snapshot(model) -> None:
                 "replans": model.tasks.replans if model.tasks is not None else 0}
     if model.cfg.metrics_per_layer:
         snapshot["layers"] = stats.to_dict()["layers"]
-    directory = Path(os.environ.get(DIR_ENV) or ensure_dir())
+    directory = ensure_dir()
     tmp = directory / f".worker-{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         tmp.write_text(json.dumps(snapshot))
