@@ -62,7 +62,7 @@ def test_sidecar_of_another_model_is_refused(models, sidecars):
     with pytest.raises(EngineFailed) as err:
         run_engine(spec)
     assert "was trained for another model" in err.value.output
-    assert "train_lookahead" in err.value.output
+    assert "train-lookahead" in err.value.output
 
 
 def test_missing_sidecar_is_refused(models, tmp_path):
