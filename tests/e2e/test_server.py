@@ -11,7 +11,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import LAYERS, EXPERTS, PROMPTS, plain_spec
-from vllm_moe_offload.cli.engine_probe import damage_store
+from vllm_moe_offload.cli.engine_probe import damage_store, hide_checkpoint
 
 
 def free_port() -> int:
@@ -37,10 +37,12 @@ def wait_healthy(proc, url: str, timeout_s: float = 300) -> None:
 def test_openai_server_with_offload_flags(models, engine, tmp_path):
     """Also the task-aware path across processes: the scheduler (engine-core
     process) classifies, the worker (its own process) profiles and plans; and a
-    store file damaged under the running server heals, the server stays healthy."""
+    store file damaged under the running server heals, the server stays healthy;
+    with the checkpoint gone too, a request that needs a lost expert gets an error
+    and the server stays healthy."""
     import json
 
-    from openai import BadRequestError, OpenAI
+    from openai import BadRequestError, InternalServerError, OpenAI
 
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))
@@ -79,6 +81,23 @@ def test_openai_server_with_offload_flags(models, engine, tmp_path):
             assert out.choices[0].token_ids == plain["token_ids"][i]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
             assert r.status == 200
+        damage_store(str(store_file), "truncate")  # layers 2 and 3 unreadable ...
+        restore = hide_checkpoint(model)  # ... and nothing to re-derive them from
+        try:
+            client.with_options(max_retries=0).completions.create(
+                model=model, prompt=PROMPTS[2], max_tokens=24, temperature=0.0,
+                extra_body={"ignore_eos": True})
+            raise AssertionError("a request served without its experts")
+        except InternalServerError:
+            pass
+        finally:
+            restore()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+        out = client.completions.create(  # the checkpoint is back: served and repaired
+            model=model, prompt=PROMPTS[0], max_tokens=24, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert out.choices[0].token_ids == plain["token_ids"][0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             scraped = r.read().decode()  # the worker's counters, in the API server
         try:  # a bad SLO is the client's error, not the engine's
@@ -101,6 +120,8 @@ def test_openai_server_with_offload_flags(models, engine, tmp_path):
     assert any(s.name == "vllm:prompt_tokens_total" for s in samples)  # vLLM's own
     series = {s.name: s.value for s in samples if not s.labels}
     assert series["vllm_moe_offload_store_repairs_total"] > 0
+    assert series["vllm_moe_offload_failed_requests_total"] == 1
+    assert "short read" in text and "The requests routed to this expert fail" in text
     assert series["vllm_moe_offload_replans_total"] >= 3
     assert series["vllm_moe_offload_misses_total"] + series[
         "vllm_moe_offload_planned_loads_total"] > 0

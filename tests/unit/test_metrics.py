@@ -58,3 +58,19 @@ def test_per_layer_series_only_when_asked(tmp_path, monkeypatch):
 
 def test_nothing_to_report_is_no_series(tmp_path, monkeypatch):
     assert scrape(tmp_path, monkeypatch, []) == {}
+
+
+def test_multi_api_server_registry_has_the_series(tmp_path, monkeypatch):
+    """--api-server-count > 1: vLLM builds a multiprocess registry per scrape."""
+    from vllm.v1.metrics import prometheus
+
+    monkeypatch.setattr(prometheus, "get_prometheus_registry",
+                        prometheus.get_prometheus_registry)  # undone after the test
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
+    (tmp_path / "prom").mkdir()
+    monkeypatch.setenv(metrics.DIR_ENV, str(tmp_path))
+    (tmp_path / f"worker-{os.getpid()}.json").write_text(json.dumps(snapshot(7, 3)))
+    metrics.install_collector()
+    text = generate_latest(prometheus.get_prometheus_registry()).decode()
+    assert "vllm_moe_offload_hits_total 7.0" in text
+    assert "vllm_moe_offload_misses_total 3.0" in text

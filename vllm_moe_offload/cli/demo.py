@@ -1,34 +1,67 @@
-"""Demo: serve a tiny generated MoE with only part of its experts resident.
+"""Demo: serve a small MoE trained on real text with only part of its experts resident.
 
-    python -m vllm_moe_offload demo [--pool-fraction 0.5] [--store disk]
+    python -m vllm_moe_offload demo [--pool-fraction 0.5] [--store disk] [--model DIR]
 
-Builds a random-weight Qwen3-MoE checkpoint (no hub needed), generates with
-vLLM on this machine with expert offload on, and prints the text, the cache
-statistics and the memory the experts no longer take.
+Serves `models/tiny-moe-4domains` of this repository (8 MoE layers x 16 experts,
+trained on Python, C, English prose and licence text; models/README.md) with
+vLLM on this machine and expert offload on, prints what it writes, the cache
+statistics, the expert memory no longer resident and the KV cache that memory
+holds. Without the repository's model it builds a random-weight one (no hub
+needed; its text is gibberish, but still token for token plain vLLM's).
 """
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-moe-4domains"
+PROMPTS = [  # one per domain the model was trained on
+    "/* Copyright (C) 1991-2022 Free Software Foundation, Inc.\n   This file is part of",
+    "This program is free software; you can redistribute it",
+    "To open a new window, type",
+    "class Queue:\n    def __init__(self",
+]
+
+
+def kv_bytes_per_token(model_dir: str) -> int:
+    """K and V of every attention layer for one token, in the checkpoint's dtype."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    dtype_bytes = 4 if cfg.get("dtype", cfg.get("torch_dtype")) == "float32" else 2
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "vllm_moe_offload_demo"))
+    p.add_argument("--model", default=str(SHIPPED_MODEL) if SHIPPED_MODEL.is_dir() else None,
+                   help="a Qwen3-MoE/Mixtral/Qwen2-MoE checkpoint directory "
+                        "(default: the repository's tiny-moe-4domains)")
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
+                                                      "vllm_moe_offload_demo"),
+                   help="where the disk store (and a generated model) go")
     p.add_argument("--pool-fraction", type=float, default=0.5)
     p.add_argument("--store", default="disk", choices=["host", "disk"])
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=40)
     args = p.parse_args(argv)
+    if not 0 < args.pool_fraction <= 1:
+        p.error(f"--pool-fraction={args.pool_fraction}: give a share of the experts in (0, 1]")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes
 
-    layers, experts = 6, 16
-    model = str(build_tiny_moe(Path(args.model_dir) / "tiny-qwen3-moe", "qwen3_moe",
-                               num_layers=layers, num_experts=experts, hidden_size=256,
-                               expert_ffn=512))
+    model, trained = args.model, args.model is not None
+    if model is None:
+        model = str(build_tiny_moe(Path(args.work_dir) / "tiny-qwen3-moe", "qwen3_moe",
+                                   num_layers=6, num_experts=16, hidden_size=256,
+                                   expert_ffn=512))
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     slots = max(experts, int(layers * experts * args.pool_fraction))
 
     from vllm import LLM, SamplingParams
@@ -38,28 +71,36 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     llm = LLM(model=model, max_model_len=512, gpu_memory_utilization=0.5, seed=0,
               additional_config={"expert_offload": {
-                  "enabled": True, "pool_slots": slots, "store": args.store,
-                  "store_dir": str(Path(args.model_dir) / "store")}})
-    prompts = ["The quick brown fox", "def add(a, b):",
-               "Expert offloading keeps only a bounded pool of experts in fast memory. " * 8]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.max_tokens))
+                  "pool_slots": slots, "store": args.store,
+                  "store_dir": str(Path(args.work_dir) / "store")}})
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=args.max_tokens))
     elapsed = time.perf_counter() - started
 
     print("\n=== vllm-moe-offload demo ===")
-    print(f"model: {model} ({layers} MoE layers x {experts} experts; random weights, so the "
-          "text is gibberish; tests/e2e check it is token for token plain vLLM's)")
-    for prompt, out in zip(prompts, outputs):
-        print(f"- prompt {prompt[:40]!r}... -> {out.outputs[0].text!r}")
+    print(f"model: {model}\n  {layers} MoE layers x {experts} experts, " + (
+        "trained on Python, C, English prose and licence text" if trained else
+        "random weights, so the text is gibberish (tests/e2e check it is token for token "
+        "plain vLLM's)"))
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    for prompt, out in zip(PROMPTS, outputs):
+        print(f"\n>>> {prompt}{bold}{out.outputs[0].text}{plain}")
     stats = vllm_moe_offload.get_stats(llm)
     t, pool = stats["totals"], stats["pool"]
     all_bytes = expert_bytes(model)
-    print(f"pool: {pool['num_slots']} of {layers * experts} expert slots, store: {pool['store']}")
+    freed = all_bytes - pool["pool_bytes"]
+    per_token = kv_bytes_per_token(model)
+    print(f"\npool: {pool['num_slots']} of {layers * experts} expert slots, store: "
+          f"{pool['store']}")
     print(f"cache: hit rate {t['hit_rate']:.1%} ({t['hits']} hits, {t['misses']} misses, "
           f"{t['evictions']} evictions), {t['bytes_loaded'] / 2**20:.1f} MiB loaded in "
           f"{t['load_seconds']:.3f} s")
     print(f"expert memory: {pool['pool_bytes'] / 2**20:.1f} MiB resident instead of "
-          f"{all_bytes / 2**20:.1f} MiB ({1 - pool['pool_bytes'] / all_bytes:.0%} saved); "
-          f"worker RSS {stats['rss_bytes'] / 2**30:.2f} GiB")
+          f"{all_bytes / 2**20:.1f} MiB ({freed / all_bytes:.0%} saved); worker RSS "
+          f"{stats['rss_bytes'] / 2**30:.2f} GiB")
+    print(f"KV cache gained: the {freed / 2**20:.1f} MiB of experts left in the store hold "
+          f"{freed // per_token:,} more tokens of KV cache at this model's "
+          f"{per_token / 1024:.0f} KiB per token (on a GPU, vLLM's memory profiling gives "
+          "them to the KV cache; on CPU its size is VLLM_CPU_KVCACHE_SPACE)")
     print(f"total time {elapsed:.1f} s (start-up included)")
 
 

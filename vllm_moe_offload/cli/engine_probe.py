@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 class EngineFailed(Exception):
@@ -45,12 +46,19 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -
     raise EngineFailed(output)
 
 
-def damage_store(path: str, how: str) -> None:
+def damage_store(path: str, how: str, record: int | None = None,
+                 record_bytes: int | None = None) -> None:
     """Damage a disk store file under the running engine: 'flip' one byte in every
-    4 KiB of expert records, 'truncate' it to half, 'remove' it, or 'eio': the next
-    16 reads in this process fail with an I/O error (an in-process engine's worker
-    reads here)."""
+    4 KiB of expert records (of record number `record` alone, if given), 'truncate'
+    it to half, 'remove' it, 'eio': the next 16 reads in this process fail with an
+    I/O error (an in-process engine's worker reads here), or 'readonly': 'flip', and
+    opening the file for writing fails in this process as on a read-only mount
+    (root ignores file modes, so a chmod would not do)."""
     size = os.path.getsize(path)
+    start, end = 4096, size - 4096  # the header's page, the checksum table's
+    if record is not None:
+        start += record * record_bytes
+        end = start + record_bytes
     if how == "truncate":
         os.truncate(path, size // 2)
     elif how == "remove":
@@ -65,12 +73,35 @@ def damage_store(path: str, how: str) -> None:
 
         os.preadv = failing_preadv
     else:
+        if how == "readonly":
+            real_open = os.open
+
+            def read_only(name, flags, *args, **kwargs):
+                if os.fspath(name) == path and flags & (os.O_WRONLY | os.O_RDWR):
+                    raise OSError(30, "Read-only file system", path)
+                return real_open(name, flags, *args, **kwargs)
+
+            os.open = read_only
         with open(path, "r+b") as f:
-            for offset in range(4096 + 17, size - 4096, 4096):
+            for offset in range(start + 17, end, 4096):
                 f.seek(offset)
                 byte = f.read(1)
                 f.seek(offset)
                 f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def hide_checkpoint(model_dir: str):
+    """Rename the checkpoint's weight files away; returns the function that puts
+    them back (the store then has nothing to re-derive from)."""
+    hidden = []
+    for f in Path(model_dir).glob("*.safetensors"):
+        f.rename(f.with_name(f.name + ".hidden"))
+        hidden.append(f)
+
+    def restore():
+        for f in hidden:
+            f.with_name(f.name + ".hidden").rename(f)
+    return restore
 
 
 def main(spec: dict) -> dict:
@@ -103,14 +134,24 @@ def main(spec: dict) -> dict:
         llm.generate(spec["prompts"], params, use_tqdm=False)  # warm-up
         before = vllm_moe_offload.get_stats(llm).get("totals", {})
     start = time.perf_counter()
-    repeat_seconds = []
+    repeat_seconds, rounds, restore = [], [], None
     for i in range(repeats):  # the same batch again: more time measured, less noise
         t0 = time.perf_counter()
         outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
         repeat_seconds.append(time.perf_counter() - t0)
+        rounds.append({"token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+                       "finish_reasons": [o.outputs[0].finish_reason for o in outputs]})
         if spec.get("damage_store") and i == 0:  # fault tests: the next batch reads it
-            damage_store(vllm_moe_offload.get_stats(llm)["pool"]["store_path"],
-                         spec["damage_store"])
+            pool = vllm_moe_offload.get_stats(llm)["pool"]
+            damage_store(pool["store_path"], spec["damage_store"], spec.get("damage_record"),
+                         -(-pool["slot_bytes"] // 4096) * 4096)
+            if spec.get("hide_checkpoint"):  # nothing to re-derive from, for one round
+                restore = hide_checkpoint(spec["model"])
+        elif restore is not None:
+            restore()
+            restore = None
+    if restore is not None:
+        restore()
     seconds = time.perf_counter() - start
     stats = vllm_moe_offload.get_stats(llm)
     exposition = None
@@ -131,6 +172,7 @@ def main(spec: dict) -> dict:
         "generated_tokens": repeats * sum(len(o.outputs[0].token_ids) for o in outputs),
         "gen_seconds": seconds,
         "repeat_seconds": repeat_seconds,  # per batch: a median resists noise
+        "rounds": rounds,  # per batch: token ids and finish reasons
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "stats": stats,
         "metrics": exposition,

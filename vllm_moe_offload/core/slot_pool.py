@@ -112,26 +112,29 @@ class SlotPool:
         return grants
 
     def release(self, slots: Iterable[int]) -> None:
-        """Unpin; a slot whose last pin goes becomes evictable."""
+        """Unpin; a slot whose last pin goes becomes evictable (free if dropped)."""
         for slot in slots:
             if self._pins[slot] <= 0:
                 raise RuntimeError(f"slot {slot} released more often than acquired")
             self._pins[slot] -= 1
             if self._pins[slot] == 0:
                 self._num_pinned -= 1
-                self.policy.add(slot, self._key_of[slot])
+                if self._key_of[slot] is None:
+                    self._free.append(slot)
+                else:
+                    self.policy.add(slot, self._key_of[slot])
 
     def drop(self, key: ExpertKey) -> None:
-        """Forget a resident, unpinned expert (its slot becomes free)."""
-        slot = self._slot_of.get(key)
+        """Forget an expert: its slot no longer holds it (a load that failed), so
+        the next acquire misses. An unpinned slot becomes free at once, a pinned
+        one when its last pin is released."""
+        slot = self._slot_of.pop(key, None)
         if slot is None:
             return
-        if self._pins[slot]:
-            raise RuntimeError(f"{key} is pinned and cannot be dropped")
-        self.policy.discard(slot)
-        del self._slot_of[key]
         self._key_of[slot] = None
-        self._free.append(slot)
+        if self._pins[slot] == 0:
+            self.policy.discard(slot)
+            self._free.append(slot)
 
     # ---- internals --------------------------------------------------------------
 
@@ -162,4 +165,4 @@ class SlotPool:
         for key, slot in self._slot_of.items():
             assert self._key_of[slot] == key
         assert all(self._key_of[s] is None for s in free)
-        assert all(self._key_of[s] is not None for s in evictable | pinned)
+        assert all(self._key_of[s] is not None for s in evictable)  # pinned: maybe dropped

@@ -20,6 +20,7 @@ class LayerStats:
     prefetch_wasted: int = 0  # prefetched experts the layer did not use
     planned_loads: int = 0  # experts loaded because the residency plan pinned them
     rerouted: int = 0  # approximate mode: misses sent to a resident expert instead
+    failed_loads: int = 0  # experts neither readable nor re-derivable (their requests fail)
     # distance d -> [correctly predicted, predicted, routed] distinct experts per call
     predictions: dict = field(default_factory=dict)
 

@@ -30,16 +30,26 @@ class CheckpointExperts:
             index = self.model_dir / "model.safetensors.index.json"
             if index.exists():
                 weight_map = json.loads(index.read_text())["weight_map"]
-                self._file_of = {k: self.model_dir / v for k, v in weight_map.items()}
+                file_of = {k: self.model_dir / v for k, v in weight_map.items()}
             else:
-                self._file_of = {}
+                file_of = {}
                 for f in sorted(self.model_dir.glob("*.safetensors")):
                     with safe_open(f, "pt") as st:
-                        self._file_of.update((k, f) for k in st.keys())
+                        file_of.update((k, f) for k in st.keys())
+            if not file_of:
+                raise FileNotFoundError(f"no *.safetensors weights in {self.model_dir}")
+            self._file_of = file_of
         return self._file_of
 
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them."""
+        try:
+            return self._read(prefix, expert)
+        except (OSError, KeyError):
+            self._file_of = None  # the files may have moved since they were indexed
+            return self._read(prefix, expert)
+
+    def _read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._index()
         for names in _PROJECTIONS:
             keys = [f"{prefix}.{expert}.{n}.weight" for n in names]

@@ -27,10 +27,17 @@ NOTE #3: a slot with a load in flight is always pinned (by the call that loads i
 or by prefetch), so it is never chosen as a victim.
 NOTE #4: on CUDA the device copy of the slot table is updated in place, entry by
 entry as slots change (one small copy per call that changed any); never whole.
+NOTE #5: an expert the store can neither read nor re-derive (`ExpertUnavailable`)
+is dropped from the pool, so the next call that needs it tries again. With
+`fail_requests` off the error reaches the caller. With it on (under vLLM) the call
+goes on: the lost expert's rows read slot 0, whatever it holds, and their indices
+land in `failed_rows`, whose requests the caller then fails without emitting their
+tokens. Rows that did not route to it are exact: a row's experts read only that row.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -42,7 +49,9 @@ from ..core.slot_pool import ExpertKey, SlotGrant, SlotPool
 from ..core.stats import OffloadStats
 from ..core.trace import TraceWriter
 from .slot_buffers import SlotBuffers, reroute
-from .store import ExpertStore
+from .store import ExpertStore, ExpertUnavailable
+
+logger = logging.getLogger("vllm.moe_offload")
 
 
 class ExpertCache(SlotBuffers):
@@ -86,6 +95,9 @@ class ExpertCache(SlotBuffers):
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._loader = (ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
                         if predictor is not None and not self._cuda else None)
+        self.fail_requests = False  # NOTE #5
+        self.failed_rows: dict[int, str] = {}  # row of a call -> why its request fails
+        self._lost: dict[ExpertKey, str] = {}  # unreadable now, retried on the next use
 
     @property
     def eviction(self) -> str:
@@ -131,7 +143,35 @@ class ExpertCache(SlotBuffers):
         if self._changed:
             self._push_changes()
         slots = self._table_dev[layer].index_select(0, topk_ids.reshape(-1))
-        return slots.view(topk_ids.shape).to(topk_ids.dtype)
+        slots = slots.view(topk_ids.shape).to(topk_ids.dtype)
+        lost = [e for e in experts if self._table[layer, e] < 0]
+        if lost:  # NOTE #5
+            self._fail_rows(layer, topk_ids, lost)
+            slots = slots.clamp_min(0)
+        return slots
+
+    def _fail_rows(self, layer: int, topk_ids: torch.Tensor, lost: list[int]) -> None:
+        hit = torch.isin(topk_ids, torch.tensor(lost, device=topk_ids.device)).any(-1)
+        for row in hit.nonzero().flatten().tolist():
+            e = next(e for e in lost if e in topk_ids[row].tolist())
+            self.failed_rows.setdefault(row, self._lost.get(ExpertKey(layer, e), ""))
+
+    def _lose(self, error: ExpertUnavailable) -> None:
+        """NOTE #5: the expert is not in its slot; forget it (the slot is freed once
+        unpinned) and say so once."""
+        if not self.fail_requests:
+            raise error
+        key = ExpertKey(error.layer, error.expert)
+        self.pool.drop(key)
+        if self._table[key.layer, key.expert] >= 0:
+            self._set(key.layer, key.expert, -1)
+        if key in self._planned:  # the next plan loads it again
+            self.pool.release([self._planned.pop(key)])
+        self.stats.layer(key.layer).failed_loads += 1
+        if key not in self._lost:
+            logger.error("expert offload: %s. The requests routed to this expert fail; "
+                         "the engine keeps serving and tries again at its next use.", error)
+        self._lost[key] = str(error)
 
     def _distinct(self, topk_ids: torch.Tensor) -> list[int]:
         if not self._cuda:
@@ -179,9 +219,15 @@ class ExpertCache(SlotBuffers):
             self.stats.layer(grant.evicted.layer).evictions += 1
 
     def _copy_in(self, grant: SlotGrant) -> int:
-        nbytes = self.store.read_into(grant.key.layer, grant.key.expert,
-                                      self.slot_views(grant.slot))
+        try:
+            nbytes = self.store.read_into(grant.key.layer, grant.key.expert,
+                                          self.slot_views(grant.slot))
+        except ExpertUnavailable as e:
+            self._lose(e)
+            return 0
         self._set(grant.key.layer, grant.key.expert, grant.slot)
+        if self._lost.pop(grant.key, None) is not None:
+            logger.warning("expert offload: expert %s is readable again", tuple(grant.key))
         return nbytes
 
     # ---- residency plan -------------------------------------------------------------
@@ -220,6 +266,9 @@ class ExpertCache(SlotBuffers):
                 stats.bytes_loaded += self._copy_in(g)
                 stats.load_seconds += time.perf_counter() - t0
                 stats.planned_loads += 1
+                if g.key in self._lost:  # NOTE #5: not loaded, not planned
+                    self.pool.release([g.slot])
+                    continue
             self._planned[g.key] = g.slot
         self.prefetch_budget = max(0, min(self._prefetch_budget_cfg,
                                           room - len(self._planned)))
@@ -278,8 +327,12 @@ class ExpertCache(SlotBuffers):
         if self._cuda:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copy_stream):
-                self.store.read_into(grant.key.layer, grant.key.expert,
-                                     self.slot_views(grant.slot))
+                try:
+                    self.store.read_into(grant.key.layer, grant.key.expert,
+                                         self.slot_views(grant.slot))
+                except ExpertUnavailable as e:
+                    self._lose(e)  # its prefetch pin is released when its layer runs
+                    return
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
             self._inflight[grant.slot] = event
@@ -287,7 +340,10 @@ class ExpertCache(SlotBuffers):
 
         def load(views=self.slot_views(grant.slot), key=grant.key):
             t0 = time.perf_counter()
-            self.store.read_into(key.layer, key.expert, views)
+            try:
+                self.store.read_into(key.layer, key.expert, views)
+            except ExpertUnavailable as e:
+                return e  # NOTE #5, handled on the calling thread
             return time.perf_counter() - t0
 
         self._inflight[grant.slot] = self._loader.submit(load)
@@ -301,8 +357,12 @@ class ExpertCache(SlotBuffers):
                 continue
             if isinstance(pending, Future):
                 t0 = time.perf_counter()
-                stats.load_seconds += pending.result()
+                seconds = pending.result()
                 stats.stall_seconds += time.perf_counter() - t0
+                if isinstance(seconds, ExpertUnavailable):
+                    self._lose(seconds)
+                else:
+                    stats.load_seconds += seconds
             else:  # CUDA: order the compute stream after the copy, no host sync
                 torch.cuda.current_stream(self.device).wait_event(pending)
 
@@ -336,6 +396,9 @@ class ExpertCache(SlotBuffers):
                                        else pending.query())
             if done:
                 self._inflight.pop(slot, None)
+                if isinstance(pending, Future) and isinstance(pending.result(),
+                                                              ExpertUnavailable):
+                    self._lose(pending.result())
                 self.pool.release([slot])
             else:
                 still.append(slot)

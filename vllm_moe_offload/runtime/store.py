@@ -177,8 +177,17 @@ class HostStore(ExpertStore):
 
 
 class StoreFileError(ValueError):
-    """A disk store file that cannot be used (truncated, stale, unsealed), or an
-    expert that could neither be read intact nor re-derived."""
+    """A disk store file that cannot be used (truncated, stale, unsealed)."""
+
+
+class ExpertUnavailable(StoreFileError):
+    """One expert that could neither be read intact nor re-derived from the
+    checkpoint. Under vLLM only the requests routed to it fail (expert_cache.py
+    NOTE #5); the engine keeps serving."""
+
+    def __init__(self, layer: int, expert: int, message: str):
+        super().__init__(message)
+        self.layer, self.expert = layer, expert
 
 
 class _Digest:
@@ -400,14 +409,15 @@ class DiskStore(ExpertStore):
         """NOTE #1: the checkpoint's copy into `dst`, and the record repaired."""
         where = f"{self.path}: expert ({layer}, {expert})"
         if self.rederive is None:
-            raise StoreFileError(f"{where}: {why}, and there is no checkpoint to "
-                                 "re-derive it from") from None
+            raise ExpertUnavailable(layer, expert, f"{where}: {why}, and there is no "
+                                    "checkpoint to re-derive it from") from None
         try:
             tensors = self.rederive(layer, expert)
         except Exception as e:
-            raise StoreFileError(f"{where}: {why}, and re-deriving it from the "
-                                 f"checkpoint failed ({e}); restore the checkpoint or "
-                                 "delete the store file to rebuild it") from None
+            raise ExpertUnavailable(
+                layer, expert, f"{where}: {why}, and re-deriving it from the checkpoint "
+                f"failed ({e}); restore the checkpoint, or delete the store file and "
+                "restart to rebuild it") from None
         self._check(tensors)
         for d, t in zip(dst, tensors):
             d.copy_(t)

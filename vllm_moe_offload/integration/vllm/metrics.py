@@ -16,7 +16,9 @@ sync): at most once a second, only after a step, never from a timer (a sync from
 another thread could land in a graph capture), so there the series can lag the
 last step until the next one.
 NOTE #2: vLLM's multi-API-server mode (`--api-server-count` > 1) serves `/metrics`
-from a multiprocess registry that this collector is not part of.
+from a fresh multiprocess registry per scrape (`get_prometheus_registry`); the
+collector joins that one too. Every API server reads the same snapshot files, so
+each one serves the same totals.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ COUNTERS = {
     "prefetch_wasted": ("prefetch_wasted", "Prefetched experts their layer did not use."),
     "planned_loads": ("planned_loads", "Experts loaded because the residency plan pinned them."),
     "rerouted": ("rerouted", "Approximate mode: misses sent to a resident expert."),
+    "failed_loads": ("failed_loads", "Experts the store could neither read nor re-derive."),
     "calls": ("layer_calls", "MoE layer calls."),
 }
 
@@ -64,11 +67,30 @@ def ensure_dir() -> Path:
 
 
 def install_collector() -> None:
-    """Add the collector to this process's default registry (idempotent)."""
+    """Add the collector to this process's default registry, and to the registry
+    vLLM builds for `/metrics` in multi-API-server mode (NOTE #2); idempotent."""
+    import sys
+
     from prometheus_client import REGISTRY
+    from vllm.v1.metrics import prometheus
 
     if not any(isinstance(c, OffloadCollector) for c in list(REGISTRY._collector_to_names)):
         REGISTRY.register(OffloadCollector())
+    if getattr(prometheus.get_prometheus_registry, "_moe_offload", False):
+        return
+    original = prometheus.get_prometheus_registry
+
+    def get_prometheus_registry():
+        registry = original()
+        if registry is not REGISTRY:
+            registry.register(OffloadCollector())
+        return registry
+
+    get_prometheus_registry._moe_offload = True
+    prometheus.get_prometheus_registry = get_prometheus_registry
+    served = sys.modules.get("vllm.entrypoints.serve.instrumentator.metrics")
+    if served is not None:  # imported before the plugin loaded: bound the original
+        served.get_prometheus_registry = get_prometheus_registry
 
 
 def after_step(model) -> None:
@@ -145,9 +167,13 @@ def families(snapshots: list[dict]) -> list:
     repairs = CounterMetricFamily(PREFIX + "store_repairs",
                                   "Disk store records re-derived from the checkpoint.")
     repairs.add_metric([], sum(s["pool"].get("store_repairs", 0) for s in snapshots))
+    failed = CounterMetricFamily(PREFIX + "failed_requests",
+                                 "Requests failed because an expert they routed to was "
+                                 "unavailable.")
+    failed.add_metric([], sum(s["pool"].get("failed_requests", 0) for s in snapshots))
     replans = CounterMetricFamily(PREFIX + "replans", "Task-aware residency re-plans.")
     replans.add_metric([], sum(s.get("replans", 0) for s in snapshots))
-    out += [repairs, replans]
+    out += [repairs, failed, replans]
     for name, key, doc in (("precision", "precision", "Share of predicted experts the layer "
                             "used, by prediction distance."),
                            ("recall", "recall", "Share of used experts that were predicted, "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
@@ -50,6 +51,8 @@ class ModelOffload:
         self._closed = False
         self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
         self._checkpoint: CheckpointExperts | None = None
+        self._build_bar: tqdm | None = None
+        self.failed_requests = 0  # failed because an expert they routed to was lost
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
@@ -94,6 +97,13 @@ class ModelOffload:
     def put_expert(self, layer: int, expert: int, packed: list[torch.Tensor]) -> None:
         self.store.put(layer, expert, packed)
         self.experts_arrived += 1
+        if isinstance(self.store, DiskStore) and not self.store.reused:
+            if self._build_bar is None:  # the disk store is written as the checkpoint loads
+                self._build_bar = tqdm(
+                    total=self.num_layers * self.experts_per_layer * self.store.layout.record_bytes,
+                    unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=f"expert offload: building disk store {self.store.path.name}")
+            self._build_bar.update(self.store.layout.record_bytes)
 
     def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]],
                        rederive: Callable[[int, int], list[torch.Tensor]] | None = None
@@ -112,6 +122,8 @@ class ModelOffload:
             for layer, expert in store.missing():  # load_format="dummy"
                 store.put(layer, expert, dummy_expert(layer, expert))
         store.seal()
+        if self._build_bar is not None:
+            self._build_bar.close()
         if isinstance(store, DiskStore):
             store.rederive = rederive
         layout = store.layout
@@ -126,6 +138,8 @@ class ModelOffload:
                                                  trace, predictor,
                                                  self.cfg.prefetch_budget_slots,
                                                  self.cfg.eviction)
+        if isinstance(self.cache, ExpertCache):  # tasks.py fails the requests (NOTE #5 there)
+            self.cache.fail_requests = True
         if self.device.type == "cuda":
             logger.info("expert offload: %s", "device mode (residency on the GPU, no host "
                         "sync per layer call)" if why_host is None else
@@ -206,6 +220,23 @@ class ModelOffload:
             logger.info(self.cache.sync_stats().summary_line())
         return slot_ids
 
+    def take_failed_requests(self, layout: list[tuple[str, int]]) -> dict[str, str]:
+        """The requests of this step that routed to a lost expert (expert_cache.py
+        NOTE #5) -> why; `layout`: (request id, scheduled tokens) in batch order,
+        the row order of the MoE layers' calls."""
+        rows = getattr(self.cache, "failed_rows", None)  # device mode: never (host store)
+        if not rows:
+            return {}
+        failed, start = {}, 0
+        for req_id, n in layout:
+            why = next((rows[r] for r in range(start, start + n) if r in rows), None)
+            if why is not None:
+                failed[req_id] = why
+            start += n
+        rows.clear()
+        self.failed_requests += len(failed)
+        return failed
+
     def step_report(self) -> dict:
         """What the scheduler's latency model learns from one step."""
         t = self.cache.sync_stats().totals()
@@ -231,7 +262,8 @@ class ModelOffload:
                 "experts_per_layer": self.experts_per_layer,
                 "store": store.kind, "store_bytes": store.nbytes,
                 "store_path": str(getattr(store, "path", "")),
-                "store_repairs": getattr(store, "repairs", 0)}
+                "store_repairs": getattr(store, "repairs", 0),
+                "failed_requests": self.failed_requests}
 
     def shutdown(self) -> None:
         """Log the summary, stop the loader, close files. Runs once (worker shutdown

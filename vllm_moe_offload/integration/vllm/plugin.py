@@ -43,13 +43,14 @@ def register() -> None:
     if problem:
         logger.warning("%s Expert offload stays off.", problem)
         return
-    from vllm_moe_offload.integration.vllm import layer, metrics, tasks, worker
+    from vllm_moe_offload.integration.vllm import layer, metrics, scheduler, tasks, worker
 
     metrics.ensure_dir()  # before vLLM starts its engine-core and worker processes
     metrics.install_collector()
     layer.install()
     worker.install()
     tasks.install_worker_hooks()
+    scheduler.install_failure_hook()
     tasks.install_request_validation()
 
 

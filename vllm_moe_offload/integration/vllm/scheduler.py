@@ -163,3 +163,49 @@ class TaskAwareScheduler(Scheduler):
     def shutdown(self) -> None:
         logger.info("%s (shutdown)", self.summary_line())
         super().shutdown()
+
+
+# ---- requests that routed to an unavailable expert (tasks.py NOTE #1) -------------
+
+def install_failure_hook() -> None:
+    """Every scheduler fails the requests a worker reports as routed to an expert
+    that the store could not deliver, instead of emitting their tokens."""
+    if getattr(Scheduler.update_from_output, "_moe_offload", False):
+        return
+    original = Scheduler.update_from_output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        failed = (getattr(model_runner_output, REPORT_ATTR, None) or {}).get("failed")
+        if not failed:
+            return original(self, scheduler_output, model_runner_output)
+        for req_id in failed:  # its tokens of this step came from a wrong expert output
+            i = model_runner_output.req_id_to_index.get(req_id)
+            if i is not None and i < len(model_runner_output.sampled_token_ids):
+                model_runner_output.sampled_token_ids[i] = []
+        outputs = original(self, scheduler_output, model_runner_output)
+        return fail_requests(self, failed, outputs)
+
+    update_from_output._moe_offload = True
+    Scheduler.update_from_output = update_from_output
+
+
+def fail_requests(scheduler, failed: dict[str, str], outputs: dict) -> dict:
+    """Finish `failed` (request id -> why) with FINISHED_ERROR; their KV blocks leave
+    the prefix cache first. Adds their final outputs to `outputs` (client -> outputs)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+    blocks = set()
+    for req_id in failed:
+        if req_id in scheduler.requests:
+            for group in scheduler.kv_cache_manager.get_block_ids(req_id):
+                blocks.update(group)
+    scheduler.kv_cache_manager.evict_blocks(blocks)
+    for request in scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR):
+        logger.error("expert offload: request %s failed: %s", request.request_id,
+                     failed[request.request_id])
+        outs = outputs.setdefault(request.client_index, EngineCoreOutputs())
+        outs.outputs.append(EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=[],
+            finish_reason=request.get_finished_reason(), events=request.take_events(),
+            trace_headers=request.trace_headers))
+    return outputs

@@ -11,7 +11,14 @@ hooks that tell the worker's `TaskResidency` which task each token belongs to.
   MoE layers see.
 - `sample_tokens` is wrapped to attach the step's misses, stall and per-task
   resident share to the model runner output, for the task-aware scheduler's
-  latency model (only when that scheduler runs).
+  latency model (only when that scheduler runs), and the requests that routed to
+  an expert the store could not deliver (NOTE #1).
+
+NOTE #1: such a request is failed by the engine core's scheduler
+(`fail_lost_requests`, any scheduler class): its tokens of this step are dropped
+before they are emitted, it finishes with finish_reason "error" (HTTP 500 on the
+OpenAI server, for that request alone), and its KV blocks leave the prefix cache,
+since that step wrote them from a wrong expert output.
 """
 
 from __future__ import annotations
@@ -112,22 +119,52 @@ def install_worker_hooks() -> None:
         result = original_update(self, scheduler_output)
         if tasks is not None:
             tasks.after_update(self, scheduler_output)
+        batch = self.input_batch  # the row order of this step's MoE layer calls
+        self._moe_offload_layout = [
+            (r, scheduler_output.num_scheduled_tokens.get(r, 0))
+            for r in batch.req_ids[: batch.num_reqs]]
         return result
 
     def sample_tokens(self, grammar_output):
         output = original_sample(self, grammar_output)
         model = model_state.current()
-        if model is not None and model.cache is not None:
-            metrics.after_step(model)  # /metrics reads its snapshot (metrics.py)
-        if (model is not None and model.tasks is not None and model.cfg.use_task_scheduler
-                and output is not None and output is not EMPTY_MODEL_RUNNER_OUTPUT
-                and hasattr(output, "__dict__")):  # only our scheduler reads the report
-            setattr(output, REPORT_ATTR, model.step_report())
+        if model is None or model.cache is None:
+            return output
+        metrics.after_step(model)  # /metrics reads its snapshot (metrics.py)
+        failed = model.take_failed_requests(getattr(self, "_moe_offload_layout", []))
+        if output is None or output is EMPTY_MODEL_RUNNER_OUTPUT or not hasattr(
+                output, "__dict__"):
+            return output
+        report = {}
+        if model.tasks is not None and model.cfg.use_task_scheduler:
+            report = model.step_report()  # only our scheduler reads it
+        if failed:  # NOTE #1
+            report["failed"] = failed
+        if report:
+            _attach(output, report)
         return output
 
     _update_states._moe_offload = True
     GPUModelRunner._update_states = _update_states
     GPUModelRunner.sample_tokens = sample_tokens
+
+
+def _attach(output, report: dict) -> None:
+    """Put `report` on the ModelRunnerOutput that reaches the scheduler; with async
+    scheduling that is the one the async wrapper hands out later."""
+    from vllm.v1.outputs import AsyncModelRunnerOutput
+
+    if not isinstance(output, AsyncModelRunnerOutput):
+        setattr(output, REPORT_ATTR, report)
+        return
+    get_output = output.get_output
+
+    def get_output_with_report():
+        result = get_output()
+        setattr(result, REPORT_ATTR, report)
+        return result
+
+    output.get_output = get_output_with_report
 
 
 def _tasks_for(runner) -> WorkerTasks | None:

@@ -1,0 +1,33 @@
+"""One expert read back from the safetensors checkpoint (the store's source of truth)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
+
+PREFIX = "model.layers.1.mlp.experts"
+
+
+def expert(e):
+    g = torch.Generator().manual_seed(e)
+    return {n: torch.randn(shape, generator=g) for n, shape in
+            (("gate_proj", (4, 6)), ("up_proj", (4, 6)), ("down_proj", (6, 4)))}
+
+
+def test_reads_one_expert_and_finds_moved_files_again(tmp_path):
+    save_file({f"{PREFIX}.{e}.{n}.weight": t for e in range(2) for n, t in expert(e).items()},
+              tmp_path / "model.safetensors")
+    ckpt = CheckpointExperts(tmp_path)
+    w13, w2 = ckpt.read(PREFIX, 1)
+    want = expert(1)
+    assert torch.equal(w13, torch.cat([want["gate_proj"], want["up_proj"]]))
+    assert torch.equal(w2, want["down_proj"])
+    hidden = tmp_path / "model.safetensors.hidden"
+    (tmp_path / "model.safetensors").rename(hidden)
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights in"):
+        ckpt.read(PREFIX, 0)
+    hidden.rename(tmp_path / "model.safetensors")  # back: read again, not a stale index
+    assert torch.equal(ckpt.read(PREFIX, 0)[1], expert(0)["down_proj"])
+    with pytest.raises(KeyError, match="experts.5.gate_proj.weight"):
+        ckpt.read(PREFIX, 5)
