@@ -41,9 +41,10 @@ from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, HostStore,  # noqa: E402
                                             TensorSpec)
 
-SHAPES = {  # L layers (of the real model's 32 / 48), E experts, K top-k, H, I
+SHAPES = {  # L layers (of the real model's 32 / 48 / 26), E experts, K top-k, H, I
     "mixtral": dict(L=8, E=8, K=2, H=4096, I=14336),
     "qwen3": dict(L=8, E=128, K=8, H=2048, I=768),
+    "deepseek-v2-lite": dict(L=8, E=64, K=6, H=2048, I=1408),
     "tiny": dict(L=4, E=8, K=2, H=64, I=128),
 }
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -16,6 +16,7 @@ from vllm_moe_offload.cli.engine_probe import run_in_subprocess as run_engine
 from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
+FAMILIES = ["olmoe", "glm4_moe", "deepseek_v2", "phimoe"]  # test_families.py
 LAYERS, EXPERTS = 4, 8
 
 PROMPTS = [
@@ -31,7 +32,7 @@ def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
     return {arch: str(build_tiny_moe(base / arch, arch, num_layers=LAYERS,
                                      num_experts=EXPERTS))
-            for arch in ARCHS + ["llama"]}
+            for arch in ARCHS + FAMILIES + ["llama"]}
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,30 @@ def test_offload_on_a_dense_model_is_refused(models):
     assert "LlamaForCausalLM" in out and "has no routed experts" in out
 
 
+def test_speculative_decoding_with_offload_is_refused(models):
+    spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS)
+    out = failure({**spec, "speculative_config": {"method": "ngram",
+                                                  "num_speculative_tokens": 2,
+                                                  "prompt_lookup_max": 2}})
+    assert "speculative decoding (ngram) is not supported with expert offload" in out
+    assert "Drop --speculative-config" in out
+
+
+def test_experts_the_layer_hook_never_sees_are_refused_after_loading(models, tmp_path):
+    """PhiMoE under transformers' class name: vLLM serves it through its Transformers
+    backend, whose experts class is not RoutedExperts, so nothing would be offloaded."""
+    import json
+    import shutil
+
+    model = shutil.copytree(models["phimoe"], tmp_path / "phimoe")
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["PhimoeForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    out = failure(offload_spec(str(model), pool_slots=EXPERTS, store="host"))
+    assert "loaded without one MoE layer built by vLLM's RoutedExperts" in out
+    assert "Transformers backend" in out and "Turn expert offload off" in out
+
+
 def test_unknown_store_is_refused(models):
     out = failure(offload_spec(models["qwen3_moe"], store="nvme"))
     assert "store='nvme'" in out and "host, disk" in out

@@ -7,13 +7,23 @@ clean and one at a time. Prints one line `RESULT <json>`: greedy token ids and
 texts, offload stats (with the worker's RSS), the KV-cache capacity in tokens,
 and the timed generation (when `timed` is set: one warm-up batch, then `repeats`
 timed batches; stats["timed"] holds the counters of the timed batches alone).
+
+`run_in_subprocess` does not start a new interpreter per engine: importing vLLM
+takes ~9 s of an in-process engine's ~15 s on this machine. One fork server
+(`--fork-server`) imports vLLM once, and every engine runs in a fork of it: a
+fresh process as before (its own environment, patches and exit), minus the import.
 """
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 
@@ -26,24 +36,102 @@ class EngineFailed(Exception):
 
 
 def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
-    """Start `python -m vllm_moe_offload.cli.engine_probe SPEC`; return its RESULT (+ log).
-
-    `env` overrides this process's environment; a value of None unsets the variable.
-    """
+    """Run `spec` in a process of its own (a fork of the fork server); return its
+    RESULT (+ log). `env` overrides this process's environment; a value of None
+    unsets the variable."""
     full_env = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run([sys.executable, "-m", "vllm_moe_offload.cli.engine_probe",
-                           json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
-    output = proc.stdout + proc.stderr
-    for line in proc.stdout.splitlines():
+    output = _ForkServer.get().run(spec, full_env, timeout)
+    for line in output.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT "):]), log=output)
     raise EngineFailed(output)
+
+
+class _ForkServer:
+    """Client side: one server process per client process, started on first use."""
+    _instance = None
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_moe_offload.cli.engine_probe", "--fork-server"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(self.proc.kill)
+
+    @classmethod
+    def get(cls) -> "_ForkServer":
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def run(self, spec: dict, env: dict, timeout: int) -> str:
+        self.proc.stdin.write(json.dumps({"spec": spec, "env": env, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EngineFailed(f"the engine fork server exited ({self.proc.wait()})")
+        return json.loads(line)["output"]
+
+
+def fork_server() -> None:
+    """Import vLLM once; run each request line's spec in a fork; reply with its output."""
+    reply = os.fdopen(os.dup(1), "w")  # requests' replies; fd 1 takes the logs instead
+    os.dup2(2, 1)
+    import vllm  # noqa: F401  (the slow part, once)
+    from vllm import LLM  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        fd, out_path = tempfile.mkstemp(prefix="engine_probe_", suffix=".log")
+        pid = os.fork()
+        if pid == 0:
+            _run_child(request, fd)
+        os.close(fd)
+        status = _wait(pid, request["timeout"])
+        output = Path(out_path).read_text(errors="replace")
+        os.unlink(out_path)
+        if status is None:
+            output += f"\nengine_probe: timed out after {request['timeout']} s (killed)"
+        reply.write(json.dumps({"output": output}) + "\n")
+        reply.flush()
+
+
+def _run_child(request: dict, fd: int) -> None:
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    code = 0
+    try:
+        result = main(request["spec"])
+        print("RESULT " + json.dumps(result), flush=True)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # as at a normal exit: shutdown summaries, clean-ups
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait(pid: int, timeout: float) -> int | None:
+    """The child's exit status, or None after killing it at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        select.select([], [], [], 0.05)
 
 
 def damage_store(path: str, how: str, record: int | None = None,
@@ -117,6 +205,8 @@ def main(spec: dict) -> dict:
                   gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.5),
                   enforce_eager=spec.get("enforce_eager", True), seed=0,
                   load_format=spec.get("load_format", "auto"))
+    if spec.get("speculative_config"):
+        kwargs["speculative_config"] = spec["speculative_config"]
     if spec.get("max_num_seqs"):  # requests decoded together: the batch size
         kwargs["max_num_seqs"] = spec["max_num_seqs"]
     if spec.get("offload") is not None:
@@ -180,5 +270,8 @@ def main(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    result = main(json.loads(sys.argv[1]))
-    print("RESULT " + json.dumps(result), flush=True)
+    if sys.argv[1:] == ["--fork-server"]:
+        fork_server()
+    else:
+        result = main(json.loads(sys.argv[1]))
+        print("RESULT " + json.dumps(result), flush=True)

@@ -57,7 +57,9 @@ class HardwareProfile:
 
 
 # Numbers from ../shared/ANCHORS.md (bf16 experts; compute from its H100 figures,
-# DeepSeek-V2-Lite and OLMoE scaled by active parameters).
+# DeepSeek-V2-Lite and OLMoE scaled by active parameters). DeepSeek-V3 from its
+# config (58 MoE layers of 256 experts, top-8, expert 3 x 7168 x 2048 in bf16),
+# compute scaled from Qwen3-30B-A3B by active parameters per layer (37B / 61 layers).
 _MODELS = {
     "mixtral-8x7b": dict(layers=32, experts=8, top_k=2, bytes_per_expert=352_000_000,
                          compute_s_per_layer=240e-6),
@@ -65,6 +67,8 @@ _MODELS = {
                           compute_s_per_layer=42e-6),
     "deepseek-v2-lite": dict(layers=26, experts=64, top_k=6, bytes_per_expert=17_300_000,
                              compute_s_per_layer=45e-6),
+    "deepseek-v3": dict(layers=58, experts=256, top_k=8, bytes_per_expert=88_080_384,
+                        compute_s_per_layer=370e-6),
     "olmoe-1b-7b": dict(layers=16, experts=64, top_k=8, bytes_per_expert=12_600_000,
                         compute_s_per_layer=30e-6),
 }

@@ -34,14 +34,28 @@ def load_model(model_dir: str):
 
 
 def _routers(model) -> list[torch.nn.Module]:
+    """The router of every MoE layer, in order; dense layers (DeepSeek's and GLM's
+    first ones) have none and are skipped."""
     routers = []
     for layer in model.model.layers:
         block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        gate = getattr(block, "gate", None)
-        if gate is None or not hasattr(gate, "weight"):
-            raise ValueError(f"{type(layer).__name__} has no MoE router (mlp.gate)")
-        routers.append(gate)
+        gate = getattr(block, "gate", None) or getattr(block, "router", None)
+        if gate is not None and hasattr(gate, "weight"):
+            routers.append(gate)
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no MoE router (mlp.gate, mlp.router "
+                         "or block_sparse_moe.gate); the predictors do not support it yet")
     return routers
+
+
+def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
+    """The experts `gate` picks: top-k of the logits, or, with a correction bias
+    (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias."""
+    logits = hidden @ gate.weight.float().T
+    bias = getattr(gate, "e_score_correction_bias", None)
+    if bias is not None:
+        logits = logits.sigmoid() + bias.float()
+    return logits.topk(k, dim=-1).indices
 
 
 def top_k_of(config) -> int:
@@ -69,8 +83,7 @@ def capture(model, tokenizer, text: str, max_tokens: int, seq_len: int = 256) ->
         for h in hooks:
             h.remove()
     hidden = [torch.cat(x) for x in xs]
-    expert_ids = [(h @ g.weight.float().T).topk(k, dim=-1).indices
-                  for h, g in zip(hidden, routers)]
+    expert_ids = [_choice(h, g, k) for h, g in zip(hidden, routers)]
     return Routing(hidden, expert_ids, k)
 
 

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import torch
 
-# One line per architecture: the transformers config class and its model class.
-ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "llama")
+# transformers model types; "llama" is dense (the refusal tests)
+ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
+                 "phimoe", "llama")
+VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
+# MoE families whose first layer is dense (first_k_dense_replace = 1)
+FIRST_DENSE = ("glm4_moe", "deepseek_v2")
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -47,7 +51,8 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 
 def _config(arch: str, **sizes):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (DeepseekV2Config, Glm4MoeConfig, LlamaConfig, MixtralConfig,
+                              OlmoeConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
     common = dict(
         vocab_size=sizes["vocab_size"],
@@ -80,6 +85,29 @@ def _config(arch: str, **sizes):
             moe_intermediate_size=ffn, shared_expert_intermediate_size=ffn,
             intermediate_size=ffn, norm_topk_prob=False, decoder_sparse_step=1,
             mlp_only_layers=[],
+        )
+    if arch == "olmoe":
+        return OlmoeConfig(**common, num_experts=experts, num_experts_per_tok=top_k,
+                           intermediate_size=ffn, norm_topk_prob=False)
+    if arch == "glm4_moe":  # sigmoid routing with a correction bias, a shared expert
+        return Glm4MoeConfig(
+            **common, head_dim=64, n_routed_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, intermediate_size=ffn, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, num_mtp_layers=0,
+        )
+    if arch == "deepseek_v2":  # MLA sized for vLLM's CPU kernel (kv_lora 512 + rope 64)
+        common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: no GQA
+        return DeepseekV2Config(
+            **common, n_routed_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, intermediate_size=ffn, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
+            kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64,
+            v_head_dim=64,
+        )
+    if arch == "phimoe":  # vLLM registers the name PhiMoE; its attention has biases
+        return PhimoeConfig(
+            **common, num_local_experts=experts, num_experts_per_tok=2,
+            intermediate_size=ffn, attention_bias=True, lm_head_bias=True,
         )
     if arch == "llama":
         return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)
@@ -122,10 +150,18 @@ def build_tiny_moe(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():  # experts of transformers 5 may skip the initializer
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, init_std)
+        for name, b in model.named_buffers():  # a routing bias that changes the choice
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
     model.save_pretrained(out)
+    if arch in VLLM_ARCHITECTURE:  # save_pretrained writes the transformers class name
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["architectures"] = [VLLM_ARCHITECTURE[arch]]
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     _train_tokenizer(out, vocab_size)
     marker.write_text(json.dumps(spec))
     return out

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-_GATE_NAME = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+# the decoder's routers; not an MTP draft's (`mtp.layers.N`, or layers past the last)
+_GATE_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
 
 
 def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
@@ -32,12 +33,14 @@ def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
     from safetensors import safe_open
 
     gates: dict[int, torch.Tensor] = {}
+    config = Path(model_dir) / "config.json"
+    num_layers = json.loads(config.read_text()).get("num_hidden_layers") if config.exists() else None
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
                 m = _GATE_NAME.search(name)
-                if m:
+                if m and (num_layers is None or int(m.group(1)) < num_layers):
                     gates[int(m.group(1))] = st.get_tensor(name).float()
     if not gates:
         raise ValueError(f"no router weights (*.gate.weight) found in {model_dir}; "

@@ -58,7 +58,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         cfg = OffloadConfig.resolve(vllm_config.additional_config)
         self._offload_cfg = cfg if cfg.enabled else None
         if self._offload_cfg is not None:
-            _check_supported(layer_name, moe_config, quant_config)
+            _check_supported(layer_name, moe_config, expert_map_manager)
         super().__init__(layer_name, params_dtype, moe_config, quant_config,
                          expert_map_manager, *args, **kwargs)
         if self._offload_cfg is None:
@@ -186,6 +186,12 @@ class OffloadedRoutedExperts(RoutedExperts):
             # packing one empty expert sets up the layer's kernel and gives the layout.
             probe = self._pack(*self._empty_expert())
             self._model.ensure_store(_layout_of(probe))
+        if self.quant_method.is_monolithic:  # forward_modular would never be called
+            raise NotImplementedError(
+                f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
+                f"MoE kernel {type(self.quant_method.moe_kernel).__name__}, which routes "
+                "inside the kernel; offload needs a modular one. Pick another "
+                "--moe-backend, or turn expert offload off.")
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
         for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
             param = torch.nn.Parameter(buf, requires_grad=False)
@@ -213,19 +219,39 @@ def _layout_of(tensors: list[torch.Tensor]) -> ExpertLayout:
     return ExpertLayout(tuple(TensorSpec(tuple(t.shape), t.dtype) for t in tensors))
 
 
-def _check_supported(layer_name, moe_config, quant_config) -> None:
+def capability_problem(moe_config, expert_map_manager=None) -> str | None:
+    """What keeps this MoE layer from being offloaded, with the fix; None if nothing.
+
+    The slot pool holds one record per routed expert: gate and up stacked as w13
+    (a gated MLP), w2, no biases, the same count in every layer, on one device.
+    Routing (softmax or sigmoid, grouped top-k, correction bias, custom functions)
+    runs before this layer and shared experts beside it, so neither matters here.
+    """
     par = moe_config.moe_parallel_config
     if par.tp_size > 1 or par.use_ep or par.dp_size > 1:
-        raise NotImplementedError(
-            f"expert offload: {layer_name} runs with tp={par.tp_size}, ep="
-            f"{par.use_ep}, dp={par.dp_size}; only a single device per model is "
-            "supported yet. Use tensor_parallel_size=1 or turn expert offload off.")
+        return (f"runs with tp={par.tp_size}, ep={par.use_ep}, dp={par.dp_size}; only a "
+                "single device per model is supported yet. Use tensor_parallel_size=1 "
+                "without expert or data parallelism, or turn expert offload off.")
     if moe_config.num_experts != moe_config.num_logical_experts:
-        raise NotImplementedError("expert offload: redundant (EPLB) experts are not supported")
-    if not moe_config.is_act_and_mul or moe_config.has_bias:
-        raise NotImplementedError(
-            f"expert offload: {layer_name} has a non-gated or biased expert MLP; "
-            "only gated bias-free experts (Mixtral, Qwen-MoE style) are supported yet.")
+        return (f"has {moe_config.num_experts - moe_config.num_logical_experts} redundant "
+                "(EPLB) experts; drop --enable-eplb or turn expert offload off.")
+    if getattr(expert_map_manager, "num_fused_shared_experts", 0):
+        return ("fuses its shared experts into the routed ones (ROCm AITER); turn that "
+                "fusion off or turn expert offload off.")
+    if not moe_config.is_act_and_mul:
+        return (f"has non-gated experts (activation {moe_config.activation}); only gated "
+                "experts (gate and up projections) are supported yet. Turn expert "
+                "offload off.")
+    if moe_config.has_bias:
+        return ("has biased experts (gpt-oss style); only bias-free experts are "
+                "supported yet. Turn expert offload off.")
+    return None
+
+
+def _check_supported(layer_name, moe_config, expert_map_manager) -> None:
+    problem = capability_problem(moe_config, expert_map_manager)
+    if problem is not None:
+        raise NotImplementedError(f"expert offload: MoE layer {layer_name} {problem}")
 
 
 def install() -> None:

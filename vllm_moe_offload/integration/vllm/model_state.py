@@ -59,8 +59,9 @@ class ModelOffload:
             raise RuntimeError("expert offload: a MoE layer was built after loading ended")
         if self.experts_per_layer not in (None, num_experts):
             raise NotImplementedError(
-                f"expert offload: MoE layers with different expert counts "
-                f"({self.experts_per_layer} and {num_experts}) are not supported yet")
+                f"expert offload: MoE layer {name} has {num_experts} experts and "
+                f"{self.layer_names[0]} {self.experts_per_layer}; layers with different "
+                "expert counts are not supported yet. Turn expert offload off.")
         self.experts_per_layer = num_experts
         self.top_k = top_k
         self.layer_names.append(name)

@@ -17,7 +17,12 @@ from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
 logger = logging.getLogger("vllm.moe_offload")
 
 SUPPORTED_VLLM = "0.32"  # major.minor this release is built and tested against
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM")
+# Models whose experts vLLM builds with a class of their own, which the layer hook
+# (layer.py) does not replace; every other MoE model is checked layer by layer there.
+OWN_EXPERTS_CLASS = {
+    "GptOssForCausalLM": "gpt-oss builds biased swigluoai experts with its own "
+                         "GptOssRoutedExperts class",
+}
 _registered = False
 
 
@@ -100,27 +105,28 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
 
 
 def check_model(model_config, cfg: OffloadConfig) -> None:
-    """Refuse unsupported models and a pool below one layer's experts, early."""
+    """Refuse dense models, models whose experts the layer hook cannot reach, and a
+    pool below one layer's experts, early. Each MoE layer's own form (gated, bias,
+    parallelism) is checked as vLLM builds it (layer.py `capability_problem`)."""
     archs = list(getattr(model_config.hf_config, "architectures", None) or [])
     text = model_config.hf_text_config
     experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts",
                                                "n_routed_experts", "moe_num_experts")
                     if getattr(text, k, None)), 0)
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
-            cfg.num_slots(text.num_hidden_layers, experts, slot_bytes=1)
-        if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
-            from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
-                                                             model_fingerprint)
-            check_sidecar(cfg.predictor_path, model_fingerprint(load_gates(model_config.model)))
-        check_task_files(cfg)
-        return
-    is_moe = experts > 0
-    why = "is not supported yet" if is_moe else "has no routed experts (a dense model)"
-    raise ValueError(
-        f"expert offload: model {model_config.model} ({', '.join(archs) or 'unknown'}) "
-        f"{why}. Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}. "
-        "Turn offload off (drop --enable-expert-offload / expert_offload.enabled).")
+    name = f"expert offload: model {model_config.model} ({', '.join(archs) or 'unknown'})"
+    fix = "Turn offload off (drop --enable-expert-offload / expert_offload.enabled)."
+    if not experts:
+        raise ValueError(f"{name} has no routed experts (a dense model). {fix}")
+    for arch in archs:
+        if arch in OWN_EXPERTS_CLASS:
+            raise ValueError(f"{name} is not supported yet: {OWN_EXPERTS_CLASS[arch]}. {fix}")
+    if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
+        cfg.num_slots(text.num_hidden_layers, experts, slot_bytes=1)
+    if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
+        from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
+                                                         model_fingerprint)
+        check_sidecar(cfg.predictor_path, model_fingerprint(load_gates(model_config.model)))
+    check_task_files(cfg)
 
 
 def check_task_files(cfg: OffloadConfig) -> None:
@@ -172,6 +178,12 @@ def _install_engine_args_hooks() -> None:
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)
+            if vllm_config.speculative_config is not None:  # MTP or a draft model
+                raise ValueError(
+                    "expert offload: speculative decoding "
+                    f"({vllm_config.speculative_config.method}) is not supported with "
+                    "expert offload yet: an MTP or draft model's MoE layers would share "
+                    "the pool. Drop --speculative-config, or turn expert offload off.")
             _split_at_remap(vllm_config, cfg)
         return vllm_config
 

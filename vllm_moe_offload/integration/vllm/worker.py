@@ -8,6 +8,7 @@ import logging
 
 import psutil
 
+from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.integration.vllm import model_state
 
 RPC_METHOD = "moe_offload_stats"
@@ -36,6 +37,12 @@ def install() -> None:
     def initialize_from_config(self, kv_cache_config):
         result = original(self, kv_cache_config)
         model = model_state.current()
+        if model is None and OffloadConfig.resolve(self.vllm_config.additional_config).enabled:
+            raise NotImplementedError(
+                "expert offload: the model loaded without one MoE layer built by vLLM's "
+                "RoutedExperts, so no expert can be offloaded (its experts use a class "
+                "of their own, or vLLM serves it through its Transformers backend). "
+                "Turn expert offload off.")
         if model is not None and model.cache is not None:
             kv_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
             logger.info(

@@ -1,0 +1,29 @@
+"""MoE families beyond Qwen3-MoE, Mixtral and Qwen2-MoE, served with offload through
+vLLM on CPU: token-identical to plain vLLM at the one-layer pool and at 50%.
+
+They differ where the capability check (layer.py `capability_problem`) says it
+does not matter: routing (sigmoid with a correction bias for GLM-4-MoE, PhiMoE's
+sparsemixer), shared experts beside the routed ones (GLM-4-MoE, DeepSeek-V2), a
+dense first layer (both), MLA attention (DeepSeek-V2), and checkpoint names."""
+
+import pytest
+
+from tests.e2e.conftest import EXPERTS, FAMILIES, LAYERS, offload_spec, plain_spec
+from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE
+
+
+@pytest.mark.parametrize("pool", ["one_layer", "half"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_outputs_match_plain_vllm(models, engine, store_dir, family, pool):
+    moe_layers = LAYERS - (family in FIRST_DENSE)
+    slots = EXPERTS if pool == "one_layer" else moe_layers * EXPERTS // 2
+    plain = engine(plain_spec(models[family]))
+    off = engine(offload_spec(models[family], pool_slots=slots, store="disk",
+                              store_dir=store_dir))
+    assert off["token_ids"] == plain["token_ids"]
+    totals, info = off["stats"]["totals"], off["stats"]["pool"]
+    assert (info["num_slots"], info["num_layers"]) == (slots, moe_layers)
+    assert set(off["stats"]["layers"]) == {str(l) for l in range(moe_layers)}
+    assert totals["evictions"] > 0 and totals["misses"] > slots  # a pool too small
+    assert totals["bytes_loaded"] == totals["misses"] * info["slot_bytes"]
+    assert info["pool_bytes"] == slots * info["slot_bytes"]

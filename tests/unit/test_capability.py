@@ -1,0 +1,70 @@
+"""Which MoE layers and models offload can serve (integration/vllm/layer.py
+`capability_problem`, plugin.py `check_model`), decided on what vLLM builds, not
+on a list of architecture names; unit-tested here for the forms that no tiny
+checkpoint runs on vLLM's CPU build."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.integration.vllm.layer import capability_problem
+from vllm_moe_offload.integration.vllm.plugin import check_model
+
+
+def moe_config(**overrides):
+    base = dict(moe_parallel_config=SimpleNamespace(tp_size=1, use_ep=False, dp_size=1),
+                num_experts=8, num_logical_experts=8, is_act_and_mul=True, has_bias=False,
+                activation="silu")
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def test_a_gated_bias_free_single_device_layer_is_served():
+    # grouped or biased routing and shared experts are not the layer's business
+    assert capability_problem(moe_config()) is None
+    assert capability_problem(moe_config(), SimpleNamespace(num_fused_shared_experts=0)) is None
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (dict(moe_parallel_config=SimpleNamespace(tp_size=2, use_ep=False, dp_size=1)),
+     ["tp=2", "tensor_parallel_size=1"]),
+    (dict(moe_parallel_config=SimpleNamespace(tp_size=1, use_ep=True, dp_size=1)),
+     ["ep=True", "single device"]),
+    (dict(num_experts=10), ["2 redundant (EPLB) experts", "--enable-eplb"]),
+    (dict(is_act_and_mul=False, activation="relu2_no_mul"),
+     ["non-gated experts (activation relu2_no_mul)"]),
+    (dict(has_bias=True), ["biased experts (gpt-oss style)"]),
+])
+def test_what_cannot_be_offloaded_is_named_with_the_fix(overrides, names):
+    problem = capability_problem(moe_config(**overrides))
+    for name in names:
+        assert name in problem
+    assert "expert offload off" in problem or "--enable-eplb" in problem
+
+
+def test_fused_shared_experts_are_refused():
+    problem = capability_problem(moe_config(), SimpleNamespace(num_fused_shared_experts=1))
+    assert "fuses its shared experts" in problem
+
+
+def model(archs, **text):
+    return SimpleNamespace(model="/m", hf_config=SimpleNamespace(architectures=archs),
+                           hf_text_config=SimpleNamespace(num_hidden_layers=4, **text))
+
+
+@pytest.mark.parametrize("archs, text", [
+    (["OlmoeForCausalLM"], dict(num_experts=64)),
+    (["DeepseekV3ForCausalLM"], dict(n_routed_experts=256)),
+    (["Ernie4_5_MoeForCausalLM"], dict(moe_num_experts=64)),
+    (["SomeNewMoeForCausalLM"], dict(num_local_experts=16)),  # no list of names
+])
+def test_any_moe_model_passes_the_model_check(archs, text):
+    check_model(model(archs, **text), OffloadConfig(enabled=True))
+
+
+def test_dense_and_own_expert_class_models_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"\(LlamaForCausalLM\) has no routed experts"):
+        check_model(model(["LlamaForCausalLM"]), OffloadConfig(enabled=True))
+    with pytest.raises(ValueError, match="GptOssRoutedExperts class. Turn offload off"):
+        check_model(model(["GptOssForCausalLM"], num_local_experts=32),
+                    OffloadConfig(enabled=True))

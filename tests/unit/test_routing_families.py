@@ -1,0 +1,28 @@
+"""Routing captured from HF runs (predictor training and evaluation) is the model's
+own choice in every supported family: dense layers skipped, sigmoid scores with a
+correction bias applied (GLM-4-MoE), MTP routers not mistaken for decoder layers."""
+
+import pytest
+import torch
+
+from vllm_moe_offload.hf.routing import capture, load_model
+from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE, build_tiny_moe
+from vllm_moe_offload.runtime.predictors import load_gates
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v2", "olmoe", "phimoe"])
+def test_captured_experts_are_the_ones_the_model_ran(tmp_path, family):
+    path = build_tiny_moe(tmp_path / family, family, num_layers=3)
+    model, tokenizer = load_model(str(path))
+    ran = []  # the experts modules' own top-k ids, in call order
+    hooks = [layer.mlp.experts.register_forward_hook(
+        lambda m, args, out: ran.append(args[1].reshape(-1, args[1].shape[-1])))
+        for layer in model.model.layers if hasattr(getattr(layer, "mlp", None), "experts")]
+    routing = capture(model, tokenizer, "def add(a, b):\n    return a + b\n" * 4, 64)
+    for h in hooks:
+        h.remove()
+    moe_layers = 3 - (family in FIRST_DENSE)
+    assert routing.num_layers == len(ran) == moe_layers
+    for got, want in zip(routing.expert_ids, ran):
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert len(load_gates(path)) == moe_layers
