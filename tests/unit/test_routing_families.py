@@ -1,6 +1,7 @@
 """Routing captured from HF runs (predictor training and evaluation) is the model's
-own choice in every supported family: dense layers skipped, sigmoid scores with a
-correction bias applied (GLM-4-MoE), MTP routers not mistaken for decoder layers."""
+own choice in every family tested end to end: dense layers skipped, sigmoid scores
+with a correction bias (GLM-4-MoE) and grouped top-k (DeepSeek-V3) applied, and the
+checkpoint's router names found (load_gates)."""
 
 import pytest
 import torch
@@ -10,14 +11,17 @@ from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE, build_tiny_moe
 from vllm_moe_offload.runtime.predictors import load_gates
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v2", "olmoe", "phimoe"])
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v2", "deepseek_v3", "olmoe",
+                                    "phimoe", "granitemoe", "qwen3_next"])
 def test_captured_experts_are_the_ones_the_model_ran(tmp_path, family):
     path = build_tiny_moe(tmp_path / family, family, num_layers=3)
     model, tokenizer = load_model(str(path))
     ran = []  # the experts modules' own top-k ids, in call order
-    hooks = [layer.mlp.experts.register_forward_hook(
+    blocks = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+              for layer in model.model.layers]
+    hooks = [block.experts.register_forward_hook(
         lambda m, args, out: ran.append(args[1].reshape(-1, args[1].shape[-1])))
-        for layer in model.model.layers if hasattr(getattr(layer, "mlp", None), "experts")]
+        for block in blocks if hasattr(block, "experts")]
     routing = capture(model, tokenizer, "def add(a, b):\n    return a + b\n" * 4, 64)
     for h in hooks:
         h.remove()
@@ -26,3 +30,12 @@ def test_captured_experts_are_the_ones_the_model_ran(tmp_path, family):
     for got, want in zip(routing.expert_ids, ran):
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
     assert len(load_gates(path)) == moe_layers
+
+
+def test_a_checkpoint_without_routers_says_what_to_do(tmp_path):
+    path = build_tiny_moe(tmp_path / "dense", "llama", num_layers=2)
+    with pytest.raises(ValueError, match="use --expert-predictor none"):
+        load_gates(path)
+    model, tokenizer = load_model(str(path))
+    with pytest.raises(ValueError, match="the predictors do not support it yet"):
+        capture(model, tokenizer, "def f(): pass", 16)

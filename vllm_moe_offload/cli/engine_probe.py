@@ -17,7 +17,6 @@ fresh process as before (its own environment, patches and exit), minus the impor
 import atexit
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -131,7 +130,7 @@ def _wait(pid: int, timeout: float) -> int | None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return None
-        select.select([], [], [], 0.05)
+        time.sleep(0.05)
 
 
 def damage_store(path: str, how: str, record: int | None = None,

@@ -50,12 +50,21 @@ def _routers(model) -> list[torch.nn.Module]:
 
 def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
     """The experts `gate` picks: top-k of the logits, or, with a correction bias
-    (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias."""
-    logits = hidden @ gate.weight.float().T
+    (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias within the
+    best `topk_group` of `n_group` expert groups (a group scores its top two)."""
+    scores = hidden @ gate.weight.float().T
     bias = getattr(gate, "e_score_correction_bias", None)
-    if bias is not None:
-        logits = logits.sigmoid() + bias.float()
-    return logits.topk(k, dim=-1).indices
+    if bias is None:
+        return scores.topk(k, dim=-1).indices
+    scores = scores.sigmoid() + bias.float()
+    groups = getattr(gate, "num_group", None) or getattr(gate, "n_group", None) or 1
+    if groups > 1:
+        n, e = scores.shape
+        by_group = scores.view(n, groups, e // groups)
+        best = by_group.topk(2, dim=-1).values.sum(-1).topk(gate.topk_group, dim=-1).indices
+        keep = torch.zeros(n, groups, dtype=torch.bool).scatter_(1, best, True)
+        scores = by_group.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, e)
+    return scores.topk(k, dim=-1).indices
 
 
 def top_k_of(config) -> int:
@@ -65,8 +74,8 @@ def top_k_of(config) -> int:
 @torch.no_grad()
 def capture(model, tokenizer, text: str, max_tokens: int, seq_len: int = 256) -> Routing:
     """Run `text` (first `max_tokens` tokens, in `seq_len` windows) and record routing."""
-    k = top_k_of(model.config)
     routers = _routers(model)
+    k = top_k_of(model.config)
     xs: list[list[torch.Tensor]] = [[] for _ in routers]
     hooks = []
     for i, gate in enumerate(routers):

@@ -14,10 +14,10 @@ import torch
 
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
-                 "phimoe", "llama")
+                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
-FIRST_DENSE = ("glm4_moe", "deepseek_v2")
+FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3")
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -51,8 +51,9 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 
 def _config(arch: str, **sizes):
-    from transformers import (DeepseekV2Config, Glm4MoeConfig, LlamaConfig, MixtralConfig,
-                              OlmoeConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig,
+                              GraniteMoeConfig, LlamaConfig, MixtralConfig, OlmoeConfig,
+                              PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig, Qwen3NextConfig)
 
     common = dict(
         vocab_size=sizes["vocab_size"],
@@ -104,10 +105,32 @@ def _config(arch: str, **sizes):
             kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64,
             v_head_dim=64,
         )
+    if arch == "deepseek_v3":  # sigmoid + bias within the best of 2 expert groups
+        common["num_key_value_heads"] = common["num_attention_heads"]
+        return DeepseekV3Config(
+            **common, n_routed_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, intermediate_size=ffn, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=512,
+            q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+            num_mtp_layers=0, topk_method="noaux_tc", scoring_func="sigmoid",
+        )
     if arch == "phimoe":  # vLLM registers the name PhiMoE; its attention has biases
         return PhimoeConfig(
             **common, num_local_experts=experts, num_experts_per_tok=2,
             intermediate_size=ffn, attention_bias=True, lm_head_bias=True,
+        )
+    if arch == "granitemoe":  # experts stored fused: input_linear [E, 2I, H]
+        return GraniteMoeConfig(**common, num_local_experts=experts,
+                                num_experts_per_tok=top_k, intermediate_size=ffn)
+    if arch == "qwen3_next":  # linear-attention (GatedDeltaNet) and full-attention layers
+        return Qwen3NextConfig(
+            **common, head_dim=64, num_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, shared_expert_intermediate_size=ffn,
+            intermediate_size=ffn, decoder_sparse_step=1, mlp_only_layers=[],
+            norm_topk_prob=True, linear_key_head_dim=64, linear_value_head_dim=64,
+            linear_num_key_heads=2, linear_num_value_heads=2,
+            layer_types=["full_attention" if i % 2 else "linear_attention"
+                         for i in range(sizes["num_layers"])],
         )
     if arch == "llama":
         return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)

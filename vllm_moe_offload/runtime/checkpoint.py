@@ -3,8 +3,11 @@
 The disk store is a cache of the checkpoint; when one of its records is damaged,
 the expert is read again from here (store.py NOTE #1). Names follow the
 checkpoints of the supported families: `{prefix}.{e}.gate_proj|up_proj|down_proj
-.weight` (Qwen-MoE) and `{prefix}.{e}.w1|w3|w2.weight` (Mixtral), `prefix` being
-the layer's module path (`model.layers.3.mlp.experts`).
+.weight` (Qwen-MoE and most others), `{prefix}.{e}.w1|w3|w2.weight` (Mixtral, PhiMoE),
+or one fused tensor per layer, `[E, 2I, H]` (gate first) and `[E, H, I]`:
+`{prefix}.gate_up_proj|down_proj` (Qwen3.5) or `input_linear|output_linear.weight`
+beside the experts module (Granite-MoE); `prefix` being the layer's module path
+(`model.layers.3.mlp.experts`).
 """
 
 from __future__ import annotations
@@ -56,10 +59,20 @@ class CheckpointExperts:
             if all(k in index for k in keys):
                 gate, up, down = (self._tensor(index[k], k) for k in keys)
                 return torch.cat([gate, up]), down
-        raise KeyError(f"{prefix}.{expert}.gate_proj.weight (or .w1.weight) is not in the "
-                       f"checkpoint at {self.model_dir}")
+        parent = prefix.rsplit(".experts", 1)[0]
+        for up, down in ((f"{prefix}.gate_up_proj", f"{prefix}.down_proj"),
+                         (f"{parent}.input_linear.weight", f"{parent}.output_linear.weight")):
+            if up in index and down in index:  # fused [E, 2I, H] and [E, H, I]
+                return self._tensor(index[up], up, expert), self._tensor(index[down], down,
+                                                                          expert)
+        raise KeyError(f"{prefix}.{expert}.gate_proj.weight (or .w1.weight, or fused "
+                       f"{prefix}.gate_up_proj / {parent}.input_linear.weight) is not in "
+                       f"the checkpoint at {self.model_dir}")
 
     @staticmethod
-    def _tensor(path: Path, name: str) -> torch.Tensor:
+    def _tensor(path: Path, name: str, expert: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its row `expert` (a fused [E, ...] tensor)."""
         with safe_open(path, "pt") as st:
-            return st.get_tensor(name)
+            if expert is None:
+                return st.get_tensor(name)
+            return st.get_slice(name)[expert:expert + 1][0]

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 # the decoder's routers; not an MTP draft's (`mtp.layers.N`, or layers past the last)
-_GATE_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+_GATE_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(?:gate|router\.layer)\.weight$")
 
 
 def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
@@ -43,9 +44,12 @@ def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
                 if m and (num_layers is None or int(m.group(1)) < num_layers):
                     gates[int(m.group(1))] = st.get_tensor(name).float()
     if not gates:
-        raise ValueError(f"no router weights (*.gate.weight) found in {model_dir}; "
-                         "next-gate and lookahead predictors need a real checkpoint "
-                         "(not load_format='dummy')")
+        raise ValueError(f"no router weights (model.layers.N.mlp.gate.weight, "
+                         f"...block_sparse_moe.gate.weight or .router.layer.weight) found "
+                         f"in {model_dir}: "
+                         "next-gate and lookahead predictors need a real checkpoint (not "
+                         "load_format='dummy') of a family whose routers they read (the "
+                         "README's support table); use --expert-predictor none")
     return [gates[i] for i in sorted(gates)]
 
 

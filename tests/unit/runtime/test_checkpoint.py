@@ -31,3 +31,14 @@ def test_reads_one_expert_and_finds_moved_files_again(tmp_path):
     assert torch.equal(ckpt.read(PREFIX, 0)[1], expert(0)["down_proj"])
     with pytest.raises(KeyError, match="experts.5.gate_proj.weight"):
         ckpt.read(PREFIX, 5)
+
+
+def test_reads_one_expert_of_a_fused_checkpoint(tmp_path):
+    """Granite-MoE: input_linear [E, 2I, H] (gate first) and output_linear [E, H, I]."""
+    g = torch.Generator().manual_seed(3)
+    gate_up, down = torch.randn(3, 8, 6, generator=g), torch.randn(3, 6, 4, generator=g)
+    parent = "model.layers.0.block_sparse_moe"
+    save_file({f"{parent}.input_linear.weight": gate_up,
+               f"{parent}.output_linear.weight": down}, tmp_path / "model.safetensors")
+    w13, w2 = CheckpointExperts(tmp_path).read(f"{parent}.experts", 2)
+    assert torch.equal(w13, gate_up[2]) and torch.equal(w2, down[2])

@@ -98,6 +98,12 @@ class OffloadedRoutedExperts(RoutedExperts):
             raise NotImplementedError(
                 f"expert offload: checkpoint tensor {weight_name} (shard {shard_id}) is not "
                 "a plain expert weight; biased or quantized experts are not supported yet.")
+        if loaded_weight.dim() != 2:
+            raise NotImplementedError(
+                f"expert offload: checkpoint tensor {weight_name} reaches the loader as one "
+                f"tensor {tuple(loaded_weight.shape)} for all experts (Llama-4 style), "
+                "not one expert at a time; that is not supported yet. Turn expert "
+                "offload off.")
         store = self._model.store
         if store is not None and store.reused:
             return True if return_success else None  # the disk store already has it
@@ -178,6 +184,11 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def bind_pool(self) -> None:
         """Called by vLLM after loading: seal the store, point weights at the pool."""
+        store = self._model.store
+        if store is not None and store.reused:
+            # Shards staged before the first whole expert found the reused store (a
+            # fused checkpoint loads shard by shard across experts): not needed.
+            self._staging.clear()
         if self._staging:
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
                                f"experts {sorted(self._staging)[:4]} after loading")

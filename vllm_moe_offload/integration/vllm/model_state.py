@@ -139,7 +139,7 @@ class ModelOffload:
                                                  trace, predictor,
                                                  self.cfg.prefetch_budget_slots,
                                                  self.cfg.eviction)
-        if isinstance(self.cache, ExpertCache):  # tasks.py fails the requests (NOTE #5 there)
+        if isinstance(self.cache, ExpertCache):  # lost rows fail their requests (tasks.py NOTE #1)
             self.cache.fail_requests = True
         if self.device.type == "cuda":
             logger.info("expert offload: %s", "device mode (residency on the GPU, no host "

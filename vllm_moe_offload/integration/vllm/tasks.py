@@ -15,7 +15,7 @@ hooks that tell the worker's `TaskResidency` which task each token belongs to.
   an expert the store could not deliver (NOTE #1).
 
 NOTE #1: such a request is failed by the engine core's scheduler
-(`fail_lost_requests`, any scheduler class): its tokens of this step are dropped
+(scheduler.py `install_failure_hook`, any scheduler class): its tokens of this step are dropped
 before they are emitted, it finishes with finish_reason "error" (HTTP 500 on the
 OpenAI server, for that request alone), and its KV blocks leave the prefix cache,
 since that step wrote them from a wrong expert output.
