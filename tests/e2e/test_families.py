@@ -27,3 +27,16 @@ def test_family_outputs_match_plain_vllm(models, engine, store_dir, family, pool
     assert totals["evictions"] > 0 and totals["misses"] > slots  # a pool too small
     assert totals["bytes_loaded"] == totals["misses"] * info["slot_bytes"]
     assert info["pool_bytes"] == slots * info["slot_bytes"]
+
+
+def test_next_gate_prefetch_where_the_first_layer_is_dense(models, engine, store_dir):
+    """The predictor's gates are the MoE layers' own (DeepSeek-V3: layers 1..3 of 4),
+    ranked by raw router logits (its grouped, biased choice is not modelled)."""
+    moe_layers = LAYERS - 1
+    plain = engine(plain_spec(models["deepseek_v3"]))
+    off = engine(offload_spec(models["deepseek_v3"], pool_slots=moe_layers * EXPERTS // 2,
+                              store="disk", store_dir=store_dir, predictor="next-gate"))
+    assert off["token_ids"] == plain["token_ids"]
+    totals = off["stats"]["totals"]
+    assert totals["prefetched"] > 0 and totals["prefetch_hits"] > 0
+    assert 0 < totals["predictions"]["1"]["recall"] < 1
