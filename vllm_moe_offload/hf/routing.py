@@ -51,8 +51,13 @@ def _routers(model) -> list[torch.nn.Module]:
 def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
     """The experts `gate` picks: top-k of the logits, or, with a correction bias
     (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias within the
-    best `topk_group` of `n_group` expert groups (a group scores its top two)."""
+    best `topk_group` of `n_group` expert groups (a group scores its top two), or
+    (ERNIE-4.5) of softmax(logits) + bias."""
     scores = hidden @ gate.weight.float().T
+    statics = getattr(gate, "moe_statics", None)
+    if statics is not None:  # ERNIE-4.5: softmax probabilities plus the bias
+        bias = statics.e_score_correction_bias.float().squeeze()
+        return (scores.softmax(-1) + bias).topk(k, dim=-1).indices
     bias = getattr(gate, "e_score_correction_bias", None)
     if bias is None:
         return scores.topk(k, dim=-1).indices
@@ -68,7 +73,7 @@ def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
 
 
 def top_k_of(config) -> int:
-    return int(getattr(config, "num_experts_per_tok"))
+    return int(getattr(config, "num_experts_per_tok", None) or config.moe_k)  # moe_k: ERNIE
 
 
 @torch.no_grad()

@@ -14,10 +14,10 @@ import torch
 
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
-                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "llama")
+                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
-FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3")
+FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -51,7 +51,8 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 
 def _config(arch: str, **sizes):
-    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig,
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig,
+                              Glm4MoeConfig,
                               GraniteMoeConfig, LlamaConfig, MixtralConfig, OlmoeConfig,
                               PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig, Qwen3NextConfig)
 
@@ -131,6 +132,12 @@ def _config(arch: str, **sizes):
             linear_num_key_heads=2, linear_num_value_heads=2,
             layer_types=["full_attention" if i % 2 else "linear_attention"
                          for i in range(sizes["num_layers"])],
+        )
+    if arch == "ernie4_5_moe":  # MoE from layer 1 on
+        return Ernie4_5_MoeConfig(
+            **common, moe_num_experts=experts, moe_k=top_k, moe_intermediate_size=ffn,
+            intermediate_size=ffn, moe_num_shared_experts=0, moe_layer_start_index=1,
+            moe_layer_end_index=sizes["num_layers"] - 1, moe_layer_interval=1,
         )
     if arch == "llama":
         return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)
