@@ -39,3 +39,14 @@ def test_a_checkpoint_without_routers_says_what_to_do(tmp_path):
     model, tokenizer = load_model(str(path))
     with pytest.raises(ValueError, match="the predictors do not support it yet"):
         capture(model, tokenizer, "def f(): pass", 16)
+
+
+def test_llama4_routers_are_read(tmp_path):
+    """Llama-4 routes top-1 by its router's logits (feed_forward.router)."""
+    path = build_tiny_moe(tmp_path / "llama4", "llama4", num_layers=2)
+    gates = load_gates(path)
+    assert len(gates) == 2 and gates[0].shape == (8, 128)
+    model, tokenizer = load_model(str(path))
+    model.config.attention_chunk_size = 1024  # HF always masks by chunks; vLLM runs None
+    routing = capture(model, tokenizer, "def add(a, b): return a + b", 16)
+    assert routing.num_layers == 2 and routing.top_k == 1

@@ -38,7 +38,8 @@ def _routers(model) -> list[torch.nn.Module]:
     first ones) have none and are skipped."""
     routers = []
     for layer in model.model.layers:
-        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        block = (getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+                 or getattr(layer, "feed_forward", None))
         gate = getattr(block, "gate", None) or getattr(block, "router", None)
         if gate is not None and hasattr(gate, "weight"):
             routers.append(gate)
@@ -92,7 +93,7 @@ def capture(model, tokenizer, text: str, max_tokens: int, seq_len: int = 256) ->
         for start in range(0, len(ids), seq_len):
             window = ids[start:start + seq_len]
             if len(window) > 1:
-                model(torch.tensor([window]))
+                model(torch.tensor([window]), use_cache=False)
     finally:
         for h in hooks:
             h.remove()

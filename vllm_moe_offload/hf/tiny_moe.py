@@ -14,7 +14,7 @@ import torch
 
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
-                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama")
+                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama4", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -52,9 +52,9 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 def _config(arch: str, **sizes):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig,
-                              Glm4MoeConfig,
-                              GraniteMoeConfig, LlamaConfig, MixtralConfig, OlmoeConfig,
-                              PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig, Qwen3NextConfig)
+                              Glm4MoeConfig, GraniteMoeConfig, Llama4TextConfig, LlamaConfig,
+                              MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig, Qwen3NextConfig)
 
     common = dict(
         vocab_size=sizes["vocab_size"],
@@ -139,6 +139,14 @@ def _config(arch: str, **sizes):
             intermediate_size=ffn, moe_num_shared_experts=0, moe_layer_start_index=1,
             moe_layer_end_index=sizes["num_layers"] - 1, moe_layer_interval=1,
         )
+    if arch == "llama4":  # top-1, router weight on the input, fused transposed experts
+        config = Llama4TextConfig(
+            **common, head_dim=64, num_local_experts=experts, num_experts_per_tok=1,
+            intermediate_size=ffn, intermediate_size_mlp=ffn, interleave_moe_layer_step=1,
+            attention_chunk_size=None, layer_types=["full_attention"] * sizes["num_layers"],
+        )
+        config.architectures = ["Llama4ForCausalLM"]
+        return config
     if arch == "llama":
         return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")

@@ -5,8 +5,9 @@ the expert is read again from here (store.py NOTE #1). Names follow the
 checkpoints of the supported families: `{prefix}.{e}.gate_proj|up_proj|down_proj
 .weight` (Qwen-MoE and most others), `{prefix}.{e}.w1|w3|w2.weight` (Mixtral, PhiMoE),
 or one fused tensor per layer, `[E, 2I, H]` (gate first) and `[E, H, I]`:
-`{prefix}.gate_up_proj|down_proj` (Qwen3.5) or `input_linear|output_linear.weight`
-beside the experts module (Granite-MoE); `prefix` being the layer's module path
+`{prefix}.gate_up_proj|down_proj` (Qwen3.5; transposed, `[E, H, 2I]` and `[E, I, H]`,
+under Llama-4's `feed_forward.experts`) or `input_linear|output_linear.weight` beside
+the experts module (Granite-MoE); `prefix` being the layer's module path
 (`model.layers.3.mlp.experts`).
 """
 
@@ -60,11 +61,13 @@ class CheckpointExperts:
                 gate, up, down = (self._tensor(index[k], k) for k in keys)
                 return torch.cat([gate, up]), down
         parent = prefix.rsplit(".experts", 1)[0]
+        transposed = parent.endswith(".feed_forward")  # Llama-4: [E, H, 2I], [E, I, H]
         for up, down in ((f"{prefix}.gate_up_proj", f"{prefix}.down_proj"),
                          (f"{parent}.input_linear.weight", f"{parent}.output_linear.weight")):
             if up in index and down in index:  # fused [E, 2I, H] and [E, H, I]
-                return self._tensor(index[up], up, expert), self._tensor(index[down], down,
-                                                                          expert)
+                w13 = self._tensor(index[up], up, expert)
+                w2 = self._tensor(index[down], down, expert)
+                return (w13.t().contiguous(), w2.t().contiguous()) if transposed else (w13, w2)
         raise KeyError(f"{prefix}.{expert}.gate_proj.weight (or .w1.weight, or fused "
                        f"{prefix}.gate_up_proj / {parent}.input_linear.weight) is not in "
                        f"the checkpoint at {self.model_dir}")

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 # the decoder's routers; not an MTP draft's (`mtp.layers.N`, or layers past the last)
 _GATE_NAME = re.compile(
-    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(?:gate|router\.layer)\.weight$")
+    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
+    r"(?:gate|router|router\.layer)\.weight$")
 
 
 def load_gates(model_dir: str | Path) -> list[torch.Tensor]:

@@ -42,3 +42,14 @@ def test_reads_one_expert_of_a_fused_checkpoint(tmp_path):
                f"{parent}.output_linear.weight": down}, tmp_path / "model.safetensors")
     w13, w2 = CheckpointExperts(tmp_path).read(f"{parent}.experts", 2)
     assert torch.equal(w13, gate_up[2]) and torch.equal(w2, down[2])
+
+
+def test_reads_one_expert_of_llama4s_transposed_fused_checkpoint(tmp_path):
+    """Llama-4: feed_forward.experts.gate_up_proj [E, H, 2I], down_proj [E, I, H]."""
+    g = torch.Generator().manual_seed(4)
+    gate_up, down = torch.randn(3, 6, 8, generator=g), torch.randn(3, 4, 6, generator=g)
+    prefix = "model.layers.0.feed_forward.experts"
+    save_file({f"{prefix}.gate_up_proj": gate_up, f"{prefix}.down_proj": down},
+              tmp_path / "model.safetensors")
+    w13, w2 = CheckpointExperts(tmp_path).read(prefix, 1)
+    assert torch.equal(w13, gate_up[1].t()) and torch.equal(w2, down[1].t())

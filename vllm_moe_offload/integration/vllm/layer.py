@@ -98,12 +98,11 @@ class OffloadedRoutedExperts(RoutedExperts):
             raise NotImplementedError(
                 f"expert offload: checkpoint tensor {weight_name} (shard {shard_id}) is not "
                 "a plain expert weight; biased or quantized experts are not supported yet.")
-        if loaded_weight.dim() != 2:
-            raise NotImplementedError(
-                f"expert offload: checkpoint tensor {weight_name} reaches the loader as one "
-                f"tensor {tuple(loaded_weight.shape)} for all experts (Llama-4 style), "
-                "not one expert at a time; that is not supported yet. Turn expert "
-                "offload off.")
+        if loaded_weight.dim() == 3:  # all experts at once (Llama-4): one by one
+            for e in range(loaded_weight.shape[0]):
+                self.weight_loader(param, loaded_weight[e], weight_name, shard_id,
+                                   expert_id + e)
+            return True if return_success else None
         store = self._model.store
         if store is not None and store.reused:
             return True if return_success else None  # the disk store already has it
