@@ -60,17 +60,29 @@ def test_nothing_to_report_is_no_series(tmp_path, monkeypatch):
     assert scrape(tmp_path, monkeypatch, []) == {}
 
 
-def test_multi_api_server_registry_has_the_series(tmp_path, monkeypatch):
-    """--api-server-count > 1: vLLM builds a multiprocess registry per scrape."""
-    from vllm.v1.metrics import prometheus
+def test_multi_api_server_mode_reads_the_workers_metric_files(tmp_path):
+    """--api-server-count > 1: the API servers (which never load the plugin) serve
+    the metric files that the worker writes in PROMETHEUS_MULTIPROC_DIR."""
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(prometheus, "get_prometheus_registry",
-                        prometheus.get_prometheus_registry)  # undone after the test
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
-    (tmp_path / "prom").mkdir()
-    monkeypatch.setenv(metrics.DIR_ENV, str(tmp_path))
-    (tmp_path / f"worker-{os.getpid()}.json").write_text(json.dumps(snapshot(7, 3)))
-    metrics.install_collector()
-    text = generate_latest(prometheus.get_prometheus_registry()).decode()
-    assert "vllm_moe_offload_hits_total 7.0" in text
-    assert "vllm_moe_offload_misses_total 3.0" in text
+    code = f"""
+import json
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from tests.unit.test_metrics import snapshot
+from vllm_moe_offload.integration.vllm import metrics
+series = metrics._MultiprocessSeries()
+series.update(snapshot(7, 3))
+series.update(snapshot(9, 3))  # counters advance by the difference
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)  # what vLLM's API servers serve
+print(generate_latest(registry).decode())
+"""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "vllm_moe_offload_hits_total 9.0" in out.stdout
+    assert "vllm_moe_offload_misses_total 3.0" in out.stdout
+    assert "vllm_moe_offload_store_repairs_total 1.0" in out.stdout
+    assert 'vllm_moe_offload_pool_slots{state="used"} 9.0' in out.stdout

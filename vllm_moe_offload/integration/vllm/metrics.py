@@ -15,10 +15,12 @@ the engine then idles. In device mode a snapshot reads the GPU's counters (a hos
 sync): at most once a second, only after a step, never from a timer (a sync from
 another thread could land in a graph capture), so there the series can lag the
 last step until the next one.
-NOTE #2: vLLM's multi-API-server mode (`--api-server-count` > 1) serves `/metrics`
-from a fresh multiprocess registry per scrape (`get_prometheus_registry`); the
-collector joins that one too. Every API server reads the same snapshot files, so
-each one serves the same totals.
+NOTE #2: vLLM's multi-API-server mode (`--api-server-count` > 1) sets
+PROMETHEUS_MULTIPROC_DIR and serves `/metrics` from the metric files that every
+process writes there; its API server processes never load this plugin. So there
+the worker also writes its totals as prometheus_client multiprocess metrics
+(`_MultiprocessSeries`): every API server then serves them, with no collector of
+ours. Per-layer series stay single-API-server only.
 """
 
 from __future__ import annotations
@@ -67,30 +69,46 @@ def ensure_dir() -> Path:
 
 
 def install_collector() -> None:
-    """Add the collector to this process's default registry, and to the registry
-    vLLM builds for `/metrics` in multi-API-server mode (NOTE #2); idempotent."""
-    import sys
-
+    """Add the collector to this process's default registry (idempotent)."""
     from prometheus_client import REGISTRY
-    from vllm.v1.metrics import prometheus
 
     if not any(isinstance(c, OffloadCollector) for c in list(REGISTRY._collector_to_names)):
         REGISTRY.register(OffloadCollector())
-    if getattr(prometheus.get_prometheus_registry, "_moe_offload", False):
-        return
-    original = prometheus.get_prometheus_registry
 
-    def get_prometheus_registry():
-        registry = original()
-        if registry is not REGISTRY:
-            registry.register(OffloadCollector())
-        return registry
 
-    get_prometheus_registry._moe_offload = True
-    prometheus.get_prometheus_registry = get_prometheus_registry
-    served = sys.modules.get("vllm.entrypoints.serve.instrumentator.metrics")
-    if served is not None:  # imported before the plugin loaded: bound the original
-        served.get_prometheus_registry = get_prometheus_registry
+class _MultiprocessSeries:
+    """NOTE #2: the worker's totals as prometheus_client multiprocess metrics."""
+
+    def __init__(self):
+        from prometheus_client import Counter, Gauge
+
+        names = {**{k: v for k, v in COUNTERS.items()},
+                 "store_repairs": ("store_repairs", "Disk store records re-derived from "
+                                   "the checkpoint."),
+                 "failed_requests": ("failed_requests", "Requests failed because an "
+                                     "expert they routed to was unavailable."),
+                 "replans": ("replans", "Task-aware residency re-plans.")}
+        self.counters = {k: Counter(PREFIX + name, doc, registry=None)
+                         for k, (name, doc) in names.items()}
+        self.slots = Gauge(PREFIX + "pool_slots", "Expert slots by state.", ["state"],
+                           registry=None, multiprocess_mode="livesum")
+        self.last: dict[str, float] = {}
+
+    def update(self, snapshot: dict) -> None:
+        values = dict(snapshot["totals"], replans=snapshot["replans"],
+                      store_repairs=snapshot["pool"].get("store_repairs", 0),
+                      failed_requests=snapshot["pool"].get("failed_requests", 0))
+        for key, counter in self.counters.items():
+            delta = values[key] - self.last.get(key, 0)
+            if delta > 0:
+                counter.inc(delta)
+            self.last[key] = values[key]
+        self.slots.labels("total").set(snapshot["pool"]["num_slots"])
+        for state, value in snapshot["occupancy"].items():
+            self.slots.labels(state).set(value)
+
+
+_multiprocess: _MultiprocessSeries | None = None
 
 
 def after_step(model) -> None:
@@ -117,6 +135,11 @@ def write_snapshot(model) -> None:
                 "replans": model.tasks.replans if model.tasks is not None else 0}
     if model.cfg.metrics_per_layer:
         snapshot["layers"] = stats.to_dict()["layers"]
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # NOTE #2
+        global _multiprocess
+        if _multiprocess is None:
+            _multiprocess = _MultiprocessSeries()
+        _multiprocess.update(snapshot)
     directory = ensure_dir()
     tmp = directory / f".worker-{os.getpid()}-{threading.get_ident()}.tmp"
     try:
