@@ -82,7 +82,7 @@ class _MultiprocessSeries:
     def __init__(self):
         from prometheus_client import Counter, Gauge
 
-        names = {**{k: v for k, v in COUNTERS.items()},
+        names = {**COUNTERS,
                  "store_repairs": ("store_repairs", "Disk store records re-derived from "
                                    "the checkpoint."),
                  "failed_requests": ("failed_requests", "Requests failed because an "
@@ -93,8 +93,13 @@ class _MultiprocessSeries:
         self.slots = Gauge(PREFIX + "pool_slots", "Expert slots by state.", ["state"],
                            registry=None, multiprocess_mode="livesum")
         self.last: dict[str, float] = {}
+        self._lock = threading.Lock()  # the snapshot timer and the step both update
 
     def update(self, snapshot: dict) -> None:
+        with self._lock:
+            self._update(snapshot)
+
+    def _update(self, snapshot: dict) -> None:
         values = dict(snapshot["totals"], replans=snapshot["replans"],
                       store_repairs=snapshot["pool"].get("store_repairs", 0),
                       failed_requests=snapshot["pool"].get("failed_requests", 0))
