@@ -39,8 +39,8 @@ def kv_bytes_per_token(model_dir: str) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(SHIPPED_MODEL) if SHIPPED_MODEL.is_dir() else None,
-                   help="a Qwen3-MoE/Mixtral/Qwen2-MoE checkpoint directory "
-                        "(default: the repository's tiny-moe-4domains)")
+                   help="a MoE checkpoint directory (README: supported models; "
+                        "default: the repository's tiny-moe-4domains)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
                                                       "vllm_moe_offload_demo"),
                    help="where the disk store (and a generated model) go")
@@ -89,8 +89,8 @@ def main(argv=None) -> None:
     all_bytes = expert_bytes(model)
     freed = all_bytes - pool["pool_bytes"]
     per_token = kv_bytes_per_token(model)
-    print(f"\npool: {pool['num_slots']} of {layers * experts} expert slots, store: "
-          f"{pool['store']}")
+    print(f"\npool: {pool['num_slots']} of {pool['num_layers'] * pool['experts_per_layer']} "
+          f"expert slots, store: {pool['store']}")
     print(f"cache: hit rate {t['hit_rate']:.1%} ({t['hits']} hits, {t['misses']} misses, "
           f"{t['evictions']} evictions), {t['bytes_loaded'] / 2**20:.1f} MiB loaded in "
           f"{t['load_seconds']:.3f} s")

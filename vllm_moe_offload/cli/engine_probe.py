@@ -233,7 +233,7 @@ def main(spec: dict) -> dict:
         if spec.get("damage_store") and i == 0:  # fault tests: the next batch reads it
             pool = vllm_moe_offload.get_stats(llm)["pool"]
             damage_store(pool["store_path"], spec["damage_store"], spec.get("damage_record"),
-                         -(-pool["slot_bytes"] // 4096) * 4096)
+                         pool["record_bytes"])
             if spec.get("hide_checkpoint"):  # nothing to re-derive from, for one round
                 restore = hide_checkpoint(spec["model"])
         elif restore is not None:

@@ -44,8 +44,9 @@ def _routers(model) -> list[torch.nn.Module]:
         if gate is not None and hasattr(gate, "weight"):
             routers.append(gate)
     if not routers:
-        raise ValueError(f"{type(model).__name__} has no MoE router (mlp.gate, mlp.router "
-                         "or block_sparse_moe.gate); the predictors do not support it yet")
+        raise ValueError(f"{type(model).__name__} has no MoE router (a gate or router with a "
+                         "weight under mlp, block_sparse_moe or feed_forward); the "
+                         "predictors do not support it yet")
     return routers
 
 

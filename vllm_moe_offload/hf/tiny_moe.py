@@ -97,24 +97,18 @@ def _config(arch: str, **sizes):
             moe_intermediate_size=ffn, intermediate_size=ffn, n_shared_experts=1,
             first_k_dense_replace=1, n_group=1, topk_group=1, num_mtp_layers=0,
         )
-    if arch == "deepseek_v2":  # MLA sized for vLLM's CPU kernel (kv_lora 512 + rope 64)
-        common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: no GQA
-        return DeepseekV2Config(
-            **common, n_routed_experts=experts, num_experts_per_tok=top_k,
-            moe_intermediate_size=ffn, intermediate_size=ffn, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
-            kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64,
-            v_head_dim=64,
-        )
-    if arch == "deepseek_v3":  # sigmoid + bias within the best of 2 expert groups
-        common["num_key_value_heads"] = common["num_attention_heads"]
-        return DeepseekV3Config(
-            **common, n_routed_experts=experts, num_experts_per_tok=top_k,
-            moe_intermediate_size=ffn, intermediate_size=ffn, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=512,
-            q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
-            num_mtp_layers=0, topk_method="noaux_tc", scoring_func="sigmoid",
-        )
+    if arch in ("deepseek_v2", "deepseek_v3"):
+        deepseek = dict(  # MLA sized for vLLM's CPU kernel (kv_lora 512 + rope 64), no GQA
+            common, num_key_value_heads=common["num_attention_heads"],
+            n_routed_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn,
+            intermediate_size=ffn, n_shared_experts=1, first_k_dense_replace=1,
+            topk_group=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=64,
+            qk_rope_head_dim=64, v_head_dim=64)
+        if arch == "deepseek_v2":
+            return DeepseekV2Config(**deepseek, n_group=1, topk_method="greedy")
+        # V3: sigmoid + bias within the best of 2 expert groups
+        return DeepseekV3Config(**deepseek, n_group=2, num_mtp_layers=0,
+                                topk_method="noaux_tc", scoring_func="sigmoid")
     if arch == "phimoe":  # vLLM registers the name PhiMoE; its attention has biases
         return PhimoeConfig(
             **common, num_local_experts=experts, num_experts_per_tok=2,

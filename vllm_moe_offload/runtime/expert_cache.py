@@ -151,10 +151,11 @@ class ExpertCache(SlotBuffers):
         return slots
 
     def _fail_rows(self, layer: int, topk_ids: torch.Tensor, lost: list[int]) -> None:
-        hit = torch.isin(topk_ids, torch.tensor(lost, device=topk_ids.device)).any(-1)
-        for row in hit.nonzero().flatten().tolist():
-            e = next(e for e in lost if e in topk_ids[row].tolist())
-            self.failed_rows.setdefault(row, self._lost.get(ExpertKey(layer, e), ""))
+        lost = set(lost)
+        for row, ids in enumerate(topk_ids.tolist()):
+            e = next((e for e in ids if e in lost), None)
+            if e is not None:
+                self.failed_rows.setdefault(row, self._lost.get(ExpertKey(layer, e), ""))
 
     def _lose(self, error: ExpertUnavailable) -> None:
         """NOTE #5: the expert is not in its slot; forget it (the slot is freed once
@@ -396,9 +397,9 @@ class ExpertCache(SlotBuffers):
                                        else pending.query())
             if done:
                 self._inflight.pop(slot, None)
-                if isinstance(pending, Future) and isinstance(pending.result(),
-                                                              ExpertUnavailable):
-                    self._lose(pending.result())
+                result = pending.result() if isinstance(pending, Future) else None
+                if isinstance(result, ExpertUnavailable):  # NOTE #5
+                    self._lose(result)
                 self.pool.release([slot])
             else:
                 still.append(slot)

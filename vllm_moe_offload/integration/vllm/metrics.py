@@ -55,6 +55,21 @@ COUNTERS = {
     "failed_loads": ("failed_loads", "Experts the store could neither read nor re-derive."),
     "calls": ("layer_calls", "MoE layer calls."),
 }
+# worker-wide counters, not per layer: name -> help
+WORKER_COUNTERS = {
+    "store_repairs": "Disk store records re-derived from the checkpoint.",
+    "failed_requests": "Requests failed because an expert they routed to was unavailable.",
+    "replans": "Task-aware residency re-plans.",
+}
+SLOTS_HELP = ("Expert slots by state: total, used (holding an expert), pinned (a layer "
+              "call, prefetch or the plan holds them), planned (the residency plan).")
+
+
+def worker_counts(snapshot: dict) -> dict:
+    """WORKER_COUNTERS' values in one worker's snapshot."""
+    return {"store_repairs": snapshot["pool"].get("store_repairs", 0),
+            "failed_requests": snapshot["pool"].get("failed_requests", 0),
+            "replans": snapshot.get("replans", 0)}
 
 
 def ensure_dir() -> Path:
@@ -82,15 +97,10 @@ class _MultiprocessSeries:
     def __init__(self):
         from prometheus_client import Counter, Gauge
 
-        names = {**COUNTERS,
-                 "store_repairs": ("store_repairs", "Disk store records re-derived from "
-                                   "the checkpoint."),
-                 "failed_requests": ("failed_requests", "Requests failed because an "
-                                     "expert they routed to was unavailable."),
-                 "replans": ("replans", "Task-aware residency re-plans.")}
+        names = {**COUNTERS, **{k: (k, doc) for k, doc in WORKER_COUNTERS.items()}}
         self.counters = {k: Counter(PREFIX + name, doc, registry=None)
                          for k, (name, doc) in names.items()}
-        self.slots = Gauge(PREFIX + "pool_slots", "Expert slots by state.", ["state"],
+        self.slots = Gauge(PREFIX + "pool_slots", SLOTS_HELP, ["state"],
                            registry=None, multiprocess_mode="livesum")
         self.last: dict[str, float] = {}
         self._lock = threading.Lock()  # the snapshot timer and the step both update
@@ -100,9 +110,7 @@ class _MultiprocessSeries:
             self._update(snapshot)
 
     def _update(self, snapshot: dict) -> None:
-        values = dict(snapshot["totals"], replans=snapshot["replans"],
-                      store_repairs=snapshot["pool"].get("store_repairs", 0),
-                      failed_requests=snapshot["pool"].get("failed_requests", 0))
+        values = {**snapshot["totals"], **worker_counts(snapshot)}
         for key, counter in self.counters.items():
             delta = values[key] - self.last.get(key, 0)
             if delta > 0:
@@ -192,16 +200,11 @@ def families(snapshots: list[dict]) -> list:
                 layered.add_metric([str(layer)], sum(s["layers"][layer][key] for s in snapshots
                                                      if layer in s.get("layers", {})))
             out.append(layered)
-    repairs = CounterMetricFamily(PREFIX + "store_repairs",
-                                  "Disk store records re-derived from the checkpoint.")
-    repairs.add_metric([], sum(s["pool"].get("store_repairs", 0) for s in snapshots))
-    failed = CounterMetricFamily(PREFIX + "failed_requests",
-                                 "Requests failed because an expert they routed to was "
-                                 "unavailable.")
-    failed.add_metric([], sum(s["pool"].get("failed_requests", 0) for s in snapshots))
-    replans = CounterMetricFamily(PREFIX + "replans", "Task-aware residency re-plans.")
-    replans.add_metric([], sum(s.get("replans", 0) for s in snapshots))
-    out += [repairs, failed, replans]
+    counts = [worker_counts(s) for s in snapshots]
+    for key, doc in WORKER_COUNTERS.items():
+        family = CounterMetricFamily(PREFIX + key, doc)
+        family.add_metric([], sum(c[key] for c in counts))
+        out.append(family)
     for name, key, doc in (("precision", "precision", "Share of predicted experts the layer "
                             "used, by prediction distance."),
                            ("recall", "recall", "Share of used experts that were predicted, "
@@ -212,10 +215,7 @@ def families(snapshots: list[dict]) -> list:
                      if d in s["totals"]["predictions"]]
             gauge.add_metric([str(d)], _ratio(pairs, key))
         out.append(gauge)
-    slots = GaugeMetricFamily(PREFIX + "pool_slots",
-                              "Expert slots by state: total, used (holding an expert), "
-                              "pinned (a layer call, prefetch or the plan holds them), "
-                              "planned (the residency plan).", labels=["state"])
+    slots = GaugeMetricFamily(PREFIX + "pool_slots", SLOTS_HELP, labels=["state"])
     slots.add_metric(["total"], sum(s["pool"]["num_slots"] for s in snapshots))
     for state in ("used", "pinned", "planned"):
         values = [s["occupancy"].get(state) for s in snapshots]

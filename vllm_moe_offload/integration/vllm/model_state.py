@@ -259,6 +259,7 @@ class ModelOffload:
     def pool_info(self) -> dict:
         cache, store = self.cache, self.store
         return {"num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
+                "record_bytes": store.layout.record_bytes,
                 "pool_bytes": cache.pool_bytes, "num_layers": self.num_layers,
                 "experts_per_layer": self.experts_per_layer,
                 "store": store.kind, "store_bytes": store.nbytes,
