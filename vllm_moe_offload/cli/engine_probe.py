@@ -206,6 +206,8 @@ def main(spec: dict) -> dict:
                   load_format=spec.get("load_format", "auto"))
     if spec.get("speculative_config"):
         kwargs["speculative_config"] = spec["speculative_config"]
+    if spec.get("quantization"):  # vLLM's own (online) quantization of the checkpoint
+        kwargs["quantization"] = spec["quantization"]
     if spec.get("max_num_seqs"):  # requests decoded together: the batch size
         kwargs["max_num_seqs"] = spec["max_num_seqs"]
     if spec.get("offload") is not None:

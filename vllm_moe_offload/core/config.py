@@ -20,6 +20,8 @@ CONFIG_KEY = "expert_offload"  # key inside vLLM's additional_config
 STORES = ("auto", "host", "disk")
 PREDICTORS = ("none", "next-gate", "lookahead", "oracle")
 EVICTIONS = ("auto",) + POLICIES
+STORE_BITS = (16, 8, 4, 3, 2)  # 16 = the model's own dtype, exact
+STORE_QUANTIZERS = ("hqq", "rtn")
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm_moe_offload")
 
 
@@ -45,6 +47,20 @@ class OffloadConfig:
                     "hosts, host on GPUs).")
     store_dir: str = _f(DEFAULT_STORE_DIR, "--expert-store-dir",
                         "Directory of the disk store's cache files.")
+    store_bits: int = _f(16, "--expert-store-bits",
+                         "Bits per expert weight in the store: 16 keeps the model's "
+                         "dtype (exact); 8, 4, 3 or 2 keep experts group-quantized and "
+                         "decode them into their slot on arrival. Opt-in and "
+                         "approximate: outputs change (docs/results.md section 11 has "
+                         "the measured quality). bf16/fp16/fp32 checkpoints only.")
+    store_group_size: int = _f(64, "--expert-store-group-size",
+                               "Values per scale and zero in a quantized store, along "
+                               "each expert matrix's input dimension: a multiple of 8 "
+                               "that divides it.")
+    store_quantizer: str = _f("hqq", "--expert-store-quantizer",
+                              "How a quantized store picks scales and zeros: 'hqq' "
+                              "(HQQ's half-quadratic solver refines each group's zero) "
+                              "or 'rtn' (min-max, round to nearest).")
     trace_path: str | None = _f(None, "--expert-trace-path",
                                 "Write every MoE layer's routed expert ids per forward "
                                 "step to this file (format: docs/design.md).")
@@ -118,6 +134,18 @@ class OffloadConfig:
             raise ValueError(
                 f"expert_offload.store={self.store!r} is not a known store; use one of "
                 f"{', '.join(STORES)} (--expert-store).")
+        if self.store_bits not in STORE_BITS:
+            raise ValueError(
+                f"expert_offload.store_bits={self.store_bits} is not supported; use one of "
+                f"{', '.join(map(str, STORE_BITS))} (--expert-store-bits; 16 = exact).")
+        if self.store_group_size < 8 or self.store_group_size % 8:
+            raise ValueError(
+                f"expert_offload.store_group_size={self.store_group_size} must be a "
+                "positive multiple of 8 (--expert-store-group-size; 64 is the default).")
+        if self.store_quantizer not in STORE_QUANTIZERS:
+            raise ValueError(
+                f"expert_offload.store_quantizer={self.store_quantizer!r} is not known; "
+                f"use one of {', '.join(STORE_QUANTIZERS)} (--expert-store-quantizer).")
         if self.predictor not in PREDICTORS:
             raise ValueError(
                 f"expert_offload.predictor={self.predictor!r} is not a known predictor; "
@@ -222,6 +250,9 @@ class OffloadConfig:
             return "the disk store is read by the host at every miss"
         if self.trace_path:
             return "the routing trace copies every layer call's ids to the host"
+        if self.store_bits < 16:
+            return (f"the quantized store (store_bits={self.store_bits}) is decoded by "
+                    "host mode's loader at each miss")
         if self.task_aware:
             return "task-aware residency counts every layer call's routing on the host"
         if self.predictor == "oracle":

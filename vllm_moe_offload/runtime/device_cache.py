@@ -299,7 +299,7 @@ class DeviceExpertCache(SlotBuffers):
             s.calls, s.hits, s.misses = row[0], row[1], row[2]
             s.evictions = row[3] + self._host_evictions[layer]
             s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
-            s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.slot_bytes
+            s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.read_bytes
             for d in range(self.depth):
                 s.predictions[d + 1] = list(preds[layer][d])
         return self.stats

@@ -16,6 +16,10 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
     if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
         return "the pool is not on a CUDA device"
+    codec = getattr(store, "codec", None)
+    if codec is not None:
+        return (f"the quantized store (store_bits={codec.bits}) is decoded as each "
+                "expert arrives; device mode's fill kernel copies records as they are")
     if not isinstance(store, HostStore):
         return (f"the {store.kind} store is read by the host (device mode reads the "
                 "pinned host store in place: --expert-store host)")

@@ -18,6 +18,11 @@ class SlotBuffers:
         return self.store.layout.expert_bytes
 
     @property
+    def read_bytes(self) -> int:
+        """Bytes one expert load moves from the store (less than a slot when quantized)."""
+        return self.store.read_bytes
+
+    @property
     def pool_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 

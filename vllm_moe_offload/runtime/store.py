@@ -104,6 +104,16 @@ class ExpertStore:
     def nbytes(self) -> int:
         return self.num_layers * self.experts_per_layer * self.layout.record_bytes
 
+    @property
+    def read_bytes(self) -> int:
+        """Bytes one read of an expert moves (its record, not its slot, when quantized)."""
+        return self.layout.expert_bytes
+
+    @property
+    def record_bytes(self) -> int:
+        """One expert's record as the store keeps it, alignment included."""
+        return self.layout.record_bytes
+
     def contains(self, layer: int, expert: int) -> bool:
         return self._present[layer][expert]
 

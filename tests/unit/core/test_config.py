@@ -23,6 +23,9 @@ def test_env_then_additional_config_on_top():
     ({"stats_log_interval_s": -5}, ["stats_log_interval_s=-5"]),
     ({"pool_slot": 4}, ["unknown", "pool_slot"]),
     ({"eviction": "mru"}, ["eviction='mru'", "lru", "reuse", "--expert-eviction"]),
+    ({"store_bits": 5}, ["store_bits=5", "16, 8, 4, 3, 2", "--expert-store-bits"]),
+    ({"store_group_size": 12}, ["store_group_size=12", "multiple of 8"]),
+    ({"store_quantizer": "gptq"}, ["store_quantizer='gptq'", "hqq", "rtn"]),
     ({"eviction": "predicted"}, ["eviction='predicted'", "predictor", "next-gate",
                                  "eviction='reuse'"]),
 ])

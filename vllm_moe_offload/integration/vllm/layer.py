@@ -76,6 +76,12 @@ class OffloadedRoutedExperts(RoutedExperts):
         if getattr(self, "_offload_cfg", None) is None:
             return qm
         if type(qm) is not UnquantizedFusedMoEMethod:
+            bits = self._offload_cfg.store_bits
+            if bits < 16:
+                raise ValueError(
+                    f"expert_offload.store_bits={bits} quantizes the experts of a "
+                    f"bf16/fp16/fp32 checkpoint, and {prefix} is already quantized "
+                    f"({type(qm).__name__}). Set --expert-store-bits 16.")
             raise NotImplementedError(
                 f"expert offload: {prefix} uses {type(qm).__name__}; only unquantized "
                 "(bf16/fp16/fp32) experts are supported yet. Drop --quantization or "
@@ -119,10 +125,20 @@ class OffloadedRoutedExperts(RoutedExperts):
         seen.add(shard_id)
         if seen == {"w1", "w2", "w3"}:
             del self._staging[expert_id]
-            packed = self._pack(w13, w2)
-            self._model.ensure_store(_layout_of(packed))
-            self._model.put_expert(self._layer, expert_id, packed)
+            if self._model.quantized:  # the store encodes the checkpoint's layout
+                self._ensure_store()
+                self._model.put_expert(self._layer, expert_id, [w13, w2])
+            else:
+                packed = self._pack(w13, w2)
+                self._model.ensure_store(_layout_of(packed))
+                self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
+
+    def _ensure_store(self) -> None:
+        """The store from an empty expert: its kernel layout and its checkpoint layout."""
+        if self._model.store is None:
+            empty = self._empty_expert()
+            self._model.ensure_store(_layout_of(self._pack(*empty)), _layout_of(empty))
 
     def _checkpoint_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """One expert's w13 [2I, H] and w2 [H, I] as the checkpoint holds them."""
@@ -166,20 +182,35 @@ class OffloadedRoutedExperts(RoutedExperts):
                                                                       generator=gen)
 
     def _dummy_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
-        return self._pack(*self._dummy_weights(layer, expert))
+        w13, w2 = self._dummy_weights(layer, expert)
+        return [w13, w2] if self._model.quantized else self._pack(w13, w2)
 
     def _rederive(self, layer: int, expert: int) -> list[torch.Tensor]:
         """A damaged store record's expert, again from the checkpoint, converted as
-        at load time. On a copy of this module: loader threads may run it while the
-        model's forward uses the real one."""
+        at load time (a quantized store encodes the checkpoint's layout itself)."""
         if self._model.fingerprint["load_format"] == "dummy":
             w13, w2 = self._dummy_weights(layer, expert)
         else:
             w13, w2 = self._model.checkpoint_expert(layer, expert)
+        w13, w2 = w13.to(self.params_dtype), w2.to(self.params_dtype)
+        return [w13, w2] if self._model.quantized else self._pack_copy([w13, w2])
+
+    def _pack_copy(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`_pack` on a copy of this module: loader threads may run it while the
+        model's forward uses the real one."""
         twin = copy.copy(self)
         twin._parameters = dict(self._parameters)  # replace_parameter stays on the twin
-        return OffloadedRoutedExperts._pack(twin, w13.to(self.params_dtype),
-                                            w2.to(self.params_dtype))
+        return OffloadedRoutedExperts._pack(twin, *expert)
+
+    def _packer(self):
+        """For a quantized store: how a decoded expert reaches the kernel's layout;
+        None where vLLM's packing leaves it as it is (a probe expert says)."""
+        w13, w2 = self._empty_expert()
+        probe = [torch.arange(t.numel()).view(t.shape).to(t.dtype) for t in (w13, w2)]
+        packed = self._pack(*probe)
+        if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(packed, probe)):
+            return None
+        return self._pack_copy
 
     def bind_pool(self) -> None:
         """Called by vLLM after loading: seal the store, point weights at the pool."""
@@ -192,10 +223,13 @@ class OffloadedRoutedExperts(RoutedExperts):
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
                                f"experts {sorted(self._staging)[:4]} after loading")
         if self.quant_method.moe_kernel is None:
-            # No expert of this layer was packed (dummy load, or a reused disk store):
-            # packing one empty expert sets up the layer's kernel and gives the layout.
-            probe = self._pack(*self._empty_expert())
-            self._model.ensure_store(_layout_of(probe))
+            # No expert of this layer was packed (dummy load, a reused disk store or a
+            # quantized store): packing one empty expert sets up the layer's kernel
+            # and gives the layout.
+            if self._model.quantized:
+                self._ensure_store()
+            else:
+                self._model.ensure_store(_layout_of(self._pack(*self._empty_expert())))
         if self.quant_method.is_monolithic:  # forward_modular would never be called
             raise NotImplementedError(
                 f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
@@ -203,6 +237,10 @@ class OffloadedRoutedExperts(RoutedExperts):
                 "inside the kernel; offload needs a modular one. Pick another "
                 "--moe-backend, or turn expert offload off.")
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
+        if self._model.quantized:
+            packer = self._packer()
+            if packer is not None:
+                self._model.store.packers[self._layer] = packer
         for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
             param = torch.nn.Parameter(buf, requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self.weight_loader})

@@ -24,6 +24,7 @@ from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.modes import make_expert_cache
+from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
 from vllm_moe_offload.runtime.task_residency import TaskResidency
@@ -76,35 +77,55 @@ class ModelOffload:
 
     # ---- loading ------------------------------------------------------------------
 
-    def ensure_store(self, layout: ExpertLayout) -> ExpertStore:
+    @property
+    def quantized(self) -> bool:
+        return self.cfg.store_bits < 16
+
+    def ensure_store(self, layout: ExpertLayout,
+                     source: ExpertLayout | None = None) -> ExpertStore:
+        """The store, built at the first expert. `layout`: the slot's (kernel) layout;
+        `source`: the checkpoint's, which a quantized store encodes."""
         if self.store is not None:
             return self.store
-        store_kind = self.cfg.resolved_store(self.device.type == "cuda")
+        cfg, codec = self.cfg, None
+        record = layout
+        fingerprint = dict(self.fingerprint)
+        if cfg.store_bits < 16:
+            codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
+            codec.check(source)
+            record = codec.layout(source)
+            fingerprint["store_codec"] = codec.describe()
+            logger.warning("expert offload: experts kept at %d bits in the store (%s, "
+                           "groups of %d) and decoded into %s slots: outputs differ from "
+                           "plain vLLM (store_bits < 16 is approximate)", cfg.store_bits,
+                           cfg.store_quantizer, cfg.store_group_size,
+                           str(layout.tensors[0].dtype).replace("torch.", ""))
+        store_kind = cfg.resolved_store(self.device.type == "cuda")
         if store_kind == "host":
-            self.store = HostStore(layout, self.num_layers, self.experts_per_layer,
-                                   pin_memory=self.device.type == "cuda")
+            store = HostStore(record, self.num_layers, self.experts_per_layer,
+                              pin_memory=self.device.type == "cuda")
         else:
-            directory = Path(os.path.expanduser(self.cfg.store_dir))
-            path = directory / store_file_name(dict(self.fingerprint, layout=layout.describe()))
-            self.store = DiskStore(path, layout, self.num_layers, self.experts_per_layer,
-                                   self.fingerprint)
-            problem = getattr(self.store, "problem", None)
-            if self.store.reused:
+            directory = Path(os.path.expanduser(cfg.store_dir))
+            path = directory / store_file_name(dict(fingerprint, layout=record.describe()))
+            store = DiskStore(path, record, self.num_layers, self.experts_per_layer,
+                              fingerprint)
+            problem = getattr(store, "problem", None)
+            if store.reused:
                 logger.info("expert offload: reusing disk store %s", path)
             elif problem:
                 logger.warning("expert offload: rebuilding disk store: %s", problem)
+        self.store = store if codec is None else QuantizedStore(store, codec, layout, source)
         return self.store
 
     def put_expert(self, layer: int, expert: int, packed: list[torch.Tensor]) -> None:
         self.store.put(layer, expert, packed)
         self.experts_arrived += 1
-        if isinstance(self.store, DiskStore) and not self.store.reused:
+        if self.store.kind == "disk" and not self.store.reused:
             if self._build_bar is None:  # the disk store is written as the checkpoint loads
                 self._build_bar = tqdm(
-                    total=self.num_layers * self.experts_per_layer * self.store.layout.record_bytes,
-                    unit="B", unit_scale=True, unit_divisor=1024,
+                    total=self.store.nbytes, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=f"expert offload: building disk store {self.store.path.name}")
-            self._build_bar.update(self.store.layout.record_bytes)
+            self._build_bar.update(self.store.record_bytes)
 
     def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]],
                        rederive: Callable[[int, int], list[torch.Tensor]] | None = None
@@ -125,7 +146,7 @@ class ModelOffload:
         store.seal()
         if self._build_bar is not None:
             self._build_bar.close()
-        if isinstance(store, DiskStore):
+        if store.kind == "disk":
             store.rederive = rederive
         layout = store.layout
         num_slots = self.cfg.num_slots(self.num_layers, self.experts_per_layer,
@@ -259,7 +280,8 @@ class ModelOffload:
     def pool_info(self) -> dict:
         cache, store = self.cache, self.store
         return {"num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
-                "record_bytes": store.layout.record_bytes,
+                "record_bytes": store.record_bytes, "read_bytes": store.read_bytes,
+                "store_bits": self.cfg.store_bits,
                 "pool_bytes": cache.pool_bytes, "num_layers": self.num_layers,
                 "experts_per_layer": self.experts_per_layer,
                 "store": store.kind, "store_bytes": store.nbytes,

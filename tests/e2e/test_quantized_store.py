@@ -1,0 +1,104 @@
+"""A quantized slow tier (store_bits < 16) through vLLM on CPU.
+
+Outputs change by design, so the reference is exact in another way: plain vLLM
+serving a copy of the checkpoint whose experts were replaced by their decoded
+quantized form. Offload at store_bits = b over the original must match it token for
+token: what reaches the slots is exactly the decoded expert, packed by vLLM."""
+
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.e2e.conftest import EXPERTS, LAYERS, EngineFailed, offload_spec, plain_spec
+from tests.e2e.conftest import run_engine
+from vllm_moe_offload.runtime.quant import GroupQuant
+
+NAMES = {"qwen3_moe": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+         "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2"))}
+
+
+def dequantized_copy(model: str, arch: str, codec: GroupQuant, out) -> str:
+    """The checkpoint with every expert replaced by decode(encode(expert)), encoded as
+    the store encodes it: w13 = gate ++ up [2I, H] and w2 [H, I]."""
+    out = shutil.copytree(model, out)
+    weights = load_file(os.path.join(model, "model.safetensors"))
+    module, (gate, up, down) = NAMES[arch]
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            key = f"model.layers.{layer}.{module}.{e}.{{}}.weight".format
+            w13 = torch.cat([weights[key(gate)], weights[key(up)]])
+            w2 = weights[key(down)]
+            got = [torch.empty_like(w13), torch.empty_like(w2)]
+            codec.decode(codec.encode([w13, w2]), got)
+            assert not torch.equal(got[0], w13)  # the copy really differs
+            weights[key(gate)], weights[key(up)] = got[0].chunk(2)
+            weights[key(down)] = got[1]
+    save_file({k: v.contiguous() for k, v in weights.items()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def check_bytes(off, bits, group):
+    """A miss moves the encoded expert: codes, then a fp16 scale and zero per group."""
+    totals, info = off["stats"]["totals"], off["stats"]["pool"]
+    values = info["slot_bytes"] // 2  # bf16 slots (no padding at these sizes)
+    assert info["store_bits"] == bits
+    assert info["read_bytes"] == values * bits // 8 + 4 * values // group
+    assert totals["misses"] > EXPERTS and totals["evictions"] > 0
+    assert totals["bytes_loaded"] == totals["misses"] * info["read_bytes"]
+
+
+def test_4_bit_disk_store_matches_plain_vllm_on_the_decoded_checkpoint(
+        models, engine, store_dir, tmp_path):
+    codec = GroupQuant(4, 64, "hqq")
+    ref = dequantized_copy(models["qwen3_moe"], "qwen3_moe", codec, tmp_path / "dq")
+    plain = engine(plain_spec(ref))
+    off = engine(offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="disk",
+                              store_dir=store_dir, store_bits=4))
+    assert off["token_ids"] == plain["token_ids"]
+    check_bytes(off, 4, 64)
+    info = off["stats"]["pool"]
+    # The file holds quantized records: header, records, one checksum each.
+    assert os.path.getsize(info["store_path"]) == 4096 + LAYERS * EXPERTS * (
+        info["record_bytes"] + 8)
+    assert info["store_bytes"] < LAYERS * EXPERTS * info["slot_bytes"] / 2
+    exact = engine(plain_spec(models["qwen3_moe"]))
+    assert exact["token_ids"] != plain["token_ids"]  # 4 bits do change this model
+
+
+def test_3_bit_round_to_nearest_host_store_at_half(models, engine, tmp_path):
+    codec = GroupQuant(3, 32, "rtn")
+    ref = dequantized_copy(models["mixtral"], "mixtral", codec, tmp_path / "dq")
+    plain = engine(plain_spec(ref))
+    off = engine(offload_spec(models["mixtral"], pool_slots=LAYERS * EXPERTS // 2,
+                              store="host", store_bits=3, store_group_size=32,
+                              store_quantizer="rtn"))
+    assert off["token_ids"] == plain["token_ids"]
+    check_bytes(off, 3, 32)
+
+
+def test_store_bits_on_an_already_quantized_checkpoint_is_refused(models):
+    spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4)
+    try:
+        run_engine({**spec, "quantization": "fp8"})
+    except EngineFailed as err:
+        out = err.output
+    else:
+        raise AssertionError("the engine started")
+    assert "store_bits=4" in out and "already quantized" in out
+    assert "--expert-store-bits 16" in out
+
+
+def test_a_group_size_that_does_not_divide_the_experts_is_refused(models):
+    spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4,
+                        store_group_size=48)
+    try:
+        run_engine(spec)
+    except EngineFailed as err:
+        out = err.output
+    else:
+        raise AssertionError("the engine started")
+    assert "store_group_size=48" in out and "input dimension 128" in out
+    assert "--expert-store-group-size to 128" in out

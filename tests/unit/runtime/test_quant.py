@@ -1,0 +1,172 @@
+"""The quantized slow tier (runtime/quant.py): codes, error bounds, bytes, stores."""
+
+import os
+
+import pytest
+import torch
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.runtime.expert_cache import ExpertCache
+from vllm_moe_offload.runtime.modes import device_mode_problem
+from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore, _pack, _unpack
+from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertUnavailable,
+                                            HostStore, TensorSpec)
+
+SLOT = ExpertLayout((TensorSpec((16, 64), torch.bfloat16), TensorSpec((64, 8 * 4), torch.bfloat16)))
+L, E = 2, 4
+FP = {"model": "tiny", "dtype": "bfloat16", "vllm": "test"}
+
+
+def expert(layer, e):
+    g = torch.Generator().manual_seed(layer * 10 + e)
+    return [(torch.randn(s.shape, generator=g) * 0.05).to(s.dtype) for s in SLOT.tensors]
+
+
+def empty():
+    return [torch.zeros(s.shape, dtype=s.dtype) for s in SLOT.tensors]
+
+
+def decoded(codec, tensors):
+    out = [torch.empty_like(t) for t in tensors]
+    codec.decode(codec.encode(tensors), out)
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_codes_pack_and_unpack_exactly(bits):
+    q = torch.randint(0, 2**bits, (8 * 37,), dtype=torch.uint8)
+    packed = _pack(q, bits)
+    assert packed.numel() == q.numel() * bits // 8  # exactly `bits` per value
+    assert torch.equal(_unpack(packed, bits, q.numel()), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_round_to_nearest_is_within_half_a_step(bits):
+    codec = GroupQuant(bits, 32, "rtn")
+    w = expert(0, 1)
+    for t, got, (codes, scale, zero) in zip(w, decoded(codec, w),
+                                             zip(*[iter(codec.encode(w))] * 3)):
+        step = scale.float().repeat_interleave(32).view(t.shape)
+        err = (got.float() - t.float()).abs()
+        # half a step, plus the bf16 rounding of the decoded value
+        assert bool((err <= 0.5 * step * 1.02 + t.float().abs() * 2**-8).all())
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_hqq_is_no_worse_than_round_to_nearest(bits):
+    w = expert(1, 3)
+    err = {m: sum(float((d.float() - t.float()).abs().mean())
+                  for d, t in zip(decoded(GroupQuant(bits, 64, m), w), w))
+           for m in ("rtn", "hqq")}
+    assert err["hqq"] <= err["rtn"] * 1.001, err
+    assert err["hqq"] > 0
+
+
+def test_error_falls_with_more_bits():
+    w = expert(0, 0)
+    errs = [float((decoded(GroupQuant(b), w)[0].float() - w[0].float()).norm()) for b in
+            (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.01 * float(w[0].float().norm())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_record_bytes(bits):
+    layout = GroupQuant(bits, 64).layout(SLOT)
+    n = [16 * 64, 64 * 32]
+    assert layout.expert_bytes == sum(k * bits // 8 + 4 * (k // 64) for k in n)
+    assert layout.expert_bytes < SLOT.expert_bytes * (bits + 1) / 16
+
+
+def test_a_group_size_that_does_not_divide_names_the_setting():
+    with pytest.raises(ValueError) as err:
+        GroupQuant(4, 24).check(SLOT)
+    assert "store_group_size=24" in str(err.value) and "32" in str(err.value)
+    assert "--expert-store-group-size to 32" in str(err.value)
+
+
+def fill(store):
+    for layer in range(L):
+        for e in range(E):
+            store.put(layer, e, expert(layer, e))
+    store.seal()
+
+
+def quant_store(kind, tmp_path, bits=4, method="hqq"):
+    codec = GroupQuant(bits, 32, method)
+    record = codec.layout(SLOT)
+    inner = (HostStore(record, L, E) if kind == "host"
+             else DiskStore(tmp_path / "q.experts", record, L, E,
+                            dict(FP, store_codec=codec.describe())))
+    return QuantizedStore(inner, codec, SLOT)
+
+
+@pytest.mark.parametrize("kind", ["host", "disk"])
+@pytest.mark.parametrize("bits", [8, 3])
+def test_store_holds_the_quantized_form_and_decodes_into_the_slot(tmp_path, kind, bits):
+    store = quant_store(kind, tmp_path, bits)
+    fill(store)
+    assert store.kind == kind and store.nbytes == store.inner.nbytes
+    for layer in range(L):
+        for e in range(E):
+            dst = empty()
+            assert store.read_into(layer, e, dst) == store.read_bytes
+            assert store.read_bytes == GroupQuant(bits, 32).layout(SLOT).expert_bytes
+            want = decoded(store.codec, expert(layer, e))
+            assert all(torch.equal(a, b) for a, b in zip(dst, want))
+    if kind == "disk":  # the file holds the quantized records, and is reused as such
+        assert store.record_bytes < SLOT.record_bytes
+        assert os.path.getsize(store.path) == 4096 + L * E * (store.record_bytes + 8)
+        again = quant_store(kind, tmp_path, bits)
+        assert again.reused
+        dst = empty()
+        again.read_into(1, 2, dst)
+        assert all(torch.equal(a, b) for a, b in zip(dst, decoded(store.codec, expert(1, 2))))
+    store.close()
+
+
+def test_disk_store_of_another_codec_is_not_reused(tmp_path):
+    fill(quant_store("disk", tmp_path, 4, "hqq"))
+    assert quant_store("disk", tmp_path, 4, "hqq").reused
+    other = quant_store("disk", tmp_path, 4, "rtn")  # same layout, other codes
+    assert not other.reused and "stale" in other.problem
+
+
+def test_damaged_quantized_record_is_re_derived_encoded_and_repaired(tmp_path):
+    store = quant_store("disk", tmp_path, 4)
+    fill(store)
+    store.rederive = expert  # the checkpoint's copy, in slot layout
+    offset = 4096 + (1 * E + 2) * store.record_bytes
+    with open(store.path, "r+b") as f:
+        f.seek(offset + 3)
+        f.write(b"\xff\x00")
+    dst = empty()
+    store.read_into(1, 2, dst)
+    assert all(torch.equal(a, b) for a, b in zip(dst, decoded(store.codec, expert(1, 2))))
+    assert store.repairs == 1
+    store.rederive = None
+    with open(store.path, "r+b") as f:
+        f.seek(offset + 3)
+        f.write(b"\x00\xff")
+    with pytest.raises(ExpertUnavailable):
+        store.read_into(1, 2, empty())
+
+
+def test_cache_counts_the_quantized_bytes_and_stays_in_host_mode(tmp_path):
+    store = quant_store("host", tmp_path, 4)
+    fill(store)
+    assert "quantized store (store_bits=4)" in device_mode_problem(torch.device("cuda"), store,
+                                                                  None)
+    cache = ExpertCache(store, num_slots=E, device="cpu")
+    ids = torch.tensor([[0, 1], [2, 1]])
+    slots = cache.map_to_slots(0, ids)
+    got = [cache.buffers[i][slots[1, 0]] for i in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(got, decoded(store.codec, expert(0, 2))))
+    t = cache.stats.totals()
+    assert t.misses == 3 and t.bytes_loaded == 3 * store.read_bytes
+    assert store.read_bytes < cache.slot_bytes / 3
+
+
+def test_quantized_store_means_host_work_on_a_gpu():
+    cfg = OffloadConfig.from_dict({"store": "host", "store_bits": 4})
+    assert "store_bits=4" in cfg.host_work_reason(on_gpu=True)
+    assert OffloadConfig.from_dict({"store": "host"}).host_work_reason(on_gpu=True) is None

@@ -1,0 +1,232 @@
+"""A quantized slow tier: the store keeps experts at 8, 4, 3 or 2 bits (opt-in).
+
+`store_bits < 16` is approximate: outputs are no longer plain vLLM's. The slots keep
+the model's dtype, so vLLM's kernel runs unchanged; the store holds each expert
+group-quantized, and an expert is decoded on arrival into its slot. A miss moves
+about bits/16 of the bytes (plus 4 bytes of scale and zero per group).
+
+Record layout of one expert (`GroupQuant.layout`), for each of its tensors of n
+values in the checkpoint's layout (w13 [2I, H], then w2 [H, I]; `QuantizedStore`):
+    codes  uint8 [n * bits / 8]   bit planes, see `_pack`
+    scale  fp16  [n / group]      one per `group` consecutive values of the last dim
+    zero   fp16  [n / group]
+A value decodes as  w = (q - zero) * scale  in fp32, rounded to the slot dtype.
+Codes: bits 8, 4, 2 are one plane, 8 / bits values per byte, value j * (8 / bits) + k
+of byte j at bits [k * bits, (k + 1) * bits); 3 bits are a 2-bit plane (the low bits)
+followed by a 1-bit plane (the high bit), so a value costs exactly 3 bits.
+
+Quantizer: min-max (round to nearest) per group; `hqq` (the default) then refines
+each group's zero with HQQ's half-quadratic proximal solver (Badri & Shaji, 2023:
+an l_p<1 error, p = 0.7, 20 iterations), computed once per expert at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .store import ExpertLayout, ExpertStore, TensorSpec
+_HQQ = {"lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20}
+
+
+def _planes(bits: int) -> tuple[int, ...]:
+    return (2, 1) if bits == 3 else (bits,)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[n] uint8 values < 2**bits -> packed planes (module docstring)."""
+    out, shift = [], 0
+    for b in _planes(bits):
+        v = ((q >> shift) & ((1 << b) - 1)).view(-1, 8 // b).to(torch.int32)
+        weights = torch.tensor([1 << (k * b) for k in range(8 // b)], dtype=torch.int32,
+                               device=q.device)
+        out.append((v * weights).sum(1).to(torch.uint8))
+        shift += b
+    return torch.cat(out)
+
+
+def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Packed planes -> [n] uint8 values (torch, any device: the reference decode)."""
+    q, start, shift = None, 0, 0
+    for b in _planes(bits):
+        plane = codes[start:start + n * b // 8]
+        shifts = torch.arange(0, 8, b, dtype=torch.uint8, device=codes.device)
+        v = ((plane.unsqueeze(1) >> shifts) & ((1 << b) - 1)).reshape(-1)
+        q = v if q is None else q | (v << shift)
+        start += n * b // 8
+        shift += b
+    return q
+
+
+def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int):
+    """HQQ's proximal solver (hqq.core.optimize, legacy variant): refine the zero of
+    each group (row of `w`) for an l_p error, scale fixed. fp32 on the CPU."""
+    p, beta, kappa = _HQQ["lp_norm"], _HQQ["beta"], _HQQ["kappa"]
+    best, best_zero = float("inf"), zero
+    for _ in range(_HQQ["iters"]):
+        q = (w * inv + zero).round().clamp(0, qmax)
+        r = (q - zero) / inv
+        err = float((w - r).abs().mean())
+        if err >= best:  # HQQ's early stop: keep the best zero seen
+            break
+        best, best_zero = err, zero
+        e = w - r
+        e = torch.sign(e) * torch.relu(e.abs() - (1.0 / beta) * (e.abs() + 1e-8) ** (p - 1))
+        zero = (q - (w - e) * inv).mean(1, keepdim=True)
+        beta *= kappa
+    return best_zero
+
+
+@dataclass(frozen=True)
+class GroupQuant:
+    bits: int
+    group: int = 64
+    method: str = "hqq"
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group": self.group, "method": self.method}
+
+    def check(self, slot: ExpertLayout) -> None:
+        """A clear error when the group size does not fit the experts' shapes."""
+        for spec in slot.tensors:
+            if spec.shape[-1] % self.group:
+                shapes = " and ".join(str(list(s.shape)) for s in slot.tensors)
+                divisors = [g for g in (128, 64, 32, 16, 8)
+                            if all(s.shape[-1] % g == 0 for s in slot.tensors)]
+                raise ValueError(
+                    f"expert_offload.store_group_size={self.group} does not divide the "
+                    f"experts' input dimension {spec.shape[-1]} (expert tensors {shapes} "
+                    f"in the kernel's layout); set --expert-store-group-size to "
+                    + (f"{divisors[0]}." if divisors else "a multiple of 8 dividing it."))
+
+    def layout(self, slot: ExpertLayout) -> ExpertLayout:
+        specs = []
+        for spec in slot.tensors:
+            n = spec.nbytes // spec.dtype.itemsize
+            specs += [TensorSpec((n * self.bits // 8,), torch.uint8),
+                      TensorSpec((n // self.group,), torch.float16),
+                      TensorSpec((n // self.group,), torch.float16)]
+        return ExpertLayout(tuple(specs))
+
+    def encode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for t in tensors:
+            out += self._encode_one(t.detach().to("cpu", torch.float32).reshape(-1,
+                                                                                self.group))
+        return out
+
+    def _encode_one(self, w: torch.Tensor) -> list[torch.Tensor]:
+        qmax = (1 << self.bits) - 1
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        inv = qmax / (hi - lo).clamp(min=1e-12)
+        zero = -lo * inv
+        if self.method == "hqq":
+            zero = _hqq_zero(w, inv, zero, qmax)
+        # Codes are chosen for the fp16 scale and zero that the record keeps.
+        scale = (1.0 / inv).to(torch.float16)
+        zero = zero.to(torch.float16)
+        q = (w / scale.float() + zero.float()).round().clamp(0, qmax).to(torch.uint8)
+        return [_pack(q.reshape(-1), self.bits), scale.reshape(-1), zero.reshape(-1)]
+
+    def decode(self, stored: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+        """Stored record tensors (on dst's device) -> the expert's tensors `dst`."""
+        for i, d in enumerate(dst):
+            codes, scale, zero = stored[3 * i:3 * i + 3]
+            q = _unpack(codes, self.bits, d.numel()).view(-1, self.group)
+            w = (q.float() - zero.float().unsqueeze(1)) * scale.float().unsqueeze(1)
+            d.copy_(w.view(d.shape))
+
+
+class QuantizedStore(ExpertStore):
+    """A store of quantized records (`inner`, a HostStore or DiskStore with the codec's
+    layout) behind the slot layout: `put` encodes, `read_into` decodes into the slot.
+    Everything else (path, repairs, ...) is the inner store's.
+
+    Experts are quantized in `source_layout` (the checkpoint's: w13 [2I, H], w2 [H, I],
+    so groups run along each matrix's input dimension) and `packers[layer]` turns a
+    decoded expert into the kernel's layout (vLLM's own packing; a layer without a
+    packer has identical layouts, as GPU kernels do)."""
+
+    def __init__(self, inner: ExpertStore, codec: GroupQuant, slot_layout: ExpertLayout,
+                 source_layout: ExpertLayout | None = None):
+        self.inner, self.codec, self.layout = inner, codec, slot_layout
+        self.source = source_layout or slot_layout
+        self.packers: dict[int, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
+        self.num_layers, self.experts_per_layer = inner.num_layers, inner.experts_per_layer
+        self.kind = inner.kind
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def reused(self) -> bool:
+        return self.inner.reused
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    @property
+    def read_bytes(self) -> int:
+        return self.inner.layout.expert_bytes
+
+    @property
+    def record_bytes(self) -> int:
+        return self.inner.layout.record_bytes
+
+    @property
+    def rederive(self):
+        return getattr(self.inner, "rederive", None)
+
+    @rederive.setter
+    def rederive(self, fn):  # the checkpoint's expert, encoded like put() encodes it
+        self.inner.rederive = None if fn is None else (lambda l, e: self.codec.encode(fn(l, e)))
+
+    def contains(self, layer, expert):
+        return self.inner.contains(layer, expert)
+
+    def is_complete(self):
+        return self.inner.is_complete()
+
+    def missing(self):
+        return self.inner.missing()
+
+    def put(self, layer, expert, tensors):
+        """`tensors` in the source layout (the checkpoint's)."""
+        if self.inner.reused:
+            return  # the sealed file already holds this expert
+        got = [(tuple(t.shape), t.dtype) for t in tensors]
+        if got != [(s.shape, s.dtype) for s in self.source.tensors]:
+            raise ValueError(f"expert tensors {got} do not match the quantized store's "
+                             f"source layout {self.source.describe()}")
+        self.inner.put(layer, expert, self.codec.encode(tensors))
+
+    def read_into(self, layer, expert, dst):
+        device = dst[0].device
+        if self.inner.kind == "host":
+            src = [s.to(device, non_blocking=True) for s in self.inner.views(layer, expert)]
+            n = self.read_bytes
+        else:
+            src = [torch.empty(s.shape, dtype=s.dtype, device=device)
+                   for s in self.inner.layout.tensors]
+            n = self.inner.read_into(layer, expert, src)
+        pack = self.packers.get(layer)
+        if pack is None:
+            self.codec.decode(src, dst)
+            return n
+        expert_tensors = [torch.empty(s.shape, dtype=s.dtype, device=device)
+                          for s in self.source.tensors]
+        self.codec.decode(src, expert_tensors)
+        for d, t in zip(dst, pack(expert_tensors)):
+            d.copy_(t)
+        return n
+
+    def seal(self):
+        self.inner.seal()
+
+    def close(self):
+        self.inner.close()
