@@ -15,6 +15,7 @@ setup(
         "cuda": ["vllm==0.32.0"],
         "test": ["pytest", "openai", "tokenizers", "transformers", "pandas"],
         "bench": ["matplotlib", "pandas"],
+        "eval": ["lm-eval[api]==0.4.13"],  # benchmarks/quantized_store.py
     },
     entry_points={
         "vllm.general_plugins": ["moe_offload = vllm_moe_offload.integration.vllm:register"],

@@ -98,7 +98,7 @@ class GroupQuant:
                 raise ValueError(
                     f"expert_offload.store_group_size={self.group} does not divide the "
                     f"experts' input dimension {spec.shape[-1]} (expert tensors {shapes} "
-                    f"in the kernel's layout); set --expert-store-group-size to "
+                    f"as the checkpoint holds them); set --expert-store-group-size to "
                     + (f"{divisors[0]}." if divisors else "a multiple of 8 dividing it."))
 
     def layout(self, slot: ExpertLayout) -> ExpertLayout:
@@ -131,9 +131,15 @@ class GroupQuant:
         return [_pack(q.reshape(-1), self.bits), scale.reshape(-1), zero.reshape(-1)]
 
     def decode(self, stored: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
-        """Stored record tensors (on dst's device) -> the expert's tensors `dst`."""
+        """Stored record tensors (on dst's device) -> the expert's tensors `dst`.
+        On CUDA a Triton kernel (dequant_kernel.py), else torch; bit-identical."""
         for i, d in enumerate(dst):
             codes, scale, zero = stored[3 * i:3 * i + 3]
+            if d.device.type == "cuda" and d.is_contiguous():
+                from .dequant_kernel import decode_into  # Triton: CUDA hosts only
+
+                decode_into(codes, scale, zero, d, self.bits, self.group)
+                continue
             q = _unpack(codes, self.bits, d.numel()).view(-1, self.group)
             w = (q.float() - zero.float().unsqueeze(1)) * scale.float().unsqueeze(1)
             d.copy_(w.view(d.shape))

@@ -170,3 +170,21 @@ def test_quantized_store_means_host_work_on_a_gpu():
     cfg = OffloadConfig.from_dict({"store": "host", "store_bits": 4})
     assert "store_bits=4" in cfg.host_work_reason(on_gpu=True)
     assert OffloadConfig.from_dict({"store": "host"}).host_work_reason(on_gpu=True) is None
+
+
+def test_triton_decode_kernel_is_bit_identical_to_torch_in_the_interpreter():
+    """Triton's interpreter runs the CUDA decode kernel on the CPU (tests/gpu runs
+    the same cases on a GPU)."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "tests.unit.runtime.dequant_cases", "cpu"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 16 and all(v is None for v in results.values()), results

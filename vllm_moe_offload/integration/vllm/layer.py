@@ -14,6 +14,7 @@ every MoE layer. While offload is off it is `RoutedExperts` unchanged. While on:
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -203,13 +204,28 @@ class OffloadedRoutedExperts(RoutedExperts):
         return OffloadedRoutedExperts._pack(twin, *expert)
 
     def _packer(self):
-        """For a quantized store: how a decoded expert reaches the kernel's layout;
-        None where vLLM's packing leaves it as it is (a probe expert says)."""
-        w13, w2 = self._empty_expert()
-        probe = [torch.arange(t.numel()).view(t.shape).to(t.dtype) for t in (w13, w2)]
-        packed = self._pack(*probe)
-        if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(packed, probe)):
+        """For a quantized store: how a decoded expert reaches the kernel's layout.
+        None where vLLM's packing leaves it as it is (GPU kernels); a gather where it
+        only moves values (the CPU kernels' prepack: learnt from probe experts whose
+        values are digits of each position, base 128, exact in bf16); else vLLM's
+        packing itself, at every miss."""
+        expert = self._empty_expert()
+        n = max(t.numel() for t in expert)
+        index = None
+        for k in range(max(1, math.ceil(math.log(n + 1, 128)))):
+            probe = [((torch.arange(t.numel()) >> (7 * k)) & 127).add(1).view(t.shape)
+                     .to(t.dtype) for t in expert]
+            digits = [p.float().long() - 1 for p in self._pack(*probe)]  # -1: padding
+            index = digits if index is None else [
+                torch.where(d >= 0, i + (d << (7 * k)), -1) for i, d in zip(index, digits)]
+        if all(i.shape == t.shape and torch.equal(i.view(-1), torch.arange(t.numel()))
+               for i, t in zip(index, expert)):
             return None
+        gather = _Gather(index)
+        g = torch.Generator().manual_seed(0)
+        sample = [torch.randn(t.shape, generator=g).to(t.dtype) for t in expert]
+        if all(torch.equal(a, b) for a, b in zip(gather(sample), self._pack(*sample))):
+            return gather
         return self._pack_copy
 
     def bind_pool(self) -> None:
@@ -227,6 +243,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             # quantized store): packing one empty expert sets up the layer's kernel
             # and gives the layout.
             if self._model.quantized:
+                self._pack(*self._empty_expert())
                 self._ensure_store()
             else:
                 self._model.ensure_store(_layout_of(self._pack(*self._empty_expert())))
@@ -237,10 +254,16 @@ class OffloadedRoutedExperts(RoutedExperts):
                 "inside the kernel; offload needs a modular one. Pick another "
                 "--moe-backend, or turn expert offload off.")
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
-        if self._model.quantized:
-            packer = self._packer()
-            if packer is not None:
-                self._model.store.packers[self._layer] = packer
+        if self._model.quantized:  # one packer per expert shape and kernel, shared
+            kind = (self._checkpoint_shapes(),
+                    type(self.quant_method.moe_kernel.fused_experts).__name__)
+            if kind not in self._model.packers:
+                packer = self._model.packers[kind] = self._packer()
+                logger.info("expert offload: decoded experts reach %s's layout %s", kind[1],
+                            "as they are" if packer is None else "by a gather"
+                            if isinstance(packer, _Gather) else "by vLLM's packing at each miss")
+            if self._model.packers[kind] is not None:
+                self._model.store.packers[self._layer] = self._model.packers[kind]
         for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
             param = torch.nn.Parameter(buf, requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self.weight_loader})
@@ -261,6 +284,25 @@ class OffloadedRoutedExperts(RoutedExperts):
             apply_router_weight_on_input=self.apply_router_weight_on_input,
             global_num_experts=self._num_slots, expert_map=None,
             shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+
+
+class _Gather:
+    """vLLM's packing of one expert as a gather: `index` [packed shape] of positions
+    in the checkpoint's layout, -1 for padding (zeros)."""
+
+    def __init__(self, index: list[torch.Tensor]):
+        self.index = [i.clamp(min=0).view(-1).to(torch.int32) for i in index]
+        self.pad = [(i < 0).view(-1) if bool((i < 0).any()) else None for i in index]
+        self.shapes = [i.shape for i in index]
+
+    def __call__(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for t, index, pad, shape in zip(expert, self.index, self.pad, self.shapes):
+            flat = t.reshape(-1).index_select(0, index.to(t.device))
+            if pad is not None:
+                flat.masked_fill_(pad.to(t.device), 0)
+            out.append(flat.view(shape))
+        return out
 
 
 def _layout_of(tensors: list[torch.Tensor]) -> ExpertLayout:

@@ -54,6 +54,7 @@ class ModelOffload:
         self._checkpoint: CheckpointExperts | None = None
         self._build_bar: tqdm | None = None
         self.failed_requests = 0  # failed because an expert they routed to was lost
+        self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:

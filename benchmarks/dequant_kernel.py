@@ -1,0 +1,125 @@
+"""What decoding a quantized expert costs, against the copy it follows.
+
+    python3 benchmarks/dequant_kernel.py [--device cuda|cpu] [--shapes mixtral qwen3]
+
+runtime/ only (no vLLM), so it runs on a bare GPU machine. Per expert shape and bit
+width: the record's copy from the store (pinned host -> GPU on CUDA; a RAM copy on
+CPU), the decode into bf16 slot tensors (the Triton kernel on CUDA, torch on CPU),
+and the bf16 expert's own copy for comparison. Decoded values are checked against
+the torch reference on the CPU. Writes benchmarks/results/dequant_kernel_<device>.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import write_results
+
+from vllm_moe_offload.runtime.quant import GroupQuant
+
+SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768), "tiny": (192, 192)}  # H, I
+
+
+def timed(fn, device, repeat=20) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeat / 1e3
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def row(shape: str, bits: int, device: str) -> dict:
+    H, I = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    expert = [(torch.randn(2 * I, H, generator=g) * 0.02).bfloat16(),
+              (torch.randn(H, I, generator=g) * 0.02).bfloat16()]
+    pin = device == "cuda"
+    dst = [torch.empty_like(t, device=device) for t in expert]
+    full_src = [t.pin_memory() if pin else t.clone() for t in expert]
+    out = {"shape": shape, "bits": bits, "expert_mib": sum(t.nbytes for t in expert) / 2**20}
+
+    def copy(src, to):
+        for d, s in zip(to, src):
+            d.copy_(s, non_blocking=True)
+
+    out["bf16_copy_ms"] = 1e3 * timed(lambda: copy(full_src, dst), device)
+    if bits == 16:
+        return out
+    codec = GroupQuant(bits, 64, "rtn")
+    stored = codec.encode(expert)
+    host = [s.pin_memory() if pin else s.clone() for s in stored]
+    on_dev = [torch.empty_like(s, device=device) for s in stored]
+    out["record_mib"] = sum(s.nbytes for s in stored) / 2**20
+    out["record_copy_ms"] = 1e3 * timed(lambda: copy(host, on_dev), device)
+    out["decode_ms"] = 1e3 * timed(lambda: codec.decode(on_dev, dst), device)
+    want = [torch.empty_like(t) for t in expert]
+    codec.decode(stored, want)
+    codec.decode(on_dev, dst)
+    out["bit_identical"] = all(torch.equal(a.cpu(), b) for a, b in zip(dst, want))
+    out["decode_over_copy"] = out["decode_ms"] / out["record_copy_ms"]
+    out["miss_ms_vs_bf16"] = (out["record_copy_ms"] + out["decode_ms"]) / out["bf16_copy_ms"]
+    return out
+
+
+def markdown(rows) -> str:
+    lines = ["| shape | bits | MiB moved | copy ms | decode ms | decode / copy | "
+             "miss (copy + decode) / bf16 copy | bit-identical |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["bits"] == 16:
+            lines.append(f"| {r['shape']} | 16 | {r['expert_mib']:.2f} | "
+                         f"{r['bf16_copy_ms']:.3f} | - | - | 1.00 | - |")
+        else:
+            lines.append(f"| {r['shape']} | {r['bits']} | {r['record_mib']:.2f} | "
+                         f"{r['record_copy_ms']:.3f} | {r['decode_ms']:.3f} | "
+                         f"{r['decode_over_copy']:.2f} | {r['miss_ms_vs_bf16']:.2f} | "
+                         f"{r['bit_identical']} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        rs = [r for r in rows if r["shape"] == shape]
+        ax.plot([str(r["bits"]) for r in rs],
+                [r.get("record_copy_ms", r["bf16_copy_ms"]) + r.get("decode_ms", 0)
+                 for r in rs], "o-", label=f"{shape}: copy + decode")
+    ax.set_xlabel("store bits")
+    ax.set_ylabel("ms per miss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="+", default=None)
+    ap.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4, 3, 2])
+    args = ap.parse_args(argv)
+    shapes = args.shapes or (["mixtral", "qwen3"] if args.device == "cuda" else ["qwen3", "tiny"])
+    rows = [row(s, b, args.device) for s in shapes for b in args.bits]
+    table = markdown(rows)
+    print(table)
+    assert all(r.get("bit_identical", True) for r in rows), "decode differs from the reference"
+    write_results(f"dequant_kernel_{args.device}",
+                  f"python3 benchmarks/dequant_kernel.py --device {args.device}", table, rows, plot)
+
+
+if __name__ == "__main__":
+    main()
