@@ -296,11 +296,15 @@ class _Gather:
         self.shapes = [i.shape for i in index]
 
     def __call__(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = expert[0].device
+        if self.index[0].device != device:  # once: the gather runs where the decode ran
+            self.index = [i.to(device) for i in self.index]
+            self.pad = [None if p is None else p.to(device) for p in self.pad]
         out = []
         for t, index, pad, shape in zip(expert, self.index, self.pad, self.shapes):
-            flat = t.reshape(-1).index_select(0, index.to(t.device))
+            flat = t.reshape(-1).index_select(0, index)
             if pad is not None:
-                flat.masked_fill_(pad.to(t.device), 0)
+                flat.masked_fill_(pad, 0)
             out.append(flat.view(shape))
         return out
 
