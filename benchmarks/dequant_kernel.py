@@ -12,6 +12,7 @@ the torch reference on the CPU. Writes benchmarks/results/dequant_kernel_<device
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -117,8 +118,8 @@ def main(argv=None) -> None:
     table = markdown(rows)
     print(table)
     assert all(r.get("bit_identical", True) for r in rows), "decode differs from the reference"
-    write_results(f"dequant_kernel_{args.device}",
-                  f"python3 benchmarks/dequant_kernel.py --device {args.device}", table, rows, plot)
+    command = " ".join(["python3 benchmarks/dequant_kernel.py", *(argv or sys.argv[1:])])
+    write_results(f"dequant_kernel_{args.device}", command, table, rows, plot)
 
 
 if __name__ == "__main__":

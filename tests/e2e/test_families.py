@@ -4,7 +4,8 @@ vLLM on CPU: token-identical to plain vLLM at the one-layer pool and at 50%.
 They differ where the capability check (layer.py `capability_problem`) says it
 does not matter: routing (sigmoid with a correction bias for GLM-4-MoE, PhiMoE's
 sparsemixer), shared experts beside the routed ones (GLM-4-MoE, DeepSeek-V2), a
-dense first layer (both), MLA attention (DeepSeek-V2), and checkpoint names."""
+dense first layer (both), MLA attention (DeepSeek-V2), biased swigluoai experts
+whose biases travel in the slot record (gpt-oss), and checkpoint names."""
 
 import pytest
 
@@ -29,12 +30,14 @@ def test_family_outputs_match_plain_vllm(models, engine, store_dir, family, pool
     assert info["pool_bytes"] == slots * info["slot_bytes"]
 
 
-def test_next_gate_prefetch_where_the_first_layer_is_dense(models, engine, store_dir):
-    """The predictor's gates are the MoE layers' own (DeepSeek-V3: layers 1..3 of 4),
-    ranked by raw router logits (its grouped, biased choice is not modelled)."""
-    moe_layers = LAYERS - 1
-    plain = engine(plain_spec(models["deepseek_v3"]))
-    off = engine(offload_spec(models["deepseek_v3"], pool_slots=moe_layers * EXPERTS // 2,
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_next_gate_prefetch(models, engine, store_dir, family):
+    """The predictor's gates are the MoE layers' own (DeepSeek-V3: layers 1..3 of 4,
+    the first is dense), ranked by raw router logits (DeepSeek-V3's grouped, biased
+    choice and gpt-oss's router bias are not modelled: prefetch only)."""
+    moe_layers = LAYERS - (family in FIRST_DENSE)
+    plain = engine(plain_spec(models[family]))
+    off = engine(offload_spec(models[family], pool_slots=moe_layers * EXPERTS // 2,
                               store="disk", store_dir=store_dir, predictor="next-gate"))
     assert off["token_ids"] == plain["token_ids"]
     totals = off["stats"]["totals"]

@@ -12,7 +12,8 @@ from vllm_moe_offload.runtime.predictors import load_gates
 
 
 @pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v2", "deepseek_v3", "olmoe",
-                                    "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe"])
+                                    "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe",
+                                    "gpt_oss"])
 def test_captured_experts_are_the_ones_the_model_ran(tmp_path, family):
     path = build_tiny_moe(tmp_path / family, family, num_layers=3)
     model, tokenizer = load_model(str(path))

@@ -51,11 +51,14 @@ def _routers(model) -> list[torch.nn.Module]:
 
 
 def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
-    """The experts `gate` picks: top-k of the logits, or, with a correction bias
+    """The experts `gate` picks: top-k of the logits (with the router's own bias,
+    gpt-oss), or, with a correction bias
     (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias within the
     best `topk_group` of `n_group` expert groups (a group scores its top two), or
     (ERNIE-4.5) of softmax(logits) + bias."""
     scores = hidden @ gate.weight.float().T
+    if isinstance(getattr(gate, "bias", None), torch.Tensor):  # gpt-oss: a linear's bias
+        scores = scores + gate.bias.float()
     statics = getattr(gate, "moe_statics", None)
     if statics is not None:  # ERNIE-4.5: softmax probabilities plus the bias
         bias = statics.e_score_correction_bias.float().squeeze()

@@ -14,7 +14,7 @@ import torch
 
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
-                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama4", "llama")
+                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -52,7 +52,7 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 def _config(arch: str, **sizes):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig,
-                              Glm4MoeConfig, GraniteMoeConfig, Llama4TextConfig, LlamaConfig,
+                              Glm4MoeConfig, GptOssConfig, GraniteMoeConfig, Llama4TextConfig, LlamaConfig,
                               MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
                               Qwen3MoeConfig, Qwen3NextConfig)
 
@@ -141,6 +141,13 @@ def _config(arch: str, **sizes):
         )
         config.architectures = ["Llama4ForCausalLM"]
         return config
+    if arch == "gpt_oss":  # biased experts, swigluoai with clamping, attention sinks
+        return GptOssConfig(
+            **common, head_dim=64, num_local_experts=experts, num_experts_per_tok=top_k,
+            intermediate_size=ffn, sliding_window=128,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                         for i in range(sizes["num_layers"])],
+        )
     if arch == "llama":
         return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -183,8 +190,8 @@ def build_tiny_moe(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():  # experts of transformers 5 may skip the initializer
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, init_std)
+            if p.dim() >= 2 or (arch == "gpt_oss" and name.endswith("bias")):
+                p.normal_(0.0, init_std)  # gpt-oss: expert and router biases matter
         for name, b in model.named_buffers():  # a routing bias that changes the choice
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)

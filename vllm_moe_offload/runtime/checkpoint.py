@@ -6,7 +6,8 @@ checkpoints of the supported families: `{prefix}.{e}.gate_proj|up_proj|down_proj
 .weight` (Qwen-MoE and most others), `{prefix}.{e}.w1|w3|w2.weight` (Mixtral, PhiMoE),
 or one fused tensor per layer, `[E, 2I, H]` (gate first) and `[E, H, I]`:
 `{prefix}.gate_up_proj|down_proj` (Qwen3.5; transposed, `[E, H, 2I]` and `[E, I, H]`,
-under Llama-4's `feed_forward.experts`) or `input_linear|output_linear.weight` beside
+under Llama-4's `feed_forward.experts` and gpt-oss's `mlp.experts`, whose biases are
+`{prefix}.gate_up_proj_bias|down_proj_bias`) or `input_linear|output_linear.weight` beside
 the experts module (Granite-MoE); `prefix` being the layer's module path
 (`model.layers.3.mlp.experts`).
 """
@@ -45,15 +46,17 @@ class CheckpointExperts:
             self._file_of = file_of
         return self._file_of
 
-    def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them."""
+    def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
+        """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them, then
+        (w13_bias [2I], w2_bias [H]) where it has biases (gpt-oss: gate and up
+        interleaved, as vLLM's swigluoai reads them)."""
         try:
             return self._read(prefix, expert)
         except (OSError, KeyError):
             self._file_of = None  # the files may have moved since they were indexed
             return self._read(prefix, expert)
 
-    def _read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
         index = self._index()
         for names in _PROJECTIONS:
             keys = [f"{prefix}.{expert}.{n}.weight" for n in names]
@@ -61,13 +64,20 @@ class CheckpointExperts:
                 gate, up, down = (self._tensor(index[k], k) for k in keys)
                 return torch.cat([gate, up]), down
         parent = prefix.rsplit(".experts", 1)[0]
-        transposed = parent.endswith(".feed_forward")  # Llama-4: [E, H, 2I], [E, I, H]
+        biases = (f"{prefix}.gate_up_proj_bias", f"{prefix}.down_proj_bias")  # gpt-oss
+        has_bias = all(b in index for b in biases)
+        # Llama-4 and gpt-oss store them transposed: [E, H, 2I], [E, I, H]
+        transposed = parent.endswith(".feed_forward") or has_bias
         for up, down in ((f"{prefix}.gate_up_proj", f"{prefix}.down_proj"),
                          (f"{parent}.input_linear.weight", f"{parent}.output_linear.weight")):
             if up in index and down in index:  # fused [E, 2I, H] and [E, H, I]
                 w13 = self._tensor(index[up], up, expert)
                 w2 = self._tensor(index[down], down, expert)
-                return (w13.t().contiguous(), w2.t().contiguous()) if transposed else (w13, w2)
+                out = ((w13.t().contiguous(), w2.t().contiguous()) if transposed
+                       else (w13, w2))
+                if has_bias:
+                    out += tuple(self._tensor(index[b], b, expert) for b in biases)
+                return out
         raise KeyError(f"{prefix}.{expert}.gate_proj.weight (or .w1.weight, or fused "
                        f"{prefix}.gate_up_proj / {parent}.input_linear.weight) is not in "
                        f"the checkpoint at {self.model_dir}")

@@ -5,8 +5,9 @@ the model's dtype, so vLLM's kernel runs unchanged; the store holds each expert
 group-quantized, and an expert is decoded on arrival into its slot. A miss moves
 about bits/16 of the bytes (plus 4 bytes of scale and zero per group).
 
-Record layout of one expert (`GroupQuant.layout`), for each of its tensors of n
-values in the checkpoint's layout (w13 [2I, H], then w2 [H, I]; `QuantizedStore`):
+Record layout of one expert (`GroupQuant.layout`), for each of its matrices of n
+values in the checkpoint's layout (w13 [2I, H], then w2 [H, I]; `QuantizedStore`;
+biases, where the experts have them, follow as they are):
     codes  uint8 [n * bits / 8]   bit planes, see `_pack`
     scale  fp16  [n / group]      one per `group` consecutive values of the last dim
     zero   fp16  [n / group]
@@ -90,11 +91,12 @@ class GroupQuant:
 
     def check(self, slot: ExpertLayout) -> None:
         """A clear error when the group size does not fit the experts' shapes."""
-        for spec in slot.tensors:
+        mats = [s for s in slot.tensors if len(s.shape) > 1]
+        for spec in mats:
             if spec.shape[-1] % self.group:
-                shapes = " and ".join(str(list(s.shape)) for s in slot.tensors)
+                shapes = " and ".join(str(list(s.shape)) for s in mats)
                 divisors = [g for g in (128, 64, 32, 16, 8)
-                            if all(s.shape[-1] % g == 0 for s in slot.tensors)]
+                            if all(s.shape[-1] % g == 0 for s in mats)]
                 raise ValueError(
                     f"expert_offload.store_group_size={self.group} does not divide the "
                     f"experts' input dimension {spec.shape[-1]} (expert tensors {shapes} "
@@ -104,6 +106,9 @@ class GroupQuant:
     def layout(self, slot: ExpertLayout) -> ExpertLayout:
         specs = []
         for spec in slot.tensors:
+            if len(spec.shape) == 1:  # a bias: kept as it is
+                specs.append(spec)
+                continue
             n = spec.nbytes // spec.dtype.itemsize
             specs += [TensorSpec((n * self.bits // 8,), torch.uint8),
                       TensorSpec((n // self.group,), torch.float16),
@@ -113,6 +118,9 @@ class GroupQuant:
     def encode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for t in tensors:
+            if t.dim() == 1:  # a bias: kept as it is
+                out.append(t.detach().to("cpu").contiguous())
+                continue
             out += self._encode_one(t.detach().to("cpu", torch.float32).reshape(-1,
                                                                                 self.group))
         return out
@@ -133,8 +141,14 @@ class GroupQuant:
     def decode(self, stored: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
         """Stored record tensors (on dst's device) -> the expert's tensors `dst`.
         On CUDA a Triton kernel (dequant_kernel.py), else torch; bit-identical."""
-        for i, d in enumerate(dst):
-            codes, scale, zero = stored[3 * i:3 * i + 3]
+        at = 0
+        for d in dst:
+            if d.dim() == 1:  # a bias
+                d.copy_(stored[at])
+                at += 1
+                continue
+            codes, scale, zero = stored[at:at + 3]
+            at += 3
             if d.device.type == "cuda" and d.is_contiguous():
                 from .dequant_kernel import decode_into  # Triton: CUDA hosts only
 

@@ -53,3 +53,18 @@ def test_reads_one_expert_of_llama4s_transposed_fused_checkpoint(tmp_path):
               tmp_path / "model.safetensors")
     w13, w2 = CheckpointExperts(tmp_path).read(prefix, 1)
     assert torch.equal(w13, gate_up[1].t()) and torch.equal(w2, down[1].t())
+
+
+def test_reads_one_expert_and_its_biases_of_gpt_oss_checkpoint(tmp_path):
+    """gpt-oss: mlp.experts.gate_up_proj [E, H, 2I] (gate and up interleaved),
+    down_proj [E, I, H], and their biases [E, 2I], [E, H]."""
+    g = torch.Generator().manual_seed(5)
+    gate_up, down = torch.randn(3, 6, 8, generator=g), torch.randn(3, 4, 6, generator=g)
+    b13, b2 = torch.randn(3, 8, generator=g), torch.randn(3, 6, generator=g)
+    prefix = "model.layers.0.mlp.experts"
+    save_file({f"{prefix}.gate_up_proj": gate_up, f"{prefix}.down_proj": down,
+               f"{prefix}.gate_up_proj_bias": b13, f"{prefix}.down_proj_bias": b2},
+              tmp_path / "model.safetensors")
+    w13, w2, bias13, bias2 = CheckpointExperts(tmp_path).read(prefix, 2)
+    assert torch.equal(w13, gate_up[2].t()) and torch.equal(w2, down[2].t())
+    assert torch.equal(bias13, b13[2]) and torch.equal(bias2, b2[2])

@@ -188,3 +188,18 @@ def test_triton_decode_kernel_is_bit_identical_to_torch_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 16 and all(v is None for v in results.values()), results
+
+
+def test_biases_are_kept_as_they_are():
+    layout = ExpertLayout(SLOT.tensors + (TensorSpec((16,), torch.bfloat16),
+                                          TensorSpec((64,), torch.bfloat16)))
+    codec = GroupQuant(4, 32)
+    codec.check(layout)
+    g = torch.Generator().manual_seed(1)
+    expert = [torch.randn(s.shape, generator=g).to(s.dtype) for s in layout.tensors]
+    stored = codec.encode(expert)
+    assert [tuple(t.shape) for t in stored] == [s.shape for s in codec.layout(layout).tensors]
+    out = [torch.empty_like(t) for t in expert]
+    codec.decode(stored, out)
+    assert torch.equal(out[2], expert[2]) and torch.equal(out[3], expert[3])
+    assert torch.equal(out[0], decoded(codec, expert[:2])[0])

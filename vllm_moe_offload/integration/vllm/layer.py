@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
 
@@ -68,7 +69,8 @@ class OffloadedRoutedExperts(RoutedExperts):
             cfg, _fingerprint(vllm_config), torch.device(moe_config.device))
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)
-        self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, set]] = {}
+        # checkpoint expert id -> (its tensors, shards seen): see `_names`
+        self._staging: dict[int, tuple[list[torch.Tensor], set]] = {}
 
     # ---- weights ------------------------------------------------------------------
 
@@ -101,10 +103,10 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._offload_cfg is None:
             return super().weight_loader(param, loaded_weight, weight_name, shard_id,
                                          expert_id, return_success)
-        if "weight" not in weight_name or any(s in weight_name for s in ("scale", "bias")):
+        if "scale" in weight_name or ("bias" in weight_name and not self.moe_config.has_bias):
             raise NotImplementedError(
                 f"expert offload: checkpoint tensor {weight_name} (shard {shard_id}) is not "
-                "a plain expert weight; biased or quantized experts are not supported yet.")
+                "a plain expert weight; quantized experts are not supported yet.")
         if loaded_weight.dim() == 3:  # all experts at once (Llama-4): one by one
             for e in range(loaded_weight.shape[0]):
                 self.weight_loader(param, loaded_weight[e], weight_name, shard_id,
@@ -113,7 +115,9 @@ class OffloadedRoutedExperts(RoutedExperts):
         store = self._model.store
         if store is not None and store.reused:
             return True if return_success else None  # the disk store already has it
-        w13, w2, seen = self._stage(expert_id)
+        tensors, seen = self._stage(expert_id)
+        is_bias = weight_name.endswith("_bias") or weight_name.endswith(".bias")
+        w13, w2 = tensors[2:] if is_bias else tensors[:2]
         half = w13.shape[0] // 2
         if shard_id == "w1":
             w13[:half].copy_(loaded_weight)
@@ -121,16 +125,19 @@ class OffloadedRoutedExperts(RoutedExperts):
             w13[half:].copy_(loaded_weight)
         elif shard_id == "w2":
             w2.copy_(loaded_weight)
+        elif shard_id in ("gpt_oss_w13", "gpt_oss_w2"):  # gate and up interleaved, [H, *]
+            dst = w13 if shard_id == "gpt_oss_w13" else w2
+            dst.copy_(loaded_weight if is_bias else loaded_weight.t())
         else:
             raise ValueError(f"shard_id must be w1, w2 or w3, got {shard_id!r}")
-        seen.add(shard_id)
-        if seen == {"w1", "w2", "w3"}:
+        seen.add(("bias " if is_bias else "") + shard_id)
+        if seen in self._complete:
             del self._staging[expert_id]
             if self._model.quantized:  # the store encodes the checkpoint's layout
                 self._ensure_store()
-                self._model.put_expert(self._layer, expert_id, [w13, w2])
+                self._model.put_expert(self._layer, expert_id, tensors)
             else:
-                packed = self._pack(w13, w2)
+                packed = self._pack(*tensors)
                 self._model.ensure_store(_layout_of(packed))
                 self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
@@ -141,60 +148,77 @@ class OffloadedRoutedExperts(RoutedExperts):
             empty = self._empty_expert()
             self._model.ensure_store(_layout_of(self._pack(*empty)), _layout_of(empty))
 
-    def _checkpoint_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """One expert's w13 [2I, H] and w2 [H, I] as the checkpoint holds them."""
+    @property
+    def _complete(self) -> list[set[str]]:
+        """The shard sets that make a whole expert: w1, w3, w2 (most checkpoints) or
+        gate_up and down (gpt-oss), with a bias each where the layer has them."""
+        out = []
+        for shards in (("w1", "w2", "w3"), ("gpt_oss_w13", "gpt_oss_w2")):
+            out.append(set(shards) | ({"bias " + x for x in shards}
+                                      if self.moe_config.has_bias else set()))
+        return out
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        """The layer's per-expert parameters, the order of an expert's tensors."""
+        return _NAMES if self.moe_config.has_bias else _NAMES[:2]
+
+    def _checkpoint_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """One expert's tensors as the checkpoint holds them: w13 [2I, H], w2 [H, I],
+        and where the layer has biases, w13_bias [2I] and w2_bias [H]."""
         inter = (self.moe_config.intermediate_size_per_partition_unpadded
                  or self.intermediate_size_per_partition)
         hidden = self.moe_config.hidden_dim_unpadded or self.hidden_size
-        return (2 * inter, hidden), (hidden, inter)
+        return ((2 * inter, hidden), (hidden, inter), (2 * inter,), (hidden,))[
+            :len(self._names)]
 
-    def _empty_expert(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s13, s2 = self._checkpoint_shapes()
-        return (torch.zeros(s13, dtype=self.params_dtype),
-                torch.zeros(s2, dtype=self.params_dtype))
+    def _empty_expert(self) -> list[torch.Tensor]:
+        return [torch.zeros(s, dtype=self.params_dtype) for s in self._checkpoint_shapes()]
 
     def _stage(self, expert_id: int):
         if expert_id not in self._staging:
-            self._staging[expert_id] = (*self._empty_expert(), set())
+            self._staging[expert_id] = (self._empty_expert(), set())
         return self._staging[expert_id]
 
-    def _pack(self, w13: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
+    def _pack(self, *expert: torch.Tensor) -> list[torch.Tensor]:
         """One expert, checkpoint layout -> kernel layout, via vLLM's own steps."""
         qm = self.quant_method
         if qm.moe_kernel is None:
             qm._init_moe_kernel(self)
-        keep = (self.w13_weight, self.w2_weight)
+        names = self._names
+        keep = [getattr(self, n) for n in names]
+        device = self.moe_config.device
         w13, w2 = convert_to_unquantized_kernel_format(
             qm.unquantized_backend, moe_config=self.moe_config,
-            w13_weight=w13.unsqueeze(0).to(self.moe_config.device),
-            w2_weight=w2.unsqueeze(0).to(self.moe_config.device), layer=self)
-        replace_parameter(self, "w13_weight", w13)
-        replace_parameter(self, "w2_weight", w2)
+            w13_weight=expert[0].unsqueeze(0).to(device),
+            w2_weight=expert[1].unsqueeze(0).to(device), layer=self)
+        for name, t in zip(names, (w13, w2, *(b.unsqueeze(0).to(device)
+                                               for b in expert[2:]))):
+            replace_parameter(self, name, t)
         qm.moe_kernel.fused_experts.process_weights_after_loading(self)
-        packed = [self.w13_weight.data[0].cpu(), self.w2_weight.data[0].cpu()]
-        self.w13_weight, self.w2_weight = keep
+        packed = [getattr(self, n).data[0].cpu() for n in names]
+        for name, param in zip(names, keep):
+            setattr(self, name, param)
         return packed
 
-    def _dummy_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dummy_weights(self, layer: int, expert: int) -> list[torch.Tensor]:
         """load_format="dummy": random weights, in vLLM's dummy loader's range."""
         gen = torch.Generator().manual_seed(layer * 100003 + expert)
-        w13, w2 = self._empty_expert()
-        return w13.uniform_(-1e-3, 1e-3, generator=gen), w2.uniform_(-1e-3, 1e-3,
-                                                                      generator=gen)
+        return [t.uniform_(-1e-3, 1e-3, generator=gen) for t in self._empty_expert()]
 
     def _dummy_expert(self, layer: int, expert: int) -> list[torch.Tensor]:
-        w13, w2 = self._dummy_weights(layer, expert)
-        return [w13, w2] if self._model.quantized else self._pack(w13, w2)
+        tensors = self._dummy_weights(layer, expert)
+        return tensors if self._model.quantized else self._pack(*tensors)
 
     def _rederive(self, layer: int, expert: int) -> list[torch.Tensor]:
         """A damaged store record's expert, again from the checkpoint, converted as
         at load time (a quantized store encodes the checkpoint's layout itself)."""
         if self._model.fingerprint["load_format"] == "dummy":
-            w13, w2 = self._dummy_weights(layer, expert)
+            tensors = self._dummy_weights(layer, expert)
         else:
-            w13, w2 = self._model.checkpoint_expert(layer, expert)
-        w13, w2 = w13.to(self.params_dtype), w2.to(self.params_dtype)
-        return [w13, w2] if self._model.quantized else self._pack_copy([w13, w2])
+            tensors = self._model.checkpoint_expert(layer, expert)
+        tensors = [t.to(self.params_dtype) for t in tensors]
+        return tensors if self._model.quantized else self._pack_copy(tensors)
 
     def _pack_copy(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
         """`_pack` on a copy of this module: loader threads may run it while the
@@ -254,6 +278,9 @@ class OffloadedRoutedExperts(RoutedExperts):
                 "inside the kernel; offload needs a modular one. Pick another "
                 "--moe-backend, or turn expert offload off.")
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
+        if len(cache.buffers) != len(self._names):
+            raise RuntimeError(f"expert offload: {self.layer_name} has per-expert "
+                               f"parameters {self._names}, the pool {len(cache.buffers)}")
         if self._model.quantized:  # one packer per expert shape and kernel, shared
             kind = (self._checkpoint_shapes(),
                     type(self.quant_method.moe_kernel.fused_experts).__name__)
@@ -264,10 +291,15 @@ class OffloadedRoutedExperts(RoutedExperts):
                             if isinstance(packer, _Gather) else "by vLLM's packing at each miss")
             if self._model.packers[kind] is not None:
                 self._model.store.packers[self._layer] = self._model.packers[kind]
-        for name, buf in zip(("w13_weight", "w2_weight"), cache.buffers):
+        for name, buf in zip(self._names, cache.buffers):
             param = torch.nn.Parameter(buf, requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self.weight_loader})
             setattr(self, name, param)
+        if self.moe_config.has_bias:  # the kernel reads biases through its quant config
+            for config in {id(c): c for c in (self.quant_method.moe_quant_config,
+                                              self.quant_method.moe_kernel.fused_experts
+                                              .quant_config)}.values():
+                config._w1.bias, config._w2.bias = self.w13_bias, self.w2_bias
         self._num_slots = cache.num_slots
 
     # ---- forward ------------------------------------------------------------------
@@ -284,6 +316,9 @@ class OffloadedRoutedExperts(RoutedExperts):
             apply_router_weight_on_input=self.apply_router_weight_on_input,
             global_num_experts=self._num_slots, expert_map=None,
             shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+
+
+_NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
 
 
 class _Gather:
@@ -317,7 +352,8 @@ def capability_problem(moe_config, expert_map_manager=None) -> str | None:
     """What keeps this MoE layer from being offloaded, with the fix; None if nothing.
 
     The slot pool holds one record per routed expert: gate and up stacked as w13
-    (a gated MLP), w2, no biases, the same count in every layer, on one device.
+    (a gated MLP), w2 and their biases if any, the same count in every layer, on one
+    device.
     Routing (softmax or sigmoid, grouped top-k, correction bias, custom functions)
     runs before this layer and shared experts beside it, so neither matters here.
     """
@@ -336,9 +372,6 @@ def capability_problem(moe_config, expert_map_manager=None) -> str | None:
         return (f"has non-gated experts (activation {moe_config.activation}); only gated "
                 "experts (gate and up projections) are supported yet. Turn expert "
                 "offload off.")
-    if moe_config.has_bias:
-        return ("has biased experts (gpt-oss style); only bias-free experts are "
-                "supported yet. Turn expert offload off.")
     return None
 
 
@@ -349,13 +382,60 @@ def _check_supported(layer_name, moe_config, expert_map_manager) -> None:
 
 
 def install() -> None:
-    """Make vLLM build OffloadedRoutedExperts for MoE layers (idempotent)."""
+    """Make vLLM build the offloading twin of every routed-experts class (idempotent):
+    RoutedExperts, and gpt-oss's GptOssRoutedExperts, whose fused checkpoint tensors
+    are then fed to the loader one expert at a time."""
     from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.models import gpt_oss
 
-    if op_registry_oot.get("RoutedExperts") is OffloadedRoutedExperts:
-        return
-    if "RoutedExperts" in op_registry_oot:
-        raise RuntimeError(
-            f"another plugin already replaces RoutedExperts with "
-            f"{op_registry_oot['RoutedExperts']}; expert offload cannot be combined with it")
-    RoutedExperts.register_oot(OffloadedRoutedExperts)
+    for base, twin in ((RoutedExperts, OffloadedRoutedExperts),
+                       (gpt_oss.GptOssRoutedExperts, _gpt_oss_twin(gpt_oss))):
+        name = base.__name__
+        if op_registry_oot.get(name) is twin:
+            continue
+        if name in op_registry_oot:
+            raise RuntimeError(
+                f"another plugin already replaces {name} with {op_registry_oot[name]}; "
+                "expert offload cannot be combined with it")
+        base.register_oot(twin)
+    model = gpt_oss.GptOssModel
+    if not getattr(model.load_weights, "_expert_offload", False):
+        model.load_weights = _per_expert_weights(model.load_weights)
+
+
+_GPT_OSS_TWIN = None
+
+
+def _gpt_oss_twin(gpt_oss):
+    """OffloadedRoutedExperts with GptOssRoutedExperts' own loading while offload is off."""
+    global _GPT_OSS_TWIN
+    if _GPT_OSS_TWIN is None:
+        _GPT_OSS_TWIN = type("OffloadedGptOssRoutedExperts",
+                             (OffloadedRoutedExperts, gpt_oss.GptOssRoutedExperts), {})
+    return _GPT_OSS_TWIN
+
+
+_FUSED_EXPERT_TENSOR = re.compile(r"^(.*\.mlp\.experts)\.(w13_weight|w2_weight|w13_bias|w2_bias)$")
+
+
+def _per_expert_weights(load_weights):
+    """gpt-oss checkpoints hold each layer's experts as one tensor [E, ...], which
+    vLLM copies whole into the layer; offloaded layers hold none. With offload on,
+    each such tensor goes in as E per-expert tensors, which vLLM's gpt-oss loader
+    already streams through the layer's weight_loader one expert at a time."""
+    def wrapper(self, weights):
+        if not any(getattr(m, "_offload_cfg", None) for m in self.modules()):
+            return load_weights(self, weights)
+
+        def split():
+            for name, tensor in weights:
+                m = _FUSED_EXPERT_TENSOR.match(name)
+                if m is None:
+                    yield name, tensor
+                    continue
+                for e in range(tensor.shape[0]):
+                    yield f"{m[1]}.{e}.{m[2]}", tensor[e]
+        return load_weights(self, split())
+
+    wrapper._expert_offload = True
+    return wrapper

@@ -17,12 +17,6 @@ from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
 logger = logging.getLogger("vllm.moe_offload")
 
 SUPPORTED_VLLM = "0.32"  # major.minor this release is built and tested against
-# Models whose experts vLLM builds with a class of their own, which the layer hook
-# (layer.py) does not replace; every other MoE model is checked layer by layer there.
-OWN_EXPERTS_CLASS = {
-    "GptOssForCausalLM": "gpt-oss builds biased swigluoai experts with its own "
-                         "GptOssRoutedExperts class",
-}
 _registered = False
 
 
@@ -105,8 +99,7 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
 
 
 def check_model(model_config, cfg: OffloadConfig) -> None:
-    """Refuse dense models, models whose experts the layer hook cannot reach, and a
-    pool below one layer's experts, early. Each MoE layer's own form (gated, bias,
+    """Refuse dense models and a pool below one layer's experts, early. Each MoE layer's own form (gated, bias,
     parallelism) is checked as vLLM builds it (layer.py `capability_problem`)."""
     archs = list(getattr(model_config.hf_config, "architectures", None) or [])
     text = model_config.hf_text_config
@@ -117,9 +110,6 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
     fix = "Turn offload off (drop --enable-expert-offload / expert_offload.enabled)."
     if not experts:
         raise ValueError(f"{name} has no routed experts (a dense model). {fix}")
-    for arch in archs:
-        if arch in OWN_EXPERTS_CLASS:
-            raise ValueError(f"{name} is not supported yet: {OWN_EXPERTS_CLASS[arch]}. {fix}")
     if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
         cfg.num_slots(text.num_hidden_layers, experts, slot_bytes=1)
     if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
