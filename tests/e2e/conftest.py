@@ -17,7 +17,8 @@ from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
 FAMILIES = ["olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3", "phimoe", "granitemoe",
-            "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss"]  # test_families.py
+            "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss",
+            "gemma4"]  # test_families.py
 LAYERS, EXPERTS = 4, 8
 
 PROMPTS = [

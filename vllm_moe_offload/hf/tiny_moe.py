@@ -14,7 +14,7 @@ import torch
 
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
-                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss", "llama")
+                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss", "gemma4", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -52,7 +52,7 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 def _config(arch: str, **sizes):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig,
-                              Glm4MoeConfig, GptOssConfig, GraniteMoeConfig, Llama4TextConfig, LlamaConfig,
+                              Gemma4TextConfig, Glm4MoeConfig, GptOssConfig, GraniteMoeConfig, Llama4TextConfig, LlamaConfig,
                               MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
                               Qwen3MoeConfig, Qwen3NextConfig)
 
@@ -148,6 +148,17 @@ def _config(arch: str, **sizes):
             layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                          for i in range(sizes["num_layers"])],
         )
+    if arch == "gemma4":  # MoE block beside a dense MLP in every layer, text only
+        config = Gemma4TextConfig(
+            **common, head_dim=64, intermediate_size=ffn, enable_moe_block=True,
+            num_experts=experts, top_k_experts=top_k, moe_intermediate_size=ffn,
+            sliding_window=128, hidden_size_per_layer_input=0,
+            vocab_size_per_layer_input=sizes["vocab_size"], per_layer_config={},
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                         for i in range(sizes["num_layers"])],
+        )
+        config.architectures = ["Gemma4ForCausalLM"]
+        return config
     if arch == "llama":
         return LlamaConfig(**common, head_dim=64, intermediate_size=ffn)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
