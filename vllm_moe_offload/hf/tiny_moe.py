@@ -14,7 +14,8 @@ import torch
 
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
-                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss", "gemma4", "llama")
+                 "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe",
+                 "llama4", "gpt_oss", "gemma4", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -52,9 +53,10 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 def _config(arch: str, **sizes):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig,
-                              Gemma4TextConfig, Glm4MoeConfig, GptOssConfig, GraniteMoeConfig, Llama4TextConfig, LlamaConfig,
-                              MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig, Qwen3NextConfig)
+                              Gemma4TextConfig, Glm4MoeConfig, GptOssConfig,
+                              GraniteMoeConfig, Llama4TextConfig, LlamaConfig, MixtralConfig,
+                              OlmoeConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
+                              Qwen3NextConfig)
 
     common = dict(
         vocab_size=sizes["vocab_size"],

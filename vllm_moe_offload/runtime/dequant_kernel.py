@@ -22,7 +22,9 @@ def _dequant(codes, scale, zero, out, n, BITS: tl.constexpr, GROUP: tl.constexpr
     if BITS == 3:  # a 2-bit plane (low bits), then a 1-bit plane (the high bit)
         low = tl.load(codes + i // 4, mask=m, other=0).to(tl.int32)
         high = tl.load(codes + n // 4 + i // 8, mask=m, other=0).to(tl.int32)
-        q = ((low >> ((i % 4) * 2).to(tl.int32)) & 3) | (((high >> (i % 8).to(tl.int32)) & 1) << 2)
+        low = (low >> ((i % 4) * 2).to(tl.int32)) & 3
+        high = (high >> (i % 8).to(tl.int32)) & 1
+        q = low | (high << 2)
     else:
         PER: tl.constexpr = 8 // BITS
         byte = tl.load(codes + i // PER, mask=m, other=0).to(tl.int32)

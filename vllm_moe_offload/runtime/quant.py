@@ -204,7 +204,8 @@ class QuantizedStore(ExpertStore):
 
     @rederive.setter
     def rederive(self, fn):  # the checkpoint's expert, encoded like put() encodes it
-        self.inner.rederive = None if fn is None else (lambda l, e: self.codec.encode(fn(l, e)))
+        self.inner.rederive = None if fn is None else (
+            lambda layer, expert: self.codec.encode(fn(layer, expert)))
 
     def contains(self, layer, expert):
         return self.inner.contains(layer, expert)

@@ -266,11 +266,11 @@ class OffloadedRoutedExperts(RoutedExperts):
             # No expert of this layer was packed (dummy load, a reused disk store or a
             # quantized store): packing one empty expert sets up the layer's kernel
             # and gives the layout.
+            packed = self._pack(*self._empty_expert())
             if self._model.quantized:
-                self._pack(*self._empty_expert())
                 self._ensure_store()
             else:
-                self._model.ensure_store(_layout_of(self._pack(*self._empty_expert())))
+                self._model.ensure_store(_layout_of(packed))
         if self.quant_method.is_monolithic:  # forward_modular would never be called
             raise NotImplementedError(
                 f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
@@ -415,7 +415,8 @@ def _gpt_oss_twin(gpt_oss):
     return _GPT_OSS_TWIN
 
 
-_FUSED_EXPERT_TENSOR = re.compile(r"^(.*\.mlp\.experts)\.(w13_weight|w2_weight|w13_bias|w2_bias)$")
+_FUSED_EXPERT_TENSOR = re.compile(
+    r"^(.*\.mlp\.experts)\.(w13_weight|w2_weight|w13_bias|w2_bias)$")
 
 
 def _per_expert_weights(load_weights):

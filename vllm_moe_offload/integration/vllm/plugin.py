@@ -99,8 +99,9 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
 
 
 def check_model(model_config, cfg: OffloadConfig) -> None:
-    """Refuse dense models and a pool below one layer's experts, early. Each MoE layer's own form (gated, bias,
-    parallelism) is checked as vLLM builds it (layer.py `capability_problem`)."""
+    """Refuse dense models and a pool below one layer's experts, early. Each MoE
+    layer's own form (gated, parallelism) is checked as vLLM builds it (layer.py
+    `capability_problem`)."""
     archs = list(getattr(model_config.hf_config, "architectures", None) or [])
     text = model_config.hf_text_config
     experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts",
