@@ -13,7 +13,11 @@ slot buffers, so a ratio measures offload and nothing else. Rows:
 - host mode: the per-layer host-sync path (eager) at S = 50%;
 - stream: vLLM `--cpu-offload-gb` style, every offloaded expert copied each step;
 - disk: host mode from the disk store (batch 1), against the disk's own O_DIRECT
-  sequential read in the same run.
+  sequential read in the same run;
+- S50 b-bit store (host mode, `--store-bits`, batch 1): the store keeps experts
+  group-quantized (round to nearest, groups of 64: HQQ's solver would take minutes
+  per Mixtral expert here) and each miss is decoded into its slot (Triton on CUDA).
+  Its outputs are compared with plain's over the decoded weights.
 Achieved link GB/s = bytes moved / (row time - plain graph time); the bound is
 bytes / raw pinned copy rate (same run) + plain graph time. Outputs of every row
 are compared bit for bit with plain's on the same inputs.
@@ -38,6 +42,7 @@ from moe_kernel import moe  # noqa: E402
 from vllm_moe_offload.runtime.expert_cache import ExpertCache  # noqa: E402
 from vllm_moe_offload.runtime.modes import make_expert_cache  # noqa: E402
 from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
+from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore  # noqa: E402
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, HostStore,  # noqa: E402
                                             TensorSpec)
 
@@ -163,9 +168,10 @@ class Stack:
 
     # ---- one step of each kind ----------------------------------------------------
 
-    def plain_step(self) -> None:
+    def plain_step(self, weights=None) -> None:
+        w13s, w2s = weights or (self.w13, self.w2)
         for layer in range(self.shape["L"]):
-            self.out[layer] = moe(self.x[layer], self.w13[layer], self.w2[layer],
+            self.out[layer] = moe(self.x[layer], w13s[layer], w2s[layer],
                                   self.ids[layer], self.wts[layer])
 
     def offload_step(self, cache) -> None:
@@ -345,8 +351,39 @@ def run_shape(name, shape, T, args, device, disk_dir):
               f"{r['disk_to_slot_gbs']:.2f} GB/s (O_DIRECT: {r['direct_io']})")
         stack.disk.close()
         os.unlink(stack.disk.path)
+    for bits in (args.store_bits if T == 1 else []):
+        qstore, decoded = quantized_store(stack, bits)
+        ref[f"uniform, decoded {bits}-bit"] = output_of(
+            stack, uniform, lambda: stack.plain_step(decoded))
+        cache = ExpertCache(qstore, half, device)
+        row(f"S50 {bits}-bit store (host mode)", f"uniform, decoded {bits}-bit", uniform,
+            lambda: stack.offload_step(cache), False, cache)
+        rows[-1]["routing"] = "uniform"  # its baseline: plain's time on the same routing
+        del cache, qstore, decoded
+        _free(device)
     _free(device)
     return rows
+
+
+def quantized_store(stack, bits):
+    """The stack's experts in a pinned quantized host store, and every expert decoded
+    (what a slot holds after a miss) for the plain reference."""
+    L, E = stack.shape["L"], stack.shape["E"]
+    codec = GroupQuant(bits, 64, "rtn")
+    inner = HostStore(codec.layout(stack.layout), L, E,
+                      pin_memory=stack.device.type == "cuda")
+    qstore = QuantizedStore(inner, codec, stack.layout)
+    decoded = ([], [])
+    for layer in range(L):
+        w13, w2 = torch.empty_like(stack.w13[layer]), torch.empty_like(stack.w2[layer])
+        for e in range(E):
+            qstore.put(layer, e, [stack.w13[layer][e], stack.w2[layer][e]])
+            qstore.read_into(layer, e, [w13[e], w2[e]])
+        decoded[0].append(w13)
+        decoded[1].append(w2)
+    qstore.seal()
+    sync(stack.device)
+    return qstore, decoded
 
 
 SM_LINK: dict[str, float] = {}  # shape -> GB/s of the fill kernel alone
@@ -372,7 +409,7 @@ def fill_gbs(stack) -> float:
 def pool_holds_store(cache) -> bool:
     """Every slot that the device table names holds its expert's bytes exactly."""
     if not isinstance(cache.store, HostStore):
-        return True  # the disk rows are checked by their outputs alone
+        return True  # the disk and quantized rows are checked by their outputs alone
     E = cache.experts_per_layer
     owner = cache.owner.tolist() if hasattr(cache, "owner") else [
         -1] * cache.num_slots
@@ -478,6 +515,8 @@ def main() -> None:
                    help="shapes that get the disk row (batch 1)")
     p.add_argument("--disk-steps", type=int, default=4)
     p.add_argument("--disk-dir", default=None)
+    p.add_argument("--store-bits", nargs="*", type=int, default=[4, 2],
+                   help="quantized-store rows (batch 1); none: --store-bits")
     p.add_argument("--out", default=str(RESULTS), help="folder for gpu_stack.{md,json,png}")
     p.add_argument("--name", default=None)
     args = p.parse_args()

@@ -17,8 +17,19 @@ def test_gpu_stack_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "gpu_stack_cpu.json").read_text())["rows"]
     names = {r["row"] for r in rows}
     assert {"plain eager", "resident", "S50 on-demand", "S50 prefetch", "S50 oracle",
-            "stream (cpu-offload)", "S50 disk (host mode)"} <= names
-    assert all(r["identical"] for r in rows)  # every row computes plain's outputs
-    on_demand = [r for r in rows if r["row"] == "S50 on-demand"]
+            "stream (cpu-offload)", "S50 disk (host mode)", "S50 4-bit store (host mode)",
+            "S50 2-bit store (host mode)"} <= names
+    # every row computes plain's outputs (quantized rows: over the decoded weights)
+    assert all(r["identical"] for r in rows)
+    quantized = {r["row"]: r["mib_per_step"] / r["misses_per_step"] for r in rows
+                 if "bit store" in r["row"]}
+    full = [r["mib_per_step"] / r["misses_per_step"] for r in on_demand_rows(rows)][0]
+    assert quantized["S50 2-bit store (host mode)"] < quantized["S50 4-bit store (host mode)"]
+    assert quantized["S50 4-bit store (host mode)"] < full * 5 / 16
+    on_demand = on_demand_rows(rows)
     assert all(r["misses_per_step"] > 0 and r["mib_per_step"] > 0 for r in on_demand)
     assert (tmp_path / "gpu_stack_cpu.png").stat().st_size > 0
+
+
+def on_demand_rows(rows):
+    return [r for r in rows if r["row"] == "S50 on-demand"]
