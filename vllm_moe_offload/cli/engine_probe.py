@@ -206,6 +206,7 @@ def main(spec: dict) -> dict:
                   load_format=spec.get("load_format", "auto"))
     if spec.get("speculative_config"):
         kwargs["speculative_config"] = spec["speculative_config"]
+        kwargs["disable_log_stats"] = False  # its acceptance counters are reported
     if spec.get("quantization"):  # vLLM's own (online) quantization of the checkpoint
         kwargs["quantization"] = spec["quantization"]
     if spec.get("max_num_seqs"):  # requests decoded together: the batch size
@@ -267,6 +268,10 @@ def main(spec: dict) -> dict:
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "stats": stats,
         "metrics": exposition,
+        "spec_accepted_tokens": sum(  # speculative decoding: proposed tokens accepted
+            m.value for m in llm.get_metrics()
+            if m.name == "vllm:spec_decode_num_accepted_tokens") if spec.get(
+                "speculative_config") else None,
     }
 
 
