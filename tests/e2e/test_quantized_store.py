@@ -24,8 +24,18 @@ def dequantized_copy(model: str, arch: str, codec: GroupQuant, out) -> str:
     the store encodes it: w13 = gate ++ up [2I, H] and w2 [H, I]."""
     out = shutil.copytree(model, out)
     weights = load_file(os.path.join(model, "model.safetensors"))
-    module, (gate, up, down) = NAMES[arch]
-    for layer in range(LAYERS):
+    if arch == "gpt_oss":  # fused [E, H, 2I] and [E, I, H]; biases stay as they are
+        for layer in range(LAYERS):
+            key = f"model.layers.{layer}.mlp.experts.{{}}".format
+            for e in range(EXPERTS):
+                w13, w2 = weights[key("gate_up_proj")][e].t(), weights[key("down_proj")][e].t()
+                got = [torch.empty_like(w13), torch.empty_like(w2)]
+                codec.decode(codec.encode([w13, w2]), got)
+                assert not torch.equal(got[0], w13)  # the copy really differs
+                weights[key("gate_up_proj")][e] = got[0].t()
+                weights[key("down_proj")][e] = got[1].t()
+    module, (gate, up, down) = NAMES.get(arch, (None, (None,) * 3))
+    for layer in range(LAYERS if module else 0):
         for e in range(EXPERTS):
             key = f"model.layers.{layer}.{module}.{e}.{{}}.weight".format
             w13 = torch.cat([weights[key(gate)], weights[key(up)]])
@@ -102,3 +112,18 @@ def test_a_group_size_that_does_not_divide_the_experts_is_refused(models):
         raise AssertionError("the engine started")
     assert "store_group_size=48" in out and "input dimension 128" in out
     assert "--expert-store-group-size to 128" in out
+
+
+def test_biased_experts_keep_their_biases_in_a_quantized_store(models, engine, tmp_path):
+    """gpt-oss: w13/w2 quantized, biases kept as they are, in the same record."""
+    codec = GroupQuant(4, 64, "hqq")
+    ref = dequantized_copy(models["gpt_oss"], "gpt_oss", codec, tmp_path / "dq")
+    plain = engine(plain_spec(ref))
+    off = engine(offload_spec(models["gpt_oss"], pool_slots=EXPERTS, store="host",
+                              store_bits=4))
+    assert off["token_ids"] == plain["token_ids"]
+    totals, info = off["stats"]["totals"], off["stats"]["pool"]
+    values = 3 * 128 * 128  # w13 [256, 128] and w2 [128, 128]
+    biases = (256 + 128) * 2  # bf16, as they are
+    assert info["read_bytes"] == values * 4 // 8 + 4 * values // 64 + biases
+    assert totals["bytes_loaded"] == totals["misses"] * info["read_bytes"]
