@@ -21,16 +21,6 @@ def test_offload_on_a_dense_model_is_refused(models):
     assert "LlamaForCausalLM" in out and "has no routed experts" in out
 
 
-def test_speculative_decoding_with_a_draft_model_is_refused(models):
-    spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS)
-    out = failure({**spec, "speculative_config": {"method": "draft_model",
-                                                  "model": models["qwen3_moe"],
-                                                  "num_speculative_tokens": 2}})
-    assert "speculative decoding (draft_model) is not supported with expert offload" in out
-    assert "Use a method without a draft model (ngram)" in out
-    assert "drop --speculative-config" in out
-
-
 def test_experts_the_layer_hook_never_sees_are_refused_after_loading(models, tmp_path):
     """PhiMoE under transformers' class name: vLLM serves it through its Transformers
     backend, whose experts class is not RoutedExperts, so nothing would be offloaded."""

@@ -1,20 +1,27 @@
-"""Speculative decoding without a draft model (ngram prompt lookup) with offload:
-the target model checks several proposed tokens per request in one forward pass,
-and the pool serves those calls like any other. Methods with a draft or MTP model
-are refused (test_errors.py)."""
+"""Speculative decoding with offload. The target model checks several proposed
+tokens per request in one forward pass, which the pool serves like any other call.
+Proposals come from n-grams of the prompt (no draft model) or from a draft model,
+whose MoE layers are built after the target model loaded and keep their experts
+resident (an MTP module is such a draft: one layer)."""
 
-from tests.e2e.conftest import EXPERTS, offload_spec, plain_spec
+import pytest
+
+from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
          "prompt_lookup_min": 2}
 
 
-def test_ngram_speculative_decoding_matches_plain_vllm(models, engine, store_dir):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_matches_plain_vllm(models, engine, store_dir, method):
     model = models["qwen3_moe"]
-    plain = engine({**plain_spec(model), "speculative_config": NGRAM})
+    spec = NGRAM if method == "ngram" else {  # the draft: the same tiny model
+        "method": "draft_model", "model": models["qwen3_moe"], "num_speculative_tokens": 2}
+    plain = engine({**plain_spec(model), "speculative_config": spec})
     off = engine({**offload_spec(model, pool_slots=EXPERTS, store="disk",
-                                 store_dir=store_dir), "speculative_config": NGRAM})
+                                 store_dir=store_dir), "speculative_config": spec})
     assert off["token_ids"] == plain["token_ids"]
     assert off["spec_accepted_tokens"] > 0 and plain["spec_accepted_tokens"] > 0
-    totals = off["stats"]["totals"]
+    totals, info = off["stats"]["totals"], off["stats"]["pool"]
+    assert info["num_layers"] == LAYERS  # the draft's layers are not in the pool
     assert totals["misses"] > EXPERTS and totals["evictions"] > 0

@@ -59,6 +59,15 @@ class OffloadedRoutedExperts(RoutedExperts):
         vllm_config = get_current_vllm_config()
         cfg = OffloadConfig.resolve(vllm_config.additional_config)
         self._offload_cfg = cfg if cfg.enabled else None
+        target = model_state.loaded()
+        if (self._offload_cfg is not None and target is not None
+                and vllm_config.speculative_config is not None):
+            # A draft or MTP model, built after the target model loaded: its experts
+            # stay resident (a draft model is small; an MTP module is one layer).
+            logger.info("expert offload: %s belongs to the %s draft, built after the "
+                        "target model loaded; its experts stay resident", layer_name,
+                        vllm_config.speculative_config.method)
+            self._offload_cfg = None
         if self._offload_cfg is not None:
             _check_supported(layer_name, moe_config, expert_map_manager)
         super().__init__(layer_name, params_dtype, moe_config, quant_config,

@@ -322,6 +322,11 @@ def current() -> ModelOffload | None:
     return _MODEL
 
 
+def loaded() -> ModelOffload | None:
+    """The model whose loading ended (its pool exists), if any."""
+    return _MODEL if _MODEL is not None and _MODEL.cache is not None else None
+
+
 def get_or_create(cfg: OffloadConfig, fingerprint: dict, device: torch.device) -> ModelOffload:
     global _MODEL
     if _MODEL is None or _MODEL.fingerprint != fingerprint:

@@ -17,9 +17,6 @@ from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
 logger = logging.getLogger("vllm.moe_offload")
 
 SUPPORTED_VLLM = "0.32"  # major.minor this release is built and tested against
-# Speculative decoding without a draft model: the target model checks the proposed
-# tokens in one forward pass, which the pool serves like any other.
-DRAFTLESS_SPEC_METHODS = ("ngram",)  # tested; others with no draft model may follow
 _registered = False
 
 
@@ -172,14 +169,6 @@ def _install_engine_args_hooks() -> None:
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)
-            spec = vllm_config.speculative_config
-            if spec is not None and spec.method not in DRAFTLESS_SPEC_METHODS:
-                raise ValueError(
-                    f"expert offload: speculative decoding ({spec.method}) is not "
-                    "supported with expert offload yet: an MTP or draft model's MoE "
-                    "layers would share the pool. Use a method without a draft model "
-                    f"({', '.join(DRAFTLESS_SPEC_METHODS)}), drop --speculative-config, "
-                    "or turn expert offload off.")
             _split_at_remap(vllm_config, cfg)
         return vllm_config
 
