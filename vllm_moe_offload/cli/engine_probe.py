@@ -268,11 +268,18 @@ def main(spec: dict) -> dict:
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "stats": stats,
         "metrics": exposition,
-        "spec_accepted_tokens": sum(  # speculative decoding: proposed tokens accepted
-            m.value for m in llm.get_metrics()
-            if m.name == "vllm:spec_decode_num_accepted_tokens") if spec.get(
-                "speculative_config") else None,
+        "spec": spec_counts(llm) if spec.get("speculative_config") else None,
     }
+
+
+def spec_counts(llm) -> dict:
+    """vLLM's speculative-decoding counters: tokens proposed and accepted."""
+    out = {"draft_tokens": 0, "accepted_tokens": 0}
+    for m in llm.get_metrics():
+        for key in out:
+            if m.name == f"vllm:spec_decode_num_{key}":
+                out[key] += m.value
+    return out
 
 
 if __name__ == "__main__":

@@ -231,3 +231,32 @@ def expert_bytes(model_dir: str | Path) -> int:
             if ".experts." in name and name != "__metadata__":
                 total += meta["data_offsets"][1] - meta["data_offsets"][0]
     return total
+
+
+def build_tiny_deepseek_mtp(out_dir: str | Path, num_layers: int = 4, **kw) -> Path:
+    """A tiny DeepSeek-V3 with one MTP module (vLLM's DeepSeekMTP, speculative
+    method "mtp"): layer `num_layers` of a (num_layers + 1)-layer checkpoint, plus
+    the MTP's own norms, projection and head. Random weights: its drafts are
+    proposed and checked, and rarely accepted."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    marker = out / "tiny_mtp.json"
+    if marker.exists() and json.loads(marker.read_text()) == dict(num_layers=num_layers, **kw):
+        return out
+    build_tiny_moe(out, "deepseek_v3", num_layers=num_layers + 1, **kw)
+    config = json.loads((out / "config.json").read_text())
+    config["num_hidden_layers"], config["num_nextn_predict_layers"] = num_layers, 1
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weights = load_file(str(out / "model.safetensors"))
+    hidden, prefix = config["hidden_size"], f"model.layers.{num_layers}."
+    g = torch.Generator().manual_seed(7)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        weights[f"{prefix}{name}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    weights[prefix + "eh_proj.weight"] = (
+        torch.randn(hidden, 2 * hidden, generator=g) * 0.05).bfloat16()
+    weights[prefix + "shared_head.head.weight"] = weights["lm_head.weight"].clone()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "tiny_moe.json").unlink()  # no longer what build_tiny_moe wrote
+    marker.write_text(json.dumps(dict(num_layers=num_layers, **kw)))
+    return out
