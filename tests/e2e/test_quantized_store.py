@@ -111,7 +111,7 @@ def test_a_group_size_that_does_not_divide_the_experts_is_refused(models):
     else:
         raise AssertionError("the engine started")
     assert "store_group_size=48" in out and "input dimension 128" in out
-    assert "--expert-store-group-size to 128" in out
+    assert "--expert-store-group-size to 64" in out
 
 
 def test_biased_experts_keep_their_biases_in_a_quantized_store(models, engine, tmp_path):

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .store import ExpertLayout, ExpertStore, TensorSpec
+
 _HQQ = {"lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20}
 
 
@@ -89,13 +90,13 @@ class GroupQuant:
     def describe(self) -> dict:
         return {"bits": self.bits, "group": self.group, "method": self.method}
 
-    def check(self, slot: ExpertLayout) -> None:
+    def check(self, source: ExpertLayout) -> None:
         """A clear error when the group size does not fit the experts' shapes."""
-        mats = [s for s in slot.tensors if len(s.shape) > 1]
+        mats = [s for s in source.tensors if len(s.shape) > 1]
         for spec in mats:
             if spec.shape[-1] % self.group:
                 shapes = " and ".join(str(list(s.shape)) for s in mats)
-                divisors = [g for g in (128, 64, 32, 16, 8)
+                divisors = [g for g in (64, 128, 32, 16, 8)  # the default first
                             if all(s.shape[-1] % g == 0 for s in mats)]
                 raise ValueError(
                     f"expert_offload.store_group_size={self.group} does not divide the "
@@ -103,9 +104,10 @@ class GroupQuant:
                     f"as the checkpoint holds them); set --expert-store-group-size to "
                     + (f"{divisors[0]}." if divisors else "a multiple of 8 dividing it."))
 
-    def layout(self, slot: ExpertLayout) -> ExpertLayout:
+    def layout(self, source: ExpertLayout) -> ExpertLayout:
+        """The record's tensors for an expert of `source` (the checkpoint's) layout."""
         specs = []
-        for spec in slot.tensors:
+        for spec in source.tensors:
             if len(spec.shape) == 1:  # a bias: kept as it is
                 specs.append(spec)
                 continue
