@@ -56,6 +56,13 @@ def engine():
     return run
 
 
+def failure(spec: dict, **kw) -> str:
+    """The output of an engine that must refuse `spec` (fails if it starts)."""
+    with pytest.raises(EngineFailed) as err:
+        run_engine(spec, **kw)
+    return err.value.output
+
+
 def plain_spec(model: str, **extra) -> dict:
     return {"model": model, "offload": None, "prompts": PROMPTS, "in_process": True,
             **extra}

@@ -2,13 +2,7 @@
 
 import pytest
 
-from tests.e2e.conftest import EXPERTS, EngineFailed, offload_spec, plain_spec, run_engine
-
-
-def failure(spec, **kw) -> str:
-    with pytest.raises(EngineFailed) as err:
-        run_engine(spec, **kw)
-    return err.value.output
+from tests.e2e.conftest import EXPERTS, failure, offload_spec, plain_spec, run_engine
 
 
 def test_pool_below_one_layer_is_refused(models):

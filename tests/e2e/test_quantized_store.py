@@ -11,8 +11,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.e2e.conftest import EXPERTS, LAYERS, EngineFailed, offload_spec, plain_spec
-from tests.e2e.conftest import run_engine
+from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spec
 from vllm_moe_offload.runtime.quant import GroupQuant
 
 NAMES = {"qwen3_moe": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
@@ -91,12 +90,7 @@ def test_3_bit_round_to_nearest_host_store_at_half(models, engine, tmp_path):
 
 def test_store_bits_on_an_already_quantized_checkpoint_is_refused(models):
     spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4)
-    try:
-        run_engine({**spec, "quantization": "fp8"})
-    except EngineFailed as err:
-        out = err.output
-    else:
-        raise AssertionError("the engine started")
+    out = failure({**spec, "quantization": "fp8"})
     assert "store_bits=4" in out and "already quantized" in out
     assert "--expert-store-bits 16" in out
 
@@ -104,12 +98,7 @@ def test_store_bits_on_an_already_quantized_checkpoint_is_refused(models):
 def test_a_group_size_that_does_not_divide_the_experts_is_refused(models):
     spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4,
                         store_group_size=48)
-    try:
-        run_engine(spec)
-    except EngineFailed as err:
-        out = err.output
-    else:
-        raise AssertionError("the engine started")
+    out = failure(spec)
     assert "store_group_size=48" in out and "input dimension 128" in out
     assert "--expert-store-group-size to 64" in out
 

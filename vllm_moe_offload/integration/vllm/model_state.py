@@ -91,7 +91,7 @@ class ModelOffload:
         cfg, codec = self.cfg, None
         record = layout
         fingerprint = dict(self.fingerprint)
-        if cfg.store_bits < 16:
+        if self.quantized:
             codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
             codec.check(source)
             record = codec.layout(source)
