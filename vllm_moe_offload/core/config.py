@@ -61,6 +61,17 @@ class OffloadConfig:
                               "How a quantized store picks scales and zeros: 'hqq' "
                               "(HQQ's half-quadratic solver refines each group's zero) "
                               "or 'rtn' (min-max, round to nearest).")
+    store_hot_bits: int | None = _f(None, "--expert-store-hot-bits",
+                                    "Mixed precision: keep the hot experts at these "
+                                    "bits (16, 8, 4 or 3; more than store_bits) and "
+                                    "the rest at store_bits. Hot: the store_hot_share "
+                                    "of each layer's experts that task_profiles_path "
+                                    "ranks most used (sensitivity_path, if set, leaves "
+                                    "out insensitive task-layer pairs). Read once, when "
+                                    "the store is built.")
+    store_hot_share: float = _f(0.25, "--expert-store-hot-share",
+                                "Mixed precision: the share of each layer's experts "
+                                "kept at store_hot_bits, in (0, 1].")
     trace_path: str | None = _f(None, "--expert-trace-path",
                                 "Write every MoE layer's routed expert ids per forward "
                                 "step to this file (format: docs/design.md).")
@@ -146,6 +157,26 @@ class OffloadConfig:
             raise ValueError(
                 f"expert_offload.store_quantizer={self.store_quantizer!r} is not known; "
                 f"use one of {', '.join(STORE_QUANTIZERS)} (--expert-store-quantizer).")
+        if self.store_hot_bits is not None:
+            if self.store_bits == 16:
+                raise ValueError(
+                    f"expert_offload.store_hot_bits={self.store_hot_bits} keeps hot "
+                    "experts at more bits than the rest, and store_bits is 16 (exact, "
+                    "no quantization); set --expert-store-bits to 8, 4, 3 or 2.")
+            if self.store_hot_bits not in STORE_BITS or self.store_hot_bits <= self.store_bits:
+                raise ValueError(
+                    f"expert_offload.store_hot_bits={self.store_hot_bits} must be one of "
+                    f"{', '.join(str(b) for b in STORE_BITS if b > self.store_bits)} (more "
+                    f"than store_bits={self.store_bits}; --expert-store-hot-bits).")
+            if not self.task_profiles_path:
+                raise ValueError(
+                    f"expert_offload.store_hot_bits={self.store_hot_bits} needs "
+                    "task_profiles_path (--expert-task-profiles): the per-task expert "
+                    "profiles that say which experts are hot, written by a run with "
+                    "--expert-task-aware or by benchmarks/quantized_store.py.")
+        if not 0 < self.store_hot_share <= 1:
+            raise ValueError(f"expert_offload.store_hot_share={self.store_hot_share} must "
+                             "be in (0, 1] (--expert-store-hot-share).")
         if self.predictor not in PREDICTORS:
             raise ValueError(
                 f"expert_offload.predictor={self.predictor!r} is not a known predictor; "
@@ -180,7 +211,10 @@ class OffloadConfig:
         task_only = [name for name in ("task_scheduler", "task_rules_path",
                                        "task_profiles_path", "sensitivity_path",
                                        "approximate")
-                     if getattr(self, name) and not self.task_aware]
+                     if getattr(self, name) and not self.task_aware
+                     # mixed precision reads the profiles (and sensitivity) alone
+                     and not (self.store_hot_bits and name in ("task_profiles_path",
+                                                               "sensitivity_path"))]
         if task_only:
             raise ValueError(f"expert_offload.{task_only[0]} needs task_aware=true "
                              "(--expert-task-aware).")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -169,6 +170,26 @@ def plan_residency(profiles: TaskProfiles, demand: dict[str, float], budget_slot
     load = expected_load(profiles, demand, insensitive)
     ranked = sorted(load.items(), key=lambda kv: (-kv[1], kv[0]))
     return [key for key, _ in ranked[:budget_slots]]
+
+
+def hot_experts(profiles: TaskProfiles, share: float,
+                insensitive: set[tuple[str, int]] = frozenset()) -> set[ExpertKey]:
+    """Mixed precision: per layer, the ceil(share * E) experts with the largest
+    sum over tasks of s(t, layer) * f(t, layer, e) (every task weighs the same),
+    experts no sensitive task routes to left out."""
+    hot = set()
+    per_layer = math.ceil(share * profiles.experts_per_layer)
+    for layer in range(profiles.num_layers):
+        score = [0.0] * profiles.experts_per_layer
+        for task in profiles.counts:
+            if (task, layer) in insensitive:
+                continue
+            for expert, f in enumerate(profiles.frequency(task, layer)):
+                score[expert] += f
+        ranked = sorted((e for e in range(len(score)) if score[e] > 0),
+                        key=lambda e: (-score[e], e))
+        hot.update(ExpertKey(layer, e) for e in ranked[:per_layer])
+    return hot
 
 
 @dataclass

@@ -323,7 +323,7 @@ class ExpertCache(SlotBuffers):
     def _start_load(self, grant: SlotGrant) -> None:
         stats = self.stats.layer(grant.key.layer)
         stats.prefetched += 1
-        stats.bytes_loaded += self.read_bytes
+        stats.bytes_loaded += self.store.read_bytes_of(grant.key.layer, grant.key.expert)
         self._set(grant.key.layer, grant.key.expert, grant.slot)
         if self._cuda:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))

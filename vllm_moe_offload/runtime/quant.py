@@ -106,6 +106,8 @@ class GroupQuant:
 
     def layout(self, source: ExpertLayout) -> ExpertLayout:
         """The record's tensors for an expert of `source` (the checkpoint's) layout."""
+        if self.bits == 16:  # kept as it is (mixed precision's exact hot experts)
+            return source
         specs = []
         for spec in source.tensors:
             if len(spec.shape) == 1:  # a bias: kept as it is
@@ -120,7 +122,7 @@ class GroupQuant:
     def encode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for t in tensors:
-            if t.dim() == 1:  # a bias: kept as it is
+            if t.dim() == 1 or self.bits == 16:  # a bias, or 16 bits: kept as it is
                 out.append(t.detach().to("cpu").contiguous())
                 continue
             out += self._encode_one(t.detach().to("cpu", torch.float32).reshape(-1,
@@ -145,7 +147,7 @@ class GroupQuant:
         On CUDA a Triton kernel (dequant_kernel.py), else torch; bit-identical."""
         at = 0
         for d in dst:
-            if d.dim() == 1:  # a bias
+            if d.dim() == 1 or self.bits == 16:  # kept as it is
                 d.copy_(stored[at])
                 at += 1
                 continue
@@ -253,3 +255,89 @@ class QuantizedStore(ExpertStore):
 
     def close(self):
         self.inner.close()
+
+
+class MixedStore(ExpertStore):
+    """Mixed precision: `hot` experts in one quantized store (more bits), the rest in
+    `cold` (fewer); each holds only its own experts (`keys`), so RAM and disk fall with
+    the mix. Reads and writes go to whichever holds the expert."""
+
+    def __init__(self, hot: QuantizedStore, cold: QuantizedStore):
+        self.hot, self.cold = hot, cold
+        hot.packers = cold.packers  # one packer per layer serves both
+        self.layout, self.source = cold.layout, cold.source
+        self.num_layers, self.experts_per_layer = cold.num_layers, cold.experts_per_layer
+        self.kind = cold.kind
+
+    def _of(self, layer: int, expert: int) -> QuantizedStore:
+        return self.hot if self.hot.inner.holds(layer, expert) else self.cold
+
+    @property
+    def stores(self) -> tuple[QuantizedStore, QuantizedStore]:
+        return self.hot, self.cold
+
+    @property
+    def reused(self) -> bool:
+        return self.hot.reused and self.cold.reused
+
+    @property
+    def nbytes(self) -> int:
+        return self.hot.nbytes + self.cold.nbytes
+
+    @property
+    def read_bytes(self) -> int:  # the common case: a cold expert
+        return self.cold.read_bytes
+
+    @property
+    def record_bytes(self) -> int:
+        return self.cold.record_bytes
+
+    def read_bytes_of(self, layer, expert):
+        return self._of(layer, expert).read_bytes
+
+    def record_bytes_of(self, layer, expert):
+        return self._of(layer, expert).record_bytes
+
+    @property
+    def packers(self):
+        return self.cold.packers
+
+    @property
+    def path(self):
+        return self.cold.path
+
+    @property
+    def repairs(self) -> int:
+        return sum(getattr(s.inner, "repairs", 0) for s in self.stores)
+
+    @property
+    def rederive(self):
+        return self.cold.rederive
+
+    @rederive.setter
+    def rederive(self, fn):
+        for s in self.stores:
+            s.rederive = fn
+
+    def contains(self, layer, expert):
+        return self._of(layer, expert).contains(layer, expert)
+
+    def is_complete(self):
+        return all(s.is_complete() for s in self.stores)
+
+    def missing(self):
+        return sorted(self.hot.missing() + self.cold.missing())
+
+    def put(self, layer, expert, tensors):
+        self._of(layer, expert).put(layer, expert, tensors)
+
+    def read_into(self, layer, expert, dst):
+        return self._of(layer, expert).read_into(layer, expert, dst)
+
+    def seal(self):
+        for s in self.stores:
+            s.seal()
+
+    def close(self):
+        for s in self.stores:
+            s.close()

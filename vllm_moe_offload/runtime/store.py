@@ -14,7 +14,8 @@ Interface (LMCache-like): `put`, `read_into`, `contains`, `seal`, `close`.
   from disk, with O_DIRECT where the file system allows it.
 
 The disk store is a cache of the checkpoint, and heals like one. File layout:
-header | L * E records | L * E checksums (u64, xxh3_64 or, without xxhash, crc32).
+header | L * E records | L * E checksums (u64, xxh3_64 or, without xxhash, crc32);
+a store of a subset of the experts (`keys`) holds theirs alone, in key order.
 NOTE #1: every read is checked (length and checksum) before the slot is used. A
 short read, a mismatch or an I/O error re-derives that expert through `rederive`
 (the checkpoint, converted as at load time), writes the record back and serves the
@@ -93,16 +94,28 @@ def _byte_views(tensors: list[torch.Tensor]) -> list[memoryview]:
 class ExpertStore:
     kind = "abstract"
     reused = False  # True when the store already held every expert at open time
+    keys: list[tuple[int, int]] | None = None  # None: every expert (see __init__)
+    _rows: dict[tuple[int, int], int] | None = None
 
-    def __init__(self, layout: ExpertLayout, num_layers: int, experts_per_layer: int):
+    def __init__(self, layout: ExpertLayout, num_layers: int, experts_per_layer: int,
+                 keys: list[tuple[int, int]] | None = None):
+        """`keys`: the (layer, expert) pairs this store holds, in record order (a
+        mixed-precision store splits the experts over two); None: all of them."""
         self.layout = layout
         self.num_layers = num_layers
         self.experts_per_layer = experts_per_layer
-        self._present = [[False] * experts_per_layer for _ in range(num_layers)]
+        self.keys = None if keys is None else sorted(set(keys))
+        self._rows = None if keys is None else {k: i for i, k in enumerate(self.keys)}
+        self._present = [False] * self.num_records
+
+    @property
+    def num_records(self) -> int:
+        return (self.num_layers * self.experts_per_layer if self.keys is None
+                else len(self.keys))
 
     @property
     def nbytes(self) -> int:
-        return self.num_layers * self.experts_per_layer * self.layout.record_bytes
+        return self.num_records * self.layout.record_bytes
 
     @property
     def read_bytes(self) -> int:
@@ -114,20 +127,40 @@ class ExpertStore:
         """One expert's record as the store keeps it, alignment included."""
         return self.layout.record_bytes
 
+    def read_bytes_of(self, layer: int, expert: int) -> int:
+        """`read_bytes` for this expert (they differ in a mixed-precision store)."""
+        return self.read_bytes
+
+    def record_bytes_of(self, layer: int, expert: int) -> int:
+        return self.record_bytes
+
+    def _all_keys(self) -> list[tuple[int, int]]:
+        return self.keys if self.keys is not None else [
+            (l, e) for l in range(self.num_layers) for e in range(self.experts_per_layer)]
+
+    def holds(self, layer: int, expert: int) -> bool:
+        """Whether (layer, expert) is one of this store's keys (stored or not yet)."""
+        if self._rows is not None:
+            return (layer, expert) in self._rows
+        return 0 <= layer < self.num_layers and 0 <= expert < self.experts_per_layer
+
     def contains(self, layer: int, expert: int) -> bool:
-        return self._present[layer][expert]
+        return self.holds(layer, expert) and self._present[self._index(layer, expert)]
 
     def is_complete(self) -> bool:
-        return all(all(row) for row in self._present)
+        return all(self._present)
 
     def missing(self) -> list[tuple[int, int]]:
-        return [(l, e) for l, row in enumerate(self._present)
-                for e, ok in enumerate(row) if not ok]
+        return [k for k, ok in zip(self._all_keys(), self._present) if not ok]
 
     def _index(self, layer: int, expert: int) -> int:
-        if not (0 <= layer < self.num_layers and 0 <= expert < self.experts_per_layer):
+        if not self.holds(layer, expert):
             raise IndexError(f"expert ({layer}, {expert}) outside the store "
-                             f"({self.num_layers} x {self.experts_per_layer})")
+                             f"({self.num_layers} x {self.experts_per_layer}"
+                             + ("" if self.keys is None else f", {len(self.keys)} of them")
+                             + ")")
+        if self._rows is not None:
+            return self._rows[(layer, expert)]
         return layer * self.experts_per_layer + expert
 
     def put(self, layer: int, expert: int, tensors: list[torch.Tensor]) -> None:
@@ -156,10 +189,10 @@ class ExpertStore:
 class HostStore(ExpertStore):
     kind = "host"
 
-    def __init__(self, layout, num_layers, experts_per_layer, pin_memory: bool = False):
-        super().__init__(layout, num_layers, experts_per_layer)
-        rows = num_layers * experts_per_layer
-        self._data = torch.empty((rows, layout.record_bytes), dtype=torch.uint8,
+    def __init__(self, layout, num_layers, experts_per_layer, pin_memory: bool = False,
+                 keys=None):
+        super().__init__(layout, num_layers, experts_per_layer, keys)
+        self._data = torch.empty((self.num_records, layout.record_bytes), dtype=torch.uint8,
                                  pin_memory=pin_memory)
         self._offsets = []
         off = 0
@@ -177,7 +210,7 @@ class HostStore(ExpertStore):
         self._check(tensors)
         for dst, src in zip(self.views(layer, expert), tensors):
             dst.copy_(src)
-        self._present[layer][expert] = True
+        self._present[self._index(layer, expert)] = True
 
     def read_into(self, layer, expert, dst):
         non_blocking = dst[0].device.type == "cuda"
@@ -229,18 +262,20 @@ class DiskStore(ExpertStore):
     kind = "disk"
 
     def __init__(self, path: str | Path, layout: ExpertLayout, num_layers: int,
-                 experts_per_layer: int, fingerprint: dict):
-        super().__init__(layout, num_layers, experts_per_layer)
+                 experts_per_layer: int, fingerprint: dict, keys=None):
+        super().__init__(layout, num_layers, experts_per_layer, keys)
         self.path = Path(path)
         self.fingerprint = dict(fingerprint, layout=layout.describe(),
                                 num_layers=num_layers,
                                 experts_per_layer=experts_per_layer,
                                 record_bytes=layout.record_bytes)
+        if self.keys is not None:
+            self.fingerprint["keys"] = [list(k) for k in self.keys]
         # (layer, expert) -> tensors as put() got them: the checkpoint's copy (NOTE #1)
         self.rederive: Callable[[int, int], list[torch.Tensor]] | None = None
         self.repairs = 0  # records re-derived after a bad read
         self._unrepaired: set[tuple[int, int]] = set()  # could not be written back
-        self._sums = array("Q", bytes(8 * num_layers * experts_per_layer))
+        self._sums = array("Q", bytes(8 * self.num_records))
         self.checksum = _Digest.best()
         self.reused = self._open_existing()
         if not self.reused:
@@ -286,7 +321,7 @@ class DiskStore(ExpertStore):
 
     @property
     def _file_bytes(self) -> int:
-        return _HEADER_BYTES + self.nbytes + 8 * self.num_layers * self.experts_per_layer
+        return _HEADER_BYTES + self.nbytes + 8 * self.num_records
 
     def _open_existing(self) -> bool:
         if not self.path.exists():
@@ -299,7 +334,7 @@ class DiskStore(ExpertStore):
         self._fd = os.open(self.path, os.O_RDONLY)
         table = os.pread(self._fd, 8 * len(self._sums), _HEADER_BYTES + self.nbytes)
         self._sums = array("Q", table)
-        self._present = [[True] * self.experts_per_layer for _ in range(self.num_layers)]
+        self._present = [True] * self.num_records
         return True
 
     def _create(self) -> None:
@@ -348,7 +383,7 @@ class DiskStore(ExpertStore):
         except OSError as e:
             self._abandon(e)
         self._sums[self._index(layer, expert)] = self._digest(data)
-        self._present[layer][expert] = True
+        self._present[self._index(layer, expert)] = True
 
     @staticmethod
     def _record(tensors: list[torch.Tensor]) -> bytes:

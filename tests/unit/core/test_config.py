@@ -26,6 +26,13 @@ def test_env_then_additional_config_on_top():
     ({"store_bits": 5}, ["store_bits=5", "16, 8, 4, 3, 2", "--expert-store-bits"]),
     ({"store_group_size": 12}, ["store_group_size=12", "multiple of 8"]),
     ({"store_quantizer": "gptq"}, ["store_quantizer='gptq'", "hqq", "rtn"]),
+    ({"store_hot_bits": 8}, ["store_hot_bits=8", "store_bits is 16", "--expert-store-bits"]),
+    ({"store_bits": 4, "store_hot_bits": 2, "task_profiles_path": "p"},
+     ["store_hot_bits=2", "16, 8", "more than store_bits=4"]),
+    ({"store_bits": 2, "store_hot_bits": 8}, ["store_hot_bits=8", "task_profiles_path",
+                                              "--expert-task-profiles"]),
+    ({"store_bits": 2, "store_hot_bits": 8, "task_profiles_path": "p",
+      "store_hot_share": 0}, ["store_hot_share=0", "(0, 1]"]),
     ({"eviction": "predicted"}, ["eviction='predicted'", "predictor", "next-gate",
                                  "eviction='reuse'"]),
 ])
@@ -95,3 +102,11 @@ def test_any_setting_turns_offload_on_unless_enabled_is_false(source):
     assert resolve({"pool_slots": 10}).enabled  # the trap: pool settings meant offload
     assert not resolve({"pool_slots": 10, "enabled": False}).enabled
     assert not resolve({}).enabled
+
+
+def test_mixed_precision_reads_profiles_without_task_aware():
+    cfg = OffloadConfig.from_dict({"store_bits": 2, "store_hot_bits": 8,
+                                   "task_profiles_path": "p", "sensitivity_path": "s"})
+    assert not cfg.task_aware and cfg.store_hot_share == 0.25
+    with pytest.raises(ValueError, match="task_profiles_path needs task_aware"):
+        OffloadConfig.from_dict({"store_bits": 2, "task_profiles_path": "p"})

@@ -4,7 +4,7 @@ import pytest
 
 from vllm_moe_offload.core.slot_pool import ExpertKey
 from vllm_moe_offload.core.tasks import (ReplanClock, TaskProfiles, TaskRules, expected_load,
-                                         plan_residency)
+                                         hot_experts, plan_residency)
 
 
 def rules(tmp_path, data):
@@ -99,3 +99,17 @@ def test_request_fields_from_extra_args():
         request_fields({"slo_tpot_ms": 0})
     with pytest.raises(ValueError, match="task=3 must be a non-empty string"):
         request_fields({"task": 3})
+
+
+def test_hot_experts_are_each_layers_most_used_share():
+    p = TaskProfiles(2, 8)
+    for e, n in ((0, 5), (3, 9), (5, 1), (6, 9)):
+        for _ in range(n):
+            p.record("python", 0, [e])
+    p.record("python", 1, [7])
+    for _ in range(4):
+        p.record("prose", 0, [5])  # prose's only expert: f = 1, the largest sum
+        p.record("prose", 1, [2])
+    hot = hot_experts(p, 0.25, {("prose", 1)})
+    assert hot == {ExpertKey(0, 5), ExpertKey(0, 3), ExpertKey(1, 7)}  # ties: lower id
+    assert len(hot_experts(p, 1.0)) == 4 + 2  # only experts with some use

@@ -8,7 +8,8 @@ import torch
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.modes import device_mode_problem
-from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore, _pack, _unpack
+from vllm_moe_offload.runtime.quant import (GroupQuant, MixedStore, QuantizedStore, _pack,
+                                            _unpack)
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertUnavailable,
                                             HostStore, TensorSpec)
 
@@ -203,3 +204,37 @@ def test_biases_are_kept_as_they_are():
     codec.decode(stored, out)
     assert torch.equal(out[2], expert[2]) and torch.equal(out[3], expert[3])
     assert torch.equal(out[0], decoded(codec, expert[:2])[0])
+
+
+@pytest.mark.parametrize("kind", ["host", "disk"])
+def test_mixed_store_keeps_hot_experts_at_more_bits(tmp_path, kind):
+    hot_keys = [(0, 1), (1, 3)]
+    cold_keys = [(l, e) for l in range(L) for e in range(E) if (l, e) not in hot_keys]
+
+    def part(bits, keys):
+        codec = GroupQuant(bits, 32)
+        record = codec.layout(SLOT)
+        inner = (HostStore(record, L, E, keys=keys) if kind == "host" else
+                 DiskStore(tmp_path / f"{bits}.experts", record, L, E,
+                           dict(FP, codec=codec.describe()), keys=keys))
+        return QuantizedStore(inner, codec, SLOT)
+
+    hot, cold = part(16, hot_keys), part(2, cold_keys)
+    store = MixedStore(hot, cold)
+    fill(store)
+    assert store.nbytes == 2 * hot.record_bytes + 6 * cold.record_bytes
+    assert hot.read_bytes == SLOT.expert_bytes > 4 * cold.read_bytes
+    for layer in range(L):
+        for e in range(E):
+            dst = empty()
+            codec = hot.codec if (layer, e) in hot_keys else cold.codec
+            assert store.read_into(layer, e, dst) == store.read_bytes_of(layer, e)
+            assert store.read_bytes_of(layer, e) == (
+                hot.read_bytes if (layer, e) in hot_keys else cold.read_bytes)
+            want = decoded(codec, expert(layer, e))
+            assert all(torch.equal(a, b) for a, b in zip(dst, want))
+    assert torch.equal(decoded(hot.codec, expert(0, 1))[0], expert(0, 1)[0])  # 16: exact
+    cache = ExpertCache(store, num_slots=E, device="cpu")
+    cache.map_to_slots(1, torch.tensor([[3, 0]]))
+    assert cache.stats.totals().bytes_loaded == hot.read_bytes + cold.read_bytes
+    store.close()

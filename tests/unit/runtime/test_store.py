@@ -248,3 +248,26 @@ def test_a_build_killed_midway_is_not_reused(tmp_path):
     assert not path.exists()
     again = DiskStore(path, LAYOUT, L, E, FP)
     assert not again.reused
+
+
+@pytest.mark.parametrize("kind", ["host", "disk"])
+def test_a_store_of_some_experts_holds_those_alone(tmp_path, kind):
+    keys = [(1, 2), (0, 1)]
+    store = (HostStore(LAYOUT, L, E, keys=keys) if kind == "host"
+             else DiskStore(tmp_path / "s.experts", LAYOUT, L, E, FP, keys=keys))
+    assert store.nbytes == 2 * LAYOUT.record_bytes and store.missing() == [(0, 1), (1, 2)]
+    with pytest.raises(IndexError, match="2 of them"):
+        store.put(0, 0, expert(0, 0))
+    for key in keys:
+        store.put(*key, expert(*key))
+    store.seal()
+    assert store.contains(1, 2) and not store.contains(0, 0) and store.is_complete()
+    for key in keys:
+        dst = empty_slot()
+        store.read_into(*key, dst)
+        assert all(torch.equal(a, b) for a, b in zip(dst, expert(*key)))
+    if kind == "disk":
+        assert os.path.getsize(store.path) == 4096 + 2 * (LAYOUT.record_bytes + 8)
+        assert DiskStore(store.path, LAYOUT, L, E, FP, keys=keys).reused
+        other = DiskStore(store.path, LAYOUT, L, E, FP, keys=[(0, 1), (1, 1)])
+        assert not other.reused and "stale" in other.problem

@@ -19,12 +19,13 @@ from tqdm import tqdm
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.stats import OffloadStats
+from vllm_moe_offload.core.tasks import TaskProfiles, hot_experts
 from vllm_moe_offload.integration.vllm import metrics
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.modes import make_expert_cache
-from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
+from vllm_moe_offload.runtime.quant import GroupQuant, MixedStore, QuantizedStore
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
 from vllm_moe_offload.runtime.task_residency import TaskResidency
@@ -88,35 +89,68 @@ class ModelOffload:
         `source`: the checkpoint's, which a quantized store encodes."""
         if self.store is not None:
             return self.store
-        cfg, codec = self.cfg, None
-        record = layout
-        fingerprint = dict(self.fingerprint)
-        if self.quantized:
-            codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
-            codec.check(source)
-            record = codec.layout(source)
-            fingerprint["store_codec"] = codec.describe()
-            logger.warning("expert offload: experts kept at %d bits in the store (%s, "
-                           "groups of %d) and decoded into %s slots: outputs differ from "
-                           "plain vLLM (store_bits < 16 is approximate)", cfg.store_bits,
-                           cfg.store_quantizer, cfg.store_group_size,
-                           str(layout.tensors[0].dtype).replace("torch.", ""))
-        store_kind = cfg.resolved_store(self.device.type == "cuda")
-        if store_kind == "host":
-            store = HostStore(record, self.num_layers, self.experts_per_layer,
-                              pin_memory=self.device.type == "cuda")
-        else:
-            directory = Path(os.path.expanduser(cfg.store_dir))
-            path = directory / store_file_name(dict(fingerprint, layout=record.describe()))
-            store = DiskStore(path, record, self.num_layers, self.experts_per_layer,
-                              fingerprint)
-            problem = getattr(store, "problem", None)
-            if store.reused:
-                logger.info("expert offload: reusing disk store %s", path)
-            elif problem:
-                logger.warning("expert offload: rebuilding disk store: %s", problem)
-        self.store = store if codec is None else QuantizedStore(store, codec, layout, source)
+        cfg = self.cfg
+        if not self.quantized:
+            self.store = self._open_store(layout, dict(self.fingerprint))
+            return self.store
+        codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
+        codec.check(source)
+        logger.warning("expert offload: experts kept at %d bits in the store (%s, groups "
+                       "of %d) and decoded into %s slots: outputs differ from plain vLLM "
+                       "(store_bits < 16 is approximate)", cfg.store_bits,
+                       cfg.store_quantizer, cfg.store_group_size,
+                       str(layout.tensors[0].dtype).replace("torch.", ""))
+        if cfg.store_hot_bits is None:
+            self.store = self._quantized_store(codec, layout, source)
+            return self.store
+        hot = self.hot_experts()
+        cold = [(l, e) for l in range(self.num_layers) for e in range(self.experts_per_layer)
+                if (l, e) not in hot]
+        hot_codec = GroupQuant(cfg.store_hot_bits, cfg.store_group_size, cfg.store_quantizer)
+        logger.warning("expert offload: mixed precision: %d hot experts (of %d) at %d bits, "
+                       "from the task profiles %s", len(hot), len(hot) + len(cold),
+                       cfg.store_hot_bits, cfg.task_profiles_path)
+        self.store = MixedStore(self._quantized_store(hot_codec, layout, source, sorted(hot)),
+                                self._quantized_store(codec, layout, source, cold))
         return self.store
+
+    def _quantized_store(self, codec: GroupQuant, layout: ExpertLayout,
+                         source: ExpertLayout, keys=None) -> QuantizedStore:
+        fingerprint = dict(self.fingerprint, store_codec=codec.describe())
+        return QuantizedStore(self._open_store(codec.layout(source), fingerprint, keys),
+                              codec, layout, source)
+
+    def _open_store(self, record: ExpertLayout, fingerprint: dict,
+                    keys: list[tuple[int, int]] | None = None) -> ExpertStore:
+        """A host or disk store of `record`s, for all experts or `keys`."""
+        cfg = self.cfg
+        if cfg.resolved_store(self.device.type == "cuda") == "host":
+            return HostStore(record, self.num_layers, self.experts_per_layer,
+                             pin_memory=self.device.type == "cuda", keys=keys)
+        directory = Path(os.path.expanduser(cfg.store_dir))
+        name = dict(fingerprint, layout=record.describe())
+        if keys is not None:
+            name["keys"] = [list(k) for k in keys]
+        path = directory / store_file_name(name)
+        store = DiskStore(path, record, self.num_layers, self.experts_per_layer,
+                          fingerprint, keys=keys)
+        problem = getattr(store, "problem", None)
+        if store.reused:
+            logger.info("expert offload: reusing disk store %s", path)
+        elif problem:
+            logger.warning("expert offload: rebuilding disk store: %s", problem)
+        return store
+
+    def hot_experts(self) -> set[tuple[int, int]]:
+        """Mixed precision: the experts the task profiles rank hot (store_hot_share of
+        each layer's), the pairs the sensitivity file marks insensitive left out."""
+        cfg = self.cfg
+        profiles = TaskProfiles.load(cfg.task_profiles_path, self.num_layers,
+                                     self.experts_per_layer)
+        insensitive = (load_insensitive(cfg.sensitivity_path, self.num_layers)
+                       if cfg.sensitivity_path else frozenset())
+        return {(k.layer, k.expert) for k in
+                hot_experts(profiles, cfg.store_hot_share, insensitive)}
 
     def put_expert(self, layer: int, expert: int, packed: list[torch.Tensor]) -> None:
         self.store.put(layer, expert, packed)
@@ -126,7 +160,7 @@ class ModelOffload:
                 self._build_bar = tqdm(
                     total=self.store.nbytes, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=f"expert offload: building disk store {self.store.path.name}")
-            self._build_bar.update(self.store.record_bytes)
+            self._build_bar.update(self.store.record_bytes_of(layer, expert))
 
     def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]],
                        rederive: Callable[[int, int], list[torch.Tensor]] | None = None
@@ -283,6 +317,11 @@ class ModelOffload:
         return {"num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
                 "record_bytes": store.record_bytes, "read_bytes": store.read_bytes,
                 "store_bits": self.cfg.store_bits,
+                **({"store_hot_bits": self.cfg.store_hot_bits,
+                    "hot_experts": len(store.hot.inner.keys),
+                    "hot_read_bytes": store.hot.read_bytes,
+                    "hot_store_path": str(getattr(store.hot, "path", ""))}
+                   if isinstance(store, MixedStore) else {}),
                 "pool_bytes": cache.pool_bytes, "num_layers": self.num_layers,
                 "experts_per_layer": self.experts_per_layer,
                 "store": store.kind, "store_bytes": store.nbytes,
