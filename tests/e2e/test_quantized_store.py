@@ -12,15 +12,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spec
+from vllm_moe_offload.core.tasks import TaskProfiles, hot_experts
 from vllm_moe_offload.runtime.quant import GroupQuant
 
 NAMES = {"qwen3_moe": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
          "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2"))}
 
 
-def dequantized_copy(model: str, arch: str, codec: GroupQuant, out) -> str:
+def dequantized_copy(model: str, arch: str, codec, out) -> str:
     """The checkpoint with every expert replaced by decode(encode(expert)), encoded as
-    the store encodes it: w13 = gate ++ up [2I, H] and w2 [H, I]."""
+    the store encodes it: w13 = gate ++ up [2I, H] and w2 [H, I]. `codec`: a GroupQuant,
+    or (layer, expert) -> GroupQuant (mixed precision)."""
+    codec_of = codec if callable(codec) else lambda layer, e: codec
     out = shutil.copytree(model, out)
     weights = load_file(os.path.join(model, "model.safetensors"))
     if arch == "gpt_oss":  # fused [E, H, 2I] and [E, I, H]; biases stay as they are
@@ -29,6 +32,7 @@ def dequantized_copy(model: str, arch: str, codec: GroupQuant, out) -> str:
             for e in range(EXPERTS):
                 w13, w2 = weights[key("gate_up_proj")][e].t(), weights[key("down_proj")][e].t()
                 got = [torch.empty_like(w13), torch.empty_like(w2)]
+                codec = codec_of(layer, e)
                 codec.decode(codec.encode([w13, w2]), got)
                 assert not torch.equal(got[0], w13)  # the copy really differs
                 weights[key("gate_up_proj")][e] = got[0].t()
@@ -40,6 +44,7 @@ def dequantized_copy(model: str, arch: str, codec: GroupQuant, out) -> str:
             w13 = torch.cat([weights[key(gate)], weights[key(up)]])
             w2 = weights[key(down)]
             got = [torch.empty_like(w13), torch.empty_like(w2)]
+            codec = codec_of(layer, e)
             codec.decode(codec.encode([w13, w2]), got)
             assert not torch.equal(got[0], w13)  # the copy really differs
             weights[key(gate)], weights[key(up)] = got[0].chunk(2)
@@ -86,6 +91,47 @@ def test_3_bit_round_to_nearest_host_store_at_half(models, engine, tmp_path):
                               store_quantizer="rtn"))
     assert off["token_ids"] == plain["token_ids"]
     check_bytes(off, 3, 32)
+
+
+def test_mixed_precision_keeps_the_profiled_hot_experts_at_8_bits(
+        models, engine, store_dir, tmp_path):
+    """2 bits, with the quarter of each layer's experts that the task profiles rank
+    hot at 8: token-identical to plain vLLM on the checkpoint decoded the same way."""
+    profiles = TaskProfiles(LAYERS, EXPERTS)
+    g = torch.Generator().manual_seed(7)
+    for layer in range(LAYERS):
+        for task in ("code", "prose"):
+            counts = torch.randint(0, 50, (EXPERTS,), generator=g).tolist()
+            for e, n in enumerate(counts):
+                for _ in range(n):
+                    profiles.record(task, layer, [e])
+    profiles.save(tmp_path / "profiles.json")
+    hot = {(k.layer, k.expert) for k in hot_experts(profiles, 0.25)}
+    assert len(hot) == LAYERS * EXPERTS // 4
+    codecs = {8: GroupQuant(8, 64), 2: GroupQuant(2, 64)}
+    ref = dequantized_copy(models["qwen3_moe"], "qwen3_moe",
+                           lambda layer, e: codecs[8 if (layer, e) in hot else 2],
+                           tmp_path / "dq")
+    plain = engine(plain_spec(ref))
+    off = engine(offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="disk",
+                              store_dir=store_dir, store_bits=2, store_hot_bits=8,
+                              task_profiles_path=str(tmp_path / "profiles.json")))
+    assert off["token_ids"] == plain["token_ids"]
+    totals, info = off["stats"]["totals"], off["stats"]["pool"]
+    values = info["slot_bytes"] // 2
+    hot_read, cold_read = values + 4 * values // 64, values // 4 + 4 * values // 64
+    assert (info["hot_experts"], info["hot_read_bytes"], info["read_bytes"]) == (
+        len(hot), hot_read, cold_read)
+    # Each file holds its own experts alone: header, records, one checksum each.
+    hot_file, cold_file = info["hot_store_path"], info["store_path"]
+    assert os.path.getsize(hot_file) == 4096 + len(hot) * (
+        -(-hot_read // 4096) * 4096 + 8)
+    assert os.path.getsize(cold_file) == 4096 + (LAYERS * EXPERTS - len(hot)) * (
+        info["record_bytes"] + 8)
+    # Every miss moved its own expert's bytes: some hot, some cold.
+    misses, moved = totals["misses"], totals["bytes_loaded"]
+    hot_misses, rest = divmod(moved - misses * cold_read, hot_read - cold_read)
+    assert rest == 0 and 0 < hot_misses < misses
 
 
 def test_store_bits_on_an_already_quantized_checkpoint_is_refused(models):
