@@ -16,7 +16,12 @@ each bit width (HQQ, groups of 64; `--quantizer rtn` for round-to-nearest).
    the share of token positions equal to the 16-bit row's, and the mean length of
    the prefix they share.
 3. Bytes and speed: bytes per miss from the server's /metrics (loaded bytes over
-   misses), the store file's size, output tokens/s of step 2 (batch 1).
+   misses), the store files' size, output tokens/s of step 2 (batch 1).
+`--mixed 8/2 ...` adds mixed-precision rows (--expert-store-hot-bits): the quarter
+of each layer's experts that per-domain task profiles rank hot at the first width,
+the rest at the second. The profiles are counted from the model's own routing
+(transformers) over the training part (first 95%) of each domain file, 4,096
+tokens per domain, and written to the work directory.
 Plain vLLM's perplexity must equal the 16-bit row's (offload is exact there).
 Writes benchmarks/results/quantized_store.{md,json,png}.
 """
@@ -141,6 +146,25 @@ def agreement(ids: list[list[int]], ref: list[list[int]]) -> tuple[float, float]
     return same / total, prefix / len(ref)
 
 
+def write_profiles(path: Path, tokens_per_domain: int = 4096) -> Path:
+    """Task profiles (one task per domain) from the model's routing on training text."""
+    from vllm_moe_offload.core.tasks import TaskProfiles
+    from vllm_moe_offload.hf.routing import capture, load_model, read_texts
+
+    model, tokenizer = load_model(str(MODEL))
+    files = sorted((SHARED / "data" / "corpus").glob("*.txt"))
+    profiles = None
+    for f, text in zip(files, read_texts([str(f) for f in files], "train")):
+        routing = capture(model, tokenizer, text, tokens_per_domain)
+        if profiles is None:
+            profiles = TaskProfiles(routing.num_layers, model.config.num_local_experts)
+        for layer, ids in enumerate(routing.expert_ids):
+            profiles.record(f.stem, layer, ids.reshape(-1).tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiles.save(path)
+    return path
+
+
 def run_row(name: str, offload: dict | None, task_dir: Path, prompts, max_tokens) -> dict:
     work = WORK / name.replace(" ", "_")
     work.mkdir(parents=True, exist_ok=True)
@@ -150,7 +174,11 @@ def run_row(name: str, offload: dict | None, task_dir: Path, prompts, max_tokens
         before = scrape(url)
         ids, tps = greedy(url, prompts, max_tokens)
         after = scrape(url)
-    row = {"row": name, "bits": (offload or {}).get("store_bits", 16),
+    bits = (offload or {}).get("store_bits", 16)
+    if (offload or {}).get("store_hot_bits"):  # the mean over experts
+        share = offload["store_hot_share"]
+        bits = share * offload["store_hot_bits"] + (1 - share) * bits
+    row = {"row": name, "bits": bits,
            "offload": offload is not None, **ppl, "token_ids": ids, "tokens_per_s": tps}
     if offload is not None:
         misses = after["vllm_moe_offload_misses_total"] - before.get(
@@ -171,7 +199,7 @@ def markdown(rows) -> str:
     for r in rows:
         off = r["offload"]
         lines.append(
-            f"| {r['row']} | {r['bits']} | {r['word_perplexity']:.3f} | "
+            f"| {r['row']} | {r['bits']:g} | {r['word_perplexity']:.3f} | "
             f"{r['byte_perplexity']:.4f} | {r['bits_per_byte']:.4f} | "
             f"{r['agreement']:.1%} | {r['prefix']:.1f} | "
             + (f"{r['bytes_per_miss'] / 2**20:.4f} | {r['store_mib']:.1f} | " if off
@@ -185,10 +213,16 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    off = sorted((r for r in rows if r["offload"]), key=lambda r: -r["bits"])
+    off = sorted((r for r in rows if r["offload"] and not r.get("mixed")),
+                 key=lambda r: -r["bits"])
+    mixed = [r for r in rows if r.get("mixed")]
     bits = [r["bits"] for r in off]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(bits, [r["byte_perplexity"] for r in off], "o-", label="byte perplexity")
+    for r in mixed:  # mixed precision, at its mean bits
+        a.plot([r["bits"]], [r["byte_perplexity"]], "D", color="tab:green")
+        a.annotate(r["row"].replace("offload ", ""), (r["bits"], r["byte_perplexity"]),
+                   fontsize=7, xytext=(3, 3), textcoords="offset points")
     a.set_xlabel("store bits")
     a.set_ylabel("byte perplexity (held-out text)")
     a.invert_xaxis()
@@ -197,8 +231,9 @@ def plot(rows, path: Path) -> None:
             label="greedy tokens = 16-bit (%)")
     a2.set_ylabel("greedy tokens equal to 16-bit (%)")
     a.set_title("quality")
-    b.bar([str(x) for x in bits], [r["bytes_per_miss"] / 2**10 for r in off])
-    b.set_xlabel("store bits")
+    b.bar([f"{r['bits']:g}" + (" mixed" if r.get("mixed") else "") for r in off + mixed],
+          [r["bytes_per_miss"] / 2**10 for r in off + mixed])
+    b.set_xlabel("store bits (mean)")
     b.set_ylabel("KiB moved per miss")
     b.set_title("bytes per miss (pool 50%, disk store)")
     fig.tight_layout()
@@ -213,6 +248,9 @@ def main(argv=None) -> None:
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--mixed", nargs="*", default=[], metavar="HOT/COLD",
+                    help="mixed-precision rows, e.g. 8/2: hot experts at 8 bits, the rest at 2")
+    ap.add_argument("--hot-share", type=float, default=0.25)
     ap.add_argument("--no-plain", action="store_true", help="skip the plain vLLM row")
     ap.add_argument("--name", default="quantized_store")
     args = ap.parse_args(argv)
@@ -230,6 +268,16 @@ def main(argv=None) -> None:
             offload.update(store_group_size=args.group, store_quantizer=args.quantizer)
         rows.append(run_row(f"offload {bits}-bit", offload, task_dir, prompts,
                             args.max_tokens))
+    profiles = write_profiles(WORK / "profiles.json") if args.mixed else None
+    for mix in args.mixed:
+        hot, cold = (int(x) for x in mix.split("/"))
+        offload = {"enabled": True, "store": "disk", "pool_slots": total // 2,
+                   "store_bits": cold, "store_hot_bits": hot,
+                   "store_hot_share": args.hot_share, "task_profiles_path": str(profiles),
+                   "store_group_size": args.group, "store_quantizer": args.quantizer}
+        rows.append(run_row(f"offload {cold}-bit, hot {args.hot_share:.0%} at {hot}",
+                            offload, task_dir, prompts, args.max_tokens))
+        rows[-1]["mixed"] = True
     ref = next(r for r in rows if r["offload"] and r["bits"] == 16)["token_ids"]
     for r in rows:
         r["agreement"], r["prefix"] = agreement(r["token_ids"], ref)

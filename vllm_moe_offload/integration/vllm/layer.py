@@ -95,9 +95,11 @@ class OffloadedRoutedExperts(RoutedExperts):
                     f"bf16/fp16/fp32 checkpoint, and {prefix} is already quantized "
                     f"({type(qm).__name__}). Set --expert-store-bits 16.")
             raise NotImplementedError(
-                f"expert offload: {prefix} uses {type(qm).__name__}; only unquantized "
-                "(bf16/fp16/fp32) experts are supported yet. Drop --quantization or "
-                "turn expert offload off.")
+                f"expert offload: {prefix} is quantized ({type(qm).__name__}); only "
+                "unquantized (bf16/fp16/fp32) experts can be offloaded yet. Serve a "
+                "bf16 checkpoint (add --expert-store-bits 8 or 4 to keep the offloaded "
+                "experts quantized in the store), drop --quantization, or turn expert "
+                "offload off.")
         create = qm.create_weights
 
         def create_empty(layer, num_experts, **kw):  # all experts live in the store
