@@ -269,8 +269,8 @@ class DiskStore(ExpertStore):
                                 num_layers=num_layers,
                                 experts_per_layer=experts_per_layer,
                                 record_bytes=layout.record_bytes)
-        if self.keys is not None:
-            self.fingerprint["keys"] = [list(k) for k in self.keys]
+        if self.keys is not None:  # which experts, as a digest: the header is 4 KiB
+            self.fingerprint["keys"] = keys_digest(self.keys)
         # (layer, expert) -> tensors as put() got them: the checkpoint's copy (NOTE #1)
         self.rederive: Callable[[int, int], list[torch.Tensor]] | None = None
         self.repairs = 0  # records re-derived after a bad read
@@ -565,6 +565,13 @@ class DiskStore(ExpertStore):
         direct, self._direct_fd = getattr(self, "_direct_fd", None), None
         if direct is not None:
             os.close(direct)
+
+
+def keys_digest(keys: list[tuple[int, int]]) -> str:
+    import hashlib
+
+    text = json.dumps(sorted([int(l), int(e)] for l, e in keys))
+    return f"{len(keys)}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 
 def store_file_name(fingerprint: dict) -> str:

@@ -271,3 +271,11 @@ def test_a_store_of_some_experts_holds_those_alone(tmp_path, kind):
         assert DiskStore(store.path, LAYOUT, L, E, FP, keys=keys).reused
         other = DiskStore(store.path, LAYOUT, L, E, FP, keys=[(0, 1), (1, 1)])
         assert not other.reused and "stale" in other.problem
+
+
+def test_a_large_model_s_subset_fits_the_header(tmp_path):
+    """48 layers x 128 experts, half of them: the keys go in as a digest."""
+    keys = [(l, e) for l in range(48) for e in range(0, 128, 2)]
+    store = DiskStore(tmp_path / "big.experts", LAYOUT, 48, 128, FP, keys=keys)
+    assert store.nbytes == len(keys) * LAYOUT.record_bytes
+    store.close()

@@ -30,7 +30,7 @@ from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredic
                                                  load_gates, load_lookahead)
 from vllm_moe_offload.runtime.task_residency import TaskResidency
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
-                                            HostStore, store_file_name)
+                                            HostStore, keys_digest, store_file_name)
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -103,7 +103,7 @@ class ModelOffload:
         if cfg.store_hot_bits is None:
             self.store = self._quantized_store(codec, layout, source)
             return self.store
-        hot = self.hot_experts()
+        hot = self._hot_set()
         cold = [(l, e) for l in range(self.num_layers) for e in range(self.experts_per_layer)
                 if (l, e) not in hot]
         hot_codec = GroupQuant(cfg.store_hot_bits, cfg.store_group_size, cfg.store_quantizer)
@@ -130,7 +130,7 @@ class ModelOffload:
         directory = Path(os.path.expanduser(cfg.store_dir))
         name = dict(fingerprint, layout=record.describe())
         if keys is not None:
-            name["keys"] = [list(k) for k in keys]
+            name["keys"] = keys_digest(keys)
         path = directory / store_file_name(name)
         store = DiskStore(path, record, self.num_layers, self.experts_per_layer,
                           fingerprint, keys=keys)
@@ -141,7 +141,7 @@ class ModelOffload:
             logger.warning("expert offload: rebuilding disk store: %s", problem)
         return store
 
-    def hot_experts(self) -> set[tuple[int, int]]:
+    def _hot_set(self) -> set[tuple[int, int]]:
         """Mixed precision: the experts the task profiles rank hot (store_hot_share of
         each layer's), the pairs the sensitivity file marks insensitive left out."""
         cfg = self.cfg
