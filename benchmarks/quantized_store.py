@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -167,6 +168,7 @@ def write_profiles(path: Path, tokens_per_domain: int = 4096) -> Path:
 
 def run_row(name: str, offload: dict | None, task_dir: Path, prompts, max_tokens) -> dict:
     work = WORK / name.replace(" ", "_")
+    shutil.rmtree(work / "store", ignore_errors=True)  # size and build of this run alone
     work.mkdir(parents=True, exist_ok=True)
     with serving(str(MODEL), offload, work / "server.log", work,
                  startup_timeout=900) as (url, _):
