@@ -130,8 +130,8 @@ def install_worker_hooks() -> None:
         model = model_state.current()
         if model is None or model.cache is None:
             return output
-        metrics.after_step(model)  # /metrics reads its snapshot (metrics.py)
         failed = model.take_failed_requests(getattr(self, "_moe_offload_layout", []))
+        metrics.after_step(model)  # /metrics reads its snapshot (metrics.py), failures in
         if output is None or output is EMPTY_MODEL_RUNNER_OUTPUT or not hasattr(
                 output, "__dict__"):
             return output
