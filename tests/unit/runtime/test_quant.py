@@ -92,12 +92,12 @@ def fill(store):
     store.seal()
 
 
-def quant_store(kind, tmp_path, bits=4, method="hqq"):
+def quant_store(kind, tmp_path, bits=4, method="hqq", keys=None):
     codec = GroupQuant(bits, 32, method)
     record = codec.layout(SLOT)
-    inner = (HostStore(record, L, E) if kind == "host"
-             else DiskStore(tmp_path / "q.experts", record, L, E,
-                            dict(FP, store_codec=codec.describe())))
+    inner = (HostStore(record, L, E, keys=keys) if kind == "host"
+             else DiskStore(tmp_path / f"q{bits}.experts", record, L, E,
+                            dict(FP, store_codec=codec.describe()), keys=keys))
     return QuantizedStore(inner, codec, SLOT)
 
 
@@ -210,16 +210,8 @@ def test_biases_are_kept_as_they_are():
 def test_mixed_store_keeps_hot_experts_at_more_bits(tmp_path, kind):
     hot_keys = [(0, 1), (1, 3)]
     cold_keys = [(l, e) for l in range(L) for e in range(E) if (l, e) not in hot_keys]
-
-    def part(bits, keys):
-        codec = GroupQuant(bits, 32)
-        record = codec.layout(SLOT)
-        inner = (HostStore(record, L, E, keys=keys) if kind == "host" else
-                 DiskStore(tmp_path / f"{bits}.experts", record, L, E,
-                           dict(FP, codec=codec.describe()), keys=keys))
-        return QuantizedStore(inner, codec, SLOT)
-
-    hot, cold = part(16, hot_keys), part(2, cold_keys)
+    hot = quant_store(kind, tmp_path, 16, keys=hot_keys)
+    cold = quant_store(kind, tmp_path, 2, keys=cold_keys)
     store = MixedStore(hot, cold)
     fill(store)
     assert store.nbytes == 2 * hot.record_bytes + 6 * cold.record_bytes

@@ -153,11 +153,13 @@ class OffloadedRoutedExperts(RoutedExperts):
                 self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
 
-    def _ensure_store(self) -> None:
-        """The store from an empty expert: its kernel layout and its checkpoint layout."""
+    def _ensure_store(self, packed: list[torch.Tensor] | None = None) -> None:
+        """The store from an empty expert (`packed`: it already packed): its kernel
+        layout and its checkpoint layout."""
         if self._model.store is None:
             empty = self._empty_expert()
-            self._model.ensure_store(_layout_of(self._pack(*empty)), _layout_of(empty))
+            packed = packed if packed is not None else self._pack(*empty)
+            self._model.ensure_store(_layout_of(packed), _layout_of(empty))
 
     @property
     def _complete(self) -> list[set[str]]:
@@ -279,7 +281,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             # and gives the layout.
             packed = self._pack(*self._empty_expert())
             if self._model.quantized:
-                self._ensure_store()
+                self._ensure_store(packed)
             else:
                 self._model.ensure_store(_layout_of(packed))
         if self.quant_method.is_monolithic:  # forward_modular would never be called

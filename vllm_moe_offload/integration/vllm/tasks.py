@@ -131,7 +131,8 @@ def install_worker_hooks() -> None:
         if model is None or model.cache is None:
             return output
         failed = model.take_failed_requests(getattr(self, "_moe_offload_layout", []))
-        metrics.after_step(model)  # /metrics reads its snapshot (metrics.py), failures in
+        metrics.after_step(model)  # /metrics reads its snapshot (metrics.py): failures
+        # are counted first, so the step's snapshot has them
         if output is None or output is EMPTY_MODEL_RUNNER_OUTPUT or not hasattr(
                 output, "__dict__"):
             return output
