@@ -303,6 +303,10 @@ class MixedStore(ExpertStore):
         return self.cold.packers
 
     @property
+    def codec(self) -> GroupQuant:  # store_bits' codec; both decode at each miss
+        return self.cold.codec
+
+    @property
     def path(self):
         return self.cold.path
 

@@ -213,6 +213,8 @@ def test_mixed_store_keeps_hot_experts_at_more_bits(tmp_path, kind):
     hot = quant_store(kind, tmp_path, 16, keys=hot_keys)
     cold = quant_store(kind, tmp_path, 2, keys=cold_keys)
     store = MixedStore(hot, cold)
+    assert "quantized store (store_bits=2)" in device_mode_problem(torch.device("cuda"), store,
+                                                                  None)
     fill(store)
     assert store.nbytes == 2 * hot.record_bytes + 6 * cold.record_bytes
     assert hot.read_bytes == SLOT.expert_bytes > 4 * cold.read_bytes
