@@ -141,14 +141,6 @@ def test_store_bits_on_an_already_quantized_checkpoint_is_refused(models):
     assert "--expert-store-bits 16" in out
 
 
-def test_a_quantized_checkpoint_is_refused_naming_the_method_and_what_works(models):
-    out = failure({**offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host"),
-                   "quantization": "fp8"})
-    assert "mlp.experts is quantized (Fp8" in out
-    assert "only unquantized (bf16/fp16/fp32) experts" in out
-    assert "--expert-store-bits 8 or 4" in out
-
-
 def test_a_group_size_that_does_not_divide_the_experts_is_refused(models):
     spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4,
                         store_group_size=48)

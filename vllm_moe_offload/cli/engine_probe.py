@@ -196,6 +196,10 @@ def main(spec: dict) -> dict:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if spec.get("kv_cache_gib", 1) is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
+    if spec.get("setup"):  # "module:function", called before the engine is built
+        import importlib
+        module, _, func = spec["setup"].partition(":")
+        getattr(importlib.import_module(module), func)()
     from vllm import LLM, SamplingParams
 
     import vllm_moe_offload

@@ -260,3 +260,55 @@ def build_tiny_deepseek_mtp(out_dir: str | Path, num_layers: int = 4, **kw) -> P
     (out / "tiny_moe.json").unlink()  # no longer what build_tiny_moe wrote
     marker.write_text(json.dumps(dict(num_layers=num_layers, **kw)))
     return out
+
+
+_EXPERT_PROJ = r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)"
+
+
+def quantize_experts_int8(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """A compressed-tensors W8A8 INT8 copy of a bf16 checkpoint (`build_tiny_moe`),
+    its routed experts alone quantized, as llm-compressor's W8A8 scheme writes them:
+    `weight` int8 [out, in], symmetric per output channel, `weight_scale` [out, 1];
+    activations quantized per token at run time (dynamic). Attention, the router,
+    shared experts and the head stay bf16. Returns `out_dir`."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            shutil.copy(f, out / f.name)
+    for f in src.glob("*.safetensors"):
+        tensors = {}
+        for name, t in load_file(f).items():
+            if not re.fullmatch(_EXPERT_PROJ + r"\.weight", name):
+                tensors[name] = t
+                continue
+            w = t.float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+            tensors[name] = (w / scale).round().clamp(-127, 127).to(torch.int8)
+            tensors[name + "_scale"] = scale.to(t.dtype)
+        if not any(n.endswith("_scale") for n in tensors):
+            raise ValueError(f"{f}: no routed-expert weights to quantize")
+        save_file(tensors, out / f.name, metadata={"format": "pt"})
+    args = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+            "block_structure": None, "actorder": None, "observer": "minmax",
+            "observer_kwargs": {}}
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "quantization_status": "compressed", "global_compression_ratio": None,
+        "config_groups": {"group_0": {
+            "targets": ["re:" + _EXPERT_PROJ + "$"],
+            "weights": dict(args, strategy="channel", dynamic=False),
+            "input_activations": dict(args, strategy="token", dynamic=True,
+                                      observer=None),
+            "output_activations": None, "format": "int-quantized"}},
+        "ignore": [], "kv_cache_scheme": None}
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    (out / "tiny_moe.json").unlink(missing_ok=True)
+    return out

@@ -89,3 +89,26 @@ class CheckpointExperts:
             if expert is None:
                 return st.get_tensor(name)
             return st.get_slice(name)[expert:expert + 1][0]
+
+    def expert_tensor_names(self, prefix: str, expert: int) -> list[str]:
+        """The checkpoint's tensors of one expert stored apart, relative to
+        `{prefix}.{expert}.` (`gate_proj.weight`, `gate_proj.weight_scale`, ...)."""
+        head = f"{prefix}.{expert}."
+        return sorted(k[len(head):] for k in self._index() if k.startswith(head))
+
+    def read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's tensors stored apart, by their names relative to
+        `{prefix}.{expert}.` (store repair of a quantized checkpoint's experts)."""
+        def read():
+            index = self._index()
+            names = self.expert_tensor_names(prefix, expert)
+            if not names:
+                raise KeyError(f"no tensors {prefix}.{expert}.* in the checkpoint at "
+                               f"{self.model_dir}")
+            return {n: self._tensor(index[f"{prefix}.{expert}.{n}"],
+                                    f"{prefix}.{expert}.{n}") for n in names}
+        try:
+            return read()
+        except (OSError, KeyError):
+            self._file_of = None  # the files may have moved since they were indexed
+            return read()

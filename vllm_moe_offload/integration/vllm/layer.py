@@ -9,6 +9,8 @@ every MoE layer. While offload is off it is `RoutedExperts` unchanged. While on:
 - after loading, `w13_weight`/`w2_weight` become the shared slot buffers [S, ...];
 - `forward_modular` maps router ids to slots (opaque custom op: loads misses),
   then runs vLLM's own MoE kernel with `global_num_experts = S`.
+A quantized checkpoint's experts go the same way, each as the method itself
+processes one expert (quantized.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.integration.vllm import model_state
 from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
+from vllm_moe_offload.integration.vllm.quantized import QuantizedExperts, checkpoint_keys
 from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 
 logger = init_logger("vllm.moe_offload")
@@ -54,6 +57,8 @@ def _fingerprint(vllm_config) -> dict:
 
 
 class OffloadedRoutedExperts(RoutedExperts):
+    _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
+
     def __init__(self, layer_name, params_dtype, moe_config, quant_config,
                  expert_map_manager, *args, **kwargs):
         vllm_config = get_current_vllm_config()
@@ -87,6 +92,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         qm = super()._get_quant_method(prefix, quant_config, moe_config)
         if getattr(self, "_offload_cfg", None) is None:
             return qm
+        qm.process_weights_after_loading = lambda layer: layer.bind_pool()
         if type(qm) is not UnquantizedFusedMoEMethod:
             bits = self._offload_cfg.store_bits
             if bits < 16:
@@ -94,19 +100,15 @@ class OffloadedRoutedExperts(RoutedExperts):
                     f"expert_offload.store_bits={bits} quantizes the experts of a "
                     f"bf16/fp16/fp32 checkpoint, and {prefix} is already quantized "
                     f"({type(qm).__name__}). Set --expert-store-bits 16.")
-            raise NotImplementedError(
-                f"expert offload: {prefix} is quantized ({type(qm).__name__}); only "
-                "unquantized (bf16/fp16/fp32) experts can be offloaded yet. Serve a "
-                "bf16 checkpoint (add --expert-store-bits 8 or 4 to keep the offloaded "
-                "experts quantized in the store), drop --quantization, or turn expert "
-                "offload off.")
+            self._quant = QuantizedExperts(qm, prefix)
+            qm.create_weights = self._quant.create_empty
+            return qm
         create = qm.create_weights
 
         def create_empty(layer, num_experts, **kw):  # all experts live in the store
             return create(layer=layer, num_experts=0, **kw)
 
         qm.create_weights = create_empty
-        qm.process_weights_after_loading = lambda layer: layer.bind_pool()
         return qm
 
     def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id,
@@ -114,6 +116,10 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._offload_cfg is None:
             return super().weight_loader(param, loaded_weight, weight_name, shard_id,
                                          expert_id, return_success)
+        if self._quant is not None:
+            done = self._load_quantized(param, loaded_weight, weight_name, shard_id,
+                                        expert_id)
+            return done if return_success else None
         if "scale" in weight_name or ("bias" in weight_name and not self.moe_config.has_bias):
             raise NotImplementedError(
                 f"expert offload: checkpoint tensor {weight_name} (shard {shard_id}) is not "
@@ -152,6 +158,79 @@ class OffloadedRoutedExperts(RoutedExperts):
                 self._model.ensure_store(_layout_of(packed))
                 self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
+
+    def _load_quantized(self, param, loaded_weight, weight_name, shard_id,
+                        expert_id) -> bool:
+        """One checkpoint tensor of a quantized expert -> the expert's one-expert twin,
+        loaded by vLLM's own loader; a whole expert -> its record -> the store."""
+        store = self._model.store
+        if store is not None and store.reused:
+            return True  # the disk store already has it
+        name = next((n for n, p in self._parameters.items() if p is param), None)
+        if name not in self._quant.names:
+            raise self._quant.unsupported(
+                f"loads checkpoint tensor {weight_name} (shard {shard_id}) into {name}, "
+                "not into a per-expert tensor")
+        if expert_id not in self._staging:
+            self._staging[expert_id] = (self._quant.twin(self), set())
+        twin, seen = self._staging[expert_id]
+        done = super(OffloadedRoutedExperts, twin).weight_loader(
+            getattr(twin, name), loaded_weight, weight_name, shard_id, 0, True)
+        seen.add((weight_name, shard_id))
+        if len(seen) == self._expected_tensors():
+            del self._staging[expert_id]
+            record = self._quant.pack(twin)
+            self._model.ensure_store(_layout_of(record))
+            self._model.put_expert(self._layer, expert_id, record)
+        return done
+
+    def _expected_tensors(self) -> int:
+        """How many checkpoint tensors make one expert (those of its expert 0)."""
+        n = getattr(self, "_tensors_per_expert", None)
+        if n is None:
+            names = self._model.checkpoint_tensor_names(self._layer, 0)
+            if not names:
+                raise self._quant.unsupported(
+                    f"reads experts that the checkpoint holds fused per layer (no tensors "
+                    f"{self.layer_name}.0.*); a quantized checkpoint's experts must be "
+                    "stored one by one")
+            n = self._tensors_per_expert = len(names)
+        return n
+
+    def _rederive_quantized(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """A damaged store record of a quantized checkpoint, again from the
+        checkpoint, through a twin of this module (any layer: they are alike)."""
+        prefix = self._model.layer_names[layer]
+        named = self._model.checkpoint_named(layer, expert)
+        twin = self._quant.twin(self)
+        for rel, (weight_name, param, shard) in zip(
+                sorted(named), checkpoint_keys(prefix, sorted(named))):
+            super(OffloadedRoutedExperts, twin).weight_loader(
+                getattr(twin, param), named[rel], weight_name, shard, 0)
+        return self._quant.pack(twin)
+
+    def _bind_quantized(self) -> None:
+        store = self._model.store
+        if store is None:
+            raise NotImplementedError(
+                f"expert offload: no expert of {self.layer_name} ({self._quant.method}) "
+                "came from the checkpoint (load_format=dummy?); a quantized checkpoint's "
+                "experts are offloaded from its own weights. Load the checkpoint.")
+        cache = self._model.finish_loading(None, self._rederive_quantized)
+        self._model.checkpoint_quantization = self._quant.method
+        self._quant.bind(self, cache.buffers, self._slot_param)
+        if self.quant_method.is_monolithic:
+            raise NotImplementedError(
+                f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
+                f"MoE kernel {type(self.quant_method.moe_kernel).__name__}, which routes "
+                "inside the kernel; offload needs a modular one. Pick another "
+                "--moe-backend, or turn expert offload off.")
+        self._num_slots = cache.num_slots
+
+    def _slot_param(self, buf: torch.Tensor) -> torch.nn.Parameter:
+        param = torch.nn.Parameter(buf, requires_grad=False)
+        set_weight_attrs(param, {"weight_loader": self.weight_loader})
+        return param
 
     def _ensure_store(self, packed: list[torch.Tensor] | None = None) -> None:
         """The store from an empty expert (`packed`: it already packed): its kernel
@@ -275,6 +354,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._staging:
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
                                f"experts {sorted(self._staging)[:4]} after loading")
+        if self._quant is not None:
+            return self._bind_quantized()
         if self.quant_method.moe_kernel is None:
             # No expert of this layer was packed (dummy load, a reused disk store or a
             # quantized store): packing one empty expert sets up the layer's kernel
@@ -305,9 +386,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             if self._model.packers[kind] is not None:
                 self._model.store.packers[self._layer] = self._model.packers[kind]
         for name, buf in zip(self._names, cache.buffers):
-            param = torch.nn.Parameter(buf, requires_grad=False)
-            set_weight_attrs(param, {"weight_loader": self.weight_loader})
-            setattr(self, name, param)
+            setattr(self, name, self._slot_param(buf))
         if self.moe_config.has_bias:  # the kernel reads biases through its quant config
             for config in {id(c): c for c in (self.quant_method.moe_quant_config,
                                               self.quant_method.moe_kernel.fused_experts

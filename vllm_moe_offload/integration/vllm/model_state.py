@@ -56,6 +56,7 @@ class ModelOffload:
         self._build_bar: tqdm | None = None
         self.failed_requests = 0  # failed because an expert they routed to was lost
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
+        self.checkpoint_quantization: str | None = None  # its experts' vLLM method
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
@@ -71,11 +72,25 @@ class ModelOffload:
         self.num_layers += 1
         return self.num_layers - 1
 
-    def checkpoint_expert(self, layer: int, expert: int):
-        """(w13, w2) of one expert from the checkpoint files (store repair)."""
+    @property
+    def checkpoint(self) -> CheckpointExperts:
         if self._checkpoint is None:
             self._checkpoint = CheckpointExperts(self.fingerprint["model"])
-        return self._checkpoint.read(self.layer_names[layer], expert)
+        return self._checkpoint
+
+    def checkpoint_expert(self, layer: int, expert: int):
+        """(w13, w2) of one expert from the checkpoint files (store repair)."""
+        return self.checkpoint.read(self.layer_names[layer], expert)
+
+    def checkpoint_tensor_names(self, layer: int, expert: int) -> list[str]:
+        """The names of one expert's tensors in the checkpoint, relative to
+        `{layer path}.{expert}.`; empty where its experts are fused per layer."""
+        return self.checkpoint.expert_tensor_names(self.layer_names[layer], expert)
+
+    def checkpoint_named(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's tensors as the checkpoint holds them (store repair of a
+        quantized checkpoint), by the names of `checkpoint_tensor_names`."""
+        return self.checkpoint.read_named(self.layer_names[layer], expert)
 
     # ---- loading ------------------------------------------------------------------
 
@@ -162,7 +177,7 @@ class ModelOffload:
                     desc=f"expert offload: building disk store {self.store.path.name}")
             self._build_bar.update(self.store.record_bytes_of(layer, expert))
 
-    def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]],
+    def finish_loading(self, dummy_expert: Callable[[int, int], list[torch.Tensor]] | None,
                        rederive: Callable[[int, int], list[torch.Tensor]] | None = None
                        ) -> ExpertCache:
         """Seal the store and build the slot pool (once, at the first layer's call).
@@ -317,6 +332,7 @@ class ModelOffload:
         return {"num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
                 "record_bytes": store.record_bytes, "read_bytes": store.read_bytes,
                 "store_bits": self.cfg.store_bits,
+                "checkpoint_quantization": self.checkpoint_quantization,
                 **({"store_hot_bits": self.cfg.store_hot_bits,
                     "hot_experts": len(store.hot.inner.keys),
                     "hot_read_bytes": store.hot.read_bytes,

@@ -1,0 +1,179 @@
+"""Experts of a quantized checkpoint, offloaded as they are (exact).
+
+The slot record of a quantized method is what the method's own steps make of one
+expert: `create_weights` for one expert, vLLM's expert weight loader, then the
+method's `process_weights_after_loading` (its repacking into the kernel's
+layout), all on a one-expert twin of the layer. The record holds every tensor of
+that expert that the method keeps (packed weights, scales, zero points, g_idx),
+each `[1, ...]` with its own dtype. After loading, the layer's parameters become
+the pool's `[S, ...]` slot buffers, and the method's kernel is rebuilt over them:
+its quant config is made by the method itself on a twin, and each of the twin's
+tensors in it is replaced by the slot buffer that holds it.
+
+Refused, with the method named: tensors that the method keeps for the whole
+layer (vLLM reduces some input scales over all experts: not separable),
+tensors that it keeps outside the layer's parameters, and online quantization
+(a bf16 checkpoint quantized as it loads: `--expert-store-bits` does that).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+_SHARD_OF = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
+             "w1": "w1", "w3": "w3", "w2": "w2"}
+
+
+class QuantizedExperts:
+    """One MoE layer's quantized method, as the offload path drives it."""
+
+    def __init__(self, quant_method, prefix: str):
+        self.qm = quant_method
+        self.method = type(quant_method).__name__
+        if getattr(quant_method, "uses_meta_device", False):
+            raise NotImplementedError(
+                f"expert offload: {prefix}: {self.method} quantizes a bf16 checkpoint's "
+                "experts as they load (vLLM's online quantization); it cannot be "
+                "combined with expert offload. Drop --quantization and add "
+                "--expert-store-bits 8 (or 4) to keep the offloaded experts quantized "
+                "in the store.")
+        self.create = quant_method.create_weights
+        self.process = type(quant_method).process_weights_after_loading
+        self.create_kw: dict | None = None
+        self.names: list[str] = []  # per-expert parameters, as the method creates them
+        self.record: list[str] | None = None  # the slot record's tensors, after processing
+        self.aliases: dict[str, str] = {}  # a second name of a record tensor -> its name
+
+    def create_empty(self, layer, num_experts, **kw) -> None:
+        """The layer's own weights: none (`[0, ...]`); all experts live in the store."""
+        self.create_kw = kw
+        before = set(layer._parameters)
+        self.create(layer=layer, num_experts=0, **kw)
+        self.names = [n for n, p in layer._parameters.items()
+                      if n not in before and p is not None]
+        per_layer = [n for n in self.names if getattr(layer, n).dim() == 0
+                     or getattr(layer, n).shape[0] != 0]
+        if per_layer:
+            raise self.unsupported(f"has per-layer parameters {per_layer}, not one per "
+                                   "expert")
+
+    def twin(self, layer) -> torch.nn.Module:
+        """A one-expert copy of `layer` with its own parameters and its own copy of
+        the method (processing builds a kernel, which must not replace the layer's)."""
+        twin = copy.copy(layer)
+        twin._parameters = {}
+        twin.quant_method = copy.copy(self.qm)
+        with torch.device(layer.moe_config.device):
+            self.create(layer=twin, num_experts=1, **self.create_kw)
+        return twin
+
+    def pack(self, twin) -> list[torch.Tensor]:
+        """A loaded twin -> its slot record, by the method's own processing."""
+        self.process(twin.quant_method, twin)
+        self._check_record(twin)
+        return [getattr(twin, n).data[0].cpu() for n in self.record]
+
+    def _check_record(self, twin) -> None:
+        names = self._record_names(twin)
+        if self.record is None:
+            self.record = names
+        elif names != self.record:
+            raise RuntimeError(f"expert offload: {self.method} made tensors {names} of "
+                               f"one expert and {self.record} of another")
+
+    def _record_names(self, twin) -> list[str]:
+        seen: dict[int, str] = {}
+        names = []
+        for name, t in twin._parameters.items():
+            if t is None:
+                continue
+            if id(t) in seen:
+                self.aliases[name] = seen[id(t)]
+                continue
+            if t.dim() == 0 or t.shape[0] != 1:
+                raise self.unsupported(
+                    f"keeps {name} {tuple(t.shape)} for the whole layer after processing, "
+                    "not one per expert, so the layer's experts cannot be stored apart")
+            seen[id(t)] = name
+            names.append(name)
+        plain = [k for k, v in vars(twin).items()
+                 if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)
+                 and v.dim() and v.shape[0] == 1]
+        if plain:
+            raise self.unsupported(f"keeps {plain} outside the layer's parameters")
+        # Wider dtypes first: each tensor starts at an offset its dtype can view.
+        return sorted(names, key=lambda n: -getattr(twin, n).element_size())
+
+    def bind(self, layer, buffers: list[torch.Tensor], make_param) -> None:
+        """Point `layer` at the pool's slot buffers and rebuild the method's kernel
+        over them."""
+        twin = self.twin(layer)
+        for p in twin._parameters.values():
+            if p is not None:
+                p.data.zero_()
+        self.process(self.qm, twin)  # the layer's method: its kernel and quant config
+        self._check_record(twin)  # (a reused disk store: this layer packed no expert)
+        got = [(tuple(b.shape[1:]), b.dtype) for b in buffers]
+        want = [(tuple(getattr(twin, n).shape[1:]), getattr(twin, n).dtype)
+                for n in self.record]
+        if got != want:
+            raise RuntimeError(f"expert offload: {layer.layer_name} has per-expert "
+                               f"tensors {self.record} {want}, the pool {got}")
+        slot_of = {}
+        for name, buf in zip(self.record, buffers):
+            t = getattr(twin, name)
+            slot_of[_key(t)] = buf
+            setattr(layer, name, make_param(buf))
+        for alias, name in self.aliases.items():
+            setattr(layer, alias, getattr(layer, name))
+        kernel = self.qm.moe_kernel
+        configs = {id(c): c for c in (self.qm.moe_quant_config,
+                                      kernel.fused_experts.quant_config)}
+        twin_tensors = {t.untyped_storage().data_ptr()
+                        for t in twin._parameters.values() if t is not None}
+        for config in configs.values():
+            for desc in (config._a1, config._a2, config._w1, config._w2):
+                for field in dataclasses.fields(desc):
+                    t = getattr(desc, field.name)
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    if _key(t) in slot_of:
+                        setattr(desc, field.name, slot_of[_key(t)])
+                    elif t.untyped_storage().data_ptr() in twin_tensors:
+                        raise self.unsupported(
+                            f"has its kernel read a view {tuple(t.shape)} of an expert "
+                            "tensor, which offload cannot point at the slots")
+
+
+    def unsupported(self, why: str) -> NotImplementedError:
+        return NotImplementedError(f"expert offload: {self.method} {why}. {WHAT_WORKS}")
+
+
+WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
+              "its store with --expert-store-bits), and quantized checkpoints whose method "
+              "keeps each expert's tensors apart (tested through vLLM: compressed-tensors "
+              "W8A8 INT8). Turn expert offload off to serve this checkpoint.")
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.dtype
+
+
+def checkpoint_keys(prefix: str, names: list[str]) -> list[tuple[str, str, str]]:
+    """One expert's checkpoint tensors (`names`, relative to `{prefix}.{e}.`) ->
+    (their name in vLLM's loader, the layer's parameter, shard): vLLM maps
+    `{e}.gate_proj.X` to `w13_X` shard w1, `up_proj` to shard w3, `down_proj` to
+    `w2_X` shard w2 (Mixtral: w1, w3, w2)."""
+    out = []
+    for name in names:
+        proj, _, tail = name.partition(".")
+        shard = _SHARD_OF.get(proj)
+        if shard is None or not tail:
+            raise NotImplementedError(f"expert offload: checkpoint tensor {prefix}.*.{name} "
+                                      "is not a gate, up or down projection's")
+        param = ("w2_" if shard == "w2" else "w13_") + tail
+        out.append((f"{prefix}.{param}", param, shard))
+    return out
