@@ -68,3 +68,20 @@ def test_reads_one_expert_and_its_biases_of_gpt_oss_checkpoint(tmp_path):
     w13, w2, bias13, bias2 = CheckpointExperts(tmp_path).read(prefix, 2)
     assert torch.equal(w13, gate_up[2].t()) and torch.equal(w2, down[2].t())
     assert torch.equal(bias13, b13[2]) and torch.equal(bias2, b2[2])
+
+
+def test_names_and_reads_one_quantized_expert_tensor_by_tensor(tmp_path):
+    tensors = {f"{PREFIX}.{e}.{n}.{part}": torch.full((2, 2), e, dtype=dtype)
+               for e in range(11) for n in ("gate_proj", "up_proj", "down_proj")
+               for part, dtype in (("weight", torch.int8), ("weight_scale", torch.bfloat16))}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = CheckpointExperts(tmp_path)
+    names = ckpt.expert_tensor_names(PREFIX, 1)  # not expert 10's: "1." is not "10."
+    assert names == sorted(f"{n}.{p}" for n in ("gate_proj", "up_proj", "down_proj")
+                           for p in ("weight", "weight_scale"))
+    got = ckpt.read_named(PREFIX, 10)
+    assert sorted(got) == names
+    assert all(torch.equal(t, tensors[f"{PREFIX}.10.{n}"]) for n, t in got.items())
+    assert ckpt.expert_tensor_names(PREFIX, 11) == []
+    with pytest.raises(KeyError, match=rf"no tensors {PREFIX}.11.\*"):
+        ckpt.read_named(PREFIX, 11)

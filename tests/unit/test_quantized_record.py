@@ -1,0 +1,159 @@
+"""The slot record of a quantized checkpoint's experts (integration/vllm/quantized.py),
+driven by a stand-in with the shape of a vLLM MoE quantization method: per-expert
+parameters from `create_weights`, a `process_weights_after_loading` that aliases
+them (as AWQ does) and builds a kernel whose quant config reads the scales. Through
+vLLM, with its own methods: tests/e2e/test_quantized_checkpoint.py."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_moe_offload.integration.vllm.quantized import (WHAT_WORKS, QuantizedExperts,
+                                                         checkpoint_keys)
+
+H, I = 8, 4
+
+
+@dataclasses.dataclass
+class Desc:  # vLLM's FusedMoEQuantDesc, the fields that hold tensors
+    scale: torch.Tensor | None = None
+    zp: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class Config:  # vLLM's FusedMoEQuantConfig
+    _a1: Desc
+    _a2: Desc
+    _w1: Desc
+    _w2: Desc
+
+
+class Method:
+    def __init__(self, after=None):
+        self.after = after  # processing also does this (a refused layout)
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition,
+                       params_dtype, **attrs):
+        e, h, i = num_experts, hidden_size, intermediate_size_per_partition
+        for name, shape, dtype in (("w13_qweight", (e, 2 * i, h), torch.int8),
+                                   ("w2_qweight", (e, h, i), torch.int8),
+                                   ("w13_scale", (e, 2 * i, 1), torch.float32),
+                                   ("w2_scale", (e, h, 1), params_dtype)):
+            layer.register_parameter(name, torch.nn.Parameter(
+                torch.zeros(shape, dtype=dtype), requires_grad=False))
+
+    def process_weights_after_loading(self, layer):
+        layer.w13_weight, layer.w2_weight = layer.w13_qweight, layer.w2_qweight
+        self.moe_quant_config = Config(Desc(), Desc(), Desc(scale=layer.w13_scale),
+                                       Desc(scale=layer.w2_scale))
+        self.moe_kernel = SimpleNamespace(
+            fused_experts=SimpleNamespace(quant_config=self.moe_quant_config))
+        if self.after:
+            self.after(layer)
+
+
+def layer_with(method):
+    layer = torch.nn.Module()
+    layer.moe_config = SimpleNamespace(device="cpu")
+    layer.layer_name = "model.layers.0.mlp.experts"
+    layer.quant_method = method
+    quant = QuantizedExperts(method, layer.layer_name)
+    quant.create_empty(layer, num_experts=8, hidden_size=H,
+                       intermediate_size_per_partition=I, params_dtype=torch.bfloat16)
+    return layer, quant
+
+
+def loaded_twin(layer, quant, seed):
+    twin = quant.twin(layer)
+    g = torch.Generator().manual_seed(seed)
+    for p in twin._parameters.values():
+        p.data.copy_(torch.randint(-100, 100, p.shape, generator=g).to(p.dtype))
+    return twin
+
+
+def test_record_is_the_processed_expert_widest_dtype_first_aliases_apart():
+    layer, quant = layer_with(Method())
+    assert quant.names == ["w13_qweight", "w2_qweight", "w13_scale", "w2_scale"]
+    assert layer.w13_qweight.shape == (0, 2 * I, H)  # the layer holds no expert
+    twin = loaded_twin(layer, quant, 0)
+    want = {n: p.data[0].clone() for n, p in twin._parameters.items()}
+    record = quant.pack(twin)
+    assert quant.record == ["w13_scale", "w2_scale", "w13_qweight", "w2_qweight"]
+    assert quant.aliases == {"w13_weight": "w13_qweight", "w2_weight": "w2_qweight"}
+    assert all(torch.equal(t, want[n]) for n, t in zip(quant.record, record))
+    assert layer.quant_method.__dict__.get("moe_kernel") is None  # the twin's own copy
+
+
+def test_bind_points_parameters_aliases_and_the_kernels_scales_at_the_slots():
+    layer, quant = layer_with(Method())
+    quant.pack(loaded_twin(layer, quant, 0))
+    slots = [torch.zeros((5, *t.shape[1:]), dtype=t.dtype) for t in
+             (getattr(quant.twin(layer), n) for n in quant.record)]
+    quant.bind(layer, slots, lambda buf: torch.nn.Parameter(buf, requires_grad=False))
+    for name, buf in zip(quant.record, slots):
+        assert getattr(layer, name).data_ptr() == buf.data_ptr()
+    assert layer.w13_weight is layer.w13_qweight and layer.w2_weight is layer.w2_qweight
+    config = layer.quant_method.moe_quant_config
+    assert config._w1.scale is slots[0] and config._w2.scale is slots[1]
+    assert layer.quant_method.moe_kernel.fused_experts.quant_config is config
+
+
+def test_a_pool_of_another_layout_is_refused():
+    layer, quant = layer_with(Method())
+    slots = [torch.zeros(5, 3)] * 4
+    with pytest.raises(RuntimeError, match="has per-expert tensors"):
+        quant.bind(layer, slots, torch.nn.Parameter)
+
+
+def per_layer_scale(layer):
+    layer.w13_input_scale = torch.nn.Parameter(layer.w13_scale.max(), requires_grad=False)
+
+
+def plain_tensor(layer):
+    layer.w13_sort_indices = torch.zeros(1, 2 * I, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("after, what", [
+    (per_layer_scale, "keeps w13_input_scale () for the whole layer after processing"),
+    (plain_tensor, "keeps ['w13_sort_indices'] outside the layer's parameters")])
+def test_tensors_that_cannot_be_stored_per_expert_are_refused(after, what):
+    layer, quant = layer_with(Method(after))
+    with pytest.raises(NotImplementedError) as err:
+        quant.pack(loaded_twin(layer, quant, 0))
+    message = str(err.value)
+    assert message.startswith(f"expert offload: Method {what}") and message.endswith(WHAT_WORKS)
+
+
+def test_per_layer_parameters_and_online_quantization_are_refused():
+    class PerLayer(Method):
+        def create_weights(self, layer, num_experts, **kw):
+            super().create_weights(layer, num_experts, **kw)
+            layer.register_parameter("global_scale", torch.nn.Parameter(torch.ones(2)))
+
+    with pytest.raises(NotImplementedError, match=r"PerLayer has per-layer parameters "
+                                                  r"\['global_scale'\], not one per expert"):
+        layer_with(PerLayer())
+
+    class Online(Method):
+        uses_meta_device = True
+
+    with pytest.raises(NotImplementedError, match=r"model.layers.0.mlp.experts: Online "
+                                                  r"quantizes a bf16 checkpoint's experts .*"
+                                                  r"--expert-store-bits 8"):
+        layer_with(Online())
+
+
+def test_checkpoint_names_map_to_vllms_loader_names_and_shards():
+    p = "model.layers.2.mlp.experts"
+    assert checkpoint_keys(p, ["down_proj.weight", "gate_proj.weight_scale",
+                               "up_proj.qzeros", "w1.weight_packed", "w2.weight_shape"]) == [
+        (f"{p}.w2_weight", "w2_weight", "w2"),
+        (f"{p}.w13_weight_scale", "w13_weight_scale", "w1"),
+        (f"{p}.w13_qzeros", "w13_qzeros", "w3"),
+        (f"{p}.w13_weight_packed", "w13_weight_packed", "w1"),
+        (f"{p}.w2_weight_shape", "w2_weight_shape", "w2")]
+    with pytest.raises(NotImplementedError, match=r"experts.\*.router.weight is not a gate"):
+        checkpoint_keys(p, ["router.weight"])
