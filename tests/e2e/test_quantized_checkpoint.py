@@ -1,78 +1,84 @@
-"""A quantized checkpoint served with offload, through vLLM on CPU (exact).
+"""Quantized checkpoints served with offload, through vLLM on CPU (exact).
 
-The checkpoint is compressed-tensors W8A8 INT8 (int8 weights with a scale per
-output channel, activations quantized per token), its experts alone quantized,
-built here from the tiny bf16 checkpoint. The slot record is what vLLM's own
-method makes of one expert. Greedy outputs must match plain vLLM on the same
-checkpoint token for token.
+Two compressed-tensors checkpoints, their experts alone quantized, built here from
+the tiny bf16 checkpoints: W8A8 INT8 (int8 weights with a scale per output channel,
+activations quantized per token) and W4A16 (int4 weights packed in int32, a scale
+per group of 64). The slot record is what vLLM's own method makes of one expert.
+Greedy outputs must match plain vLLM on the same checkpoint token for token.
 
-vLLM's CPU build runs INT8 MoE only on x86 CPUs with AMX (`CPUExpertsInt8`);
-elsewhere plain vLLM itself refuses the checkpoint. So each test runs twice: with
-vLLM's kernel (needs AMX) and with int8_reference.py's fp32 torch kernel in its
-place, which runs anywhere. In both, plain vLLM and offload run the same kernel.
+vLLM's CPU build runs INT8 and INT4 MoE only on x86 CPUs with AMX
+(`CPUExpertsInt8`, `CPUExpertsInt4`); elsewhere plain vLLM itself refuses these
+checkpoints. So each test runs twice: with vLLM's kernels (needs AMX) and with
+quant_reference.py's fp32 torch kernels in their place, which run anywhere. In
+both, plain vLLM and offload run the same kernel.
 """
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spec
-from vllm_moe_offload.hf.tiny_moe import quantize_experts_int8
+from vllm_moe_offload.hf.tiny_moe import quantize_experts
 
-METHOD = "CompressedTensorsW8A8Int8MoEMethod"
+METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
+          "w4a16": "CompressedTensorsWNA16MoEMethod"}
 KERNELS = [pytest.param("reference"),
            pytest.param("vllm", marks=pytest.mark.skipif(
                not torch.cpu._is_amx_tile_supported(),
                reason="needs an x86 CPU with AMX"))]
+H = I = 128  # the tiny checkpoints' hidden and expert sizes
+BF16_EXPERT = 2 * 3 * H * I
 
 
 @pytest.fixture(scope="module")
-def int8_models(models, tmp_path_factory):
-    base = tmp_path_factory.mktemp("int8")
-    return {arch: str(quantize_experts_int8(models[arch], base / arch))
-            for arch in ("qwen3_moe", "mixtral")}
+def quantized_models(models, tmp_path_factory):
+    base = tmp_path_factory.mktemp("quantized")
+    return {(arch, scheme): str(quantize_experts(models[arch], base / f"{arch}-{scheme}",
+                                                 scheme))
+            for arch in ("qwen3_moe", "mixtral") for scheme in METHOD}
 
 
 def with_kernel(spec: dict, kernel: str) -> dict:
-    return {**spec, "setup": "tests.e2e.int8_reference:install"} if kernel == "reference" \
+    return {**spec, "setup": "tests.e2e.quant_reference:install"} if kernel == "reference" \
         else spec
 
 
-def int8_expert_bytes(model: str) -> int:
-    """One expert's bytes in the checkpoint: int8 weights and their scales, which
-    vLLM keeps as fp32 (the checkpoint's are bf16)."""
-    total = 0
-    with safe_open(f"{model}/model.safetensors", "pt") as f:
-        for name in f.keys():
-            if ".experts.0." in name and ".layers.0." in name:
-                t = f.get_slice(name)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                total += n * (4 if name.endswith("_scale") else 1)
-    return total
+def reference_record_bytes(scheme: str) -> int:
+    """One expert's slot record with the reference kernels, by vLLM's method:
+    W8A8: int8 w13 [2I, H] and w2 [H, I], fp32 scales [2I, 1] and [H, 1].
+    W4A16: int32 words of 8 nibbles, bf16 scales per 64 inputs, `weight_shape`
+    [2] per matrix (vLLM makes it in the model's dtype, bf16) and the reference's
+    int32 zero point per matrix."""
+    values = 3 * H * I
+    if scheme == "w8a8":
+        return values + 4 * (2 * I + H)
+    return values // 2 + 2 * values // 64 + 2 * 2 * 2 + 2 * 4
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_int8_checkpoint_with_offload_matches_plain_vllm(int8_models, engine, tmp_path,
-                                                         arch, kernel):
-    model = int8_models[arch]
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_quantized_checkpoint_with_offload_matches_plain_vllm(
+        quantized_models, engine, tmp_path, scheme, arch, kernel):
+    model = quantized_models[arch, scheme]
     plain = engine(with_kernel(plain_spec(model), kernel))
     off = engine(with_kernel(offload_spec(model, pool_slots=EXPERTS + 2, store="disk",
                                           store_dir=str(tmp_path)), kernel))
     assert off["token_ids"] == plain["token_ids"]
     totals, pool = off["stats"]["totals"], off["stats"]["pool"]
-    assert pool["checkpoint_quantization"] == METHOD
-    # The slot record is the int8 layout: half the bytes of the bf16 expert.
-    assert pool["slot_bytes"] == pool["read_bytes"] == int8_expert_bytes(model)
+    assert pool["checkpoint_quantization"] == METHOD[scheme]
+    # A miss moves the quantized record, not a bf16 expert.
+    assert pool["slot_bytes"] == pool["read_bytes"] < BF16_EXPERT * 0.55
+    if kernel == "reference":
+        assert pool["slot_bytes"] == reference_record_bytes(scheme)
     assert pool["store_bytes"] == LAYERS * EXPERTS * pool["record_bytes"]
     assert totals["misses"] > EXPERTS and totals["evictions"] > 0
     assert totals["bytes_loaded"] == totals["misses"] * pool["read_bytes"]
 
 
-def test_int8_store_reused_and_a_damaged_record_re_derived(int8_models, engine, tmp_path):
-    model = int8_models["qwen3_moe"]
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, tmp_path,
+                                                      scheme):
+    model = quantized_models["qwen3_moe", scheme]
     plain = engine(with_kernel(plain_spec(model), "reference"))
     spec = with_kernel(offload_spec(model, pool_slots=EXPERTS, store="disk",
                                     store_dir=str(tmp_path)), "reference")

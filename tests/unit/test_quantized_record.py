@@ -87,6 +87,36 @@ def test_record_is_the_processed_expert_widest_dtype_first_aliases_apart():
     assert layer.quant_method.__dict__.get("moe_kernel") is None  # the twin's own copy
 
 
+def test_record_order_does_not_follow_registration_order():
+    def re_register(layer):  # as vLLM's replace_parameter does: moved to the end
+        weight = layer._parameters.pop("w13_qweight")
+        layer.register_parameter("w13_qweight", weight)
+
+    layer, quant = layer_with(Method())
+    quant.pack(loaded_twin(layer, quant, 0))
+    _, again = layer_with(Method(re_register))
+    again.pack(loaded_twin(layer, again, 1))
+    assert again.record == quant.record
+
+
+def test_a_twin_made_later_has_the_dtypes_made_while_loading():
+    class DefaultDtype(Method):  # compressed-tensors' weight_shape: torch.empty(E, 2)
+        def create_weights(self, layer, num_experts, **kw):
+            super().create_weights(layer, num_experts, **kw)
+            shape = torch.nn.Parameter(torch.empty(num_experts, 2), requires_grad=False)
+            shape.loader_attribute = "kept"
+            layer.register_parameter("w2_weight_shape", shape)
+
+    torch.set_default_dtype(torch.bfloat16)  # as while vLLM loads the model
+    try:
+        layer, quant = layer_with(DefaultDtype())
+    finally:
+        torch.set_default_dtype(torch.float32)
+    twin = quant.twin(layer)  # a store repair, in a loader thread
+    assert twin.w2_weight_shape.dtype == torch.bfloat16
+    assert twin.w2_weight_shape.loader_attribute == "kept"
+
+
 def test_bind_points_parameters_aliases_and_the_kernels_scales_at_the_slots():
     layer, quant = layer_with(Method())
     quant.pack(loaded_twin(layer, quant, 0))

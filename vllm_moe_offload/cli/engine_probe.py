@@ -7,6 +7,8 @@ clean and one at a time. Prints one line `RESULT <json>`: greedy token ids and
 texts, offload stats (with the worker's RSS), the KV-cache capacity in tokens,
 and the timed generation (when `timed` is set: one warm-up batch, then `repeats`
 timed batches; stats["timed"] holds the counters of the timed batches alone).
+`setup`: "module:function", called in the engine's process before the engine is
+built (tests/e2e/quant_reference.py puts a reference in place of a vLLM kernel).
 
 `run_in_subprocess` does not start a new interpreter per engine: importing vLLM
 takes ~9 s of an in-process engine's ~15 s on this machine. One fork server

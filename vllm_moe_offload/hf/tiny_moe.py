@@ -265,17 +265,23 @@ def build_tiny_deepseek_mtp(out_dir: str | Path, num_layers: int = 4, **kw) -> P
 _EXPERT_PROJ = r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)"
 
 
-def quantize_experts_int8(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """A compressed-tensors W8A8 INT8 copy of a bf16 checkpoint (`build_tiny_moe`),
-    its routed experts alone quantized, as llm-compressor's W8A8 scheme writes them:
-    `weight` int8 [out, in], symmetric per output channel, `weight_scale` [out, 1];
-    activations quantized per token at run time (dynamic). Attention, the router,
-    shared experts and the head stay bf16. Returns `out_dir`."""
+def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8a8",
+                     group_size: int = 64) -> Path:
+    """A compressed-tensors copy of a bf16 checkpoint (`build_tiny_moe`), its routed
+    experts alone quantized, in the layout llm-compressor writes (symmetric):
+    - "w8a8": `weight` int8 [out, in] with a scale per output channel,
+      `weight_scale` [out, 1]; activations quantized per token at run time;
+    - "w4a16": `weight_packed` int32 [out, in / 8] (format pack-quantized),
+      `weight_scale` [out, in / group_size], `weight_shape` [2]; bf16 activations.
+    Attention, the router, shared experts and the head stay bf16. Returns `out_dir`."""
     import re
     import shutil
 
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
+    if scheme not in ("w8a8", "w4a16"):
+        raise ValueError(f"scheme must be w8a8 or w4a16, got {scheme!r}")
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -287,27 +293,37 @@ def quantize_experts_int8(src_dir: str | Path, out_dir: str | Path) -> Path:
             if not re.fullmatch(_EXPERT_PROJ + r"\.weight", name):
                 tensors[name] = t
                 continue
-            w = t.float()
-            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-            tensors[name] = (w / scale).round().clamp(-127, 127).to(torch.int8)
-            tensors[name + "_scale"] = scale.to(t.dtype)
+            w, stem = t.float(), name[:-len(".weight")]
+            if scheme == "w8a8":
+                scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+                tensors[name] = (w / scale).round().clamp(-127, 127).to(torch.int8)
+            else:
+                groups = w.view(w.shape[0], -1, group_size)
+                scale = groups.abs().amax(dim=2).clamp(min=1e-8) / 7
+                q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int8)
+                tensors[stem + ".weight_packed"] = pack_to_int32(q.view(w.shape), 4)
+                tensors[stem + ".weight_shape"] = torch.tensor(list(w.shape))
+            tensors[stem + ".weight_scale"] = scale.to(t.dtype)
         if not any(n.endswith("_scale") for n in tensors):
             raise ValueError(f"{f}: no routed-expert weights to quantize")
         save_file(tensors, out / f.name, metadata={"format": "pt"})
     args = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
             "block_structure": None, "actorder": None, "observer": "minmax",
-            "observer_kwargs": {}}
+            "observer_kwargs": {}, "dynamic": False}
+    if scheme == "w8a8":
+        fmt, weights = "int-quantized", dict(args, strategy="channel")
+        inputs = dict(args, strategy="token", dynamic=True, observer=None)
+    else:
+        fmt, inputs = "pack-quantized", None
+        weights = dict(args, num_bits=4, strategy="group", group_size=group_size)
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "quant_method": "compressed-tensors", "format": fmt,
         "quantization_status": "compressed", "global_compression_ratio": None,
         "config_groups": {"group_0": {
-            "targets": ["re:" + _EXPERT_PROJ + "$"],
-            "weights": dict(args, strategy="channel", dynamic=False),
-            "input_activations": dict(args, strategy="token", dynamic=True,
-                                      observer=None),
-            "output_activations": None, "format": "int-quantized"}},
+            "targets": ["re:" + _EXPERT_PROJ + "$"], "weights": weights,
+            "input_activations": inputs, "output_activations": None, "format": fmt}},
         "ignore": [], "kv_cache_scheme": None}
     cfg_path.write_text(json.dumps(cfg, indent=2))
     (out / "tiny_moe.json").unlink(missing_ok=True)

@@ -180,7 +180,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         if len(seen) == self._expected_tensors():
             del self._staging[expert_id]
             record = self._quant.pack(twin)
-            self._model.ensure_store(_layout_of(record))
+            self._model.ensure_store(_layout_of(record), names=self._quant.record)
             self._model.put_expert(self._layer, expert_id, record)
         return done
 
@@ -352,8 +352,11 @@ class OffloadedRoutedExperts(RoutedExperts):
             # fused checkpoint loads shard by shard across experts): not needed.
             self._staging.clear()
         if self._staging:
+            first = sorted(self._staging)[0]
+            got = (f" (expert {first}: {len(self._staging[first][1])} of the checkpoint's "
+                   f"{self._expected_tensors()} tensors loaded)" if self._quant else "")
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
-                               f"experts {sorted(self._staging)[:4]} after loading")
+                               f"experts {sorted(self._staging)[:4]} after loading{got}")
         if self._quant is not None:
             return self._bind_quantized()
         if self.quant_method.moe_kernel is None:

@@ -98,15 +98,17 @@ class ModelOffload:
     def quantized(self) -> bool:
         return self.cfg.store_bits < 16
 
-    def ensure_store(self, layout: ExpertLayout,
-                     source: ExpertLayout | None = None) -> ExpertStore:
+    def ensure_store(self, layout: ExpertLayout, source: ExpertLayout | None = None,
+                     names: list[str] | None = None) -> ExpertStore:
         """The store, built at the first expert. `layout`: the slot's (kernel) layout;
-        `source`: the checkpoint's, which a quantized store encodes."""
+        `source`: the checkpoint's, which a quantized store encodes; `names`: the
+        record's tensors (a quantized checkpoint's), part of a disk store's identity."""
         if self.store is not None:
             return self.store
         cfg = self.cfg
         if not self.quantized:
-            self.store = self._open_store(layout, dict(self.fingerprint))
+            fingerprint = dict(self.fingerprint, **({"record": names} if names else {}))
+            self.store = self._open_store(layout, fingerprint)
             return self.store
         codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
         codec.check(source)

@@ -44,6 +44,7 @@ class QuantizedExperts:
         self.process = type(quant_method).process_weights_after_loading
         self.create_kw: dict | None = None
         self.names: list[str] = []  # per-expert parameters, as the method creates them
+        self.dtypes: dict[str, torch.dtype] = {}
         self.record: list[str] | None = None  # the slot record's tensors, after processing
         self.aliases: dict[str, str] = {}  # a second name of a record tensor -> its name
 
@@ -54,6 +55,9 @@ class QuantizedExperts:
         self.create(layer=layer, num_experts=0, **kw)
         self.names = [n for n, p in layer._parameters.items()
                       if n not in before and p is not None]
+        # Some are made in the default dtype, the model's while vLLM loads; a twin made
+        # later (a store repair) must have the same.
+        self.dtypes = {n: getattr(layer, n).dtype for n in self.names}
         per_layer = [n for n in self.names if getattr(layer, n).dim() == 0
                      or getattr(layer, n).shape[0] != 0]
         if per_layer:
@@ -68,6 +72,12 @@ class QuantizedExperts:
         twin.quant_method = copy.copy(self.qm)
         with torch.device(layer.moe_config.device):
             self.create(layer=twin, num_experts=1, **self.create_kw)
+        for name, dtype in self.dtypes.items():
+            p = twin._parameters[name]
+            if p.dtype != dtype:
+                q = torch.nn.Parameter(p.data.to(dtype), requires_grad=False)
+                q.__dict__.update(p.__dict__)  # the loader's attributes
+                twin._parameters[name] = q
         return twin
 
     def pack(self, twin) -> list[torch.Tensor]:
@@ -85,27 +95,29 @@ class QuantizedExperts:
                                f"one expert and {self.record} of another")
 
     def _record_names(self, twin) -> list[str]:
-        seen: dict[int, str] = {}
-        names = []
+        groups: dict[int, list[str]] = {}  # a tensor -> its names (aliases)
         for name, t in twin._parameters.items():
-            if t is None:
-                continue
-            if id(t) in seen:
-                self.aliases[name] = seen[id(t)]
-                continue
+            if t is not None:
+                groups.setdefault(id(t), []).append(name)
+        names = []
+        for group in groups.values():
+            # the name the method created, not its alias (AWQ's w13_weight)
+            name = min(group, key=lambda n: (n not in self.names, n))
+            self.aliases.update((alias, name) for alias in group if alias != name)
+            t = getattr(twin, name)
             if t.dim() == 0 or t.shape[0] != 1:
                 raise self.unsupported(
                     f"keeps {name} {tuple(t.shape)} for the whole layer after processing, "
                     "not one per expert, so the layer's experts cannot be stored apart")
-            seen[id(t)] = name
             names.append(name)
         plain = [k for k, v in vars(twin).items()
                  if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)
                  and v.dim() and v.shape[0] == 1]
         if plain:
             raise self.unsupported(f"keeps {plain} outside the layer's parameters")
-        # Wider dtypes first: each tensor starts at an offset its dtype can view.
-        return sorted(names, key=lambda n: -getattr(twin, n).element_size())
+        # Wider dtypes first: each tensor starts at an offset its dtype can view. Then
+        # by name: processing re-registers parameters, so their order varies.
+        return sorted(names, key=lambda n: (-getattr(twin, n).element_size(), n))
 
     def bind(self, layer, buffers: list[torch.Tensor], make_param) -> None:
         """Point `layer` at the pool's slot buffers and rebuild the method's kernel
@@ -155,7 +167,7 @@ class QuantizedExperts:
 WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
               "its store with --expert-store-bits), and quantized checkpoints whose method "
               "keeps each expert's tensors apart (tested through vLLM: compressed-tensors "
-              "W8A8 INT8). Turn expert offload off to serve this checkpoint.")
+              "W8A8 INT8 and W4A16). Turn expert offload off to serve this checkpoint.")
 
 
 def _key(t: torch.Tensor) -> tuple:

@@ -1,0 +1,72 @@
+"""References for vLLM's CPU INT8 and INT4 MoE kernels, for hosts without AMX.
+
+vLLM's CPU build runs INT8 W8A8 experts (`CPUExpertsInt8`) and INT4 W4A16 experts
+(`CPUExpertsInt4`) only on x86 CPUs with AMX; elsewhere plain vLLM refuses such a
+checkpoint. To test the offload of quantized checkpoints on any CPU, `install()`
+(the engine probe's "setup", in the engine's process) lets both classes run
+anywhere: their weights stay in the checkpoint's layout (no VNNI prepack; INT4:
+packed int32 [E, N, K / 8] with a scale per group and a zero point of 8 per expert,
+since the checkpoint is symmetric), and `apply` computes the experts in fp32 torch
+from the quantized weights and the scales (and zero points) of the kernel's quant
+config. Plain vLLM and offload then run the same kernel, so their greedy outputs
+must match token for token.
+"""
+
+import torch
+
+
+def _int8(w, scale, e):
+    return w[e].float() * scale[e].float()
+
+
+def _int4(w, scale, zp, e):
+    """Packed int32 [N, K / 8] (8 nibbles per word, lowest first) -> fp32 [N, K]."""
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    u = ((w[e].unsqueeze(-1) >> shifts) & 15).flatten(1).float()
+    group = u.shape[1] // scale.shape[2]
+    return (u - zp[e].float()) * scale[e].float().repeat_interleave(group, dim=1)
+
+
+def _experts(dequant):
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
+              expert_tokens_meta, apply_router_weight_on_input):
+        assert not apply_router_weight_on_input and expert_map is None
+        x = hidden_states.float()
+        out = torch.zeros(x.shape[0], output.shape[1], dtype=torch.float32)
+        for e in topk_ids.unique().tolist():
+            if not 0 <= e < w1.shape[0]:
+                raise IndexError(f"expert id {e} outside the weights' {w1.shape[0]} experts")
+            rows, k = (topk_ids == e).nonzero(as_tuple=True)
+            w13, w2e = dequant(self, w1, w2, e)
+            gate, up = (x[rows] @ w13.T).chunk(2, -1)
+            y = (torch.nn.functional.silu(gate) * up) @ w2e.T
+            out.index_add_(0, rows, y * topk_weights[rows, k, None].float())
+        output.copy_(out.to(output.dtype))
+    return apply
+
+
+def _unconverted(quant_config, w13, w2, w13_scale, w2_scale, w13_qzeros=None,
+                 w2_qzeros=None, w13_bias=None, w2_bias=None):
+    """vLLM's CPU INT4 weight conversion, left out: the checkpoint's layout, with a
+    zero point of 8 per expert for the symmetric checkpoint."""
+    def eight(w):
+        return torch.full((w.shape[0], 1), 8, dtype=torch.int32)
+    return (w13, w2, w13_scale, w2_scale,
+            eight(w13) if w13_qzeros is None else w13_qzeros,
+            eight(w2) if w2_qzeros is None else w2_qzeros, None, None, w13_bias, w2_bias)
+
+
+def install() -> None:
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (CPUExpertsInt4,
+                                                                       CPUExpertsInt8)
+    from vllm.model_executor.layers.fused_moe.oracle import int_wna16
+
+    for cls in (CPUExpertsInt8, CPUExpertsInt4):
+        cls._supports_current_device = staticmethod(lambda: True)
+        cls.process_weights_after_loading = lambda self, layer: None
+    CPUExpertsInt8.apply = _experts(lambda self, w1, w2, e: (
+        _int8(w1, self.w1_scale, e), _int8(w2, self.w2_scale, e)))
+    CPUExpertsInt4.apply = _experts(lambda self, w1, w2, e: (
+        _int4(w1, self.w1_scale, self.w1_zp, e), _int4(w2, self.w2_scale, self.w2_zp, e)))
+    int_wna16._process_weights_cpu = _unconverted
