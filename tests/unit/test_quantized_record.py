@@ -176,14 +176,17 @@ def test_per_layer_parameters_and_online_quantization_are_refused():
         layer_with(Online())
 
 
-def test_checkpoint_names_map_to_vllms_loader_names_and_shards():
+def test_checkpoint_names_map_to_vllms_loader_calls():
     p = "model.layers.2.mlp.experts"
     assert checkpoint_keys(p, ["down_proj.weight", "gate_proj.weight_scale",
-                               "up_proj.qzeros", "w1.weight_packed", "w2.weight_shape"]) == [
-        (f"{p}.w2_weight", "w2_weight", "w2"),
-        (f"{p}.w13_weight_scale", "w13_weight_scale", "w1"),
-        (f"{p}.w13_qzeros", "w13_qzeros", "w3"),
-        (f"{p}.w13_weight_packed", "w13_weight_packed", "w1"),
-        (f"{p}.w2_weight_shape", "w2_weight_shape", "w2")]
+                               "up_proj.qzeros", "w1.weight_packed", "w2.weight_shape",
+                               "gate_up_proj.weight"]) == [
+        ("down_proj.weight", None, f"{p}.w2_weight", "w2_weight", "w2"),
+        ("gate_proj.weight_scale", None, f"{p}.w13_weight_scale", "w13_weight_scale", "w1"),
+        ("up_proj.qzeros", None, f"{p}.w13_qzeros", "w13_qzeros", "w3"),
+        ("w1.weight_packed", None, f"{p}.w13_weight_packed", "w13_weight_packed", "w1"),
+        ("w2.weight_shape", None, f"{p}.w2_weight_shape", "w2_weight_shape", "w2"),
+        ("gate_up_proj.weight", 0, f"{p}.w13_weight", "w13_weight", "w1"),
+        ("gate_up_proj.weight", 1, f"{p}.w13_weight", "w13_weight", "w3")]
     with pytest.raises(NotImplementedError, match=r"experts.\*.router.weight is not a gate"):
         checkpoint_keys(p, ["router.weight"])

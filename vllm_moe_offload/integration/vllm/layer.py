@@ -185,8 +185,9 @@ class OffloadedRoutedExperts(RoutedExperts):
         return done
 
     def _expected_tensors(self) -> int:
-        """How many checkpoint tensors make one expert (those of its expert 0)."""
-        n = getattr(self, "_tensors_per_expert", None)
+        """How many loader calls make one expert: one per checkpoint tensor of its
+        expert 0, two for a fused gate and up tensor."""
+        n = getattr(self, "_calls_per_expert", None)
         if n is None:
             names = self._model.checkpoint_tensor_names(self._layer, 0)
             if not names:
@@ -194,7 +195,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                     f"reads experts that the checkpoint holds fused per layer (no tensors "
                     f"{self.layer_name}.0.*); a quantized checkpoint's experts must be "
                     "stored one by one")
-            n = self._tensors_per_expert = len(names)
+            n = self._calls_per_expert = len(checkpoint_keys(self.layer_name, names))
         return n
 
     def _rederive_quantized(self, layer: int, expert: int) -> list[torch.Tensor]:
@@ -203,10 +204,10 @@ class OffloadedRoutedExperts(RoutedExperts):
         prefix = self._model.layer_names[layer]
         named = self._model.checkpoint_named(layer, expert)
         twin = self._quant.twin(self)
-        for rel, (weight_name, param, shard) in zip(
-                sorted(named), checkpoint_keys(prefix, sorted(named))):
+        for name, half, weight_name, param, shard in checkpoint_keys(prefix, sorted(named)):
+            tensor = named[name] if half is None else named[name].chunk(2, dim=0)[half]
             super(OffloadedRoutedExperts, twin).weight_loader(
-                getattr(twin, param), named[rel], weight_name, shard, 0)
+                getattr(twin, param), tensor, weight_name, shard, 0)
         return self._quant.pack(twin)
 
     def _bind_quantized(self) -> None:
@@ -353,8 +354,9 @@ class OffloadedRoutedExperts(RoutedExperts):
             self._staging.clear()
         if self._staging:
             first = sorted(self._staging)[0]
-            got = (f" (expert {first}: {len(self._staging[first][1])} of the checkpoint's "
-                   f"{self._expected_tensors()} tensors loaded)" if self._quant else "")
+            got = (f" (expert {first}: {len(self._staging[first][1])} of the "
+                   f"{self._expected_tensors()} loader calls its checkpoint tensors make)"
+                   if self._quant else "")
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
                                f"experts {sorted(self._staging)[:4]} after loading{got}")
         if self._quant is not None:

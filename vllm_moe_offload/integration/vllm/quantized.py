@@ -174,18 +174,25 @@ def _key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), tuple(t.shape), t.dtype
 
 
-def checkpoint_keys(prefix: str, names: list[str]) -> list[tuple[str, str, str]]:
-    """One expert's checkpoint tensors (`names`, relative to `{prefix}.{e}.`) ->
-    (their name in vLLM's loader, the layer's parameter, shard): vLLM maps
-    `{e}.gate_proj.X` to `w13_X` shard w1, `up_proj` to shard w3, `down_proj` to
-    `w2_X` shard w2 (Mixtral: w1, w3, w2)."""
+def checkpoint_keys(prefix: str, names: list[str]) -> list[tuple[str, int | None, str, str,
+                                                                  str]]:
+    """One expert's checkpoint tensors (`names`, relative to `{prefix}.{e}.`) -> the
+    loader calls that vLLM makes of them: (the tensor's name, which half of it or
+    None for all, the name in vLLM's loader, the layer's parameter, the shard). vLLM
+    maps `{e}.gate_proj.X` to `w13_X` shard w1, `up_proj` to shard w3, `down_proj`
+    to `w2_X` shard w2 (Mixtral: w1, w3, w2), and a fused `gate_up_proj.X` (or
+    `w13.X`) to two calls, its first half as shard w1 and its second as w3."""
     out = []
     for name in names:
         proj, _, tail = name.partition(".")
-        shard = _SHARD_OF.get(proj)
-        if shard is None or not tail:
+        shards = {"gate_up_proj": ("w1", "w3"), "w13": ("w1", "w3")}.get(proj)
+        if shards is None and proj in _SHARD_OF:
+            shards = (_SHARD_OF[proj],)
+        if shards is None or not tail:
             raise NotImplementedError(f"expert offload: checkpoint tensor {prefix}.*.{name} "
                                       "is not a gate, up or down projection's")
-        param = ("w2_" if shard == "w2" else "w13_") + tail
-        out.append((f"{prefix}.{param}", param, shard))
+        param = ("w2_" if shards == ("w2",) else "w13_") + tail
+        for half, shard in enumerate(shards):
+            out.append((name, half if len(shards) == 2 else None, f"{prefix}.{param}",
+                        param, shard))
     return out
