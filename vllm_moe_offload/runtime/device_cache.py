@@ -122,7 +122,7 @@ class DeviceExpertCache(SlotBuffers):
     def _setup_fill(self, store: HostStore) -> None:
         """Fill copies words: the widest integer that divides every size and offset."""
         specs = store.layout.tensors
-        if len(specs) > 4:
+        if len(specs) > 4:  # modes.device_mode_problem keeps such stores in host mode
             raise NotImplementedError("device mode copies at most 4 tensors per expert")
         sizes, offsets = [s.nbytes for s in specs], store._offsets
         word = next(w for w in (8, 4, 2, 1) if all(

@@ -23,6 +23,9 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
     if not isinstance(store, HostStore):
         return (f"the {store.kind} store is read by the host (device mode reads the "
                 "pinned host store in place: --expert-store host)")
+    if len(store.layout.tensors) > 4:
+        return (f"an expert is {len(store.layout.tensors)} tensors (a quantized "
+                "checkpoint's record); device mode's fill kernel copies at most 4")
     if trace is not None:
         return "the routing trace copies every layer call's ids to the host"
     return host_only_reason(eviction)
