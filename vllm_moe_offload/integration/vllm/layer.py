@@ -177,14 +177,14 @@ class OffloadedRoutedExperts(RoutedExperts):
         done = super(OffloadedRoutedExperts, twin).weight_loader(
             getattr(twin, name), loaded_weight, weight_name, shard_id, 0, True)
         seen.add((weight_name, shard_id))
-        if len(seen) == self._expected_tensors():
+        if len(seen) == self._expected_calls():
             del self._staging[expert_id]
             record = self._quant.pack(twin)
             self._model.ensure_store(_layout_of(record), names=self._quant.record)
             self._model.put_expert(self._layer, expert_id, record)
         return done
 
-    def _expected_tensors(self) -> int:
+    def _expected_calls(self) -> int:
         """How many loader calls make one expert: one per checkpoint tensor of its
         expert 0, two for a fused gate and up tensor."""
         n = getattr(self, "_calls_per_expert", None)
@@ -355,7 +355,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._staging:
             first = sorted(self._staging)[0]
             got = (f" (expert {first}: {len(self._staging[first][1])} of the "
-                   f"{self._expected_tensors()} loader calls its checkpoint tensors make)"
+                   f"{self._expected_calls()} loader calls its checkpoint tensors make)"
                    if self._quant else "")
             raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
                                f"experts {sorted(self._staging)[:4]} after loading{got}")

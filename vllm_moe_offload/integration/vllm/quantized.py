@@ -43,6 +43,7 @@ class QuantizedExperts:
         self.create = quant_method.create_weights
         self.process = type(quant_method).process_weights_after_loading
         self.create_kw: dict | None = None
+        self.layer_attrs: dict = {}
         self.names: list[str] = []  # per-expert parameters, as the method creates them
         self.dtypes: dict[str, torch.dtype] = {}
         self.record: list[str] | None = None  # the slot record's tensors, after processing
@@ -51,6 +52,7 @@ class QuantizedExperts:
     def create_empty(self, layer, num_experts, **kw) -> None:
         """The layer's own weights: none (`[0, ...]`); all experts live in the store."""
         self.create_kw = kw
+        self.layer_attrs = vars(layer)  # a twin shares these until processing sets its own
         before = set(layer._parameters)
         self.create(layer=layer, num_experts=0, **kw)
         self.names = [n for n, p in layer._parameters.items()
@@ -112,7 +114,7 @@ class QuantizedExperts:
             names.append(name)
         plain = [k for k, v in vars(twin).items()
                  if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)
-                 and v.dim() and v.shape[0] == 1]
+                 and v.dim() and v.shape[0] == 1 and self.layer_attrs.get(k) is not v]
         if plain:
             raise self.unsupported(f"keeps {plain} outside the layer's parameters")
         # Wider dtypes first: each tensor starts at an offset its dtype can view. Then
@@ -158,7 +160,6 @@ class QuantizedExperts:
                         raise self.unsupported(
                             f"has its kernel read a view {tuple(t.shape)} of an expert "
                             "tensor, which offload cannot point at the slots")
-
 
     def unsupported(self, why: str) -> NotImplementedError:
         return NotImplementedError(f"expert offload: {self.method} {why}. {WHAT_WORKS}")
