@@ -1,12 +1,12 @@
 """References for vLLM's CPU INT8 and INT4 MoE kernels, for hosts without AMX.
 
 vLLM's CPU build runs INT8 W8A8 experts (`CPUExpertsInt8`) and INT4 W4A16 experts
-(`CPUExpertsInt4`) only on x86 CPUs with AMX; elsewhere plain vLLM refuses such a
+(`CPUExpertsInt4`: compressed-tensors, GPTQ, AWQ) only on x86 CPUs with AMX; elsewhere plain vLLM refuses such a
 checkpoint. To test the offload of quantized checkpoints on any CPU, `install()`
 (the engine probe's "setup", in the engine's process) lets both classes run
-anywhere: their weights stay in the checkpoint's layout (no VNNI prepack; INT4:
-packed int32 [E, N, K / 8] with a scale per group and a zero point of 8 per expert,
-since the checkpoint is symmetric), and `apply` computes the experts in fp32 torch
+anywhere: their weights stay in the layout the method hands the kernel (no VNNI
+prepack; INT4: packed int32 [E, N, K / 8] with a scale per group and a zero point
+of 8 per expert, since the checkpoints are symmetric), and `apply` computes the experts in fp32 torch
 from the quantized weights and the scales (and zero points) of the kernel's quant
 config. Plain vLLM and offload then run the same kernel, so their greedy outputs
 must match token for token.
@@ -48,13 +48,13 @@ def _experts(dequant):
 
 def _unconverted(quant_config, w13, w2, w13_scale, w2_scale, w13_qzeros=None,
                  w2_qzeros=None, w13_bias=None, w2_bias=None):
-    """vLLM's CPU INT4 weight conversion, left out: the checkpoint's layout, with a
-    zero point of 8 per expert for the symmetric checkpoint."""
+    """vLLM's CPU INT4 weight conversion, left out: the layout the method hands it
+    ([E, N, K / 8], 8 nibbles of consecutive inputs per word, from compressed-tensors
+    and from GPTQ alike), with a zero point of 8 per expert: the checkpoints are
+    symmetric (uint4b8; GPTQ's stored qzeros are not read)."""
     def eight(w):
         return torch.full((w.shape[0], 1), 8, dtype=torch.int32)
-    return (w13, w2, w13_scale, w2_scale,
-            eight(w13) if w13_qzeros is None else w13_qzeros,
-            eight(w2) if w2_qzeros is None else w2_qzeros, None, None, w13_bias, w2_bias)
+    return w13, w2, w13_scale, w2_scale, eight(w13), eight(w2), None, None, w13_bias, w2_bias
 
 
 def install() -> None:

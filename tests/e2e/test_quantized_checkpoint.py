@@ -1,10 +1,11 @@
 """Quantized checkpoints served with offload, through vLLM on CPU (exact).
 
-Two compressed-tensors checkpoints, their experts alone quantized, built here from
-the tiny bf16 checkpoints: W8A8 INT8 (int8 weights with a scale per output channel,
-activations quantized per token) and W4A16 (int4 weights packed in int32, a scale
-per group of 64). The slot record is what vLLM's own method makes of one expert.
-Greedy outputs must match plain vLLM on the same checkpoint token for token.
+Three checkpoints, their experts alone quantized, built here from the tiny bf16
+checkpoints: compressed-tensors W8A8 INT8 (int8 weights with a scale per output
+channel, activations quantized per token) and W4A16 (int4 weights packed in int32,
+a scale per group of 64), and GPTQ (4 bits, groups of 64). The slot record is what
+vLLM's own method makes of one expert. Greedy outputs must match plain vLLM on the
+same checkpoint token for token.
 
 vLLM's CPU build runs INT8 and INT4 MoE only on x86 CPUs with AMX
 (`CPUExpertsInt8`, `CPUExpertsInt4`); elsewhere plain vLLM itself refuses these
@@ -20,7 +21,7 @@ from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spe
 from vllm_moe_offload.hf.tiny_moe import quantize_experts
 
 METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
-          "w4a16": "CompressedTensorsWNA16MoEMethod"}
+          "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod"}
 KERNELS = [pytest.param("reference"),
            pytest.param("vllm", marks=pytest.mark.skipif(
                not torch.cpu._is_amx_tile_supported(),
@@ -47,16 +48,17 @@ def reference_record_bytes(scheme: str) -> int:
     W8A8: int8 w13 [2I, H] and w2 [H, I], fp32 scales [2I, 1] and [H, 1].
     W4A16: int32 words of 8 nibbles, bf16 scales per 64 inputs, `weight_shape`
     [2] per matrix (vLLM makes it in the model's dtype, bf16) and the reference's
-    int32 zero point per matrix."""
+    int32 zero point per matrix. GPTQ: as W4A16 with fp16 scales, no shapes."""
     values = 3 * H * I
     if scheme == "w8a8":
         return values + 4 * (2 * I + H)
-    return values // 2 + 2 * values // 64 + 2 * 2 * 2 + 2 * 4
+    shapes = 2 * 2 * 2 if scheme == "w4a16" else 0
+    return values // 2 + 2 * values // 64 + shapes + 2 * 4
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+@pytest.mark.parametrize("scheme", sorted(METHOD))
 def test_quantized_checkpoint_with_offload_matches_plain_vllm(
         quantized_models, engine, tmp_path, scheme, arch, kernel):
     model = quantized_models[arch, scheme]
@@ -75,7 +77,7 @@ def test_quantized_checkpoint_with_offload_matches_plain_vllm(
     assert totals["bytes_loaded"] == totals["misses"] * pool["read_bytes"]
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+@pytest.mark.parametrize("scheme", sorted(METHOD))
 def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, tmp_path,
                                                       scheme):
     model = quantized_models["qwen3_moe", scheme]

@@ -267,12 +267,16 @@ _EXPERT_PROJ = r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)"
 
 def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8a8",
                      group_size: int = 64) -> Path:
-    """A compressed-tensors copy of a bf16 checkpoint (`build_tiny_moe`), its routed
-    experts alone quantized, in the layout llm-compressor writes (symmetric):
-    - "w8a8": `weight` int8 [out, in] with a scale per output channel,
-      `weight_scale` [out, 1]; activations quantized per token at run time;
-    - "w4a16": `weight_packed` int32 [out, in / 8] (format pack-quantized),
-      `weight_scale` [out, in / group_size], `weight_shape` [2]; bf16 activations.
+    """A quantized copy of a bf16 checkpoint (`build_tiny_moe`), its routed experts
+    alone quantized (symmetric), in the layout their tools write:
+    - "w8a8" (compressed-tensors, as llm-compressor writes it): `weight` int8
+      [out, in] with a scale per output channel, `weight_scale` [out, 1];
+      activations quantized per token at run time;
+    - "w4a16" (compressed-tensors pack-quantized): `weight_packed` int32
+      [out, in / 8], `weight_scale` [out, in / group_size], `weight_shape` [2];
+    - "gptq" (AutoGPTQ, 4 bits, no act-order): `qweight` int32 [in / 8, out]
+      packed along the input, `scales` fp16 [in / group_size, out], `qzeros`
+      int32 [in / group_size, out / 8] holding zero - 1 (GPTQ's v1 format).
     Attention, the router, shared experts and the head stay bf16. Returns `out_dir`."""
     import re
     import shutil
@@ -280,33 +284,50 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
-    if scheme not in ("w8a8", "w4a16"):
-        raise ValueError(f"scheme must be w8a8 or w4a16, got {scheme!r}")
+    if scheme not in ("w8a8", "w4a16", "gptq"):
+        raise ValueError(f"scheme must be w8a8, w4a16 or gptq, got {scheme!r}")
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix != ".safetensors" and f.is_file():
             shutil.copy(f, out / f.name)
     for f in src.glob("*.safetensors"):
-        tensors = {}
+        tensors, quantized = {}, 0
         for name, t in load_file(f).items():
             if not re.fullmatch(_EXPERT_PROJ + r"\.weight", name):
                 tensors[name] = t
                 continue
+            quantized += 1
             w, stem = t.float(), name[:-len(".weight")]
             if scheme == "w8a8":
                 scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
                 tensors[name] = (w / scale).round().clamp(-127, 127).to(torch.int8)
-            else:
-                groups = w.view(w.shape[0], -1, group_size)
-                scale = groups.abs().amax(dim=2).clamp(min=1e-8) / 7
-                q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int8)
-                tensors[stem + ".weight_packed"] = pack_to_int32(q.view(w.shape), 4)
+                tensors[stem + ".weight_scale"] = scale.to(t.dtype)
+                continue
+            groups = w.view(w.shape[0], -1, group_size)
+            scale = groups.abs().amax(dim=2).clamp(min=1e-8) / 7
+            q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int8).view(w.shape)
+            if scheme == "w4a16":
+                tensors[stem + ".weight_packed"] = pack_to_int32(q, 4)
                 tensors[stem + ".weight_shape"] = torch.tensor(list(w.shape))
-            tensors[stem + ".weight_scale"] = scale.to(t.dtype)
-        if not any(n.endswith("_scale") for n in tensors):
+                tensors[stem + ".weight_scale"] = scale.to(t.dtype)
+            else:  # pack_to_int32 stores v + 8: q + 8 (uint4b8), and zero - 1 = 7
+                tensors[stem + ".qweight"] = pack_to_int32(q.t().contiguous(), 4, 0).contiguous()
+                tensors[stem + ".scales"] = scale.t().contiguous().half()
+                zeros = torch.full((scale.shape[1], w.shape[0]), -1, dtype=torch.int8)
+                tensors[stem + ".qzeros"] = pack_to_int32(zeros, 4)
+        if not quantized:
             raise ValueError(f"{f}: no routed-expert weights to quantize")
         save_file(tensors, out / f.name, metadata={"format": "pt"})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    (out / "tiny_moe.json").unlink(missing_ok=True)
+    if scheme == "gptq":
+        cfg["quantization_config"] = {
+            "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
+            "sym": True, "lm_head": False, "checkpoint_format": "gptq"}
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        return out
     args = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
             "block_structure": None, "actorder": None, "observer": "minmax",
             "observer_kwargs": {}, "dynamic": False}
@@ -316,8 +337,6 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     else:
         fmt, inputs = "pack-quantized", None
         weights = dict(args, num_bits=4, strategy="group", group_size=group_size)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": fmt,
         "quantization_status": "compressed", "global_compression_ratio": None,
@@ -326,5 +345,4 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
             "input_activations": inputs, "output_activations": None, "format": fmt}},
         "ignore": [], "kv_cache_scheme": None}
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    (out / "tiny_moe.json").unlink(missing_ok=True)
     return out
