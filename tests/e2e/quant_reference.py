@@ -1,15 +1,16 @@
 """References for vLLM's CPU INT8 and INT4 MoE kernels, for hosts without AMX.
 
 vLLM's CPU build runs INT8 W8A8 experts (`CPUExpertsInt8`) and INT4 W4A16 experts
-(`CPUExpertsInt4`: compressed-tensors, GPTQ, AWQ) only on x86 CPUs with AMX; elsewhere plain vLLM refuses such a
-checkpoint. To test the offload of quantized checkpoints on any CPU, `install()`
-(the engine probe's "setup", in the engine's process) lets both classes run
-anywhere: their weights stay in the layout the method hands the kernel (no VNNI
-prepack; INT4: packed int32 [E, N, K / 8] with a scale per group and a zero point
-of 8 per expert, since the checkpoints are symmetric), and `apply` computes the experts in fp32 torch
-from the quantized weights and the scales (and zero points) of the kernel's quant
-config. Plain vLLM and offload then run the same kernel, so their greedy outputs
-must match token for token.
+(`CPUExpertsInt4`: compressed-tensors, GPTQ, AWQ) only on x86 CPUs with AMX;
+elsewhere plain vLLM refuses such a checkpoint. To test the offload of quantized
+checkpoints on any CPU, `install()` (the engine probe's "setup", in the engine's
+process) lets both classes run anywhere: their weights stay in the layout the
+method hands the kernel (no VNNI prepack; INT4: packed int32 [E, N, K / 8] with a
+scale per group, and a zero point of 8 per expert for the symmetric checkpoints or
+AWQ's own per group), and `apply` computes the experts in fp32 torch from the
+quantized weights and the scales and zero points of the kernel's quant config.
+Plain vLLM and offload then run the same kernel, so their greedy outputs must
+match token for token.
 """
 
 import torch
@@ -19,12 +20,29 @@ def _int8(w, scale, e):
     return w[e].float() * scale[e].float()
 
 
+_SHIFTS = torch.arange(8, dtype=torch.int32) * 4
+
+
 def _int4(w, scale, zp, e):
-    """Packed int32 [N, K / 8] (8 nibbles per word, lowest first) -> fp32 [N, K]."""
-    shifts = torch.arange(8, dtype=torch.int32) * 4
-    u = ((w[e].unsqueeze(-1) >> shifts) & 15).flatten(1).float()
+    """Packed int32 [N, K / 8] (8 nibbles per word, lowest first), a scale and a zero
+    point per group [N, K / group] (or one zero point [1]) -> fp32 [N, K]."""
+    u = ((w[e].unsqueeze(-1) >> _SHIFTS) & 15).flatten(1).float()
     group = u.shape[1] // scale.shape[2]
-    return (u - zp[e].float()) * scale[e].float().repeat_interleave(group, dim=1)
+    zero = zp[e].float()
+    if zero.dim() == 2:
+        zero = zero.repeat_interleave(group, dim=1)
+    return (u - zero) * scale[e].float().repeat_interleave(group, dim=1)
+
+
+def _from_awq(w):
+    """AWQ's int32 [E, R, C / 8] (nibble i holds column [0, 2, 4, 6, 1, 3, 5, 7][i])
+    -> its values [E, R, C]."""
+    return ((w.unsqueeze(-1) >> _SHIFTS) & 15)[..., [0, 4, 1, 5, 2, 6, 3, 7]].flatten(-2)
+
+
+def _pack(u):
+    """Values [..., K] -> int32 [..., K / 8], 8 consecutive values per word."""
+    return (u.to(torch.int32).unflatten(-1, (-1, 8)) << _SHIFTS).sum(-1, dtype=torch.int32)
 
 
 def _experts(dequant):
@@ -50,8 +68,17 @@ def _unconverted(quant_config, w13, w2, w13_scale, w2_scale, w13_qzeros=None,
                  w2_qzeros=None, w13_bias=None, w2_bias=None):
     """vLLM's CPU INT4 weight conversion, left out: the layout the method hands it
     ([E, N, K / 8], 8 nibbles of consecutive inputs per word, from compressed-tensors
-    and from GPTQ alike), with a zero point of 8 per expert: the checkpoints are
-    symmetric (uint4b8; GPTQ's stored qzeros are not read)."""
+    and from GPTQ alike), with a zero point of 8 per expert: those checkpoints are
+    symmetric (uint4b8; GPTQ's stored qzeros are not read). AWQ hands its own layout
+    ([E, K, N / 8] in AWQ's order, zero points per group): brought to the same."""
+    if type(quant_config).__name__ == "AutoAWQConfig":
+        w13, w2 = (_pack(_from_awq(w).transpose(1, 2)) for w in (w13, w2))
+        w13_scale, w2_scale = (s.transpose(1, 2).contiguous() for s in (w13_scale, w2_scale))
+        w13_qzeros, w2_qzeros = (_from_awq(z).transpose(1, 2).contiguous()
+                                 for z in (w13_qzeros, w2_qzeros))
+        return w13, w2, w13_scale, w2_scale, w13_qzeros, w2_qzeros, None, None, w13_bias, \
+            w2_bias
+
     def eight(w):
         return torch.full((w.shape[0], 1), 8, dtype=torch.int32)
     return w13, w2, w13_scale, w2_scale, eight(w13), eight(w2), None, None, w13_bias, w2_bias

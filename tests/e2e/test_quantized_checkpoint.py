@@ -1,9 +1,10 @@
 """Quantized checkpoints served with offload, through vLLM on CPU (exact).
 
-Three checkpoints, their experts alone quantized, built here from the tiny bf16
+Four checkpoints, their experts alone quantized, built here from the tiny bf16
 checkpoints: compressed-tensors W8A8 INT8 (int8 weights with a scale per output
 channel, activations quantized per token) and W4A16 (int4 weights packed in int32,
-a scale per group of 64), and GPTQ (4 bits, groups of 64). The slot record is what
+a scale per group of 64), GPTQ (4 bits, groups of 64) and AWQ (4 bits with zero
+points, groups of 64). The slot record is what
 vLLM's own method makes of one expert. Greedy outputs must match plain vLLM on the
 same checkpoint token for token.
 
@@ -21,7 +22,8 @@ from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spe
 from vllm_moe_offload.hf.tiny_moe import quantize_experts
 
 METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
-          "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod"}
+          "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod",
+          "awq": "AutoAWQMoEMethod"}
 KERNELS = [pytest.param("reference"),
            pytest.param("vllm", marks=pytest.mark.skipif(
                not torch.cpu._is_amx_tile_supported(),
@@ -48,10 +50,13 @@ def reference_record_bytes(scheme: str) -> int:
     W8A8: int8 w13 [2I, H] and w2 [H, I], fp32 scales [2I, 1] and [H, 1].
     W4A16: int32 words of 8 nibbles, bf16 scales per 64 inputs, `weight_shape`
     [2] per matrix (vLLM makes it in the model's dtype, bf16) and the reference's
-    int32 zero point per matrix. GPTQ: as W4A16 with fp16 scales, no shapes."""
+    int32 zero point per matrix. GPTQ: as W4A16 with fp16 scales, no shapes. AWQ:
+    as GPTQ with an int32 zero point per group, unpacked by the reference."""
     values = 3 * H * I
     if scheme == "w8a8":
         return values + 4 * (2 * I + H)
+    if scheme == "awq":
+        return values // 2 + 2 * values // 64 + 4 * values // 64
     shapes = 2 * 2 * 2 if scheme == "w4a16" else 0
     return values // 2 + 2 * values // 64 + shapes + 2 * 4
 

@@ -276,7 +276,11 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
       [out, in / 8], `weight_scale` [out, in / group_size], `weight_shape` [2];
     - "gptq" (AutoGPTQ, 4 bits, no act-order): `qweight` int32 [in / 8, out]
       packed along the input, `scales` fp16 [in / group_size, out], `qzeros`
-      int32 [in / group_size, out / 8] holding zero - 1 (GPTQ's v1 format).
+      int32 [in / group_size, out / 8] holding zero - 1 (GPTQ's v1 format);
+    - "awq" (AutoAWQ GEMM, 4 bits, asymmetric): `qweight` int32 [in, out / 8]
+      packed along the output in AWQ's order (word nibble i holds column
+      [0, 2, 4, 6, 1, 3, 5, 7][i]), `qzeros` [in / group_size, out / 8] packed
+      alike, `scales` fp16 [in / group_size, out].
     Attention, the router, shared experts and the head stay bf16. Returns `out_dir`."""
     import re
     import shutil
@@ -284,8 +288,8 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
-    if scheme not in ("w8a8", "w4a16", "gptq"):
-        raise ValueError(f"scheme must be w8a8, w4a16 or gptq, got {scheme!r}")
+    if scheme not in ("w8a8", "w4a16", "gptq", "awq"):
+        raise ValueError(f"scheme must be w8a8, w4a16, gptq or awq, got {scheme!r}")
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -305,6 +309,15 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
                 tensors[stem + ".weight_scale"] = scale.to(t.dtype)
                 continue
             groups = w.view(w.shape[0], -1, group_size)
+            if scheme == "awq":
+                lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+                scale = ((hi - lo) / 15).clamp(min=1e-8)
+                zero = (-lo / scale).round().clamp(0, 15)
+                q = ((groups / scale[..., None]).round() + zero[..., None]).clamp(0, 15)
+                tensors[stem + ".qweight"] = _awq_pack(q.view(w.shape).t())
+                tensors[stem + ".qzeros"] = _awq_pack(zero.t())
+                tensors[stem + ".scales"] = scale.t().contiguous().half()
+                continue
             scale = groups.abs().amax(dim=2).clamp(min=1e-8) / 7
             q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int8).view(w.shape)
             if scheme == "w4a16":
@@ -322,10 +335,13 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     (out / "tiny_moe.json").unlink(missing_ok=True)
-    if scheme == "gptq":
+    if scheme in ("gptq", "awq"):
         cfg["quantization_config"] = {
             "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
-            "sym": True, "lm_head": False, "checkpoint_format": "gptq"}
+            "sym": True, "lm_head": False, "checkpoint_format": "gptq"} if scheme == "gptq" \
+            else {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                  "zero_point": True, "version": "gemm",
+                  "modules_to_not_convert": ["self_attn", "gate", "lm_head"]}
         cfg_path.write_text(json.dumps(cfg, indent=2))
         return out
     args = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
@@ -346,3 +362,11 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
         "ignore": [], "kv_cache_scheme": None}
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def _awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """[R, C] 4-bit values -> int32 [R, C / 8] in AWQ's order: nibble i of word j
+    holds column 8 j + [0, 2, 4, 6, 1, 3, 5, 7][i]."""
+    v = values.to(torch.int32).reshape(values.shape[0], -1, 8)[..., [0, 2, 4, 6, 1, 3, 5, 7]]
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    return (v << shifts).sum(dim=-1, dtype=torch.int32)
