@@ -262,7 +262,10 @@ def build_tiny_deepseek_mtp(out_dir: str | Path, num_layers: int = 4, **kw) -> P
     return out
 
 
-_EXPERT_PROJ = r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)"
+def _expert_proj() -> str:
+    """A regex of a routed expert's projection module, as checkpoints name it."""
+    from vllm_moe_offload.runtime.checkpoint import PROJECTIONS
+    return r".*\.experts\.\d+\.(" + "|".join(n for names in PROJECTIONS for n in names) + ")"
 
 
 def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8a8",
@@ -290,7 +293,7 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
 
     if scheme not in ("w8a8", "w4a16", "gptq", "awq"):
         raise ValueError(f"scheme must be w8a8, w4a16, gptq or awq, got {scheme!r}")
-    src, out = Path(src_dir), Path(out_dir)
+    src, out, proj = Path(src_dir), Path(out_dir), _expert_proj()
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix != ".safetensors" and f.is_file():
@@ -298,7 +301,7 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     for f in src.glob("*.safetensors"):
         tensors, quantized = {}, 0
         for name, t in load_file(f).items():
-            if not re.fullmatch(_EXPERT_PROJ + r"\.weight", name):
+            if not re.fullmatch(proj + r"\.weight", name):
                 tensors[name] = t
                 continue
             quantized += 1
@@ -357,7 +360,7 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
         "quant_method": "compressed-tensors", "format": fmt,
         "quantization_status": "compressed", "global_compression_ratio": None,
         "config_groups": {"group_0": {
-            "targets": ["re:" + _EXPERT_PROJ + "$"], "weights": weights,
+            "targets": ["re:" + proj + "$"], "weights": weights,
             "input_activations": inputs, "output_activations": None, "format": fmt}},
         "ignore": [], "kv_cache_scheme": None}
     cfg_path.write_text(json.dumps(cfg, indent=2))

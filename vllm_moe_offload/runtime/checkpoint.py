@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# the checkpoint's names of gate, up and down (vLLM's shards w1, w3, w2)
+PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 class CheckpointExperts:
@@ -50,15 +51,18 @@ class CheckpointExperts:
         """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them, then
         (w13_bias [2I], w2_bias [H]) where it has biases (gpt-oss: gate and up
         interleaved, as vLLM's swigluoai reads them)."""
+        return self._again_if_moved(self._read, prefix, expert)
+
+    def _again_if_moved(self, read, prefix: str, expert: int):
         try:
-            return self._read(prefix, expert)
+            return read(prefix, expert)
         except (OSError, KeyError):
             self._file_of = None  # the files may have moved since they were indexed
-            return self._read(prefix, expert)
+            return read(prefix, expert)
 
     def _read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
         index = self._index()
-        for names in _PROJECTIONS:
+        for names in PROJECTIONS:
             keys = [f"{prefix}.{expert}.{n}.weight" for n in names]
             if all(k in index for k in keys):
                 gate, up, down = (self._tensor(index[k], k) for k in keys)
@@ -99,16 +103,13 @@ class CheckpointExperts:
     def read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
         """One expert's tensors stored apart, by their names relative to
         `{prefix}.{expert}.` (store repair of a quantized checkpoint's experts)."""
-        def read():
-            index = self._index()
-            names = self.expert_tensor_names(prefix, expert)
-            if not names:
-                raise KeyError(f"no tensors {prefix}.{expert}.* in the checkpoint at "
-                               f"{self.model_dir}")
-            return {n: self._tensor(index[f"{prefix}.{expert}.{n}"],
-                                    f"{prefix}.{expert}.{n}") for n in names}
-        try:
-            return read()
-        except (OSError, KeyError):
-            self._file_of = None  # the files may have moved since they were indexed
-            return read()
+        return self._again_if_moved(self._read_named, prefix, expert)
+
+    def _read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
+        index = self._index()
+        names = self.expert_tensor_names(prefix, expert)
+        if not names:
+            raise KeyError(f"no tensors {prefix}.{expert}.* in the checkpoint at "
+                           f"{self.model_dir}")
+        return {n: self._tensor(index[f"{prefix}.{expert}.{n}"], f"{prefix}.{expert}.{n}")
+                for n in names}

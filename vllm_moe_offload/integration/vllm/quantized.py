@@ -23,8 +23,10 @@ import dataclasses
 
 import torch
 
-_SHARD_OF = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
-             "w1": "w1", "w3": "w3", "w2": "w2"}
+from vllm_moe_offload.runtime.checkpoint import PROJECTIONS
+
+_SHARD_OF = {name: shard for names in PROJECTIONS
+             for name, shard in zip(names, ("w1", "w3", "w2"))}
 
 
 class QuantizedExperts:
