@@ -103,3 +103,19 @@ def test_online_quantization_with_offload_is_refused_naming_the_method(models):
     assert ("mlp.experts: Fp8PerTensorOnlineMoEMethod quantizes a bf16 checkpoint's "
             "experts as they load") in out
     assert "--expert-store-bits 8" in out
+
+
+def test_the_references_compute_the_quantized_model(quantized_models, models, engine):
+    """A check on quant_reference.py itself, through plain vLLM: W4A16 and GPTQ hold
+    the same 4-bit values in different layouts, so they must give the same greedy
+    tokens; and every quantized checkpoint must track the bf16 model (a wrong
+    decode agrees on almost nothing). `pytest -s` prints the agreement."""
+    bf16 = engine(plain_spec(models["qwen3_moe"]))["token_ids"]
+    tokens = {scheme: engine(with_kernel(plain_spec(quantized_models["qwen3_moe", scheme]),
+                                         "reference"))["token_ids"] for scheme in METHOD}
+    assert tokens["w4a16"] == tokens["gptq"]
+    total = sum(len(t) for t in bf16)
+    for scheme, ids in tokens.items():
+        same = sum(a == b for x, y in zip(bf16, ids) for a, b in zip(x, y))
+        print(f"{scheme}: {same} of {total} greedy tokens equal to the bf16 model's")
+        assert same > total // 2, (scheme, same, total)
