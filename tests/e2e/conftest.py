@@ -3,8 +3,8 @@
 Each engine runs in its own process (vllm_moe_offload/cli/engine_probe.py), one at a time:
 this machine has 2 cores. Results are cached per configuration for the session.
 Most specs run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), in a fork of a
-server that imported vLLM once: ~5 s per engine instead of ~30 s. The compiled-mode,
-server and memory tests use vLLM's default multi-process engine.
+server that imported vLLM once: ~5 s per engine instead of ~30 s (compiled mode
+too). The server and memory tests use vLLM's default multi-process engine.
 """
 
 import json

@@ -1,14 +1,17 @@
-"""References for vLLM's CPU INT8 and INT4 MoE kernels, for hosts without AMX.
+"""References for vLLM's CPU INT8, INT4 and FP8 MoE kernels, for hosts without AMX.
 
-vLLM's CPU build runs INT8 W8A8 experts (`CPUExpertsInt8`) and INT4 W4A16 experts
-(`CPUExpertsInt4`: compressed-tensors, GPTQ, AWQ) only on x86 CPUs with AMX;
-elsewhere plain vLLM refuses such a checkpoint. To test the offload of quantized
-checkpoints on any CPU, `install()` (the engine probe's "setup", in the engine's
-process) lets both classes run anywhere: their weights stay in the layout the
-method hands the kernel (no VNNI prepack; INT4: packed int32 [E, N, K / 8] with a
-scale per group, and a zero point of 8 per expert for the symmetric checkpoints or
-AWQ's own per group), and `apply` computes the experts in fp32 torch from the
-quantized weights and the scales and zero points of the kernel's quant config.
+vLLM's CPU build runs INT8 W8A8 experts (`CPUExpertsInt8`), INT4 W4A16 experts
+(`CPUExpertsInt4`: compressed-tensors, GPTQ, AWQ) and block-FP8 W8A16 experts
+(`CPUExpertsFp8`: the `fp8` format and compressed-tensors FP8 block, blocks of
+128 x 128) only on x86 CPUs with AMX; elsewhere plain vLLM refuses such a
+checkpoint. To test the offload of quantized checkpoints on any CPU, `install()`
+(the engine probe's "setup", in the engine's process) lets these classes run
+anywhere: their weights stay in the layout the method hands the kernel (no VNNI
+prepack; INT4: packed int32 [E, N, K / 8] with a scale per group, and a zero point
+of 8 per expert for the symmetric checkpoints or AWQ's own per group; FP8:
+float8_e4m3fn [E, N, K] with a scale per block), and `apply` computes the experts
+in fp32 torch from the quantized weights and the scales and zero points of the
+kernel's quant config.
 Plain vLLM and offload then run the same kernel, so their greedy outputs must
 match token for token.
 """
@@ -18,6 +21,19 @@ import torch
 
 def _int8(w, scale, e):
     return w[e].float() * scale[e].float()
+
+
+def _fp8_block(w, scale, block_shape, e):
+    """float8_e4m3fn [N, K] and a scale per block [N / bn, K / bk] -> fp32 [N, K]."""
+    bn, bk = block_shape
+    return w[e].float() * scale[e].float().repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+
+
+def _block_shape(quant_config) -> tuple[int, int]:
+    """The weights' block, where `CPUExpertsFp8.apply` finds it."""
+    if quant_config.block_shape:
+        return tuple(quant_config.block_shape)
+    return quant_config._w1.shape.row, quant_config._w1.shape.col
 
 
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
@@ -85,13 +101,19 @@ def _unconverted(quant_config, w13, w2, w13_scale, w2_scale, w13_qzeros=None,
 
 
 def install() -> None:
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (CPUExpertsInt4,
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (CPUExpertsFp8,
+                                                                       CPUExpertsInt4,
                                                                        CPUExpertsInt8)
     from vllm.model_executor.layers.fused_moe.oracle import int_wna16
 
-    for cls in (CPUExpertsInt8, CPUExpertsInt4):
+    for cls in (CPUExpertsInt8, CPUExpertsInt4, CPUExpertsFp8):
         cls._supports_current_device = staticmethod(lambda: True)
         cls.process_weights_after_loading = lambda self, layer: None
+    cpu_moe.prepare_fp8_moe_layer_for_cpu = lambda w13, w2: (w13, w2)  # no VNNI prepack
+    CPUExpertsFp8.apply = _experts(lambda self, w1, w2, e: (
+        _fp8_block(w1, self.w1_scale, _block_shape(self.quant_config), e),
+        _fp8_block(w2, self.w2_scale, _block_shape(self.quant_config), e)))
     CPUExpertsInt8.apply = _experts(lambda self, w1, w2, e: (
         _int8(w1, self.w1_scale, e), _int8(w2, self.w2_scale, e)))
     CPUExpertsInt4.apply = _experts(lambda self, w1, w2, e: (

@@ -54,10 +54,10 @@ def test_plain_vllm_is_untouched_by_the_plugin(models, engine):
 def test_default_compiled_mode_matches(models, engine, store_dir):
     """Not only enforce_eager: vLLM's default torch.compile path on CPU."""
     model = models["qwen3_moe"]
-    plain = engine(plain_spec(model, enforce_eager=False, in_process=False))
+    plain = engine(plain_spec(model, enforce_eager=False))
     spec = offload_spec(model, pool_slots=LAYERS * EXPERTS // 2, store="disk",
                         store_dir=store_dir)
-    off = engine({**spec, "enforce_eager": False, "in_process": False})
+    off = engine({**spec, "enforce_eager": False})
     assert "Enforce eager set" not in off["log"]  # really the compiled path
     assert off["token_ids"] == plain["token_ids"]
     assert off["stats"]["totals"]["misses"] > 0

@@ -1,15 +1,17 @@
 """Quantized checkpoints served with offload, through vLLM on CPU (exact).
 
-Four checkpoints, their experts alone quantized, built here from the tiny bf16
+Six checkpoints, their experts alone quantized, built here from the tiny bf16
 checkpoints: compressed-tensors W8A8 INT8 (int8 weights with a scale per output
 channel, activations quantized per token) and W4A16 (int4 weights packed in int32,
-a scale per group of 64), GPTQ (4 bits, groups of 64) and AWQ (4 bits with zero
-points, groups of 64). The slot record is what
+a scale per group of 64), GPTQ (4 bits, groups of 64), AWQ (4 bits with zero
+points, groups of 64), and block FP8 in the `fp8` format (DeepSeek-V3's, Qwen3-FP8's)
+and in compressed-tensors' (float8_e4m3fn weights, a scale per 128 x 128 block).
+The slot record is what
 vLLM's own method makes of one expert. Greedy outputs must match plain vLLM on the
 same checkpoint token for token.
 
-vLLM's CPU build runs INT8 and INT4 MoE only on x86 CPUs with AMX
-(`CPUExpertsInt8`, `CPUExpertsInt4`); elsewhere plain vLLM itself refuses these
+vLLM's CPU build runs INT8, INT4 and block-FP8 MoE only on x86 CPUs with AMX
+(`CPUExpertsInt8`, `CPUExpertsInt4`, `CPUExpertsFp8`); elsewhere plain vLLM itself refuses these
 checkpoints. So each test runs twice: with vLLM's kernels (needs AMX) and with
 quant_reference.py's fp32 torch kernels in their place, which run anywhere. In
 both, plain vLLM and offload run the same kernel.
@@ -23,7 +25,8 @@ from vllm_moe_offload.hf.tiny_moe import quantize_experts
 
 METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
           "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod",
-          "awq": "AutoAWQMoEMethod"}
+          "awq": "AutoAWQMoEMethod", "fp8": "Fp8MoEMethod",
+          "w8a8_fp8": "CompressedTensorsW8A8Fp8MoEMethod"}
 KERNELS = [pytest.param("reference"),
            pytest.param("vllm", marks=pytest.mark.skipif(
                not torch.cpu._is_amx_tile_supported(),
@@ -40,6 +43,19 @@ def quantized_models(models, tmp_path_factory):
             for arch in ("qwen3_moe", "mixtral") for scheme in METHOD}
 
 
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A disk store directory per checkpoint and kernel, shared by the tests of this
+    module: the store-reuse test starts from the engine the first test ran."""
+    base = tmp_path_factory.mktemp("quantized_stores")
+    return lambda *key: str(base / "-".join(key))
+
+
+def offload(model: str, store_dir: str, kernel: str) -> dict:
+    return with_kernel(offload_spec(model, pool_slots=EXPERTS + 2, store="disk",
+                                    store_dir=store_dir), kernel)
+
+
 def with_kernel(spec: dict, kernel: str) -> dict:
     return {**spec, "setup": "tests.e2e.quant_reference:install"} if kernel == "reference" \
         else spec
@@ -51,10 +67,14 @@ def reference_record_bytes(scheme: str) -> int:
     W4A16: int32 words of 8 nibbles, bf16 scales per 64 inputs, `weight_shape`
     [2] per matrix (vLLM makes it in the model's dtype, bf16) and the reference's
     int32 zero point per matrix. GPTQ: as W4A16 with fp16 scales, no shapes. AWQ:
-    as GPTQ with an int32 zero point per group, unpacked by the reference."""
+    as GPTQ with an int32 zero point per group, unpacked by the reference. FP8:
+    float8 w13 and w2, an fp32 scale per 128 x 128 block ([2I / 128, H / 128] and
+    [H / 128, I / 128]), whichever dtype the checkpoint holds them in."""
     values = 3 * H * I
     if scheme == "w8a8":
         return values + 4 * (2 * I + H)
+    if scheme in ("fp8", "w8a8_fp8"):
+        return values + 4 * values // 128 ** 2
     if scheme == "awq":
         return values // 2 + 2 * values // 64 + 4 * values // 64
     shapes = 2 * 2 * 2 if scheme == "w4a16" else 0
@@ -65,11 +85,10 @@ def reference_record_bytes(scheme: str) -> int:
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("scheme", sorted(METHOD))
 def test_quantized_checkpoint_with_offload_matches_plain_vllm(
-        quantized_models, engine, tmp_path, scheme, arch, kernel):
+        quantized_models, engine, stores, scheme, arch, kernel):
     model = quantized_models[arch, scheme]
     plain = engine(with_kernel(plain_spec(model), kernel))
-    off = engine(with_kernel(offload_spec(model, pool_slots=EXPERTS + 2, store="disk",
-                                          store_dir=str(tmp_path)), kernel))
+    off = engine(offload(model, stores(arch, scheme, kernel), kernel))
     assert off["token_ids"] == plain["token_ids"]
     totals, pool = off["stats"]["totals"], off["stats"]["pool"]
     assert pool["checkpoint_quantization"] == METHOD[scheme]
@@ -83,13 +102,12 @@ def test_quantized_checkpoint_with_offload_matches_plain_vllm(
 
 
 @pytest.mark.parametrize("scheme", sorted(METHOD))
-def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, tmp_path,
+def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, stores,
                                                       scheme):
     model = quantized_models["qwen3_moe", scheme]
     plain = engine(with_kernel(plain_spec(model), "reference"))
-    spec = with_kernel(offload_spec(model, pool_slots=EXPERTS, store="disk",
-                                    store_dir=str(tmp_path)), "reference")
-    engine(spec)  # builds the store
+    spec = offload(model, stores("qwen3_moe", scheme, "reference"), "reference")
+    engine(spec)  # builds the store (the first test's engine, where it ran)
     off = engine({**spec, "rounds": 2, "damage_store": "flip"})  # damaged after round 1
     assert "reusing disk store" in off["log"]
     assert off["token_ids"] == plain["token_ids"]  # round 2 read the damaged file
@@ -107,13 +125,15 @@ def test_online_quantization_with_offload_is_refused_naming_the_method(models):
 
 def test_the_references_compute_the_quantized_model(quantized_models, models, engine):
     """A check on quant_reference.py itself, through plain vLLM: W4A16 and GPTQ hold
-    the same 4-bit values in different layouts, so they must give the same greedy
-    tokens; and every quantized checkpoint must track the bf16 model (a wrong
-    decode agrees on almost nothing). `pytest -s` prints the agreement."""
+    the same 4-bit values in different layouts, and the two FP8 formats the same
+    FP8 values and scales, so each pair must give the same greedy tokens; and
+    every quantized checkpoint must track the bf16 model (a wrong decode agrees on
+    almost nothing). `pytest -s` prints the agreement."""
     bf16 = engine(plain_spec(models["qwen3_moe"]))["token_ids"]
     tokens = {scheme: engine(with_kernel(plain_spec(quantized_models["qwen3_moe", scheme]),
                                          "reference"))["token_ids"] for scheme in METHOD}
     assert tokens["w4a16"] == tokens["gptq"]
+    assert tokens["fp8"] == tokens["w8a8_fp8"]
     total = sum(len(t) for t in bf16)
     for scheme, ids in tokens.items():
         same = sum(a == b for x, y in zip(bf16, ids) for a, b in zip(x, y))

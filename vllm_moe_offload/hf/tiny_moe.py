@@ -268,8 +268,11 @@ def _expert_proj() -> str:
     return r".*\.experts\.\d+\.(" + "|".join(n for names in PROJECTIONS for n in names) + ")"
 
 
+SCHEMES = ("w8a8", "w4a16", "gptq", "awq", "fp8", "w8a8_fp8")
+
+
 def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8a8",
-                     group_size: int = 64) -> Path:
+                     group_size: int = 64, block: int = 128) -> Path:
     """A quantized copy of a bf16 checkpoint (`build_tiny_moe`), its routed experts
     alone quantized (symmetric), in the layout their tools write:
     - "w8a8" (compressed-tensors, as llm-compressor writes it): `weight` int8
@@ -283,7 +286,14 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     - "awq" (AutoAWQ GEMM, 4 bits, asymmetric): `qweight` int32 [in, out / 8]
       packed along the output in AWQ's order (word nibble i holds column
       [0, 2, 4, 6, 1, 3, 5, 7][i]), `qzeros` [in / group_size, out / 8] packed
-      alike, `scales` fp16 [in / group_size, out].
+      alike, `scales` fp16 [in / group_size, out];
+    - "fp8" (the `fp8` format of DeepSeek-V3 and Qwen3-*-FP8): `weight`
+      float8_e4m3fn [out, in] with a scale per block of block x block,
+      `weight_scale_inv` fp32 [out / block, in / block]; activations quantized per
+      group of `block` at run time; the layers left bf16 named in
+      `modules_to_not_convert`;
+    - "w8a8_fp8" (compressed-tensors, llm-compressor's FP8_BLOCK): as "fp8", the
+      scale named `weight_scale` and held in bf16.
     Attention, the router, shared experts and the head stay bf16. Returns `out_dir`."""
     import re
     import shutil
@@ -291,9 +301,10 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
-    if scheme not in ("w8a8", "w4a16", "gptq", "awq"):
-        raise ValueError(f"scheme must be w8a8, w4a16, gptq or awq, got {scheme!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     src, out, proj = Path(src_dir), Path(out_dir), _expert_proj()
+    kept_bf16: list[str] = []  # every other linear module
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.suffix != ".safetensors" and f.is_file():
@@ -303,9 +314,18 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
         for name, t in load_file(f).items():
             if not re.fullmatch(proj + r"\.weight", name):
                 tensors[name] = t
+                if name.endswith(".weight") and t.dim() == 2:
+                    kept_bf16.append(name[:-len(".weight")])
                 continue
             quantized += 1
             w, stem = t.float(), name[:-len(".weight")]
+            if scheme in ("fp8", "w8a8_fp8"):
+                q, scale = _fp8_blocks(w, block, torch.float32 if scheme == "fp8"
+                                       else torch.bfloat16)
+                tensors[name] = q
+                tensors[stem + (".weight_scale_inv" if scheme == "fp8"
+                                else ".weight_scale")] = scale
+                continue
             if scheme == "w8a8":
                 scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
                 tensors[name] = (w / scale).round().clamp(-127, 127).to(torch.int8)
@@ -347,10 +367,21 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
                   "modules_to_not_convert": ["self_attn", "gate", "lm_head"]}
         cfg_path.write_text(json.dumps(cfg, indent=2))
         return out
+    if scheme == "fp8":
+        cfg["quantization_config"] = {
+            "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+            "weight_block_size": [block, block], "modules_to_not_convert": kept_bf16}
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        return out
     args = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
             "block_structure": None, "actorder": None, "observer": "minmax",
             "observer_kwargs": {}, "dynamic": False}
-    if scheme == "w8a8":
+    if scheme == "w8a8_fp8":
+        fmt = "float-quantized"
+        weights = dict(args, type="float", strategy="block", block_structure=[block, block])
+        inputs = dict(args, type="float", strategy="group", group_size=block, dynamic=True,
+                      observer=None)
+    elif scheme == "w8a8":
         fmt, weights = "int-quantized", dict(args, strategy="channel")
         inputs = dict(args, strategy="token", dynamic=True, observer=None)
     else:
@@ -365,6 +396,20 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
         "ignore": [], "kv_cache_scheme": None}
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def _fp8_blocks(w: torch.Tensor, block: int, scale_dtype: torch.dtype):
+    """fp32 [out, in] -> float8_e4m3fn [out, in] and a scale per block of
+    block x block [out / block, in / block], symmetric, amax to 448. The scales are
+    rounded to bf16 whatever `scale_dtype` holds them, so both FP8 formats hold
+    the same values."""
+    rows, cols = w.shape
+    if rows % block or cols % block:
+        raise ValueError(f"block {block} does not divide the expert weight {tuple(w.shape)}")
+    blocks = w.view(rows // block, block, cols // block, block)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp(min=1e-12).bfloat16().to(scale_dtype)
+    q = blocks / scale.float()[:, None, :, None]
+    return q.clamp(-448, 448).view(rows, cols).to(torch.float8_e4m3fn), scale
 
 
 def _awq_pack(values: torch.Tensor) -> torch.Tensor:

@@ -170,8 +170,8 @@ class QuantizedExperts:
 WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
               "its store with --expert-store-bits), and quantized checkpoints whose method "
               "keeps each expert's tensors apart (tested through vLLM: compressed-tensors "
-              "W8A8 INT8 and W4A16, GPTQ, AWQ). Turn expert offload off to serve this "
-              "checkpoint.")
+              "W8A8 INT8 and W4A16, GPTQ, AWQ, block FP8). Turn expert offload off to "
+              "serve this checkpoint.")
 
 
 def _key(t: torch.Tensor) -> tuple:
