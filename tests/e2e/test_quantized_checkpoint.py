@@ -1,32 +1,41 @@
 """Quantized checkpoints served with offload, through vLLM on CPU (exact).
 
-Six checkpoints, their experts alone quantized, built here from the tiny bf16
+Seven checkpoints, their experts alone quantized, built here from the tiny bf16
 checkpoints: compressed-tensors W8A8 INT8 (int8 weights with a scale per output
 channel, activations quantized per token) and W4A16 (int4 weights packed in int32,
 a scale per group of 64), GPTQ (4 bits, groups of 64), AWQ (4 bits with zero
-points, groups of 64), and block FP8 in the `fp8` format (DeepSeek-V3's, Qwen3-FP8's)
-and in compressed-tensors' (float8_e4m3fn weights, a scale per 128 x 128 block).
-The slot record is what
-vLLM's own method makes of one expert. Greedy outputs must match plain vLLM on the
-same checkpoint token for token.
+points, groups of 64), block FP8 in the `fp8` format (DeepSeek-V3's, Qwen3-FP8's)
+and in compressed-tensors' (float8_e4m3fn weights, a scale per 128 x 128 block),
+each on Qwen3-MoE and Mixtral; and gpt-oss's MXFP4 (E2M1 codes with a power-of-two
+scale per 32 inputs, biased experts, each layer's experts fused in one tensor).
+The slot record is what vLLM's own method makes of one expert. Greedy outputs must
+match plain vLLM on the same checkpoint token for token.
 
-vLLM's CPU build runs INT8, INT4 and block-FP8 MoE only on x86 CPUs with AMX
-(`CPUExpertsInt8`, `CPUExpertsInt4`, `CPUExpertsFp8`); elsewhere plain vLLM itself refuses these
-checkpoints. So each test runs twice: with vLLM's kernels (needs AMX) and with
+vLLM's CPU build runs INT8, INT4, block-FP8 and MXFP4 MoE only on x86 CPUs with AMX
+(`CPUExpertsInt8`, `CPUExpertsInt4`, `CPUExpertsFp8`, `CPUExpertsMxfp4`); elsewhere
+plain vLLM itself refuses these checkpoints. So each test runs twice: with vLLM's kernels (needs AMX) and with
 quant_reference.py's fp32 torch kernels in their place, which run anywhere. In
 both, plain vLLM and offload run the same kernel.
 """
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spec
-from vllm_moe_offload.hf.tiny_moe import quantize_experts
+from vllm_moe_offload.hf.tiny_moe import FP4_E2M1, quantize_experts
 
 METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
           "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod",
           "awq": "AutoAWQMoEMethod", "fp8": "Fp8MoEMethod",
-          "w8a8_fp8": "CompressedTensorsW8A8Fp8MoEMethod"}
+          "w8a8_fp8": "CompressedTensorsW8A8Fp8MoEMethod", "mxfp4": "GptOssMxfp4MoEMethod"}
+# (scheme, architecture): MXFP4 is gpt-oss's own format
+CASES = [(scheme, arch) for scheme in sorted(METHOD) if scheme != "mxfp4"
+         for arch in ("qwen3_moe", "mixtral")] + [("mxfp4", "gpt_oss")]
+REPAIR = {scheme: arch for scheme, arch in reversed(CASES)}  # one architecture each
 KERNELS = [pytest.param("reference"),
            pytest.param("vllm", marks=pytest.mark.skipif(
                not torch.cpu._is_amx_tile_supported(),
@@ -40,7 +49,7 @@ def quantized_models(models, tmp_path_factory):
     base = tmp_path_factory.mktemp("quantized")
     return {(arch, scheme): str(quantize_experts(models[arch], base / f"{arch}-{scheme}",
                                                  scheme))
-            for arch in ("qwen3_moe", "mixtral") for scheme in METHOD}
+            for scheme, arch in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +78,12 @@ def reference_record_bytes(scheme: str) -> int:
     int32 zero point per matrix. GPTQ: as W4A16 with fp16 scales, no shapes. AWQ:
     as GPTQ with an int32 zero point per group, unpacked by the reference. FP8:
     float8 w13 and w2, an fp32 scale per 128 x 128 block ([2I / 128, H / 128] and
-    [H / 128, I / 128]), whichever dtype the checkpoint holds them in."""
+    [H / 128, I / 128]), whichever dtype the checkpoint holds them in. MXFP4: two
+    codes per byte, a uint8 scale per 32 values, fp32 biases [2I] and [H] (vLLM's
+    CPU processing widens them)."""
     values = 3 * H * I
+    if scheme == "mxfp4":
+        return values // 2 + values // 32 + 4 * (2 * I + H)
     if scheme == "w8a8":
         return values + 4 * (2 * I + H)
     if scheme in ("fp8", "w8a8_fp8"):
@@ -82,8 +95,7 @@ def reference_record_bytes(scheme: str) -> int:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-@pytest.mark.parametrize("scheme", sorted(METHOD))
+@pytest.mark.parametrize("scheme,arch", CASES)
 def test_quantized_checkpoint_with_offload_matches_plain_vllm(
         quantized_models, engine, stores, scheme, arch, kernel):
     model = quantized_models[arch, scheme]
@@ -101,12 +113,14 @@ def test_quantized_checkpoint_with_offload_matches_plain_vllm(
     assert totals["bytes_loaded"] == totals["misses"] * pool["read_bytes"]
 
 
-@pytest.mark.parametrize("scheme", sorted(METHOD))
+@pytest.mark.parametrize("scheme", sorted(REPAIR))
 def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, stores,
                                                       scheme):
-    model = quantized_models["qwen3_moe", scheme]
+    """MXFP4 (gpt-oss): the record is re-derived from rows of the fused tensors."""
+    arch = REPAIR[scheme]
+    model = quantized_models[arch, scheme]
     plain = engine(with_kernel(plain_spec(model), "reference"))
-    spec = offload(model, stores("qwen3_moe", scheme, "reference"), "reference")
+    spec = offload(model, stores(arch, scheme, "reference"), "reference")
     engine(spec)  # builds the store (the first test's engine, where it ran)
     off = engine({**spec, "rounds": 2, "damage_store": "flip"})  # damaged after round 1
     assert "reusing disk store" in off["log"]
@@ -123,6 +137,10 @@ def test_online_quantization_with_offload_is_refused_naming_the_method(models):
     assert "--expert-store-bits 8" in out
 
 
+def agreement(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+
+
 def test_the_references_compute_the_quantized_model(quantized_models, models, engine):
     """A check on quant_reference.py itself, through plain vLLM: W4A16 and GPTQ hold
     the same 4-bit values in different layouts, and the two FP8 formats the same
@@ -131,11 +149,56 @@ def test_the_references_compute_the_quantized_model(quantized_models, models, en
     almost nothing). `pytest -s` prints the agreement."""
     bf16 = engine(plain_spec(models["qwen3_moe"]))["token_ids"]
     tokens = {scheme: engine(with_kernel(plain_spec(quantized_models["qwen3_moe", scheme]),
-                                         "reference"))["token_ids"] for scheme in METHOD}
+                                         "reference"))["token_ids"]
+              for scheme in METHOD if scheme != "mxfp4"}
     assert tokens["w4a16"] == tokens["gptq"]
     assert tokens["fp8"] == tokens["w8a8_fp8"]
     total = sum(len(t) for t in bf16)
     for scheme, ids in tokens.items():
-        same = sum(a == b for x, y in zip(bf16, ids) for a, b in zip(x, y))
+        same = agreement(bf16, ids)
         print(f"{scheme}: {same} of {total} greedy tokens equal to the bf16 model's")
         assert same > total // 2, (scheme, same, total)
+
+
+def test_the_mxfp4_reference_computes_the_decoded_model(quantized_models, engine,
+                                                        tmp_path):
+    """MXFP4 against the same weights decoded to bf16 (E2M1 times a power of two is
+    exact in bf16) and run by vLLM's own bf16 CPU kernel: a wrong nibble order,
+    scale, interleave or activation changes the first token already. This random
+    model's near-ties let bf16 and fp32 activations part later, so beyond the
+    first token only a third is asserted (`pytest -s` prints it)."""
+    model = quantized_models["gpt_oss", "mxfp4"]
+    mxfp4 = engine(with_kernel(plain_spec(model), "reference"))["token_ids"]
+    decoded = engine(plain_spec(str(decode_mxfp4(Path(model), tmp_path / "decoded"))))
+    same = agreement(mxfp4, decoded["token_ids"])
+    total = sum(len(t) for t in mxfp4)
+    print(f"mxfp4: {same} of {total} greedy tokens equal to its decoded bf16 model's")
+    assert [t[0] for t in mxfp4] == [t[0] for t in decoded["token_ids"]]
+    assert same > total // 3, (same, total)
+
+
+def decode_mxfp4(src: Path, out: Path) -> Path:
+    """A bf16 gpt-oss checkpoint holding the MXFP4 checkpoint's decoded experts."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    lut, tensors = torch.tensor(FP4_E2M1), {}
+    for f in src.glob("*.safetensors"):
+        shard = load_file(f)
+        for name, t in shard.items():
+            if name.endswith("_blocks"):  # [E, out, in / 32, 16] -> bf16 [E, in, out]
+                stem = name[:-len("_blocks")]
+                scale = torch.exp2(shard[stem + "_scales"].float() - 127)
+                codes = torch.stack([t & 15, t >> 4], dim=-1).flatten(-2).long()
+                values = (lut[codes] * scale[..., None]).flatten(-2)
+                tensors[stem] = values.transpose(1, 2).contiguous().bfloat16()
+            elif not name.endswith("_scales"):
+                tensors[name] = t
+        save_file(tensors, out / f.name, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out

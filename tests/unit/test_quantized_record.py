@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vllm_moe_offload.integration.vllm.quantized import (WHAT_WORKS, QuantizedExperts,
-                                                         checkpoint_keys)
+                                                         checkpoint_keys,
+                                                         gpt_oss_checkpoint_keys)
 
 H, I = 8, 4
 
@@ -117,6 +118,25 @@ def test_a_twin_made_later_has_the_dtypes_made_while_loading():
     assert twin.w2_weight_shape.loader_attribute == "kept"
 
 
+def test_each_twin_is_processed_by_the_method_that_created_its_weights():
+    class Counting(Method):  # gpt-oss MXFP4 keeps the expert count it was created for
+        def create_weights(self, layer, num_experts, **kw):
+            self.num_experts = num_experts
+            super().create_weights(layer, num_experts, **kw)
+
+        def process_weights_after_loading(self, layer):
+            assert layer.w13_qweight.shape[0] == self.num_experts, "a stale count"
+            super().process_weights_after_loading(layer)
+
+    layer, quant = layer_with(Counting())
+    for seed in range(2):  # the second twin's copy is taken after the first's create
+        quant.pack(loaded_twin(layer, quant, seed))
+    assert layer.quant_method.num_experts == 0  # the layer's own: it holds none
+    slots = [torch.zeros((5, *t.shape[1:]), dtype=t.dtype) for t in
+             (getattr(quant.twin(layer), n) for n in quant.record)]
+    quant.bind(layer, slots, lambda buf: torch.nn.Parameter(buf, requires_grad=False))
+
+
 def test_bind_points_parameters_aliases_and_the_kernels_scales_at_the_slots():
     layer, quant = layer_with(Method())
     quant.pack(loaded_twin(layer, quant, 0))
@@ -157,6 +177,24 @@ def test_tensors_that_cannot_be_stored_per_expert_are_refused(after, what):
     assert message.startswith(f"expert offload: Method {what}") and message.endswith(WHAT_WORKS)
 
 
+def test_state_the_method_keeps_beside_its_quant_config_is_refused():
+    """gpt-oss MXFP4 on Triton moves its scales, swizzled, into precision configs on
+    the method: the kernel would read the zeroed twin's, not the slots'."""
+    class Swizzling(Method):
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            self.w13_precision_config = SimpleNamespace(scale=layer.w13_scale * 2)
+            self.num_experts = layer.w13_qweight.shape[0]  # plain numbers are fine
+
+    layer, quant = layer_with(Swizzling())
+    quant.pack(loaded_twin(layer, quant, 0))
+    slots = [torch.zeros((5, *t.shape[1:]), dtype=t.dtype) for t in
+             (getattr(quant.twin(layer), n) for n in quant.record)]
+    with pytest.raises(NotImplementedError, match=r"Swizzling keeps \['w13_precision_config'"
+                                                  r"\] beside its kernel and quant config"):
+        quant.bind(layer, slots, lambda buf: torch.nn.Parameter(buf, requires_grad=False))
+
+
 def test_per_layer_parameters_and_online_quantization_are_refused():
     class PerLayer(Method):
         def create_weights(self, layer, num_experts, **kw):
@@ -190,3 +228,19 @@ def test_checkpoint_names_map_to_vllms_loader_calls():
         ("gate_up_proj.weight", 1, f"{p}.w13_weight", "w13_weight", "w3")]
     with pytest.raises(NotImplementedError, match=r"experts.\*.router.weight is not a gate"):
         checkpoint_keys(p, ["router.weight"])
+
+
+def test_gpt_oss_fused_names_map_to_its_streamed_loader_calls():
+    p = "model.layers.1.mlp.experts"
+    assert gpt_oss_checkpoint_keys(p, ["down_proj_bias", "down_proj_blocks",
+                                       "down_proj_scales", "gate_up_proj_bias",
+                                       "gate_up_proj_blocks", "gate_up_proj_scales"]) == [
+        ("down_proj_bias", None, f"{p}.w2_bias", "w2_bias", "gpt_oss_w2"),
+        ("down_proj_blocks", None, f"{p}.w2_weight", "w2_weight", "gpt_oss_w2"),
+        ("down_proj_scales", None, f"{p}.w2_weight_scale", "w2_weight_scale", "gpt_oss_w2"),
+        ("gate_up_proj_bias", None, f"{p}.w13_bias", "w13_bias", "gpt_oss_w13"),
+        ("gate_up_proj_blocks", None, f"{p}.w13_weight", "w13_weight", "gpt_oss_w13"),
+        ("gate_up_proj_scales", None, f"{p}.w13_weight_scale", "w13_weight_scale",
+         "gpt_oss_w13")]
+    with pytest.raises(NotImplementedError, match=r"experts.router_logits is not an expert"):
+        gpt_oss_checkpoint_keys(p, ["router_logits"])

@@ -268,7 +268,7 @@ def _expert_proj() -> str:
     return r".*\.experts\.\d+\.(" + "|".join(n for names in PROJECTIONS for n in names) + ")"
 
 
-SCHEMES = ("w8a8", "w4a16", "gptq", "awq", "fp8", "w8a8_fp8")
+SCHEMES = ("w8a8", "w4a16", "gptq", "awq", "fp8", "w8a8_fp8", "mxfp4")
 
 
 def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8a8",
@@ -293,7 +293,12 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
       group of `block` at run time; the layers left bf16 named in
       `modules_to_not_convert`;
     - "w8a8_fp8" (compressed-tensors, llm-compressor's FP8_BLOCK): as "fp8", the
-      scale named `weight_scale` and held in bf16.
+      scale named `weight_scale` and held in bf16;
+    - "mxfp4" (gpt-oss's released format; gpt-oss checkpoints only): each layer's
+      experts fused, `gate_up_proj_blocks` uint8 [E, 2I, H / 32, 16] (two FP4 E2M1
+      codes per byte, the even element in the low nibble), `gate_up_proj_scales`
+      uint8 [E, 2I, H / 32] (E8M0: 2^(s - 127) per 32 inputs), likewise
+      `down_proj_blocks` [E, H, I / 32, 16] and `down_proj_scales`; biases kept.
     Attention, the router, shared experts and the head stay bf16. Returns `out_dir`."""
     import re
     import shutil
@@ -312,7 +317,13 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     for f in src.glob("*.safetensors"):
         tensors, quantized = {}, 0
         for name, t in load_file(f).items():
-            if not re.fullmatch(proj + r"\.weight", name):
+            if scheme == "mxfp4" and re.fullmatch(r".*\.experts\.(gate_up_proj|down_proj)",
+                                                  name):
+                quantized += 1  # [E, in, out], as gpt-oss stores them
+                tensors[name + "_blocks"], tensors[name + "_scales"] = _mxfp4(
+                    t.float().transpose(1, 2))
+                continue
+            if scheme == "mxfp4" or not re.fullmatch(proj + r"\.weight", name):
                 tensors[name] = t
                 if name.endswith(".weight") and t.dim() == 2:
                     kept_bf16.append(name[:-len(".weight")])
@@ -367,6 +378,13 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
                   "modules_to_not_convert": ["self_attn", "gate", "lm_head"]}
         cfg_path.write_text(json.dumps(cfg, indent=2))
         return out
+    if scheme == "mxfp4":
+        cfg["quantization_config"] = {
+            "quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router",
+                "model.embed_tokens", "lm_head"]}
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        return out
     if scheme == "fp8":
         cfg["quantization_config"] = {
             "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
@@ -410,6 +428,24 @@ def _fp8_blocks(w: torch.Tensor, block: int, scale_dtype: torch.dtype):
     scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp(min=1e-12).bfloat16().to(scale_dtype)
     q = blocks / scale.float()[:, None, :, None]
     return q.clamp(-448, 448).view(rows, cols).to(torch.float8_e4m3fn), scale
+
+
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # code -> value
+
+
+def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [..., K] -> MXFP4: codes uint8 [..., K / 32, 16] and E8M0 scales uint8
+    [..., K / 32]; a power-of-two scale per 32 values that brings their largest to
+    at most 6, each value then rounded to the nearest E2M1 code."""
+    groups = w.unflatten(-1, (-1, 32))
+    amax = groups.abs().amax(dim=-1)
+    exp = torch.ceil(torch.log2(amax.clamp(min=2.0 ** -126) / 6)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exp)[..., None]
+    codes = (scaled[..., None] - torch.tensor(FP4_E2M1)).abs().argmin(dim=-1)
+    codes = codes.to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
 
 
 def _awq_pack(values: torch.Tensor) -> torch.Tensor:

@@ -100,16 +100,29 @@ class CheckpointExperts:
         head = f"{prefix}.{expert}."
         return sorted(k[len(head):] for k in self._index() if k.startswith(head))
 
+    def fused_tensor_names(self, prefix: str) -> list[str]:
+        """The checkpoint's tensors that hold all experts of the layer, `[E, ...]`,
+        relative to `{prefix}.` (gpt-oss MXFP4: `gate_up_proj_blocks`, ...)."""
+        head = f"{prefix}."
+        return sorted(k[len(head):] for k in self._index()
+                      if k.startswith(head) and "." not in k[len(head):])
+
     def read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's tensors stored apart, by their names relative to
-        `{prefix}.{expert}.` (store repair of a quantized checkpoint's experts)."""
+        """One expert's tensors by their names relative to `{prefix}.{expert}.`, or
+        where the checkpoint fuses the layer's experts, row `expert` of each fused
+        tensor by its name relative to `{prefix}.` (store repair of a quantized
+        checkpoint's experts)."""
         return self._again_if_moved(self._read_named, prefix, expert)
 
     def _read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
         index = self._index()
         names = self.expert_tensor_names(prefix, expert)
-        if not names:
-            raise KeyError(f"no tensors {prefix}.{expert}.* in the checkpoint at "
-                           f"{self.model_dir}")
-        return {n: self._tensor(index[f"{prefix}.{expert}.{n}"], f"{prefix}.{expert}.{n}")
-                for n in names}
+        if names:
+            return {n: self._tensor(index[f"{prefix}.{expert}.{n}"],
+                                    f"{prefix}.{expert}.{n}") for n in names}
+        fused = self.fused_tensor_names(prefix)
+        if not fused:
+            raise KeyError(f"no tensors {prefix}.{expert}.* nor {prefix}.* in the "
+                           f"checkpoint at {self.model_dir}")
+        return {n: self._tensor(index[f"{prefix}.{n}"], f"{prefix}.{n}", expert)
+                for n in fused}

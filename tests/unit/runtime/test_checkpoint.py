@@ -85,3 +85,19 @@ def test_names_and_reads_one_quantized_expert_tensor_by_tensor(tmp_path):
     assert ckpt.expert_tensor_names(PREFIX, 11) == []
     with pytest.raises(KeyError, match=rf"no tensors {PREFIX}.11.\*"):
         ckpt.read_named(PREFIX, 11)
+
+
+def test_reads_one_expert_row_of_tensors_that_fuse_the_layers_experts(tmp_path):
+    """gpt-oss MXFP4: `{prefix}.gate_up_proj_blocks` [E, ...] and the like."""
+    tensors = {f"{PREFIX}.{n}": torch.arange(4 * 6, dtype=torch.uint8).view(4, 6) + e
+               for e, n in enumerate(("gate_up_proj_blocks", "gate_up_proj_scales",
+                                      "down_proj_bias"))}
+    tensors[f"{PREFIX}.gate_up_proj_blocks.extra"] = torch.zeros(1)  # not one of them
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = CheckpointExperts(tmp_path)
+    assert ckpt.expert_tensor_names(PREFIX, 0) == []
+    assert ckpt.fused_tensor_names(PREFIX) == ["down_proj_bias", "gate_up_proj_blocks",
+                                               "gate_up_proj_scales"]
+    got = ckpt.read_named(PREFIX, 3)
+    assert sorted(got) == ckpt.fused_tensor_names(PREFIX)
+    assert all(torch.equal(t, tensors[f"{PREFIX}.{n}"][3]) for n, t in got.items())

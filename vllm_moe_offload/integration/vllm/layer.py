@@ -34,7 +34,8 @@ from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.integration.vllm import model_state
 from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
-from vllm_moe_offload.integration.vllm.quantized import QuantizedExperts, checkpoint_keys
+from vllm_moe_offload.integration.vllm.quantized import (QuantizedExperts, checkpoint_keys,
+                                                         gpt_oss_checkpoint_keys)
 from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 
 logger = init_logger("vllm.moe_offload")
@@ -186,25 +187,36 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def _expected_calls(self) -> int:
         """How many loader calls make one expert: one per checkpoint tensor of its
-        expert 0, two for a fused gate and up tensor."""
+        expert 0, two for a fused gate and up tensor (gpt-oss: one per tensor that
+        holds the layer's experts)."""
         n = getattr(self, "_calls_per_expert", None)
         if n is None:
-            names = self._model.checkpoint_tensor_names(self._layer, 0)
-            if not names:
-                raise self._quant.unsupported(
-                    f"reads experts that the checkpoint holds fused per layer (no tensors "
-                    f"{self.layer_name}.0.*); a quantized checkpoint's experts must be "
-                    "stored one by one")
-            n = self._calls_per_expert = len(checkpoint_keys(self.layer_name, names))
+            n = self._calls_per_expert = len(self._checkpoint_keys(self._layer))
         return n
+
+    def _checkpoint_keys(self, layer: int) -> list[tuple]:
+        """The loader calls that make one expert of `layer` from its checkpoint
+        tensors (quantized.py `checkpoint_keys`)."""
+        prefix = self._model.layer_names[layer]
+        names = self._model.checkpoint_tensor_names(layer, 0)
+        if names:
+            return checkpoint_keys(prefix, names)
+        from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+
+        fused = self._model.checkpoint_fused_names(layer)
+        if fused and isinstance(self, GptOssRoutedExperts):
+            # vLLM's gpt-oss loader streams each row (layer.py `_per_expert_weights`)
+            return gpt_oss_checkpoint_keys(prefix, fused)
+        raise self._quant.unsupported(
+            f"reads experts that the checkpoint holds fused per layer (no tensors "
+            f"{prefix}.0.*), which only gpt-oss's loader streams one expert at a time")
 
     def _rederive_quantized(self, layer: int, expert: int) -> list[torch.Tensor]:
         """A damaged store record of a quantized checkpoint, again from the
         checkpoint, through a twin of this module (any layer: they are alike)."""
-        prefix = self._model.layer_names[layer]
         named = self._model.checkpoint_named(layer, expert)
         twin = self._quant.twin(self)
-        for name, half, weight_name, param, shard in checkpoint_keys(prefix, sorted(named)):
+        for name, half, weight_name, param, shard in self._checkpoint_keys(layer):
             tensor = named[name] if half is None else named[name].chunk(2, dim=0)[half]
             super(OffloadedRoutedExperts, twin).weight_loader(
                 getattr(twin, param), tensor, weight_name, shard, 0)
@@ -513,7 +525,8 @@ def _gpt_oss_twin(gpt_oss):
 
 
 _FUSED_EXPERT_TENSOR = re.compile(
-    r"^(.*\.mlp\.experts)\.(w13_weight|w2_weight|w13_bias|w2_bias)$")
+    r"^(.*\.mlp\.experts)\.(w13_weight|w2_weight|w13_bias|w2_bias|w13_weight_scale|"
+    r"w2_weight_scale)$")
 
 
 def _per_expert_weights(load_weights):

@@ -87,9 +87,15 @@ class ModelOffload:
         `{layer path}.{expert}.`; empty where its experts are fused per layer."""
         return self.checkpoint.expert_tensor_names(self.layer_names[layer], expert)
 
+    def checkpoint_fused_names(self, layer: int) -> list[str]:
+        """The checkpoint's tensors that hold all of the layer's experts, relative to
+        `{layer path}.`; empty where its experts are stored apart."""
+        return self.checkpoint.fused_tensor_names(self.layer_names[layer])
+
     def checkpoint_named(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's tensors as the checkpoint holds them (store repair of a
-        quantized checkpoint), by the names of `checkpoint_tensor_names`."""
+        quantized checkpoint), by the names of `checkpoint_tensor_names`, or where
+        the experts are fused, its rows by the names of `checkpoint_fused_names`."""
         return self.checkpoint.read_named(self.layer_names[layer], expert)
 
     # ---- loading ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 
 import torch
 
@@ -42,7 +43,9 @@ class QuantizedExperts:
                 "combined with expert offload. Drop --quantization and add "
                 "--expert-store-bits 8 (or 4) to keep the offloaded experts quantized "
                 "in the store.")
-        self.create = quant_method.create_weights
+        # on the method a twin processes with: some keep state (gpt-oss MXFP4's
+        # expert count, which its processing checks)
+        self.create = type(quant_method).create_weights
         self.process = type(quant_method).process_weights_after_loading
         self.create_kw: dict | None = None
         self.layer_attrs: dict = {}
@@ -56,7 +59,7 @@ class QuantizedExperts:
         self.create_kw = kw
         self.layer_attrs = vars(layer)  # a twin shares these until processing sets its own
         before = set(layer._parameters)
-        self.create(layer=layer, num_experts=0, **kw)
+        self.create(self.qm, layer=layer, num_experts=0, **kw)
         self.names = [n for n, p in layer._parameters.items()
                       if n not in before and p is not None]
         # Some are made in the default dtype, the model's while vLLM loads; a twin made
@@ -68,14 +71,15 @@ class QuantizedExperts:
             raise self.unsupported(f"has per-layer parameters {per_layer}, not one per "
                                    "expert")
 
-    def twin(self, layer) -> torch.nn.Module:
-        """A one-expert copy of `layer` with its own parameters and its own copy of
-        the method (processing builds a kernel, which must not replace the layer's)."""
+    def twin(self, layer, method=None) -> torch.nn.Module:
+        """A one-expert copy of `layer` with its own parameters and `method`, by
+        default its own copy of the layer's (processing builds a kernel, which must
+        not replace the layer's)."""
         twin = copy.copy(layer)
         twin._parameters = {}
-        twin.quant_method = copy.copy(self.qm)
+        twin.quant_method = copy.copy(self.qm) if method is None else method
         with torch.device(layer.moe_config.device):
-            self.create(layer=twin, num_experts=1, **self.create_kw)
+            self.create(twin.quant_method, layer=twin, num_experts=1, **self.create_kw)
         for name, dtype in self.dtypes.items():
             p = twin._parameters[name]
             if p.dtype != dtype:
@@ -126,11 +130,19 @@ class QuantizedExperts:
     def bind(self, layer, buffers: list[torch.Tensor], make_param) -> None:
         """Point `layer` at the pool's slot buffers and rebuild the method's kernel
         over them."""
-        twin = self.twin(layer)
+        twin = self.twin(layer, self.qm)  # the layer's method: its kernel and config
         for p in twin._parameters.values():
             if p is not None:
                 p.data.zero_()
-        self.process(self.qm, twin)  # the layer's method: its kernel and quant config
+        before = dict(vars(self.qm))
+        self.process(self.qm, twin)
+        kept = sorted(k for k, v in vars(self.qm).items() if v is not before.get(k)
+                      and k not in ("moe_kernel", "moe_quant_config")
+                      and not isinstance(v, (type(None), bool, int, float, str, enum.Enum)))
+        if kept:  # e.g. swizzled scales in precision configs (gpt-oss MXFP4 on Triton)
+            raise self.unsupported(f"keeps {kept} beside its kernel and quant config "
+                                   "after processing, which offload cannot point at the "
+                                   "slots")
         self._check_record(twin)  # (a reused disk store: this layer packed no expert)
         got = [(tuple(b.shape[1:]), b.dtype) for b in buffers]
         want = [(tuple(getattr(twin, n).shape[1:]), getattr(twin, n).dtype)
@@ -170,12 +182,34 @@ class QuantizedExperts:
 WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
               "its store with --expert-store-bits), and quantized checkpoints whose method "
               "keeps each expert's tensors apart (tested through vLLM: compressed-tensors "
-              "W8A8 INT8 and W4A16, GPTQ, AWQ, block FP8). Turn expert offload off to "
-              "serve this checkpoint.")
+              "W8A8 INT8 and W4A16, GPTQ, AWQ, block FP8, gpt-oss MXFP4). Turn expert "
+              "offload off to serve this checkpoint.")
 
 
 def _key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), tuple(t.shape), t.dtype
+
+
+def gpt_oss_checkpoint_keys(prefix: str, names: list[str]) -> list[tuple[str, None, str,
+                                                                          str, str]]:
+    """gpt-oss's tensors that hold all of a layer's experts (`names`, relative to
+    `prefix.`: `gate_up_proj_blocks`, ...) -> the loader calls vLLM's gpt-oss loader
+    makes of one expert's row, as `checkpoint_keys` gives them: vLLM's own name
+    mapping (`gate_up_proj_blocks` -> `w13_weight`) and its streamed expert shards
+    (`gpt_oss_w13`, `gpt_oss_w2`)."""
+    from vllm.model_executor.models import gpt_oss
+
+    out = []
+    for name in names:
+        param = gpt_oss.GptOssForCausalLM.hf_to_vllm_mapper.map_name(
+            f"{prefix}.{name}").rsplit(".", 1)[-1]
+        shard = gpt_oss._GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD.get(param)
+        if shard is None:
+            raise NotImplementedError(f"expert offload: checkpoint tensor {prefix}.{name} "
+                                      "is not an expert tensor vLLM's gpt-oss loader "
+                                      "streams one expert at a time")
+        out.append((name, None, f"{prefix}.{param}", param, shard))
+    return out
 
 
 def checkpoint_keys(prefix: str, names: list[str]) -> list[tuple[str, int | None, str, str,
