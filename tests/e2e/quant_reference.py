@@ -21,7 +21,7 @@ match token for token.
 
 import torch
 
-from vllm_moe_offload.hf.tiny_moe import FP4_E2M1
+from vllm_moe_offload.hf.quantize import FP4_E2M1
 
 
 def _int8(w, scale, e):

@@ -13,9 +13,9 @@ match plain vLLM on the same checkpoint token for token.
 
 vLLM's CPU build runs INT8, INT4, block-FP8 and MXFP4 MoE only on x86 CPUs with AMX
 (`CPUExpertsInt8`, `CPUExpertsInt4`, `CPUExpertsFp8`, `CPUExpertsMxfp4`); elsewhere
-plain vLLM itself refuses these checkpoints. So each test runs twice: with vLLM's kernels (needs AMX) and with
-quant_reference.py's fp32 torch kernels in their place, which run anywhere. In
-both, plain vLLM and offload run the same kernel.
+plain vLLM itself refuses these checkpoints. So each test runs twice: with vLLM's
+kernels (needs AMX) and with quant_reference.py's fp32 torch kernels in their place,
+which run anywhere. In both, plain vLLM and offload run the same kernel.
 """
 
 import json
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spec
-from vllm_moe_offload.hf.tiny_moe import FP4_E2M1, quantize_experts
+from vllm_moe_offload.hf.quantize import FP4_E2M1, quantize_experts
 
 METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
           "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod",

@@ -66,7 +66,7 @@ def test_multi_api_server_mode_reads_the_workers_metric_files(tmp_path):
     import subprocess
     import sys
 
-    code = f"""
+    code = """
 import json
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from tests.unit.test_metrics import snapshot

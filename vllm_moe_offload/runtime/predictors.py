@@ -36,7 +36,8 @@ def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
 
     gates: dict[int, torch.Tensor] = {}
     config = Path(model_dir) / "config.json"
-    num_layers = json.loads(config.read_text()).get("num_hidden_layers") if config.exists() else None
+    num_layers = (json.loads(config.read_text()).get("num_hidden_layers")
+                  if config.exists() else None)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as st:

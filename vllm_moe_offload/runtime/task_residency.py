@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from ..core.slo import LatencyModel
-from ..core.slot_pool import ExpertKey
 from ..core.tasks import ReplanClock, TaskProfiles, plan_residency
 from .expert_cache import ExpertCache
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from tests.unit.runtime.test_expert_cache import E, H, L, make_cache, moe, weights
+from tests.unit.runtime.test_expert_cache import E, H, make_cache, moe, weights
 from tests.unit.runtime.test_prefetch import ScriptedPredictor
 from vllm_moe_offload.core.keys import ExpertKey
 from vllm_moe_offload.runtime.expert_cache import ExpertCache

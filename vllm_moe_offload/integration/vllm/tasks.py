@@ -86,8 +86,8 @@ class WorkerTasks:
         residency = model_state.current().tasks
         batch = runner.input_batch
         req_ids = batch.req_ids[: batch.num_reqs]
-        layout = [(self.task(r, runner.requests[r]), scheduler_output.num_scheduled_tokens.get(r, 0))
-                  for r in req_ids]
+        scheduled = scheduler_output.num_scheduled_tokens
+        layout = [(self.task(r, runner.requests[r]), scheduled.get(r, 0)) for r in req_ids]
         demand = (getattr(scheduler_output, REPORT_ATTR, None) or {}).get("demand")
         if demand is None:  # vLLM's own scheduler: only the runner's requests are known
             demand = {}
