@@ -136,6 +136,8 @@ def install() -> None:
     for cls in (CPUExpertsInt8, CPUExpertsInt4, CPUExpertsFp8, CPUExpertsMxfp4):
         cls._supports_current_device = staticmethod(lambda: True)
         cls.process_weights_after_loading = lambda self, layer: None
+    # vLLM tries its W8A8 FP8 kernel first, on CPUs with AMX-FP8: not this reference
+    cpu_moe.CPUExpertsFp8W8A8._supports_current_device = staticmethod(lambda: False)
     # no VNNI prepack
     cpu_moe.prepare_fp8_moe_layer_for_cpu = lambda w13, w2: (w13, w2)
     cpu_moe.prepare_mxfp4_moe_layer_for_cpu = lambda *tensors: tensors

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.e2e.conftest import EXPERTS, LAYERS, failure, offload_spec, plain_spec
-from vllm_moe_offload.hf.quantize import FP4_E2M1, quantize_experts
+from vllm_moe_offload.hf.quantize import quantize_experts
 
 METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
           "w4a16": "CompressedTensorsWNA16MoEMethod", "gptq": "AutoGPTQMoEMethod",
@@ -35,7 +35,7 @@ METHOD = {"w8a8": "CompressedTensorsW8A8Int8MoEMethod",
 # (scheme, architecture): MXFP4 is gpt-oss's own format
 CASES = [(scheme, arch) for scheme in sorted(METHOD) if scheme != "mxfp4"
          for arch in ("qwen3_moe", "mixtral")] + [("mxfp4", "gpt_oss")]
-REPAIR = {scheme: arch for scheme, arch in reversed(CASES)}  # one architecture each
+REPAIR = {scheme: "gpt_oss" if scheme == "mxfp4" else "qwen3_moe" for scheme in METHOD}
 KERNELS = [pytest.param("reference"),
            pytest.param("vllm", marks=pytest.mark.skipif(
                not torch.cpu._is_amx_tile_supported(),
@@ -162,11 +162,12 @@ def test_the_references_compute_the_quantized_model(quantized_models, models, en
 
 def test_the_mxfp4_reference_computes_the_decoded_model(quantized_models, engine,
                                                         tmp_path):
-    """MXFP4 against the same weights decoded to bf16 (E2M1 times a power of two is
-    exact in bf16) and run by vLLM's own bf16 CPU kernel: a wrong nibble order,
-    scale, interleave or activation changes the first token already. This random
-    model's near-ties let bf16 and fp32 activations part later, so beyond the
-    first token only a third is asserted (`pytest -s` prints it)."""
+    """MXFP4 against the same weights decoded to bf16 by transformers' own gpt-oss
+    decoder (E2M1 times a power of two is exact in bf16) and run by vLLM's own
+    bf16 CPU kernel: a wrong nibble order, scale, interleave or activation changes
+    the first token already. This random model's near-ties let bf16 and fp32
+    activations part later, so beyond the first token only a third is asserted
+    (`pytest -s` prints it)."""
     model = quantized_models["gpt_oss", "mxfp4"]
     mxfp4 = engine(with_kernel(plain_spec(model), "reference"))["token_ids"]
     decoded = engine(plain_spec(str(decode_mxfp4(Path(model), tmp_path / "decoded"))))
@@ -178,23 +179,22 @@ def test_the_mxfp4_reference_computes_the_decoded_model(quantized_models, engine
 
 
 def decode_mxfp4(src: Path, out: Path) -> Path:
-    """A bf16 gpt-oss checkpoint holding the MXFP4 checkpoint's decoded experts."""
+    """A bf16 gpt-oss checkpoint holding the MXFP4 checkpoint's experts, decoded by
+    transformers (`convert_moe_packed_tensors`, what it runs to load gpt-oss)."""
     from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     out.mkdir()
     for f in src.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, out / f.name)
-    lut, tensors = torch.tensor(FP4_E2M1), {}
+    tensors = {}
     for f in src.glob("*.safetensors"):
         shard = load_file(f)
         for name, t in shard.items():
             if name.endswith("_blocks"):  # [E, out, in / 32, 16] -> bf16 [E, in, out]
                 stem = name[:-len("_blocks")]
-                scale = torch.exp2(shard[stem + "_scales"].float() - 127)
-                codes = torch.stack([t & 15, t >> 4], dim=-1).flatten(-2).long()
-                values = (lut[codes] * scale[..., None]).flatten(-2)
-                tensors[stem] = values.transpose(1, 2).contiguous().bfloat16()
+                tensors[stem] = convert_moe_packed_tensors(t, shard[stem + "_scales"])
             elif not name.endswith("_scales"):
                 tensors[name] = t
         save_file(tensors, out / f.name, metadata={"format": "pt"})

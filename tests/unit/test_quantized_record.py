@@ -187,12 +187,9 @@ def test_state_the_method_keeps_beside_its_quant_config_is_refused():
             self.num_experts = layer.w13_qweight.shape[0]  # plain numbers are fine
 
     layer, quant = layer_with(Swizzling())
-    quant.pack(loaded_twin(layer, quant, 0))
-    slots = [torch.zeros((5, *t.shape[1:]), dtype=t.dtype) for t in
-             (getattr(quant.twin(layer), n) for n in quant.record)]
     with pytest.raises(NotImplementedError, match=r"Swizzling keeps \['w13_precision_config'"
                                                   r"\] beside its kernel and quant config"):
-        quant.bind(layer, slots, lambda buf: torch.nn.Parameter(buf, requires_grad=False))
+        quant.pack(loaded_twin(layer, quant, 0))  # at the first expert loaded
 
 
 def test_per_layer_parameters_and_online_quantization_are_refused():

@@ -32,6 +32,7 @@ Schemes (symmetric unless said otherwise):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -80,6 +81,7 @@ def quantize_experts(src_dir: str | Path, out_dir: str | Path, scheme: str = "w8
     return out
 
 
+@functools.cache
 def _expert_proj() -> str:
     """A regex of a routed expert's projection module, as checkpoints name it."""
     from vllm_moe_offload.runtime.checkpoint import PROJECTIONS
@@ -89,8 +91,6 @@ def _expert_proj() -> str:
 def _quantized(scheme: str, name: str, t: torch.Tensor, group_size: int,
                block: int) -> dict[str, torch.Tensor] | None:
     """One checkpoint tensor -> the tensors that replace it; None where it stays."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
     if scheme == "mxfp4":
         if not re.fullmatch(r".*\.experts\.(gate_up_proj|down_proj)", name):
             return None
@@ -116,6 +116,8 @@ def _quantized(scheme: str, name: str, t: torch.Tensor, group_size: int,
         return {stem + ".qweight": _awq_pack(q.view(w.shape).t()),
                 stem + ".qzeros": _awq_pack(zero.t()),
                 stem + ".scales": scale.t().contiguous().half()}
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
     scale = groups.abs().amax(dim=2).clamp(min=1e-8) / 7
     q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int8).view(w.shape)
     if scheme == "w4a16":

@@ -524,9 +524,6 @@ def _gpt_oss_twin(gpt_oss):
     return _GPT_OSS_TWIN
 
 
-_FUSED_EXPERT_TENSOR = re.compile(
-    r"^(.*\.mlp\.experts)\.(w13_weight|w2_weight|w13_bias|w2_bias|w13_weight_scale|"
-    r"w2_weight_scale)$")
 
 
 def _per_expert_weights(load_weights):
@@ -534,13 +531,20 @@ def _per_expert_weights(load_weights):
     vLLM copies whole into the layer; offloaded layers hold none. With offload on,
     each such tensor goes in as E per-expert tensors, which vLLM's gpt-oss loader
     already streams through the layer's weight_loader one expert at a time."""
+    from vllm.model_executor.models import gpt_oss
+
+    # what vLLM's gpt-oss loader streams one expert at a time (w13_weight, w13_bias,
+    # w13_weight_scale, ...: bf16 and MXFP4 checkpoints)
+    fused = re.compile(r"^(.*\.mlp\.experts)\.(" + "|".join(
+        gpt_oss._GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD) + ")$")
+
     def wrapper(self, weights):
         if not any(getattr(m, "_offload_cfg", None) for m in self.modules()):
             return load_weights(self, weights)
 
         def split():
             for name, tensor in weights:
-                m = _FUSED_EXPERT_TENSOR.match(name)
+                m = fused.match(name)
                 if m is None:
                     yield name, tensor
                     continue

@@ -90,9 +90,25 @@ class QuantizedExperts:
 
     def pack(self, twin) -> list[torch.Tensor]:
         """A loaded twin -> its slot record, by the method's own processing."""
-        self.process(twin.quant_method, twin)
+        self._process(twin.quant_method, twin)
         self._check_record(twin)
         return [getattr(twin, n).data[0].cpu() for n in self.record]
+
+    def _process(self, method, twin) -> None:
+        """The method's processing of `twin`. Besides its kernel and quant config
+        (rebound to the slots by `bind`), it may leave only plain numbers and flags
+        on the method: anything else (gpt-oss MXFP4 on Triton moves its scales,
+        swizzled, into precision configs) would keep the zeroed twin's tensors in
+        front of the kernel, so it is refused, at the first expert."""
+        before = dict(vars(method))
+        self.process(method, twin)
+        kept = sorted(k for k, v in vars(method).items() if v is not before.get(k)
+                      and k not in ("moe_kernel", "moe_quant_config")
+                      and not isinstance(v, (type(None), bool, int, float, str, enum.Enum)))
+        if kept:
+            raise self.unsupported(f"keeps {kept} beside its kernel and quant config "
+                                   "after processing, which offload cannot point at the "
+                                   "slots")
 
     def _check_record(self, twin) -> None:
         names = self._record_names(twin)
@@ -134,15 +150,7 @@ class QuantizedExperts:
         for p in twin._parameters.values():
             if p is not None:
                 p.data.zero_()
-        before = dict(vars(self.qm))
-        self.process(self.qm, twin)
-        kept = sorted(k for k, v in vars(self.qm).items() if v is not before.get(k)
-                      and k not in ("moe_kernel", "moe_quant_config")
-                      and not isinstance(v, (type(None), bool, int, float, str, enum.Enum)))
-        if kept:  # e.g. swizzled scales in precision configs (gpt-oss MXFP4 on Triton)
-            raise self.unsupported(f"keeps {kept} beside its kernel and quant config "
-                                   "after processing, which offload cannot point at the "
-                                   "slots")
+        self._process(self.qm, twin)
         self._check_record(twin)  # (a reused disk store: this layer packed no expert)
         got = [(tuple(b.shape[1:]), b.dtype) for b in buffers]
         want = [(tuple(getattr(twin, n).shape[1:]), getattr(twin, n).dtype)
