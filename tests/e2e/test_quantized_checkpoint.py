@@ -188,9 +188,8 @@ def decode_mxfp4(src: Path, out: Path) -> Path:
     for f in src.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, out / f.name)
-    tensors = {}
     for f in src.glob("*.safetensors"):
-        shard = load_file(f)
+        shard, tensors = load_file(f), {}
         for name, t in shard.items():
             if name.endswith("_blocks"):  # [E, out, in / 32, 16] -> bf16 [E, in, out]
                 stem = name[:-len("_blocks")]
