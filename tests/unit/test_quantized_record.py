@@ -75,6 +75,12 @@ def loaded_twin(layer, quant, seed):
     return twin
 
 
+def empty_slots(layer, quant, num_slots=5):
+    """A pool's slot buffers for the record, as the store lays them out."""
+    return [torch.zeros((num_slots, *t.shape[1:]), dtype=t.dtype) for t in
+            (getattr(quant.twin(layer), n) for n in quant.record)]
+
+
 def test_record_is_the_processed_expert_widest_dtype_first_aliases_apart():
     layer, quant = layer_with(Method())
     assert quant.names == ["w13_qweight", "w2_qweight", "w13_scale", "w2_scale"]
@@ -132,16 +138,14 @@ def test_each_twin_is_processed_by_the_method_that_created_its_weights():
     for seed in range(2):  # the second twin's copy is taken after the first's create
         quant.pack(loaded_twin(layer, quant, seed))
     assert layer.quant_method.num_experts == 0  # the layer's own: it holds none
-    slots = [torch.zeros((5, *t.shape[1:]), dtype=t.dtype) for t in
-             (getattr(quant.twin(layer), n) for n in quant.record)]
+    slots = empty_slots(layer, quant)
     quant.bind(layer, slots, lambda buf: torch.nn.Parameter(buf, requires_grad=False))
 
 
 def test_bind_points_parameters_aliases_and_the_kernels_scales_at_the_slots():
     layer, quant = layer_with(Method())
     quant.pack(loaded_twin(layer, quant, 0))
-    slots = [torch.zeros((5, *t.shape[1:]), dtype=t.dtype) for t in
-             (getattr(quant.twin(layer), n) for n in quant.record)]
+    slots = empty_slots(layer, quant)
     quant.bind(layer, slots, lambda buf: torch.nn.Parameter(buf, requires_grad=False))
     for name, buf in zip(quant.record, slots):
         assert getattr(layer, name).data_ptr() == buf.data_ptr()

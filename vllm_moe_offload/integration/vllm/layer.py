@@ -524,8 +524,6 @@ def _gpt_oss_twin(gpt_oss):
     return _GPT_OSS_TWIN
 
 
-
-
 def _per_expert_weights(load_weights):
     """gpt-oss checkpoints hold each layer's experts as one tensor [E, ...], which
     vLLM copies whole into the layer; offloaded layers hold none. With offload on,
