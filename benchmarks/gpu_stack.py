@@ -14,9 +14,11 @@ slot buffers, so a ratio measures offload and nothing else. Rows:
 - stream: vLLM `--cpu-offload-gb` style, every offloaded expert copied each step;
 - disk: host mode from the disk store (batch 1), against the disk's own O_DIRECT
   sequential read in the same run;
-- S50 b-bit store (host mode, `--store-bits`, batch 1): the store keeps experts
+- S50 b-bit store (`--store-bits`, batch 1): the store keeps experts
   group-quantized (round to nearest, groups of 64: HQQ's solver would take minutes
-  per Mixtral expert here) and each miss is decoded into its slot (Triton on CUDA).
+  per Mixtral expert here) and each miss is decoded into its slot: on CUDA in
+  device mode (the fill kernel decodes, graphed) and in host mode (Triton decode on
+  the copy stream, eager); on the CPU in host mode (torch).
   Its outputs are compared with plain's over the decoded weights.
 Achieved link GB/s = bytes moved / (row time - plain graph time); the bound is
 bytes / raw pinned copy rate (same run) + plain graph time. Outputs of every row
@@ -355,11 +357,15 @@ def run_shape(name, shape, T, args, device, disk_dir):
         qstore, decoded = quantized_store(stack, bits)
         ref[f"uniform, decoded {bits}-bit"] = output_of(
             stack, uniform, lambda: stack.plain_step(decoded))
-        cache = ExpertCache(qstore, half, device)
-        row(f"S50 {bits}-bit store (host mode)", f"uniform, decoded {bits}-bit", uniform,
-            lambda: stack.offload_step(cache), False, cache)
-        rows[-1]["routing"] = "uniform"  # its baseline: plain's time on the same routing
-        del cache, qstore, decoded
+        caches = [ExpertCache(qstore, half, device)]
+        if cuda:  # device mode: the fill decodes each miss, graphed
+            caches.insert(0, make_expert_cache(qstore, half, device)[0])
+        for cache in caches:
+            row(f"S50 {bits}-bit store ({cache.mode} mode)", f"uniform, decoded {bits}-bit",
+                uniform, lambda c=cache: stack.offload_step(c), cache.mode == "device",
+                cache)
+            rows[-1]["routing"] = "uniform"  # its baseline: plain's time on the same routing
+        del cache, caches, qstore, decoded
         _free(device)
     _free(device)
     return rows

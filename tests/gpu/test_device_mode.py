@@ -76,8 +76,20 @@ def test_graphed_steps_match_all_resident(num_slots, predict):
     one layer (S = E) every call evicts; with a predictor, prefetch fills run on the
     copy stream beside the compute stream. A slot overwritten while a queued kernel
     still read it would show up as a wrong output here."""
-    L, E, T, K = 8, 8, 4, 2
-    store, full = device_cases.make_store(L, E, LAYOUT, pinned=True)
+    store, full = device_cases.make_store(8, 8, LAYOUT, pinned=True)
+    graphed_steps_match(store, full, num_slots, predict)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_graphed_steps_decode_a_quantized_store(bits):
+    """The same with a quantized store: the fill decodes each miss (prefetched ones
+    on the copy stream) and every replay equals plain over the decoded experts."""
+    store, full = device_cases.make_quantized_store(8, 8, LAYOUT, bits, pinned=True)
+    graphed_steps_match(store, full, 12, True)
+
+
+def graphed_steps_match(store, full, num_slots, predict):
+    L, E, T, K = store.num_layers, store.experts_per_layer, 4, 2
     full13, full2 = stacked(full, L, E)
     script = Script(L, E, T, K, seed=num_slots)
     predictor = TruePredictor(script, depth=2) if predict else None
@@ -114,11 +126,15 @@ def test_graphed_steps_match_all_resident(num_slots, predict):
 
 def test_no_host_sync_in_a_layer_call():
     """With every expert resident, and with misses and prefetch, a layer call never
-    synchronizes with the host (torch raises on any sync in this mode)."""
+    synchronizes with the host (torch raises on any sync in this mode); a quantized
+    store's decoding fill neither."""
     L, E = 4, 8
-    store, full = device_cases.make_store(L, E, LAYOUT, pinned=True)
+    store, _ = device_cases.make_store(L, E, LAYOUT, pinned=True)
+    quantized, _ = device_cases.make_quantized_store(L, E, LAYOUT, 4, pinned=True)
     script = Script(L, E, 2, 2)
-    for num_slots, predictor in ((L * E, None), (E + 2, TruePredictor(script, 2))):
+    for store, num_slots, predictor in ((store, L * E, None),
+                                        (store, E + 2, TruePredictor(script, 2)),
+                                        (quantized, E + 2, TruePredictor(script, 2))):
         cache, _ = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
         script.next()
         for l in range(L):  # compile the kernels first (compiling may sync)

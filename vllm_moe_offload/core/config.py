@@ -284,9 +284,9 @@ class OffloadConfig:
             return "the disk store is read by the host at every miss"
         if self.trace_path:
             return "the routing trace copies every layer call's ids to the host"
-        if self.store_bits < 16:
-            return (f"the quantized store (store_bits={self.store_bits}) is decoded by "
-                    "host mode's loader at each miss")
+        if self.store_bits < 16 and self.store_hot_bits is not None:
+            return (f"the mixed-precision store (store_hot_bits={self.store_hot_bits}) "
+                    "is decoded by host mode's loader at each miss")
         if self.task_aware:
             return "task-aware residency counts every layer call's routing on the host"
         if self.predictor == "oracle":

@@ -1,8 +1,10 @@
 """The quantized store's decode on the GPU: one Triton kernel per expert tensor.
 
 Same arithmetic as `quant.GroupQuant.decode` (the torch reference), value for value:
-unpack the code, `(q - zero) * scale` in fp32, round to the slot dtype. It runs on
-the stream of the load (the copy stream), after the record's bytes have arrived.
+unpack the code, `(q - zero) * scale` in fp32, round to the slot dtype. In host mode
+it runs on the stream of the load (the copy stream), after the record's bytes have
+arrived; device mode's `decode_fill_kernel` (residency_kernels.py) calls
+`decode_values` on the record in pinned host memory, read in place.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _dequant(codes, scale, zero, out, n, BITS: tl.constexpr, GROUP: tl.constexpr,
-             BF16: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
+def decode_values(codes, scale, zero, out, i, m, n, BITS: tl.constexpr,
+                  GROUP: tl.constexpr, BF16: tl.constexpr):
+    """Values i (where m) of a tensor of n values: codes, scale and zero -> out."""
     if BITS == 3:  # a 2-bit plane (low bits), then a 1-bit plane (the high bit)
         low = tl.load(codes + i // 4, mask=m, other=0).to(tl.int32)
         high = tl.load(codes + n // 4 + i // 8, mask=m, other=0).to(tl.int32)
@@ -39,6 +40,13 @@ def _dequant(codes, scale, zero, out, n, BITS: tl.constexpr, GROUP: tl.constexpr
         tl.store(out + i, b.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=m)
     else:
         tl.store(out + i, w.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dequant(codes, scale, zero, out, n, BITS: tl.constexpr, GROUP: tl.constexpr,
+             BF16: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    decode_values(codes, scale, zero, out, i, i < n, n, BITS, GROUP, BF16)
 
 
 def decode_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -53,7 +53,7 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cuda" or not torch.cuda.is_available():
         return t
     typestr = {torch.int64: "<i8", torch.int32: "<i4", torch.int16: "<i2",
-               torch.uint8: "|u1"}[t.dtype]
+               torch.float16: "<f2", torch.uint8: "|u1"}[t.dtype]
 
     class _Interface:
         __cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": typestr,
@@ -119,25 +119,41 @@ class DeviceExpertCache(SlotBuffers):
         self._ready = [torch.cuda.Event() for _ in range(L)] if self._cuda else []
         self._pending: set[int] = set()  # targets whose prefetch fill this step issued
 
-    def _setup_fill(self, store: HostStore) -> None:
-        """Fill copies words: the widest integer that divides every size and offset."""
-        specs = store.layout.tensors
-        if len(specs) > 4:  # modes.device_mode_problem keeps such stores in host mode
-            raise NotImplementedError("device mode copies at most 4 tensors per expert")
-        sizes, offsets = [s.nbytes for s in specs], store._offsets
-        word = next(w for w in (8, 4, 2, 1) if all(
-            x % w == 0 for x in (*sizes, *offsets, store.layout.record_bytes)))
-        dtype = _WORDS[word]
-        if self.device.type == "cuda" and not store._data.is_pinned():
+    def _setup_fill(self, store) -> None:
+        """Fill copies words: the widest integer that divides every size and offset.
+        One launch copies up to 4 of an expert's tensors; a record of more (a
+        quantized checkpoint's: W4A16 has 8) takes one launch per 4. A quantized
+        store's matrices are decoded instead, one launch each (decode_fill_kernel);
+        its other tensors (biases) are copied."""
+        codec = getattr(store, "codec", None)
+        host = store.inner if codec is not None else store  # a QuantizedStore's records
+        if self.device.type == "cuda" and not host._data.is_pinned():
             raise ValueError("device mode needs the host store in pinned memory")
-        self._src = _device_alias(store._data.view(dtype))
-        self._record_words = store.layout.record_bytes // word
-        dst = [(b.view(-1).view(dtype), o // word, n // word)
-               for b, o, n in zip(self.buffers, offsets, sizes)]
-        dst += [dst[0]] * (4 - len(dst))
-        self._fill_args = [x for d in dst for x in d]
-        self._nt = len(specs)
+        record, offsets = host.layout.tensors, host._offsets
+        copies, self._decodes, at = [], [], 0  # (buffer, record offset, bytes) / ...
+        for buf, spec in zip(self.buffers, store.layout.tensors):
+            if codec is None or codec.bits == 16 or len(spec.shape) == 1:
+                copies.append((buf, offsets[at], record[at].nbytes))
+                at += 1
+            else:  # codes, scale, zero (quant.py); offsets in bytes
+                self._decodes.append((buf.view(-1), *offsets[at:at + 3], buf[0].numel()))
+                at += 3
+        word = next(w for w in (8, 4, 2, 1) if all(
+            x % w == 0 for c in copies for x in c[1:]) and host.layout.record_bytes % w == 0)
+        dtype = _WORDS[word]
+        self._src = _device_alias(host._data.view(dtype))
+        self._record_words = host.layout.record_bytes // word
+        dst = [(b.view(-1).view(dtype), o // word, n // word) for b, o, n in copies]
+        self._fill_groups = []  # (kernel arguments, tensors) of each launch
+        for at in range(0, len(dst), 4):
+            group = dst[at:at + 4]
+            padded = group + [group[0]] * (4 - len(group))
+            self._fill_groups.append(([x for d in padded for x in d], len(group)))
         self._word_block = max(256, 16384 // word)  # 2 x 16 KiB in flight per program
+        if self._decodes:
+            self._codec = codec
+            self._codes = _device_alias(host._data)
+            self._halves = _device_alias(host._data.view(torch.float16))
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -176,9 +192,16 @@ class DeviceExpertCache(SlotBuffers):
         return out.view(topk_ids.shape)
 
     def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int) -> None:
-        K.fill_kernel[(parts,)](
-            self._src, jobs[0], jobs[1], num_jobs, self._record_words, *self._fill_args,
-            NT=self._nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
+        for args, nt in self._fill_groups:
+            K.fill_kernel[(parts,)](
+                self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
+                NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
+        for dst, codes, scale, zero, n in self._decodes:
+            K.decode_fill_kernel[(parts,)](
+                self._codes, self._halves, jobs[0], jobs[1], num_jobs,
+                self._codes.shape[1], codes, scale, zero, dst, n, BITS=self._codec.bits,
+                GROUP=self._codec.group, BF16=dst.dtype == torch.bfloat16, PARTS=parts,
+                BLOCK=1024, E_PAD=self._e_pad)
 
     @staticmethod
     def _id_block(n: int) -> int:

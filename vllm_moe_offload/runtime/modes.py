@@ -8,6 +8,7 @@ import torch
 
 from ..core.eviction import DEFAULT_POLICY, host_only_reason
 from .expert_cache import ExpertCache
+from .quant import MixedStore, QuantizedStore
 from .store import ExpertStore, HostStore
 
 
@@ -16,16 +17,17 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
     if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
         return "the pool is not on a CUDA device"
-    codec = getattr(store, "codec", None)
-    if codec is not None:
-        return (f"the quantized store (store_bits={codec.bits}) is decoded as each "
-                "expert arrives; device mode's fill kernel copies records as they are")
+    if isinstance(store, MixedStore):
+        return ("a mixed-precision store decodes each expert at its own bit width; "
+                "device mode's fill decodes one (drop --expert-store-hot-bits)")
+    if isinstance(store, QuantizedStore):
+        if any(store.packers.values()):
+            return ("the decoded experts need vLLM's packing into the kernel's layout "
+                    "(a CPU kernel); device mode decodes into the slots as they are")
+        store = store.inner  # device mode decodes its records in place
     if not isinstance(store, HostStore):
         return (f"the {store.kind} store is read by the host (device mode reads the "
                 "pinned host store in place: --expert-store host)")
-    if len(store.layout.tensors) > 4:
-        return (f"an expert is {len(store.layout.tensors)} tensors (a quantized "
-                "checkpoint's record); device mode's fill kernel copies at most 4")
     if trace is not None:
         return "the routing trace copies every layer call's ids to the host"
     return host_only_reason(eviction)

@@ -22,12 +22,16 @@ memory (read in place over the link, UVA) into its slot; its grid is fixed, and 
 program whose job is empty returns at once, so an all-hit call costs two tiny
 launches. `prefetch` is `resolve` for a predicted later layer: its fill runs on the
 copy stream, and the target layer's call waits for it with an event.
+`decode_fill_kernel` is fill for a quantized store: it decodes each job's matrix
+from the record in host memory (read in place) into the slot.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .dequant_kernel import decode_values
 
 # Kernels may only read globals that are constexpr; host code reads `.value`.
 PROTECT, PINNED, AHEAD, REF, TAKEN = (tl.constexpr(1 << i) for i in range(5))
@@ -309,6 +313,35 @@ def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
     _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, tl.program_id(0), record_words,
                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
                NT, PARTS, BLOCK, E_PAD)
+
+
+@triton.jit
+def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
+                       codes_off, scale_off, zero_off, dst, n, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, BF16: tl.constexpr, PARTS: tl.constexpr,
+                       BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """Grid (PARTS,), a quantized store's fill: this program's part of one matrix of
+    every job, decoded from the record in host memory (codes_ptr: its bytes,
+    half_ptr: the same memory as fp16; offsets in bytes) into slot `slot` of dst."""
+    part = tl.program_id(0)
+    j = tl.arange(0, E_PAD)
+    keys = tl.load(job_key_ptr + j, mask=j < J, other=-1, cache_modifier=".cg")
+    if tl.max(keys, 0) >= 0:
+        per = tl.cdiv(tl.cdiv(n, PARTS), BLOCK) * BLOCK
+        lo = part * per
+        hi = tl.minimum(lo + per, n)
+        for k in range(0, J):
+            key = tl.load(job_key_ptr + k, cache_modifier=".cg")
+            if key >= 0:
+                slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
+                base = key.to(tl.int64) * record_bytes
+                codes = codes_ptr + base + codes_off
+                scale = half_ptr + (base + scale_off) // 2
+                zero = half_ptr + (base + zero_off) // 2
+                for start in range(lo, hi, BLOCK):
+                    i = start + tl.arange(0, BLOCK).to(tl.int64)
+                    decode_values(codes, scale, zero, dst + slot * n, i, i < hi, n, BITS,
+                                  GROUP, BF16)
 
 
 def next_pow2(n: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from vllm_moe_offload.core.slot_pool import ExpertKey
 from vllm_moe_offload.runtime import device_cache
 from vllm_moe_offload.runtime import residency_kernels as K
+from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
 SMALL = True  # decode-sized calls take the in-register path; both are run
@@ -37,7 +38,9 @@ def make_store(L, E, layout=LAYOUT, pinned=False):
     full = {}
     for layer in range(L):
         for e in range(E):
-            w = [torch.randn(s.shape, generator=g).to(s.dtype) for s in layout.tensors]
+            w = [torch.randn(s.shape, generator=g).to(s.dtype) if s.dtype.is_floating_point
+                 else torch.randint(0, 127, s.shape, generator=g).to(s.dtype)
+                 for s in layout.tensors]
             store.put(layer, e, w)
             full[(layer, e)] = w
     store.seal()
@@ -205,6 +208,80 @@ def case_plan_stays_resident(device):
     added, removed = cache.set_plan(plan[:1])
     assert added == [] and removed == plan[1:] and cache.prefetch_budget == 3
     assert cache.sync_stats().layer(0).planned_loads == 1
+
+
+# A quantized checkpoint's record: more tensors than one fill launch copies (4), of
+# odd sizes, so the fill copies single bytes; widest dtype first, as records are.
+MANY = ExpertLayout(tuple(TensorSpec(shape, dtype) for shape, dtype in (
+    ((4, 8), torch.int32), ((5,), torch.float32), ((1,), torch.int32),
+    ((8, 2), torch.bfloat16), ((2, 3), torch.int16), ((6, 2), torch.float16),
+    ((3,), torch.uint8), ((7,), torch.uint8), ((9,), torch.uint8))))
+
+
+def case_records_of_many_tensors_fill_every_tensor(device):
+    L, E = 3, 8
+    store, full = make_store(L, E, MANY, pinned=device == "cuda")
+    pred = FixedPredictor(depth=1, num_layers=L)
+    cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
+    assert len(cache._fill_groups) == 3
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.zeros(1, 4, device=device)
+    for step in range(3):
+        script = [routing(gen, 2, E, 2, device) for _ in range(L)]
+        pred.next = dict(enumerate(script))
+        for layer in range(L):
+            slots = cache.map_to_slots(layer, script[layer], hidden)
+            check_slots(cache, full, layer, script[layer], slots)
+        check_state(cache)
+    t = cache.sync_stats().totals()
+    assert t.misses > 0 and t.prefetched > 0 and t.evictions > 0
+    assert t.bytes_loaded == (t.misses + t.prefetched) * MANY.expert_bytes
+
+
+def make_quantized_store(L, E, layout, bits, pinned=False, seed=0):
+    """A quantized host store (group 32, round to nearest) and every expert as the
+    torch decode gives it back (what a slot must hold after a miss)."""
+    codec = GroupQuant(bits, 32, "rtn")
+    store = QuantizedStore(HostStore(codec.layout(layout), L, E, pin_memory=pinned), codec,
+                           layout)
+    g = torch.Generator().manual_seed(seed)
+    full = {}
+    for layer in range(L):
+        for e in range(E):
+            w = [(torch.randn(s.shape, generator=g) * 0.05).to(s.dtype) for s in layout.tensors]
+            store.put(layer, e, w)
+            full[(layer, e)] = [torch.empty_like(t) for t in w]
+            codec.decode(codec.encode(w), full[(layer, e)])  # torch, on the CPU
+    store.seal()
+    return store, full
+
+
+def case_quantized_store_is_decoded_into_slots(device):
+    """A quantized store's records are decoded by the fill, bit for bit as the torch
+    decode (quant.py), biases copied; demand and prefetch fills alike."""
+    L, E = 3, 8
+    for bits, dtype in ((8, torch.bfloat16), (4, torch.bfloat16), (3, torch.float16),
+                        (2, torch.bfloat16)):
+        slot = ExpertLayout((TensorSpec((16, 64), dtype), TensorSpec((64, 32), dtype),
+                             TensorSpec((16,), dtype)))
+        store, full = make_quantized_store(L, E, slot, bits, device == "cuda", seed=bits)
+        pred = FixedPredictor(depth=1, num_layers=L)
+        cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
+        assert len(cache._decodes) == 2 and len(cache._fill_groups) == 1
+        gen = torch.Generator().manual_seed(bits)
+        hidden = torch.zeros(1, 4, device=device)
+        for step in range(2):
+            script = [routing(gen, 2, E, 2, device) for _ in range(L)]
+            pred.next = dict(enumerate(script))
+            for layer in range(L):
+                slots = cache.map_to_slots(layer, script[layer], hidden)
+                check_slots(cache, full, layer, script[layer], slots)
+            check_state(cache)
+        t = cache.sync_stats().totals()
+        assert t.misses > 0 and t.prefetched > 0
+        assert t.bytes_loaded == (t.misses + t.prefetched) * store.read_bytes
+        n = 16 * 64 + 64 * 32  # a miss moves codes, fp16 scale and zero, the bias
+        assert store.read_bytes == n * bits // 8 + 2 * 2 * n // 32 + 16 * 2
 
 
 CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}

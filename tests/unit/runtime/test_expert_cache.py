@@ -114,20 +114,13 @@ def test_a_named_policy_runs_in_host_mode(tmp_path, monkeypatch):
     assert "eviction='layer' runs on the host" in why
 
 
-def test_records_of_more_than_four_tensors_run_in_host_mode(monkeypatch):
-    """A quantized checkpoint's record (W4A16: 8 tensors) is more than device mode's
-    fill kernel copies."""
-    from vllm_moe_offload.runtime.modes import device_mode_problem, make_expert_cache
+def test_records_of_more_than_four_tensors_can_run_in_device_mode(monkeypatch):
+    """A quantized checkpoint's record (W4A16: 8 tensors) takes more than one fill
+    launch; device mode still runs it (device_cases.py fills such records)."""
+    from vllm_moe_offload.runtime.modes import device_mode_problem
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # where device mode could run on CPU
     shapes = [((4, 8), torch.int32), ((8, 2), torch.bfloat16), ((2,), torch.bfloat16),
               ((1,), torch.int32)] * 2
     store = HostStore(ExpertLayout(tuple(TensorSpec(s, d) for s, d in shapes)), L, E)
-    for layer in range(L):
-        for e in range(E):
-            store.put(layer, e, [torch.zeros(s, dtype=d) for s, d in shapes])
-    store.seal()
-    cache, why = make_expert_cache(store, E, "cpu")
-    assert cache.mode == "host" and why == device_mode_problem("cpu", store, None)
-    assert why == ("an expert is 8 tensors (a quantized checkpoint's record); device "
-                   "mode's fill kernel copies at most 4")
+    assert device_mode_problem("cpu", store, None) is None

@@ -152,11 +152,14 @@ def test_damaged_quantized_record_is_re_derived_encoded_and_repaired(tmp_path):
         store.read_into(1, 2, empty())
 
 
-def test_cache_counts_the_quantized_bytes_and_stays_in_host_mode(tmp_path):
+def test_cache_counts_the_quantized_bytes(tmp_path):
+    """Host mode here; on a GPU the host store runs device mode, whose fill decodes
+    (device_cases.py), and the disk store host mode."""
     store = quant_store("host", tmp_path, 4)
     fill(store)
-    assert "quantized store (store_bits=4)" in device_mode_problem(torch.device("cuda"), store,
-                                                                  None)
+    assert device_mode_problem(torch.device("cuda"), store, None) is None
+    assert "disk store is read by the host" in device_mode_problem(
+        torch.device("cuda"), quant_store("disk", tmp_path, 4), None)
     cache = ExpertCache(store, num_slots=E, device="cpu")
     ids = torch.tensor([[0, 1], [2, 1]])
     slots = cache.map_to_slots(0, ids)
@@ -167,10 +170,12 @@ def test_cache_counts_the_quantized_bytes_and_stays_in_host_mode(tmp_path):
     assert store.read_bytes < cache.slot_bytes / 3
 
 
-def test_quantized_store_means_host_work_on_a_gpu():
-    cfg = OffloadConfig.from_dict({"store": "host", "store_bits": 4})
-    assert "store_bits=4" in cfg.host_work_reason(on_gpu=True)
-    assert OffloadConfig.from_dict({"store": "host"}).host_work_reason(on_gpu=True) is None
+def test_only_a_mixed_precision_store_means_host_work_on_a_gpu():
+    cfg = OffloadConfig.from_dict({"store": "host", "store_bits": 4, "store_hot_bits": 8,
+                                   "task_profiles_path": "profiles.json"})
+    assert "store_hot_bits=8" in cfg.host_work_reason(on_gpu=True)
+    for spec in ({"store": "host"}, {"store": "host", "store_bits": 4}):
+        assert OffloadConfig.from_dict(spec).host_work_reason(on_gpu=True) is None
 
 
 def test_triton_decode_kernel_is_bit_identical_to_torch_in_the_interpreter():
@@ -213,8 +218,7 @@ def test_mixed_store_keeps_hot_experts_at_more_bits(tmp_path, kind):
     hot = quant_store(kind, tmp_path, 16, keys=hot_keys)
     cold = quant_store(kind, tmp_path, 2, keys=cold_keys)
     store = MixedStore(hot, cold)
-    assert "quantized store (store_bits=2)" in device_mode_problem(torch.device("cuda"), store,
-                                                                  None)
+    assert "mixed-precision store" in device_mode_problem(torch.device("cuda"), store, None)
     fill(store)
     assert store.nbytes == 2 * hot.record_bytes + 6 * cold.record_bytes
     assert hot.read_bytes == SLOT.expert_bytes > 4 * cold.read_bytes

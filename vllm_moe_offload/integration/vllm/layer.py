@@ -401,6 +401,12 @@ class OffloadedRoutedExperts(RoutedExperts):
                             "as they are" if packer is None else "by a gather"
                             if isinstance(packer, _Gather) else "by vLLM's packing at each miss")
             if self._model.packers[kind] is not None:
+                if cache.mode == "device":  # its fill decodes into the slots as they are
+                    raise NotImplementedError(
+                        f"expert offload: {self.layer_name}: {kind[1]} needs the decoded "
+                        "experts packed into its own layout, which device mode's fill "
+                        "cannot do; drop --expert-store-bits, or pick another "
+                        "--moe-backend.")
                 self._model.store.packers[self._layer] = self._model.packers[kind]
         for name, buf in zip(self._names, cache.buffers):
             setattr(self, name, self._slot_param(buf))
