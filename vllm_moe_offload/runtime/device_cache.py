@@ -150,6 +150,8 @@ class DeviceExpertCache(SlotBuffers):
             padded = group + [group[0]] * (4 - len(group))
             self._fill_groups.append(([x for d in padded for x in d], len(group)))
         self._word_block = max(256, 16384 // word)  # 2 x 16 KiB in flight per program
+        if len({d[0].dtype for d in self._decodes}) > 1:
+            raise ValueError("device mode decodes matrices of one slot dtype")
         if self._decodes:
             self._codec = codec
             self._codes = _device_alias(host._data)
@@ -196,12 +198,14 @@ class DeviceExpertCache(SlotBuffers):
             K.fill_kernel[(parts,)](
                 self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
                 NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
-        for dst, codes, scale, zero, n in self._decodes:
-            K.decode_fill_kernel[(parts,)](
+        for at in range(0, len(self._decodes), 2):  # two matrices per launch
+            pair = self._decodes[at:at + 2]
+            args = [x for d in pair + pair[:1] * (2 - len(pair)) for x in d]
+            K.decode_fill_kernel[(parts, len(pair))](
                 self._codes, self._halves, jobs[0], jobs[1], num_jobs,
-                self._codes.shape[1], codes, scale, zero, dst, n, BITS=self._codec.bits,
-                GROUP=self._codec.group, BF16=dst.dtype == torch.bfloat16, PARTS=parts,
-                BLOCK=1024, E_PAD=self._e_pad)
+                self._codes.shape[1], *args, BITS=self._codec.bits,
+                GROUP=self._codec.group, BF16=pair[0][0].dtype == torch.bfloat16,
+                PARTS=parts, BLOCK=1024, E_PAD=self._e_pad)
 
     @staticmethod
     def _id_block(n: int) -> int:

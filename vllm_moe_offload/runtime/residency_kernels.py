@@ -316,14 +316,13 @@ def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
 
 
 @triton.jit
-def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
-                       codes_off, scale_off, zero_off, dst, n, BITS: tl.constexpr,
-                       GROUP: tl.constexpr, BF16: tl.constexpr, PARTS: tl.constexpr,
-                       BLOCK: tl.constexpr, E_PAD: tl.constexpr):
-    """Grid (PARTS,), a quantized store's fill: this program's part of one matrix of
-    every job, decoded from the record in host memory (codes_ptr: its bytes,
-    half_ptr: the same memory as fp16; offsets in bytes) into slot `slot` of dst."""
-    part = tl.program_id(0)
+def _decode_jobs(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
+                 dst, codes_off, scale_off, zero_off, n, part, BITS: tl.constexpr,
+                 GROUP: tl.constexpr, BF16: tl.constexpr, PARTS: tl.constexpr,
+                 BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """This program's part of one matrix of every job, decoded from the record in
+    host memory (codes_ptr: its bytes, half_ptr: the same memory as fp16; offsets in
+    bytes) into slot `slot` of dst."""
     j = tl.arange(0, E_PAD)
     keys = tl.load(job_key_ptr + j, mask=j < J, other=-1, cache_modifier=".cg")
     if tl.max(keys, 0) >= 0:
@@ -342,6 +341,23 @@ def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record
                     i = start + tl.arange(0, BLOCK).to(tl.int64)
                     decode_values(codes, scale, zero, dst + slot * n, i, i < hi, n, BITS,
                                   GROUP, BF16)
+
+
+@triton.jit
+def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
+                       dst0, codes0, scale0, zero0, n0, dst1, codes1, scale1, zero1, n1,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, BF16: tl.constexpr,
+                       PARTS: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """Grid (PARTS, 1 or 2), fill for a quantized store: program (part, m) decodes its
+    part of matrix m (w13, w2) of every job into the slots."""
+    if tl.program_id(1) == 0:
+        _decode_jobs(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
+                     dst0, codes0, scale0, zero0, n0, tl.program_id(0), BITS, GROUP, BF16,
+                     PARTS, BLOCK, E_PAD)
+    else:
+        _decode_jobs(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
+                     dst1, codes1, scale1, zero1, n1, tl.program_id(0), BITS, GROUP, BF16,
+                     PARTS, BLOCK, E_PAD)
 
 
 def next_pow2(n: int) -> int:
