@@ -36,8 +36,10 @@ class EngineFailed(Exception):
         self.output = output
 
 
-def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
-    """Run `spec` in a process of its own (a fork of the fork server); return its
+def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900,
+                      fresh: bool = False) -> dict:
+    """Run `spec` in a process of its own (a fork of the fork server; `fresh`: a new
+    interpreter, for settings read at import, such as TRITON_INTERPRET); return its
     RESULT (+ log). `env` overrides this process's environment; a value of None
     unsets the variable."""
     full_env = dict(os.environ)
@@ -46,7 +48,18 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    output = _ForkServer.get().run(spec, full_env, timeout)
+    if fresh:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "vllm_moe_offload.cli.engine_probe", json.dumps(spec)],
+                env=full_env, capture_output=True, text=True, timeout=timeout)
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:  # its output may come back as bytes
+            output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
+                             for x in (e.stdout or "", e.stderr or ""))
+            output += f"\nengine_probe: timed out after {timeout} s (killed)"
+    else:
+        output = _ForkServer.get().run(spec, full_env, timeout)
     for line in output.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT "):]), log=output)

@@ -45,6 +45,7 @@ from .store import HostStore
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 DEMAND_PARTS = 64  # programs that copy a call's misses (2 x 16 KiB in flight each)
 PREFETCH_PARTS = 32  # fewer beside compute: the link, not the SMs, is the limit
+INTERPRETER_PARTS = 3  # off CUDA (Triton's interpreter, tests) programs run one by one
 
 
 def _device_alias(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,9 @@ class DeviceExpertCache(SlotBuffers):
         self._victims = torch.zeros(E, dtype=i32, device=dev)
         self._jobs = torch.full((2, E), -1, dtype=i32, device=dev)  # key, slot
         self.small_path = True  # decode-sized calls resolve in registers (benchmarks)
-        self.demand_parts = DEMAND_PARTS
+        cuda = self.device.type == "cuda"
+        self.demand_parts = DEMAND_PARTS if cuda else INTERPRETER_PARTS
+        self.prefetch_parts = PREFETCH_PARTS if cuda else INTERPRETER_PARTS
         self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
         self._e_pad = K.next_pow2(E)
         self._ch = min(K.next_pow2(num_slots), 1024)
@@ -234,13 +237,13 @@ class DeviceExpertCache(SlotBuffers):
             launches.append((target, pjobs, jobs))
         if not self._cuda:  # the Triton interpreter (tests): no streams
             for _, pjobs, jobs in launches:
-                self._fill(pjobs, jobs, PREFETCH_PARTS)
+                self._fill(pjobs, jobs, self.prefetch_parts)
             return
         compute = torch.cuda.current_stream(self.device)
         self._copy_stream.wait_stream(compute)  # NOTE #3
         with torch.cuda.stream(self._copy_stream):
             for target, pjobs, jobs in launches:
-                self._fill(pjobs, jobs, PREFETCH_PARTS)
+                self._fill(pjobs, jobs, self.prefetch_parts)
                 self._ready[target].record(self._copy_stream)
                 self._pending.add(target)
 

@@ -306,6 +306,4 @@ def run_all(device: str) -> dict:
 
 
 if __name__ == "__main__":  # python -m ...device_cases DEVICE: JSON {case: error or null}
-    if sys.argv[1] == "cpu":  # the interpreter runs programs one by one: few of them
-        device_cache.DEMAND_PARTS = device_cache.PREFETCH_PARTS = 3
     print(json.dumps(run_all(sys.argv[1])))

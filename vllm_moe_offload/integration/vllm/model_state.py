@@ -337,7 +337,8 @@ class ModelOffload:
 
     def pool_info(self) -> dict:
         cache, store = self.cache, self.store
-        return {"num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
+        return {"mode": cache.mode, "eviction": cache.eviction,
+                "num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
                 "record_bytes": store.record_bytes, "read_bytes": store.read_bytes,
                 "store_bits": self.cfg.store_bits,
                 "checkpoint_quantization": self.checkpoint_quantization,

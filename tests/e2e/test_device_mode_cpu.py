@@ -1,0 +1,50 @@
+"""Device mode through vLLM, on the CPU: Triton's interpreter runs its kernels.
+
+On a GPU, device mode keeps expert residency in GPU memory (runtime/device_cache.py).
+The GPU machines have no vLLM, so its vLLM side is run here, slowly, in Triton's
+interpreter. The interpreter must be on before Triton is imported, so these engines
+start in a fresh interpreter, not in a fork of the server that imported vLLM.
+"""
+
+from tests.e2e.conftest import EXPERTS, offload_spec, plain_spec, run_engine
+from vllm_moe_offload.hf.quantize import quantize_experts
+
+TOKENS = 6
+
+
+def test_device_mode_through_vllm_matches_plain(models, engine):
+    """A pool of one layer plus the prefetch budget (10 of 32 experts) and next-gate
+    prefetch: greedy outputs token-identical to plain vLLM, counters from the
+    device."""
+    model = models["qwen3_moe"]
+    plain = engine(plain_spec(model))  # other tests' engine: its first tokens
+    plain = [ids[:TOKENS] for ids in plain["token_ids"]]
+    spec = dict(offload_spec(model, pool_slots=EXPERTS + 2, store="host",
+                             predictor="next-gate"), max_tokens=TOKENS)
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1"}, fresh=True)
+    pool = off["stats"]["pool"]
+    assert pool["mode"] == "device" and pool["eviction"] == "clock"
+    assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
+    assert off["token_ids"] == plain
+    t = off["stats"]["totals"]
+    assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetch_hits"] > 0
+    assert t["prefetched"] == t["prefetch_hits"] + t["prefetch_wasted"]
+    assert t["bytes_loaded"] == (t["misses"] + t["prefetched"]) * pool["read_bytes"]
+
+
+def test_device_mode_fills_a_quantized_checkpoints_record(models, engine, tmp_path):
+    """A compressed-tensors W4A16 checkpoint: its slot record is 8 tensors, so each
+    fill is two launches. quant_reference.py's kernel stands in for vLLM's AMX-only
+    one, in plain vLLM and offload alike."""
+    model = str(quantize_experts(models["qwen3_moe"], tmp_path / "w4a16", "w4a16"))
+    setup = {"setup": "tests.e2e.quant_reference:install", "max_tokens": TOKENS}
+    plain = engine({**plain_spec(model), **setup})
+    spec = {**offload_spec(model, pool_slots=EXPERTS + 2, store="host"), **setup}
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1"}, fresh=True)
+    pool = off["stats"]["pool"]
+    assert pool["mode"] == "device"
+    assert pool["checkpoint_quantization"] == "CompressedTensorsWNA16MoEMethod"
+    assert off["token_ids"] == plain["token_ids"]
+    t = off["stats"]["totals"]
+    assert t["misses"] > EXPERTS and t["evictions"] > 0
+    assert t["bytes_loaded"] == t["misses"] * pool["read_bytes"]
