@@ -48,3 +48,22 @@ def test_device_mode_fills_a_quantized_checkpoints_record(models, engine, tmp_pa
     t = off["stats"]["totals"]
     assert t["misses"] > EXPERTS and t["evictions"] > 0
     assert t["bytes_loaded"] == t["misses"] * pool["read_bytes"]
+
+
+def test_device_mode_decodes_a_quantized_store(models, engine):
+    """--expert-store-bits 4 on the host store: device mode's fill decodes each miss
+    and gathers it into the CPU kernel's layout. Outputs equal host mode's, which
+    decodes and packs on the host (test_quantized_store.py holds host mode to plain
+    vLLM over the decoded experts)."""
+    spec = dict(offload_spec(models["qwen3_moe"], pool_slots=EXPERTS + 2, store="host",
+                             store_bits=4, predictor="next-gate"), max_tokens=TOKENS)
+    host = engine(spec)
+    dev = run_engine(spec, env={"TRITON_INTERPRET": "1"}, fresh=True)
+    assert host["stats"]["pool"]["mode"] == "host"
+    pool = dev["stats"]["pool"]
+    assert pool["mode"] == "device" and "layout by a gather" in dev["log"]
+    assert dev["token_ids"] == host["token_ids"]
+    t = dev["stats"]["totals"]
+    assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetch_hits"] > 0
+    assert t["bytes_loaded"] == (t["misses"] + t["prefetched"]) * pool["read_bytes"]
+    assert pool["read_bytes"] < pool["slot_bytes"] / 3

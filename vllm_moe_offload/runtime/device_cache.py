@@ -45,6 +45,7 @@ from .store import HostStore
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 DEMAND_PARTS = 64  # programs that copy a call's misses (2 x 16 KiB in flight each)
 PREFETCH_PARTS = 32  # fewer beside compute: the link, not the SMs, is the limit
+DECODE_BLOCK = 4096  # values per step of a decoding fill program (2 KiB of 4-bit codes)
 INTERPRETER_PARTS = 3  # off CUDA (Triton's interpreter, tests) programs run one by one
 
 
@@ -126,39 +127,88 @@ class DeviceExpertCache(SlotBuffers):
         """Fill copies words: the widest integer that divides every size and offset.
         One launch copies up to 4 of an expert's tensors; a record of more (a
         quantized checkpoint's: W4A16 has 8) takes one launch per 4. A quantized
-        store's matrices are decoded instead, one launch each (decode_fill_kernel);
-        its other tensors (biases) are copied."""
+        store's matrices are decoded instead (decode_fill_kernel, both in one
+        launch); its other tensors (biases) are copied."""
         codec = getattr(store, "codec", None)
         host = store.inner if codec is not None else store  # a QuantizedStore's records
         if self.device.type == "cuda" and not host._data.is_pinned():
             raise ValueError("device mode needs the host store in pinned memory")
         record, offsets = host.layout.tensors, host._offsets
-        copies, self._decodes, at = [], [], 0  # (buffer, record offset, bytes) / ...
-        for buf, spec in zip(self.buffers, store.layout.tensors):
+        source = store.source.tensors if codec is not None else store.layout.tensors
+        copies, self._decodes, at = [], [], 0
+        for t, (buf, spec) in enumerate(zip(self.buffers, source)):
             if codec is None or codec.bits == 16 or len(spec.shape) == 1:
-                copies.append((buf, offsets[at], record[at].nbytes))
+                if (record[at].shape, record[at].dtype) != (tuple(buf.shape[1:]), buf.dtype):
+                    raise ValueError(f"store record tensor {at} {list(record[at].shape)} "
+                                     f"{record[at].dtype} is not slot tensor {t} "
+                                     f"{list(buf.shape[1:])} {buf.dtype}")
+                copies.append((t, buf, offsets[at], record[at].nbytes))
                 at += 1
-            else:  # codes, scale, zero (quant.py); offsets in bytes
-                self._decodes.append((buf.view(-1), *offsets[at:at + 3], buf[0].numel()))
+            else:  # codes, scale, zero (quant.py): matrix t decoded, maybe gathered
+                n = spec.nbytes // spec.dtype.itemsize
+                codes, scale, zero = offsets[at:at + 3]
+                assert record[at].nbytes == n * codec.bits // 8 and scale % 2 == zero % 2 == 0
+                self._decodes.append([t, buf.view(-1), codes, scale // 2, zero // 2, n,
+                                      buf[0].numel(), None])  # index: set_packer's gather
                 at += 3
+        assert at == len(record), (at, len(record))
+        self._copies = [t for t, *_ in copies]
         word = next(w for w in (8, 4, 2, 1) if all(
-            x % w == 0 for c in copies for x in c[1:]) and host.layout.record_bytes % w == 0)
+            x % w == 0 for c in copies for x in c[2:]) and host.layout.record_bytes % w == 0)
         dtype = _WORDS[word]
         self._src = _device_alias(host._data.view(dtype))
         self._record_words = host.layout.record_bytes // word
-        dst = [(b.view(-1).view(dtype), o // word, n // word) for b, o, n in copies]
+        dst = [(b.view(-1).view(dtype), o // word, n // word) for _, b, o, n in copies]
         self._fill_groups = []  # (kernel arguments, tensors) of each launch
         for at in range(0, len(dst), 4):
             group = dst[at:at + 4]
             padded = group + [group[0]] * (4 - len(group))
             self._fill_groups.append(([x for d in padded for x in d], len(group)))
         self._word_block = max(256, 16384 // word)  # 2 x 16 KiB in flight per program
-        if len({d[0].dtype for d in self._decodes}) > 1:
-            raise ValueError("device mode decodes matrices of one slot dtype")
+        self._codec, self._packer, self._unpacked, self._decode_args = codec, None, False, []
         if self._decodes:
-            self._codec = codec
             self._codes = _device_alias(host._data)
             self._halves = _device_alias(host._data.view(torch.float16))
+            self._decode_launches()
+
+    def _decode_launches(self) -> None:
+        """Each launch's matrix arguments (two matrices per launch)."""
+        self._unpacked = any(d[7] is None and d[5] != d[6] for d in self._decodes)
+        self._decode_args = []
+        for at in range(0, len(self._decodes), 2):
+            pair = self._decodes[at:at + 2]
+            args = [x if x is not None else d[1]  # no gather: the index is not read
+                    for d in pair + pair[:1] * (2 - len(pair)) for x in d[1:]]
+            self._decode_args.append((args, len(pair)))
+
+    def set_packer(self, packer) -> None:
+        """A kernel that wants the decoded expert in another layout than the
+        checkpoint's (quant.QuantizedStore.packers): device mode's decode fill takes
+        it as a gather (`packer.index`, `packer.pad` per tensor: a prepack that only
+        moves values); every layer must share one."""
+        if packer is self._packer:
+            return
+        if self._packer is not None or not self._decodes:
+            raise ValueError("device mode decodes every layer's experts with one packing")
+        if not hasattr(packer, "index"):
+            raise NotImplementedError(
+                "this MoE kernel needs vLLM's own packing of each decoded expert, which "
+                "device mode's fill cannot do (it gathers values only)")
+        for t in self._copies:  # biases are copied as they are
+            if packer.pad[t] is not None or not torch.equal(
+                    packer.index[t].cpu(), torch.arange(packer.index[t].numel(),
+                                                        dtype=packer.index[t].dtype)):
+                raise NotImplementedError(
+                    "this MoE kernel moves bias values, which device mode's fill copies "
+                    "as they are")
+        for d in self._decodes:
+            index = packer.index[d[0]].to(torch.int32)
+            if packer.pad[d[0]] is not None:
+                index = index.masked_fill(packer.pad[d[0]], -1)
+            assert index.numel() == d[6], (index.numel(), d[6])
+            d[7] = index.to(self.device)
+        self._packer = packer
+        self._decode_launches()
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -174,6 +224,8 @@ class DeviceExpertCache(SlotBuffers):
     def map_to_slots(self, layer: int, topk_ids: torch.Tensor,
                      hidden: torch.Tensor | None = None) -> torch.Tensor:
         """[T, K] expert ids of `layer` -> [T, K] slot ids, on the device only."""
+        if self._unpacked:  # the slots' shape is not the checkpoint's: set_packer first
+            raise RuntimeError("device mode: the decoded experts need the kernel's packing")
         if self._cuda and layer in self._pending:  # this layer's prefetch fill
             self._pending.discard(layer)
             torch.cuda.current_stream(self.device).wait_event(self._ready[layer])
@@ -201,14 +253,13 @@ class DeviceExpertCache(SlotBuffers):
             K.fill_kernel[(parts,)](
                 self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
                 NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
-        for at in range(0, len(self._decodes), 2):  # two matrices per launch
-            pair = self._decodes[at:at + 2]
-            args = [x for d in pair + pair[:1] * (2 - len(pair)) for x in d]
-            K.decode_fill_kernel[(parts, len(pair))](
+        for args, nm in self._decode_args:
+            K.decode_fill_kernel[(parts, nm)](
                 self._codes, self._halves, jobs[0], jobs[1], num_jobs,
-                self._codes.shape[1], *args, BITS=self._codec.bits,
-                GROUP=self._codec.group, BF16=pair[0][0].dtype == torch.bfloat16,
-                PARTS=parts, BLOCK=1024, E_PAD=self._e_pad)
+                self._codes.shape[1], *args, GATHER=self._packer is not None,
+                BITS=self._codec.bits, GROUP=self._codec.group,
+                BF16=args[0].dtype == torch.bfloat16, PARTS=parts, BLOCK=DECODE_BLOCK,
+                E_PAD=self._e_pad)
 
     @staticmethod
     def _id_block(n: int) -> int:

@@ -21,10 +21,11 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
         return ("a mixed-precision store decodes each expert at its own bit width; "
                 "device mode's fill decodes one (drop --expert-store-hot-bits)")
     if isinstance(store, QuantizedStore):
-        if any(store.packers.values()):
-            return ("the decoded experts need vLLM's packing into the kernel's layout "
-                    "(a CPU kernel); device mode decodes into the slots as they are")
+        if len({s.dtype for s in store.layout.tensors if len(s.shape) > 1}) > 1:
+            return "device mode decodes experts whose matrices share one dtype"
         store = store.inner  # device mode decodes its records in place
+    if getattr(store, "keys", None) is not None:
+        return "the store holds some experts only (device mode reads record layer * E + e)"
     if not isinstance(store, HostStore):
         return (f"the {store.kind} store is read by the host (device mode reads the "
                 "pinned host store in place: --expert-store host)")

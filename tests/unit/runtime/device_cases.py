@@ -284,6 +284,69 @@ def case_quantized_store_is_decoded_into_slots(device):
         assert store.read_bytes == n * bits // 8 + 2 * 2 * n // 32 + 16 * 2
 
 
+class Gather:
+    """A kernel's layout as a gather (integration/vllm/layer.py `_Gather`'s interface):
+    slot tensor t's value j is source value index[t][j], zero where pad[t]."""
+
+    def __init__(self, index):
+        self.index = [i.clamp(min=0).view(-1) for i in index]
+        self.pad = [(i < 0).view(-1) if bool((i < 0).any()) else None for i in index]
+        self.shapes = [i.shape for i in index]
+
+    def __call__(self, tensors):
+        out = []
+        for t, i, p, shape in zip(tensors, self.index, self.pad, self.shapes):
+            flat = t.reshape(-1).index_select(0, i)
+            out.append((flat if p is None else flat.masked_fill(p, 0)).view(shape))
+        return out
+
+
+def case_quantized_store_is_gathered_into_the_kernels_layout(device):
+    """A kernel whose layout differs from the checkpoint's (w13's halves swapped,
+    w2 transposed with a row of padding): the decode fill gathers, bit for bit as
+    the torch decode followed by the gather."""
+    L, E = 2, 8
+    source = ExpertLayout((TensorSpec((16, 64), torch.bfloat16),
+                           TensorSpec((64, 32), torch.bfloat16),
+                           TensorSpec((16,), torch.bfloat16)))
+    w13 = torch.arange(16 * 64).view(16, 64)
+    w2 = torch.arange(64 * 32).view(64, 32).t()
+    gather = Gather([torch.cat([w13[8:], w13[:8]]),
+                     torch.cat([w2, torch.full((1, 64), -1)]), torch.arange(16)])
+    slot = ExpertLayout((TensorSpec((16, 64), torch.bfloat16),
+                         TensorSpec((33, 64), torch.bfloat16), source.tensors[2]))
+    store, decoded = make_quantized_store(L, E, source, 4, device == "cuda")
+    store.layout = slot  # the slots hold the kernel's layout
+    full = {k: gather(v) for k, v in decoded.items()}
+    cache = DeviceExpertCache(store, E + 2, device)
+    ids = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    try:
+        cache.map_to_slots(0, ids)
+        raise AssertionError("a fill into slots of another shape ran without a packer")
+    except RuntimeError as e:
+        assert "packing" in str(e)
+    for wrong in (lambda tensors: tensors,  # a packer that is not a gather
+                  Gather([gather.index[0].view(16, 64), gather.index[1].view(33, 64),
+                          torch.arange(16).flip(0)])):  # one that moves the bias
+        try:
+            cache.set_packer(wrong)
+            raise AssertionError("device mode took a packer it cannot apply")
+        except NotImplementedError:
+            pass
+    cache.set_packer(gather)
+    store.packers = {layer: gather for layer in range(L)}  # host-side loads (set_plan)
+    cache.set_plan([ExpertKey(1, 3)])
+    gen = torch.Generator().manual_seed(7)
+    for step in range(3):
+        for layer in range(L):
+            ids = routing(gen, 3, E, 2, device)
+            check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
+        check_state(cache)
+    check_slots(cache, full, 1, torch.tensor([3]), cache.map_to_slots(1, torch.tensor(
+        [[3]], dtype=torch.int32, device=device)))
+    assert cache.sync_stats().totals().misses > 0
+
+
 CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

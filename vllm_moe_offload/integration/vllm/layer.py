@@ -400,14 +400,17 @@ class OffloadedRoutedExperts(RoutedExperts):
                 logger.info("expert offload: decoded experts reach %s's layout %s", kind[1],
                             "as they are" if packer is None else "by a gather"
                             if isinstance(packer, _Gather) else "by vLLM's packing at each miss")
-            if self._model.packers[kind] is not None:
-                if cache.mode == "device":  # its fill decodes into the slots as they are
-                    raise NotImplementedError(
-                        f"expert offload: {self.layer_name}: {kind[1]} needs the decoded "
-                        "experts packed into its own layout, which device mode's fill "
-                        "cannot do; drop --expert-store-bits, or pick another "
-                        "--moe-backend.")
-                self._model.store.packers[self._layer] = self._model.packers[kind]
+            packer = self._model.packers[kind]
+            if packer is not None:  # host-side loads pack; device mode's fill gathers
+                self._model.store.packers[self._layer] = packer
+                if cache.mode == "device":
+                    try:
+                        cache.set_packer(packer)
+                    except NotImplementedError as e:
+                        raise NotImplementedError(
+                            f"expert offload: {self.layer_name}: {kind[1]}: {e}. Use "
+                            "--expert-store disk (host mode, eager), or drop "
+                            "--expert-store-bits.") from None
         for name, buf in zip(self._names, cache.buffers):
             setattr(self, name, self._slot_param(buf))
         if self.moe_config.has_bias:  # the kernel reads biases through its quant config
