@@ -51,18 +51,19 @@ def device_mode_runs(device: str) -> bool:
     return device == "cuda" or bool(os.environ.get("TRITON_INTERPRET"))
 
 
-def device_miss(expert, codec, want, device) -> tuple[float, bool]:
+def device_miss(expert, codec, stored, want, device) -> tuple[float, bool]:
     """Seconds per miss in device mode, and whether the slot holds `want`: two layers
-    of one expert and a pool of one slot, so every call evicts and fills."""
+    of one expert (its record `stored`) and a pool of one slot, so every call evicts
+    and fills."""
     from vllm_moe_offload.runtime.device_cache import DeviceExpertCache  # Triton
 
     layout = ExpertLayout(tuple(TensorSpec(tuple(t.shape), t.dtype) for t in expert))
     host = HostStore(codec.layout(layout) if codec else layout, 2, 1,
                      pin_memory=device == "cuda")
-    store = QuantizedStore(host, codec, layout) if codec else host
     for layer in range(2):
-        store.put(layer, 0, expert)
-    store.seal()
+        host.put(layer, 0, stored)  # the record as it is, not encoded again
+    host.seal()
+    store = QuantizedStore(host, codec, layout) if codec else host
     cache = DeviceExpertCache(store, 1, device)
     ids = torch.zeros(1, 1, dtype=torch.int32, device=device)
     calls = [0]
@@ -95,7 +96,7 @@ def row(shape: str, bits: int, device: str) -> dict:
     out["bf16_copy_ms"] = 1e3 * timed(lambda: copy(full_src, dst), device)
     if bits == 16:
         if device_mode_runs(device):
-            seconds, out["bit_identical"] = device_miss(expert, None, expert, device)
+            seconds, out["bit_identical"] = device_miss(expert, None, expert, expert, device)
             out["device_miss_ms"] = 1e3 * seconds
         return out
     codec = GroupQuant(bits, 64, "rtn")
@@ -110,7 +111,7 @@ def row(shape: str, bits: int, device: str) -> dict:
     codec.decode(on_dev, dst)
     out["bit_identical"] = all(torch.equal(a.cpu(), b) for a, b in zip(dst, want))
     if device_mode_runs(device):
-        seconds, same = device_miss(expert, codec, want, device)
+        seconds, same = device_miss(expert, codec, stored, want, device)
         out["device_miss_ms"] = 1e3 * seconds
         out["bit_identical"] = out["bit_identical"] and same
     out["decode_over_copy"] = out["decode_ms"] / out["record_copy_ms"]

@@ -25,7 +25,6 @@ from statistics import median
 
 from common import RESULTS, SHARED, held_out_prompts, write_results
 
-from vllm_moe_offload.core.eviction import POLICIES
 from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
 from vllm_moe_offload.core.trace import read_trace
 from vllm_moe_offload.cli.engine_probe import run_in_subprocess

@@ -316,14 +316,14 @@ def run_shape(name, shape, T, args, device, disk_dir):
     row("plain graph" if cuda else "plain eager", "local", local, plain_eager, cuda)
     cache, _ = make_expert_cache(stack.store, L * E, device)
     warm_all(stack, cache)
-    row("resident", "uniform", uniform, lambda: stack.offload_step(cache), cuda, cache)
+    row("resident", "uniform", uniform, lambda c=cache: stack.offload_step(c), cuda, cache)
     if cuda and T == 1:  # decode calls through the general path instead of registers
         cache.small_path = False
         row("resident (general path)", "uniform", uniform,
-            lambda: stack.offload_step(cache), True, cache)
+            lambda c=cache: stack.offload_step(c), True, cache)
         cache.small_path, cache.demand_parts = True, 16
         row("resident (fill 16 programs)", "uniform", uniform,
-            lambda: stack.offload_step(cache), True, cache)
+            lambda c=cache: stack.offload_step(c), True, cache)
         sm_link[name] = fill_gbs(stack)
     del cache
     for rname, routing in (("uniform", uniform), ("local", local)):
@@ -344,7 +344,7 @@ def run_shape(name, shape, T, args, device, disk_dir):
         disk_rate = disk_gbs(stack.disk)
         cache = ExpertCache(stack.disk, half, device)
         r = row("S50 disk (host mode)", "uniform", uniform,
-                lambda: stack.offload_step(cache), False, cache, steps=args.disk_steps)
+                lambda c=cache: stack.offload_step(c), False, cache, steps=args.disk_steps)
         t = cache.stats.totals()
         r["disk_seq_gbs"] = disk_rate
         r["disk_to_slot_gbs"] = t.bytes_loaded / t.load_seconds / 1e9 if t.load_seconds else 0
@@ -356,16 +356,18 @@ def run_shape(name, shape, T, args, device, disk_dir):
     for bits in (args.store_bits if T == 1 else []):
         qstore, decoded = quantized_store(stack, bits)
         ref[f"uniform, decoded {bits}-bit"] = output_of(
-            stack, uniform, lambda: stack.plain_step(decoded))
-        caches = [ExpertCache(qstore, half, device)]
-        if cuda:  # device mode: the fill decodes each miss, graphed
-            caches.insert(0, make_expert_cache(qstore, half, device)[0])
-        for cache in caches:
+            stack, uniform, lambda d=decoded: stack.plain_step(d))
+        # on CUDA device mode first (the fill decodes each miss, graphed), then host mode
+        for make in ([lambda q=qstore: make_expert_cache(q, half, device)[0]] if cuda
+                     else []) + [lambda q=qstore: ExpertCache(q, half, device)]:
+            cache = make()
             row(f"S50 {bits}-bit store ({cache.mode} mode)", f"uniform, decoded {bits}-bit",
                 uniform, lambda c=cache: stack.offload_step(c), cache.mode == "device",
                 cache)
             rows[-1]["routing"] = "uniform"  # its baseline: plain's time on the same routing
-        del cache, caches, qstore, decoded
+            del cache
+            _free(device)
+        del qstore, decoded
         _free(device)
     _free(device)
     return rows

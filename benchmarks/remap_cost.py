@@ -7,9 +7,7 @@ vLLM) for a decode call (1 token, top-2) and a batch of 8, and the dispatch cost
 a `torch.library` custom op like the plugin's (an identity op), against a plain call.
 """
 
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 

@@ -234,8 +234,8 @@ def main(argv=None) -> None:
     table = markdown(rows)
     print(table)
     name = "serve_load_quick" if args.quick else "serve_load"
-    command = ".venv/bin/python benchmarks/serve_load.py" + (" --quick" if args.quick else
-                                                              f" --soak-minutes {args.soak_minutes:g}")
+    command = ".venv/bin/python benchmarks/serve_load.py" + (
+        " --quick" if args.quick else f" --soak-minutes {args.soak_minutes:g}")
     write_results(name, command, table, rows, plot)
     failed = sum(r["failed"] for r in rows)
     if failed:

@@ -3,7 +3,7 @@
 On a GPU, device mode keeps expert residency in GPU memory (runtime/device_cache.py).
 The GPU machines have no vLLM, so its vLLM side is run here, slowly, in Triton's
 interpreter. The interpreter must be on before Triton is imported, so these engines
-start in a fresh interpreter, not in a fork of the server that imported vLLM.
+fork from a server of their own (engine_probe.run_in_subprocess).
 """
 
 from tests.e2e.conftest import EXPERTS, offload_spec, plain_spec, run_engine
@@ -21,7 +21,7 @@ def test_device_mode_through_vllm_matches_plain(models, engine):
     plain = [ids[:TOKENS] for ids in plain["token_ids"]]
     spec = dict(offload_spec(model, pool_slots=EXPERTS + 2, store="host",
                              predictor="next-gate"), max_tokens=TOKENS)
-    off = run_engine(spec, env={"TRITON_INTERPRET": "1"}, fresh=True)
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1"})
     pool = off["stats"]["pool"]
     assert pool["mode"] == "device" and pool["eviction"] == "clock"
     assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
@@ -40,7 +40,7 @@ def test_device_mode_fills_a_quantized_checkpoints_record(models, engine, tmp_pa
     setup = {"setup": "tests.e2e.quant_reference:install", "max_tokens": TOKENS}
     plain = engine({**plain_spec(model), **setup})
     spec = {**offload_spec(model, pool_slots=EXPERTS + 2, store="host"), **setup}
-    off = run_engine(spec, env={"TRITON_INTERPRET": "1"}, fresh=True)
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1"})
     pool = off["stats"]["pool"]
     assert pool["mode"] == "device"
     assert pool["checkpoint_quantization"] == "CompressedTensorsWNA16MoEMethod"
@@ -58,7 +58,7 @@ def test_device_mode_decodes_a_quantized_store(models, engine):
     spec = dict(offload_spec(models["qwen3_moe"], pool_slots=EXPERTS + 2, store="host",
                              store_bits=4, predictor="next-gate"), max_tokens=TOKENS)
     host = engine(spec)
-    dev = run_engine(spec, env={"TRITON_INTERPRET": "1"}, fresh=True)
+    dev = run_engine(spec, env={"TRITON_INTERPRET": "1"})
     assert host["stats"]["pool"]["mode"] == "host"
     pool = dev["stats"]["pool"]
     assert pool["mode"] == "device" and "layout by a gather" in dev["log"]

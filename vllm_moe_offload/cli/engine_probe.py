@@ -36,30 +36,20 @@ class EngineFailed(Exception):
         self.output = output
 
 
-def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900,
-                      fresh: bool = False) -> dict:
-    """Run `spec` in a process of its own (a fork of the fork server; `fresh`: a new
-    interpreter, for settings read at import, such as TRITON_INTERPRET); return its
+def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
+    """Run `spec` in a process of its own (a fork of the fork server); return its
     RESULT (+ log). `env` overrides this process's environment; a value of None
-    unsets the variable."""
+    unsets the variable. TRITON_INTERPRET=1 (device mode on the CPU, in Triton's
+    interpreter) must be set before Triton is imported: such specs fork from a
+    second server that imported vLLM with it."""
     full_env = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    if fresh:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "vllm_moe_offload.cli.engine_probe", json.dumps(spec)],
-                env=full_env, capture_output=True, text=True, timeout=timeout)
-            output = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:  # its output may come back as bytes
-            output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
-                             for x in (e.stdout or "", e.stderr or ""))
-            output += f"\nengine_probe: timed out after {timeout} s (killed)"
-    else:
-        output = _ForkServer.get().run(spec, full_env, timeout)
+    interpret = full_env.get("TRITON_INTERPRET", "0") not in ("", "0")
+    output = _ForkServer.get(interpret).run(spec, full_env, timeout)
     for line in output.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT "):]), log=output)
@@ -67,20 +57,26 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900,
 
 
 class _ForkServer:
-    """Client side: one server process per client process, started on first use."""
-    _instance = None
+    """Client side: one server process per client process and interpreter setting,
+    started on first use."""
+    _instances: dict[bool, "_ForkServer"] = {}
 
-    def __init__(self):
+    def __init__(self, interpret: bool):
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_moe_offload.cli.engine_probe", "--fork-server"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         atexit.register(self.proc.kill)
 
     @classmethod
-    def get(cls) -> "_ForkServer":
-        if cls._instance is None or cls._instance.proc.poll() is not None:
-            cls._instance = cls()
-        return cls._instance
+    def get(cls, interpret: bool = False) -> "_ForkServer":
+        server = cls._instances.get(interpret)
+        if server is None or server.proc.poll() is not None:
+            server = cls._instances[interpret] = cls(interpret)
+        return server
 
     def run(self, spec: dict, env: dict, timeout: int) -> str:
         self.proc.stdin.write(json.dumps({"spec": spec, "env": env, "timeout": timeout}) + "\n")

@@ -20,10 +20,12 @@ call needs, never a locked one), updates table/owner/flags in place, writes the
 fill jobs and the slot ids. `fill` then copies each job's expert from pinned host
 memory (read in place over the link, UVA) into its slot; its grid is fixed, and a
 program whose job is empty returns at once, so an all-hit call costs two tiny
-launches. `prefetch` is `resolve` for a predicted later layer: its fill runs on the
-copy stream, and the target layer's call waits for it with an event.
-`decode_fill_kernel` is fill for a quantized store: it decodes each job's matrix
-from the record in host memory (read in place) into the slot.
+launches (a record of N > 4 tensors: 1 + ceil(N / 4)). `prefetch` is `resolve` for
+a predicted later layer: its fill runs on the copy stream, and the target layer's
+call waits for it with an event. `decode_fill_kernel` is fill for a quantized store:
+it decodes each job's matrices from the record in host memory (read in place) into
+the slot, gathering into the kernel's layout where it differs (a launch of its own;
+biases, if any, through `fill_kernel`).
 """
 
 from __future__ import annotations

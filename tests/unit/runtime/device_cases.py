@@ -260,8 +260,8 @@ def case_quantized_store_is_decoded_into_slots(device):
     """A quantized store's records are decoded by the fill, bit for bit as the torch
     decode (quant.py), biases copied; demand and prefetch fills alike."""
     L, E = 3, 8
-    for bits, dtype in ((8, torch.bfloat16), (4, torch.bfloat16), (3, torch.float16),
-                        (2, torch.bfloat16)):
+    # decode_values' arithmetic at every width: dequant_cases.py; here the fill's reads
+    for bits, dtype in ((4, torch.bfloat16), (3, torch.float16)):
         slot = ExpertLayout((TensorSpec((16, 64), dtype), TensorSpec((64, 32), dtype),
                              TensorSpec((16,), dtype)))
         store, full = make_quantized_store(L, E, slot, bits, device == "cuda", seed=bits)
@@ -296,8 +296,9 @@ class Gather:
     def __call__(self, tensors):
         out = []
         for t, i, p, shape in zip(tensors, self.index, self.pad, self.shapes):
-            flat = t.reshape(-1).index_select(0, i)
-            out.append((flat if p is None else flat.masked_fill(p, 0)).view(shape))
+            flat = t.reshape(-1).index_select(0, i.to(t.device))
+            out.append((flat if p is None else flat.masked_fill(p.to(t.device), 0))
+                       .view(shape))
         return out
 
 
