@@ -92,6 +92,20 @@ class FixedPredictor:
                 if t in self.next]
 
 
+def run_predicted(cache, full, pred, gen, steps, tokens, device):
+    """`steps` steps over every layer, each layer's routing predicted exactly (pred):
+    every call's slots and, after each step, the device state are checked."""
+    L, E = cache.num_layers, cache.experts_per_layer
+    hidden = torch.zeros(1, 4, device=device)
+    for step in range(steps):
+        script = [routing(gen, tokens, E, 2, device) for _ in range(L)]
+        pred.next = dict(enumerate(script))
+        for layer in range(L):
+            slots = cache.map_to_slots(layer, script[layer], hidden)
+            check_slots(cache, full, layer, script[layer], slots)
+        check_state(cache)
+
+
 def case_small_pools_hold_the_right_bytes(device):
     L, E = 4, 8
     store, full = make_store(L, E, pinned=device == "cuda")
@@ -152,15 +166,7 @@ def case_prefetch_covers_predicted_misses(device):
     store, full = make_store(L, E, pinned=device == "cuda")
     pred = FixedPredictor(depth=2, num_layers=L)
     cache = DeviceExpertCache(store, 2 * E, device, predictor=pred)
-    gen = torch.Generator().manual_seed(2)
-    hidden = torch.zeros(1, 4, device=device)
-    for step in range(3):
-        script = [routing(gen, 1, E, 2, device) for _ in range(L)]
-        pred.next = dict(enumerate(script))
-        for layer in range(L):
-            slots = cache.map_to_slots(layer, script[layer], hidden)
-            check_slots(cache, full, layer, script[layer], slots)
-        check_state(cache)
+    run_predicted(cache, full, pred, torch.Generator().manual_seed(2), 3, 1, device)
     s = cache.sync_stats()
     t = s.totals()
     assert t.prefetched > 0 and t.prefetch_hits == t.prefetched and t.prefetch_wasted == 0
@@ -224,15 +230,7 @@ def case_records_of_many_tensors_fill_every_tensor(device):
     pred = FixedPredictor(depth=1, num_layers=L)
     cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
     assert len(cache._fill_groups) == 3
-    gen = torch.Generator().manual_seed(5)
-    hidden = torch.zeros(1, 4, device=device)
-    for step in range(3):
-        script = [routing(gen, 2, E, 2, device) for _ in range(L)]
-        pred.next = dict(enumerate(script))
-        for layer in range(L):
-            slots = cache.map_to_slots(layer, script[layer], hidden)
-            check_slots(cache, full, layer, script[layer], slots)
-        check_state(cache)
+    run_predicted(cache, full, pred, torch.Generator().manual_seed(5), 3, 2, device)
     t = cache.sync_stats().totals()
     assert t.misses > 0 and t.prefetched > 0 and t.evictions > 0
     assert t.bytes_loaded == (t.misses + t.prefetched) * MANY.expert_bytes
@@ -268,15 +266,7 @@ def case_quantized_store_is_decoded_into_slots(device):
         pred = FixedPredictor(depth=1, num_layers=L)
         cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
         assert len(cache._decodes) == 2 and len(cache._fill_groups) == 1
-        gen = torch.Generator().manual_seed(bits)
-        hidden = torch.zeros(1, 4, device=device)
-        for step in range(2):
-            script = [routing(gen, 2, E, 2, device) for _ in range(L)]
-            pred.next = dict(enumerate(script))
-            for layer in range(L):
-                slots = cache.map_to_slots(layer, script[layer], hidden)
-                check_slots(cache, full, layer, script[layer], slots)
-            check_state(cache)
+        run_predicted(cache, full, pred, torch.Generator().manual_seed(bits), 2, 2, device)
         t = cache.sync_stats().totals()
         assert t.misses > 0 and t.prefetched > 0
         assert t.bytes_loaded == (t.misses + t.prefetched) * store.read_bytes
