@@ -114,6 +114,7 @@ class DeviceExpertCache(SlotBuffers):
         cuda = self.device.type == "cuda"
         self.demand_parts = DEMAND_PARTS if cuda else INTERPRETER_PARTS
         self.prefetch_parts = PREFETCH_PARTS if cuda else INTERPRETER_PARTS
+        self.decode_block = DECODE_BLOCK  # tests make it small: a range splits mid-matrix
         self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
         self._e_pad = K.next_pow2(E)
         self._ch = min(K.next_pow2(num_slots), 1024)
@@ -172,7 +173,7 @@ class DeviceExpertCache(SlotBuffers):
             self._decode_launches()
 
     def _decode_launches(self) -> None:
-        """Each launch's matrix arguments (two matrices per launch)."""
+        """Each launch's matrix arguments (two matrices per launch, as one range)."""
         self._unpacked = any(d[7] is None and d[5] != d[6] for d in self._decodes)
         self._decode_args = []
         for at in range(0, len(self._decodes), 2):
@@ -253,13 +254,13 @@ class DeviceExpertCache(SlotBuffers):
             K.fill_kernel[(parts,)](
                 self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
                 NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
-        for args, nm in self._decode_args:
-            K.decode_fill_kernel[(parts, nm)](
+        for args, nm in self._decode_args:  # parts per matrix, as many programs
+            K.decode_fill_kernel[(parts * nm,)](
                 self._codes, self._halves, jobs[0], jobs[1], num_jobs,
-                self._codes.shape[1], *args, GATHER=self._packer is not None,
+                self._codes.shape[1], *args, NM=nm, GATHER=self._packer is not None,
                 BITS=self._codec.bits, GROUP=self._codec.group,
-                BF16=args[0].dtype == torch.bfloat16, PARTS=parts, BLOCK=DECODE_BLOCK,
-                E_PAD=self._e_pad)
+                BF16=args[0].dtype == torch.bfloat16, PARTS=parts * nm,
+                BLOCK=self.decode_block, E_PAD=self._e_pad)
 
     @staticmethod
     def _id_block(n: int) -> int:

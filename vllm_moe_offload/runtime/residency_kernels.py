@@ -318,57 +318,58 @@ def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
 
 
 @triton.jit
-def _decode_jobs(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
-                 dst, codes_off, scale_off, zero_off, n, n_out, index, part,
-                 GATHER: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                 BF16: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                 E_PAD: tl.constexpr):
-    """This program's part of one matrix of every job: the record's n values (in
+def _decode_range(codes_ptr, half_ptr, base, slot, dst, codes_off, scale_off, zero_off, n,
+                  n_out, index, lo, hi, GATHER: tl.constexpr, BITS: tl.constexpr,
+                  GROUP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """Slot values [lo, hi) of one matrix of one job: its record (at byte `base` of
     host memory: codes_ptr its bytes, codes_off in bytes; half_ptr the same memory as
-    fp16, scale_off and zero_off in fp16 elements) decoded into the slot's n_out
-    values; with GATHER, slot value j is record value index[j] (-1: zero)."""
-    j = tl.arange(0, E_PAD)
-    keys = tl.load(job_key_ptr + j, mask=j < J, other=-1, cache_modifier=".cg")
-    if tl.max(keys, 0) >= 0:
-        per = tl.cdiv(tl.cdiv(n_out, PARTS), BLOCK) * BLOCK
-        lo = part * per
-        hi = tl.minimum(lo + per, n_out)
-        for k in range(0, J):
-            key = tl.load(job_key_ptr + k, cache_modifier=".cg")
-            if key >= 0:
-                slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
-                base = key.to(tl.int64) * record_bytes
-                codes = codes_ptr + base + codes_off
-                scale = half_ptr + base // 2 + scale_off
-                zero = half_ptr + base // 2 + zero_off
-                for start in range(lo, hi, BLOCK):
-                    i = start + tl.arange(0, BLOCK).to(tl.int64)
-                    m = i < hi
-                    src = i
-                    if GATHER:
-                        src = tl.load(index + i, mask=m, other=-1).to(tl.int64)
-                    w = decode_values(codes, scale, zero, tl.maximum(src, 0), m & (src >= 0),
-                                      n, BITS, GROUP)
-                    store_values(dst + slot * n_out + i, tl.where(src >= 0, w, 0.0), m, BF16)
+    fp16, scale_off and zero_off in fp16 elements) holds n values; with GATHER, slot
+    value j is record value index[j] (-1: zero)."""
+    codes = codes_ptr + base + codes_off
+    scale = half_ptr + base // 2 + scale_off
+    zero = half_ptr + base // 2 + zero_off
+    for start in range(lo, hi, BLOCK):
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = i < hi
+        src = i
+        if GATHER:
+            src = tl.load(index + i, mask=m, other=-1).to(tl.int64)
+        w = decode_values(codes, scale, zero, tl.maximum(src, 0), m & (src >= 0), n, BITS,
+                          GROUP)
+        store_values(dst + slot * n_out + i, tl.where(src >= 0, w, 0.0), m, BF16)
 
 
 @triton.jit
 def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
                        dst0, codes0, scale0, zero0, n0, n_out0, index0,
                        dst1, codes1, scale1, zero1, n1, n_out1, index1,
-                       GATHER: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                       BF16: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                       E_PAD: tl.constexpr):
-    """Grid (PARTS, 1 or 2), fill for a quantized store: program (part, m) decodes its
-    part of matrix m (w13, w2) of every job into the slots."""
-    if tl.program_id(1) == 0:
-        _decode_jobs(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
-                     dst0, codes0, scale0, zero0, n0, n_out0, index0, tl.program_id(0),
-                     GATHER, BITS, GROUP, BF16, PARTS, BLOCK, E_PAD)
-    else:
-        _decode_jobs(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
-                     dst1, codes1, scale1, zero1, n1, n_out1, index1, tl.program_id(0),
-                     GATHER, BITS, GROUP, BF16, PARTS, BLOCK, E_PAD)
+                       NM: tl.constexpr, GATHER: tl.constexpr, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, BF16: tl.constexpr, PARTS: tl.constexpr,
+                       BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """Grid (PARTS,), fill for a quantized store: the slot values of its NM (1 or 2)
+    matrices, w13's then w2's, are one range that the programs split evenly; each
+    decodes its part of every job."""
+    j = tl.arange(0, E_PAD)
+    keys = tl.load(job_key_ptr + j, mask=j < J, other=-1, cache_modifier=".cg")
+    if tl.max(keys, 0) >= 0:
+        total = n_out0
+        if NM == 2:
+            total += n_out1
+        per = tl.cdiv(tl.cdiv(total, PARTS), BLOCK) * BLOCK
+        lo = tl.program_id(0) * per
+        hi = tl.minimum(lo + per, total)
+        for k in range(0, J):
+            key = tl.load(job_key_ptr + k, cache_modifier=".cg")
+            if key >= 0:
+                slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
+                base = key.to(tl.int64) * record_bytes
+                _decode_range(codes_ptr, half_ptr, base, slot, dst0, codes0, scale0, zero0,
+                              n0, n_out0, index0, lo, tl.minimum(hi, n_out0), GATHER, BITS,
+                              GROUP, BF16, BLOCK)
+                if NM == 2:
+                    _decode_range(codes_ptr, half_ptr, base, slot, dst1, codes1, scale1,
+                                  zero1, n1, n_out1, index1, tl.maximum(lo - n_out0, 0),
+                                  hi - n_out0, GATHER, BITS, GROUP, BF16, BLOCK)
 
 
 def next_pow2(n: int) -> int:

@@ -265,6 +265,7 @@ def case_quantized_store_is_decoded_into_slots(device):
         store, full = make_quantized_store(L, E, slot, bits, device == "cuda", seed=bits)
         pred = FixedPredictor(depth=1, num_layers=L)
         cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
+        cache.decode_block = 128  # each program's range is a part of a matrix
         assert len(cache._decodes) == 2 and len(cache._fill_groups) == 1
         run_predicted(cache, full, pred, torch.Generator().manual_seed(bits), 2, 2, device)
         t = cache.sync_stats().totals()
@@ -310,6 +311,7 @@ def case_quantized_store_is_gathered_into_the_kernels_layout(device):
     store.layout = slot  # the slots hold the kernel's layout
     full = {k: gather(v) for k, v in decoded.items()}
     cache = DeviceExpertCache(store, E + 2, device)
+    cache.decode_block = 128  # a program's range runs from w13 into w2
     ids = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
     try:
         cache.map_to_slots(0, ids)
