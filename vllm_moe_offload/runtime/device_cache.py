@@ -40,6 +40,7 @@ from ..core.slot_pool import ExpertKey
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
 from .slot_buffers import SlotBuffers, reroute
+from .quant import QuantizedStore
 from .store import HostStore
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -73,8 +74,8 @@ class DeviceExpertCache(SlotBuffers):
     eviction = "clock"  # CLOCK in resolve_kernel (residency_kernels.py)
     trace = None
 
-    def __init__(self, store: HostStore, num_slots: int, device: torch.device | str,
-                 stats: OffloadStats | None = None, predictor=None,
+    def __init__(self, store: HostStore | QuantizedStore, num_slots: int,
+                 device: torch.device | str, stats: OffloadStats | None = None, predictor=None,
                  prefetch_budget_slots: int | None = None):
         self.store = store
         self.device = torch.device(device)
