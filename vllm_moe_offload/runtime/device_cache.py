@@ -34,13 +34,15 @@ NOTE #4: the pool must hold one layer call, the plan and the prefetch budget:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..core.slot_pool import ExpertKey
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
 from .slot_buffers import SlotBuffers, reroute
-from .quant import QuantizedStore
+from .quant import Gather, QuantizedStore
 from .store import HostStore
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -48,6 +50,27 @@ DEMAND_PARTS = 64  # programs that copy a call's misses (2 x 16 KiB in flight ea
 PREFETCH_PARTS = 32  # fewer beside compute: the link, not the SMs, is the limit
 DECODE_BLOCK = 4096  # values per step of a decoding fill program (2 KiB of 4-bit codes)
 INTERPRETER_PARTS = 3  # off CUDA (Triton's interpreter, tests) programs run one by one
+
+
+@dataclass
+class _Decode:
+    """One matrix that the decoding fill writes: slot tensor `tensor` (its buffer
+    `dst`, flat) from the record's codes (byte offset), scale and zero (fp16 element
+    offsets); n values in the record, n_out in the slot; `index`: the gather, if any."""
+    tensor: int
+    dst: torch.Tensor
+    codes: int
+    scale: int
+    zero: int
+    n: int
+    n_out: int
+    index: torch.Tensor | None = None
+
+    def args(self) -> list:
+        """decode_fill_kernel's arguments for this matrix (without a gather the index
+        is not read: any pointer will do)."""
+        return [self.dst, self.codes, self.scale, self.zero, self.n, self.n_out,
+                self.dst if self.index is None else self.index]
 
 
 def _device_alias(t: torch.Tensor) -> torch.Tensor:
@@ -150,8 +173,8 @@ class DeviceExpertCache(SlotBuffers):
                 n = spec.nbytes // spec.dtype.itemsize
                 codes, scale, zero = offsets[at:at + 3]
                 assert record[at].nbytes == n * codec.bits // 8 and scale % 2 == zero % 2 == 0
-                self._decodes.append([t, buf.view(-1), codes, scale // 2, zero // 2, n,
-                                      buf[0].numel(), None])  # index: set_packer's gather
+                self._decodes.append(_Decode(t, buf.view(-1), codes, scale // 2, zero // 2,
+                                             n, buf[0].numel()))
                 at += 3
         assert at == len(record), (at, len(record))
         self._copies = [t for t, *_ in copies]
@@ -174,14 +197,15 @@ class DeviceExpertCache(SlotBuffers):
             self._decode_launches()
 
     def _decode_launches(self) -> None:
-        """Each launch's matrix arguments (two matrices per launch, as one range)."""
-        self._unpacked = any(d[7] is None and d[5] != d[6] for d in self._decodes)
+        """Each launch's arguments: two matrices per launch, as one range."""
+        self._unpacked = any(d.index is None and d.n != d.n_out for d in self._decodes)
         self._decode_args = []
         for at in range(0, len(self._decodes), 2):
             pair = self._decodes[at:at + 2]
-            args = [x if x is not None else d[1]  # no gather: the index is not read
-                    for d in pair + pair[:1] * (2 - len(pair)) for x in d[1:]]
-            self._decode_args.append((args, len(pair)))
+            args = [x for d in pair + pair[:1] * (2 - len(pair)) for x in d.args()]
+            self._decode_args.append((args, dict(
+                NM=len(pair), GATHER=self._packer is not None, BITS=self._codec.bits,
+                GROUP=self._codec.group, BF16=pair[0].dst.dtype == torch.bfloat16)))
 
     def set_packer(self, packer) -> None:
         """A kernel that wants the decoded expert in another layout than the
@@ -192,7 +216,7 @@ class DeviceExpertCache(SlotBuffers):
             return
         if self._packer is not None or not self._decodes:
             raise ValueError("device mode decodes every layer's experts with one packing")
-        if not hasattr(packer, "index"):
+        if not isinstance(packer, Gather):
             raise NotImplementedError(
                 "this MoE kernel needs vLLM's own packing of each decoded expert, which "
                 "device mode's fill cannot do (it gathers values only)")
@@ -204,11 +228,10 @@ class DeviceExpertCache(SlotBuffers):
                     "this MoE kernel moves bias values, which device mode's fill copies "
                     "as they are")
         for d in self._decodes:
-            index = packer.index[d[0]].to(torch.int32)
-            if packer.pad[d[0]] is not None:
-                index = index.masked_fill(packer.pad[d[0]], -1)
-            assert index.numel() == d[6], (index.numel(), d[6])
-            d[7] = index.to(self.device)
+            index, pad = packer.index[d.tensor], packer.pad[d.tensor]
+            index = index if pad is None else index.masked_fill(pad, -1)
+            assert index.numel() == d.n_out, (index.numel(), d.n_out)
+            d.index = index.to(self.device)
         self._packer = packer
         self._decode_launches()
 
@@ -255,12 +278,10 @@ class DeviceExpertCache(SlotBuffers):
             K.fill_kernel[(parts,)](
                 self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
                 NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
-        for args, nm in self._decode_args:  # parts per matrix, as many programs
-            K.decode_fill_kernel[(parts * nm,)](
+        for args, meta in self._decode_args:  # parts per matrix, as many programs
+            K.decode_fill_kernel[(parts * meta["NM"],)](
                 self._codes, self._halves, jobs[0], jobs[1], num_jobs,
-                self._codes.shape[1], *args, NM=nm, GATHER=self._packer is not None,
-                BITS=self._codec.bits, GROUP=self._codec.group,
-                BF16=args[0].dtype == torch.bfloat16, PARTS=parts * nm,
+                self._codes.shape[1], *args, **meta, PARTS=parts * meta["NM"],
                 BLOCK=self.decode_block, E_PAD=self._e_pad)
 
     @staticmethod

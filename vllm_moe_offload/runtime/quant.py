@@ -163,6 +163,31 @@ class GroupQuant:
             d.copy_(w.view(d.shape))
 
 
+class Gather:
+    """A kernel's packing of one expert as a gather (found by the vLLM layer, which
+    probes it): slot tensor t's `index[t]` [its shape] holds positions in source
+    tensor t (the checkpoint's layout), -1 for padding (zeros). Host mode applies it
+    to each decoded expert; device mode's decoding fill gathers by it."""
+
+    def __init__(self, index: list[torch.Tensor]):
+        self.index = [i.clamp(min=0).view(-1).to(torch.int32) for i in index]
+        self.pad = [(i < 0).view(-1) if bool((i < 0).any()) else None for i in index]
+        self.shapes = [i.shape for i in index]
+
+    def __call__(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = expert[0].device
+        if self.index[0].device != device:  # once: the gather runs where the decode ran
+            self.index = [i.to(device) for i in self.index]
+            self.pad = [None if p is None else p.to(device) for p in self.pad]
+        out = []
+        for t, index, pad, shape in zip(expert, self.index, self.pad, self.shapes):
+            flat = t.reshape(-1).index_select(0, index)
+            if pad is not None:
+                flat.masked_fill_(pad, 0)
+            out.append(flat.view(shape))
+        return out
+
+
 class QuantizedStore(ExpertStore):
     """A store of quantized records (`inner`, a HostStore or DiskStore with the codec's
     layout) behind the slot layout: `put` encodes, `read_into` decodes into the slot.

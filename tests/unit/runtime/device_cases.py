@@ -17,7 +17,7 @@ import torch
 from vllm_moe_offload.core.slot_pool import ExpertKey
 from vllm_moe_offload.runtime import device_cache
 from vllm_moe_offload.runtime import residency_kernels as K
-from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
+from vllm_moe_offload.runtime.quant import Gather, GroupQuant, QuantizedStore
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
 SMALL = True  # decode-sized calls take the in-register path; both are run
@@ -273,24 +273,6 @@ def case_quantized_store_is_decoded_into_slots(device):
         assert t.bytes_loaded == (t.misses + t.prefetched) * store.read_bytes
         n = 16 * 64 + 64 * 32  # a miss moves codes, fp16 scale and zero, the bias
         assert store.read_bytes == n * bits // 8 + 2 * 2 * n // 32 + 16 * 2
-
-
-class Gather:
-    """A kernel's layout as a gather (integration/vllm/layer.py `_Gather`'s interface):
-    slot tensor t's value j is source value index[t][j], zero where pad[t]."""
-
-    def __init__(self, index):
-        self.index = [i.clamp(min=0).view(-1) for i in index]
-        self.pad = [(i < 0).view(-1) if bool((i < 0).any()) else None for i in index]
-        self.shapes = [i.shape for i in index]
-
-    def __call__(self, tensors):
-        out = []
-        for t, i, p, shape in zip(tensors, self.index, self.pad, self.shapes):
-            flat = t.reshape(-1).index_select(0, i.to(t.device))
-            out.append((flat if p is None else flat.masked_fill(p.to(t.device), 0))
-                       .view(shape))
-        return out
 
 
 def case_quantized_store_is_gathered_into_the_kernels_layout(device):

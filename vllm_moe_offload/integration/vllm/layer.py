@@ -36,6 +36,7 @@ from vllm_moe_offload.integration.vllm import model_state
 from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
 from vllm_moe_offload.integration.vllm.quantized import (QuantizedExperts, checkpoint_keys,
                                                          gpt_oss_checkpoint_keys)
+from vllm_moe_offload.runtime.quant import Gather
 from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 
 logger = init_logger("vllm.moe_offload")
@@ -350,7 +351,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         if all(i.shape == t.shape and torch.equal(i.view(-1), torch.arange(t.numel()))
                for i, t in zip(index, expert)):
             return None
-        gather = _Gather(index)
+        gather = Gather(index)
         g = torch.Generator().manual_seed(0)
         sample = [torch.randn(t.shape, generator=g).to(t.dtype) for t in expert]
         if all(torch.equal(a, b) for a, b in zip(gather(sample), self._pack(*sample))):
@@ -399,7 +400,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                 packer = self._model.packers[kind] = self._packer()
                 logger.info("expert offload: decoded experts reach %s's layout %s", kind[1],
                             "as they are" if packer is None else "by a gather"
-                            if isinstance(packer, _Gather) else "by vLLM's packing at each miss")
+                            if isinstance(packer, Gather) else "by vLLM's packing at each miss")
             packer = self._model.packers[kind]
             if packer is not None:  # host-side loads pack; device mode's fill gathers
                 self._model.store.packers[self._layer] = packer
@@ -437,29 +438,6 @@ class OffloadedRoutedExperts(RoutedExperts):
 
 
 _NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
-
-
-class _Gather:
-    """vLLM's packing of one expert as a gather: `index` [packed shape] of positions
-    in the checkpoint's layout, -1 for padding (zeros)."""
-
-    def __init__(self, index: list[torch.Tensor]):
-        self.index = [i.clamp(min=0).view(-1).to(torch.int32) for i in index]
-        self.pad = [(i < 0).view(-1) if bool((i < 0).any()) else None for i in index]
-        self.shapes = [i.shape for i in index]
-
-    def __call__(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = expert[0].device
-        if self.index[0].device != device:  # once: the gather runs where the decode ran
-            self.index = [i.to(device) for i in self.index]
-            self.pad = [None if p is None else p.to(device) for p in self.pad]
-        out = []
-        for t, index, pad, shape in zip(expert, self.index, self.pad, self.shapes):
-            flat = t.reshape(-1).index_select(0, index)
-            if pad is not None:
-                flat.masked_fill_(pad, 0)
-            out.append(flat.view(shape))
-        return out
 
 
 def _layout_of(tensors: list[torch.Tensor]) -> ExpertLayout:
