@@ -80,6 +80,17 @@ def test_graphed_steps_match_all_resident(num_slots, predict):
     graphed_steps_match(store, full, num_slots, predict)
 
 
+@pytest.mark.parametrize("num_slots", [12, 20])
+def test_piecewise_graphs_with_prefetch_match_all_resident(num_slots):
+    """vLLM's piecewise graphs (prefill, mixed batches) end a capture at each attention
+    op, so here each layer call is a graph of its own, as it is in vLLM (the call runs
+    inside its opaque moe_forward op). Prefetch forks the copy stream in one piece;
+    `join_prefetch` after the MoE kernel joins it before the piece ends (CUDA refuses
+    to end a capture with a stream still forked). Replays equal all-resident."""
+    store, full = device_cases.make_store(8, 8, LAYOUT, pinned=True)
+    graphed_steps_match(store, full, num_slots, True, pieces=True)
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 def test_graphed_steps_decode_a_quantized_store(bits):
     """The same with a quantized store: the fill decodes each miss (prefetched ones
@@ -88,7 +99,8 @@ def test_graphed_steps_decode_a_quantized_store(bits):
     graphed_steps_match(store, full, 12, True)
 
 
-def graphed_steps_match(store, full, num_slots, predict):
+def graphed_steps_match(store, full, num_slots, predict, pieces=False):
+    """Whole steps in one graph, or (`pieces`) one graph per layer call."""
     L, E, T, K = store.num_layers, store.experts_per_layer, 4, 2
     full13, full2 = stacked(full, L, E)
     script = Script(L, E, T, K, seed=num_slots)
@@ -96,24 +108,32 @@ def graphed_steps_match(store, full, num_slots, predict):
     cache, why = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
     assert why is None and cache.mode == "device"
 
-    def step():
-        for l in range(L):
-            slots = cache.map_to_slots(l, script.ids[l], script.x[l])
-            script.out[l] = moe(script.x[l], cache.buffers[0], cache.buffers[1], slots,
-                                script.w[l])
+    def call(l):
+        slots = cache.map_to_slots(l, script.ids[l], script.x[l])
+        script.out[l] = moe(script.x[l], cache.buffers[0], cache.buffers[1], slots,
+                            script.w[l])
 
     script.next()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
+    with torch.cuda.stream(side):  # warm-up, eager: prefetch joins across calls
+        for l in range(L):
+            call(l)
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graphs = [torch.cuda.CUDAGraph() for _ in range(L if pieces else 1)]
+    if pieces:
+        for l, graph in enumerate(graphs):
+            with torch.cuda.graph(graph):
+                call(l)
+                cache.join_prefetch()
+    else:
+        with torch.cuda.graph(graphs[0]):
+            for l in range(L):
+                call(l)
     for _ in range(12):
         script.next()
-        graph.replay()
+        for graph in graphs:
+            graph.replay()
         torch.testing.assert_close(script.out, script.expected(full13, full2), rtol=0, atol=0)
     t = cache.sync_stats().totals()
     assert t.calls == (12 + 1) * L  # warm-up step + replays (capture runs nothing)

@@ -30,6 +30,11 @@ NOTE #3: a prefetch fill runs on the copy stream after the compute stream's poin
 NOTE #4: the pool must hold one layer call, the plan and the prefetch budget:
   S >= E + planned + budget, so a victim always exists (the kernel flags an error
   otherwise, and `sync_stats` raises it).
+NOTE #5: a CUDA graph capture must end with every stream it forked joined again.
+  A whole step in one graph does (the call of a prefetch's target layer joins its
+  fill), but vLLM's piecewise graphs (prefill and mixed batches) end a capture at
+  each attention op, between two MoE layer calls. In such a piece the caller joins
+  (`join_prefetch`) after the layer's MoE kernel, so the prefetch still overlaps it.
 """
 
 from __future__ import annotations
@@ -320,6 +325,16 @@ class DeviceExpertCache(SlotBuffers):
                 self._fill(pjobs, jobs, self.prefetch_parts)
                 self._ready[target].record(self._copy_stream)
                 self._pending.add(target)
+
+    def join_prefetch(self) -> None:
+        """Make the compute stream wait for every prefetch fill issued so far (NOTE #5);
+        their target layers' calls then have nothing left to wait for."""
+        if not self._cuda:  # the Triton interpreter: prefetch fills ran inline
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for target in sorted(self._pending):
+            compute.wait_event(self._ready[target])
+        self._pending.clear()
 
     # ---- residency plan (between steps; syncs) --------------------------------------
 

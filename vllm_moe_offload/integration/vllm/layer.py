@@ -23,6 +23,7 @@ import torch
 
 import vllm
 from vllm.config import get_current_vllm_config
+from vllm.forward_context import in_piecewise_cudagraph
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
     convert_to_unquantized_kernel_format)
@@ -429,12 +430,18 @@ class OffloadedRoutedExperts(RoutedExperts):
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
         slot_ids = map_to_slots_op(topk_ids, x, self._layer)
-        return self.quant_method.moe_kernel.apply(
+        out = self.quant_method.moe_kernel.apply(
             hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
             topk_weights=topk_weights, topk_ids=slot_ids, activation=self.activation,
             apply_router_weight_on_input=self.apply_router_weight_on_input,
             global_num_experts=self._num_slots, expert_map=None,
             shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+        # On CUDA this runs inside vLLM's opaque moe_forward op, so a piecewise graph's
+        # piece holds whole layer calls; one that forked the copy stream joins it
+        # before the piece ends (device_cache.py NOTE #5). False on CPU.
+        if self._model.joins_prefetch and in_piecewise_cudagraph():
+            self._model.cache.join_prefetch()
+        return out
 
 
 _NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")

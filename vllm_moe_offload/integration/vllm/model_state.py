@@ -57,6 +57,9 @@ class ModelOffload:
         self.failed_requests = 0  # failed because an expert they routed to was lost
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
         self.checkpoint_quantization: str | None = None  # its experts' vLLM method
+        # device mode's prefetch on CUDA: a layer call in a piece of a piecewise CUDA
+        # graph joins its copy stream (device_cache.py NOTE #5)
+        self.joins_prefetch = False
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
@@ -220,6 +223,8 @@ class ModelOffload:
                                                  self.cfg.eviction)
         if isinstance(self.cache, ExpertCache):  # lost rows fail their requests (tasks.py NOTE #1)
             self.cache.fail_requests = True
+        self.joins_prefetch = (self.device.type == "cuda" and why_host is None
+                               and predictor is not None)
         if self.device.type == "cuda":
             logger.info("expert offload: %s", "device mode (residency on the GPU, no host "
                         "sync per layer call)" if why_host is None else

@@ -169,7 +169,6 @@ def _install_engine_args_hooks() -> None:
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)
-            _split_at_remap(vllm_config, cfg)
         return vllm_config
 
     create._moe_offload = True
@@ -191,7 +190,12 @@ def _set_task_scheduler(engine_args) -> None:
 
 
 def _choose_graph_mode(engine_args, cfg) -> None:
-    """Device mode keeps vLLM's CUDA graphs; host work per layer call needs eager."""
+    """Device mode keeps vLLM's CUDA graphs; host work per layer call needs eager.
+
+    Not piecewise graphs either: on CUDA vLLM runs each MoE layer inside its opaque
+    `vllm::moe_forward` op, so the remap can never be a splitting op, and making
+    moe_forward one would hand the next piece a fresh output tensor where its graph
+    reads a fixed address."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda_alike():
@@ -206,16 +210,3 @@ def _choose_graph_mode(engine_args, cfg) -> None:
                        "task-aware residency, eviction 'auto' and a next-gate/lookahead "
                        "predictor keep graphs on)", reason)
         engine_args.enforce_eager = True
-
-
-def _split_at_remap(vllm_config, cfg) -> None:
-    """With prefetch on a GPU, the copy stream a layer call forks is joined by a
-    later layer's call. vLLM's piecewise graphs (prefill, mixed batches) end at
-    every attention op, so the remap becomes a splitting op too: it then runs
-    between pieces, and full graphs (decode) still capture it whole."""
-    from vllm.platforms import current_platform
-
-    ops = vllm_config.compilation_config.splitting_ops
-    if (current_platform.is_cuda_alike() and cfg.predictor != "none" and ops
-            and "vllm_moe_offload::map_to_slots" not in ops):
-        ops.append("vllm_moe_offload::map_to_slots")
