@@ -7,7 +7,9 @@ Runtime only (no vLLM): a stack of L MoE layers, each the same expert kernel
 (`moe_kernel.py`) over plain [E, ...] weights or over the offload pool's [S, ...]
 slot buffers, so a ratio measures offload and nothing else. Rows:
 - plain eager / plain CUDA graph: every expert in GPU memory (the baseline);
-- resident: device-mode offload with every expert in the pool, graphed;
+- resident: device-mode offload with every expert in the pool, graphed; at batch 1
+  also its variants: the general resolve path, a 16-program fill, and (Hopper and
+  newer) the fill as a programmatic dependent launch of resolve (PDL);
 - S50 on-demand / prefetch (next-gate, depth 2) / oracle: half the experts in
   the pool, graphed, with uniform routing and with a skewed, temporally local mix;
 - host mode: the per-layer host-sync path (eager) at S = 50%;
@@ -321,9 +323,19 @@ def run_shape(name, shape, T, args, device, disk_dir):
         cache.small_path = False
         row("resident (general path)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
+        parts = cache.demand_parts
         cache.small_path, cache.demand_parts = True, 16
         row("resident (fill 16 programs)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
+        cache.demand_parts = parts
+        if torch.cuda.get_device_capability(device)[0] >= 9:  # Hopper and newer
+            cache.pdl = True  # the fill launched while resolve runs
+            try:
+                row("resident (PDL)", "uniform", uniform,
+                    lambda c=cache: stack.offload_step(c), True, cache)
+            except Exception as e:  # an experiment: report it, keep the other rows
+                print(f"  {name} T={T} resident (PDL): failed: {e!r}", flush=True)
+            cache.pdl = False
         sm_link[name] = fill_gbs(stack)
     del cache
     for rname, routing in (("uniform", uniform), ("local", local)):

@@ -91,6 +91,20 @@ def test_piecewise_graphs_with_prefetch_match_all_resident(num_slots):
     graphed_steps_match(store, full, num_slots, True, pieces=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("bits", [16, 4])
+def test_graphed_steps_with_pdl_match_all_resident(bits):
+    """The demand fill launched as a programmatic dependent of resolve (its programs
+    wait in gdc_wait for resolve's writes): replays still equal all-resident."""
+    if bits == 16:
+        store, full = device_cases.make_store(8, 8, LAYOUT, pinned=True)
+    else:
+        store, full = device_cases.make_quantized_store(8, 8, LAYOUT, bits, pinned=True)
+    graphed_steps_match(store, full, 12, True, pdl=True)
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 def test_graphed_steps_decode_a_quantized_store(bits):
     """The same with a quantized store: the fill decodes each miss (prefetched ones
@@ -99,7 +113,7 @@ def test_graphed_steps_decode_a_quantized_store(bits):
     graphed_steps_match(store, full, 12, True)
 
 
-def graphed_steps_match(store, full, num_slots, predict, pieces=False):
+def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False):
     """Whole steps in one graph, or (`pieces`) one graph per layer call."""
     L, E, T, K = store.num_layers, store.experts_per_layer, 4, 2
     full13, full2 = stacked(full, L, E)
@@ -107,6 +121,7 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False):
     predictor = TruePredictor(script, depth=2) if predict else None
     cache, why = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
     assert why is None and cache.mode == "device"
+    cache.pdl = pdl
 
     def call(l):
         slots = cache.map_to_slots(l, script.ids[l], script.x[l])

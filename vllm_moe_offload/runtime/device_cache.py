@@ -140,6 +140,9 @@ class DeviceExpertCache(SlotBuffers):
         self._victims = torch.zeros(E, dtype=i32, device=dev)
         self._jobs = torch.full((2, E), -1, dtype=i32, device=dev)  # key, slot
         self.small_path = True  # decode-sized calls resolve in registers (benchmarks)
+        # resolve -> demand fill as a programmatic dependent launch (Hopper and newer;
+        # off until measured: benchmarks/gpu_stack.py "resident (PDL)")
+        self.pdl = False
         cuda = self.device.type == "cuda"
         self.demand_parts = DEMAND_PARTS if cuda else INTERPRETER_PARTS
         self.prefetch_parts = PREFETCH_PARTS if cuda else INTERPRETER_PARTS
@@ -272,22 +275,25 @@ class DeviceExpertCache(SlotBuffers):
             self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
             self._pmask, self._pvalid, self.pred_counts, self.num_slots, E, jobs,
             DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block, CH=self._ch,
-            SMALL=self.small_path and id_block * self._e_pad <= 8192)
-        self._fill(self._jobs, jobs, self.demand_parts)
+            SMALL=self.small_path and id_block * self._e_pad <= 8192, PDL=self.pdl)
+        self._fill(self._jobs, jobs, self.demand_parts, self.pdl)
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
         return out.view(topk_ids.shape)
 
-    def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int) -> None:
+    def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int, pdl: bool = False
+              ) -> None:
+        """`pdl`: launch each fill as a programmatic dependent of the kernel before it."""
+        launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         for args, nt in self._fill_groups:
             K.fill_kernel[(parts,)](
                 self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
-                NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad)
+                NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad, **launch)
         for args, meta in self._decode_args:  # parts per matrix, as many programs
             K.decode_fill_kernel[(parts * meta["NM"],)](
                 self._codes, self._halves, jobs[0], jobs[1], num_jobs,
                 self._codes.shape[1], *args, **meta, PARTS=parts * meta["NM"],
-                BLOCK=self.decode_block, E_PAD=self._e_pad)
+                BLOCK=self.decode_block, E_PAD=self._e_pad, **launch)
 
     @staticmethod
     def _id_block(n: int) -> int:

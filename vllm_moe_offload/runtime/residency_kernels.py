@@ -216,11 +216,14 @@ def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_p
                    state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
                    counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J,
                    DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
-                   CH: tl.constexpr, SMALL: tl.constexpr):
+                   CH: tl.constexpr, SMALL: tl.constexpr, PDL: tl.constexpr = False):
     """One layer call in one program: ids [n] -> out [n] slot ids; misses become
     fill jobs for `fill_kernel`, the next launch on the same stream.
     (A fused variant, whose other programs waited on a doorbell and copied, measured
-    slower on an H100: docs/results.md.)"""
+    slower on an H100: docs/results.md.) PDL: the fill is a programmatic dependent
+    launch, let onto the SMs at once; it waits for this kernel in `gdc_wait`."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
              state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
              pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH, E_PAD, ID_BLOCK,
@@ -309,9 +312,11 @@ def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
 def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
                 dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
                 NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                E_PAD: tl.constexpr):
+                E_PAD: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (PARTS,): demand fills on the compute stream, prefetch fills on the copy
-    stream."""
+    stream. PDL: launched as a programmatic dependent of the kernel before it."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, tl.program_id(0), record_words,
                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
                NT, PARTS, BLOCK, E_PAD)
@@ -345,10 +350,12 @@ def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record
                        dst1, codes1, scale1, zero1, n1, n_out1, index1,
                        NM: tl.constexpr, GATHER: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, BF16: tl.constexpr, PARTS: tl.constexpr,
-                       BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+                       BLOCK: tl.constexpr, E_PAD: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (PARTS,), fill for a quantized store: the slot values of its NM (1 or 2)
     matrices, w13's then w2's, are one range that the programs split evenly; each
-    decodes its part of every job."""
+    decodes its part of every job. PDL: as in `fill_kernel`."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     j = tl.arange(0, E_PAD)
     keys = tl.load(job_key_ptr + j, mask=j < J, other=-1, cache_modifier=".cg")
     if tl.max(keys, 0) >= 0:
