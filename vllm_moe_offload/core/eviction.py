@@ -349,12 +349,15 @@ class ReuseDistance(_DecayedUses):
         return set(self._key_of)
 
 
+DEVICE_POLICIES = ("reuse",)  # device mode's kernels run these ('auto' is 'reuse' there)
+
+
 def host_only_reason(name: str) -> str | None:
-    """Why eviction `name` needs host mode; None for 'auto' (device mode's CLOCK)."""
-    if name == "auto":
+    """Why eviction `name` needs host mode; None where device mode's kernels run it."""
+    if name == "auto" or name in DEVICE_POLICIES:
         return None
-    return (f"eviction={name!r} runs on the host (device mode evicts by CLOCK in its "
-            "kernel; eviction='auto' keeps it)")
+    return (f"eviction={name!r} runs on the host (device mode's kernels evict by "
+            "'reuse'; eviction='auto' or 'reuse' keeps it)")
 
 
 def make_policy(name: str, num_layers: int) -> EvictionPolicy:

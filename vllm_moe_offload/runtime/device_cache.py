@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.eviction import HALF_LIFE_STEPS
 from ..core.slot_pool import ExpertKey
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
@@ -99,12 +100,16 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
 
 class DeviceExpertCache(SlotBuffers):
     mode = "device"
-    eviction = "clock"  # CLOCK in resolve_kernel (residency_kernels.py)
     trace = None
+    POLICIES = ("reuse", "clock")  # eviction in the kernels (residency_kernels.py)
 
     def __init__(self, store: HostStore | QuantizedStore, num_slots: int,
                  device: torch.device | str, stats: OffloadStats | None = None, predictor=None,
-                 prefetch_budget_slots: int | None = None):
+                 prefetch_budget_slots: int | None = None, eviction: str = "reuse"):
+        if eviction not in self.POLICIES:
+            raise ValueError(f"device mode evicts by one of {self.POLICIES}, not {eviction!r}")
+        self.eviction = eviction
+        self._policy = K.REUSE if eviction == "reuse" else K.CLOCK
         self.store = store
         self.device = torch.device(device)
         L, E = store.num_layers, store.experts_per_layer
@@ -129,7 +134,12 @@ class DeviceExpertCache(SlotBuffers):
         self.table = torch.full((L * E,), -1, dtype=i32, device=dev)
         self.owner = torch.full((num_slots,), -1, dtype=i32, device=dev)
         self.flags = torch.zeros(num_slots, dtype=i32, device=dev)
-        self.state = torch.zeros(4, dtype=i32, device=dev)
+        self.state = torch.zeros(K.NSTATE, dtype=i32, device=dev)
+        # `reuse` eviction: log2 of each key's decayed use count, of the decayed step
+        # count, and each slot's value as a victim (scratch)
+        self.uses = torch.full((L * E,), K.NEVER.value, dtype=torch.float32, device=dev)
+        self.clock = torch.full((1,), K.NEVER.value, dtype=torch.float32, device=dev)
+        self._values = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self.state[int(K.BUDGET.value)] = self.prefetch_budget  # read by graphs, too
         self.counters = torch.zeros((L, int(K.NSTAT.value)), dtype=torch.int64, device=dev)
         depth = max(self.depth, 1)
@@ -249,6 +259,10 @@ class DeviceExpertCache(SlotBuffers):
         """[L, E] bool on the host (a sync: call it between steps)."""
         return (self.table >= 0).view(self.num_layers, self.experts_per_layer).cpu()
 
+    def slot_map(self, layer: int) -> torch.Tensor:
+        E = self.experts_per_layer
+        return self.table[layer * E:(layer + 1) * E]
+
     def resident(self, layer: int) -> list[int]:
         return self.resident_mask()[layer].nonzero().flatten().tolist()
 
@@ -273,9 +287,11 @@ class DeviceExpertCache(SlotBuffers):
         K.resolve_kernel[(1,)](
             ids, n, out, layer, self.table, self.owner, self.flags, self.state,
             self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
-            self._pmask, self._pvalid, self.pred_counts, self.num_slots, E, jobs,
+            self._pmask, self._pvalid, self.pred_counts, self.uses, self.clock,
+            self._values, self.num_slots, E, jobs, self.num_layers, 1.0 / HALF_LIFE_STEPS,
             DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block, CH=self._ch,
-            SMALL=self.small_path and id_block * self._e_pad <= 8192, PDL=self.pdl)
+            SMALL=self.small_path and id_block * self._e_pad <= 8192, POLICY=self._policy,
+            PDL=self.pdl)
         self._fill(self._jobs, jobs, self.demand_parts, self.pdl)
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
@@ -316,9 +332,10 @@ class DeviceExpertCache(SlotBuffers):
             K.prefetch_kernel[(1,)](
                 ids, n, layer, target, d, self.table, self.owner,
                 self.flags, self.state, self._need, self._victims, pjobs[0], pjobs[1],
-                self.counters, self._pmask, self._pvalid, self.num_slots, E, jobs,
-                DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=self._id_block(n),
-                CH=self._ch)
+                self.counters, self._pmask, self._pvalid, self.uses, self.clock,
+                self._values, self.num_slots, E, jobs, self.num_layers, DEPTH=self.depth,
+                E_PAD=self._e_pad, ID_BLOCK=self._id_block(n), CH=self._ch,
+                POLICY=self._policy)
             launches.append((target, pjobs, jobs))
         if not self._cuda:  # the Triton interpreter (tests): no streams
             for _, pjobs, jobs in launches:

@@ -40,7 +40,84 @@ PROTECT, PINNED, AHEAD, REF, TAKEN = (tl.constexpr(1 << i) for i in range(5))
 CALLS, HITS, MISSES, EVICTIONS, PREFETCHED, PF_HITS, PF_WASTED = (
     tl.constexpr(i) for i in range(7))
 NSTAT = tl.constexpr(8)
-HAND, LOCKS, ERROR, BUDGET = (tl.constexpr(i) for i in range(4))
+HAND, LOCKS, ERROR, BUDGET, LAST, STEP = (tl.constexpr(i) for i in range(6))
+NSTATE = 6
+CLOCK, REUSE = tl.constexpr(0), tl.constexpr(1)  # eviction policies (POLICY)
+NEVER = tl.constexpr(-1e30)  # log2 use count of a key no call used
+FREE_VALUE, COLD_VALUE = tl.constexpr(2e37), tl.constexpr(1e37)  # REUSE victim order
+
+
+@triton.jit
+def _log2_add(a, b):
+    """log2(2^a + 2^b); NEVER + b = b."""
+    hi = tl.maximum(a, b)
+    return hi + tl.log2(1.0 + tl.exp2(tl.minimum(a, b) - hi))
+
+
+@triton.jit
+def _start_call(layer, state_ptr, clock_ptr, inv_half_life):
+    """Advance the step clock (core/eviction.py `_DecayedUses.start_call`): a new
+    forward step starts when the layer index does not grow. Returns (now, log2 of
+    the decayed step count)."""
+    last = tl.load(state_ptr + LAST)
+    step = tl.load(state_ptr + STEP)
+    steps = tl.load(clock_ptr)
+    new_step = (layer <= last) | (steps <= NEVER)
+    step += (layer <= last).to(tl.int32)
+    tl.store(state_ptr + LAST, layer)
+    tl.store(state_ptr + STEP, step)
+    now = step.to(tl.float32) * inv_half_life
+    steps = tl.where(new_step, _log2_add(steps, now), steps)
+    tl.store(clock_ptr, steps)
+    return now, steps
+
+
+@triton.jit
+def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, layer,
+                n_want, num_slots, E, L, steps, CH: tl.constexpr):
+    """`reuse` (core/eviction.py ReuseDistance): take the `n_want` candidates (as in
+    `_pick_victims`) whose key's next use is expected furthest away: dist(l) + L *
+    (1/p - 1) layer calls, p = 2^(score - steps) capped at 1; free slots first, then
+    keys no call used (or not for 60 half-lives); ties to the lowest slot. One pass
+    writes each slot's value to val_ptr, then each victim is one max over them."""
+    offs = tl.arange(0, CH)
+    for start in range(0, num_slots, CH):
+        s = start + offs
+        live = s < num_slots
+        f = tl.load(flags_ptr + s, mask=live, other=PINNED)
+        o = tl.load(owner_ptr + s, mask=live, other=-1)
+        held = live & (o >= 0)
+        o_layer = tl.where(held, o // E, 0)
+        o_need = tl.load(need_ptr + tl.where(held, o % E, 0), mask=held, other=0)
+        in_use = held & (o_layer == layer) & (o_need != 0)
+        cand = live & ((f & (PROTECT | PINNED | TAKEN)) == 0) & (in_use == 0)
+        age = steps - tl.load(uses_ptr + tl.where(held, o, 0), mask=held, other=NEVER)
+        dist = (o_layer - layer - 1 + L) % L + 1
+        value = dist.to(tl.float32) + L * (tl.exp2(tl.minimum(tl.maximum(age, 0.0), 60.0))
+                                           - 1.0)
+        value = tl.where(age > 60.0, COLD_VALUE, value)
+        value = tl.where(held, value, FREE_VALUE)
+        tl.store(val_ptr + s, tl.where(cand, value, -1.0), mask=live)
+    tl.debug_barrier()
+    taken = n_want * 0
+    for _ in range(0, n_want):
+        best = tl.full([], -1.0, tl.float32)
+        best_slot = n_want * 0
+        for start in range(0, num_slots, CH):
+            s = start + offs
+            v = tl.load(val_ptr + s, mask=s < num_slots, other=-2.0)
+            top = tl.max(v, 0)
+            at = tl.min(tl.where(v == top, s, num_slots), 0)
+            better = top > best
+            best_slot = tl.where(better, at, best_slot)
+            best = tl.where(better, top, best)
+        if best >= 0.0:
+            tl.store(vict_ptr + taken, best_slot)
+            tl.store(flags_ptr + best_slot, tl.load(flags_ptr + best_slot) | TAKEN)
+            tl.store(val_ptr + best_slot, -1.0)
+            taken += 1
+        tl.debug_barrier()
+    return taken
 
 
 @triton.jit
@@ -138,14 +215,21 @@ def _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.c
 @triton.jit
 def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, state_ptr,
              need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr, pmask_ptr,
-             pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH: tl.constexpr,
-             E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr, CH: tl.constexpr,
-             SMALL: tl.constexpr):
+             pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr, num_slots, E, J, L,
+             inv_half_life, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
+             ID_BLOCK: tl.constexpr, CH: tl.constexpr, SMALL: tl.constexpr,
+             POLICY: tl.constexpr):
     e = tl.arange(0, E_PAD)
+    steps = tl.full([], NEVER, tl.float32)
+    if POLICY == REUSE:  # loads that do not wait for the need mask go first
+        uses = tl.load(uses_ptr + layer * E + e, mask=e < E, other=NEVER)
+        now, steps = _start_call(layer, state_ptr, clock_ptr, inv_half_life)
     if SMALL:
         need, ids = _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
     else:
         need = _mark(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
+    if POLICY == REUSE:  # this call's experts count one use each
+        tl.store(uses_ptr + layer * E + e, _log2_add(uses, now), mask=need)
     row = tl.load(table_ptr + layer * E + e, mask=e < E, other=-1)
     resident = row >= 0
     miss = need & (resident == 0)
@@ -180,8 +264,12 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
     slot = row * 0
     if n_miss > 0:
         tl.debug_barrier()
-        taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
-                              n_miss, num_slots, E, CH)
+        if POLICY == REUSE:
+            taken = _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr,
+                                layer, n_miss, num_slots, E, L, steps, CH)
+        else:
+            taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr,
+                                  layer, n_miss, num_slots, E, CH)
         got = miss & (rank < taken)
         slot = _assign(layer, e, got, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
                        counters_ptr, REF, E)
@@ -214,9 +302,10 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
 @triton.jit
 def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
                    state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
-                   counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J,
-                   DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
-                   CH: tl.constexpr, SMALL: tl.constexpr, PDL: tl.constexpr = False):
+                   counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr,
+                   val_ptr, num_slots, E, J, L, inv_half_life, DEPTH: tl.constexpr,
+                   E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr, CH: tl.constexpr,
+                   SMALL: tl.constexpr, POLICY: tl.constexpr, PDL: tl.constexpr = False):
     """One layer call in one program: ids [n] -> out [n] slot ids; misses become
     fill jobs for `fill_kernel`, the next launch on the same stream.
     (A fused variant, whose other programs waited on a doorbell and copied, measured
@@ -226,16 +315,16 @@ def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_p
         tl.extra.cuda.gdc_launch_dependents()
     _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
              state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
-             pmask_ptr, pvalid_ptr, pred_ptr, num_slots, E, J, DEPTH, E_PAD, ID_BLOCK,
-             CH, SMALL)
+             pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr, num_slots, E,
+             J, L, inv_half_life, DEPTH, E_PAD, ID_BLOCK, CH, SMALL, POLICY)
 
 
 @triton.jit
 def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
                     flags_ptr, state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
-                    counters_ptr, pmask_ptr, pvalid_ptr, num_slots, E, J,
-                    DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
-                    CH: tl.constexpr):
+                    counters_ptr, pmask_ptr, pvalid_ptr, uses_ptr, clock_ptr, val_ptr,
+                    num_slots, E, J, L, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
+                    ID_BLOCK: tl.constexpr, CH: tl.constexpr, POLICY: tl.constexpr):
     """Layer `layer` predicts ids [n] for layer `target` (= layer + dist): lock the
     predicted experts that are resident, and give up to the budget minus the slots
     already locked to the missing ones (fill jobs for the copy stream)."""
@@ -256,8 +345,12 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     j = tl.arange(0, E_PAD)
     tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
     tl.debug_barrier()
-    taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
-                          want, num_slots, E, CH)
+    if POLICY == REUSE:
+        taken = _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr,
+                            layer, want, num_slots, E, L, tl.load(clock_ptr), CH)
+    else:
+        taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
+                              want, num_slots, E, CH)
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
     sel = miss & (rank < taken)
     slot = _assign(target, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,

@@ -48,10 +48,14 @@ def make_store(L, E, layout=LAYOUT, pinned=False):
 
 
 def check_slots(cache, full, layer, ids, slots):
-    """Every routed (token, k) reads the right expert from its slot."""
+    """Every routed (token, k) reads the right expert from its slot, and the layer's
+    slot map (the expert map vLLM's GPU kernels read) names the same slots."""
     for e, s in zip(ids.reshape(-1).tolist(), slots.reshape(-1).tolist()):
         for buf, want in zip(cache.buffers, full[(layer, e)]):
             assert torch.equal(buf[s].cpu(), want), f"layer {layer} expert {e} slot {s}"
+    mapped = cache.slot_map(layer)
+    assert mapped.dtype == torch.int32 and mapped.device == slots.device
+    assert mapped[ids.reshape(-1).long()].tolist() == slots.reshape(-1).tolist()
 
 
 def check_state(cache):

@@ -163,7 +163,9 @@ def _install_engine_args_hooks() -> None:
             problem = vllm_version_problem()
             if problem:
                 raise RuntimeError(problem)
+            _refuse_weight_offload(self)
             _choose_graph_mode(self, cfg)
+            _choose_model_runner(self)
             if cfg.use_task_scheduler:
                 _set_task_scheduler(self)
         vllm_config = orig_create(self, *args, **kwargs)
@@ -187,6 +189,38 @@ def _set_task_scheduler(engine_args) -> None:
             f"--scheduler-cls={current} is set; drop --scheduler-cls, or set "
             "expert_offload.task_scheduler=false to keep your scheduler.")
     engine_args.scheduler_cls = SCHEDULER_CLS
+
+
+def _refuse_weight_offload(engine_args) -> None:
+    """vLLM's own weight offload copies the slot buffers aside at load, so its kernels
+    would read a stale copy while misses fill the pool."""
+    if getattr(engine_args, "cpu_offload_gb", 0):
+        raise ValueError(
+            f"--cpu-offload-gb={engine_args.cpu_offload_gb} offloads weights the vLLM way, "
+            "which does not mix with expert offload (the experts already live in host "
+            "memory and only a pool of them on the GPU). Drop --cpu-offload-gb, and size "
+            "the pool with --expert-pool-gib or --expert-pool-slots.")
+
+
+def _choose_model_runner(engine_args) -> None:
+    """On CUDA, vLLM's V1 model runner, whose steps the plugin hooks (tasks.py: failed
+    requests, /metrics, task residency): vLLM 0.32 picks V2 there by default."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return
+    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if v2 is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read by the workers at start
+        logger.info("expert offload: vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), "
+                    "whose steps the plugin hooks")
+    elif v2.strip().lower() in ("1", "true"):
+        raise ValueError(
+            f"VLLM_USE_V2_MODEL_RUNNER={v2} is set, and expert offload hooks the steps "
+            "of vLLM's V1 model runner (failed requests, metrics, task residency). "
+            "Unset it (or set 0), or turn expert offload off.")
 
 
 def _choose_graph_mode(engine_args, cfg) -> None:
