@@ -8,8 +8,9 @@ Runtime only (no vLLM): a stack of L MoE layers, each the same expert kernel
 slot buffers, so a ratio measures offload and nothing else. Rows:
 - plain eager / plain CUDA graph: every expert in GPU memory (the baseline);
 - resident: device-mode offload with every expert in the pool, graphed; at batch 1
-  also its variants: the general resolve path, a 16-program fill, and (Hopper and
-  newer) the fill as a programmatic dependent launch of resolve (PDL);
+  also its variants: CLOCK eviction instead of `reuse` (no use counts per call),
+  the general resolve path, a 16-program fill, and (Hopper and newer) the fill as
+  a programmatic dependent launch of resolve (PDL);
 - S50 on-demand / prefetch (next-gate, depth 2) / oracle: half the experts in
   the pool, graphed, with uniform routing and with a skewed, temporally local mix;
 - host mode: the per-layer host-sync path (eager) at S = 50%;
@@ -323,6 +324,10 @@ def run_shape(name, shape, T, args, device, disk_dir):
         cache.small_path = False
         row("resident (general path)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
+        cache.eviction = "clock"  # the previous default: no use counts per call
+        row("resident (CLOCK eviction)", "uniform", uniform,
+            lambda c=cache: stack.offload_step(c), True, cache)
+        cache.eviction = "reuse"
         parts = cache.demand_parts
         cache.small_path, cache.demand_parts = True, 16
         row("resident (fill 16 programs)", "uniform", uniform,

@@ -23,7 +23,7 @@ def test_device_mode_through_vllm_matches_plain(models, engine):
                              predictor="next-gate"), max_tokens=TOKENS)
     off = run_engine(spec, env={"TRITON_INTERPRET": "1"})
     pool = off["stats"]["pool"]
-    assert pool["mode"] == "device" and pool["eviction"] == "clock"
+    assert pool["mode"] == "device" and pool["eviction"] == "reuse"
     assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
     assert off["token_ids"] == plain
     t = off["stats"]["totals"]

@@ -95,7 +95,8 @@ class OffloadConfig:
                        "frequency), 'layer' (the layer that just ran first), 'reuse' "
                        "(layer cycle x decayed frequency: farthest expected next use), "
                        "'predicted' (reuse, plus the predictor's named experts kept) or "
-                       "'auto' (reuse; on a GPU in device mode, CLOCK in the kernel). "
+                       "'auto' (reuse; on a GPU in device mode, the same rule in the "
+                       "kernels). "
                        "docs/results.md section 7 has the measurements.")
     task_aware: bool = _f(False, "--expert-task-aware",
                           "Learn per-task expert profiles and pin the experts that the "

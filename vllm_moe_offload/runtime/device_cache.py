@@ -4,8 +4,9 @@ Legend: T = tokens, K = top-k, L = MoE layers, E = experts per layer, S = slots,
 d = prefetch distance, D = prefetch depth.
 
 `DeviceExpertCache` has `ExpertCache`'s interface, but the slot table, the owner of
-each slot, the eviction order (CLOCK) and the counters live in device memory and
-only the kernels of `residency_kernels.py` touch them while the model runs. A layer
+each slot, the eviction state (`reuse`: each expert's decayed use count, as in
+core/eviction.py; or CLOCK's reference bits) and the counters live in device memory
+and only the kernels of `residency_kernels.py` touch them while the model runs. A layer
 call is two launches on the current stream (resolve, then fill) and no host work
 that depends on data, so it can be captured in a CUDA graph. A miss is served at
 link speed: fill reads the expert from the pinned host store in place (UVA) and
@@ -106,10 +107,7 @@ class DeviceExpertCache(SlotBuffers):
     def __init__(self, store: HostStore | QuantizedStore, num_slots: int,
                  device: torch.device | str, stats: OffloadStats | None = None, predictor=None,
                  prefetch_budget_slots: int | None = None, eviction: str = "reuse"):
-        if eviction not in self.POLICIES:
-            raise ValueError(f"device mode evicts by one of {self.POLICIES}, not {eviction!r}")
         self.eviction = eviction
-        self._policy = K.REUSE if eviction == "reuse" else K.CLOCK
         self.store = store
         self.device = torch.device(device)
         L, E = store.num_layers, store.experts_per_layer
@@ -258,6 +256,19 @@ class DeviceExpertCache(SlotBuffers):
     def resident_mask(self) -> torch.Tensor:
         """[L, E] bool on the host (a sync: call it between steps)."""
         return (self.table >= 0).view(self.num_layers, self.experts_per_layer).cpu()
+
+    @property
+    def eviction(self) -> str:
+        return self._eviction
+
+    @eviction.setter
+    def eviction(self, name: str) -> None:
+        """`reuse` (core/eviction.py's rule, in the kernels) or `clock`. It may change
+        between calls (benchmarks); use counts are only kept while it is `reuse`."""
+        if name not in self.POLICIES:
+            raise ValueError(f"device mode evicts by one of {self.POLICIES}, not {name!r}")
+        self._eviction = name
+        self._policy = K.REUSE if name == "reuse" else K.CLOCK
 
     def slot_map(self, layer: int) -> torch.Tensor:
         E = self.experts_per_layer

@@ -10,15 +10,21 @@ the model runs, so a layer call needs no host sync and can sit in a CUDA graph:
 - `flags [S]`: PROTECT (prefetched for a later call, not a victim until that call
   settles it), PINNED (residency plan), AHEAD (filled by prefetch, not yet scored),
   REF (CLOCK reference bit), TAKEN (picked as a victim inside this kernel);
-- `state [4]`: clock hand, slots locked by prefetch, error code (1: no victim),
-  prefetch budget (slots prefetch may lock; the host changes it with the plan);
-- `counters [L, NSTAT]` int64 (the columns below), `pred [L, D, 3]` int64.
+- `state [6]`: clock hand, slots locked by prefetch, error code (1: no victim),
+  prefetch budget (slots prefetch may lock; the host changes it with the plan), the
+  last layer called and the step count (the `reuse` clock);
+- `counters [L, NSTAT]` int64 (the columns below), `pred [L, D, 3]` int64;
+- `reuse` eviction, float32: `uses [L * E]` log2 of each key's decayed use count,
+  `clock [1]` log2 of the decayed step count (core/eviction.py NOTE #2, #3), and
+  `values [S]`, scratch for the victim search.
 
 `resolve` runs one layer call in one CTA: marks the needed experts, settles the
-layer's prefetched slots, picks CLOCK victims for its misses (never a slot this
-call needs, never a locked one), updates table/owner/flags in place, writes the
-fill jobs and the slot ids. `fill` then copies each job's expert from pinned host
-memory (read in place over the link, UVA) into its slot; its grid is fixed, and a
+layer's prefetched slots, picks victims for its misses (never a slot this
+call needs, never a locked one: by `reuse`, the farthest expected next use, one
+pass over the S slots per victim; or by CLOCK from the hand), updates
+table/owner/flags in place, writes the fill jobs and the slot ids. `fill` then
+copies each job's expert from pinned host memory (read in place over the link,
+UVA) into its slot; its grid is fixed, and a
 program whose job is empty returns at once, so an all-hit call costs two tiny
 launches (a record of N > 4 tensors: 1 + ceil(N / 4)). `prefetch` is `resolve` for
 a predicted later layer: its fill runs on the copy stream, and the target layer's

@@ -113,8 +113,9 @@ def run_predicted(cache, full, pred, gen, steps, tokens, device):
 def case_small_pools_hold_the_right_bytes(device):
     L, E = 4, 8
     store, full = make_store(L, E, pinned=device == "cuda")
-    for num_slots in (E, E + 3, L * E // 2, L * E):
-        cache = DeviceExpertCache(store, num_slots, device)
+    for num_slots, eviction in ((E, "reuse"), (E + 3, "reuse"), (L * E // 2, "reuse"),
+                                (L * E, "reuse"), (E + 3, "clock"), (L * E // 2, "clock")):
+        cache = DeviceExpertCache(store, num_slots, device, eviction=eviction)
         gen = torch.Generator().manual_seed(num_slots)
         distinct = 0
         for step in range(3):
@@ -131,6 +132,49 @@ def case_small_pools_hold_the_right_bytes(device):
         assert t.bytes_loaded == t.misses * LAYOUT.expert_bytes
         assert (t.evictions == 0) == (num_slots == L * E)
         assert t.misses >= min(num_slots, L * E) or num_slots == L * E
+
+
+def replay_hits(cache, calls, device):
+    """Hits of `calls` ((layer, experts) on demand) through a device cache."""
+    for layer, experts in calls:
+        cache.map_to_slots(layer, torch.tensor(experts, device=device).view(-1, 1))
+    check_state(cache)
+    return cache.sync_stats().totals().hits
+
+
+def case_reuse_eviction_keeps_the_next_layers_experts(device):
+    """The collapse the issue names: each step touches more experts than the pool
+    holds and the layers come round in order, so CLOCK (like LRU) evicts each expert
+    just before its layer runs again and never hits. `reuse` evicts the experts whose
+    next use is furthest (the layer that just ran) and hits as host mode's `reuse`
+    (core/eviction.py, replayed by core/replay.py) does on the same calls."""
+    from vllm_moe_offload.core.replay import PROFILES, Call, replay
+
+    L, E, S = 4, 8, 14
+    store, full = make_store(L, E, pinned=device == "cuda")
+    calls = [(layer, list(range(6))) for _ in range(6) for layer in range(L)]
+    clock = replay_hits(DeviceExpertCache(store, S, device, eviction="clock"), calls, device)
+    reuse = replay_hits(DeviceExpertCache(store, S, device, eviction="reuse"), calls, device)
+    host = replay([Call(i // L, layer, tuple(experts), 1) for i, (layer, experts) in
+                   enumerate(calls)], S, "reuse", PROFILES["qwen3-30b-a3b-pcie5"], 0, E)
+    assert clock == 0
+    assert reuse == host.hits > 0, (reuse, host.hits)
+
+
+def case_reuse_eviction_prefers_frequent_experts(device):
+    """Within a layer, `reuse` evicts the experts used least (decayed count): layer 0
+    routes to expert 0 at every call and to a new one-off each step; when layer 1
+    then needs all its experts, the one-offs go and expert 0 stays."""
+    L, E = 2, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, E + 1, device, eviction="reuse")
+    for step in range(4):
+        for layer, experts in ((0, [0, 1 + step]), (1, [0] if step < 3 else list(range(E)))):
+            ids = torch.tensor(experts, device=device).view(-1, 1)
+            check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
+        check_state(cache)
+    assert cache.resident(0) == [0], cache.resident(0)
+    assert cache.sync_stats().totals().evictions == 4
 
 
 def case_all_resident_only_misses_once(device):

@@ -86,6 +86,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             cfg, _fingerprint(vllm_config), torch.device(moe_config.device))
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)
+        self._check_modular()  # where vLLM knows already: before the checkpoint loads
         # checkpoint expert id -> (its tensors, shards seen): see `_names`
         self._staging: dict[int, tuple[list[torch.Tensor], set]] = {}
 
@@ -234,13 +235,22 @@ class OffloadedRoutedExperts(RoutedExperts):
         cache = self._model.finish_loading(None, self._rederive_quantized)
         self._model.checkpoint_quantization = self._quant.method
         self._quant.bind(self, cache.buffers, self._slot_param)
+        self._check_modular()
+        self._bound(cache)
+
+    def _check_modular(self) -> None:
+        """forward_modular is the hook: a monolithic kernel routes inside itself and
+        would never call it. Checked as the layer is built where vLLM has chosen the
+        kernel class by then (unquantized), else when the pool is bound."""
         if self.quant_method.is_monolithic:
+            kernel = self.quant_method.moe_kernel or getattr(self.quant_method,
+                                                             "experts_cls", None)
+            name = getattr(kernel, "__name__", type(kernel).__name__)
             raise NotImplementedError(
                 f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
-                f"MoE kernel {type(self.quant_method.moe_kernel).__name__}, which routes "
-                "inside the kernel; offload needs a modular one. Pick another "
-                "--moe-backend, or turn expert offload off.")
-        self._bound(cache)
+                f"MoE kernel {name}, which routes inside the kernel; offload needs a "
+                "modular one. Pick another --moe-backend (e.g. --moe-backend triton), "
+                "or turn expert offload off.")
 
     def _bound(self, cache) -> None:
         """The pool is bound: how the kernel is told of the slots. vLLM's GPU kernels
@@ -395,12 +405,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                 self._ensure_store(packed)
             else:
                 self._model.ensure_store(_layout_of(packed))
-        if self.quant_method.is_monolithic:  # forward_modular would never be called
-            raise NotImplementedError(
-                f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
-                f"MoE kernel {type(self.quant_method.moe_kernel).__name__}, which routes "
-                "inside the kernel; offload needs a modular one. Pick another "
-                "--moe-backend, or turn expert offload off.")
+        self._check_modular()
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
         if len(cache.buffers) != len(self._names):
             raise RuntimeError(f"expert offload: {self.layer_name} has per-expert "
