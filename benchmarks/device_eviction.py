@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, write_results
-from eviction import TRAINED, record
+from common import write_results
+from eviction import hit_rate_bars, traces
 
 from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
 from vllm_moe_offload.core.trace import read_trace
-from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
 DEVICE_POLICIES = ("clock", "reuse")
@@ -98,19 +97,8 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(dict.fromkeys(r["policy"] for r in rows))
-    groups = list(dict.fromkeys((r["model"], r["batch"], r["pool"]) for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(labels)
-    for i, label in enumerate(labels):
-        values = [next(r["hit_rate"] for r in rows if r["policy"] == label
-                       and (r["model"], r["batch"], r["pool"]) == g) for g in groups]
-        ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
-    ax.set_xticklabels([f"{m.split()[0]}\nb{b} {p.split()[0]}" for m, b, p in groups],
-                       fontsize=7)
-    ax.set_ylabel("hit rate (replay, on demand)")
-    ax.legend(fontsize=7)
+    hit_rate_bars(ax, rows, list(dict.fromkeys(r["policy"] for r in rows)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -125,18 +113,8 @@ def main() -> None:
     if device.type != "cuda":
         os.environ["TRITON_INTERPRET"] = "1"  # before device_cache imports Triton
     max_calls = args.calls or (None if device.type == "cuda" else 600)
-    work = RESULTS / "work" / "eviction"
-    work.mkdir(parents=True, exist_ok=True)
-    generated = build_tiny_moe(work / "gen-qwen3-moe-6x32", "qwen3_moe", num_layers=6,
-                               num_experts=32, hidden_size=512, expert_ffn=1024)
-    traces = [("tiny-moe-4domains (trained)", str(TRAINED), 1, 8),
-              ("tiny-moe-4domains (trained)", str(TRAINED), 8, 16),
-              ("generated Qwen3-MoE 6x32 (random)", str(generated), 8, 16)]
     rows = []
-    for name, model, batch, requests in traces:
-        trace = work / f"trace-{Path(model).name}-b{batch}.bin"
-        if not trace.exists():  # the same traces as benchmarks/eviction.py
-            record(model, trace, batch, requests, max_tokens=96)
+    for name, trace, batch in traces():  # the same traces as benchmarks/eviction.py
         rows += rows_for(name, trace, batch, max_calls, device)
     table = f"Device: {device.type}" + (
         " (Triton's interpreter)" if device.type != "cuda" else "") + ".\n\n" + markdown(rows)

@@ -31,9 +31,27 @@ from vllm_moe_offload.cli.engine_probe import run_in_subprocess
 from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
 TRAINED = SHARED / "models" / "tiny-moe-4domains"
+WORK = RESULTS / "work" / "eviction"
 REPLAY_POLICIES = ("lru", "lfu", "layer", "reuse", "belady")
 E2E_POLICIES = ("lru", "lfu", "layer", "reuse")
 PROFILE = PROFILES["qwen3-30b-a3b-pcie5"]  # hit rates do not depend on it
+
+
+def traces() -> list[tuple[str, Path, int]]:
+    """(model name, trace file, batch) of the three traces; recorded if missing."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    generated = build_tiny_moe(WORK / "gen-qwen3-moe-6x32", "qwen3_moe", num_layers=6,
+                               num_experts=32, hidden_size=512, expert_ffn=1024)
+    out = []
+    for name, model, batch, requests in (
+            ("tiny-moe-4domains (trained)", str(TRAINED), 1, 8),
+            ("tiny-moe-4domains (trained)", str(TRAINED), 8, 16),
+            ("generated Qwen3-MoE 6x32 (random)", str(generated), 8, 16)):
+        trace = WORK / f"trace-{Path(model).name}-b{batch}.bin"
+        if not trace.exists():
+            record(model, trace, batch, requests, max_tokens=96)
+        out.append((name, trace, batch))
+    return out
 
 
 def record(model: str, trace: Path, batch: int, requests: int, max_tokens: int) -> None:
@@ -135,20 +153,12 @@ def markdown(rows) -> str:
     return "\n".join(out)
 
 
-def plot(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    replayed = [r for r in rows if r["part"] == "replay"]
-    groups = list(dict.fromkeys((r["model"], r["batch"], r["pool"]) for r in replayed))
-    e2e = [r for r in rows if r["part"] == "e2e" and r["vs_lru"] is not None]
-    fig, axes = plt.subplots(1, 2 if e2e else 1, figsize=(14 if e2e else 8, 4.5),
-                             squeeze=False)
-    ax = axes[0][0]
-    width = 0.8 / len(REPLAY_POLICIES)
-    for i, policy in enumerate(REPLAY_POLICIES):
-        values = [next(r["hit_rate"] for r in replayed if r["policy"] == policy
+def hit_rate_bars(ax, rows, policies) -> None:
+    """One bar per policy for each (model, batch, pool) of replayed `rows`."""
+    groups = list(dict.fromkeys((r["model"], r["batch"], r["pool"]) for r in rows))
+    width = 0.8 / len(policies)
+    for i, policy in enumerate(policies):
+        values = [next(r["hit_rate"] for r in rows if r["policy"] == policy
                        and (r["model"], r["batch"], r["pool"]) == g) for g in groups]
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=policy)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
@@ -156,6 +166,17 @@ def plot(rows, path: Path) -> None:
                        fontsize=7)
     ax.set_ylabel("hit rate (replay, on demand)")
     ax.legend(fontsize=7)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = [r for r in rows if r["part"] == "e2e" and r["vs_lru"] is not None]
+    fig, axes = plt.subplots(1, 2 if e2e else 1, figsize=(14 if e2e else 8, 4.5),
+                             squeeze=False)
+    hit_rate_bars(axes[0][0], [r for r in rows if r["part"] == "replay"], REPLAY_POLICIES)
     if e2e:
         ax = axes[0][1]
         settings = list(dict.fromkeys((r["batch"], r["pool"]) for r in e2e))
@@ -179,21 +200,11 @@ def main() -> None:
     p.add_argument("--skip-e2e", action="store_true", help="traces and replay only")
     p.add_argument("--rounds", type=int, default=2, help="interleaved engines per config")
     args = p.parse_args()
-    work = RESULTS / "work" / "eviction"
-    work.mkdir(parents=True, exist_ok=True)
-    generated = build_tiny_moe(work / "gen-qwen3-moe-6x32", "qwen3_moe", num_layers=6,
-                               num_experts=32, hidden_size=512, expert_ffn=1024)
-    traces = [("tiny-moe-4domains (trained)", str(TRAINED), 1, 8),
-              ("tiny-moe-4domains (trained)", str(TRAINED), 8, 16),
-              ("generated Qwen3-MoE 6x32 (random)", str(generated), 8, 16)]
     rows = []
-    for name, model, batch, requests in traces:
-        trace = work / f"trace-{Path(model).name}-b{batch}.bin"
-        if not trace.exists():
-            record(model, trace, batch, requests, max_tokens=96)
+    for name, trace, batch in traces():
         rows += replay_rows(name, trace, batch)
     if not args.skip_e2e:
-        rows += e2e_rows(work / "store", args.rounds)
+        rows += e2e_rows(WORK / "store", args.rounds)
     table = markdown(rows)
     print(table)
     write_results("eviction", ".venv/bin/python benchmarks/eviction.py", table, rows, plot)
