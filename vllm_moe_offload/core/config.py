@@ -294,8 +294,11 @@ class OffloadConfig:
             return "the oracle predictor replays a trace on the host"
         return host_only_reason(self.eviction)
 
-    def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int) -> int:
-        """Pool size in slots for a model, checked against one layer's experts."""
+    def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int,
+                  max_slots: int | None = None, max_reason: str = "") -> int:
+        """Pool size in slots for a model, checked against one layer's experts.
+        `max_slots`: the most the kernel takes (`max_reason` says why); the default
+        and pool_gib are capped there, an explicit pool_slots above it is refused."""
         total = num_layers * experts_per_layer
         if self.pool_slots is not None:
             slots, source = self.pool_slots, f"pool_slots={self.pool_slots}"
@@ -311,7 +314,15 @@ class OffloadConfig:
                 f"({experts_per_layer}): every layer call must fit in the pool. Set "
                 f"pool_slots >= {experts_per_layer} (--expert-pool-slots "
                 f"{experts_per_layer}) or pool_gib >= {need_gib:.4f}.")
-        return min(slots, total)
+        slots = min(slots, total)
+        if max_slots is not None and slots > max_slots:
+            if self.pool_slots is not None:
+                raise ValueError(
+                    f"expert_offload {source} is more than {max_slots} slots, the most "
+                    f"{max_reason}. Set pool_slots <= {max_slots} (--expert-pool-slots "
+                    f"{max_slots}).")
+            slots = max(max_slots, experts_per_layer)
+        return slots
 
 
 def _coerce(cls, name: str, value: Any) -> Any:

@@ -138,6 +138,7 @@ class DeviceExpertCache(SlotBuffers):
         self.uses = torch.full((L * E,), K.NEVER.value, dtype=torch.float32, device=dev)
         self.clock = torch.full((1,), K.NEVER.value, dtype=torch.float32, device=dev)
         self._values = torch.zeros(num_slots, dtype=torch.float32, device=dev)
+        self.rebase_steps = 1 << 15  # how often the counts move back (tests: less)
         self.state[int(K.BUDGET.value)] = self.prefetch_budget  # read by graphs, too
         self.counters = torch.zeros((L, int(K.NSTAT.value)), dtype=torch.int64, device=dev)
         depth = max(self.depth, 1)
@@ -270,10 +271,6 @@ class DeviceExpertCache(SlotBuffers):
         self._eviction = name
         self._policy = K.REUSE if name == "reuse" else K.CLOCK
 
-    def slot_map(self, layer: int) -> torch.Tensor:
-        E = self.experts_per_layer
-        return self.table[layer * E:(layer + 1) * E]
-
     def resident(self, layer: int) -> list[int]:
         return self.resident_mask()[layer].nonzero().flatten().tolist()
 
@@ -300,7 +297,8 @@ class DeviceExpertCache(SlotBuffers):
             self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
             self._pmask, self._pvalid, self.pred_counts, self.uses, self.clock,
             self._values, self.num_slots, E, jobs, self.num_layers, 1.0 / HALF_LIFE_STEPS,
-            DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block, CH=self._ch,
+            self.rebase_steps, DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block,
+            CH=self._ch,
             SMALL=self.small_path and id_block * self._e_pad <= 8192, POLICY=self._policy,
             PDL=self.pdl)
         self._fill(self._jobs, jobs, self.demand_parts, self.pdl)

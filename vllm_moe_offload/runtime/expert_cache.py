@@ -187,9 +187,6 @@ class ExpertCache(SlotBuffers):
         if self._cuda:
             self._changed[layer * self.experts_per_layer + expert] = slot
 
-    def slot_map(self, layer: int) -> torch.Tensor:
-        return self._table_dev[layer]
-
     def _push_changes(self) -> None:
         """NOTE #4: write the changed entries of the device table, in stream order."""
         keys, slots = zip(*self._changed.items())

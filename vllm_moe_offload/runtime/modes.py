@@ -37,8 +37,8 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
 def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
                       predictor=None, prefetch_budget_slots=None, eviction: str = "auto"):
     """Device mode where it can run, else host mode. Returns (cache, why host mode).
-    `eviction`: a policy of core/eviction.py, or 'auto' (device mode's CLOCK where it
-    runs, else the measured default)."""
+    `eviction`: a policy of core/eviction.py, or 'auto' (the measured default,
+    `reuse`, which device mode's kernels run too)."""
     problem = device_mode_problem(device, store, trace, eviction)
     if problem is None:
         from .device_cache import DeviceExpertCache  # imports Triton: CUDA hosts only

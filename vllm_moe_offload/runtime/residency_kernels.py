@@ -50,7 +50,9 @@ HAND, LOCKS, ERROR, BUDGET, LAST, STEP = (tl.constexpr(i) for i in range(6))
 NSTATE = 6
 CLOCK, REUSE = tl.constexpr(0), tl.constexpr(1)  # eviction policies (POLICY)
 NEVER = tl.constexpr(-1e30)  # log2 use count of a key no call used
-FREE_VALUE, COLD_VALUE = tl.constexpr(2e37), tl.constexpr(1e37)  # REUSE victim order
+# REUSE victim order: free slots, then cold keys (never used, or not for 60
+# half-lives) by layer distance (x 2^100, above any finite expected distance)
+FREE_VALUE, COLD_SCALE = tl.constexpr(2e37), tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
@@ -61,21 +63,35 @@ def _log2_add(a, b):
 
 
 @triton.jit
-def _start_call(layer, state_ptr, clock_ptr, inv_half_life):
+def _start_call(layer, state_ptr, clock_ptr, uses_ptr, n_keys, inv_half_life,
+                rebase_steps, KB: tl.constexpr):
     """Advance the step clock (core/eviction.py `_DecayedUses.start_call`): a new
-    forward step starts when the layer index does not grow. Returns (now, log2 of
-    the decayed step count)."""
+    forward step starts when the layer index does not grow. Every `rebase_steps`
+    steps the clock and all use counts move back together (their differences, and
+    so every decision, stay; float32 keeps its precision on a server that runs for
+    weeks). Returns (now, log2 of the decayed step count, how far counts moved)."""
     last = tl.load(state_ptr + LAST)
     step = tl.load(state_ptr + STEP)
     steps = tl.load(clock_ptr)
+    tl.debug_barrier()  # every thread has read the old values before they change
     new_step = (layer <= last) | (steps <= NEVER)
     step += (layer <= last).to(tl.int32)
+    shift = steps * 0.0
+    if step >= rebase_steps:
+        step -= rebase_steps
+        shift += rebase_steps * inv_half_life
+        steps = tl.where(steps > NEVER, steps - shift, steps)
+        for start in range(0, n_keys, KB):
+            k = start + tl.arange(0, KB)
+            u = tl.load(uses_ptr + k, mask=k < n_keys, other=NEVER)
+            tl.store(uses_ptr + k, tl.where(u > NEVER, u - shift, u), mask=k < n_keys)
+        tl.debug_barrier()
     tl.store(state_ptr + LAST, layer)
     tl.store(state_ptr + STEP, step)
     now = step.to(tl.float32) * inv_half_life
     steps = tl.where(new_step, _log2_add(steps, now), steps)
     tl.store(clock_ptr, steps)
-    return now, steps
+    return now, steps, shift
 
 
 @triton.jit
@@ -84,7 +100,7 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
     """`reuse` (core/eviction.py ReuseDistance): take the `n_want` candidates (as in
     `_pick_victims`) whose key's next use is expected furthest away: dist(l) + L *
     (1/p - 1) layer calls, p = 2^(score - steps) capped at 1; free slots first, then
-    keys no call used (or not for 60 half-lives); ties to the lowest slot. One pass
+    keys no call used (or not for 60 half-lives), by dist(l); ties to the lowest slot. One pass
     writes each slot's value to val_ptr, then each victim is one max over them."""
     offs = tl.arange(0, CH)
     for start in range(0, num_slots, CH):
@@ -101,7 +117,7 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
         dist = (o_layer - layer - 1 + L) % L + 1
         value = dist.to(tl.float32) + L * (tl.exp2(tl.minimum(tl.maximum(age, 0.0), 60.0))
                                            - 1.0)
-        value = tl.where(age > 60.0, COLD_VALUE, value)
+        value = tl.where(age > 60.0, dist.to(tl.float32) * COLD_SCALE, value)
         value = tl.where(held, value, FREE_VALUE)
         tl.store(val_ptr + s, tl.where(cand, value, -1.0), mask=live)
     tl.debug_barrier()
@@ -222,14 +238,16 @@ def _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.c
 def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, state_ptr,
              need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr, pmask_ptr,
              pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr, num_slots, E, J, L,
-             inv_half_life, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
+             inv_half_life, rebase_steps, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
              ID_BLOCK: tl.constexpr, CH: tl.constexpr, SMALL: tl.constexpr,
              POLICY: tl.constexpr):
     e = tl.arange(0, E_PAD)
     steps = tl.full([], NEVER, tl.float32)
     if POLICY == REUSE:  # loads that do not wait for the need mask go first
         uses = tl.load(uses_ptr + layer * E + e, mask=e < E, other=NEVER)
-        now, steps = _start_call(layer, state_ptr, clock_ptr, inv_half_life)
+        now, steps, shift = _start_call(layer, state_ptr, clock_ptr, uses_ptr, L * E,
+                                        inv_half_life, rebase_steps, CH)
+        uses = tl.where(uses > NEVER, uses - shift, uses)
     if SMALL:
         need, ids = _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
     else:
@@ -309,7 +327,8 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
 def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
                    state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
                    counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr,
-                   val_ptr, num_slots, E, J, L, inv_half_life, DEPTH: tl.constexpr,
+                   val_ptr, num_slots, E, J, L, inv_half_life, rebase_steps,
+                   DEPTH: tl.constexpr,
                    E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr, CH: tl.constexpr,
                    SMALL: tl.constexpr, POLICY: tl.constexpr, PDL: tl.constexpr = False):
     """One layer call in one program: ids [n] -> out [n] slot ids; misses become
@@ -322,7 +341,7 @@ def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_p
     _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
              state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
              pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr, num_slots, E,
-             J, L, inv_half_life, DEPTH, E_PAD, ID_BLOCK, CH, SMALL, POLICY)
+             J, L, inv_half_life, rebase_steps, DEPTH, E_PAD, ID_BLOCK, CH, SMALL, POLICY)
 
 
 @triton.jit
@@ -352,8 +371,11 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
     tl.debug_barrier()
     if POLICY == REUSE:
-        taken = _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr,
-                            layer, want, num_slots, E, L, tl.load(clock_ptr), CH)
+        taken = want * 0
+        if want > 0:  # its first pass reads every slot
+            taken = _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr,
+                                val_ptr, layer, want, num_slots, E, L, tl.load(clock_ptr),
+                                CH)
     else:
         taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
                               want, num_slots, E, CH)

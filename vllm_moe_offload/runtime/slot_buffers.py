@@ -29,14 +29,6 @@ class SlotBuffers:
     def slot_views(self, slot: int) -> list[torch.Tensor]:
         return [b[slot] for b in self.buffers]
 
-    def slot_map(self, layer: int) -> torch.Tensor:
-        """int32 [E] on the pool's device, updated in place: the slot of each of
-        `layer`'s experts, -1 where not resident. After `map_to_slots(layer, ids)`
-        it holds every expert in ids for the kernels queued before the next layer
-        call's remap, so the MoE kernel may take it as its expert map (vLLM's
-        expert-parallel path: router ids in, slots read)."""
-        raise NotImplementedError
-
 
 def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor,
             tokens: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -110,3 +110,15 @@ def test_mixed_precision_reads_profiles_without_task_aware():
     assert not cfg.task_aware and cfg.store_hot_share == 0.25
     with pytest.raises(ValueError, match="task_profiles_path needs task_aware"):
         OffloadConfig.from_dict({"store_bits": 2, "task_profiles_path": "p"})
+
+
+def test_pool_above_the_kernels_limit():
+    """The default and pool_gib are capped where the kernel's limit lies; an explicit
+    pool_slots above it is refused (vLLM's CUDA align step: model_state.py)."""
+    assert OffloadConfig().num_slots(48, 128, 1, max_slots=992) == 992  # half: 3072
+    assert OffloadConfig().num_slots(4, 8, 1, max_slots=992) == 16  # under it
+    assert OffloadConfig(pool_gib=4).num_slots(48, 128, 1 << 20, max_slots=992) == 992
+    assert OffloadConfig(pool_slots=10**6).num_slots(4, 8, 1, max_slots=992) == 32
+    with pytest.raises(ValueError, match=r"pool_slots=3000 is more than 992 slots, the "
+                       r"most the kernel takes\. Set pool_slots <= 992"):
+        OffloadConfig(pool_slots=3000).num_slots(48, 128, 1, 992, "the kernel takes")

@@ -61,8 +61,6 @@ def test_outputs_match_all_resident_and_counts_add_up(tmp_path, kind, num_slots,
             tw, ids = routing(step * 10 + layer, 5)
             slot_ids = cache.map_to_slots(layer, ids)
             assert slot_ids.dtype == ids.dtype and slot_ids.shape == ids.shape
-            # the expert map vLLM's GPU kernels read names the same slots
-            assert torch.equal(cache.slot_map(layer)[ids.long()], slot_ids)
             w13 = torch.stack([w[0] for w in full[layer]])
             w2 = torch.stack([w[1] for w in full[layer]])
             want = moe(x, w13, w2, tw, ids)

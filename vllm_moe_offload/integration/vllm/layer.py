@@ -236,7 +236,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._model.checkpoint_quantization = self._quant.method
         self._quant.bind(self, cache.buffers, self._slot_param)
         self._check_modular()
-        self._bound(cache)
+        self._num_slots = cache.num_slots
 
     def _check_modular(self) -> None:
         """forward_modular is the hook: a monolithic kernel routes inside itself and
@@ -251,17 +251,6 @@ class OffloadedRoutedExperts(RoutedExperts):
                 f"MoE kernel {name}, which routes inside the kernel; offload needs a "
                 "modular one. Pick another --moe-backend (e.g. --moe-backend triton), "
                 "or turn expert offload off.")
-
-    def _bound(self, cache) -> None:
-        """The pool is bound: how the kernel is told of the slots. vLLM's GPU kernels
-        align tokens over the experts they are told of (its CUDA align op takes fewer
-        than 1024; a pool is often more), so there they see the model's E experts and
-        the slot map, as under expert parallelism. vLLM's CPU kernels ignore an
-        expert map and take slot ids over S experts; so does ROCm AITER, which reads
-        a 0/1 mask for a map."""
-        self._num_slots = cache.num_slots
-        self._slot_map = (cache.buffers[0].device.type == "cuda" and not getattr(
-            self.quant_method.moe_kernel.fused_experts, "consumes_expert_mask", False))
 
     def _slot_param(self, buf: torch.Tensor) -> torch.nn.Parameter:
         param = torch.nn.Parameter(buf, requires_grad=False)
@@ -436,7 +425,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                                               self.quant_method.moe_kernel.fused_experts
                                               .quant_config)}.values():
                 config._w1.bias, config._w2.bias = self.w13_bias, self.w2_bias
-        self._bound(cache)
+        self._num_slots = cache.num_slots
 
     # ---- forward ------------------------------------------------------------------
 
@@ -446,16 +435,11 @@ class OffloadedRoutedExperts(RoutedExperts):
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
         slot_ids = map_to_slots_op(topk_ids, x, self._layer)
-        if self._slot_map:  # GPUs: vLLM aligns tokens over E, then reads the slots
-            ids, num_experts = topk_ids, self.global_num_experts
-            expert_map = self._model.cache.slot_map(self._layer)
-        else:  # the CPU kernels take no expert map: slot ids, S experts
-            ids, num_experts, expert_map = slot_ids, self._num_slots, None
         out = self.quant_method.moe_kernel.apply(
             hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
-            topk_weights=topk_weights, topk_ids=ids, activation=self.activation,
+            topk_weights=topk_weights, topk_ids=slot_ids, activation=self.activation,
             apply_router_weight_on_input=self.apply_router_weight_on_input,
-            global_num_experts=num_experts, expert_map=expert_map,
+            global_num_experts=self._num_slots, expert_map=None,
             shared_experts=shared_experts, shared_experts_input=shared_experts_input)
         # On CUDA this runs inside vLLM's opaque moe_forward op, so a piecewise graph's
         # piece holds whole layer calls; one that forked the copy stream joins it

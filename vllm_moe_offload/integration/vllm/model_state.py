@@ -34,6 +34,14 @@ from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore
 
 logger = logging.getLogger("vllm.moe_offload")
 
+# vLLM 0.32's CUDA MoE kernels (Triton, Marlin) sort tokens by expert with
+# moe_align_block_size, which takes fewer than 1024 experts after padding to 32;
+# the pool's slots are the experts they see.
+CUDA_MAX_SLOTS = 992
+CUDA_MAX_REASON = ("vLLM's CUDA MoE kernels take (their moe_align_block_size sorts "
+                   "tokens over fewer than 1024 experts, and the slots are the experts "
+                   "they see)")
+
 
 class ModelOffload:
     def __init__(self, cfg: OffloadConfig, fingerprint: dict, device: torch.device):
@@ -210,8 +218,13 @@ class ModelOffload:
         if store.kind == "disk":
             store.rederive = rederive
         layout = store.layout
-        num_slots = self.cfg.num_slots(self.num_layers, self.experts_per_layer,
-                                       layout.expert_bytes)
+        shape = (self.num_layers, self.experts_per_layer, layout.expert_bytes)
+        num_slots = wanted = self.cfg.num_slots(*shape)
+        if self.device.type == "cuda":
+            num_slots = self.cfg.num_slots(*shape, CUDA_MAX_SLOTS, CUDA_MAX_REASON)
+            if num_slots < wanted:
+                logger.warning("expert offload: pool of %d slots, not %d: the most %s",
+                               num_slots, wanted, CUDA_MAX_REASON)
         trace = None
         if self.cfg.trace_path:
             trace = TraceWriter(self.cfg.trace_path, TraceHeader(

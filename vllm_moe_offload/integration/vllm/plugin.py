@@ -112,7 +112,13 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
     if not experts:
         raise ValueError(f"{name} has no routed experts (a dense model). {fix}")
     if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
-        cfg.num_slots(text.num_hidden_layers, experts, slot_bytes=1)
+        from vllm.platforms import current_platform
+
+        from vllm_moe_offload.integration.vllm.model_state import (CUDA_MAX_REASON,
+                                                                   CUDA_MAX_SLOTS)
+        cuda = current_platform.is_cuda_alike()
+        cfg.num_slots(text.num_hidden_layers, experts, 1,
+                      CUDA_MAX_SLOTS if cuda else None, CUDA_MAX_REASON)
     if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
         from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
                                                          model_fingerprint)
@@ -171,6 +177,7 @@ def _install_engine_args_hooks() -> None:
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)
+            _check_model_runner(vllm_config)
         return vllm_config
 
     create._moe_offload = True
@@ -192,14 +199,29 @@ def _set_task_scheduler(engine_args) -> None:
 
 
 def _refuse_weight_offload(engine_args) -> None:
-    """vLLM's own weight offload copies the slot buffers aside at load, so its kernels
-    would read a stale copy while misses fill the pool."""
-    if getattr(engine_args, "cpu_offload_gb", 0):
+    """vLLM's own weight offload (UVA or prefetch) moves the slot buffers aside at
+    load, so its kernels would read a stale copy while misses fill the pool."""
+    for flag, value in (("--cpu-offload-gb", getattr(engine_args, "cpu_offload_gb", 0)),
+                        ("--offload-group-size",
+                         getattr(engine_args, "offload_group_size", 0))):
+        if value:
+            raise ValueError(
+                f"{flag}={value} offloads weights the vLLM way, which does not mix with "
+                "expert offload (the experts already live in host memory and only a pool "
+                f"of them on the GPU). Drop {flag}, and size the pool with "
+                "--expert-pool-gib or --expert-pool-slots.")
+
+
+def _check_model_runner(vllm_config) -> None:
+    """What vLLM decided (a variable set too late, or a feature that needs V2)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() and vllm_config.use_v2_model_runner:
         raise ValueError(
-            f"--cpu-offload-gb={engine_args.cpu_offload_gb} offloads weights the vLLM way, "
-            "which does not mix with expert offload (the experts already live in host "
-            "memory and only a pool of them on the GPU). Drop --cpu-offload-gb, and size "
-            "the pool with --expert-pool-gib or --expert-pool-slots.")
+            "vLLM chose its V2 model runner (VLLM_USE_V2_MODEL_RUNNER, or a feature "
+            "that needs it), and expert offload hooks the steps of the V1 runner "
+            "(failed requests, metrics, task residency). Unset VLLM_USE_V2_MODEL_RUNNER "
+            "(or set 0) before the first engine starts, or turn expert offload off.")
 
 
 def _choose_model_runner(engine_args) -> None:
@@ -211,16 +233,10 @@ def _choose_model_runner(engine_args) -> None:
 
     if not current_platform.is_cuda_alike():
         return
-    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if v2 is None:
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:  # a user's value: checked after
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read by the workers at start
         logger.info("expert offload: vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), "
                     "whose steps the plugin hooks")
-    elif v2.strip().lower() in ("1", "true"):
-        raise ValueError(
-            f"VLLM_USE_V2_MODEL_RUNNER={v2} is set, and expert offload hooks the steps "
-            "of vLLM's V1 model runner (failed requests, metrics, task residency). "
-            "Unset it (or set 0), or turn expert offload off.")
 
 
 def _choose_graph_mode(engine_args, cfg) -> None:
