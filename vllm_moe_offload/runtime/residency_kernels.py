@@ -19,19 +19,18 @@ the model runs, so a layer call needs no host sync and can sit in a CUDA graph:
   `values [S]`, scratch for the victim search.
 
 `resolve` runs one layer call in one CTA: marks the needed experts, settles the
-layer's prefetched slots, picks victims for its misses (never a slot this
-call needs, never a locked one: by `reuse`, the farthest expected next use, one
-pass over the S slots per victim; or by CLOCK from the hand), updates
-table/owner/flags in place, writes the fill jobs and the slot ids. `fill` then
-copies each job's expert from pinned host memory (read in place over the link,
-UVA) into its slot; its grid is fixed, and a
-program whose job is empty returns at once, so an all-hit call costs two tiny
-launches (a record of N > 4 tensors: 1 + ceil(N / 4)). `prefetch` is `resolve` for
-a predicted later layer: its fill runs on the copy stream, and the target layer's
-call waits for it with an event. `decode_fill_kernel` is fill for a quantized store:
-it decodes each job's matrices from the record in host memory (read in place) into
-the slot, gathering into the kernel's layout where it differs (a launch of its own;
-biases, if any, through `fill_kernel`).
+layer's prefetched slots, picks victims for its misses (never a slot this call
+needs, never a locked one: by `reuse`, the farthest expected next use, one pass over
+the S slots per victim; or by CLOCK from the hand), updates table/owner/flags in
+place, writes the fill jobs and the slot ids. `fill` then copies each job's expert
+from pinned host memory (read in place over the link, UVA) into its slot; its grid
+is fixed, and a program whose job is empty returns at once, so an all-hit call costs
+two tiny launches (a record of N > 4 tensors: 1 + ceil(N / 4)). `prefetch` is
+`resolve` for a predicted later layer: its fill runs on the copy stream, and the
+target layer's call waits for it with an event. `decode_fill_kernel` is fill for a
+quantized store: it decodes each job's matrices from the record in host memory (read
+in place) into the slot, gathering into the kernel's layout where it differs (a
+launch of its own; biases, if any, through `fill_kernel`).
 """
 
 from __future__ import annotations
@@ -100,8 +99,9 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
     """`reuse` (core/eviction.py ReuseDistance): take the `n_want` candidates (as in
     `_pick_victims`) whose key's next use is expected furthest away: dist(l) + L *
     (1/p - 1) layer calls, p = 2^(score - steps) capped at 1; free slots first, then
-    keys no call used (or not for 60 half-lives), by dist(l); ties to the lowest slot. One pass
-    writes each slot's value to val_ptr, then each victim is one max over them."""
+    keys no call used (or not for 60 half-lives), by dist(l); ties to the lowest
+    slot. One pass writes each slot's value to val_ptr, then each victim is one max
+    over them."""
     offs = tl.arange(0, CH)
     for start in range(0, num_slots, CH):
         s = start + offs
@@ -328,9 +328,9 @@ def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_p
                    state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
                    counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr,
                    val_ptr, num_slots, E, J, L, inv_half_life, rebase_steps,
-                   DEPTH: tl.constexpr,
-                   E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr, CH: tl.constexpr,
-                   SMALL: tl.constexpr, POLICY: tl.constexpr, PDL: tl.constexpr = False):
+                   DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
+                   CH: tl.constexpr, SMALL: tl.constexpr, POLICY: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """One layer call in one program: ids [n] -> out [n] slot ids; misses become
     fill jobs for `fill_kernel`, the next launch on the same stream.
     (A fused variant, whose other programs waited on a doorbell and copied, measured
