@@ -324,12 +324,12 @@ def run_shape(name, shape, T, args, device, disk_dir):
         cache.small_path = False
         row("resident (general path)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
-        cache.eviction = "clock"  # the previous default: no use counts per call
+        cache.small_path, cache.eviction = True, "clock"  # no use counts per call
         row("resident (CLOCK eviction)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
         cache.eviction = "reuse"
         parts = cache.demand_parts
-        cache.small_path, cache.demand_parts = True, 16
+        cache.demand_parts = 16
         row("resident (fill 16 programs)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
         cache.demand_parts = parts

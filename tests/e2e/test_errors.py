@@ -109,3 +109,18 @@ def test_on_gpus_vllm_v1_model_runner_is_kept(monkeypatch):
     with pytest.raises(ValueError, match="vLLM chose its V2 model runner.*Unset "
                        "VLLM_USE_V2_MODEL_RUNNER"):
         _check_model_runner(SimpleNamespace(use_v2_model_runner=True))
+
+
+def test_on_gpus_the_pool_stays_within_what_vllms_kernels_take(caplog):
+    """vLLM's CUDA align step takes fewer than 1024 experts: Qwen3-30B's default pool
+    (half of 48 x 128) is capped at 992 slots and logged; 3000 slots asked for are
+    refused. Off CUDA nothing changes."""
+    from vllm_moe_offload.core.config import OffloadConfig
+    from vllm_moe_offload.integration.vllm.model_state import pool_slots
+
+    assert pool_slots(OffloadConfig(), 48, 128, 1, cuda=False) == 3072
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        assert pool_slots(OffloadConfig(), 48, 128, 1, cuda=True) == 992
+    assert "pool of 992 slots, not 3072" in caplog.text
+    with pytest.raises(ValueError, match="pool_slots=3000 is more than 992 slots"):
+        pool_slots(OffloadConfig(pool_slots=3000), 48, 128, 1, cuda=True)

@@ -43,6 +43,21 @@ CUDA_MAX_REASON = ("vLLM's CUDA MoE kernels take (their moe_align_block_size sor
                    "they see)")
 
 
+def pool_slots(cfg: OffloadConfig, num_layers: int, experts_per_layer: int,
+               slot_bytes: int, cuda: bool) -> int:
+    """`cfg.num_slots`, on CUDA within what vLLM's kernels take (a capped default is
+    logged; a larger pool_slots is refused)."""
+    wanted = cfg.num_slots(num_layers, experts_per_layer, slot_bytes)
+    if not cuda:
+        return wanted
+    slots = cfg.num_slots(num_layers, experts_per_layer, slot_bytes, CUDA_MAX_SLOTS,
+                          CUDA_MAX_REASON)
+    if slots < wanted:
+        logger.warning("expert offload: pool of %d slots, not %d: the most %s", slots,
+                       wanted, CUDA_MAX_REASON)
+    return slots
+
+
 class ModelOffload:
     def __init__(self, cfg: OffloadConfig, fingerprint: dict, device: torch.device):
         self.cfg = cfg
@@ -218,13 +233,8 @@ class ModelOffload:
         if store.kind == "disk":
             store.rederive = rederive
         layout = store.layout
-        shape = (self.num_layers, self.experts_per_layer, layout.expert_bytes)
-        num_slots = wanted = self.cfg.num_slots(*shape)
-        if self.device.type == "cuda":
-            num_slots = self.cfg.num_slots(*shape, CUDA_MAX_SLOTS, CUDA_MAX_REASON)
-            if num_slots < wanted:
-                logger.warning("expert offload: pool of %d slots, not %d: the most %s",
-                               num_slots, wanted, CUDA_MAX_REASON)
+        num_slots = pool_slots(self.cfg, self.num_layers, self.experts_per_layer,
+                               layout.expert_bytes, self.device.type == "cuda")
         trace = None
         if self.cfg.trace_path:
             trace = TraceWriter(self.cfg.trace_path, TraceHeader(

@@ -114,11 +114,10 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
     if cfg.pool_slots is not None:  # pool_gib is checked once slot bytes are known
         from vllm.platforms import current_platform
 
-        from vllm_moe_offload.integration.vllm.model_state import (CUDA_MAX_REASON,
-                                                                   CUDA_MAX_SLOTS)
-        cuda = current_platform.is_cuda_alike()
-        cfg.num_slots(text.num_hidden_layers, experts, 1,
-                      CUDA_MAX_SLOTS if cuda else None, CUDA_MAX_REASON)
+        from vllm_moe_offload.integration.vllm.model_state import pool_slots
+
+        pool_slots(cfg, text.num_hidden_layers, experts, 1,
+                   current_platform.is_cuda_alike())
     if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
         from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
                                                          model_fingerprint)
@@ -257,6 +256,6 @@ def _choose_graph_mode(engine_args, cfg) -> None:
     elif not engine_args.enforce_eager:
         logger.warning("expert offload: %s, and CUDA graphs replay without the host; "
                        "setting enforce_eager=True (the pinned host store, no trace, no "
-                       "task-aware residency, eviction 'auto' and a next-gate/lookahead "
-                       "predictor keep graphs on)", reason)
+                       "task-aware residency, eviction 'auto' or 'reuse' and a "
+                       "next-gate/lookahead predictor keep graphs on)", reason)
         engine_args.enforce_eager = True
