@@ -8,22 +8,25 @@ fork from a server of their own (engine_probe.run_in_subprocess).
 
 from tests.e2e.conftest import EXPERTS, offload_spec, plain_spec, run_engine
 from vllm_moe_offload.hf.quantize import quantize_experts
+from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV
 
 TOKENS = 6
 
 
 def test_device_mode_through_vllm_matches_plain(models, engine):
-    """A pool of one layer plus the prefetch budget (10 of 32 experts) and next-gate
-    prefetch: greedy outputs token-identical to plain vLLM, counters from the
-    device."""
+    """Two slot groups (as vLLM's CUDA kernels need above 992 slots; here above 10),
+    each of one layer plus the prefetch budget (2 x 10 of 32 experts), and next-gate
+    prefetch across them: greedy outputs token-identical to plain vLLM, counters
+    from the device."""
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))  # other tests' engine: its first tokens
     plain = [ids[:TOKENS] for ids in plain["token_ids"]]
-    spec = dict(offload_spec(model, pool_slots=EXPERTS + 2, store="host",
+    spec = dict(offload_spec(model, pool_slots=2 * (EXPERTS + 2), store="host",
                              predictor="next-gate"), max_tokens=TOKENS)
-    off = run_engine(spec, env={"TRITON_INTERPRET": "1"})
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1", MAX_SLOTS_ENV: str(EXPERTS + 2)})
     pool = off["stats"]["pool"]
     assert pool["mode"] == "device" and pool["eviction"] == "reuse"
+    assert pool["slot_groups"] == [[0, 2, 0, 10], [2, 4, 10, 20]]
     assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
     assert off["token_ids"] == plain
     t = off["stats"]["totals"]

@@ -111,16 +111,33 @@ def test_on_gpus_vllm_v1_model_runner_is_kept(monkeypatch):
         _check_model_runner(SimpleNamespace(use_v2_model_runner=True))
 
 
-def test_on_gpus_the_pool_stays_within_what_vllms_kernels_take(caplog):
+def test_on_gpus_a_pool_above_what_vllms_kernels_take_is_split(caplog, monkeypatch):
     """vLLM's CUDA align step takes fewer than 1024 experts: Qwen3-30B's default pool
-    (half of 48 x 128) is capped at 992 slots and logged; 3000 slots asked for are
-    refused. Off CUDA nothing changes."""
+    (half of 48 x 128) becomes 4 slot groups of 12 layers and 768 slots, logged. A pool
+    that no split gives each group one layer's experts is capped (a default) or
+    refused (pool_slots). Off CUDA nothing changes, unless the test variable says."""
     from vllm_moe_offload.core.config import OffloadConfig
-    from vllm_moe_offload.integration.vllm.model_state import pool_slots
+    from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV, pool_slots
 
-    assert pool_slots(OffloadConfig(), 48, 128, 1, cuda=False) == 3072
+    monkeypatch.delenv(MAX_SLOTS_ENV, raising=False)
+    slots, groups = pool_slots(OffloadConfig(), 48, 128, 1, cuda=False)
+    assert slots == 3072 and [(g.layers, g.lo, g.hi) for g in groups] == [
+        (range(48), 0, 3072)]
+    with caplog.at_level("INFO", logger="vllm.moe_offload"):
+        slots, groups = pool_slots(OffloadConfig(), 48, 128, 1, cuda=True)
+    assert slots == 3072 and [(g.layers, g.lo, g.hi) for g in groups] == [
+        (range(12 * i, 12 * i + 12), 768 * i, 768 * i + 768) for i in range(4)]
+    assert "pool of 3072 slots in 4 groups" in caplog.text
+    # 2 layers of 520 experts: 1000 slots split in two hold 500 each, too few
     with caplog.at_level("WARNING", logger="vllm.moe_offload"):
-        assert pool_slots(OffloadConfig(), 48, 128, 1, cuda=True) == 992
-    assert "pool of 992 slots, not 3072" in caplog.text
-    with pytest.raises(ValueError, match="pool_slots=3000 is more than 992 slots"):
-        pool_slots(OffloadConfig(pool_slots=3000), 48, 128, 1, cuda=True)
+        slots, groups = pool_slots(OffloadConfig(pool_gib=1000 / 2**30), 2, 520, 1,
+                                   cuda=True)
+    assert slots == 992 and len(groups) == 1 and "pool of 992 slots, not 1000" in caplog.text
+    with pytest.raises(ValueError, match="pool_slots=1000 is more than 992 slots, the most "
+                       "one MoE kernel call sees .*do not split into groups"):
+        pool_slots(OffloadConfig(pool_slots=1000), 2, 520, 1, cuda=True)
+    monkeypatch.setenv(MAX_SLOTS_ENV, "20")
+    assert len(pool_slots(OffloadConfig(pool_slots=32), 4, 8, 1, cuda=False)[1]) == 2
+    monkeypatch.setenv(MAX_SLOTS_ENV, "lots")
+    with pytest.raises(ValueError, match=f"{MAX_SLOTS_ENV}='lots' is not a positive"):
+        pool_slots(OffloadConfig(), 4, 8, 1, cuda=False)

@@ -16,6 +16,7 @@ count kept by `_pin`/`release`, never a scan over the S slots.
 
 from __future__ import annotations
 
+import bisect
 from typing import Iterable, NamedTuple
 
 from .eviction import LRU, EvictionPolicy
@@ -166,3 +167,138 @@ class SlotPool:
             assert self._key_of[slot] == key
         assert all(self._key_of[s] is None for s in free)
         assert all(self._key_of[s] is not None for s in evictable)  # pinned: maybe dropped
+
+
+# ---- slot groups ---------------------------------------------------------------------
+
+class SlotGroup(NamedTuple):
+    """Consecutive MoE layers whose experts take slots [lo, hi) only."""
+    layers: range
+    lo: int
+    hi: int
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+def split_pool(num_slots: int, num_layers: int, experts_per_layer: int,
+               max_slots: int | None = None) -> list[SlotGroup] | None:
+    """Slot groups for a pool whose kernel calls see at most `max_slots` slots (vLLM's
+    CUDA MoE kernels: core/config.py KERNEL_MAX_SLOTS): one group of every layer and
+    slot when the pool fits, else the fewest groups of consecutive layers, each with
+    slots in proportion to its layers, within `max_slots` and holding at least one
+    layer call (`experts_per_layer`). None when no split does."""
+    if max_slots is None or num_slots <= max_slots:
+        return [SlotGroup(range(num_layers), 0, num_slots)]
+    for n in range(-(-num_slots // max_slots), num_layers + 1):
+        layers = [i * num_layers // n for i in range(n + 1)]
+        slots = [num_slots * b // num_layers for b in layers]
+        sizes = [b - a for a, b in zip(slots, slots[1:])]
+        if min(sizes) < experts_per_layer:
+            return None  # more groups are only smaller
+        if max(sizes) <= max_slots:
+            return [SlotGroup(range(layers[i], layers[i + 1]), slots[i], slots[i + 1])
+                    for i in range(n)]
+    return None
+
+
+def check_groups(groups: list[SlotGroup], num_slots: int, num_layers: int,
+                 experts_per_layer: int) -> None:
+    """Raise ValueError unless `groups` cover every layer and slot, in order, each
+    holding one layer call."""
+    layers = [layer for g in groups for layer in g.layers]
+    edges = [g.lo for g in groups] + [groups[-1].hi] if groups else []
+    if (layers != list(range(num_layers)) or not edges or edges[0] != 0
+            or edges[-1] != num_slots
+            or any(g.hi != n.lo for g, n in zip(groups, groups[1:]))):
+        raise ValueError(f"slot groups {groups} do not cover layers 0..{num_layers - 1} "
+                         f"and slots 0..{num_slots - 1} in order")
+    for g in groups:
+        if g.size < experts_per_layer:
+            what = "a pool" if len(groups) == 1 else (
+                f"the slot group of layers [{g.layers.start}, {g.layers.stop})")
+            raise ValueError(f"{what} of {g.size} slots cannot hold one layer's "
+                             f"{experts_per_layer} experts")
+
+
+class GroupedSlotPool:
+    """`SlotPool`s side by side, one per slot group: an expert takes a slot of its
+    layer's group only. The SlotPool interface, with slot ids over the whole pool.
+    Each group's policy is its own; every one of them sees every layer call."""
+
+    def __init__(self, groups: list[SlotGroup], make_policy):
+        self.groups = groups
+        self.pools = [SlotPool(g.size, make_policy()) for g in groups]
+        self.num_slots = groups[-1].hi
+        self._group_of = [i for i, g in enumerate(groups) for _ in g.layers]
+        self._starts = [g.lo for g in groups]
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self.pools[0].policy
+
+    def group_of(self, layer: int) -> int:
+        return self._group_of[layer]
+
+    def _of_key(self, key: ExpertKey) -> tuple[SlotPool, int]:
+        g = self._group_of[key.layer]
+        return self.pools[g], self.groups[g].lo
+
+    def _by_group(self, keys: Iterable[ExpertKey]) -> dict[int, list[ExpertKey]]:
+        out: dict[int, list[ExpertKey]] = {}
+        for key in dict.fromkeys(keys):
+            out.setdefault(self._group_of[key.layer], []).append(key)
+        return out
+
+    def lookup(self, key: ExpertKey) -> int | None:
+        pool, lo = self._of_key(key)
+        slot = pool.lookup(key)
+        return None if slot is None else slot + lo
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._of_key(key)[0]
+
+    def num_resident(self) -> int:
+        return sum(p.num_resident() for p in self.pools)
+
+    def num_pinned(self, group: int | None = None) -> int:
+        if group is not None:
+            return self.pools[group].num_pinned()
+        return sum(p.num_pinned() for p in self.pools)
+
+    def can_acquire(self, keys: Iterable[ExpertKey]) -> bool:
+        return all(self.pools[g].can_acquire(ks) for g, ks in self._by_group(keys).items())
+
+    def start_call(self, layer: int) -> None:
+        for pool in self.pools:
+            pool.start_call(layer)
+
+    def hint(self, key: ExpertKey) -> None:
+        self._of_key(key)[0].hint(key)
+
+    def acquire(self, keys: Iterable[ExpertKey], used: bool = False) -> list[SlotGrant] | None:
+        """All or nothing, as SlotPool.acquire; grants in group order."""
+        groups = self._by_group(keys)
+        if not all(self.pools[g].can_acquire(ks) for g, ks in groups.items()):
+            return None
+        grants = []
+        for g, ks in groups.items():
+            lo = self.groups[g].lo
+            grants += [x._replace(slot=x.slot + lo)
+                       for x in self.pools[g].acquire(ks, used)]
+        return grants
+
+    def release(self, slots: Iterable[int]) -> None:
+        for slot in slots:
+            g = bisect.bisect_right(self._starts, slot) - 1
+            self.pools[g].release([slot - self.groups[g].lo])
+
+    def drop(self, key: ExpertKey) -> None:
+        self._of_key(key)[0].drop(key)
+
+    def check_invariants(self) -> None:
+        for g, pool in zip(self.groups, self.pools):
+            pool.check_invariants()
+            assert all(self._group_of[k.layer] == self.groups.index(g)
+                       for k in pool._slot_of), "an expert outside its layer's group"

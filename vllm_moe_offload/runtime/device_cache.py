@@ -30,7 +30,8 @@ NOTE #3: a prefetch fill runs on the copy stream after the compute stream's poin
   victim search can pick it while its fill may still be in flight.
 NOTE #4: the pool must hold one layer call, the plan and the prefetch budget:
   S >= E + planned + budget, so a victim always exists (the kernel flags an error
-  otherwise, and `sync_stats` raises it).
+  otherwise, and `sync_stats` raises it). With slot groups (slot_buffers.py) this
+  holds in each group, whose budget and locks the kernels keep apart.
 NOTE #5: a CUDA graph capture must end with every stream it forked joined again.
   A whole step in one graph does (the call of a prefetch's target layer joins its
   fill), but vLLM's piecewise graphs (prefill and mixed batches) end a capture at
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.eviction import HALF_LIFE_STEPS
-from ..core.slot_pool import ExpertKey
+from ..core.slot_pool import ExpertKey, SlotGroup
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
 from .slot_buffers import SlotBuffers, reroute
@@ -106,22 +107,18 @@ class DeviceExpertCache(SlotBuffers):
 
     def __init__(self, store: HostStore | QuantizedStore, num_slots: int,
                  device: torch.device | str, stats: OffloadStats | None = None, predictor=None,
-                 prefetch_budget_slots: int | None = None, eviction: str = "reuse"):
+                 prefetch_budget_slots: int | None = None, eviction: str = "reuse",
+                 groups: list[SlotGroup] | None = None):
         self.eviction = eviction
         self.store = store
         self.device = torch.device(device)
         L, E = store.num_layers, store.experts_per_layer
         self.num_layers, self.experts_per_layer, self.num_slots = L, E, num_slots
-        if num_slots < E:
-            raise ValueError(f"a pool of {num_slots} slots cannot hold one layer's "
-                             f"{E} experts")
+        self._set_groups(groups, num_slots)  # each holds one layer call
         self.stats = stats or OffloadStats()
         self.predictor = predictor
         self.depth = predictor.depth if predictor is not None else 0
-        room = num_slots - E  # NOTE #4
-        self._budget_cfg = room if prefetch_budget_slots is None else min(
-            prefetch_budget_slots, room)
-        self.prefetch_budget = self._budget_cfg
+        self._budget_cfg = prefetch_budget_slots  # per slot group (NOTE #4)
         self._planned: dict[ExpertKey, int] = {}
         self._host_evictions = [0] * L  # made by set_plan on the host
         self.stats.untimed = True  # loads are not timed: timing them would sync
@@ -133,13 +130,17 @@ class DeviceExpertCache(SlotBuffers):
         self.owner = torch.full((num_slots,), -1, dtype=i32, device=dev)
         self.flags = torch.zeros(num_slots, dtype=i32, device=dev)
         self.state = torch.zeros(K.NSTATE, dtype=i32, device=dev)
+        self.group_of_layer = torch.tensor(self._group_of, dtype=i32, device=dev)
+        self.group_state = torch.zeros((len(self.groups), K.NGROUP), dtype=i32, device=dev)
+        self.group_state[:, int(K.LO.value)] = torch.tensor([g.lo for g in self.groups])
+        self.group_state[:, int(K.HI.value)] = torch.tensor([g.hi for g in self.groups])
         # `reuse` eviction: log2 of each key's decayed use count, of the decayed step
         # count, and each slot's value as a victim (scratch)
         self.uses = torch.full((L * E,), K.NEVER.value, dtype=torch.float32, device=dev)
         self.clock = torch.full((1,), K.NEVER.value, dtype=torch.float32, device=dev)
         self._values = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self.rebase_steps = 1 << 15  # how often the counts move back (tests: less)
-        self.state[int(K.BUDGET.value)] = self.prefetch_budget  # read by graphs, too
+        self._set_budgets()  # read by graphs, too
         self.counters = torch.zeros((L, int(K.NSTAT.value)), dtype=torch.int64, device=dev)
         depth = max(self.depth, 1)
         self.pred_counts = torch.zeros((L, depth, 3), dtype=torch.int64, device=dev)
@@ -158,7 +159,7 @@ class DeviceExpertCache(SlotBuffers):
         self.decode_block = DECODE_BLOCK  # tests make it small: a range splits mid-matrix
         self._pjobs = torch.full((L, depth, 2, E), -1, dtype=i32, device=dev)
         self._e_pad = K.next_pow2(E)
-        self._ch = min(K.next_pow2(num_slots), 1024)
+        self._ch = min(K.next_pow2(max(g.size for g in self.groups)), 1024)
         self._setup_fill(store)
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -262,6 +263,22 @@ class DeviceExpertCache(SlotBuffers):
     def eviction(self) -> str:
         return self._eviction
 
+    @property
+    def prefetch_budget(self) -> int:
+        """Slots prefetch may lock, over all slot groups."""
+        return sum(self._budgets)
+
+    def _set_budgets(self) -> None:
+        """Per slot group: its room beside one layer call and its plan (NOTE #4),
+        within the configured budget (which holds for each group)."""
+        E, cfg = self.experts_per_layer, self._budget_cfg
+        held = [0] * len(self.groups)
+        for key in self._planned:
+            held[self.group_of(key.layer)] += 1
+        self._budgets = [max(0, min(g.size - E if cfg is None else cfg, g.size - E - n))
+                         for g, n in zip(self.groups, held)]
+        self.group_state[:, int(K.BUDGET.value)] = torch.tensor(self._budgets)
+
     @eviction.setter
     def eviction(self, name: str) -> None:
         """`reuse` (core/eviction.py's rule, in the kernels) or `clock`. It may change
@@ -294,12 +311,14 @@ class DeviceExpertCache(SlotBuffers):
         id_block = self._id_block(n)
         K.resolve_kernel[(1,)](
             ids, n, out, layer, self.table, self.owner, self.flags, self.state,
-            self._need, self._victims, self._jobs[0], self._jobs[1], self.counters,
-            self._pmask, self._pvalid, self.pred_counts, self.uses, self.clock,
-            self._values, self.num_slots, E, jobs, self.num_layers, 1.0 / HALF_LIFE_STEPS,
+            self.group_of_layer, self.group_state, self._need, self._victims,
+            self._jobs[0], self._jobs[1], self.counters, self._pmask, self._pvalid,
+            self.pred_counts, self.uses, self.clock, self._values, E, jobs,
+            self.num_layers, 1.0 / HALF_LIFE_STEPS,
             self.rebase_steps, DEPTH=self.depth, E_PAD=self._e_pad, ID_BLOCK=id_block,
             CH=self._ch,
-            SMALL=self.small_path and id_block * self._e_pad <= 8192, POLICY=self._policy,
+            SMALL=self.small_path and n <= id_block and id_block * self._e_pad <= 8192,
+            POLICY=self._policy,
             PDL=self.pdl)
         self._fill(self._jobs, jobs, self.demand_parts, self.pdl)
         if self.predictor is not None and hidden is not None:
@@ -339,10 +358,10 @@ class DeviceExpertCache(SlotBuffers):
             jobs = min(E, n)  # not the budget: it lives on the device and may change
             pjobs = self._pjobs[layer, d - 1]
             K.prefetch_kernel[(1,)](
-                ids, n, layer, target, d, self.table, self.owner,
-                self.flags, self.state, self._need, self._victims, pjobs[0], pjobs[1],
-                self.counters, self._pmask, self._pvalid, self.uses, self.clock,
-                self._values, self.num_slots, E, jobs, self.num_layers, DEPTH=self.depth,
+                ids, n, layer, target, d, self.table, self.owner, self.flags,
+                self.group_of_layer, self.group_state, self._need, self._victims,
+                pjobs[0], pjobs[1], self.counters, self._pmask, self._pvalid, self.uses,
+                self.clock, self._values, E, jobs, self.num_layers, DEPTH=self.depth,
                 E_PAD=self._e_pad, ID_BLOCK=self._id_block(n), CH=self._ch,
                 POLICY=self._policy)
             launches.append((target, pjobs, jobs))
@@ -380,11 +399,7 @@ class DeviceExpertCache(SlotBuffers):
         it reads the device state back (a sync)."""
         keys = list(dict.fromkeys(keys))
         E = self.experts_per_layer
-        room = self.num_slots - E
-        if len(keys) > room:
-            raise ValueError(f"a residency plan of {len(keys)} experts leaves no room for "
-                             f"one layer call ({E} of {self.num_slots} slots); plan at "
-                             f"most {room}")
+        self._check_plan(keys)
         table, owner, flags = (t.tolist() for t in (self.table, self.owner, self.flags))
         pinned, locked = int(K.PINNED.value), int(K.PINNED.value | K.PROTECT.value)
         wanted = set(keys)
@@ -397,12 +412,13 @@ class DeviceExpertCache(SlotBuffers):
             if slot >= 0:
                 flags[slot] |= pinned
                 self._planned[k] = slot
-        victims = iter(sorted((s for s in range(self.num_slots) if not flags[s] & locked),
-                              key=lambda s: owner[s] >= 0))  # free slots first
+        victims = [iter(sorted((s for s in range(g.lo, g.hi) if not flags[s] & locked),
+                               key=lambda s: owner[s] >= 0))  # free slots first
+                   for g in self.groups]
         for k in added:
             if k in self._planned:
                 continue
-            slot, key = next(victims), k.layer * E + k.expert
+            slot, key = next(victims[self.group_of(k.layer)]), k.layer * E + k.expert
             if owner[slot] >= 0:
                 table[owner[slot]] = -1
                 self._host_evictions[owner[slot] // E] += 1
@@ -413,8 +429,7 @@ class DeviceExpertCache(SlotBuffers):
             self._planned[k] = slot
         for dev, host in ((self.table, table), (self.owner, owner), (self.flags, flags)):
             dev.copy_(torch.tensor(host, dtype=dev.dtype))
-        self.prefetch_budget = max(0, min(self._budget_cfg, room - len(self._planned)))
-        self.state[int(K.BUDGET.value)] = self.prefetch_budget
+        self._set_budgets()
         return added, removed
 
     def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,

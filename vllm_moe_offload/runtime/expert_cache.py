@@ -33,6 +33,10 @@ is dropped from the pool, so the next call that needs it tries again. With
 goes on: the lost expert's rows read slot 0, whatever it holds, and their indices
 land in `failed_rows`, whose requests the caller then fails without emitting their
 tokens. Rows that did not route to it are exact: a row's experts read only that row.
+NOTE #6: with slot groups (slot_buffers.py; vLLM's CUDA kernels see at most 992
+slots), a layer's experts take slots of its group only, the ids handed to its
+kernel count from the group's first slot, and the sizing rule above holds per
+group: a group of S_g slots keeps E of them free of the plan and prefetch.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from contextlib import nullcontext
 import torch
 
 from ..core.eviction import make_policy
-from ..core.slot_pool import ExpertKey, SlotGrant, SlotPool
+from ..core.slot_pool import ExpertKey, GroupedSlotPool, SlotGrant, SlotGroup
 from ..core.stats import OffloadStats
 from ..core.trace import TraceWriter
 from .slot_buffers import SlotBuffers, reroute
@@ -60,20 +64,22 @@ class ExpertCache(SlotBuffers):
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device | str,
                  stats: OffloadStats | None = None, trace: TraceWriter | None = None,
                  predictor=None, prefetch_budget_slots: int | None = None,
-                 eviction: str = "lru"):
+                 eviction: str = "lru", groups: list[SlotGroup] | None = None):
         self.store = store
         self.device = torch.device(device)
         self.num_layers = store.num_layers
         self.experts_per_layer = store.experts_per_layer
         self.num_slots = num_slots
-        self.pool = SlotPool(num_slots, make_policy(eviction, self.num_layers))
+        self._set_groups(groups, num_slots)
+        self.pool = GroupedSlotPool(self.groups,
+                                    lambda: make_policy(eviction, self.num_layers))
         self.stats = stats or OffloadStats()
         self.trace = trace
         self.predictor = predictor
-        room = num_slots - self.experts_per_layer  # see module docstring
-        self._prefetch_budget_cfg = room if prefetch_budget_slots is None else min(
-            prefetch_budget_slots, room)
-        self.prefetch_budget = self._prefetch_budget_cfg
+        # per slot group (NOTE #6): prefetch pins, and at most S_g - E of them
+        self._budget_cfg = prefetch_budget_slots
+        self._budgets = self._prefetch_budgets({})
+        self._prefetch_pins = [0] * len(self.groups)
         self._planned: dict[ExpertKey, int] = {}  # residency plan: key -> pinned slot
         # One buffer per expert tensor (e.g. w13, w2): [S, *shape], allocated once.
         self.buffers = [torch.zeros((num_slots, *spec.shape), dtype=spec.dtype,
@@ -88,7 +94,6 @@ class ExpertCache(SlotBuffers):
         self._call_pins: list[int] = []
         # target layer -> [(key, slot, loaded_by_prefetch)] pinned for that layer
         self._prefetched: dict[int, list[tuple[ExpertKey, int, bool]]] = {}
-        self._prefetch_pins = 0
         self._inflight: dict[int, Future | torch.cuda.Event] = {}  # slot -> load
         self._release_when_loaded: list[int] = []
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target, d) -> experts
@@ -102,6 +107,21 @@ class ExpertCache(SlotBuffers):
     @property
     def eviction(self) -> str:
         return self.pool.policy.name
+
+    @property
+    def prefetch_budget(self) -> int:
+        """Slots prefetch may pin, over all slot groups."""
+        return sum(self._budgets)
+
+    def _prefetch_budgets(self, planned) -> list[int]:
+        """Per slot group: its room beside one layer call and its plan, within the
+        configured budget (which holds for each group)."""
+        E, cfg = self.experts_per_layer, self._budget_cfg
+        held = [0] * len(self.groups)
+        for key in planned:
+            held[self.group_of(key.layer)] += 1
+        return [max(0, min(g.size - E if cfg is None else cfg, g.size - E - n))
+                for g, n in zip(self.groups, held)]
 
     def resident_mask(self) -> torch.Tensor:
         """[L, E] bool: which experts are in the pool (or loading into it)."""
@@ -183,6 +203,9 @@ class ExpertCache(SlotBuffers):
         return seen.nonzero().flatten().tolist()
 
     def _set(self, layer: int, expert: int, slot: int) -> None:
+        """Point the table at `slot` (-1: none), by its id in the layer's group."""
+        if slot >= 0:
+            slot -= self.groups[self.group_of(layer)].lo
         self._table[layer, expert] = slot
         if self._cuda:
             self._changed[layer * self.experts_per_layer + expert] = slot
@@ -246,11 +269,7 @@ class ExpertCache(SlotBuffers):
         by what the plan holds.
         """
         keys = list(dict.fromkeys(keys))
-        room = self.num_slots - self.experts_per_layer
-        if len(keys) > room:
-            raise ValueError(f"a residency plan of {len(keys)} experts leaves no room for "
-                             f"one layer call ({self.experts_per_layer} of "
-                             f"{self.num_slots} slots); plan at most {room}")
+        self._check_plan(keys)
         wanted = set(keys)
         removed = [k for k in self._planned if k not in wanted]
         self.pool.release([self._planned.pop(k) for k in removed])
@@ -271,8 +290,7 @@ class ExpertCache(SlotBuffers):
                     self.pool.release([g.slot])
                     continue
             self._planned[g.key] = g.slot
-        self.prefetch_budget = max(0, min(self._prefetch_budget_cfg,
-                                          room - len(self._planned)))
+        self._budgets = self._prefetch_budgets(self._planned)
         return added, removed
 
     def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,
@@ -296,25 +314,28 @@ class ExpertCache(SlotBuffers):
     # ---- prefetch -----------------------------------------------------------------
 
     def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
-        room = True  # every prediction is scored, even once the budget is spent
+        # every prediction is scored, even once its group's budget is spent
+        room = [True] * len(self.groups)
         for target, experts in self.predictor.predict(layer, hidden):
             self._predicted[(target, target - layer)] = set(experts)
             pinned = self._prefetched.setdefault(target, [])
             already = {key.expert for key, _, _ in pinned}
+            group = self.group_of(target)
             for e in experts:
                 self.pool.hint(ExpertKey(target, e))
             for e in experts:
-                if not room or self._prefetch_pins >= self.prefetch_budget:
-                    room = False
+                if not room[group] or (self._prefetch_pins[group]
+                                       >= self._budgets[group]):
+                    room[group] = False
                     break
                 if e in already:
                     continue
                 grants = self.pool.acquire([ExpertKey(target, e)])
                 if grants is None:
-                    room = False
+                    room[group] = False
                     break
                 (g,) = grants
-                self._prefetch_pins += 1
+                self._prefetch_pins[group] += 1
                 pinned.append((g.key, g.slot, not g.hit))
                 if not g.hit:
                     self._evict(g)
@@ -378,7 +399,7 @@ class ExpertCache(SlotBuffers):
                 acc[1] += len(predicted)
                 acc[2] += len(used)
         for key, slot, loaded in self._prefetched.pop(layer, []):
-            self._prefetch_pins -= 1
+            self._prefetch_pins[self.group_of(layer)] -= 1
             if loaded:
                 if key.expert in used:
                     stats.prefetch_hits += 1  # a miss that prefetch covered

@@ -35,16 +35,18 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
 
 
 def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
-                      predictor=None, prefetch_budget_slots=None, eviction: str = "auto"):
+                      predictor=None, prefetch_budget_slots=None, eviction: str = "auto",
+                      groups=None):
     """Device mode where it can run, else host mode. Returns (cache, why host mode).
     `eviction`: a policy of core/eviction.py, or 'auto' (the measured default,
-    `reuse`, which device mode's kernels run too)."""
+    `reuse`, which device mode's kernels run too); `groups`: the slot groups
+    (core/slot_pool.py split_pool), one by default."""
     problem = device_mode_problem(device, store, trace, eviction)
     if problem is None:
         from .device_cache import DeviceExpertCache  # imports Triton: CUDA hosts only
 
         return DeviceExpertCache(store, num_slots, device, stats, predictor,
-                                 prefetch_budget_slots), None
+                                 prefetch_budget_slots, groups=groups), None
     return ExpertCache(store, num_slots, device, stats, trace, predictor,
                        prefetch_budget_slots,
-                       DEFAULT_POLICY if eviction == "auto" else eviction), problem
+                       DEFAULT_POLICY if eviction == "auto" else eviction, groups), problem

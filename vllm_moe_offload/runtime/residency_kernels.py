@@ -10,9 +10,14 @@ the model runs, so a layer call needs no host sync and can sit in a CUDA graph:
 - `flags [S]`: PROTECT (prefetched for a later call, not a victim until that call
   settles it), PINNED (residency plan), AHEAD (filled by prefetch, not yet scored),
   REF (CLOCK reference bit), TAKEN (picked as a victim inside this kernel);
-- `state [6]`: clock hand, slots locked by prefetch, error code (1: no victim),
-  prefetch budget (slots prefetch may lock; the host changes it with the plan), the
-  last layer called and the step count (the `reuse` clock);
+- `state [3]`: error code (1: no victim), the last layer called and the step count
+  (the `reuse` clock);
+- slot groups (core/slot_pool.py; one unless vLLM's kernels take fewer slots than
+  the pool has): `group_of [L]` each layer's group, `groups [G, 5]` its slots
+  [LO, HI), CLOCK's hand (from LO), the slots prefetch locked in it and its
+  prefetch budget (slots prefetch may lock; the host changes it with the plan). A
+  key takes a slot of its layer's group only, and resolve hands out slot ids that
+  count from the group's LO;
 - `counters [L, NSTAT]` int64 (the columns below), `pred [L, D, 3]` int64;
 - `reuse` eviction, float32: `uses [L * E]` log2 of each key's decayed use count,
   `clock [1]` log2 of the decayed step count (core/eviction.py NOTE #2, #3), and
@@ -20,17 +25,18 @@ the model runs, so a layer call needs no host sync and can sit in a CUDA graph:
 
 `resolve` runs one layer call in one CTA: marks the needed experts, settles the
 layer's prefetched slots, picks victims for its misses (never a slot this call
-needs, never a locked one: by `reuse`, the farthest expected next use, one pass over
-the S slots per victim; or by CLOCK from the hand), updates table/owner/flags in
-place, writes the fill jobs and the slot ids. `fill` then copies each job's expert
-from pinned host memory (read in place over the link, UVA) into its slot; its grid
-is fixed, and a program whose job is empty returns at once, so an all-hit call costs
-two tiny launches (a record of N > 4 tensors: 1 + ceil(N / 4)). `prefetch` is
-`resolve` for a predicted later layer: its fill runs on the copy stream, and the
-target layer's call waits for it with an event. `decode_fill_kernel` is fill for a
-quantized store: it decodes each job's matrices from the record in host memory (read
-in place) into the slot, gathering into the kernel's layout where it differs (a
-launch of its own; biases, if any, through `fill_kernel`).
+needs, never a locked one, in its layer's group: by `reuse`, the farthest expected
+next use, one pass over the group's slots per victim; or by CLOCK from the hand),
+updates table/owner/flags in place, writes the fill jobs and the slot ids. `fill`
+then copies each job's expert from pinned host memory (read in place over the link,
+UVA) into its slot; its grid is fixed, and a program whose job is empty returns at
+once, so an all-hit call costs two tiny launches (a record of N > 4 tensors: 1 +
+ceil(N / 4)). `prefetch` is `resolve` for a predicted later layer: its fill runs on
+the copy stream, and the target layer's call waits for it with an event.
+`decode_fill_kernel` is fill for a quantized store: it decodes each job's matrices
+from the record in host memory (read in place) into the slot, gathering into the
+kernel's layout where it differs (a launch of its own; biases, if any, through
+`fill_kernel`).
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ PROTECT, PINNED, AHEAD, REF, TAKEN = (tl.constexpr(1 << i) for i in range(5))
 CALLS, HITS, MISSES, EVICTIONS, PREFETCHED, PF_HITS, PF_WASTED = (
     tl.constexpr(i) for i in range(7))
 NSTAT = tl.constexpr(8)
-HAND, LOCKS, ERROR, BUDGET, LAST, STEP = (tl.constexpr(i) for i in range(6))
-NSTATE = 6
+ERROR, LAST, STEP = (tl.constexpr(i) for i in range(3))
+NSTATE = 3
+LO, HI, HAND, LOCKS, BUDGET = (tl.constexpr(i) for i in range(5))  # a slot group's
+NGROUP = 5
 CLOCK, REUSE = tl.constexpr(0), tl.constexpr(1)  # eviction policies (POLICY)
 NEVER = tl.constexpr(-1e30)  # log2 use count of a key no call used
 # REUSE victim order: free slots, then cold keys (never used, or not for 60
@@ -95,17 +103,17 @@ def _start_call(layer, state_ptr, clock_ptr, uses_ptr, n_keys, inv_half_life,
 
 @triton.jit
 def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, layer,
-                n_want, num_slots, E, L, steps, CH: tl.constexpr):
+                n_want, lo, hi, E, L, steps, CH: tl.constexpr):
     """`reuse` (core/eviction.py ReuseDistance): take the `n_want` candidates (as in
     `_pick_victims`) whose key's next use is expected furthest away: dist(l) + L *
     (1/p - 1) layer calls, p = 2^(score - steps) capped at 1; free slots first, then
     keys no call used (or not for 60 half-lives), by dist(l); ties to the lowest
-    slot. One pass writes each slot's value to val_ptr, then each victim is one max
-    over them."""
+    slot. Slots [lo, hi) only. One pass writes each slot's value to val_ptr, then
+    each victim is one max over them."""
     offs = tl.arange(0, CH)
-    for start in range(0, num_slots, CH):
+    for start in range(lo, hi, CH):
         s = start + offs
-        live = s < num_slots
+        live = s < hi
         f = tl.load(flags_ptr + s, mask=live, other=PINNED)
         o = tl.load(owner_ptr + s, mask=live, other=-1)
         held = live & (o >= 0)
@@ -125,11 +133,11 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
     for _ in range(0, n_want):
         best = tl.full([], -1.0, tl.float32)
         best_slot = n_want * 0
-        for start in range(0, num_slots, CH):
+        for start in range(lo, hi, CH):
             s = start + offs
-            v = tl.load(val_ptr + s, mask=s < num_slots, other=-2.0)
+            v = tl.load(val_ptr + s, mask=s < hi, other=-2.0)
             top = tl.max(v, 0)
-            at = tl.min(tl.where(v == top, s, num_slots), 0)
+            at = tl.min(tl.where(v == top, s, hi), 0)
             better = top > best
             best_slot = tl.where(better, at, best_slot)
             best = tl.where(better, top, best)
@@ -157,13 +165,16 @@ def _mark(ids_ptr, n_ids, mask_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constex
 
 
 @triton.jit
-def _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer, n_want,
-                  num_slots, E, CH: tl.constexpr):
-    """CLOCK over the slots from the hand: take `n_want` slots that are neither locked
-    (PROTECT, PINNED, TAKEN) nor holding an expert that `layer`'s call needs (need_ptr).
-    A candidate with REF set loses the bit and is passed over once (second chance).
-    Writes the victims to vict_ptr[0:taken] (marked TAKEN) and returns `taken`."""
-    hand = tl.load(state_ptr + HAND)
+def _pick_victims(owner_ptr, flags_ptr, group_ptr, need_ptr, vict_ptr, layer, n_want,
+                  E, CH: tl.constexpr):
+    """CLOCK over a slot group's slots from its hand: take `n_want` slots that are
+    neither locked (PROTECT, PINNED, TAKEN) nor holding an expert that `layer`'s call
+    needs (need_ptr). A candidate with REF set loses the bit and is passed over once
+    (second chance). Writes the victims to vict_ptr[0:taken] (marked TAKEN) and
+    returns `taken`."""
+    lo = tl.load(group_ptr + LO)
+    num_slots = tl.load(group_ptr + HI) - lo
+    hand = tl.load(group_ptr + HAND)
     offs = tl.arange(0, CH)
     width = tl.minimum(num_slots, CH)  # a chunk never holds a slot twice
     limit = 2 * num_slots + CH  # two sweeps clear every REF bit
@@ -171,7 +182,7 @@ def _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer, n_
     scanned = n_want * 0
     while (taken < n_want) & (scanned < limit):
         live = offs < width
-        s = (hand + scanned + offs) % num_slots
+        s = lo + (hand + scanned + offs) % num_slots
         f = tl.load(flags_ptr + s, mask=live, other=PINNED)
         o = tl.load(owner_ptr + s, mask=live, other=-1)
         held = live & (o >= 0)
@@ -193,7 +204,7 @@ def _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer, n_
         tl.debug_barrier()
         taken += n_chosen
         scanned += adv
-    tl.store(state_ptr + HAND, (hand + scanned) % num_slots)
+    tl.store(group_ptr + HAND, (hand + scanned) % num_slots)
     tl.debug_barrier()
     return taken
 
@@ -236,12 +247,14 @@ def _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.c
 
 @triton.jit
 def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, state_ptr,
-             need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr, pmask_ptr,
-             pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr, num_slots, E, J, L,
-             inv_half_life, rebase_steps, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
-             ID_BLOCK: tl.constexpr, CH: tl.constexpr, SMALL: tl.constexpr,
-             POLICY: tl.constexpr):
+             group_of_ptr, groups_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
+             counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr,
+             E, J, L, inv_half_life, rebase_steps, DEPTH: tl.constexpr,
+             E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr, CH: tl.constexpr,
+             SMALL: tl.constexpr, POLICY: tl.constexpr):
     e = tl.arange(0, E_PAD)
+    group_ptr = groups_ptr + tl.load(group_of_ptr + layer) * NGROUP
+    lo = tl.load(group_ptr + LO)
     steps = tl.full([], NEVER, tl.float32)
     if POLICY == REUSE:  # loads that do not wait for the need mask go first
         uses = tl.load(uses_ptr + layer * E + e, mask=e < E, other=NEVER)
@@ -271,7 +284,7 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
         n_pf_waste = tl.sum((ahead & (need == 0)).to(tl.int32), 0)
         n_unlock = tl.sum((resident & ((f & PROTECT) != 0)).to(tl.int32), 0)
         settled = settled & ~(PROTECT | AHEAD)
-        tl.store(state_ptr + LOCKS, tl.load(state_ptr + LOCKS) - n_unlock)
+        tl.store(group_ptr + LOCKS, tl.load(group_ptr + LOCKS) - n_unlock)
     tl.store(flags_ptr + row, settled, mask=resident)
     for d in tl.static_range(DEPTH):  # prediction precision / recall per distance
         at = layer * DEPTH + d
@@ -290,10 +303,11 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
         tl.debug_barrier()
         if POLICY == REUSE:
             taken = _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr,
-                                layer, n_miss, num_slots, E, L, steps, CH)
+                                layer, n_miss, lo, tl.load(group_ptr + HI), E, L, steps,
+                                CH)
         else:
-            taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr,
-                                  layer, n_miss, num_slots, E, CH)
+            taken = _pick_victims(owner_ptr, flags_ptr, group_ptr, need_ptr, vict_ptr,
+                                  layer, n_miss, E, CH)
         got = miss & (rank < taken)
         slot = _assign(layer, e, got, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
                        counters_ptr, REF, E)
@@ -306,14 +320,14 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
     if SMALL:  # ids -> slots through the row in registers
         i = tl.arange(0, ID_BLOCK)
         slots = tl.sum(tl.where(ids[:, None] == e[None, :], new_row[None, :], 0), 1)
-        tl.store(out_ptr + i, tl.maximum(slots, 0).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + i, tl.maximum(slots - lo, 0).to(out_ptr.dtype.element_ty),
                  mask=i < n_ids)
     else:
         for start in range(0, n_ids, ID_BLOCK):
             i = start + tl.arange(0, ID_BLOCK)
             ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
             slots = tl.load(table_ptr + layer * E + ids, mask=i < n_ids, other=0)
-            tl.store(out_ptr + i, tl.maximum(slots, 0).to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + i, tl.maximum(slots - lo, 0).to(out_ptr.dtype.element_ty),
                      mask=i < n_ids)
     c = tl.arange(0, NSTAT)
     base = counters_ptr + layer * NSTAT
@@ -325,13 +339,14 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
 
 @triton.jit
 def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
-                   state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
-                   counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr,
-                   val_ptr, num_slots, E, J, L, inv_half_life, rebase_steps,
+                   state_ptr, group_of_ptr, groups_ptr, need_ptr, vict_ptr, job_key_ptr,
+                   job_slot_ptr, counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr,
+                   clock_ptr, val_ptr, E, J, L, inv_half_life, rebase_steps,
                    DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
                    CH: tl.constexpr, SMALL: tl.constexpr, POLICY: tl.constexpr,
                    PDL: tl.constexpr = False):
-    """One layer call in one program: ids [n] -> out [n] slot ids; misses become
+    """One layer call in one program: ids [n] -> out [n] slot ids (in the layer's
+    group); misses become
     fill jobs for `fill_kernel`, the next launch on the same stream.
     (A fused variant, whose other programs waited on a doorbell and copied, measured
     slower on an H100: docs/results.md.) PDL: the fill is a programmatic dependent
@@ -339,21 +354,24 @@ def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_p
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr,
-             state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr, counters_ptr,
-             pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr, clock_ptr, val_ptr, num_slots, E,
-             J, L, inv_half_life, rebase_steps, DEPTH, E_PAD, ID_BLOCK, CH, SMALL, POLICY)
+             state_ptr, group_of_ptr, groups_ptr, need_ptr, vict_ptr, job_key_ptr,
+             job_slot_ptr, counters_ptr, pmask_ptr, pvalid_ptr, pred_ptr, uses_ptr,
+             clock_ptr, val_ptr, E, J, L, inv_half_life, rebase_steps, DEPTH, E_PAD,
+             ID_BLOCK, CH, SMALL, POLICY)
 
 
 @triton.jit
 def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
-                    flags_ptr, state_ptr, need_ptr, vict_ptr, job_key_ptr, job_slot_ptr,
-                    counters_ptr, pmask_ptr, pvalid_ptr, uses_ptr, clock_ptr, val_ptr,
-                    num_slots, E, J, L, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
+                    flags_ptr, group_of_ptr, groups_ptr, need_ptr, vict_ptr, job_key_ptr,
+                    job_slot_ptr, counters_ptr, pmask_ptr, pvalid_ptr, uses_ptr, clock_ptr,
+                    val_ptr, E, J, L, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
                     ID_BLOCK: tl.constexpr, CH: tl.constexpr, POLICY: tl.constexpr):
-    """Layer `layer` predicts ids [n] for layer `target` (= layer + dist): lock the
-    predicted experts that are resident, and give up to the budget minus the slots
-    already locked to the missing ones (fill jobs for the copy stream)."""
+    """Layer `layer` predicts ids [n] for layer `target` (= layer + dist): within the
+    budget of the target's group, minus the slots already locked there, lock the
+    predicted experts that are resident, then give slots to the missing ones (fill
+    jobs for the copy stream)."""
     e = tl.arange(0, E_PAD)
+    group_ptr = groups_ptr + tl.load(group_of_ptr + target) * NGROUP
     at = target * DEPTH + dist - 1
     pm = _mark(ids_ptr, n_ids, pmask_ptr + at * E, E, E_PAD, ID_BLOCK)
     tl.store(pvalid_ptr + at, n_ids * 0 + 1)
@@ -361,11 +379,14 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     resident = row >= 0
     hit = pm & resident
     f = tl.load(flags_ptr + row, mask=hit, other=0)
-    newly = hit & ((f & PROTECT) == 0)
+    # the budget bounds every lock, a hit's too (NOTE #4 of device_cache.py)
+    budget = tl.load(group_ptr + BUDGET)
+    locks = tl.load(group_ptr + LOCKS)
+    lockable = hit & ((f & PROTECT) == 0)
+    newly = lockable & (tl.cumsum(lockable.to(tl.int32), 0) <= budget - locks)
     tl.store(flags_ptr + row, f | PROTECT, mask=newly)
-    locks = tl.load(state_ptr + LOCKS) + tl.sum(newly.to(tl.int32), 0)
+    locks += tl.sum(newly.to(tl.int32), 0)
     miss = pm & (resident == 0)
-    budget = tl.load(state_ptr + BUDGET)
     want = tl.minimum(tl.sum(miss.to(tl.int32), 0), tl.maximum(budget - locks, 0))
     j = tl.arange(0, E_PAD)
     tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
@@ -374,18 +395,18 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
         taken = want * 0
         if want > 0:  # its first pass reads every slot
             taken = _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr,
-                                val_ptr, layer, want, num_slots, E, L, tl.load(clock_ptr),
-                                CH)
+                                val_ptr, layer, want, tl.load(group_ptr + LO),
+                                tl.load(group_ptr + HI), E, L, tl.load(clock_ptr), CH)
     else:
-        taken = _pick_victims(owner_ptr, flags_ptr, state_ptr, need_ptr, vict_ptr, layer,
-                              want, num_slots, E, CH)
+        taken = _pick_victims(owner_ptr, flags_ptr, group_ptr, need_ptr, vict_ptr, layer,
+                              want, E, CH)
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
     sel = miss & (rank < taken)
     slot = _assign(target, e, sel, rank, vict_ptr, table_ptr, owner_ptr, flags_ptr,
                    counters_ptr, PROTECT | AHEAD, E)
     tl.store(job_key_ptr + rank, target * E + e, mask=sel)
     tl.store(job_slot_ptr + rank, slot, mask=sel)
-    tl.store(state_ptr + LOCKS, locks + taken)
+    tl.store(group_ptr + LOCKS, locks + taken)
     _add(counters_ptr + target * NSTAT + PREFETCHED, taken)
 
 

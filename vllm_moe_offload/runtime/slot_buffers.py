@@ -4,14 +4,75 @@ from __future__ import annotations
 
 import torch
 
+from ..core.slot_pool import SlotGroup, check_groups
 from .store import ExpertStore
 
 
 class SlotBuffers:
-    """What both modes share: the slot buffers [S, *shape], one per expert tensor."""
+    """What both modes share: the slot buffers [S, *shape], one per expert tensor,
+    and the slot groups (core/slot_pool.py): the experts of a group's layers live in
+    its slots only, and a layer's kernel sees its group's slots, with slot ids that
+    count from the group's first slot."""
 
     store: ExpertStore
     buffers: list[torch.Tensor]
+    groups: list[SlotGroup]
+
+    def _set_groups(self, groups: list[SlotGroup] | None, num_slots: int) -> None:
+        L, E = self.store.num_layers, self.store.experts_per_layer
+        self.groups = groups or [SlotGroup(range(L), 0, num_slots)]
+        check_groups(self.groups, num_slots, L, E)
+        self._group_of = [i for i, g in enumerate(self.groups) for _ in g.layers]
+
+    def group_of(self, layer: int) -> int:
+        return self._group_of[layer]
+
+    def layer_buffers(self, layer: int) -> list[torch.Tensor]:
+        """The slot buffers that `layer`'s kernel reads: its group's slots [lo:hi]
+        (views, so a slot filled for the whole pool shows in them)."""
+        g = self.groups[self._group_of[layer]]
+        return [b[g.lo:g.hi] for b in self.buffers]
+
+    def layer_slots(self, layer: int) -> int:
+        """How many slots `layer`'s kernel sees (the experts it is told of)."""
+        return self.groups[self._group_of[layer]].size
+
+    @property
+    def plan_room(self) -> int:
+        """The most experts a residency plan can pin: every group keeps one layer
+        call's worth of slots free of it."""
+        E = self.store.experts_per_layer
+        return sum(g.size - E for g in self.groups)
+
+    def fit_plan(self, keys: list, limit: int | None = None) -> list:
+        """The first keys of a ranked plan, at most `limit`, that fit their groups'
+        room (S_g - E each: plan_room)."""
+        E = self.store.experts_per_layer
+        room = [g.size - E for g in self.groups]
+        out = []
+        for key in keys:
+            if limit is not None and len(out) >= limit:
+                break
+            g = self._group_of[key.layer]
+            if room[g] > 0:
+                room[g] -= 1
+                out.append(key)
+        return out
+
+    def _check_plan(self, keys: list) -> None:
+        """Raise ValueError where a plan does not fit (fit_plan keeps what does)."""
+        if len(self.fit_plan(keys)) == len(keys):
+            return
+        E, S = self.store.experts_per_layer, self.groups[-1].hi
+        if len(self.groups) == 1:
+            raise ValueError(f"a residency plan of {len(keys)} experts leaves no room for "
+                             f"one layer call ({E} of {S} slots); plan at most {S - E}")
+        raise ValueError(
+            f"a residency plan of {len(keys)} experts leaves no room for one layer call "
+            f"({E} slots) in some slot group; a group of layers [a, b) with n slots "
+            "plans at most n - E: "
+            + ", ".join(f"[{g.layers.start}, {g.layers.stop}): {g.size - E}"
+                        for g in self.groups))
 
     @property
     def slot_bytes(self) -> int:

@@ -139,7 +139,10 @@ class TaskResidency:
             # traffic they had, i.e. by their share of the profiles.
             demand = {t: float(sum(table[0])) for t, table in self.profiles.counts.items()}
         t0 = time.perf_counter()
-        plan = plan_residency(self.profiles, demand, self.budget, self.insensitive)
+        # ranked, then within each slot group's room (one group: the first `budget`)
+        ranked = plan_residency(self.profiles, demand, self.num_layers * self.experts_per_layer,
+                                self.insensitive)
+        plan = self.cache.fit_plan(ranked, self.budget)
         added, removed = self.cache.set_plan(plan)
         self.replans += 1
         self.last_demand = dict(demand)

@@ -119,3 +119,45 @@ def _no_scan():
 class _NoScanList(list):
     def __iter__(self):
         raise AssertionError("scanned the pin counts")
+
+
+def test_split_pool_into_groups_of_consecutive_layers():
+    """Within the limit: one group. Above it: the fewest groups whose slots, in
+    proportion to their layers, fit the limit and hold one layer's experts each."""
+    from vllm_moe_offload.core.slot_pool import SlotGroup, split_pool
+
+    assert split_pool(3072, 48, 128) == [SlotGroup(range(48), 0, 3072)]
+    assert split_pool(992, 48, 128, 992) == [SlotGroup(range(48), 0, 992)]
+    groups = split_pool(3072, 48, 128, 992)
+    assert [(g.layers, g.size) for g in groups] == [
+        (range(12 * i, 12 * i + 12), 768) for i in range(4)]
+    # 5000 slots over 48 layers: 6 groups of 8 layers, 833-834 slots each
+    groups = split_pool(5000, 48, 128, 992)
+    assert len(groups) == 6 and groups[-1].hi == 5000
+    assert all(g.size <= 992 and g.hi == n.lo for g, n in zip(groups, groups[1:]))
+    # 7 layers, 2000 slots: 3 groups hold 571-572 slots each
+    groups = split_pool(2000, 7, 64, 992)
+    assert [len(g.layers) for g in groups] == [2, 2, 3]
+    assert [g.size for g in groups] == [571, 571, 858]
+    assert split_pool(1000, 2, 520, 992) is None  # 500 slots cannot hold 520 experts
+
+
+def test_grouped_pool_evicts_within_a_layers_group():
+    from vllm_moe_offload.core.slot_pool import GroupedSlotPool, SlotGroup
+
+    pool = GroupedSlotPool([SlotGroup(range(0, 1), 0, 2), SlotGroup(range(1, 3), 2, 5)],
+                           lambda: make_policy("lru", 3))
+    grants = pool.acquire(keys(0, 0, 1) + keys(1, 0))
+    assert sorted(g.slot for g in grants) == [0, 1, 2]
+    pool.release(g.slot for g in grants)
+    # group 0 is full; its next miss evicts there, though group 1 has free slots
+    (g,) = pool.acquire(keys(0, 5))
+    assert g.slot in (0, 1) and g.evicted == ExpertKey(0, 0)
+    assert pool.lookup(ExpertKey(1, 0)) == 2 and ExpertKey(0, 0) not in pool
+    # all or nothing across groups: group 0 cannot take two more while 0/5 is pinned
+    assert pool.acquire(keys(0, 6, 7) + keys(2, 1)) is None
+    assert pool.num_pinned() == 1 and pool.num_pinned(0) == 1 and pool.num_resident() == 3
+    pool.release([g.slot])
+    grants = pool.acquire(keys(2, 1, 2))
+    assert all(2 <= x.slot < 5 for x in grants)
+    pool.check_invariants()

@@ -48,9 +48,11 @@ def make_store(L, E, layout=LAYOUT, pinned=False):
 
 
 def check_slots(cache, full, layer, ids, slots):
-    """Every routed (token, k) reads the right expert from its slot."""
+    """Every routed (token, k) reads the right expert from its slot (of the slot
+    buffers the layer's kernel sees: its group's)."""
     for e, s in zip(ids.reshape(-1).tolist(), slots.reshape(-1).tolist()):
-        for buf, want in zip(cache.buffers, full[(layer, e)]):
+        assert 0 <= s < cache.layer_slots(layer), (layer, e, s)
+        for buf, want in zip(cache.layer_buffers(layer), full[(layer, e)]):
             assert torch.equal(buf[s].cpu(), want), f"layer {layer} expert {e} slot {s}"
 
 
@@ -68,8 +70,14 @@ def check_state(cache):
         else:
             assert flags[slot] == 0, f"free slot {slot} has flags {flags[slot]}"
         assert not flags[slot] & K.TAKEN.value
-    protect = sum(1 for f in flags if f & K.PROTECT.value)
-    assert state[K.LOCKS.value] == protect, (state, protect)
+    groups = cache.group_state.tolist()
+    for g, (group, row) in enumerate(zip(cache.groups, groups)):
+        assert (row[K.LO.value], row[K.HI.value]) == (group.lo, group.hi)
+        protect = sum(1 for f in flags[group.lo:group.hi] if f & K.PROTECT.value)
+        assert row[K.LOCKS.value] == protect, (g, row, protect)
+        assert protect <= row[K.BUDGET.value], (g, row)
+        for slot in range(group.lo, group.hi):  # a key lives in its layer's group
+            assert owner[slot] < 0 or owner[slot] // E in group.layers, (slot, owner[slot])
     assert state[K.ERROR.value] == 0
     assert len({k for k in owner if k >= 0}) == sum(1 for k in owner if k >= 0)
     assert all(0 <= k < cache.num_layers * E for k in owner if k >= 0)
@@ -270,6 +278,82 @@ def case_plan_stays_resident(device):
     added, removed = cache.set_plan(plan[:1])
     assert added == [] and removed == plan[1:] and cache.prefetch_budget == 3
     assert cache.sync_stats().layer(0).planned_loads == 1
+
+
+def case_slot_groups_keep_each_layer_in_its_slots(device):
+    """A pool split in two slot groups (vLLM's CUDA kernels see at most 992 slots):
+    layers 0-1 take slots 0-10, layers 2-3 slots 11-20, and a layer's slot ids
+    count from its group's first slot. On demand, each group evicts by `reuse` as
+    host mode's grouped pool does. With wider groups, exact prefetch across the
+    groups' boundary covers every miss after layer 0, and a plan in the second group
+    shrinks its budget only; both policies keep every slot right and the locks
+    counted apart."""
+    from vllm_moe_offload.core.slot_pool import SlotGroup
+    from vllm_moe_offload.runtime.expert_cache import ExpertCache
+
+    L, E = 4, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    groups = [SlotGroup(range(0, 2), 0, 11), SlotGroup(range(2, 4), 11, 21)]
+    gen = torch.Generator().manual_seed(6)
+    calls = [(layer, routing(gen, 3, E, 2, "cpu")) for _ in range(5) for layer in range(L)]
+    device_cache_, host = (DeviceExpertCache(store, 21, device, groups=groups),
+                           ExpertCache(store, 21, "cpu", eviction="reuse", groups=groups))
+    for layer, ids in calls:
+        for cache in (device_cache_, host):
+            ids_ = ids.to(cache.device)
+            check_slots(cache, full, layer, ids_, cache.map_to_slots(layer, ids_))
+    check_state(device_cache_)
+    host.pool.check_invariants()
+    got, want = device_cache_.sync_stats().totals(), host.stats.totals()
+    assert (got.hits, got.misses, got.evictions) == (want.hits, want.misses, want.evictions)
+    assert got.evictions > 0
+    for eviction in ("reuse", "clock"):
+        pred = FixedPredictor(depth=2, num_layers=L)
+        wide = [SlotGroup(range(0, 2), 0, 16), SlotGroup(range(2, 4), 16, 34)]
+        cache = DeviceExpertCache(store, 34, device, predictor=pred, eviction=eviction,
+                                  groups=wide)
+        cache.set_plan([ExpertKey(3, 0), ExpertKey(2, 1)])
+        assert cache._budgets == [16 - E, 18 - E - 2]
+        run_predicted(cache, full, pred, torch.Generator().manual_seed(7), 3, 1, device)
+        t = cache.sync_stats().totals()
+        assert t.prefetched > 0 and t.prefetch_hits == t.prefetched
+        assert sum(cache.sync_stats().layer(layer).misses for layer in range(1, L)) == 0
+        mask = cache.resident_mask()
+        assert mask[3, 0] and mask[2, 1]
+
+
+def case_prefetch_locks_stay_within_the_budget(device):
+    """A prediction of resident experts locks them too, and only as many as the
+    budget leaves: layer 0 predicts all of layer 2's experts, resident from the step
+    before, and all of layer 1's. Were the 4 hits locked beyond the budget (2),
+    layer 1's call, which needs all 4 of its experts, would find 2 slots."""
+    L, E = 3, 4
+    store, full = make_store(L, E, pinned=device == "cuda")
+    pred = FixedPredictor(depth=2, num_layers=L)
+    cache = DeviceExpertCache(store, E + 2, device, predictor=pred)
+    every = torch.arange(E, dtype=torch.int32, device=device).view(-1, 1)
+    hidden = torch.zeros(1, 4, device=device)
+    for step in range(3):
+        pred.next = {1: every, 2: every} if step else {}
+        for layer, ids in ((0, every[:1]), (1, every), (2, every)):
+            check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids, hidden))
+            check_state(cache)
+    t = cache.sync_stats().totals()
+    assert t.prefetched > 0 and t.misses > 0
+
+
+def case_a_call_of_more_ids_than_one_block_maps_every_id(device):
+    """E = 8 (Mixtral's): 1400 ids, more than the 1024 one block of the register
+    path holds, so the call takes the general path and every id is mapped."""
+    L, E = 2, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, E + 2, device)
+    gen = torch.Generator().manual_seed(8)
+    for layer in (0, 1, 0):
+        ids = routing(gen, 700, E, 2, device)
+        check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
+        check_state(cache)
+    assert cache.sync_stats().totals().misses >= 2 * E
 
 
 # A quantized checkpoint's record: more tensors than one fill launch copies (4), of

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_moe_offload.core.eviction import POLICIES
+from vllm_moe_offload.core.slot_pool import ExpertKey
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.store import DiskStore, ExpertLayout, HostStore, TensorSpec
@@ -75,6 +76,41 @@ def test_outputs_match_all_resident_and_counts_add_up(tmp_path, kind, num_slots,
         assert t["evictions"] == 0 and t["misses"] <= L * E and t["hits"] > 0
     else:
         assert t["evictions"] > 0
+
+
+@pytest.mark.parametrize("eviction", ["lru", "reuse"])
+def test_slot_groups_keep_each_layer_in_its_own_slots(tmp_path, eviction):
+    """A pool split in slot groups (vLLM's CUDA kernels see at most 992 slots): layer
+    0 takes slots 0-6, layers 1-2 slots 7-14. A layer's slot ids count from its
+    group's first slot, index the slot buffers its kernel sees, and give exact
+    outputs; no layer's expert ever sits in another group's slots."""
+    from vllm_moe_offload.core.slot_pool import SlotGroup
+
+    base = make_cache("disk", tmp_path, 15)
+    groups = [SlotGroup(range(0, 1), 0, 7), SlotGroup(range(1, 3), 7, 15)]
+    cache = ExpertCache(base.store, 15, "cpu", eviction=eviction, groups=groups)
+    assert [cache.layer_slots(layer) for layer in range(L)] == [7, 8, 8]
+    full = weights()
+    for step in range(4):
+        for layer in range(L):
+            x = torch.randn(4, H, generator=torch.Generator().manual_seed(step * 10 + layer))
+            tw, ids = routing(step * 10 + layer, 4)
+            slot_ids = cache.map_to_slots(layer, ids)
+            assert 0 <= int(slot_ids.min()) and int(slot_ids.max()) < cache.layer_slots(layer)
+            w13 = torch.stack([w[0] for w in full[layer]])
+            w2 = torch.stack([w[1] for w in full[layer]])
+            assert torch.equal(moe(x, *cache.layer_buffers(layer), tw, slot_ids),
+                               moe(x, w13, w2, tw, ids))
+            cache.pool.check_invariants()
+    t = cache.stats.to_dict()["layers"]
+    assert t[0]["evictions"] == 0 and t[1]["evictions"] + t[2]["evictions"] > 0
+    with pytest.raises(ValueError, match=r"\[0, 1\): 1, \[1, 3\): 2"):
+        cache.set_plan([ExpertKey(0, 1), ExpertKey(0, 2)])
+    assert cache.fit_plan(keys := [ExpertKey(0, 1), ExpertKey(0, 2), ExpertKey(2, 3)]) == [
+        keys[0], keys[2]]
+    with pytest.raises(ValueError, match="slot group of layers \\[1, 3\\) of 5 slots"):
+        ExpertCache(base.store, 12, "cpu", groups=[SlotGroup(range(0, 1), 0, 7),
+                                                   SlotGroup(range(1, 3), 7, 12)])
 
 
 def test_second_call_of_same_experts_hits(tmp_path):

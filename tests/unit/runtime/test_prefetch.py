@@ -4,6 +4,7 @@ import torch
 
 from tests.unit.runtime.test_expert_cache import (E, H, L, LAYOUT, make_cache, moe, routing,
                                                   weights)
+from vllm_moe_offload.core.slot_pool import SlotGroup
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.predictors import Predictor
 
@@ -41,7 +42,7 @@ def run(cache, plan, steps=3):
             slot_ids = cache.map_to_slots(layer, ids, x)
             w13 = torch.stack([w[0] for w in full[layer]])
             w2 = torch.stack([w[1] for w in full[layer]])
-            assert torch.equal(moe(x, cache.buffers[0], cache.buffers[1], tw, slot_ids),
+            assert torch.equal(moe(x, *cache.layer_buffers(layer), tw, slot_ids),
                                moe(x, w13, w2, tw, ids))
     cache.close()
     return cache.stats.to_dict()
@@ -89,7 +90,7 @@ def test_budget_caps_prefetch_pins_and_a_full_pool_leaves_no_room(tmp_path):
 
     def spy(layer, hidden):
         original(layer, hidden)
-        seen.append(cache._prefetch_pins)
+        seen.append(sum(cache._prefetch_pins))
 
     cache._prefetch = spy
     totals = run(cache, plan)["totals"]
@@ -102,3 +103,28 @@ def test_budget_caps_prefetch_pins_and_a_full_pool_leaves_no_room(tmp_path):
     tight = with_predictor(tmp_path, "host", ScriptedPredictor(future), num_slots=E)
     assert tight.prefetch_budget == 0
     assert run(tight, plan)["totals"]["prefetched"] == 0
+
+
+def test_slot_groups_prefetch_across_their_boundary_within_each_budget(tmp_path):
+    """Layer 0 in slot group 0 (8 slots), layers 1-2 in group 1 (6 + 4 slots): each
+    group's prefetch pins stay within its own room (S_g - E), every layer's experts
+    stay in its group, and outputs stay exact."""
+    plan = schedule()
+    future = {k: list(range(E)) for k in plan}  # predict everything
+    groups = [SlotGroup(range(0, 1), 0, 8), SlotGroup(range(1, 3), 8, 18)]
+    base = make_cache("host", tmp_path, 18)
+    cache = ExpertCache(base.store, 18, "cpu", predictor=ScriptedPredictor(future, depth=2),
+                        groups=groups)
+    assert cache._budgets == [2, 4] and cache.prefetch_budget == 6
+    seen = []
+    original = cache._prefetch
+
+    def spy(layer, hidden):
+        original(layer, hidden)
+        seen.append(list(cache._prefetch_pins))
+        cache.pool.check_invariants()  # every key in its layer's group
+
+    cache._prefetch = spy
+    totals = run(cache, plan)["totals"]
+    assert max(p[0] for p in seen) == 0 and max(p[1] for p in seen) == 4
+    assert totals["prefetched"] > 0 and totals["misses"] > 0

@@ -6,9 +6,10 @@ every MoE layer. While offload is off it is `RoutedExperts` unchanged. While on:
 - `weight_loader` stages each checkpoint expert, converts it to the kernel's
   layout with vLLM's own post-processing (padding, CPU prepack), and streams it
   into the store, so all experts are never in fast memory at once;
-- after loading, `w13_weight`/`w2_weight` become the shared slot buffers [S, ...];
+- after loading, `w13_weight`/`w2_weight` become the shared slot buffers [S, ...]
+  (with slot groups, the layer's group's slots [S_g, ...]: runtime/slot_buffers.py);
 - `forward_modular` maps router ids to slots (opaque custom op: loads misses),
-  then runs vLLM's own MoE kernel with `global_num_experts = S`.
+  then runs vLLM's own MoE kernel with `global_num_experts = S` (S_g).
 A quantized checkpoint's experts go the same way, each as the method itself
 processes one expert (quantized.py).
 """
@@ -234,9 +235,9 @@ class OffloadedRoutedExperts(RoutedExperts):
                 "experts are offloaded from its own weights. Load the checkpoint.")
         cache = self._model.finish_loading(None, self._rederive_quantized)
         self._model.checkpoint_quantization = self._quant.method
-        self._quant.bind(self, cache.buffers, self._slot_param)
+        self._quant.bind(self, cache.layer_buffers(self._layer), self._slot_param)
         self._check_modular()
-        self._num_slots = cache.num_slots
+        self._num_slots = cache.layer_slots(self._layer)
 
     def _check_modular(self) -> None:
         """forward_modular is the hook: a monolithic kernel routes inside itself and
@@ -418,14 +419,14 @@ class OffloadedRoutedExperts(RoutedExperts):
                             f"expert offload: {self.layer_name}: {kind[1]}: {e}. Use "
                             "--expert-store disk (host mode, eager), or drop "
                             "--expert-store-bits.") from None
-        for name, buf in zip(self._names, cache.buffers):
+        for name, buf in zip(self._names, cache.layer_buffers(self._layer)):
             setattr(self, name, self._slot_param(buf))
         if self.moe_config.has_bias:  # the kernel reads biases through its quant config
             for config in {id(c): c for c in (self.quant_method.moe_quant_config,
                                               self.quant_method.moe_kernel.fused_experts
                                               .quant_config)}.values():
                 config._w1.bias, config._w2.bias = self.w13_bias, self.w2_bias
-        self._num_slots = cache.num_slots
+        self._num_slots = cache.layer_slots(self._layer)
 
     # ---- forward ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
+from vllm_moe_offload.core.slot_pool import SlotGroup, split_pool
 from vllm_moe_offload.core.stats import OffloadStats
 from vllm_moe_offload.core.tasks import TaskProfiles, hot_experts
 from vllm_moe_offload.integration.vllm import metrics
@@ -36,26 +37,51 @@ logger = logging.getLogger("vllm.moe_offload")
 
 # vLLM 0.32's CUDA MoE kernels (Triton, Marlin) sort tokens by expert with
 # moe_align_block_size, which takes fewer than 1024 experts after padding to 32;
-# the pool's slots are the experts they see.
+# the slots a layer's kernel sees are the experts it is told of.
 CUDA_MAX_SLOTS = 992
-CUDA_MAX_REASON = ("vLLM's CUDA MoE kernels take (their moe_align_block_size sorts "
-                   "tokens over fewer than 1024 experts, and the slots are the experts "
-                   "they see)")
+MAX_SLOTS_ENV = "VLLM_MOE_OFFLOAD_KERNEL_MAX_SLOTS"  # tests: CUDA's split on the CPU
+
+
+def kernel_max_slots(cuda: bool) -> int | None:
+    """The most slots one MoE kernel call may see: CUDA_MAX_SLOTS on CUDA, no limit
+    on the CPU; MAX_SLOTS_ENV overrides it (tests run CUDA's split on the CPU)."""
+    value = os.environ.get(MAX_SLOTS_ENV)
+    if not value:
+        return CUDA_MAX_SLOTS if cuda else None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_SLOTS_ENV}={value!r} is not a positive whole number of "
+                         "slots. Unset it (it is for tests), or set e.g. 992.")
+    return int(value)
 
 
 def pool_slots(cfg: OffloadConfig, num_layers: int, experts_per_layer: int,
-               slot_bytes: int, cuda: bool) -> int:
-    """`cfg.num_slots`, on CUDA within what vLLM's kernels take (a capped default is
-    logged; a larger pool_slots is refused)."""
+               slot_bytes: int, cuda: bool) -> tuple[int, list[SlotGroup]]:
+    """`cfg.num_slots` and its slot groups. Where the pool is more than one kernel
+    call may see (vLLM's CUDA kernels: 992 slots), it is split into groups of
+    consecutive layers (core/slot_pool.py split_pool); where no split holds a layer
+    call in each group, the pool is capped at the limit (a default or pool_gib,
+    logged) or refused (pool_slots)."""
+    limit = kernel_max_slots(cuda)
     wanted = cfg.num_slots(num_layers, experts_per_layer, slot_bytes)
-    if not cuda:
-        return wanted
-    slots = cfg.num_slots(num_layers, experts_per_layer, slot_bytes, CUDA_MAX_SLOTS,
-                          CUDA_MAX_REASON)
-    if slots < wanted:
-        logger.warning("expert offload: pool of %d slots, not %d: the most %s", slots,
-                       wanted, CUDA_MAX_REASON)
-    return slots
+    groups = split_pool(wanted, num_layers, experts_per_layer, limit)
+    if groups is not None:
+        if len(groups) > 1:
+            logger.info(
+                "expert offload: pool of %d slots in %d groups of consecutive layers "
+                "(%s): a layer's experts take its group's slots, since one MoE kernel "
+                "call sees at most %d", wanted, len(groups),
+                ", ".join(f"layers {g.layers.start}-{g.layers.stop - 1}: {g.size}"
+                          for g in groups), limit)
+        return wanted, groups
+    why = ("vLLM's CUDA kernels sort tokens over fewer than 1024 experts"
+           if limit == CUDA_MAX_SLOTS else f"set by {MAX_SLOTS_ENV}")
+    reason = (f"one MoE kernel call sees ({why}), where {wanted} slots do not split "
+              "into groups of consecutive layers that each hold one layer's "
+              f"{experts_per_layer} experts")
+    slots = cfg.num_slots(num_layers, experts_per_layer, slot_bytes, limit, reason)
+    logger.warning("expert offload: pool of %d slots, not %d: the most %s", slots, wanted,
+                   reason)
+    return slots, [SlotGroup(range(num_layers), 0, slots)]
 
 
 class ModelOffload:
@@ -233,8 +259,8 @@ class ModelOffload:
         if store.kind == "disk":
             store.rederive = rederive
         layout = store.layout
-        num_slots = pool_slots(self.cfg, self.num_layers, self.experts_per_layer,
-                               layout.expert_bytes, self.device.type == "cuda")
+        num_slots, groups = pool_slots(self.cfg, self.num_layers, self.experts_per_layer,
+                                       layout.expert_bytes, self.device.type == "cuda")
         trace = None
         if self.cfg.trace_path:
             trace = TraceWriter(self.cfg.trace_path, TraceHeader(
@@ -243,7 +269,7 @@ class ModelOffload:
         self.cache, why_host = make_expert_cache(store, num_slots, self.device, self.stats,
                                                  trace, predictor,
                                                  self.cfg.prefetch_budget_slots,
-                                                 self.cfg.eviction)
+                                                 self.cfg.eviction, groups)
         if isinstance(self.cache, ExpertCache):  # lost rows fail their requests (tasks.py NOTE #1)
             self.cache.fail_requests = True
         self.joins_prefetch = (self.device.type == "cuda" and why_host is None
@@ -290,13 +316,15 @@ class ModelOffload:
 
     def _make_task_residency(self) -> TaskResidency:
         cfg, cache = self.cfg, self.cache
-        room = cache.num_slots - self.experts_per_layer
+        room = cache.plan_room  # beside one layer call in each slot group
         budget = room // 2 if cfg.resident_slots is None else cfg.resident_slots
         if budget > room:
+            groups = (f" in each of its {len(cache.groups)} slot groups"
+                      if len(cache.groups) > 1 else "")
             raise ValueError(
                 f"expert_offload.resident_slots={budget} leaves no room for one layer "
                 f"call: the pool has {cache.num_slots} slots and a layer needs up to "
-                f"{self.experts_per_layer}. Set resident_slots <= {room}.")
+                f"{self.experts_per_layer}{groups}. Set resident_slots <= {room}.")
         insensitive = set()
         if cfg.sensitivity_path:
             insensitive = load_insensitive(cfg.sensitivity_path, self.num_layers)
@@ -367,6 +395,8 @@ class ModelOffload:
         cache, store = self.cache, self.store
         return {"mode": cache.mode, "eviction": cache.eviction,
                 "num_slots": cache.num_slots, "slot_bytes": cache.slot_bytes,
+                "slot_groups": [[g.layers.start, g.layers.stop, g.lo, g.hi]
+                                for g in cache.groups],
                 "record_bytes": store.record_bytes, "read_bytes": store.read_bytes,
                 "store_bits": self.cfg.store_bits,
                 "checkpoint_quantization": self.checkpoint_quantization,
