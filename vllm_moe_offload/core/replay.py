@@ -30,7 +30,7 @@ from typing import Iterable, NamedTuple
 
 from .eviction import POLICIES as ENGINE_POLICIES
 from .eviction import HeapPolicy, make_policy
-from .slot_pool import ExpertKey, SlotPool
+from .slot_pool import ExpertKey, GroupedSlotPool, SlotGroup
 
 POLICIES = ENGINE_POLICIES + ("belady",)
 
@@ -125,10 +125,12 @@ class Belady(HeapPolicy):
 
 
 def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProfile,
-           depth: int = 0, experts_per_layer: int | None = None) -> ReplayResult:
+           depth: int = 0, experts_per_layer: int | None = None,
+           groups: list[SlotGroup] | None = None) -> ReplayResult:
     """Play `calls` against a pool of `num_slots` under `policy`; with `depth`, oracle
     prefetch of the next `depth` calls (at most S - experts_per_layer slots, as the
-    engine; default: the largest call)."""
+    engine; default: the largest call). `groups`: slot groups (slot_pool.py), each
+    with its own policy and prefetch budget, as the engine's on CUDA above 992 slots."""
     if policy not in POLICIES:
         raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
     max_experts = max((len(c.experts) for c in calls), default=0)
@@ -140,20 +142,22 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
         for e in c.experts:
             future[ExpertKey(c.layer, e)].append(i)
     num_layers = max((c.layer for c in calls), default=0) + 1
-    evict = Belady(future) if policy == "belady" else make_policy(policy, num_layers)
-    pool = SlotPool(num_slots, evict)
-    budget = num_slots - (experts_per_layer or max_experts)
+    groups = groups or [SlotGroup(range(num_layers), 0, num_slots)]
+    pool = GroupedSlotPool(groups, lambda: Belady(future) if policy == "belady"
+                           else make_policy(policy, num_layers))
+    beladys = [p.policy for p in pool.pools if isinstance(p.policy, Belady)]
+    budget = [g.size - (experts_per_layer or max_experts) for g in groups]
+    prefetch_pins = [0] * len(groups)
     ready_at: dict[ExpertKey, float] = {}  # prefetched key -> when its load finishes
     # call index -> prefetch pins held for it: (key, slot, loaded by prefetch)
     prefetched_for: dict[int, list[tuple[ExpertKey, int, bool]]] = defaultdict(list)
     call_pins: list[int] = []
-    prefetch_pins = 0
     clock = link_free = stall = 0.0
     hits = misses = prefetched = prefetch_hits = 0
     load = profile.load_s()
     for i, c in enumerate(calls):
-        if isinstance(evict, Belady):
-            evict.now = i
+        for belady in beladys:
+            belady.now = i
         pool.release(call_pins)
         pool.start_call(c.layer)
         grants = pool.acquire([ExpertKey(c.layer, e) for e in c.experts], used=True)
@@ -173,27 +177,28 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
         stall += start - clock
         used = set(c.experts)
         for key, slot, loaded in prefetched_for.pop(i, []):  # settle this call's prefetch
-            prefetch_pins -= 1
+            prefetch_pins[pool.group_of(key.layer)] -= 1
             prefetch_hits += loaded and key.expert in used
             pool.release([slot])
-        room = True
+        room = [True] * len(groups)
         for j in range(i + 1, min(i + depth, len(calls) - 1) + 1):  # oracle prefetch
             target = calls[j]
+            group = pool.group_of(target.layer)
             for e in target.experts:
                 pool.hint(ExpertKey(target.layer, e))
             already = {key for key, _, _ in prefetched_for[j]}
             for e in target.experts:
                 key = ExpertKey(target.layer, e)
-                if not room or prefetch_pins >= budget:
-                    room = False
+                if not room[group] or prefetch_pins[group] >= budget[group]:
+                    room[group] = False
                     break
                 if key in already:
                     continue
                 got = pool.acquire([key])
                 if got is None:
-                    room = False
+                    room[group] = False
                     break
-                prefetch_pins += 1
+                prefetch_pins[group] += 1
                 prefetched_for[j].append((key, got[0].slot, not got[0].hit))
                 if not got[0].hit:
                     prefetched += 1

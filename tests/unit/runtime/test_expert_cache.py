@@ -160,3 +160,26 @@ def test_records_of_more_than_four_tensors_can_run_in_device_mode(monkeypatch):
               ((1,), torch.int32)] * 2
     store = HostStore(ExpertLayout(tuple(TensorSpec(s, d) for s, d in shapes)), L, E)
     assert device_mode_problem("cpu", store, None) is None
+
+
+@pytest.mark.parametrize("eviction", ["lru", "reuse"])
+def test_replay_with_slot_groups_counts_as_the_cache_does(tmp_path, eviction):
+    """core/replay.py with slot groups plays the engine's grouped pool: the same hits
+    on the same calls (what benchmarks/slot_groups.py measures the split with)."""
+    from vllm_moe_offload.core.replay import PROFILES, Call, replay
+    from vllm_moe_offload.core.slot_pool import SlotGroup
+
+    base = make_cache("host", tmp_path, 14)
+    groups = [SlotGroup(range(0, 1), 0, 6), SlotGroup(range(1, 3), 6, 14)]
+    cache = ExpertCache(base.store, 14, "cpu", eviction=eviction, groups=groups)
+    calls = []
+    for step in range(6):
+        for layer in range(L):
+            _, ids = routing(step * 10 + layer, 2)
+            cache.map_to_slots(layer, ids)
+            calls.append(Call(step, layer, tuple(sorted(set(ids.flatten().tolist()))), 2))
+    got = replay(calls, 14, eviction, PROFILES["qwen3-30b-a3b-pcie5"], 0, E, groups)
+    t = cache.stats.totals()
+    assert (got.hits, got.misses) == (t.hits, t.misses) and t.evictions > 0
+    one = replay(calls, 14, eviction, PROFILES["qwen3-30b-a3b-pcie5"], 0, E)
+    assert (one.hits, one.misses) != (got.hits, got.misses)  # the groups matter here
