@@ -13,26 +13,36 @@ from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV
 TOKENS = 6
 
 
-def test_device_mode_through_vllm_matches_plain(models, engine):
-    """Two slot groups (as vLLM's CUDA kernels need above 992 slots; here above 10),
-    each of one layer plus the prefetch budget (2 x 10 of 32 experts), and next-gate
-    prefetch across them: greedy outputs token-identical to plain vLLM, counters
-    from the device."""
+def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
+    """Two slot groups (as vLLM's CUDA kernels need above 992 slots; here above 12),
+    each of one layer plus 4 slots (2 x 12 of 32 experts), next-gate prefetch across
+    them and task-aware residency (routing counted on the device, one expert pinned
+    per group by the second round's plan): greedy outputs token-identical to plain
+    vLLM, counters from the device."""
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))  # other tests' engine: its first tokens
     plain = [ids[:TOKENS] for ids in plain["token_ids"]]
-    spec = dict(offload_spec(model, pool_slots=2 * (EXPERTS + 2), store="host",
-                             predictor="next-gate"), max_tokens=TOKENS)
-    off = run_engine(spec, env={"TRITON_INTERPRET": "1", MAX_SLOTS_ENV: str(EXPERTS + 2)})
+    rules = tmp_path / "rules.json"
+    rules.write_text('{"default": "prose", "rules": []}')
+    spec = dict(offload_spec(model, pool_slots=2 * (EXPERTS + 4), store="host",
+                             predictor="next-gate", task_aware=True, replan_every=4,
+                             resident_slots=2, task_rules_path=str(rules)),
+                max_tokens=TOKENS, rounds=2)
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1", MAX_SLOTS_ENV: str(EXPERTS + 4)})
     pool = off["stats"]["pool"]
     assert pool["mode"] == "device" and pool["eviction"] == "reuse"
-    assert pool["slot_groups"] == [[0, 2, 0, 10], [2, 4, 10, 20]]
+    assert pool["slot_groups"] == [[0, 2, 0, 12], [2, 4, 12, 24]]
+    tasks = off["stats"]["tasks"]
+    assert tasks["replans"] == 2 and tasks["planned"] == 2
+    assert sum(tasks["profile_tokens"].values()) > 0
     assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
-    assert off["token_ids"] == plain
+    assert [r["token_ids"] for r in off["rounds"]] == [plain, plain]
     t = off["stats"]["totals"]
     assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetch_hits"] > 0
     assert t["prefetched"] == t["prefetch_hits"] + t["prefetch_wasted"]
-    assert t["bytes_loaded"] == (t["misses"] + t["prefetched"]) * pool["read_bytes"]
+    assert t["planned_loads"] <= 2
+    assert t["bytes_loaded"] == (t["misses"] + t["prefetched"] + t["planned_loads"]) * \
+        pool["read_bytes"]
 
 
 def test_device_mode_fills_a_quantized_checkpoints_record(models, engine, tmp_path):

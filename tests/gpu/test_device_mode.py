@@ -113,20 +113,43 @@ def test_graphed_steps_decode_a_quantized_store(bits):
     graphed_steps_match(store, full, 12, True)
 
 
-def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False):
+def test_graphed_steps_with_slot_groups_and_task_counts():
+    """A pool split in two slot groups (as above 992 slots), each layer's kernel over
+    its group's slots, prefetch across the groups, and task-aware counting in the
+    graph: replays equal all-resident, and each replay counts its step's layout
+    (set between replays), the graph's padded rows into the sink."""
+    from vllm_moe_offload.core.slot_pool import SlotGroup
+
+    store, full = device_cases.make_store(8, 8, LAYOUT, pinned=True)
+    groups = [SlotGroup(range(0, 4), 0, 12), SlotGroup(range(4, 8), 12, 26)]
+    graphed_steps_match(store, full, 26, True, groups=groups, tasks=True)
+
+
+def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False,
+                        groups=None, tasks=False):
     """Whole steps in one graph, or (`pieces`) one graph per layer call."""
     L, E, T, K = store.num_layers, store.experts_per_layer, 4, 2
     full13, full2 = stacked(full, L, E)
     script = Script(L, E, T, K, seed=num_slots)
     predictor = TruePredictor(script, depth=2) if predict else None
-    cache, why = make_expert_cache(store, num_slots, "cuda", predictor=predictor)
+    cache, why = make_expert_cache(store, num_slots, "cuda", predictor=predictor,
+                                   groups=groups)
     assert why is None and cache.mode == "device"
     cache.pdl = pdl
+    residency = None
+    if tasks:
+        from vllm_moe_offload.runtime.task_residency import TaskResidency
+
+        residency = TaskResidency(cache, 0, 10**6, max_step_tokens=T)
+        residency.begin_step([("a", 1), ("b", 2)], 0, {})  # 3 of the T rows
+        expect = {"a": torch.zeros(L, E, dtype=torch.int64),
+                  "b": torch.zeros(L, E, dtype=torch.int64)}
 
     def call(l):
+        if residency is not None:
+            residency.record(l, script.ids[l])
         slots = cache.map_to_slots(l, script.ids[l], script.x[l])
-        script.out[l] = moe(script.x[l], cache.buffers[0], cache.buffers[1], slots,
-                            script.w[l])
+        script.out[l] = moe(script.x[l], *cache.layer_buffers(l), slots, script.w[l])
 
     script.next()
     side = torch.cuda.Stream()
@@ -145,11 +168,28 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False
         with torch.cuda.graph(graphs[0]):
             for l in range(L):
                 call(l)
-    for _ in range(12):
+    if residency is not None:
+        residency.fold()  # the eager warm-up's counts
+        residency.profiles.counts.clear()
+    for step in range(12):
         script.next()
+        if residency is not None:  # alternate layouts between replays
+            layout = [("a", 1), ("b", 2)] if step % 2 else [("b", 1)]
+            residency.begin_step(layout, 0, {})
+            ids = script.ids.cpu()
+            at = 0
+            for task, n in layout:
+                for l in range(L):
+                    expect[task][l] += torch.bincount(ids[l, at:at + n].reshape(-1),
+                                                      minlength=E)
+                at += n
         for graph in graphs:
             graph.replay()
         torch.testing.assert_close(script.out, script.expected(full13, full2), rtol=0, atol=0)
+    if residency is not None:
+        residency.fold()
+        for task, want in expect.items():
+            assert residency.profiles.counts[task] == want.tolist(), task
     t = cache.sync_stats().totals()
     assert t.calls == (12 + 1) * L  # warm-up step + replays (capture runs nothing)
     if num_slots < L * E:

@@ -5,10 +5,14 @@ n = tasks seen so far.
 
 Each forward step starts with `begin_step`, which receives the step's token
 layout (task and token count of each request, in batch order) and the expected
-work per task (demand). Every layer call then `record`s its router output into
-per-task counts with one `bincount` over `task * E + expert`. Every
-`replan_every` new prompts the counts are folded into the `TaskProfiles`, saved,
-and the planner pins the (layer, expert) pairs with the largest
+work per task (demand), and writes each token row's task row into a buffer on the
+cache's device. Every layer call then `record`s its router output into per-task
+counts on that device with one `index_add_` over `(row * L + layer) * E + expert`:
+no host sync, so a layer call can sit in a CUDA graph, which replays with the
+buffer's contents of its step (rows past the step's tokens, and calls outside a
+step, count into a sink row). Every `replan_every` new prompts the counts are read
+back (a sync, between steps), folded into the `TaskProfiles`, saved, and the
+planner pins the (layer, expert) pairs with the largest
 N_e = sum_t demand(t) * s(t, layer) * f(t, layer, e) within `budget` slots.
 
 Approximate mode (opt-in) asks `approx_tokens` which rows of a layer call
@@ -31,11 +35,14 @@ from .expert_cache import ExpertCache
 logger = logging.getLogger("vllm.moe_offload")
 
 
+COUNT_ROWS = 32  # tasks counted between two folds; a fold frees their rows
+
+
 class TaskResidency:
     def __init__(self, cache: ExpertCache, budget: int, replan_every: int,
                  profiles_path: str | None = None,
                  insensitive: set[tuple[str, int]] = frozenset(),
-                 approximate: bool = False):
+                 approximate: bool = False, max_step_tokens: int = 8192):
         self.cache = cache
         self.num_layers = cache.num_layers
         self.experts_per_layer = cache.experts_per_layer
@@ -51,9 +58,18 @@ class TaskResidency:
             logger.info("expert offload: loaded task profiles of %s from %s",
                         sorted(self.profiles.counts), profiles_path)
         self.tasks: list[str] = sorted(self.profiles.counts)
-        self._counts = torch.zeros(len(self.tasks), self.num_layers, self.experts_per_layer,
-                                   dtype=torch.int64)  # [n, L, E] not yet folded
-        self._token_task: torch.Tensor | None = None  # [T] task index per token
+        dev = cache.device
+        with torch.inference_mode(False):  # updated in place, in and out of steps
+            # [COUNT_ROWS + 1, L, E] not yet folded: a row per task (_row_of), the
+            # last one the sink; [max_step_tokens] the count row of each token row
+            self._counts = torch.zeros(COUNT_ROWS + 1, self.num_layers,
+                                       self.experts_per_layer, dtype=torch.int64, device=dev)
+            self._token_rows = torch.full((max_step_tokens,), COUNT_ROWS, dtype=torch.int64,
+                                          device=dev)
+            self._one = torch.ones(1, dtype=torch.int64, device=dev)
+        self._row_of: dict[str, int] = {}  # task -> its row of _counts
+        self._laid_out = 0  # token rows the step's layout set in _token_rows
+        self._token_task: torch.Tensor | None = None  # [T] task index per token (approx)
         self._approx = self._insensitive_table()  # [L, n] bool
         self.outputs = LatencyModel()  # only its per-task output lengths are used here
         self.replans = 0
@@ -66,8 +82,6 @@ class TaskResidency:
     def task_index(self, task: str) -> int:
         if task not in self.tasks:
             self.tasks.append(task)
-            grow = torch.zeros(1, self.num_layers, self.experts_per_layer, dtype=torch.int64)
-            self._counts = torch.cat([self._counts, grow])
             self._approx = self._insensitive_table()
         return self.tasks.index(task)
 
@@ -81,15 +95,43 @@ class TaskResidency:
         """`layout`: (task, scheduled tokens) per request in batch order."""
         if layout:
             idx = torch.tensor([self.task_index(t) for t, _ in layout])
-            self._token_task = idx.repeat_interleave(torch.tensor([n for _, n in layout]))
+            sizes = torch.tensor([n for _, n in layout])
+            self._token_task = idx.repeat_interleave(sizes)
+            self._lay_out_rows([self._count_row(t) for t, _ in layout], sizes)
         else:
             self._token_task = None
+            self._lay_out_rows([], torch.zeros(0, dtype=torch.int64))
         replan = self._warm
         for _ in range(new_prompts):
             replan |= self.clock.on_prompt()
         if replan:
             self._warm = False
             self.replan(demand)
+
+    def _count_row(self, task: str) -> int:
+        """The row of _counts that counts `task`; when every row is taken, the counts
+        are folded first (a sync, between steps) and the rows handed out again."""
+        if task not in self._row_of:
+            if len(self._row_of) == COUNT_ROWS:
+                self.fold()
+                self._row_of.clear()
+            self._row_of[task] = len(self._row_of)
+        return self._row_of[task]
+
+    def _lay_out_rows(self, rows: list[int], sizes: torch.Tensor) -> None:
+        """Write each token row's count row into the device buffer, in place (graphs
+        read it); rows the last step set and this one does not go to the sink."""
+        n = int(sizes.sum())
+        if n > self._token_rows.numel():
+            raise RuntimeError(f"expert offload: a step of {n} tokens, more than the "
+                               f"{self._token_rows.numel()} the task counts were sized for")
+        new = torch.tensor(rows, dtype=torch.int64).repeat_interleave(sizes)
+        span = max(n, self._laid_out)
+        if span:
+            host = torch.full((span,), COUNT_ROWS, dtype=torch.int64)
+            host[:n] = new
+            self._token_rows[:span].copy_(host.to(self._token_rows.device))
+        self._laid_out = n
 
     def _rows(self, num_tokens: int) -> torch.Tensor | None:
         """The step's [T] task indices, or None when this call is not a step we
@@ -100,14 +142,22 @@ class TaskResidency:
         return tt
 
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        tt = self._rows(topk_ids.shape[0])
-        if tt is None:
+        """Count this call's routing per task, on the device, with no host sync. A
+        call of fewer rows than the step laid out (not a step's) is not counted,
+        nor one outside a step; a CUDA graph capture always records the count, which
+        each replay makes with its step's layout."""
+        T, K = topk_ids.shape
+        capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and (self._token_task is None or T < self._laid_out):
             return
-        ids = topk_ids[: tt.numel()].to("cpu", torch.int64)
-        flat = (tt.unsqueeze(1) * self.experts_per_layer + ids).reshape(-1)
-        n = len(self.tasks)
-        self._counts[:, layer] += torch.bincount(
-            flat, minlength=n * self.experts_per_layer).view(n, self.experts_per_layer)
+        L, E = self.num_layers, self.experts_per_layer
+        if T > self._token_rows.numel():
+            raise RuntimeError(f"expert offload: a layer call of {T} token rows, more "
+                               f"than the {self._token_rows.numel()} the task counts "
+                               "were sized for")
+        rows = self._token_rows[:T].unsqueeze(1)
+        flat = ((rows * L + layer) * E + topk_ids.to(torch.int64)).reshape(-1)
+        self._counts.view(-1).index_add_(0, flat, self._one.expand(T * K))
 
     def approx_tokens(self, layer: int, num_tokens: int) -> torch.Tensor | None:
         """[T] bool: rows whose task is insensitive at `layer` (approximate mode)."""
@@ -121,15 +171,17 @@ class TaskResidency:
     # ---- re-plan --------------------------------------------------------------------
 
     def fold(self) -> None:
-        """Move the step counts into the profiles."""
-        for i, task in enumerate(self.tasks):
-            if int(self._counts[i].sum()) == 0:
+        """Move the step counts into the profiles (reads them back: a sync)."""
+        counts = self._counts.cpu()
+        for task, i in self._row_of.items():
+            if int(counts[i].sum()) == 0:
                 continue
             table = self.profiles.counts.setdefault(
                 task, [[0] * self.experts_per_layer for _ in range(self.num_layers)])
-            for layer, row in enumerate(self._counts[i].tolist()):
+            for layer, row in enumerate(counts[i].tolist()):
                 table[layer] = [a + b for a, b in zip(table[layer], row)]
-        self._counts = torch.zeros_like(self._counts)  # (not in place: an inference tensor)
+        with torch.inference_mode(False):
+            self._counts.zero_()  # in place: graphs add into it
         self._profile_tensor = None
 
     def replan(self, demand: dict[str, float]) -> None:

@@ -94,3 +94,32 @@ def test_profiles_with_other_shapes_are_refused(tmp_path):
     TaskProfiles(L + 1, E).save(path)
     with pytest.raises(ValueError, match=f"{L + 1} layers x {E} experts, not {L} x {E}"):
         TaskResidency(make_cache("host", tmp_path, 10), 2, 40, str(path))
+
+
+def test_counts_stay_on_the_device_path_padded_rows_and_many_tasks(tmp_path):
+    """record() counts with no host read: a call padded past the step's tokens (as a
+    CUDA graph's batch is) counts its extra rows into the sink, not into a task; more
+    tasks than count rows fold the counts first, and none is lost."""
+    from vllm_moe_offload.runtime.task_residency import COUNT_ROWS
+
+    cache = make_cache("host", tmp_path, num_slots=10)
+    res = TaskResidency(cache, budget=2, replan_every=1000, max_step_tokens=16)
+    res.begin_step([("a", 2), ("b", 1)], new_prompts=0, demand={})
+    res.record(1, ids([[0, 1], [0, 2], [5, 4], [3, 3], [3, 3]]))  # 2 padding rows
+    res.fold()
+    assert res.profiles.counts["a"][1] == [2, 1, 1, 0, 0, 0]
+    assert res.profiles.counts["b"][1] == [0, 0, 0, 0, 1, 1]
+    # a shorter step: the rows the last one laid out past it go back to the sink
+    res.begin_step([("b", 1)], new_prompts=0, demand={})
+    res.record(0, ids([[2, 3], [4, 4], [4, 4]]))
+    res.fold()
+    assert res.profiles.counts["b"][0] == [0, 0, 1, 1, 0, 0]
+    assert "a" not in res.profiles.counts or sum(res.profiles.counts["a"][0]) == 0
+    for i in range(COUNT_ROWS + 8):  # more tasks than rows: counted all the same
+        res.begin_step([(f"t{i}", 1)], new_prompts=0, demand={})
+        res.record(2, ids([[i % E, (i + 1) % E]]))
+    res.fold()
+    assert all(sum(res.profiles.counts[f"t{i}"][2]) == 2 for i in range(COUNT_ROWS + 8))
+    assert res.profiles.counts["t3"][2][3] == 1 and res.profiles.counts["t3"][2][4] == 1
+    with pytest.raises(RuntimeError, match="a step of 17 tokens, more than the 16"):
+        res.begin_step([("a", 17)], new_prompts=0, demand={})

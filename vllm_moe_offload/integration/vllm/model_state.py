@@ -109,6 +109,7 @@ class ModelOffload:
         # device mode's prefetch on CUDA: a layer call in a piece of a piecewise CUDA
         # graph joins its copy stream (device_cache.py NOTE #5)
         self.joins_prefetch = False
+        self.max_step_tokens = 8192  # the most tokens of a step (vLLM's, set by layer.py)
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
@@ -331,7 +332,7 @@ class ModelOffload:
         if cfg.approximate:
             self._gates = [g.to(self.device) for g in load_gates(self.fingerprint["model"])]
         residency = TaskResidency(cache, budget, cfg.replan_every, cfg.task_profiles_path,
-                                  insensitive, cfg.approximate)
+                                  insensitive, cfg.approximate, self.max_step_tokens)
         logger.info("expert offload: task-aware residency: up to %d pinned slots, re-plan "
                     "every %d prompts, %d insensitive (task, layer) pairs%s", budget,
                     cfg.replan_every, len(insensitive),

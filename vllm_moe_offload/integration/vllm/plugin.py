@@ -256,6 +256,6 @@ def _choose_graph_mode(engine_args, cfg) -> None:
     elif not engine_args.enforce_eager:
         logger.warning("expert offload: %s, and CUDA graphs replay without the host; "
                        "setting enforce_eager=True (the pinned host store, no trace, no "
-                       "task-aware residency, eviction 'auto' or 'reuse' and a "
+                       "approximate mode, eviction 'auto' or 'reuse' and a "
                        "next-gate/lookahead predictor keep graphs on)", reason)
         engine_args.enforce_eager = True
