@@ -35,6 +35,7 @@ from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.integration.vllm import model_state
+from vllm_moe_offload.integration.vllm import tuned_configs
 from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
 from vllm_moe_offload.integration.vllm.quantized import (QuantizedExperts, checkpoint_keys,
                                                          gpt_oss_checkpoint_keys)
@@ -374,6 +375,7 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def bind_pool(self) -> None:
         """Called by vLLM after loading: seal the store, point weights at the pool."""
+        tuned_configs.install()  # modules vLLM imported since (idempotent)
         store = self._model.store
         if store is not None and store.reused:
             # Shards staged before the first whole expert found the reused store (a
@@ -438,12 +440,13 @@ class OffloadedRoutedExperts(RoutedExperts):
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
         slot_ids = map_to_slots_op(topk_ids, x, self._layer)
-        out = self.quant_method.moe_kernel.apply(
-            hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
-            topk_weights=topk_weights, topk_ids=slot_ids, activation=self.activation,
-            apply_router_weight_on_input=self.apply_router_weight_on_input,
-            global_num_experts=self._num_slots, expert_map=None,
-            shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+        with tuned_configs.model_experts(self.global_num_experts):
+            out = self.quant_method.moe_kernel.apply(
+                hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
+                topk_weights=topk_weights, topk_ids=slot_ids, activation=self.activation,
+                apply_router_weight_on_input=self.apply_router_weight_on_input,
+                global_num_experts=self._num_slots, expert_map=None,
+                shared_experts=shared_experts, shared_experts_input=shared_experts_input)
         # On CUDA this runs inside vLLM's opaque moe_forward op, so a piecewise graph's
         # piece holds whole layer calls; one that forked the copy stream joins it
         # before the piece ends (device_cache.py NOTE #5). False on CPU.
@@ -512,6 +515,7 @@ def install() -> None:
     model = gpt_oss.GptOssModel
     if not getattr(model.load_weights, "_expert_offload", False):
         model.load_weights = _per_expert_weights(model.load_weights)
+    tuned_configs.install()
 
 
 _GPT_OSS_TWIN = None
