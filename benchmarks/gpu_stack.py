@@ -13,6 +13,8 @@ slot buffers, so a ratio measures offload and nothing else. Rows:
   a programmatic dependent launch of resolve (PDL);
 - S50 on-demand / prefetch (next-gate, depth 2) / oracle: half the experts in
   the pool, graphed, with uniform routing and with a skewed, temporally local mix;
+- S50 2 slot groups, on-demand / prefetch: the same pool split in two groups of
+  4 layers (as vLLM's CUDA kernels need above 992 slots), uniform routing;
 - host mode: the per-layer host-sync path (eager) at S = 50%;
 - stream: vLLM `--cpu-offload-gb` style, every offloaded expert copied each step;
 - disk: host mode from the disk store (batch 1), against the disk's own O_DIRECT
@@ -44,6 +46,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from moe_kernel import moe  # noqa: E402
 
+from vllm_moe_offload.core.slot_pool import split_pool  # noqa: E402
 from vllm_moe_offload.runtime.expert_cache import ExpertCache  # noqa: E402
 from vllm_moe_offload.runtime.modes import make_expert_cache  # noqa: E402
 from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
@@ -182,8 +185,8 @@ class Stack:
     def offload_step(self, cache) -> None:
         for layer in range(self.shape["L"]):
             slots = cache.map_to_slots(layer, self.ids[layer], self.x[layer])
-            self.out[layer] = moe(self.x[layer], cache.buffers[0], cache.buffers[1],
-                                  slots, self.wts[layer])
+            self.out[layer] = moe(self.x[layer], *cache.layer_buffers(layer)[:2], slots,
+                                  self.wts[layer])
 
     def stream_step(self) -> None:
         """Every offloaded expert (the upper half of each layer) crosses the link."""
@@ -351,6 +354,16 @@ def run_shape(name, shape, T, args, device, disk_dir):
             row(label, rname, routing, lambda c=cache: stack.offload_step(c), cuda, cache)
             del cache
             _free(device)
+    # the pool in 2 slot groups of 4 layers (as vLLM's CUDA kernels need above 992
+    # slots): each layer's kernel over its group's slots, prefetch across the groups
+    groups = split_pool(half, L, E, half // 2)
+    for label, predictor in (("S50 2 slot groups, on-demand", None),
+                             ("S50 2 slot groups, prefetch", GatePredictor(uniform, 2, K))):
+        cache, _ = make_expert_cache(stack.store, half, device, predictor=predictor,
+                                     groups=groups)
+        row(label, "uniform", uniform, lambda c=cache: stack.offload_step(c), cuda, cache)
+        del cache
+        _free(device)
     if cuda:
         host = ExpertCache(stack.store, half, device)
         row("S50 host mode", "uniform", uniform, lambda: stack.offload_step(host), False, host)

@@ -18,7 +18,8 @@ def test_gpu_stack_runs_on_cpu(tmp_path):
     names = {r["row"] for r in rows}
     assert {"plain eager", "resident", "S50 on-demand", "S50 prefetch", "S50 oracle",
             "stream (cpu-offload)", "S50 disk (host mode)", "S50 4-bit store (host mode)",
-            "S50 2-bit store (host mode)"} <= names
+            "S50 2-bit store (host mode)", "S50 2 slot groups, on-demand",
+            "S50 2 slot groups, prefetch"} <= names
     # every row computes plain's outputs (quantized rows: over the decoded weights)
     assert all(r["identical"] for r in rows)
     quantized = {r["row"]: r["mib_per_step"] / r["misses_per_step"] for r in rows
