@@ -288,9 +288,6 @@ class OffloadConfig:
         if self.store_bits < 16 and self.store_hot_bits is not None:
             return (f"the mixed-precision store (store_hot_bits={self.store_hot_bits}) "
                     "is decoded by host mode's loader at each miss")
-        if self.task_aware and self.approximate:
-            return ("approximate mode re-routes misses by the resident experts, read on "
-                    "the host at every layer call")
         if self.predictor == "oracle":
             return "the oracle predictor replays a trace on the host"
         return host_only_reason(self.eviction)

@@ -142,6 +142,7 @@ class DeviceExpertCache(SlotBuffers):
         self.rebase_steps = 1 << 15  # how often the counts move back (tests: less)
         self._set_budgets()  # read by graphs, too
         self.counters = torch.zeros((L, int(K.NSTAT.value)), dtype=torch.int64, device=dev)
+        self._rerouted = torch.zeros(L, dtype=torch.int64, device=dev)  # approximate mode
         depth = max(self.depth, 1)
         self.pred_counts = torch.zeros((L, depth, 3), dtype=torch.int64, device=dev)
         self._pmask = torch.zeros((L, depth, E), dtype=i32, device=dev)
@@ -434,12 +435,12 @@ class DeviceExpertCache(SlotBuffers):
 
     def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,
                        tokens: torch.Tensor) -> torch.Tensor:
-        """Approximate mode (see ExpertCache.reroute_misses); reads the device table."""
-
+        """Approximate mode (see ExpertCache.reroute_misses): reads the device table,
+        counts on the device; no host sync."""
         E = self.experts_per_layer
         resident = self.table[layer * E:(layer + 1) * E] >= 0
-        rerouted, count = reroute(resident, topk_ids, scores, tokens)
-        self.stats.layer(layer).rerouted += count
+        rerouted, count = reroute(resident, topk_ids, scores, tokens, sync=False)
+        self._rerouted[layer] += count
         return rerouted
 
     # ---- counters -----------------------------------------------------------------------
@@ -455,6 +456,7 @@ class DeviceExpertCache(SlotBuffers):
         """Copy the device counters into `stats` (a host sync: not per layer call)."""
         counters = self.counters.cpu().tolist()
         preds = self.pred_counts.cpu().tolist()
+        rerouted = self._rerouted.cpu().tolist()
         if int(self.state[int(K.ERROR.value)]):
             raise RuntimeError(
                 "expert offload: a layer call found no evictable slot (pool "
@@ -465,6 +467,7 @@ class DeviceExpertCache(SlotBuffers):
             s.calls, s.hits, s.misses = row[0], row[1], row[2]
             s.evictions = row[3] + self._host_evictions[layer]
             s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
+            s.rerouted = rerouted[layer]
             s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.read_bytes
             for d in range(self.depth):
                 s.predictions[d + 1] = list(preds[layer][d])

@@ -92,11 +92,13 @@ class SlotBuffers:
 
 
 def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor,
-            tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`resident` [E] bool; see `ExpertCache.reroute_misses`. Returns (ids, swaps)."""
+            tokens: torch.Tensor, sync: bool = True) -> tuple[torch.Tensor, int]:
+    """`resident` [E] bool; see `ExpertCache.reroute_misses`. Returns (ids, swaps).
+    `sync=False` (device mode): no early return and the swaps as a device tensor, so
+    nothing reads the device (a CUDA graph can hold it)."""
     resident = resident.to(topk_ids.device)
     tokens = tokens.to(topk_ids.device)
-    if not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all()):
+    if sync and (not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all())):
         return topk_ids, 0
     scores = scores.float().masked_fill(~resident, float("-inf"))
     scores = scores.scatter(1, topk_ids.long(), float("-inf"))
@@ -104,4 +106,6 @@ def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor
     miss = ~resident[topk_ids.long()] & tokens.unsqueeze(1)
     rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
     swap = miss & torch.isfinite(best_scores.gather(1, rank))
-    return torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids), int(swap.sum())
+    count = swap.sum()
+    return (torch.where(swap, best.gather(1, rank).to(topk_ids.dtype), topk_ids),
+            int(count) if sync else count)

@@ -67,6 +67,10 @@ class TaskResidency:
             self._token_rows = torch.full((max_step_tokens,), COUNT_ROWS, dtype=torch.int64,
                                           device=dev)
             self._one = torch.ones(1, dtype=torch.int64, device=dev)
+            # approximate mode: [L, max_step_tokens] whether a token row's task is
+            # insensitive at each layer (False past the step's rows)
+            self._approx_rows = torch.zeros(self.num_layers, max_step_tokens if approximate
+                                            else 0, dtype=torch.bool, device=dev)
         self._row_of: dict[str, int] = {}  # task -> its row of _counts
         self._laid_out = 0  # token rows the step's layout set in _token_rows
         self._token_task: torch.Tensor | None = None  # [T] task index per token (approx)
@@ -97,10 +101,12 @@ class TaskResidency:
             idx = torch.tensor([self.task_index(t) for t, _ in layout])
             sizes = torch.tensor([n for _, n in layout])
             self._token_task = idx.repeat_interleave(sizes)
-            self._lay_out_rows([self._count_row(t) for t, _ in layout], sizes)
+            self._lay_out_rows([self._count_row(t) for t, _ in layout], sizes,
+                               self._token_task)
         else:
             self._token_task = None
-            self._lay_out_rows([], torch.zeros(0, dtype=torch.int64))
+            self._lay_out_rows([], torch.zeros(0, dtype=torch.int64),
+                               torch.zeros(0, dtype=torch.int64))
         replan = self._warm
         for _ in range(new_prompts):
             replan |= self.clock.on_prompt()
@@ -118,9 +124,12 @@ class TaskResidency:
             self._row_of[task] = len(self._row_of)
         return self._row_of[task]
 
-    def _lay_out_rows(self, rows: list[int], sizes: torch.Tensor) -> None:
-        """Write each token row's count row into the device buffer, in place (graphs
-        read it); rows the last step set and this one does not go to the sink."""
+    def _lay_out_rows(self, rows: list[int], sizes: torch.Tensor,
+                      token_task: torch.Tensor) -> None:
+        """Write each token row's count row (and in approximate mode, whether its task
+        is insensitive at each layer) into the device buffers, in place (graphs read
+        them); rows the last step set and this one does not go to the sink (and are
+        exact)."""
         n = int(sizes.sum())
         if n > self._token_rows.numel():
             raise RuntimeError(f"expert offload: a step of {n} tokens, more than the "
@@ -131,6 +140,10 @@ class TaskResidency:
             host = torch.full((span,), COUNT_ROWS, dtype=torch.int64)
             host[:n] = new
             self._token_rows[:span].copy_(host.to(self._token_rows.device))
+            if self.approximate:
+                approx = torch.zeros(self.num_layers, span, dtype=torch.bool)
+                approx[:, :n] = self._approx[:, token_task]
+                self._approx_rows[:, :span].copy_(approx.to(self._approx_rows.device))
         self._laid_out = n
 
     def _rows(self, num_tokens: int) -> torch.Tensor | None:
@@ -159,14 +172,21 @@ class TaskResidency:
         flat = ((rows * L + layer) * E + topk_ids.to(torch.int64)).reshape(-1)
         self._counts.view(-1).index_add_(0, flat, self._one.expand(T * K))
 
-    def approx_tokens(self, layer: int, num_tokens: int) -> torch.Tensor | None:
-        """[T] bool: rows whose task is insensitive at `layer` (approximate mode)."""
-        tt = self._rows(num_tokens) if self.approximate else None
-        if tt is None:
+    def approx_tokens(self, layer: int, num_tokens: int,
+                      capturing: bool = False) -> torch.Tensor | None:
+        """[T] bool on the cache's device: rows whose task is insensitive at `layer`
+        (approximate mode), a view of the step's buffer (no copy, no sync); None
+        outside a step, except in a CUDA graph capture, whose replays read the
+        buffer their step wrote."""
+        if not self.approximate:
             return None
-        rows = torch.zeros(num_tokens, dtype=torch.bool)
-        rows[: tt.numel()] = self._approx[layer][tt]
-        return rows
+        if not capturing and self._rows(num_tokens) is None:
+            return None
+        if num_tokens > self._approx_rows.shape[1]:
+            raise RuntimeError(f"expert offload: a layer call of {num_tokens} token rows, "
+                               f"more than the {self._approx_rows.shape[1]} approximate "
+                               "mode was sized for")
+        return self._approx_rows[layer, :num_tokens]
 
     # ---- re-plan --------------------------------------------------------------------
 

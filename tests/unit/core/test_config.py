@@ -91,16 +91,18 @@ def test_eviction_auto_is_the_measured_default_and_keeps_device_mode():
     assert OffloadConfig.resolve({}, environ={"VLLM_MOE_OFFLOAD_EVICTION": "lfu"}).eviction == "lfu"
 
 
-def test_task_aware_residency_keeps_graphs_approximate_mode_does_not(tmp_path):
-    """Task-aware counting runs on the device (task_residency.py); approximate mode
-    reads the resident experts on the host at every call."""
+def test_task_aware_residency_and_approximate_mode_keep_graphs(tmp_path):
+    """Task-aware counting and approximate re-routing run on the device
+    (task_residency.py, slot_buffers.reroute); the disk store still needs eager."""
     tasks = OffloadConfig(enabled=True, store="host", task_aware=True)
     assert tasks.host_work_reason(on_gpu=True) is None
     sens = tmp_path / "sensitivity.json"
     sens.write_text("{}")
     approx = OffloadConfig(enabled=True, store="host", task_aware=True, approximate=True,
                            sensitivity_path=str(sens))
-    assert "approximate mode re-routes" in approx.host_work_reason(on_gpu=True)
+    assert approx.host_work_reason(on_gpu=True) is None
+    disk = OffloadConfig(enabled=True, store="disk", task_aware=True)
+    assert "disk store" in disk.host_work_reason(on_gpu=True)
 
 
 @pytest.mark.parametrize("source", ["additional_config", "env"])

@@ -356,6 +356,24 @@ def case_a_call_of_more_ids_than_one_block_maps_every_id(device):
     assert cache.sync_stats().totals().misses >= 2 * E
 
 
+def case_approximate_reroute_counts_on_the_device(device):
+    """Approximate mode's re-route in device mode: the device table says what is
+    resident, and the swaps are counted on the device (read by sync_stats): the same
+    re-routed ids as host mode's (tests/unit/runtime/test_task_residency.py)."""
+    L, E = 2, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, E + 2, device)
+    cache.map_to_slots(0, torch.tensor([[0, 1], [2, 3]], device=device))  # 0-3 resident
+    topk = torch.tensor([[0, 4], [5, 1], [4, 5]], device=device)
+    scores = torch.tensor([[0, 0, 9, 1, 0, 0, 0, 0], [0, 0, 1, 7, 0, 0, 0, 0],
+                           [5, 0, 0, 6, 0, 0, 0, 0]], dtype=torch.float32, device=device)
+    rows = torch.tensor([True, True, False], device=device)
+    got = cache.reroute_misses(0, topk, scores, rows)
+    assert got.tolist() == [[0, 2], [3, 1], [4, 5]], got.tolist()
+    assert cache.reroute_misses(0, topk[:1, :1], scores[:1], rows[:1]).tolist() == [[0]]
+    assert cache.sync_stats().layer(0).rerouted == 2
+
+
 # A quantized checkpoint's record: more tensors than one fill launch copies (4), of
 # odd sizes, so the fill copies single bytes; widest dtype first, as records are.
 MANY = ExpertLayout(tuple(TensorSpec(shape, dtype) for shape, dtype in (

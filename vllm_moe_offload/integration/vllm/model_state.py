@@ -346,11 +346,10 @@ class ModelOffload:
         tasks = self.tasks
         if tasks is not None:
             tasks.record(layer, topk_ids)  # the router's own choice, before any re-route
-            rows = tasks.approx_tokens(layer, topk_ids.shape[0])
+            rows = tasks.approx_tokens(layer, topk_ids.shape[0], _capturing(topk_ids))
             if rows is not None and hidden is not None:
                 scores = hidden.float() @ self._gates[layer].T
-                topk_ids = self.cache.reroute_misses(layer, topk_ids, scores,
-                                                     rows.to(topk_ids.device))
+                topk_ids = self.cache.reroute_misses(layer, topk_ids, scores, rows)
         slot_ids = self.cache.map_to_slots(layer, topk_ids, hidden)
         if layer == 0 and not _capturing(slot_ids) and self.stats.due(
                 self.cfg.stats_log_interval_s):
