@@ -10,6 +10,7 @@ import json
 
 from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec, run_engine
 from vllm_moe_offload.hf.quantize import quantize_experts
+from vllm_moe_offload.core.trace import read_trace
 from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV
 
 TOKENS = 6
@@ -20,8 +21,9 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
     each of one layer plus 4 slots (2 x 12 of 32 experts), next-gate prefetch across
     them, task-aware residency (routing counted on the device, one expert pinned per
     group by the second round's plan) and approximate mode for the first prompt's
-    task, insensitive at every layer (re-routed on the device): greedy outputs of
-    the other prompts token-identical to plain vLLM, counters from the device."""
+    task, insensitive at every layer (re-routed on the device), and a routing trace
+    (written after each step from a device buffer): greedy outputs of the other
+    prompts token-identical to plain vLLM, counters from the device."""
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))  # other tests' engine: its first tokens
     plain = [ids[:TOKENS] for ids in plain["token_ids"]]
@@ -35,7 +37,8 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
     spec = dict(offload_spec(model, pool_slots=2 * (EXPERTS + 4), store="host",
                              predictor="next-gate", task_aware=True, replan_every=4,
                              resident_slots=2, task_rules_path=str(rules),
-                             approximate=True, sensitivity_path=str(sens)),
+                             approximate=True, sensitivity_path=str(sens),
+                             trace_path=str(tmp_path / "routing.trace")),
                 max_tokens=TOKENS, rounds=2, extra_args=[{"task": "chat"}, None, None, None])
     off = run_engine(spec, env={"TRITON_INTERPRET": "1", MAX_SLOTS_ENV: str(EXPERTS + 4)})
     pool = off["stats"]["pool"]
@@ -47,6 +50,22 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
     assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
     for r in off["rounds"]:  # the chat prompt (0) is approximate
         assert r["token_ids"][1:] == plain[1:]
+    # the trace: every step's calls, layers in order, the step's tokens (a prefill
+    # of the 4 prompts, then one token each, per round), ids the router's
+    header, records = read_trace(str(tmp_path / "routing.trace"))
+    records = list(records)
+    assert (header.num_layers, header.experts_per_layer) == (LAYERS, EXPERTS)
+    steps = [[r for r in records if r.step == s] for s in range(records[-1].step + 1)]
+    assert all([r.layer for r in step] == list(range(LAYERS)) for step in steps)
+    prefill = sum(off["prompt_lens"])
+    tokens = [step[0].num_tokens for step in steps]
+    decode = [4] * (TOKENS - 1)
+    assert tokens[:TOKENS] == [prefill] + decode and tokens[TOKENS + 1:] == decode, tokens
+    assert 0 < tokens[TOKENS] < prefill  # round 2's prefill: vLLM's prefix cache has most
+    assert all(0 <= e < EXPERTS for r in records for e in r.expert_ids)
+    # the task counts (on the device) saw the same calls: every routed id of layer 0
+    assert sum(tasks["profile_tokens"].values()) == sum(
+        len(r.expert_ids) for r in records if r.layer == 0)
     t = off["stats"]["totals"]
     assert t["rerouted"] > 0
     assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetch_hits"] > 0

@@ -113,20 +113,22 @@ def test_graphed_steps_decode_a_quantized_store(bits):
     graphed_steps_match(store, full, 12, True)
 
 
-def test_graphed_steps_with_slot_groups_and_task_counts():
+def test_graphed_steps_with_slot_groups_task_counts_and_a_trace(tmp_path):
     """A pool split in two slot groups (as above 992 slots), each layer's kernel over
-    its group's slots, prefetch across the groups, and task-aware counting in the
-    graph: replays equal all-resident, and each replay counts its step's layout
-    (set between replays), the graph's padded rows into the sink."""
+    its group's slots, prefetch across the groups, task-aware counting and the
+    routing trace's buffer in the graph: replays equal all-resident, each replay
+    counts its step's layout (set between replays; the graph's padded rows go to the
+    sink), and the trace holds each step's rows of every layer."""
     from vllm_moe_offload.core.slot_pool import SlotGroup
 
     store, full = device_cases.make_store(8, 8, LAYOUT, pinned=True)
     groups = [SlotGroup(range(0, 4), 0, 12), SlotGroup(range(4, 8), 12, 26)]
-    graphed_steps_match(store, full, 26, True, groups=groups, tasks=True)
+    graphed_steps_match(store, full, 26, True, groups=groups, tasks=True,
+                        trace=str(tmp_path / "routing.trace"))
 
 
 def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False,
-                        groups=None, tasks=False):
+                        groups=None, tasks=False, trace=None):
     """Whole steps in one graph, or (`pieces`) one graph per layer call."""
     L, E, T, K = store.num_layers, store.experts_per_layer, 4, 2
     full13, full2 = stacked(full, L, E)
@@ -136,6 +138,11 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False
                                    groups=groups)
     assert why is None and cache.mode == "device"
     cache.pdl = pdl
+    if trace is not None:
+        from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
+
+        cache.set_trace(TraceWriter(trace, TraceHeader(L, E, K)), T, K)
+        traced = []
     residency = None
     if tasks:
         from vllm_moe_offload.runtime.task_residency import TaskResidency
@@ -186,6 +193,13 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False
         for graph in graphs:
             graph.replay()
         torch.testing.assert_close(script.out, script.expected(full13, full2), rtol=0, atol=0)
+        if trace is not None:
+            rows = sum(n for _, n in layout)
+            cache.flush_trace(rows)
+            traced += [script.ids[l, :rows].reshape(-1).tolist() for l in range(L)]
+    if trace is not None:
+        cache.trace.close()
+        assert [r.expert_ids for r in read_trace(trace)[1]] == traced
     if residency is not None:
         residency.fold()
         for task, want in expect.items():

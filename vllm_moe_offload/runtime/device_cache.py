@@ -102,7 +102,7 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
 
 class DeviceExpertCache(SlotBuffers):
     mode = "device"
-    trace = None
+    trace = None  # a routing trace (set_trace): each step's calls, written by flush_trace
     POLICIES = ("reuse", "clock")  # eviction in the kernels (residency_kernels.py)
 
     def __init__(self, store: HostStore | QuantizedStore, num_slots: int,
@@ -302,6 +302,8 @@ class DeviceExpertCache(SlotBuffers):
         if self._cuda and layer in self._pending:  # this layer's prefetch fill
             self._pending.discard(layer)
             torch.cuda.current_stream(self.device).wait_event(self._ready[layer])
+        if self.trace is not None:
+            self._record(layer, topk_ids)
         ids = topk_ids.reshape(-1).contiguous()
         n = ids.numel()
         out = torch.empty_like(ids)
@@ -325,6 +327,35 @@ class DeviceExpertCache(SlotBuffers):
         if self.predictor is not None and hidden is not None:
             self._prefetch(layer, hidden)
         return out.view(topk_ids.shape)
+
+    # ---- routing trace ----------------------------------------------------------------
+
+    def set_trace(self, trace, max_tokens: int, top_k: int) -> None:
+        """Record each layer call's ids into a device buffer [L, max_tokens, top_k]
+        (a copy a CUDA graph can hold); `flush_trace` writes a step's calls to
+        `trace` after it ran. Calls outside a step (warm-up, profiling, capture) are
+        not written."""
+        self.trace = trace
+        self._trace_ids = torch.zeros((self.num_layers, max_tokens, top_k),
+                                      dtype=torch.int16, device=self.device)
+
+    def _record(self, layer: int, topk_ids: torch.Tensor) -> None:
+        T = topk_ids.shape[0]
+        if T > self._trace_ids.shape[1]:
+            raise RuntimeError(f"expert offload: a layer call of {T} token rows, more than "
+                               f"the {self._trace_ids.shape[1]} the routing trace was sized "
+                               "for")
+        self._trace_ids[layer, :T].copy_(topk_ids.view(T, -1))
+
+    def flush_trace(self, num_tokens: int) -> None:
+        """Write the step that ran, its first `num_tokens` rows (the step's tokens; a
+        CUDA graph pads past them), one record per layer. Reads the buffer back: one
+        sync per step, after its forward."""
+        if self.trace is None or num_tokens <= 0:
+            return
+        ids = self._trace_ids[:, :num_tokens].cpu()
+        for layer in range(self.num_layers):
+            self.trace.write(layer, ids.shape[2], ids[layer].numpy().tobytes())
 
     def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int, pdl: bool = False
               ) -> None:

@@ -12,7 +12,7 @@ from .quant import MixedStore, QuantizedStore
 from .store import ExpertStore, HostStore
 
 
-def device_mode_problem(device: torch.device, store: ExpertStore, trace,
+def device_mode_problem(device: torch.device, store: ExpertStore,
                         eviction: str = "auto") -> str | None:
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
     if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
@@ -29,24 +29,26 @@ def device_mode_problem(device: torch.device, store: ExpertStore, trace,
     if not isinstance(store, HostStore):
         return (f"the {store.kind} store is read by the host (device mode reads the "
                 "pinned host store in place: --expert-store host)")
-    if trace is not None:
-        return "the routing trace copies every layer call's ids to the host"
     return host_only_reason(eviction)
 
 
 def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, trace=None,
                       predictor=None, prefetch_budget_slots=None, eviction: str = "auto",
-                      groups=None):
+                      groups=None, trace_rows: tuple[int, int] = (8192, 8)):
     """Device mode where it can run, else host mode. Returns (cache, why host mode).
     `eviction`: a policy of core/eviction.py, or 'auto' (the measured default,
     `reuse`, which device mode's kernels run too); `groups`: the slot groups
-    (core/slot_pool.py split_pool), one by default."""
-    problem = device_mode_problem(device, store, trace, eviction)
+    (core/slot_pool.py split_pool), one by default; `trace_rows`: (most tokens of a
+    step, top-k), the size of device mode's trace buffer."""
+    problem = device_mode_problem(device, store, eviction)
     if problem is None:
         from .device_cache import DeviceExpertCache  # imports Triton: CUDA hosts only
 
-        return DeviceExpertCache(store, num_slots, device, stats, predictor,
-                                 prefetch_budget_slots, groups=groups), None
+        cache = DeviceExpertCache(store, num_slots, device, stats, predictor,
+                                  prefetch_budget_slots, groups=groups)
+        if trace is not None:
+            cache.set_trace(trace, *trace_rows)
+        return cache, None
     return ExpertCache(store, num_slots, device, stats, trace, predictor,
                        prefetch_budget_slots,
                        DEFAULT_POLICY if eviction == "auto" else eviction, groups), problem

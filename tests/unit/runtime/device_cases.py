@@ -374,6 +374,35 @@ def case_approximate_reroute_counts_on_the_device(device):
     assert cache.sync_stats().layer(0).rerouted == 2
 
 
+def case_routing_trace_writes_each_steps_calls(device):
+    """Device mode's routing trace: each call copies its ids into a device buffer
+    (what a CUDA graph replays), and after the step the step's rows are written, one
+    record per layer: the rows a graph pads past the step's tokens are left out."""
+    import os
+    import tempfile
+
+    from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
+
+    L, E = 3, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, E + 2, device)
+    fd, path = tempfile.mkstemp(suffix=".trace")
+    os.close(fd)
+    cache.set_trace(TraceWriter(path, TraceHeader(L, E, 2)), 16, 2)
+    gen = torch.Generator().manual_seed(9)
+    want = []
+    for step, tokens in enumerate((5, 3, 1)):
+        for layer in range(L):
+            ids = routing(gen, tokens + 2, E, 2, device)  # 2 padded rows
+            check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
+            want.append((step, layer, ids[:tokens].reshape(-1).tolist()))
+        cache.flush_trace(tokens)
+    cache.trace.close()
+    _, records = read_trace(path)
+    assert [(r.step, r.layer, r.expert_ids) for r in records] == want
+    os.unlink(path)
+
+
 # A quantized checkpoint's record: more tensors than one fill launch copies (4), of
 # odd sizes, so the fill copies single bytes; widest dtype first, as records are.
 MANY = ExpertLayout(tuple(TensorSpec(shape, dtype) for shape, dtype in (

@@ -144,7 +144,7 @@ def test_a_named_policy_runs_in_host_mode(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # where device mode could run on CPU
     store = make_cache("host", tmp_path, E).store
-    assert device_mode_problem("cpu", store, None, "auto") is None
+    assert device_mode_problem("cpu", store, "auto") is None
     cache, why = make_expert_cache(store, E, "cpu", eviction="layer")
     assert cache.mode == "host" and cache.eviction == "layer"
     assert "eviction='layer' runs on the host" in why
@@ -159,7 +159,7 @@ def test_records_of_more_than_four_tensors_can_run_in_device_mode(monkeypatch):
     shapes = [((4, 8), torch.int32), ((8, 2), torch.bfloat16), ((2,), torch.bfloat16),
               ((1,), torch.int32)] * 2
     store = HostStore(ExpertLayout(tuple(TensorSpec(s, d) for s, d in shapes)), L, E)
-    assert device_mode_problem("cpu", store, None) is None
+    assert device_mode_problem("cpu", store) is None
 
 
 @pytest.mark.parametrize("eviction", ["lru", "reuse"])

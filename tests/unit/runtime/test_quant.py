@@ -157,9 +157,9 @@ def test_cache_counts_the_quantized_bytes(tmp_path):
     (device_cases.py), and the disk store host mode."""
     store = quant_store("host", tmp_path, 4)
     fill(store)
-    assert device_mode_problem(torch.device("cuda"), store, None) is None
+    assert device_mode_problem(torch.device("cuda"), store) is None
     assert "disk store is read by the host" in device_mode_problem(
-        torch.device("cuda"), quant_store("disk", tmp_path, 4), None)
+        torch.device("cuda"), quant_store("disk", tmp_path, 4))
     cache = ExpertCache(store, num_slots=E, device="cpu")
     ids = torch.tensor([[0, 1], [2, 1]])
     slots = cache.map_to_slots(0, ids)
@@ -218,7 +218,7 @@ def test_mixed_store_keeps_hot_experts_at_more_bits(tmp_path, kind):
     hot = quant_store(kind, tmp_path, 16, keys=hot_keys)
     cold = quant_store(kind, tmp_path, 2, keys=cold_keys)
     store = MixedStore(hot, cold)
-    assert "mixed-precision store" in device_mode_problem(torch.device("cuda"), store, None)
+    assert "mixed-precision store" in device_mode_problem(torch.device("cuda"), store)
     fill(store)
     assert store.nbytes == 2 * hot.record_bytes + 6 * cold.record_bytes
     assert hot.read_bytes == SLOT.expert_bytes > 4 * cold.read_bytes

@@ -270,7 +270,8 @@ class ModelOffload:
         self.cache, why_host = make_expert_cache(store, num_slots, self.device, self.stats,
                                                  trace, predictor,
                                                  self.cfg.prefetch_budget_slots,
-                                                 self.cfg.eviction, groups)
+                                                 self.cfg.eviction, groups,
+                                                 (self.max_step_tokens, self.top_k))
         if isinstance(self.cache, ExpertCache):  # lost rows fail their requests (tasks.py NOTE #1)
             self.cache.fail_requests = True
         self.joins_prefetch = (self.device.type == "cuda" and why_host is None
@@ -355,6 +356,11 @@ class ModelOffload:
                 self.cfg.stats_log_interval_s):
             logger.info(self.cache.sync_stats().summary_line())
         return slot_ids
+
+    def end_step(self, layout: list[tuple[str, int]]) -> None:
+        """After a step's forward: device mode writes the step's routing trace."""
+        if self.cache.trace is not None and self.cache.mode == "device":
+            self.cache.flush_trace(sum(n for _, n in layout))
 
     def take_failed_requests(self, layout: list[tuple[str, int]]) -> dict[str, str]:
         """The requests of this step that routed to a lost expert (expert_cache.py

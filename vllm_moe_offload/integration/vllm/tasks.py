@@ -130,7 +130,9 @@ def install_worker_hooks() -> None:
         model = model_state.current()
         if model is None or model.cache is None:
             return output
-        failed = model.take_failed_requests(getattr(self, "_moe_offload_layout", []))
+        layout = getattr(self, "_moe_offload_layout", [])
+        model.end_step(layout)
+        failed = model.take_failed_requests(layout)
         metrics.after_step(model)  # /metrics reads its snapshot (metrics.py): failures
         # are counted first, so the step's snapshot has them
         if output is None or output is EMPTY_MODEL_RUNNER_OUTPUT or not hasattr(
