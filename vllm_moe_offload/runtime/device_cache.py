@@ -264,22 +264,6 @@ class DeviceExpertCache(SlotBuffers):
     def eviction(self) -> str:
         return self._eviction
 
-    @property
-    def prefetch_budget(self) -> int:
-        """Slots prefetch may lock, over all slot groups."""
-        return sum(self._budgets)
-
-    def _set_budgets(self) -> None:
-        """Per slot group: its room beside one layer call and its plan (NOTE #4),
-        within the configured budget (which holds for each group)."""
-        E, cfg = self.experts_per_layer, self._budget_cfg
-        held = [0] * len(self.groups)
-        for key in self._planned:
-            held[self.group_of(key.layer)] += 1
-        self._budgets = [max(0, min(g.size - E if cfg is None else cfg, g.size - E - n))
-                         for g, n in zip(self.groups, held)]
-        self.group_state[:, int(K.BUDGET.value)] = torch.tensor(self._budgets)
-
     @eviction.setter
     def eviction(self, name: str) -> None:
         """`reuse` (core/eviction.py's rule, in the kernels) or `clock`. It may change
@@ -288,6 +272,16 @@ class DeviceExpertCache(SlotBuffers):
             raise ValueError(f"device mode evicts by one of {self.POLICIES}, not {name!r}")
         self._eviction = name
         self._policy = K.REUSE if name == "reuse" else K.CLOCK
+
+    @property
+    def prefetch_budget(self) -> int:
+        """Slots prefetch may lock, over all slot groups."""
+        return sum(self._budgets)
+
+    def _set_budgets(self) -> None:
+        """Each slot group's prefetch budget (NOTE #4), where the kernels read it."""
+        self._budgets = self._prefetch_budgets(self._planned, self._budget_cfg)
+        self.group_state[:, int(K.BUDGET.value)] = torch.tensor(self._budgets)
 
     def resident(self, layer: int) -> list[int]:
         return self.resident_mask()[layer].nonzero().flatten().tolist()

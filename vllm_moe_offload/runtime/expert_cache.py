@@ -78,7 +78,7 @@ class ExpertCache(SlotBuffers):
         self.predictor = predictor
         # per slot group (NOTE #6): prefetch pins, and at most S_g - E of them
         self._budget_cfg = prefetch_budget_slots
-        self._budgets = self._prefetch_budgets({})
+        self._budgets = self._prefetch_budgets({}, prefetch_budget_slots)
         self._prefetch_pins = [0] * len(self.groups)
         self._planned: dict[ExpertKey, int] = {}  # residency plan: key -> pinned slot
         # One buffer per expert tensor (e.g. w13, w2): [S, *shape], allocated once.
@@ -112,16 +112,6 @@ class ExpertCache(SlotBuffers):
     def prefetch_budget(self) -> int:
         """Slots prefetch may pin, over all slot groups."""
         return sum(self._budgets)
-
-    def _prefetch_budgets(self, planned) -> list[int]:
-        """Per slot group: its room beside one layer call and its plan, within the
-        configured budget (which holds for each group)."""
-        E, cfg = self.experts_per_layer, self._budget_cfg
-        held = [0] * len(self.groups)
-        for key in planned:
-            held[self.group_of(key.layer)] += 1
-        return [max(0, min(g.size - E if cfg is None else cfg, g.size - E - n))
-                for g, n in zip(self.groups, held)]
 
     def resident_mask(self) -> torch.Tensor:
         """[L, E] bool: which experts are in the pool (or loading into it)."""
@@ -290,7 +280,7 @@ class ExpertCache(SlotBuffers):
                     self.pool.release([g.slot])
                     continue
             self._planned[g.key] = g.slot
-        self._budgets = self._prefetch_budgets(self._planned)
+        self._budgets = self._prefetch_budgets(self._planned, self._budget_cfg)
         return added, removed
 
     def reroute_misses(self, layer: int, topk_ids: torch.Tensor, scores: torch.Tensor,

@@ -37,6 +37,16 @@ class SlotBuffers:
         """How many slots `layer`'s kernel sees (the experts it is told of)."""
         return self.groups[self._group_of[layer]].size
 
+    def _prefetch_budgets(self, planned, configured: int | None) -> list[int]:
+        """Per slot group, the slots prefetch may hold: its room beside one layer call
+        and its plan (S_g - E - planned), within `configured` (None: no more)."""
+        E = self.store.experts_per_layer
+        held = [0] * len(self.groups)
+        for key in planned:
+            held[self._group_of[key.layer]] += 1
+        return [max(0, min(g.size - E if configured is None else configured,
+                           g.size - E - n)) for g, n in zip(self.groups, held)]
+
     @property
     def plan_room(self) -> int:
         """The most experts a residency plan can pin: every group keeps one layer
