@@ -345,9 +345,9 @@ def resolve_kernel(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_p
                    DEPTH: tl.constexpr, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
                    CH: tl.constexpr, SMALL: tl.constexpr, POLICY: tl.constexpr,
                    PDL: tl.constexpr = False):
-    """One layer call in one program: ids [n] -> out [n] slot ids (in the layer's
-    group); misses become
-    fill jobs for `fill_kernel`, the next launch on the same stream.
+    """One layer call in one program: ids [n] -> out [n] slot ids (from the layer's
+    group's first slot); misses become fill jobs for `fill_kernel`, the next launch
+    on the same stream.
     (A fused variant, whose other programs waited on a doorbell and copied, measured
     slower on an H100: docs/results.md.) PDL: the fill is a programmatic dependent
     launch, let onto the SMs at once; it waits for this kernel in `gdc_wait`."""
