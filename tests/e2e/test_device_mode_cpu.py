@@ -77,15 +77,17 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
 
 def test_device_mode_fills_a_quantized_checkpoints_record(models, engine, tmp_path):
     """A compressed-tensors W4A16 checkpoint: its slot record is 8 tensors, so each
-    fill is two launches. quant_reference.py's kernel stands in for vLLM's AMX-only
-    one, in plain vLLM and offload alike."""
+    fill is two launches; in two slot groups, each layer's method reads its group's
+    slots of every record tensor (scales and zero points too). quant_reference.py's
+    kernel stands in for vLLM's AMX-only one, in plain vLLM and offload alike."""
     model = str(quantize_experts(models["qwen3_moe"], tmp_path / "w4a16", "w4a16"))
     setup = {"setup": "tests.e2e.quant_reference:install", "max_tokens": TOKENS}
     plain = engine({**plain_spec(model), **setup})
-    spec = {**offload_spec(model, pool_slots=EXPERTS + 2, store="host"), **setup}
-    off = run_engine(spec, env={"TRITON_INTERPRET": "1"})
+    spec = {**offload_spec(model, pool_slots=2 * (EXPERTS + 2), store="host"), **setup}
+    off = run_engine(spec, env={"TRITON_INTERPRET": "1", MAX_SLOTS_ENV: str(EXPERTS + 2)})
     pool = off["stats"]["pool"]
     assert pool["mode"] == "device"
+    assert pool["slot_groups"] == [[0, 2, 0, 10], [2, 4, 10, 20]]
     assert pool["checkpoint_quantization"] == "CompressedTensorsWNA16MoEMethod"
     assert off["token_ids"] == plain["token_ids"]
     t = off["stats"]["totals"]

@@ -3,13 +3,13 @@
 vLLM's CUDA MoE kernels see at most 992 experts per call, so on CUDA a larger pool
 is split into groups of consecutive layers, each layer's kernel reading its group's
 slots (runtime/slot_buffers.py). The CPU has no such limit; MAX_SLOTS_ENV sets one
-here so the same split runs through vLLM and is held to plain vLLM's outputs.
+here so the same split runs through vLLM and is held to plain vLLM's outputs (here
+in host mode; device mode, and a quantized checkpoint's record: test_device_mode_cpu.py).
 """
 
 import json
 
 from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec, run_engine
-from vllm_moe_offload.hf.quantize import quantize_experts
 from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV
 
 GROUPS = [[0, 2, 0, 12], [2, 4, 12, 24]]  # layers [a, b), slots [lo, hi)
@@ -36,17 +36,3 @@ def test_slot_groups_match_plain_with_prefetch_and_a_plan(models, engine, store_
     assert t["misses"] > LAYERS * EXPERTS // 2 and t["evictions"] > 0
     assert t["prefetched"] > 0 and t["prefetch_hits"] > 0
     assert off["stats"]["tasks"]["planned"] == off["stats"]["tasks"]["budget"] == 4
-
-
-def test_slot_groups_of_a_quantized_checkpoint_match_plain(models, engine, tmp_path):
-    """A W4A16 checkpoint: each layer's method reads its group's slots of every
-    record tensor (scales and zero points too)."""
-    model = str(quantize_experts(models["qwen3_moe"], tmp_path / "w4a16", "w4a16"))
-    setup = {"setup": "tests.e2e.quant_reference:install"}
-    plain = engine({**plain_spec(model), **setup})
-    spec = {**offload_spec(model, pool_slots=2 * (EXPERTS + 2), store="host"), **setup}
-    off = run_engine(spec, env={MAX_SLOTS_ENV: str(EXPERTS + 2)})
-    assert off["stats"]["pool"]["slot_groups"] == [[0, 2, 0, 10], [2, 4, 10, 20]]
-    assert off["token_ids"] == plain["token_ids"]
-    t = off["stats"]["totals"]
-    assert t["misses"] > EXPERTS and t["evictions"] > 0
