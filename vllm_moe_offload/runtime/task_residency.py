@@ -161,7 +161,7 @@ class TaskResidency:
         each replay makes with its step's layout."""
         T, K = topk_ids.shape
         capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and (self._token_task is None or T < self._laid_out):
+        if not capturing and self._rows(T) is None:
             return
         L, E = self.num_layers, self.experts_per_layer
         if T > self._token_rows.numel():
