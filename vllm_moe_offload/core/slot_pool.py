@@ -185,7 +185,7 @@ class SlotGroup(NamedTuple):
 def split_pool(num_slots: int, num_layers: int, experts_per_layer: int,
                max_slots: int | None = None) -> list[SlotGroup] | None:
     """Slot groups for a pool whose kernel calls see at most `max_slots` slots (vLLM's
-    CUDA MoE kernels: core/config.py KERNEL_MAX_SLOTS): one group of every layer and
+    CUDA MoE kernels: integration/vllm/model_state.py CUDA_MAX_SLOTS): one group of every layer and
     slot when the pool fits, else the fewest groups of consecutive layers, each with
     slots in proportion to its layers, within `max_slots` and holding at least one
     layer call (`experts_per_layer`). None when no split does."""
@@ -298,7 +298,7 @@ class GroupedSlotPool:
         self._of_key(key)[0].drop(key)
 
     def check_invariants(self) -> None:
-        for g, pool in zip(self.groups, self.pools):
+        for g, pool in enumerate(self.pools):
             pool.check_invariants()
-            assert all(self._group_of[k.layer] == self.groups.index(g)
-                       for k in pool._slot_of), "an expert outside its layer's group"
+            assert all(self._group_of[k.layer] == g for k in pool._slot_of), (
+                "an expert outside its layer's group")
