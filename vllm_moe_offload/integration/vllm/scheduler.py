@@ -17,6 +17,14 @@ Each step, before vLLM's own `schedule()` runs:
 After each step the latency model learns the per-token and per-miss costs
 (step time, and the misses and stall the worker reports on its output), and at
 each finish the task's output length.
+
+With vLLM's async scheduling on (its default on CUDA), the scheduler is a
+`TaskAwareAsyncScheduler`: the same policy over vLLM's `AsyncScheduler`, which
+schedules the next step while the device runs this one. (A subclass of the
+synchronous `Scheduler` would run there too, but schedule nothing for a request
+whose last token is still on the device: no overlap.) A step's time is counted
+from when it was scheduled or when the step before it finished, whichever is
+later, so the overlap does not count twice.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import logging
 import time
 from collections import deque
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
@@ -36,9 +45,18 @@ from vllm_moe_offload.integration.vllm.tasks import REPORT_ATTR, TaskClassifier
 logger = logging.getLogger("vllm.moe_offload")
 
 SCHEDULER_CLS = "vllm_moe_offload.integration.vllm.scheduler.TaskAwareScheduler"
+_SCHEDULED_AT = "_moe_offload_scheduled_at"  # on a SchedulerOutput: perf_counter()
 
 
 class TaskAwareScheduler(Scheduler):
+    def __new__(cls, *args, **kwargs):
+        """vLLM builds `--scheduler-cls` before it is known whether async scheduling
+        runs (the platform decides last): pick the matching variant here."""
+        config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is TaskAwareScheduler and config.scheduler_config.async_scheduling:
+            cls = TaskAwareAsyncScheduler
+        return super().__new__(cls)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = OffloadConfig.resolve(self.vllm_config.additional_config)
@@ -47,15 +65,17 @@ class TaskAwareScheduler(Scheduler):
         self.latency = LatencyModel()
         self._info: dict[str, tuple[RequestInfo, Request]] = {}
         self._resident_share: dict[str, float] = {}
-        self._step_t0: float | None = None
+        self._last_done = 0.0  # perf_counter() when the last step's output came
         self.counters = {"admitted": 0, "held": 0, "classified": 0, "steps": 0}
         self._last_log = time.monotonic()
         self._log_interval = cfg.stats_log_interval_s
         if not isinstance(self.waiting, deque):
             logger.warning("task-aware scheduler: policy %r keeps vLLM's own order; SLO "
                            "ordering needs the fcfs policy", self.scheduler_config.policy)
-        logger.info("expert offload: task-aware scheduler on (rules: %s)",
-                    cfg.task_rules_path or "none, untagged requests are 'default'")
+        logger.info("expert offload: task-aware scheduler on, %s (rules: %s)",
+                    "over vLLM's AsyncScheduler" if isinstance(self, AsyncScheduler)
+                    else "synchronous", cfg.task_rules_path
+                    or "none, untagged requests are 'default'")
 
     # ---- requests -------------------------------------------------------------------
 
@@ -84,7 +104,7 @@ class TaskAwareScheduler(Scheduler):
             if held:  # back in front, in order, for the next step
                 self.waiting.extendleft(reversed(held))
         setattr(output, REPORT_ATTR, {"demand": demand})
-        self._step_t0 = time.perf_counter()
+        setattr(output, _SCHEDULED_AT, time.perf_counter())
         return output
 
     def _order_and_hold(self, now: float) -> list[Request]:
@@ -131,11 +151,14 @@ class TaskAwareScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         report = getattr(model_runner_output, REPORT_ATTR, None)
         tokens = scheduler_output.total_num_scheduled_tokens
-        if self._step_t0 is not None and tokens:
+        scheduled_at = getattr(scheduler_output, _SCHEDULED_AT, None)
+        now = time.perf_counter()
+        if scheduled_at is not None and tokens:
             misses, stall = (report["misses"], report["stall_s"]) if report else (0, 0.0)
-            self.latency.observe_step(tokens, time.perf_counter() - self._step_t0,
+            self.latency.observe_step(tokens, now - max(scheduled_at, self._last_done),
                                       misses, stall)
             self.counters["steps"] += 1
+        self._last_done = now
         if report:
             self._resident_share = report["resident_share"]
         self.counters["admitted"] += len(scheduler_output.scheduled_new_reqs)
@@ -163,6 +186,10 @@ class TaskAwareScheduler(Scheduler):
     def shutdown(self) -> None:
         logger.info("%s (shutdown)", self.summary_line())
         super().shutdown()
+
+
+class TaskAwareAsyncScheduler(TaskAwareScheduler, AsyncScheduler):
+    """TaskAwareScheduler over vLLM's AsyncScheduler (chosen by its __new__)."""
 
 
 # ---- requests that routed to an unavailable expert (tasks.py NOTE #1) -------------

@@ -1,0 +1,139 @@
+"""TaskAwareScheduler driven the way vLLM's engine core drives it, with no engine.
+
+vLLM's CPU build turns async scheduling off, so no engine here runs vLLM's
+AsyncScheduler. These tests build the scheduler from a real VllmConfig (a tiny
+generated checkpoint, task-aware offload on) and call schedule() and
+update_from_output() in the order EngineCore.step (sync) or
+EngineCore.step_with_batch_queue (async, two batches in flight) calls them, with a
+stand-in model output of one token per scheduled request.
+"""
+
+import copy
+from collections import deque
+
+import pytest
+import torch
+
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
+
+pytest.importorskip("vllm")
+
+MAX_TOKENS = 4
+PROMPTS = {"a": ("chat", 5), "b": ("python", 7), "c": ("chat", 3), "d": ("legal", 9)}
+
+
+@pytest.fixture(scope="module")
+def vllm_config(tmp_path_factory):
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = build_tiny_moe(tmp_path_factory.mktemp("sched") / "m", "qwen3_moe",
+                           num_layers=2, num_experts=4)
+    args = EngineArgs(model=str(model), max_model_len=128, enforce_eager=True,
+                      additional_config={"expert_offload": {
+                          "enabled": True, "pool_slots": 6, "task_aware": True}})
+    return args.create_engine_config()
+
+
+def make_scheduler(vllm_config, async_scheduling: bool):
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
+                                            KVCacheGroupSpec)
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    config = copy.copy(vllm_config)
+    config.scheduler_config = copy.copy(vllm_config.scheduler_config)
+    config.scheduler_config.async_scheduling = async_scheduling
+    config.cache_config = copy.copy(vllm_config.cache_config)
+    config.cache_config.num_gpu_blocks = 64  # set by the engine after profiling
+    cls = resolve_obj_by_qualname(config.scheduler_config.scheduler_cls)  # the plugin's
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=32,
+                             dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
+                       kv_cache_groups=[KVCacheGroupSpec(["layers.0.attn"], spec)])
+    scheduler = cls(vllm_config=config, kv_cache_config=kv,
+                    structured_output_manager=StructuredOutputManager(config),
+                    block_size=16)
+    assert isinstance(scheduler, AsyncScheduler) == async_scheduling
+    return scheduler
+
+
+def add_requests(scheduler):
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    for req_id, (task, n) in PROMPTS.items():
+        params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True,
+                                extra_args={"task": task})
+        scheduler.add_request(Request(req_id, list(range(1, n + 1)), params, None,
+                                      arrival_time=0.0))
+
+
+def model_output(scheduler_output, step: int):
+    """One sampled token per scheduled request (every prompt fits one step), and the
+    worker's report, as tasks.py attaches it."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    from vllm_moe_offload.integration.vllm.tasks import REPORT_ATTR
+
+    ids = list(scheduler_output.num_scheduled_tokens)
+    out = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                            sampled_token_ids=[[100 + step] for _ in ids])
+    setattr(out, REPORT_ATTR, {"misses": 2, "stall_s": 0.0,
+                               "resident_share": {"chat": 0.5}})
+    return out
+
+
+def run(scheduler, in_flight: int):
+    """The engine core's loop with `in_flight` batches queued (1: EngineCore.step)."""
+    queue, outputs, scheduled, step = deque(), {}, [], 0
+    while scheduler.has_requests() or queue:
+        if scheduler.has_requests() and len(queue) < in_flight:
+            so = scheduler.schedule()
+            scheduled.append(dict(so.num_scheduled_tokens))
+            queue.append((so, model_output(so, step)))
+            step += 1
+            if len(queue) < in_flight:
+                continue
+        so, mo = queue.popleft()
+        for client in scheduler.update_from_output(so, mo).values():
+            for o in client.outputs:
+                outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert step < 50, "no progress"
+    return outputs, scheduled
+
+
+def test_async_variant_overlaps_steps_and_matches_sync(vllm_config):
+    sync = make_scheduler(vllm_config, False)
+    add_requests(sync)
+    sync_out, sync_steps = run(sync, in_flight=1)
+
+    asynch = make_scheduler(vllm_config, True)
+    add_requests(asynch)
+    async_out, async_steps = run(asynch, in_flight=2)
+
+    assert set(sync_out) == set(PROMPTS)
+    assert all(len(tokens) == MAX_TOKENS for tokens in sync_out.values())
+    # The async variant schedules every request's next token before its last one
+    # came back: every step that runs the model is one token of every request, as in
+    # sync (the empty steps at the end clear finished requests).
+    assert async_steps[0] == {r: n for r, (_, n) in PROMPTS.items()}
+    assert async_steps[1] == {r: 1 for r in PROMPTS}  # before step 0's output
+    assert [s for s in async_steps if s] == [s for s in sync_steps if s]
+    assert len([s for s in sync_steps if s]) == MAX_TOKENS
+    assert {r: len(t) for r, t in async_out.items()} == {r: MAX_TOKENS for r in PROMPTS}
+    for s in (sync, asynch):
+        assert s.counters["admitted"] == len(PROMPTS) and s.counters["steps"] == MAX_TOKENS
+        assert s.latency.misses_per_step.value > 0  # the worker's report was read
+        assert s._resident_share == {"chat": 0.5}
+        assert not s._info  # every finished request was forgotten
+
+
+def test_sync_scheduler_under_async_loop_stalls(vllm_config):
+    """Why the async variant exists: vLLM's synchronous Scheduler, run with two
+    batches in flight, schedules nothing while a request's token is outstanding."""
+    sync = make_scheduler(vllm_config, False)
+    add_requests(sync)
+    _, steps = run(sync, in_flight=2)
+    assert steps[1] == {}
+    assert len(steps) >= 2 * MAX_TOKENS - 1  # an empty step after each working one
