@@ -42,6 +42,7 @@ NOTE #5: a CUDA graph capture must end with every stream it forked joined again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -98,6 +99,26 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(_Interface(), device="cuda")
     except (RuntimeError, TypeError):  # Triton also accepts the pinned tensor itself
         return t
+
+
+def read_later(*tensors: torch.Tensor) -> Callable[[], list]:
+    """Copy `tensors` to the host without making it wait: into pinned buffers, with an
+    event on the current stream. The function returned waits for that copy alone (not
+    for work queued after it) and gives the values, as lists, of when this was called.
+    On the CPU it copies at once."""
+    if not tensors[0].is_cuda:
+        host = [t.clone() for t in tensors]
+        return lambda: [h.tolist() for h in host]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list:
+        done.synchronize()
+        return [h.tolist() for h in host]
+    return read
 
 
 class DeviceExpertCache(SlotBuffers):
@@ -256,9 +277,11 @@ class DeviceExpertCache(SlotBuffers):
 
     # ---- queries ----------------------------------------------------------------------
 
-    def resident_mask(self) -> torch.Tensor:
-        """[L, E] bool on the host (a sync: call it between steps)."""
-        return (self.table >= 0).view(self.num_layers, self.experts_per_layer).cpu()
+    def resident_mask(self, host: bool = True) -> torch.Tensor:
+        """[L, E] bool on the host (a sync: call it between steps), or with
+        `host=False` on the device (no sync)."""
+        mask = (self.table >= 0).view(self.num_layers, self.experts_per_layer)
+        return mask.cpu() if host else mask
 
     @property
     def eviction(self) -> str:
@@ -476,6 +499,12 @@ class DeviceExpertCache(SlotBuffers):
         used = int((self.owner >= 0).sum())
         held = int(((self.flags & int(K.PINNED.value | K.PROTECT.value)) != 0).sum())
         return {"used": used, "pinned": held, "planned": len(self._planned)}
+
+    def misses_later(self) -> Callable[[], int]:
+        """All misses so far, as a function that reads them (read_later): the copy is
+        queued now, with no host sync."""
+        read = read_later(self.counters[:, int(K.MISSES.value)].sum())
+        return lambda: read()[0]
 
     def sync_stats(self) -> OffloadStats:
         """Copy the device counters into `stats` (a host sync: not per layer call)."""

@@ -45,6 +45,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 
@@ -295,6 +296,11 @@ class ExpertCache(SlotBuffers):
 
     def sync_stats(self):
         return self.stats  # host mode counts on the host as it goes
+
+    def misses_later(self) -> Callable[[], int]:
+        """All misses so far (DeviceExpertCache reads its count later)."""
+        misses = self.stats.totals().misses
+        return lambda: misses
 
     def occupancy(self) -> dict:
         """Slots holding an expert, pinned (a call, prefetch or the plan), planned."""

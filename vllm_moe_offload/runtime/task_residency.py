@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..core.slo import LatencyModel
 from ..core.tasks import ReplanClock, TaskProfiles, plan_residency
+from .device_cache import read_later
 from .expert_cache import ExpertCache
 
 logger = logging.getLogger("vllm.moe_offload")
@@ -226,17 +228,22 @@ class TaskResidency:
             len(plan), self.budget, len(added), len(removed), time.perf_counter() - t0,
             {t: round(v) for t, v in sorted(demand.items())})
 
-    def resident_share(self) -> dict[str, float]:
-        """Per task: the share of its profiled routing that hits resident experts now."""
+    def resident_share(self) -> Callable[[], dict[str, float]]:
+        """Per task: the share of its profiled routing that hits resident experts now,
+        as a function that gives it. In device mode the product is taken on the device
+        and read back when the function is called (read_later): no host sync now."""
         if not self.profiles.counts:
-            return {}
+            return dict
+        device = self.cache.mode == "device"
+        mask = self.cache.resident_mask(host=False) if device else self.cache.resident_mask()
         if self._profile_tensor is None:
             names = sorted(self.profiles.counts)
             counts = torch.tensor([self.profiles.counts[t] for t in names], dtype=torch.float64)
-            self._profile_tensor = (names, counts / counts.sum((1, 2), keepdim=True).clamp(min=1))
+            freq = counts / counts.sum((1, 2), keepdim=True).clamp(min=1)
+            self._profile_tensor = (names, freq.to(mask.device))
         names, freq = self._profile_tensor
-        shares = (freq * self.cache.resident_mask()).sum((1, 2)).tolist()
-        return dict(zip(names, shares))
+        read = read_later((freq * mask).sum((1, 2)))
+        return lambda: dict(zip(names, read()[0]))
 
     def save(self) -> None:
         self.fold()

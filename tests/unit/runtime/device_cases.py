@@ -211,6 +211,21 @@ def case_all_resident_only_misses_once(device):
     assert t.misses == before and t.evictions == 0
 
 
+def case_misses_read_later_are_those_of_when_asked(device):
+    """A step's report queues the copy of the miss count (misses_later), and vLLM
+    reads it once the step's output is handed over: by then later calls may have
+    run. The value is the one of when it was asked for."""
+    L, E = 2, 8
+    store, _ = make_store(L, E, pinned=device == "cuda")
+    cache = DeviceExpertCache(store, L * E, device)
+    ids = torch.arange(4, dtype=torch.int64, device=device).view(2, 2)
+    cache.map_to_slots(0, ids)
+    read = cache.misses_later()
+    cache.map_to_slots(1, ids)  # 4 more misses, queued after the copy
+    assert read() == 4
+    assert cache.sync_stats().totals().misses == 8
+
+
 def case_a_call_never_evicts_its_own_experts(device):
     """S = E: a call that needs all E experts of its layer must hold all of them."""
     L, E = 3, 8

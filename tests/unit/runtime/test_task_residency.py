@@ -70,7 +70,7 @@ def test_residency_attributes_tokens_to_tasks_and_replans(tmp_path):
     counts = json.loads(profiles.read_text())["profiles"]["counts"]
     assert counts["a"][0] == [2, 1, 1, 0, 0, 0] and counts["b"][0] == [0, 0, 0, 0, 1, 1]
     assert sorted(cache.planned) == [ExpertKey(0, 0), ExpertKey(0, 1)]  # a: 0 (2), 1 or 2 (1)
-    share = res.resident_share()
+    share = res.resident_share()()  # a function: device mode reads it later
     assert share["a"] == pytest.approx(3 / 4) and share["b"] == 0.0
     # A restart loads the saved profiles and plans at the first step.
     again = TaskResidency(make_cache("host", tmp_path / "2", 10), 2, 100, str(profiles))

@@ -379,13 +379,21 @@ class ModelOffload:
         self.failed_requests += len(failed)
         return failed
 
-    def step_report(self) -> dict:
-        """What the scheduler's latency model learns from one step."""
-        t = self.cache.sync_stats().totals()
-        misses, stall = t.misses - self._reported[0], t.stall_seconds - self._reported[1]
-        self._reported = (t.misses, t.stall_seconds)
-        return {"misses": misses, "stall_s": stall,
-                "resident_share": self.tasks.resident_share()}
+    def step_report(self) -> Callable[[], dict]:
+        """What the scheduler's latency model learns from one step, as a function that
+        gives it. Device mode queues the copy of its counters now and reads it when
+        vLLM hands the step's output over (tasks.py _attach; with async scheduling,
+        after the step ran), so the step adds no host sync. Call them in step order."""
+        shares = self.tasks.resident_share()
+        stall = self.cache.stats.totals().stall_seconds  # kept on the host
+        misses_now = self.cache.misses_later()
+
+        def report() -> dict:
+            misses = misses_now()
+            new = (misses - self._reported[0], stall - self._reported[1])
+            self._reported = (misses, stall)
+            return {"misses": new[0], "stall_s": new[1], "resident_share": shares()}
+        return report
 
     def stats_dict(self) -> dict:
         if self.cache is not None:

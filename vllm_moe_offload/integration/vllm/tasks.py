@@ -142,7 +142,7 @@ def install_worker_hooks() -> None:
         if model.tasks is not None and model.cfg.use_task_scheduler:
             report = model.step_report()  # only our scheduler reads it
         if failed:  # NOTE #1
-            report["failed"] = failed
+            report = _with_failed(report, failed)
         if report:
             _attach(output, report)
         return output
@@ -152,19 +152,24 @@ def install_worker_hooks() -> None:
     GPUModelRunner.sample_tokens = sample_tokens
 
 
-def _attach(output, report: dict) -> None:
-    """Put `report` on the ModelRunnerOutput that reaches the scheduler; with async
-    scheduling that is the one the async wrapper hands out later."""
+def _with_failed(report, failed: dict[str, str]):
+    return lambda: {**(report() if report else {}), "failed": failed}
+
+
+def _attach(output, report) -> None:
+    """Put `report()` on the ModelRunnerOutput that reaches the scheduler. With async
+    scheduling that is the one the async wrapper hands out later, once the step ran:
+    `report` is called then, so reading its device counters waits for nothing more."""
     from vllm.v1.outputs import AsyncModelRunnerOutput
 
     if not isinstance(output, AsyncModelRunnerOutput):
-        setattr(output, REPORT_ATTR, report)
+        setattr(output, REPORT_ATTR, report())
         return
     get_output = output.get_output
 
     def get_output_with_report():
         result = get_output()
-        setattr(result, REPORT_ATTR, report)
+        setattr(result, REPORT_ATTR, report())
         return result
 
     output.get_output = get_output_with_report
