@@ -4,7 +4,9 @@ Each engine runs in its own process (vllm_moe_offload/cli/engine_probe.py), one 
 this machine has 2 cores. Results are cached per configuration for the session.
 Most specs run vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), in a fork of a
 server that imported vLLM once: ~5 s per engine instead of ~30 s (compiled mode
-too). The server and memory tests use vLLM's default multi-process engine.
+too). The server tests use vLLM's default multi-process engine. The memory test
+runs in-process too: a fork's RSS counts the server's pages, alike for plain and
+offload, so their difference is still what offload saves.
 """
 
 import json

@@ -527,23 +527,25 @@ def case_quantized_store_is_gathered_into_the_kernels_layout(device):
 CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
-def run_all(device: str) -> dict:
+def run_all(device: str, shard: int = 0, shards: int = 1) -> dict:
     """{case[/general]: error or None}: every case with the register path for small
-    calls, the first two also with the general (scatter through memory) path."""
+    calls, the first two also with the general (scatter through memory) path; with
+    `shards`, every shards-th of them from `shard` (shards run in parallel)."""
     global SMALL
+    runs = [(name, True) for name in CASES] + [(name, False) for name in list(CASES)[:2]]
     results = {}
-    for small, names in ((True, list(CASES)), (False, list(CASES)[:2])):
+    for name, small in runs[shard::shards]:
         SMALL = small
-        for name in names:
-            label = name + ("" if small else "/general")
-            try:
-                CASES[name](device)
-                results[label] = None
-            except Exception as e:  # report every case, not only the first failure
-                results[label] = f"{type(e).__name__}: {e}"
+        label = name + ("" if small else "/general")
+        try:
+            CASES[name](device)
+            results[label] = None
+        except Exception as e:  # report every case, not only the first failure
+            results[label] = f"{type(e).__name__}: {e}"
     SMALL = True
     return results
 
 
-if __name__ == "__main__":  # python -m ...device_cases DEVICE: JSON {case: error or null}
-    print(json.dumps(run_all(sys.argv[1])))
+if __name__ == "__main__":  # python -m ...device_cases DEVICE [SHARD/SHARDS]: JSON
+    shard, shards = map(int, (sys.argv[2] if len(sys.argv) > 2 else "0/1").split("/"))
+    print(json.dumps(run_all(sys.argv[1], shard, shards)))

@@ -1,7 +1,7 @@
 """Device mode's kernels on the CPU, through Triton's interpreter (no GPU needed).
 
 The interpreter must be switched on before Triton compiles anything, so the cases
-(device_cases.py, shared with tests/gpu) run in one subprocess with
+(device_cases.py, shared with tests/gpu) run in two subprocesses with
 TRITON_INTERPRET=1; each test here reads its case's result.
 """
 
@@ -22,11 +22,18 @@ ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.fixture(scope="module")
 def results():
+    """Two shards in parallel (the interpreter is slow, the machine has 2 cores)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.runtime.device_cases", "cpu"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.unit.runtime.device_cases",
+                               "cpu", f"{k}/2"], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k in range(2)]
+    merged = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        merged.update(json.loads(out.strip().splitlines()[-1]))
+    return merged
 
 
 @pytest.mark.parametrize("case", sorted(CASES) + [c + "/general" for c in list(CASES)[:2]])
