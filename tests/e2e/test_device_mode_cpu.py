@@ -48,6 +48,10 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
     assert tasks["replans"] == 2 and tasks["planned"] == 2
     assert sum(tasks["profile_tokens"].values()) > 0
     assert "device mode (residency on the GPU" not in off["log"]  # the CUDA line only
+    # the scheduler learnt misses per step from the worker's step reports, whose
+    # device counters are read after the step (read_later)
+    line = next(l for l in off["log"].splitlines() if "task scheduler:" in l)
+    assert float(line.split(" misses x ")[0].rsplit(" ", 1)[1]) > 0, line
     for r in off["rounds"]:  # the chat prompt (0) is approximate
         assert r["token_ids"][1:] == plain[1:]
     # the trace: every step's calls, layers in order, the step's tokens (a prefill
