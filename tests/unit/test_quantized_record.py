@@ -196,6 +196,32 @@ def test_state_the_method_keeps_beside_its_quant_config_is_refused():
         quant.pack(loaded_twin(layer, quant, 0))  # at the first expert loaded
 
 
+def test_a_monolithic_kernel_chosen_in_processing_is_refused_at_the_first_expert():
+    """Some methods pick their kernel as they process the weights: it is known at the
+    first expert packed, and refused there, not after the whole checkpoint loaded."""
+    class Monolithic:
+        @staticmethod
+        def is_monolithic():
+            return True
+
+    class PicksAMonolithicKernel(Method):
+        @property
+        def is_monolithic(self):  # vLLM's FusedMoEMethodBase.is_monolithic
+            return self.__dict__.get("moe_kernel") is not None
+
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            self.moe_kernel = Monolithic
+
+    layer, quant = layer_with(PicksAMonolithicKernel())
+    with pytest.raises(NotImplementedError, match=r"expert offload: MoE layer model.layers.0"
+                                                  r".mlp.experts: vLLM chose the monolithic "
+                                                  r"MoE kernel Monolithic.*--moe-backend"):
+        quant.pack(loaded_twin(layer, quant, 0))
+    layer, quant = layer_with(Method())  # a modular kernel packs
+    quant.pack(loaded_twin(layer, quant, 0))
+
+
 def test_per_layer_parameters_and_online_quantization_are_refused():
     class PerLayer(Method):
         def create_weights(self, layer, num_experts, **kw):

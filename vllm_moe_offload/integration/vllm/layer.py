@@ -38,7 +38,8 @@ from vllm_moe_offload.integration.vllm import model_state
 from vllm_moe_offload.integration.vllm import tuned_configs
 from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
 from vllm_moe_offload.integration.vllm.quantized import (QuantizedExperts, checkpoint_keys,
-                                                         gpt_oss_checkpoint_keys)
+                                                         gpt_oss_checkpoint_keys,
+                                                         refuse_monolithic)
 from vllm_moe_offload.runtime.quant import Gather
 from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 
@@ -243,18 +244,11 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._num_slots = cache.layer_slots(self._layer)
 
     def _check_modular(self) -> None:
-        """forward_modular is the hook: a monolithic kernel routes inside itself and
-        would never call it. Checked as the layer is built where vLLM has chosen the
-        kernel class by then (unquantized), else when the pool is bound."""
-        if self.quant_method.is_monolithic:
-            kernel = self.quant_method.moe_kernel or getattr(self.quant_method,
-                                                             "experts_cls", None)
-            name = getattr(kernel, "__name__", type(kernel).__name__)
-            raise NotImplementedError(
-                f"expert offload: MoE layer {self.layer_name}: vLLM chose the monolithic "
-                f"MoE kernel {name}, which routes inside the kernel; offload needs a "
-                "modular one. Pick another --moe-backend (e.g. --moe-backend triton), "
-                "or turn expert offload off.")
+        """forward_modular is the hook. Checked as the layer is built, where vLLM has
+        chosen the kernel class by then (unquantized, and quantized methods that pick
+        it in their constructor); else at the first expert packed (quantized.py
+        pack), and again when the pool is bound."""
+        refuse_monolithic(self.layer_name, self.quant_method)
 
     def _slot_param(self, buf: torch.Tensor) -> torch.nn.Parameter:
         param = torch.nn.Parameter(buf, requires_grad=False)

@@ -35,6 +35,7 @@ class QuantizedExperts:
 
     def __init__(self, quant_method, prefix: str):
         self.qm = quant_method
+        self.prefix = prefix
         self.method = type(quant_method).__name__
         if getattr(quant_method, "uses_meta_device", False):
             raise NotImplementedError(
@@ -91,6 +92,9 @@ class QuantizedExperts:
     def pack(self, twin) -> list[torch.Tensor]:
         """A loaded twin -> its slot record, by the method's own processing."""
         self._process(twin.quant_method, twin)
+        # A method that picks its kernel as it processes is known now: refused at
+        # the first expert loaded, not after all of them.
+        refuse_monolithic(self.prefix, twin.quant_method)
         self._check_record(twin)
         return [getattr(twin, n).data[0].cpu() for n in self.record]
 
@@ -185,6 +189,19 @@ class QuantizedExperts:
 
     def unsupported(self, why: str) -> NotImplementedError:
         return NotImplementedError(f"expert offload: {self.method} {why}. {WHAT_WORKS}")
+
+
+def refuse_monolithic(layer_name: str, method) -> None:
+    """Offload's hook is vLLM's modular MoE path: a monolithic kernel routes inside
+    itself and never calls it."""
+    if getattr(method, "is_monolithic", False):
+        kernel = method.moe_kernel or getattr(method, "experts_cls", None)
+        name = getattr(kernel, "__name__", type(kernel).__name__)
+        raise NotImplementedError(
+            f"expert offload: MoE layer {layer_name}: vLLM chose the monolithic MoE "
+            f"kernel {name}, which routes inside the kernel; offload needs a modular "
+            "one. Pick another --moe-backend (e.g. --moe-backend triton), or turn "
+            "expert offload off.")
 
 
 WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
