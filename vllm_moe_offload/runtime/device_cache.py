@@ -50,7 +50,7 @@ from ..core.eviction import HALF_LIFE_STEPS
 from ..core.slot_pool import ExpertKey, SlotGroup
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
-from .slot_buffers import SlotBuffers, reroute
+from .slot_buffers import SlotBuffers, read_later, reroute
 from .quant import Gather, QuantizedStore
 from .store import HostStore
 
@@ -99,26 +99,6 @@ def _device_alias(t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(_Interface(), device="cuda")
     except (RuntimeError, TypeError):  # Triton also accepts the pinned tensor itself
         return t
-
-
-def read_later(*tensors: torch.Tensor) -> Callable[[], list]:
-    """Copy `tensors` to the host without making it wait: into pinned buffers, with an
-    event on the current stream. The function returned waits for that copy alone (not
-    for work queued after it) and gives the values, as lists, of when this was called.
-    On the CPU it copies at once."""
-    if not tensors[0].is_cuda:
-        host = [t.clone() for t in tensors]
-        return lambda: [h.tolist() for h in host]
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for h, t in zip(host, tensors):
-        h.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def read() -> list:
-        done.synchronize()
-        return [h.tolist() for h in host]
-    return read
 
 
 class DeviceExpertCache(SlotBuffers):

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..core.slot_pool import SlotGroup, check_groups
 from .store import ExpertStore
+
+
+def read_later(*tensors: torch.Tensor) -> Callable[[], list]:
+    """Copy `tensors` to the host without making it wait: into pinned buffers, with an
+    event on the current stream. The function returned waits for that copy alone (not
+    for work queued after it) and gives the values, as lists, of when this was called.
+    On the CPU it copies at once."""
+    if not tensors[0].is_cuda:
+        host = [t.clone() for t in tensors]
+        return lambda: [h.tolist() for h in host]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list:
+        done.synchronize()
+        return [h.tolist() for h in host]
+    return read
+
+
+def copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """`dst.copy_(host)`, queued on the current stream without making the host wait
+    for the work before it (on CUDA, from pinned memory: torch's caching host
+    allocator keeps the buffer until the copy ran). A step's inputs written in
+    place: with vLLM's async scheduling, the previous step may still be running.
+    The copy comes after it in stream order, so that step reads its own values."""
+    if dst.is_cuda:
+        dst.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(host)
 
 
 class SlotBuffers:

@@ -31,8 +31,8 @@ import torch
 
 from ..core.slo import LatencyModel
 from ..core.tasks import ReplanClock, TaskProfiles, plan_residency
-from .device_cache import read_later
 from .expert_cache import ExpertCache
+from .slot_buffers import copy_in, read_later
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -141,11 +141,11 @@ class TaskResidency:
         if span:
             host = torch.full((span,), COUNT_ROWS, dtype=torch.int64)
             host[:n] = new
-            self._token_rows[:span].copy_(host.to(self._token_rows.device))
+            copy_in(self._token_rows[:span], host)
             if self.approximate:
                 approx = torch.zeros(self.num_layers, span, dtype=torch.bool)
                 approx[:, :n] = self._approx[:, token_task]
-                self._approx_rows[:, :span].copy_(approx.to(self._approx_rows.device))
+                copy_in(self._approx_rows[:, :span], approx)
         self._laid_out = n
 
     def _rows(self, num_tokens: int) -> torch.Tensor | None:
