@@ -14,9 +14,9 @@ from collections import deque
 import pytest
 import torch
 
-from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
-
 pytest.importorskip("vllm")
+
+from vllm_moe_offload.hf.tiny_moe import build_tiny_moe  # noqa: E402
 
 MAX_TOKENS = 4
 PROMPTS = {"a": ("chat", 5), "b": ("python", 7), "c": ("chat", 3), "d": ("legal", 9)}
