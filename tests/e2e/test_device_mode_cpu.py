@@ -22,7 +22,8 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
     them, task-aware residency (routing counted on the device, one expert pinned per
     group by the second round's plan) and approximate mode for the first prompt's
     task, insensitive at every layer (re-routed on the device), and a routing trace
-    (written after each step from a device buffer): greedy outputs of the other
+    (copied after each step from a device buffer, written a step later), with the
+    counters logged after every step: greedy outputs of the other
     prompts token-identical to plain vLLM, counters from the device."""
     model = models["qwen3_moe"]
     plain = engine(plain_spec(model))  # other tests' engine: its first tokens
@@ -38,7 +39,8 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
                              predictor="next-gate", task_aware=True, replan_every=4,
                              resident_slots=2, task_rules_path=str(rules),
                              approximate=True, sensitivity_path=str(sens),
-                             trace_path=str(tmp_path / "routing.trace")),
+                             trace_path=str(tmp_path / "routing.trace"),
+                             stats_log_interval_s=0.001),
                 max_tokens=TOKENS, rounds=2, extra_args=[{"task": "chat"}, None, None, None])
     off = run_engine(spec, env={"TRITON_INTERPRET": "1", MAX_SLOTS_ENV: str(EXPERTS + 4)})
     pool = off["stats"]["pool"]
@@ -52,6 +54,10 @@ def test_device_mode_through_vllm_matches_plain(models, engine, tmp_path):
     # device counters are read after the step (read_later)
     line = next(l for l in off["log"].splitlines() if "task scheduler:" in l)
     assert float(line.split(" misses x ")[0].rsplit(" ", 1)[1]) > 0, line
+    # the periodic line, logged after a step (no layer call runs Python in a graph)
+    periodic = [l for l in off["log"].splitlines()
+                if "expert offload: hit rate" in l and "(shutdown)" not in l]
+    assert len(periodic) >= TOKENS, periodic
     for r in off["rounds"]:  # the chat prompt (0) is approximate
         assert r["token_ids"][1:] == plain[1:]
     # the trace: every step's calls, layers in order, the step's tokens (a prefill

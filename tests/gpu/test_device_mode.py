@@ -198,7 +198,7 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False
             cache.flush_trace(rows)
             traced += [script.ids[l, :rows].reshape(-1).tolist() for l in range(L)]
     if trace is not None:
-        cache.trace.close()
+        cache.close_trace()
         assert [r.expert_ids for r in read_trace(trace)[1]] == traced
     if residency is not None:
         residency.fold()

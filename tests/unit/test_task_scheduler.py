@@ -79,8 +79,10 @@ def model_output(scheduler_output, step: int):
     ids = list(scheduler_output.num_scheduled_tokens)
     out = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                             sampled_token_ids=[[100 + step] for _ in ids])
-    setattr(out, REPORT_ATTR, {"misses": 2, "stall_s": 0.0,
-                               "resident_share": {"chat": 0.5}})
+    # step 0: a report of failed requests only (none here), as a worker without
+    # task-aware residency sends beside a hand-set --scheduler-cls
+    setattr(out, REPORT_ATTR, {"failed": {}} if step == 0 else {
+        "misses": 2, "stall_s": 0.0, "resident_share": {"chat": 0.5}})
     return out
 
 

@@ -335,6 +335,7 @@ class DeviceExpertCache(SlotBuffers):
         self.trace = trace
         self._trace_ids = torch.zeros((self.num_layers, max_tokens, top_k),
                                       dtype=torch.int16, device=self.device)
+        self._trace_pending: list = []  # read_later of steps not yet written
 
     def _record(self, layer: int, topk_ids: torch.Tensor) -> None:
         T = topk_ids.shape[0]
@@ -346,13 +347,26 @@ class DeviceExpertCache(SlotBuffers):
 
     def flush_trace(self, num_tokens: int) -> None:
         """Write the step that ran, its first `num_tokens` rows (the step's tokens; a
-        CUDA graph pads past them), one record per layer. Reads the buffer back: one
-        sync per step, after its forward."""
-        if self.trace is None or num_tokens <= 0:
+        CUDA graph pads past them), one record per layer. The rows are copied without
+        a wait (read_later) and written at the next step's flush, so the host waits
+        for this step's copy one step later, while the next step runs; the last step
+        is written by close_trace."""
+        if self.trace is None:
             return
-        ids = self._trace_ids[:, :num_tokens].cpu()
+        if num_tokens > 0:
+            self._trace_pending.append(read_later(self._trace_ids[:, :num_tokens]))
+        while len(self._trace_pending) > 1:
+            self._write_trace()
+
+    def _write_trace(self) -> None:
+        (ids,) = self._trace_pending.pop(0)()
         for layer in range(self.num_layers):
             self.trace.write(layer, ids.shape[2], ids[layer].numpy().tobytes())
+
+    def close_trace(self) -> None:
+        while self.trace is not None and self._trace_pending:
+            self._write_trace()
+        super().close_trace()
 
     def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int, pdl: bool = False
               ) -> None:
@@ -484,7 +498,7 @@ class DeviceExpertCache(SlotBuffers):
         """All misses so far, as a function that reads them (read_later): the copy is
         queued now, with no host sync."""
         read = read_later(self.counters[:, int(K.MISSES.value)].sum())
-        return lambda: read()[0]
+        return lambda: int(read()[0])
 
     def sync_stats(self) -> OffloadStats:
         """Copy the device counters into `stats` (a host sync: not per layer call)."""

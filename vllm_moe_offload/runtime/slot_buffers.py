@@ -10,23 +10,23 @@ from ..core.slot_pool import SlotGroup, check_groups
 from .store import ExpertStore
 
 
-def read_later(*tensors: torch.Tensor) -> Callable[[], list]:
+def read_later(*tensors: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
     """Copy `tensors` to the host without making it wait: into pinned buffers, with an
     event on the current stream. The function returned waits for that copy alone (not
-    for work queued after it) and gives the values, as lists, of when this was called.
-    On the CPU it copies at once."""
+    for work queued after it) and gives the host copies, the values of when this was
+    called. On the CPU it copies at once."""
     if not tensors[0].is_cuda:
         host = [t.clone() for t in tensors]
-        return lambda: [h.tolist() for h in host]
+        return lambda: host
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
     for h, t in zip(host, tensors):
         h.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
+    done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps, not spins
     done.record()
 
-    def read() -> list:
+    def read() -> list[torch.Tensor]:
         done.synchronize()
-        return [h.tolist() for h in host]
+        return host
     return read
 
 
@@ -47,6 +47,11 @@ class SlotBuffers:
     and the slot groups (core/slot_pool.py): the experts of a group's layers live in
     its slots only, and a layer's kernel sees its group's slots, with slot ids that
     count from the group's first slot."""
+
+    def close_trace(self) -> None:
+        """Write what the routing trace still holds, and close it."""
+        if self.trace is not None:
+            self.trace.close()
 
     store: ExpertStore
     buffers: list[torch.Tensor]

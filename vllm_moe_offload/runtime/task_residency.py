@@ -240,10 +240,12 @@ class TaskResidency:
             names = sorted(self.profiles.counts)
             counts = torch.tensor([self.profiles.counts[t] for t in names], dtype=torch.float64)
             freq = counts / counts.sum((1, 2), keepdim=True).clamp(min=1)
-            self._profile_tensor = (names, freq.to(mask.device))
+            on_device = torch.empty(freq.shape, dtype=freq.dtype, device=mask.device)
+            copy_in(on_device, freq)  # after a fold: no wait for the step running
+            self._profile_tensor = (names, on_device)
         names, freq = self._profile_tensor
         read = read_later((freq * mask).sum((1, 2)))
-        return lambda: dict(zip(names, read()[0]))
+        return lambda: dict(zip(names, read()[0].tolist()))
 
     def save(self) -> None:
         self.fold()

@@ -412,7 +412,7 @@ def case_routing_trace_writes_each_steps_calls(device):
             check_slots(cache, full, layer, ids, cache.map_to_slots(layer, ids))
             want.append((step, layer, ids[:tokens].reshape(-1).tolist()))
         cache.flush_trace(tokens)
-    cache.trace.close()
+    cache.close_trace()
     _, records = read_trace(path)
     assert [(r.step, r.layer, r.expert_ids) for r in records] == want
     os.unlink(path)

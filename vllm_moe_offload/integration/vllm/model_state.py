@@ -351,16 +351,16 @@ class ModelOffload:
             if rows is not None and hidden is not None:
                 scores = hidden.float() @ self._gates[layer].T
                 topk_ids = self.cache.reroute_misses(layer, topk_ids, scores, rows)
-        slot_ids = self.cache.map_to_slots(layer, topk_ids, hidden)
-        if layer == 0 and not _capturing(slot_ids) and self.stats.due(
-                self.cfg.stats_log_interval_s):
-            logger.info(self.cache.sync_stats().summary_line())
-        return slot_ids
+        return self.cache.map_to_slots(layer, topk_ids, hidden)
 
     def end_step(self, layout: list[tuple[str, int]]) -> None:
-        """After a step's forward: device mode writes the step's routing trace."""
+        """After a step's forward: device mode writes the step's routing trace, and
+        once an interval the counters are logged (here, not in a layer call: under a
+        CUDA graph no layer call runs Python; in device mode a sync once an interval)."""
         if self.cache.trace is not None and self.cache.mode == "device":
             self.cache.flush_trace(sum(n for _, n in layout))
+        if self.stats.due(self.cfg.stats_log_interval_s):
+            logger.info(self.cache.sync_stats().summary_line())
 
     def take_failed_requests(self, layout: list[tuple[str, int]]) -> dict[str, str]:
         """The requests of this step that routed to a lost expert (expert_cache.py
@@ -441,8 +441,7 @@ class ModelOffload:
         if self.tasks is not None:
             self.tasks.save()
         self.cache.close()
-        if self.cache.trace is not None:
-            self.cache.trace.close()
+        self.cache.close_trace()
         self.store.close()
 
 

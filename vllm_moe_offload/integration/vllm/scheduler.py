@@ -154,12 +154,13 @@ class TaskAwareScheduler(Scheduler):
         scheduled_at = getattr(scheduler_output, _SCHEDULED_AT, None)
         now = time.perf_counter()
         if scheduled_at is not None and tokens:
-            misses, stall = (report["misses"], report["stall_s"]) if report else (0, 0.0)
+            report_ = report or {}  # one of failed requests only: no counts
+            misses, stall = report_.get("misses", 0), report_.get("stall_s", 0.0)
             self.latency.observe_step(tokens, now - max(scheduled_at, self._last_done),
                                       misses, stall)
             self.counters["steps"] += 1
         self._last_done = now
-        if report:
+        if report and "resident_share" in report:
             self._resident_share = report["resident_share"]
         self.counters["admitted"] += len(scheduler_output.scheduled_new_reqs)
         result = super().update_from_output(scheduler_output, model_runner_output)
