@@ -61,3 +61,32 @@ def test_cuda_outputs_match_all_resident(num_slots):
     t = cache.stats.to_dict()["totals"]
     assert t["bytes_loaded"] == t["misses"] * LAYOUT.expert_bytes
     assert (t["evictions"] == 0) == (num_slots == L * E)
+
+
+# A step's report and inputs under vLLM's async scheduling (slot_buffers.py): the
+# host queues them and goes on while the GPU still runs the step before.
+SPIN = 2_000_000_000  # torch.cuda._sleep cycles: about a second of GPU time
+
+
+def test_read_later_waits_for_its_copy_not_for_work_queued_after_it():
+    from vllm_moe_offload.runtime.slot_buffers import read_later
+
+    x = torch.arange(4, device="cuda")
+    read = read_later(x)
+    torch.cuda._sleep(SPIN)  # the next step
+    x += 10
+    (got,) = read()
+    assert got.tolist() == [0, 1, 2, 3]  # the values of when it was asked for
+    assert not torch.cuda.current_stream().query()  # returned while the spin runs
+    torch.cuda.synchronize()
+
+
+def test_copy_in_does_not_wait_for_the_work_before_it():
+    from vllm_moe_offload.runtime.slot_buffers import copy_in
+
+    dst = torch.zeros(4, dtype=torch.int64, device="cuda")
+    torch.cuda._sleep(SPIN)  # the step still running, which reads dst's old values
+    copy_in(dst, torch.arange(4))
+    assert not torch.cuda.current_stream().query()  # the host did not wait for it
+    torch.cuda.synchronize()
+    assert dst.tolist() == [0, 1, 2, 3]
