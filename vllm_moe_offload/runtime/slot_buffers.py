@@ -48,14 +48,14 @@ class SlotBuffers:
     its slots only, and a layer's kernel sees its group's slots, with slot ids that
     count from the group's first slot."""
 
+    store: ExpertStore
+    buffers: list[torch.Tensor]
+    groups: list[SlotGroup]
+
     def close_trace(self) -> None:
         """Write what the routing trace still holds, and close it."""
         if self.trace is not None:
             self.trace.close()
-
-    store: ExpertStore
-    buffers: list[torch.Tensor]
-    groups: list[SlotGroup]
 
     def _set_groups(self, groups: list[SlotGroup] | None, num_slots: int) -> None:
         L, E = self.store.num_layers, self.store.experts_per_layer
