@@ -8,8 +8,12 @@ fork from a server of their own (engine_probe.run_in_subprocess).
 
 import json
 
+import pytest
+import torch
+
 from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec, run_engine
 from vllm_moe_offload.hf.quantize import quantize_experts
+from vllm_moe_offload.core.tasks import TaskProfiles
 from vllm_moe_offload.core.trace import read_trace
 from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV
 
@@ -105,13 +109,26 @@ def test_device_mode_fills_a_quantized_checkpoints_record(models, engine, tmp_pa
     assert t["bytes_loaded"] == t["misses"] * pool["read_bytes"]
 
 
-def test_device_mode_decodes_a_quantized_store(models, engine):
+@pytest.mark.parametrize("hot_bits", [None, 8])
+def test_device_mode_decodes_a_quantized_store(models, engine, tmp_path, hot_bits):
     """--expert-store-bits 4 on the host store: device mode's fill decodes each miss
-    and gathers it into the CPU kernel's layout. Outputs equal host mode's, which
+    and gathers it into the CPU kernel's layout. With --expert-store-hot-bits 8 (mixed
+    precision) the profiles' hot quarter sits at 8 bits in a store of its own, and
+    each fill reads the store that holds its expert. Outputs equal host mode's, which
     decodes and packs on the host (test_quantized_store.py holds host mode to plain
     vLLM over the decoded experts)."""
+    mixed = {}
+    if hot_bits:
+        profiles = TaskProfiles(LAYERS, EXPERTS)
+        g = torch.Generator().manual_seed(7)
+        for layer in range(LAYERS):
+            for e, n in enumerate(torch.randint(0, 50, (EXPERTS,), generator=g).tolist()):
+                for _ in range(n):
+                    profiles.record("prose", layer, [e])
+        profiles.save(tmp_path / "profiles.json")
+        mixed = {"store_hot_bits": hot_bits, "task_profiles_path": str(tmp_path / "profiles.json")}
     spec = dict(offload_spec(models["qwen3_moe"], pool_slots=EXPERTS + 2, store="host",
-                             store_bits=4, predictor="next-gate"), max_tokens=TOKENS)
+                             store_bits=4, predictor="next-gate", **mixed), max_tokens=TOKENS)
     host = engine(spec)
     dev = run_engine(spec, env={"TRITON_INTERPRET": "1"})
     assert host["stats"]["pool"]["mode"] == "host"
@@ -120,5 +137,13 @@ def test_device_mode_decodes_a_quantized_store(models, engine):
     assert dev["token_ids"] == host["token_ids"]
     t = dev["stats"]["totals"]
     assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetch_hits"] > 0
-    assert t["bytes_loaded"] == (t["misses"] + t["prefetched"]) * pool["read_bytes"]
-    assert pool["read_bytes"] < pool["slot_bytes"] / 3
+    loads, moved, cold = t["misses"] + t["prefetched"], t["bytes_loaded"], pool["read_bytes"]
+    assert cold < pool["slot_bytes"] / 3
+    if not hot_bits:
+        assert moved == loads * cold
+        return
+    # each load moved its own expert's bytes: some hot, some cold
+    hot = pool["hot_read_bytes"]
+    assert pool["hot_experts"] == LAYERS * EXPERTS // 4 and hot > 1.5 * cold
+    hot_loads, rest = divmod(moved - loads * cold, hot - cold)
+    assert rest == 0 and 0 < hot_loads < loads, (moved, loads, hot, cold)

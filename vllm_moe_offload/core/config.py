@@ -283,9 +283,6 @@ class OffloadConfig:
         CUDA graphs replay without the host); None when graphs can stay on."""
         if self.resolved_store(on_gpu) == "disk":
             return "the disk store is read by the host at every miss"
-        if self.store_bits < 16 and self.store_hot_bits is not None:
-            return (f"the mixed-precision store (store_hot_bits={self.store_hot_bits}) "
-                    "is decoded by host mode's loader at each miss")
         if self.predictor == "oracle":
             return "the oracle predictor replays a trace on the host"
         return host_only_reason(self.eviction)

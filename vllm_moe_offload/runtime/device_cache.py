@@ -41,7 +41,7 @@ NOTE #5: a CUDA graph capture must end with every stream it forked joined again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -51,7 +51,7 @@ from ..core.slot_pool import ExpertKey, SlotGroup
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
 from .slot_buffers import SlotBuffers, read_later, reroute
-from .quant import Gather, QuantizedStore
+from .quant import Gather, MixedStore, QuantizedStore
 from .store import HostStore
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -82,6 +82,28 @@ class _Decode:
                 self.dst if self.index is None else self.index]
 
 
+@dataclass
+class _Source:
+    """A store whose records the fill reads in place (a mixed-precision store has two:
+    its hot and its cold experts): its records as words (copies) and as bytes and fp16
+    (decodes), the launches over them, and for a store of some experts only, each
+    key's record row (`rows [L * E]`, -1: not here) and the experts it filled per
+    layer (`loads [L]`)."""
+    src: torch.Tensor
+    record_words: int
+    record_bytes: int
+    read_bytes: int
+    fill_groups: list  # (fill_kernel arguments, tensors) of each launch
+    word_block: int  # words a fill program moves per step: 2 x 16 KiB in flight
+    decodes: list[_Decode]
+    codec: object = None
+    codes: torch.Tensor | None = None
+    halves: torch.Tensor | None = None
+    decode_args: list = field(default_factory=list)
+    rows: torch.Tensor | None = None
+    loads: torch.Tensor | None = None
+
+
 def _device_alias(t: torch.Tensor) -> torch.Tensor:
     """A CUDA tensor over the pinned host tensor `t`: kernels read it in place over
     the link (unified addressing maps pinned memory at the same address)."""
@@ -106,7 +128,7 @@ class DeviceExpertCache(SlotBuffers):
     trace = None  # a routing trace (set_trace): each step's calls, written by flush_trace
     POLICIES = ("reuse", "clock")  # eviction in the kernels (residency_kernels.py)
 
-    def __init__(self, store: HostStore | QuantizedStore, num_slots: int,
+    def __init__(self, store: HostStore | QuantizedStore | MixedStore, num_slots: int,
                  device: torch.device | str, stats: OffloadStats | None = None, predictor=None,
                  prefetch_budget_slots: int | None = None, eviction: str = "reuse",
                  groups: list[SlotGroup] | None = None):
@@ -122,6 +144,7 @@ class DeviceExpertCache(SlotBuffers):
         self._budget_cfg = prefetch_budget_slots  # per slot group (NOTE #4)
         self._planned: dict[ExpertKey, int] = {}
         self._host_evictions = [0] * L  # made by set_plan on the host
+        self._planned_bytes = [0] * L  # read by set_plan on the host
         self.stats.untimed = True  # loads are not timed: timing them would sync
         dev, i32 = self.device, torch.int32
         self.buffers = [torch.zeros((num_slots, *spec.shape), dtype=spec.dtype, device=dev)
@@ -169,6 +192,14 @@ class DeviceExpertCache(SlotBuffers):
         self._pending: set[int] = set()  # targets whose prefetch fill this step issued
 
     def _setup_fill(self, store) -> None:
+        """The fill's sources: the store, or a mixed store's two (their experts apart,
+        so each launch fills the jobs whose expert it holds)."""
+        stores = store.stores if isinstance(store, MixedStore) else (store,)
+        self._sources = [self._source(s, mixed=len(stores) > 1) for s in stores]
+        self._packer, self._unpacked = None, False
+        self._decode_launches()
+
+    def _source(self, store, mixed: bool) -> _Source:
         """Fill copies words: the widest integer that divides every size and offset.
         One launch copies up to 4 of an expert's tensors; a record of more (a
         quantized checkpoint's: W4A16 has 8) takes one launch per 4. A quantized
@@ -180,7 +211,7 @@ class DeviceExpertCache(SlotBuffers):
             raise ValueError("device mode needs the host store in pinned memory")
         record, offsets = host.layout.tensors, host._offsets
         source = store.source.tensors if codec is not None else store.layout.tensors
-        copies, self._decodes, at = [], [], 0
+        copies, decodes, at = [], [], 0
         for t, (buf, spec) in enumerate(zip(self.buffers, source)):
             if codec is None or codec.bits == 16 or len(spec.shape) == 1:
                 if (record[at].shape, record[at].dtype) != (tuple(buf.shape[1:]), buf.dtype):
@@ -193,39 +224,48 @@ class DeviceExpertCache(SlotBuffers):
                 n = spec.nbytes // spec.dtype.itemsize
                 codes, scale, zero = offsets[at:at + 3]
                 assert record[at].nbytes == n * codec.bits // 8 and scale % 2 == zero % 2 == 0
-                self._decodes.append(_Decode(t, buf.view(-1), codes, scale // 2, zero // 2,
-                                             n, buf[0].numel()))
+                decodes.append(_Decode(t, buf.view(-1), codes, scale // 2, zero // 2,
+                                       n, buf[0].numel()))
                 at += 3
         assert at == len(record), (at, len(record))
         self._copies = [t for t, *_ in copies]
         word = next(w for w in (8, 4, 2, 1) if all(
             x % w == 0 for c in copies for x in c[2:]) and host.layout.record_bytes % w == 0)
         dtype = _WORDS[word]
-        self._src = _device_alias(host._data.view(dtype))
-        self._record_words = host.layout.record_bytes // word
         dst = [(b.view(-1).view(dtype), o // word, n // word) for _, b, o, n in copies]
-        self._fill_groups = []  # (kernel arguments, tensors) of each launch
+        fill_groups = []
         for at in range(0, len(dst), 4):
             group = dst[at:at + 4]
             padded = group + [group[0]] * (4 - len(group))
-            self._fill_groups.append(([x for d in padded for x in d], len(group)))
-        self._word_block = max(256, 16384 // word)  # 2 x 16 KiB in flight per program
-        self._codec, self._packer, self._unpacked, self._decode_args = codec, None, False, []
-        if self._decodes:
-            self._codes = _device_alias(host._data)
-            self._halves = _device_alias(host._data.view(torch.float16))
-            self._decode_launches()
+            fill_groups.append(([x for d in padded for x in d], len(group)))
+        src = _Source(_device_alias(host._data.view(dtype)), host.layout.record_bytes // word,
+                      host.layout.record_bytes, store.read_bytes, fill_groups,
+                      max(256, 16384 // word), decodes, codec)
+        if decodes:
+            src.codes = _device_alias(host._data)
+            src.halves = _device_alias(host._data.view(torch.float16))
+        if mixed:  # its keys' record rows, and its loads counted by the fill
+            L, E = self.num_layers, self.experts_per_layer
+            rows = torch.full((L * E,), -1, dtype=torch.int32)
+            for row, (layer, e) in enumerate(host.keys):
+                rows[layer * E + e] = row
+            src.rows = rows.to(self.device)
+            src.loads = torch.zeros(L, dtype=torch.int64, device=self.device)
+        return src
 
     def _decode_launches(self) -> None:
         """Each launch's arguments: two matrices per launch, as one range."""
-        self._unpacked = any(d.index is None and d.n != d.n_out for d in self._decodes)
-        self._decode_args = []
-        for at in range(0, len(self._decodes), 2):
-            pair = self._decodes[at:at + 2]
-            args = [x for d in pair + pair[:1] * (2 - len(pair)) for x in d.args()]
-            self._decode_args.append((args, dict(
-                NM=len(pair), GATHER=self._packer is not None, BITS=self._codec.bits,
-                GROUP=self._codec.group, BF16=pair[0].dst.dtype == torch.bfloat16)))
+        self._unpacked = any(d.index is None and d.n != d.n_out
+                             for src in self._sources for d in src.decodes)
+        for src in self._sources:
+            src.decode_args = []
+            for at in range(0, len(src.decodes), 2):
+                pair = src.decodes[at:at + 2]
+                args = [x for d in pair + pair[:1] * (2 - len(pair)) for x in d.args()]
+                src.decode_args.append((args, dict(
+                    NM=len(pair), GATHER=self._packer is not None, BITS=src.codec.bits,
+                    GROUP=src.codec.group, BF16=pair[0].dst.dtype == torch.bfloat16,
+                    ROWS=src.rows is not None, COUNT=src.rows is not None and at == 0)))
 
     def set_packer(self, packer) -> None:
         """A kernel that wants the decoded expert in another layout than the
@@ -234,7 +274,7 @@ class DeviceExpertCache(SlotBuffers):
         moves values); every layer must share one."""
         if packer is self._packer:
             return
-        if self._packer is not None or not self._decodes:
+        if self._packer is not None or not self._sources[0].decodes:
             raise ValueError("device mode decodes every layer's experts with one packing")
         if not isinstance(packer, Gather):
             raise NotImplementedError(
@@ -247,7 +287,7 @@ class DeviceExpertCache(SlotBuffers):
                 raise NotImplementedError(
                     "this MoE kernel moves bias values, which device mode's fill copies "
                     "as they are")
-        for d in self._decodes:
+        for d in (d for src in self._sources for d in src.decodes):
             index, pad = packer.index[d.tensor], packer.pad[d.tensor]
             index = index if pad is None else index.masked_fill(pad, -1)
             assert index.numel() == d.n_out, (index.numel(), d.n_out)
@@ -370,17 +410,23 @@ class DeviceExpertCache(SlotBuffers):
 
     def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int, pdl: bool = False
               ) -> None:
-        """`pdl`: launch each fill as a programmatic dependent of the kernel before it."""
+        """`pdl`: launch each fill as a programmatic dependent of the kernel before it
+        (the first launch; the others follow it in stream order)."""
         launch = {"PDL": True, "launch_pdl": True} if pdl else {}
-        for args, nt in self._fill_groups:
-            K.fill_kernel[(parts,)](
-                self._src, jobs[0], jobs[1], num_jobs, self._record_words, *args,
-                NT=nt, PARTS=parts, BLOCK=self._word_block, E_PAD=self._e_pad, **launch)
-        for args, meta in self._decode_args:  # parts per matrix, as many programs
-            K.decode_fill_kernel[(parts * meta["NM"],)](
-                self._codes, self._halves, jobs[0], jobs[1], num_jobs,
-                self._codes.shape[1], *args, **meta, PARTS=parts * meta["NM"],
-                BLOCK=self.decode_block, E_PAD=self._e_pad, **launch)
+        E = self.experts_per_layer
+        for src in self._sources:
+            rows = src.rows if src.rows is not None else jobs[0]  # (not read)
+            for args, nt in src.fill_groups:
+                K.fill_kernel[(parts,)](
+                    src.src, jobs[0], jobs[1], num_jobs, src.record_words, *args, rows,
+                    NT=nt, PARTS=parts, BLOCK=src.word_block, E_PAD=self._e_pad,
+                    ROWS=src.rows is not None, **launch)
+            loads = src.loads if src.loads is not None else jobs[0]  # (not written)
+            for args, meta in src.decode_args:  # parts per matrix, as many programs
+                K.decode_fill_kernel[(parts * meta["NM"],)](
+                    src.codes, src.halves, jobs[0], jobs[1], num_jobs, src.record_bytes,
+                    *args, rows, loads, E, **meta, PARTS=parts * meta["NM"],
+                    BLOCK=self.decode_block, E_PAD=self._e_pad, **launch)
 
     @staticmethod
     def _id_block(n: int) -> int:
@@ -467,6 +513,7 @@ class DeviceExpertCache(SlotBuffers):
                 self._host_evictions[owner[slot] // E] += 1
             self.store.read_into(k.layer, k.expert, self.slot_views(slot))
             self.stats.layer(k.layer).planned_loads += 1
+            self._planned_bytes[k.layer] += self.store.read_bytes_of(k.layer, k.expert)
             table[key], owner[slot] = slot, key
             flags[slot] = pinned
             self._planned[k] = slot
@@ -505,6 +552,8 @@ class DeviceExpertCache(SlotBuffers):
         counters = self.counters.cpu().tolist()
         preds = self.pred_counts.cpu().tolist()
         rerouted = self._rerouted.cpu().tolist()
+        loads = ([src.loads.cpu().tolist() for src in self._sources]
+                 if self._sources[0].loads is not None else None)
         if int(self.state[int(K.ERROR.value)]):
             raise RuntimeError(
                 "expert offload: a layer call found no evictable slot (pool "
@@ -517,6 +566,9 @@ class DeviceExpertCache(SlotBuffers):
             s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
             s.rerouted = rerouted[layer]
             s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.read_bytes
+            if loads is not None:  # a mixed store: its fills counted by store
+                s.bytes_loaded = self._planned_bytes[layer] + sum(
+                    n[layer] * src.read_bytes for n, src in zip(loads, self._sources))
             for d in range(self.depth):
                 s.predictions[d + 1] = list(preds[layer][d])
         return self.stats

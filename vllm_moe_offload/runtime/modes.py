@@ -17,18 +17,19 @@ def device_mode_problem(device: torch.device, store: ExpertStore,
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
     if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
         return "the pool is not on a CUDA device"
-    if isinstance(store, MixedStore):
-        return ("a mixed-precision store decodes each expert at its own bit width; "
-                "device mode's fill decodes one (drop --expert-store-hot-bits)")
-    if isinstance(store, QuantizedStore):
-        if len({s.dtype for s in store.layout.tensors if len(s.shape) > 1}) > 1:
-            return "device mode decodes experts whose matrices share one dtype"
-        store = store.inner  # device mode decodes its records in place
-    if getattr(store, "keys", None) is not None:
-        return "the store holds some experts only (device mode reads record layer * E + e)"
-    if not isinstance(store, HostStore):
-        return (f"the {store.kind} store is read by the host (device mode reads the "
-                "pinned host store in place: --expert-store host)")
+    # a mixed-precision store: its hot and cold stores, each of some experts only
+    stores = store.stores if isinstance(store, MixedStore) else (store,)
+    for store in stores:
+        if isinstance(store, QuantizedStore):
+            if len({s.dtype for s in store.layout.tensors if len(s.shape) > 1}) > 1:
+                return "device mode decodes experts whose matrices share one dtype"
+            store = store.inner  # device mode decodes its records in place
+        if getattr(store, "keys", None) is not None and len(stores) == 1:
+            return ("the store holds some experts only (device mode reads record "
+                    "layer * E + e)")
+        if not isinstance(store, HostStore):
+            return (f"the {store.kind} store is read by the host (device mode reads the "
+                    "pinned host store in place: --expert-store host)")
     return host_only_reason(eviction)
 
 

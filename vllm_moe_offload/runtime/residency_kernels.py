@@ -36,7 +36,8 @@ the copy stream, and the target layer's call waits for it with an event.
 `decode_fill_kernel` is fill for a quantized store: it decodes each job's matrices
 from the record in host memory (read in place) into the slot, gathering into the
 kernel's layout where it differs (a launch of its own; biases, if any, through
-`fill_kernel`).
+`fill_kernel`). A mixed-precision store is two stores of some experts each: both
+fills run once per store, over the jobs whose expert it holds (ROWS).
 """
 
 from __future__ import annotations
@@ -427,10 +428,20 @@ def _copy_part(src, dst, n, part, PARTS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _record_row(key, row_ptr, ROWS: tl.constexpr):
+    """The record of `key` in this store: row `key`, or with ROWS (a store of some
+    experts only: mixed precision) `rows[key]`, -1 where another store holds it."""
+    row = key
+    if ROWS:
+        row = tl.where(key >= 0, tl.load(row_ptr + tl.maximum(key, 0)), -1)
+    return row
+
+
+@triton.jit
 def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
-               dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+               dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3, row_ptr,
                NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-               E_PAD: tl.constexpr):
+               E_PAD: tl.constexpr, ROWS: tl.constexpr):
     """This program's part of every job: expert record `key` (host memory) into
     slot `slot` of each slot buffer. One vector read decides that there is none."""
     j = tl.arange(0, E_PAD)
@@ -438,9 +449,10 @@ def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
     if tl.max(keys, 0) >= 0:
         for k in range(0, J):
             key = tl.load(job_key_ptr + k, cache_modifier=".cg")
-            if key >= 0:
+            row = _record_row(key, row_ptr, ROWS)
+            if row >= 0:
                 slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
-                src = src_ptr + key.to(tl.int64) * record_words
+                src = src_ptr + row.to(tl.int64) * record_words
                 _copy_part(src + off0, dst0 + slot * n0, n0, part, PARTS, BLOCK)
                 if NT > 1:
                     _copy_part(src + off1, dst1 + slot * n1, n1, part, PARTS, BLOCK)
@@ -452,16 +464,17 @@ def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
 
 @triton.jit
 def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
-                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
+                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3, row_ptr,
                 NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                E_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                E_PAD: tl.constexpr, ROWS: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (PARTS,): demand fills on the compute stream, prefetch fills on the copy
-    stream. PDL: launched as a programmatic dependent of the kernel before it."""
+    stream. PDL: launched as a programmatic dependent of the kernel before it. ROWS:
+    see `_record_row`."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, tl.program_id(0), record_words,
-               dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3,
-               NT, PARTS, BLOCK, E_PAD)
+               dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3, row_ptr,
+               NT, PARTS, BLOCK, E_PAD, ROWS)
 
 
 @triton.jit
@@ -490,12 +503,16 @@ def _decode_range(codes_ptr, half_ptr, base, slot, dst, codes_off, scale_off, ze
 def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record_bytes,
                        dst0, codes0, scale0, zero0, n0, n_out0, index0,
                        dst1, codes1, scale1, zero1, n1, n_out1, index1,
+                       row_ptr, loads_ptr, E,
                        NM: tl.constexpr, GATHER: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, BF16: tl.constexpr, PARTS: tl.constexpr,
-                       BLOCK: tl.constexpr, E_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                       BLOCK: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr = False,
+                       COUNT: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (PARTS,), fill for a quantized store: the slot values of its NM (1 or 2)
     matrices, w13's then w2's, are one range that the programs split evenly; each
-    decodes its part of every job. PDL: as in `fill_kernel`."""
+    decodes its part of every job. PDL: as in `fill_kernel`; ROWS: see `_record_row`;
+    COUNT: program 0 counts the jobs this store filled per layer in `loads [L]`
+    (a mixed store's misses differ in bytes by store)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     j = tl.arange(0, E_PAD)
@@ -509,9 +526,13 @@ def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record
         hi = tl.minimum(lo + per, total)
         for k in range(0, J):
             key = tl.load(job_key_ptr + k, cache_modifier=".cg")
-            if key >= 0:
+            row = _record_row(key, row_ptr, ROWS)
+            if row >= 0:
+                if COUNT:
+                    if tl.program_id(0) == 0:
+                        tl.atomic_add(loads_ptr + key // E, 1)
                 slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
-                base = key.to(tl.int64) * record_bytes
+                base = row.to(tl.int64) * record_bytes
                 _decode_range(codes_ptr, half_ptr, base, slot, dst0, codes0, scale0, zero0,
                               n0, n_out0, index0, lo, tl.minimum(hi, n_out0), GATHER, BITS,
                               GROUP, BF16, BLOCK)

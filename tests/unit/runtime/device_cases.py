@@ -17,7 +17,7 @@ import torch
 from vllm_moe_offload.core.slot_pool import ExpertKey
 from vllm_moe_offload.runtime import device_cache
 from vllm_moe_offload.runtime import residency_kernels as K
-from vllm_moe_offload.runtime.quant import Gather, GroupQuant, QuantizedStore
+from vllm_moe_offload.runtime.quant import Gather, GroupQuant, MixedStore, QuantizedStore
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
 SMALL = True  # decode-sized calls take the in-register path; both are run
@@ -431,7 +431,7 @@ def case_records_of_many_tensors_fill_every_tensor(device):
     store, full = make_store(L, E, MANY, pinned=device == "cuda")
     pred = FixedPredictor(depth=1, num_layers=L)
     cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
-    assert len(cache._fill_groups) == 3
+    assert len(cache._sources[0].fill_groups) == 3
     run_predicted(cache, full, pred, torch.Generator().manual_seed(5), 3, 2, device)
     t = cache.sync_stats().totals()
     assert t.misses > 0 and t.prefetched > 0 and t.evictions > 0
@@ -468,13 +468,62 @@ def case_quantized_store_is_decoded_into_slots(device):
         pred = FixedPredictor(depth=1, num_layers=L)
         cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
         cache.decode_block = 128  # each program's range is a part of a matrix
-        assert len(cache._decodes) == 2 and len(cache._fill_groups) == 1
+        assert len(cache._sources[0].decodes) == 2
+        assert len(cache._sources[0].fill_groups) == 1
         run_predicted(cache, full, pred, torch.Generator().manual_seed(bits), 2, 2, device)
         t = cache.sync_stats().totals()
         assert t.misses > 0 and t.prefetched > 0
         assert t.bytes_loaded == (t.misses + t.prefetched) * store.read_bytes
         n = 16 * 64 + 64 * 32  # a miss moves codes, fp16 scale and zero, the bias
         assert store.read_bytes == n * bits // 8 + 2 * 2 * n // 32 + 16 * 2
+
+
+def case_mixed_precision_store_fills_each_expert_from_its_store(device):
+    """Mixed precision: the hot experts at 8 bits in a store of their own, the rest
+    at 4 in another. Each fill decodes the expert from the store that holds it (its
+    record row there), bit for bit as the torch decode; each store counts its fills,
+    so bytes moved are each store's. Layer 0 is all hot, layer 1 half, layer 2 cold."""
+    L, E = 3, 8
+    slot = ExpertLayout((TensorSpec((16, 64), torch.bfloat16),
+                         TensorSpec((64, 32), torch.bfloat16), TensorSpec((16,), torch.bfloat16)))
+    hot_keys = [(0, e) for e in range(E)] + [(1, e) for e in range(0, E, 2)]
+    cold_keys = [(l, e) for l in range(L) for e in range(E) if (l, e) not in hot_keys]
+    codecs = (GroupQuant(8, 32, "rtn"), GroupQuant(4, 32, "rtn"))
+    hot, cold = (QuantizedStore(HostStore(c.layout(slot), L, E, pin_memory=device == "cuda",
+                                          keys=keys), c, slot)
+                 for c, keys in zip(codecs, (hot_keys, cold_keys)))
+    store = MixedStore(hot, cold)
+    g = torch.Generator().manual_seed(5)
+    full = {}
+    for layer in range(L):
+        for e in range(E):
+            w = [(torch.randn(s.shape, generator=g) * 0.05).to(s.dtype) for s in slot.tensors]
+            store.put(layer, e, w)
+            codec = codecs[0] if (layer, e) in hot_keys else codecs[1]
+            full[(layer, e)] = [torch.empty_like(t) for t in w]
+            codec.decode(codec.encode(w), full[(layer, e)])
+    store.seal()
+    pred = FixedPredictor(depth=1, num_layers=L)
+    cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
+    cache.decode_block = 128
+    run_predicted(cache, full, pred, torch.Generator().manual_seed(6), 3, 2, device)
+    t = cache.sync_stats()
+    hot_loads, cold_loads = (src.loads.cpu().tolist() for src in cache._sources)
+    loads = [t.layer(l).misses + t.layer(l).prefetched for l in range(L)]
+    assert hot_loads[0] == loads[0] > 0 and cold_loads[0] == 0
+    assert hot_loads[1] + cold_loads[1] == loads[1] and hot_loads[1] > 0 < cold_loads[1]
+    assert hot_loads[2] == 0 and cold_loads[2] == loads[2] > 0
+    for layer in range(L):
+        assert t.layer(layer).bytes_loaded == (hot_loads[layer] * hot.read_bytes
+                                               + cold_loads[layer] * cold.read_bytes)
+    assert hot.read_bytes > cold.read_bytes
+    # a residency plan loads on the host: one hot expert, its bytes
+    e = next(e for e in range(E) if e not in cache.resident(0))
+    before = t.layer(0).bytes_loaded
+    cache.set_plan([ExpertKey(0, e)])
+    assert cache.sync_stats().layer(0).bytes_loaded == before + hot.read_bytes
+    check_slots(cache, full, 0, torch.tensor([[e]]), torch.tensor([[cache._planned[
+        ExpertKey(0, e)]]]))
 
 
 def case_quantized_store_is_gathered_into_the_kernels_layout(device):
