@@ -1,4 +1,5 @@
-"""TaskAwareScheduler driven the way vLLM's engine core drives it, with no engine.
+"""TaskAwareScheduler driven the way vLLM's engine core drives it, with no engine,
+and the worker's step reports it reads.
 
 vLLM's CPU build turns async scheduling off, so no engine here runs vLLM's
 AsyncScheduler. These tests build the scheduler from a real VllmConfig (a tiny
@@ -139,3 +140,36 @@ def test_sync_scheduler_under_async_loop_stalls(vllm_config):
     _, steps = run(sync, in_flight=2)
     assert steps[1] == {}
     assert len(steps) >= 2 * MAX_TOKENS - 1  # an empty step after each working one
+
+
+def test_the_first_step_report_leaves_out_warm_up_misses():
+    """The worker's side: vLLM's profiling and warm-up runs load experts before the
+    first step; the first report counts that step's misses only (step_began, called
+    from vLLM's _update_states, takes the count before it)."""
+    from vllm_moe_offload.core.config import OffloadConfig
+    from vllm_moe_offload.integration.vllm.model_state import ModelOffload
+    from vllm_moe_offload.runtime.expert_cache import ExpertCache
+    from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
+    from vllm_moe_offload.runtime.task_residency import TaskResidency
+
+    L, E = 2, 4
+    store = HostStore(ExpertLayout((TensorSpec((4, 4), torch.float32),)), L, E)
+    for layer in range(L):
+        for e in range(E):
+            store.put(layer, e, [torch.full((4, 4), float(e))])
+    store.seal()
+    model = ModelOffload(OffloadConfig.from_dict({"enabled": True}), {}, torch.device("cpu"))
+    model.cache = ExpertCache(store, L * E, "cpu")
+    model.tasks = TaskResidency(model.cache, budget=0, replan_every=1000)
+
+    def call(layer, *experts):
+        model.cache.map_to_slots(layer, torch.tensor([list(experts)]))
+
+    call(0, 0, 1, 2)  # warm-up: 3 misses
+    model.step_began()
+    call(1, 0, 1)  # step 1: 2 misses
+    first = model.step_report()
+    model.step_began()  # only the first step takes the baseline
+    call(0, 0, 3)  # step 2: 1 miss
+    second = model.step_report()
+    assert first()["misses"] == 2 and second()["misses"] == 1

@@ -98,7 +98,8 @@ class ModelOffload:
         self.experts_arrived = 0
         self.tasks: TaskResidency | None = None
         self._gates: list[torch.Tensor] | None = None  # approximate mode: router weights
-        self._reported = (0, 0.0)  # misses, stall seconds at the last step report
+        self._reported: tuple[int, float] | None = None  # misses, stall: last report
+        self._baseline = None  # (misses, stall) as the first step began, read later
         self._closed = False
         self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
         self._checkpoint: CheckpointExperts | None = None
@@ -379,6 +380,14 @@ class ModelOffload:
         self.failed_requests += len(failed)
         return failed
 
+    def step_began(self) -> None:
+        """Before a step's forward (vLLM's _update_states). The first takes the counts
+        so far, of vLLM's profiling and warm-up runs, which no report counts as a
+        step's (the latency model would start from every expert's first load)."""
+        if self._reported is None and self._baseline is None:
+            misses, stall = self.cache.misses_later(), self.cache.stats.totals().stall_seconds
+            self._baseline = lambda: (misses(), stall)
+
     def step_report(self) -> Callable[[], dict]:
         """What the scheduler's latency model learns from one step, as a function that
         gives it. Device mode queues the copy of its counters now and reads it when
@@ -390,6 +399,8 @@ class ModelOffload:
 
         def report() -> dict:
             misses = misses_now()
+            if self._reported is None:
+                self._reported = self._baseline() if self._baseline else (0, 0.0)
             new = (misses - self._reported[0], stall - self._reported[1])
             self._reported = (misses, stall)
             return {"misses": new[0], "stall_s": new[1], "resident_share": shares()}

@@ -115,6 +115,7 @@ def install_worker_hooks() -> None:
     def _update_states(self, scheduler_output):
         tasks = _tasks_for(self)
         if tasks is not None:
+            model_state.current().step_began()
             tasks.before_update(self, scheduler_output)
         result = original_update(self, scheduler_output)
         if tasks is not None:
