@@ -172,4 +172,5 @@ def test_the_first_step_report_leaves_out_warm_up_misses():
     model.step_began()  # only the first step takes the baseline
     call(0, 0, 3)  # step 2: 1 miss
     second = model.step_report()
-    assert first()["misses"] == 2 and second()["misses"] == 1
+    # read in any order (a KV connector's step output comes back at once)
+    assert second()["misses"] == 1 and first()["misses"] == 2

@@ -96,6 +96,7 @@ class _Source:
     fill_groups: list  # (fill_kernel arguments, tensors) of each launch
     word_block: int  # words a fill program moves per step: 2 x 16 KiB in flight
     decodes: list[_Decode]
+    copies: list[int]  # the slot tensors it copies as they are (biases; 16-bit matrices)
     codec: object = None
     codes: torch.Tensor | None = None
     halves: torch.Tensor | None = None
@@ -195,7 +196,11 @@ class DeviceExpertCache(SlotBuffers):
         """The fill's sources: the store, or a mixed store's two (their experts apart,
         so each launch fills the jobs whose expert it holds)."""
         stores = store.stores if isinstance(store, MixedStore) else (store,)
-        self._sources = [self._source(s, mixed=len(stores) > 1) for s in stores]
+        mixed = len(stores) > 1
+        # (a mixed store's hot or cold part may hold no expert: no profile counts)
+        self._sources = [self._source(s, mixed) for s in stores
+                         if not mixed or getattr(s, "inner", s).num_records]
+        self._copies = sorted({t for src in self._sources for t in src.copies})
         self._packer, self._unpacked = None, False
         self._decode_launches()
 
@@ -228,7 +233,6 @@ class DeviceExpertCache(SlotBuffers):
                                        n, buf[0].numel()))
                 at += 3
         assert at == len(record), (at, len(record))
-        self._copies = [t for t, *_ in copies]
         word = next(w for w in (8, 4, 2, 1) if all(
             x % w == 0 for c in copies for x in c[2:]) and host.layout.record_bytes % w == 0)
         dtype = _WORDS[word]
@@ -240,7 +244,7 @@ class DeviceExpertCache(SlotBuffers):
             fill_groups.append(([x for d in padded for x in d], len(group)))
         src = _Source(_device_alias(host._data.view(dtype)), host.layout.record_bytes // word,
                       host.layout.record_bytes, store.read_bytes, fill_groups,
-                      max(256, 16384 // word), decodes, codec)
+                      max(256, 16384 // word), decodes, [t for t, *_ in copies], codec)
         if decodes:
             src.codes = _device_alias(host._data)
             src.halves = _device_alias(host._data.view(torch.float16))
@@ -274,7 +278,7 @@ class DeviceExpertCache(SlotBuffers):
         moves values); every layer must share one."""
         if packer is self._packer:
             return
-        if self._packer is not None or not self._sources[0].decodes:
+        if self._packer is not None or not any(src.decodes for src in self._sources):
             raise ValueError("device mode decodes every layer's experts with one packing")
         if not isinstance(packer, Gather):
             raise NotImplementedError(
@@ -285,8 +289,8 @@ class DeviceExpertCache(SlotBuffers):
                     packer.index[t].cpu(), torch.arange(packer.index[t].numel(),
                                                         dtype=packer.index[t].dtype)):
                 raise NotImplementedError(
-                    "this MoE kernel moves bias values, which device mode's fill copies "
-                    "as they are")
+                    "this MoE kernel moves values of tensors that device mode's fill "
+                    "copies as they are (biases, or a 16-bit hot store's matrices)")
         for d in (d for src in self._sources for d in src.decodes):
             index, pad = packer.index[d.tensor], packer.pad[d.tensor]
             index = index if pad is None else index.masked_fill(pad, -1)
@@ -416,12 +420,13 @@ class DeviceExpertCache(SlotBuffers):
         E = self.experts_per_layer
         for src in self._sources:
             rows = src.rows if src.rows is not None else jobs[0]  # (not read)
-            for args, nt in src.fill_groups:
+            loads = src.loads if src.loads is not None else jobs[0]  # (not written)
+            for at, (args, nt) in enumerate(src.fill_groups):  # counts: a store of copies
                 K.fill_kernel[(parts,)](
                     src.src, jobs[0], jobs[1], num_jobs, src.record_words, *args, rows,
-                    NT=nt, PARTS=parts, BLOCK=src.word_block, E_PAD=self._e_pad,
-                    ROWS=src.rows is not None, **launch)
-            loads = src.loads if src.loads is not None else jobs[0]  # (not written)
+                    loads, E, NT=nt, PARTS=parts, BLOCK=src.word_block, E_PAD=self._e_pad,
+                    ROWS=src.rows is not None,
+                    COUNT=src.loads is not None and at == 0 and not src.decodes, **launch)
             for args, meta in src.decode_args:  # parts per matrix, as many programs
                 K.decode_fill_kernel[(parts * meta["NM"],)](
                     src.codes, src.halves, jobs[0], jobs[1], num_jobs, src.record_bytes,

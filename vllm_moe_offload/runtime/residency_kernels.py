@@ -440,8 +440,8 @@ def _record_row(key, row_ptr, ROWS: tl.constexpr):
 @triton.jit
 def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3, row_ptr,
-               NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-               E_PAD: tl.constexpr, ROWS: tl.constexpr):
+               loads_ptr, E, NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+               E_PAD: tl.constexpr, ROWS: tl.constexpr, COUNT: tl.constexpr):
     """This program's part of every job: expert record `key` (host memory) into
     slot `slot` of each slot buffer. One vector read decides that there is none."""
     j = tl.arange(0, E_PAD)
@@ -451,6 +451,9 @@ def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
             key = tl.load(job_key_ptr + k, cache_modifier=".cg")
             row = _record_row(key, row_ptr, ROWS)
             if row >= 0:
+                if COUNT:
+                    if part == 0:
+                        tl.atomic_add(loads_ptr + key // E, 1)
                 slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
                 src = src_ptr + row.to(tl.int64) * record_words
                 _copy_part(src + off0, dst0 + slot * n0, n0, part, PARTS, BLOCK)
@@ -465,16 +468,17 @@ def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
 @triton.jit
 def fill_kernel(src_ptr, job_key_ptr, job_slot_ptr, J, record_words,
                 dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3, row_ptr,
-                NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                E_PAD: tl.constexpr, ROWS: tl.constexpr = False, PDL: tl.constexpr = False):
+                loads_ptr, E, NT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                E_PAD: tl.constexpr, ROWS: tl.constexpr = False, COUNT: tl.constexpr = False,
+                PDL: tl.constexpr = False):
     """Grid (PARTS,): demand fills on the compute stream, prefetch fills on the copy
     stream. PDL: launched as a programmatic dependent of the kernel before it. ROWS:
-    see `_record_row`."""
+    see `_record_row`; COUNT: as in `decode_fill_kernel` (a store it copies whole)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, tl.program_id(0), record_words,
                dst0, off0, n0, dst1, off1, n1, dst2, off2, n2, dst3, off3, n3, row_ptr,
-               NT, PARTS, BLOCK, E_PAD, ROWS)
+               loads_ptr, E, NT, PARTS, BLOCK, E_PAD, ROWS, COUNT)
 
 
 @triton.jit

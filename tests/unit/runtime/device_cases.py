@@ -214,7 +214,8 @@ def case_all_resident_only_misses_once(device):
 def case_misses_read_later_are_those_of_when_asked(device):
     """A step's report queues the copy of the miss count (misses_later), and vLLM
     reads it once the step's output is handed over: by then later calls may have
-    run. The value is the one of when it was asked for."""
+    run. The value is the one of when it was asked for. (On the CPU the copy is made
+    at once: the case means something on CUDA, in tests/gpu.)"""
     L, E = 2, 8
     store, _ = make_store(L, E, pinned=device == "cuda")
     cache = DeviceExpertCache(store, L * E, device)
@@ -479,16 +480,43 @@ def case_quantized_store_is_decoded_into_slots(device):
 
 
 def case_mixed_precision_store_fills_each_expert_from_its_store(device):
-    """Mixed precision: the hot experts at 8 bits in a store of their own, the rest
-    at 4 in another. Each fill decodes the expert from the store that holds it (its
-    record row there), bit for bit as the torch decode; each store counts its fills,
-    so bytes moved are each store's. Layer 0 is all hot, layer 1 half, layer 2 cold."""
+    """Mixed precision: the hot experts at 8 bits (and at 16: copied as they are) in a
+    store of their own, the rest at 4 in another. Each fill decodes the expert from
+    the store that holds it (its record row there), bit for bit as the torch decode;
+    each store counts its fills, so bytes moved are each store's. Layer 0 is all hot,
+    layer 1 half, layer 2 cold."""
+    for hot_bits in (8, 16):
+        _mixed_store_case(device, hot_bits)
+    # profiles that count nothing leave the hot store empty: the cold one fills alone
+    L, E = 2, 4
+    slot = ExpertLayout((TensorSpec((16, 64), torch.bfloat16),))
+    hot_codec, codec = GroupQuant(8, 32, "rtn"), GroupQuant(4, 32, "rtn")
+    every = [(l, e) for l in range(L) for e in range(E)]
+    store = MixedStore(
+        QuantizedStore(HostStore(hot_codec.layout(slot), L, E, keys=[]), hot_codec, slot),
+        QuantizedStore(HostStore(codec.layout(slot), L, E, pin_memory=device == "cuda",
+                                 keys=every), codec, slot))
+    full = {}
+    for layer, e in every:
+        w = [torch.randn(16, 64, generator=torch.Generator().manual_seed(e)).to(torch.bfloat16)]
+        store.put(layer, e, w)
+        full[(layer, e)] = [torch.empty_like(w[0])]
+        codec.decode(codec.encode(w), full[(layer, e)])
+    store.seal()
+    cache = DeviceExpertCache(store, E + 1, device)
+    assert len(cache._sources) == 1
+    ids = torch.tensor([[0, 3], [2, 3]], dtype=torch.int32, device=device)
+    check_slots(cache, full, 1, ids, cache.map_to_slots(1, ids))
+    assert cache.sync_stats().totals().bytes_loaded == 3 * store.cold.read_bytes
+
+
+def _mixed_store_case(device, hot_bits):
     L, E = 3, 8
     slot = ExpertLayout((TensorSpec((16, 64), torch.bfloat16),
                          TensorSpec((64, 32), torch.bfloat16), TensorSpec((16,), torch.bfloat16)))
     hot_keys = [(0, e) for e in range(E)] + [(1, e) for e in range(0, E, 2)]
     cold_keys = [(l, e) for l in range(L) for e in range(E) if (l, e) not in hot_keys]
-    codecs = (GroupQuant(8, 32, "rtn"), GroupQuant(4, 32, "rtn"))
+    codecs = (GroupQuant(hot_bits, 32, "rtn"), GroupQuant(4, 32, "rtn"))
     hot, cold = (QuantizedStore(HostStore(c.layout(slot), L, E, pin_memory=device == "cuda",
                                           keys=keys), c, slot)
                  for c, keys in zip(codecs, (hot_keys, cold_keys)))

@@ -29,10 +29,15 @@ def results():
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k in range(2)]
     merged = {}
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-        merged.update(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-3000:]
+            merged.update(json.loads(out.strip().splitlines()[-1]))
+    finally:  # a timeout or a failed shard leaves no interpreter running
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     return merged
 
 

@@ -98,8 +98,9 @@ class ModelOffload:
         self.experts_arrived = 0
         self.tasks: TaskResidency | None = None
         self._gates: list[torch.Tensor] | None = None  # approximate mode: router weights
-        self._reported: tuple[int, float] | None = None  # misses, stall: last report
-        self._baseline = None  # (misses, stall) as the first step began, read later
+        # (misses, read later; stall seconds) of the last step report, or as the first
+        # step began: each report counts from the one before it
+        self._last_report: tuple[Callable[[], int], float] | None = None
         self._closed = False
         self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
         self._checkpoint: CheckpointExperts | None = None
@@ -384,26 +385,25 @@ class ModelOffload:
         """Before a step's forward (vLLM's _update_states). The first takes the counts
         so far, of vLLM's profiling and warm-up runs, which no report counts as a
         step's (the latency model would start from every expert's first load)."""
-        if self._reported is None and self._baseline is None:
-            misses, stall = self.cache.misses_later(), self.cache.stats.totals().stall_seconds
-            self._baseline = lambda: (misses(), stall)
+        if self._last_report is None:
+            self._last_report = (self.cache.misses_later(),
+                                 self.cache.stats.totals().stall_seconds)
 
     def step_report(self) -> Callable[[], dict]:
         """What the scheduler's latency model learns from one step, as a function that
         gives it. Device mode queues the copy of its counters now and reads it when
         vLLM hands the step's output over (tasks.py _attach; with async scheduling,
-        after the step ran), so the step adds no host sync. Call them in step order."""
+        after the step ran), so the step adds no host sync. Each counts from the
+        report before it, whatever order they are called in."""
         shares = self.tasks.resident_share()
         stall = self.cache.stats.totals().stall_seconds  # kept on the host
         misses_now = self.cache.misses_later()
+        misses_before, stall_before = self._last_report or ((lambda: 0), 0.0)
+        self._last_report = (misses_now, stall)
 
         def report() -> dict:
-            misses = misses_now()
-            if self._reported is None:
-                self._reported = self._baseline() if self._baseline else (0, 0.0)
-            new = (misses - self._reported[0], stall - self._reported[1])
-            self._reported = (misses, stall)
-            return {"misses": new[0], "stall_s": new[1], "resident_share": shares()}
+            return {"misses": misses_now() - misses_before(), "stall_s": stall - stall_before,
+                    "resident_share": shares()}
         return report
 
     def stats_dict(self) -> dict:

@@ -255,7 +255,7 @@ def _choose_graph_mode(engine_args, cfg) -> None:
                     "a layer call needs no host sync, CUDA graphs stay on")
     elif not engine_args.enforce_eager:
         logger.warning("expert offload: %s, and CUDA graphs replay without the host; "
-                       "setting enforce_eager=True (the pinned host store at one bit "
-                       "width, eviction 'auto' or 'reuse' and a next-gate/lookahead "
-                       "predictor or none keep graphs on)", reason)
+                       "setting enforce_eager=True (the pinned host store, eviction "
+                       "'auto' or 'reuse' and a next-gate/lookahead predictor or none "
+                       "keep graphs on)", reason)
         engine_args.enforce_eager = True
