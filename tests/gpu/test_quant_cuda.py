@@ -4,7 +4,7 @@ reference, and host and disk stores decoding into GPU slots (no vLLM needed)."""
 import pytest
 import torch
 
-from tests.unit.runtime import dequant_cases
+from tests.unit.runtime import dequant_cases, device_cases
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
 from vllm_moe_offload.runtime.quant import GroupQuant, MixedStore, QuantizedStore
 from vllm_moe_offload.runtime.store import DiskStore, ExpertLayout, HostStore, TensorSpec
@@ -36,16 +36,10 @@ def test_quantized_store_fills_gpu_slots_like_the_cpu_decode(tmp_path, kind):
         inner = (HostStore(record, L, E, pin_memory=True) if kind == "host" else
                  DiskStore(tmp_path / "q.experts", record, L, E, {"model": "t"}))
         store = QuantizedStore(inner, codec, SLOT)
-    g = torch.Generator().manual_seed(0)
-    want = {}
-    for layer in range(L):
-        for e in range(E):
-            w = [(torch.randn(s.shape, generator=g) * 0.05).to(s.dtype) for s in SLOT.tensors]
-            store.put(layer, e, w)
-            c = hot_codec if kind == "mixed" and (layer, e) in hot else codec
-            want[layer, e] = [torch.empty_like(t) for t in w]
-            c.decode(c.encode(w), want[layer, e])  # torch on the CPU
-    store.seal()
+    want = device_cases.fill_quantized(
+        store, L, E, SLOT,
+        lambda layer, e: hot_codec if kind == "mixed" and (layer, e) in hot else codec, seed=0)
+    g = torch.Generator().manual_seed(1)
     cache = ExpertCache(store, E + 2, "cuda")
     moved = 0
     for layer in range(L):

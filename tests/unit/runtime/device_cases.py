@@ -439,22 +439,30 @@ def case_records_of_many_tensors_fill_every_tensor(device):
     assert t.bytes_loaded == (t.misses + t.prefetched) * MANY.expert_bytes
 
 
-def make_quantized_store(L, E, layout, bits, pinned=False, seed=0):
-    """A quantized host store (group 32, round to nearest) and every expert as the
-    torch decode gives it back (what a slot must hold after a miss)."""
-    codec = GroupQuant(bits, 32, "rtn")
-    store = QuantizedStore(HostStore(codec.layout(layout), L, E, pin_memory=pinned), codec,
-                           layout)
+def fill_quantized(store, L, E, layout, codec_of, seed):
+    """Every expert, random, put in `store` (then sealed); returns each as the torch
+    decode of its codec (`codec_of(layer, expert)`) gives it back, on the CPU: what
+    a slot must hold after a miss."""
     g = torch.Generator().manual_seed(seed)
     full = {}
     for layer in range(L):
         for e in range(E):
             w = [(torch.randn(s.shape, generator=g) * 0.05).to(s.dtype) for s in layout.tensors]
             store.put(layer, e, w)
+            codec = codec_of(layer, e)
             full[(layer, e)] = [torch.empty_like(t) for t in w]
-            codec.decode(codec.encode(w), full[(layer, e)])  # torch, on the CPU
+            codec.decode(codec.encode(w), full[(layer, e)])
     store.seal()
-    return store, full
+    return full
+
+
+def make_quantized_store(L, E, layout, bits, pinned=False, seed=0):
+    """A quantized host store (group 32, round to nearest) and every expert as the
+    torch decode gives it back."""
+    codec = GroupQuant(bits, 32, "rtn")
+    store = QuantizedStore(HostStore(codec.layout(layout), L, E, pin_memory=pinned), codec,
+                           layout)
+    return store, fill_quantized(store, L, E, layout, lambda layer, e: codec, seed)
 
 
 def case_quantized_store_is_decoded_into_slots(device):
@@ -521,16 +529,8 @@ def _mixed_store_case(device, hot_bits):
                                           keys=keys), c, slot)
                  for c, keys in zip(codecs, (hot_keys, cold_keys)))
     store = MixedStore(hot, cold)
-    g = torch.Generator().manual_seed(5)
-    full = {}
-    for layer in range(L):
-        for e in range(E):
-            w = [(torch.randn(s.shape, generator=g) * 0.05).to(s.dtype) for s in slot.tensors]
-            store.put(layer, e, w)
-            codec = codecs[0] if (layer, e) in hot_keys else codecs[1]
-            full[(layer, e)] = [torch.empty_like(t) for t in w]
-            codec.decode(codec.encode(w), full[(layer, e)])
-    store.seal()
+    full = fill_quantized(store, L, E, slot,
+                          lambda layer, e: codecs[(layer, e) not in hot_keys], seed=5)
     pred = FixedPredictor(depth=1, num_layers=L)
     cache = DeviceExpertCache(store, E + 3, device, predictor=pred)
     cache.decode_block = 128
