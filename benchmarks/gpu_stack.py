@@ -24,7 +24,9 @@ slot buffers, so a ratio measures offload and nothing else. Rows:
   per Mixtral expert here) and each miss is decoded into its slot: on CUDA in
   device mode (the fill kernel decodes, graphed) and in host mode (Triton decode on
   the copy stream, eager); on the CPU in host mode (torch).
-  Its outputs are compared with plain's over the decoded weights.
+  Its outputs are compared with plain's over the decoded weights. With
+  `--store-hot-bits H`, also mixed precision: every fourth expert of each layer at
+  H bits in a store of its own (device mode fills from both).
 Achieved link GB/s = bytes moved / (row time - plain graph time); the bound is
 bytes / raw pinned copy rate (same run) + plain graph time. Outputs of every row
 are compared bit for bit with plain's on the same inputs.
@@ -50,7 +52,7 @@ from vllm_moe_offload.core.slot_pool import split_pool  # noqa: E402
 from vllm_moe_offload.runtime.expert_cache import ExpertCache  # noqa: E402
 from vllm_moe_offload.runtime.modes import make_expert_cache  # noqa: E402
 from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
-from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore  # noqa: E402
+from vllm_moe_offload.runtime.quant import GroupQuant, MixedStore, QuantizedStore  # noqa: E402
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, HostStore,  # noqa: E402
                                             TensorSpec)
 
@@ -383,15 +385,18 @@ def run_shape(name, shape, T, args, device, disk_dir):
               f"{r['disk_to_slot_gbs']:.2f} GB/s (O_DIRECT: {r['direct_io']})")
         stack.disk.close()
         os.unlink(stack.disk.path)
-    for bits in (args.store_bits if T == 1 else []):
-        qstore, decoded = quantized_store(stack, bits)
-        ref[f"uniform, decoded {bits}-bit"] = output_of(
+    stores = [(bits, hot) for hot in [None, args.store_hot_bits] if hot != 0
+              for bits in args.store_bits] if T == 1 else []
+    for bits, hot in stores:
+        qstore, decoded = quantized_store(stack, bits, hot)
+        label = f"{bits}-bit store" + (f", every 4th expert {hot}-bit" if hot else "")
+        ref[f"uniform, decoded {label}"] = output_of(
             stack, uniform, lambda d=decoded: stack.plain_step(d))
         # on CUDA device mode first (the fill decodes each miss, graphed), then host mode
         for make in ([lambda q=qstore: make_expert_cache(q, half, device)[0]] if cuda
                      else []) + [lambda q=qstore: ExpertCache(q, half, device)]:
             cache = make()
-            row(f"S50 {bits}-bit store ({cache.mode} mode)", f"uniform, decoded {bits}-bit",
+            row(f"S50 {label} ({cache.mode} mode)", f"uniform, decoded {label}",
                 uniform, lambda c=cache: stack.offload_step(c), cache.mode == "device",
                 cache)
             rows[-1]["routing"] = "uniform"  # its baseline: plain's time on the same routing
@@ -403,14 +408,25 @@ def run_shape(name, shape, T, args, device, disk_dir):
     return rows
 
 
-def quantized_store(stack, bits):
-    """The stack's experts in a pinned quantized host store, and every expert decoded
-    (what a slot holds after a miss) for the plain reference."""
+def quantized_store(stack, bits, hot_bits=None):
+    """The stack's experts in a pinned quantized host store (with `hot_bits`, every
+    fourth expert of each layer at those bits in a store of its own: mixed
+    precision), and every expert decoded (what a slot holds after a miss) for the
+    plain reference."""
     L, E = stack.shape["L"], stack.shape["E"]
-    codec = GroupQuant(bits, 64, "rtn")
-    inner = HostStore(codec.layout(stack.layout), L, E,
-                      pin_memory=stack.device.type == "cuda")
-    qstore = QuantizedStore(inner, codec, stack.layout)
+    pinned = stack.device.type == "cuda"
+
+    def store_of(codec, keys=None):
+        return QuantizedStore(HostStore(codec.layout(stack.layout), L, E, pin_memory=pinned,
+                                        keys=keys), codec, stack.layout)
+
+    if hot_bits is None:
+        qstore = store_of(GroupQuant(bits, 64, "rtn"))
+    else:
+        hot = [(layer, e) for layer in range(L) for e in range(0, E, 4)]
+        cold = [(layer, e) for layer in range(L) for e in range(E) if e % 4]
+        qstore = MixedStore(store_of(GroupQuant(hot_bits, 64, "rtn"), hot),
+                            store_of(GroupQuant(bits, 64, "rtn"), cold))
     decoded = ([], [])
     for layer in range(L):
         w13, w2 = torch.empty_like(stack.w13[layer]), torch.empty_like(stack.w2[layer])
@@ -555,6 +571,8 @@ def main() -> None:
     p.add_argument("--disk-dir", default=None)
     p.add_argument("--store-bits", nargs="*", type=int, default=[4, 2],
                    help="quantized-store rows (batch 1); none: --store-bits")
+    p.add_argument("--store-hot-bits", type=int, default=8,
+                   help="mixed-precision rows: every 4th expert at these bits (0: none)")
     p.add_argument("--out", default=str(RESULTS), help="folder for gpu_stack.{md,json,png}")
     p.add_argument("--name", default=None)
     args = p.parse_args()

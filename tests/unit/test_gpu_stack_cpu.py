@@ -18,8 +18,8 @@ def test_gpu_stack_runs_on_cpu(tmp_path):
     names = {r["row"] for r in rows}
     assert {"plain eager", "resident", "S50 on-demand", "S50 prefetch", "S50 oracle",
             "stream (cpu-offload)", "S50 disk (host mode)", "S50 4-bit store (host mode)",
-            "S50 2-bit store (host mode)", "S50 2 slot groups, on-demand",
-            "S50 2 slot groups, prefetch"} <= names
+            "S50 2-bit store (host mode)", "S50 4-bit store, every 4th expert 8-bit (host mode)",
+            "S50 2 slot groups, on-demand", "S50 2 slot groups, prefetch"} <= names
     # every row computes plain's outputs (quantized rows: over the decoded weights)
     assert all(r["identical"] for r in rows)
     quantized = {r["row"]: r["mib_per_step"] / r["misses_per_step"] for r in rows
@@ -27,6 +27,10 @@ def test_gpu_stack_runs_on_cpu(tmp_path):
     full = [r["mib_per_step"] / r["misses_per_step"] for r in on_demand_rows(rows)][0]
     assert quantized["S50 2-bit store (host mode)"] < quantized["S50 4-bit store (host mode)"]
     assert quantized["S50 4-bit store (host mode)"] < full * 5 / 16
+    # a quarter of the experts at 8 bits: more bytes per miss than 4-bit alone, fewer
+    # than 8-bit alone
+    mixed = quantized["S50 4-bit store, every 4th expert 8-bit (host mode)"]
+    assert quantized["S50 4-bit store (host mode)"] < mixed < full * 9 / 16
     on_demand = on_demand_rows(rows)
     assert all(r["misses_per_step"] > 0 and r["mib_per_step"] > 0 for r in on_demand)
     assert (tmp_path / "gpu_stack_cpu.png").stat().st_size > 0
