@@ -414,8 +414,7 @@ class DeviceExpertCache(SlotBuffers):
 
     def _fill(self, jobs: torch.Tensor, num_jobs: int, parts: int, pdl: bool = False
               ) -> None:
-        """`pdl`: launch each fill as a programmatic dependent of the kernel before it
-        (the first launch; the others follow it in stream order)."""
+        """`pdl`: launch each fill as a programmatic dependent of the kernel before it."""
         launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         E = self.experts_per_layer
         for src in self._sources:
