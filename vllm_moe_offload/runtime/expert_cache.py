@@ -114,8 +114,9 @@ class ExpertCache(SlotBuffers):
         """Slots prefetch may pin, over all slot groups."""
         return sum(self._budgets)
 
-    def resident_mask(self) -> torch.Tensor:
-        """[L, E] bool: which experts are in the pool (or loading into it)."""
+    def resident_mask(self, host: bool = True) -> torch.Tensor:
+        """[L, E] bool: which experts are in the pool (or loading into it); on the
+        host, where host mode keeps its table (`host` as DeviceExpertCache's)."""
         return self._table >= 0
 
     def resident(self, layer: int) -> list[int]:

@@ -428,12 +428,17 @@ def _copy_part(src, dst, n, part, PARTS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _record_row(key, row_ptr, ROWS: tl.constexpr):
-    """The record of `key` in this store: row `key`, or with ROWS (a store of some
-    experts only: mixed precision) `rows[key]`, -1 where another store holds it."""
+def _record_row(key, row_ptr, loads_ptr, E, first, ROWS: tl.constexpr,
+                COUNT: tl.constexpr):
+    """The record of job `key` in this store: row `key`, or with ROWS (a store of
+    some experts only: mixed precision) `rows[key]`; -1 for no job, or where another
+    store holds it. COUNT: the `first` program counts the job in `loads[layer]`."""
     row = key
     if ROWS:
         row = tl.where(key >= 0, tl.load(row_ptr + tl.maximum(key, 0)), -1)
+    if COUNT:
+        if first & (row >= 0):
+            tl.atomic_add(loads_ptr + key // E, 1)
     return row
 
 
@@ -449,11 +454,8 @@ def _fill_jobs(src_ptr, job_key_ptr, job_slot_ptr, J, part, record_words,
     if tl.max(keys, 0) >= 0:
         for k in range(0, J):
             key = tl.load(job_key_ptr + k, cache_modifier=".cg")
-            row = _record_row(key, row_ptr, ROWS)
+            row = _record_row(key, row_ptr, loads_ptr, E, part == 0, ROWS, COUNT)
             if row >= 0:
-                if COUNT:
-                    if part == 0:
-                        tl.atomic_add(loads_ptr + key // E, 1)
                 slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
                 src = src_ptr + row.to(tl.int64) * record_words
                 _copy_part(src + off0, dst0 + slot * n0, n0, part, PARTS, BLOCK)
@@ -530,11 +532,9 @@ def decode_fill_kernel(codes_ptr, half_ptr, job_key_ptr, job_slot_ptr, J, record
         hi = tl.minimum(lo + per, total)
         for k in range(0, J):
             key = tl.load(job_key_ptr + k, cache_modifier=".cg")
-            row = _record_row(key, row_ptr, ROWS)
+            row = _record_row(key, row_ptr, loads_ptr, E, tl.program_id(0) == 0, ROWS,
+                              COUNT)
             if row >= 0:
-                if COUNT:
-                    if tl.program_id(0) == 0:
-                        tl.atomic_add(loads_ptr + key // E, 1)
                 slot = tl.load(job_slot_ptr + k, cache_modifier=".cg").to(tl.int64)
                 base = row.to(tl.int64) * record_bytes
                 _decode_range(codes_ptr, half_ptr, base, slot, dst0, codes0, scale0, zero0,

@@ -52,6 +52,10 @@ class SlotBuffers:
     buffers: list[torch.Tensor]
     groups: list[SlotGroup]
 
+    def flush_trace(self, num_tokens: int) -> None:
+        """After a step of `num_tokens` rows: host mode writes each call as it goes
+        (DeviceExpertCache writes its steps from a device buffer)."""
+
     def close_trace(self) -> None:
         """Write what the routing trace still holds, and close it."""
         if self.trace is not None:

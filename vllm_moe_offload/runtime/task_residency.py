@@ -234,8 +234,7 @@ class TaskResidency:
         and read back when the function is called (read_later): no host sync now."""
         if not self.profiles.counts:
             return dict
-        device = self.cache.mode == "device"
-        mask = self.cache.resident_mask(host=False) if device else self.cache.resident_mask()
+        mask = self.cache.resident_mask(host=False)  # where the table is: no sync
         if self._profile_tensor is None:
             names = sorted(self.profiles.counts)
             counts = torch.tensor([self.profiles.counts[t] for t in names], dtype=torch.float64)

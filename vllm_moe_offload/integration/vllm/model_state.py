@@ -359,7 +359,7 @@ class ModelOffload:
         """After a step's forward: device mode writes the step's routing trace, and
         once an interval the counters are logged (here, not in a layer call: under a
         CUDA graph no layer call runs Python; in device mode a sync once an interval)."""
-        if self.cache.trace is not None and self.cache.mode == "device":
+        if self.cache.trace is not None:
             self.cache.flush_trace(sum(n for _, n in layout))
         if self.stats.due(self.cfg.stats_log_interval_s):
             logger.info(self.cache.sync_stats().summary_line())
