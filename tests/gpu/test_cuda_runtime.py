@@ -90,3 +90,15 @@ def test_copy_in_does_not_wait_for_the_work_before_it():
     assert not torch.cuda.current_stream().query()  # the host did not wait for it
     torch.cuda.synchronize()
     assert dst.tolist() == [0, 1, 2, 3]
+
+
+def test_read_later_is_ready_only_once_its_copy_ran():
+    """metrics.py writes a snapshot queued by stats_later at the first step after it
+    that finds it ready: ready() must not wait, and must not lie."""
+    from vllm_moe_offload.runtime.slot_buffers import read_later
+
+    torch.cuda._sleep(SPIN)  # the step before, still running
+    read = read_later(torch.arange(4, device="cuda")).then(lambda h: h[0].sum().item())
+    assert not read.ready()  # returns at once, while the spin runs
+    torch.cuda.synchronize()
+    assert read.ready() and read() == 6

@@ -86,3 +86,35 @@ print(generate_latest(registry).decode())
     assert "vllm_moe_offload_misses_total 3.0" in out.stdout
     assert "vllm_moe_offload_store_repairs_total 1.0" in out.stdout
     assert 'vllm_moe_offload_pool_slots{state="used"} 9.0' in out.stdout
+
+
+def test_device_mode_writes_the_snapshot_it_queued_once_ready(tmp_path, monkeypatch):
+    """In device mode a step queues the counters' copy (cache.stats_later: no host
+    sync) and a later step, finding it ready, writes it; the cache has no sync_stats
+    or occupancy here, so calling either fails the test."""
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.core.stats import OffloadStats
+    from vllm_moe_offload.runtime.slot_buffers import Later
+
+    monkeypatch.setenv(metrics.DIR_ENV, str(tmp_path))
+    stats, done, queued = OffloadStats(), [False], []
+    stats.layer(0).misses = 7
+
+    def stats_later():
+        queued.append(stats.totals().misses)  # the value of when it was queued
+        value = (stats, {"used": 3, "pinned": 1, "planned": 0})
+        return Later(lambda: value, lambda: done[0])
+
+    cache = SimpleNamespace(mode="device", stats_later=stats_later)
+    model = SimpleNamespace(cache=cache, tasks=None, pool_info=lambda: {"num_slots": 4},
+                            cfg=SimpleNamespace(metrics_per_layer=False))
+    written = tmp_path / f"worker-{os.getpid()}.json"
+    metrics.after_step(model)  # queued, its copy not done: nothing written
+    assert queued == [7] and not written.exists()
+    done[0] = True
+    metrics.after_step(model)  # the next step finds it done
+    snap = json.loads(written.read_text())
+    assert snap["totals"]["misses"] == 7 and snap["occupancy"]["used"] == 3
+    metrics.after_step(model)  # within the interval: nothing more queued
+    assert queued == [7]

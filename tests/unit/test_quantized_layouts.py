@@ -1,7 +1,8 @@
 """Slot records of GPU-only quantized MoE methods, checked on CPU.
 
 vLLM runs these methods' MoE kernels only on GPUs (FP8 block and per-tensor,
-compressed-tensors W8A8 FP8 per channel, AutoGPTQ and AutoAWQ 4-bit through Marlin), and
+compressed-tensors W8A8 FP8 per channel, W8A16 and W4A16 with zero points,
+AutoGPTQ and AutoAWQ 4-bit through Marlin), and
 the GPU machines have no vLLM. Here each method's own `create_weights` and vLLM's
 own expert weight loader run on CPU, as offload drives them
 (integration/vllm/quantized.py): the layer is created with no expert, each
@@ -15,6 +16,7 @@ The methods are built without their constructors, which look for a GPU kernel;
 the attributes set here are the ones their `create_weights` reads.
 """
 
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -60,6 +62,20 @@ def ct_fp8_channel():
                   block_quant=False, weight_block_size=None, static_input_scales=False)
 
 
+def ct_wna16(bits, symmetric):
+    """compressed-tensors pack-quantized, groups of 64: W8A16 (vLLM's CPU build runs
+    4-bit WNA16 only) and W4A16 with zero points (asymmetric), Marlin's on GPUs."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.\
+        compressed_tensors_moe_wna16 import CompressedTensorsWNA16MoEMethod
+    weights = QuantizationArgs(num_bits=bits, type="int", strategy="group", group_size=64,
+                               symmetric=symmetric)
+    return method(CompressedTensorsWNA16MoEMethod, weight_quant=weights, input_quant=None,
+                  symmetric=symmetric, num_bits=bits, packed_factor=Fraction(32, bits),
+                  strategy="group", group_size=64, is_marlin=True, is_transposed=False)
+
+
 def gptq():
     from vllm.model_executor.layers.quantization.auto_gptq import (AutoGPTQConfig,
                                                                     AutoGPTQMoEMethod)
@@ -92,6 +108,15 @@ CHECKPOINTS = {
                                 "weight_scale": lambda n, k: torch.rand(())}),
     "ct_fp8_channel": (ct_fp8_channel, {"weight": lambda n, k: fp8((n, k)),
                                         "weight_scale": lambda n, k: torch.rand(n, 1)}),
+    "ct_w8a16": (lambda: ct_wna16(8, True), {
+        "weight_packed": lambda n, k: int4((n, k // 4)),
+        "weight_scale": lambda n, k: torch.rand(n, k // 64).bfloat16(),
+        "weight_shape": lambda n, k: torch.tensor([n, k])}),
+    "ct_w4a16_zp": (lambda: ct_wna16(4, False), {
+        "weight_packed": lambda n, k: int4((n, k // 8)),
+        "weight_scale": lambda n, k: torch.rand(n, k // 64).bfloat16(),
+        "weight_zero_point": lambda n, k: int4((n // 8, k // 64)),
+        "weight_shape": lambda n, k: torch.tensor([n, k])}),
     "gptq": (gptq, {"qweight": lambda n, k: int4((k // 8, n)),
                     "scales": lambda n, k: torch.rand(k // 64, n).half(),
                     "qzeros": lambda n, k: int4((k // 64, n // 8))}),  # no g_idx: vLLM

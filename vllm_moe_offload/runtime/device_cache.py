@@ -42,7 +42,6 @@ NOTE #5: a CUDA graph capture must end with every stream it forked joined again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -50,7 +49,7 @@ from ..core.eviction import HALF_LIFE_STEPS
 from ..core.slot_pool import ExpertKey, SlotGroup
 from ..core.stats import OffloadStats
 from . import residency_kernels as K
-from .slot_buffers import SlotBuffers, read_later, reroute
+from .slot_buffers import Later, SlotBuffers, read_later, reroute
 from .quant import Gather, MixedStore, QuantizedStore
 from .store import HostStore
 
@@ -539,43 +538,54 @@ class DeviceExpertCache(SlotBuffers):
     # ---- counters -----------------------------------------------------------------------
 
     def occupancy(self) -> dict:
-        """Slots holding an expert, pinned by the plan or prefetch, planned. Reads the
-        GPU's state: a host sync (metrics.py calls it at most once a second)."""
-        used = int((self.owner >= 0).sum())
-        held = int(((self.flags & int(K.PINNED.value | K.PROTECT.value)) != 0).sum())
-        return {"used": used, "pinned": held, "planned": len(self._planned)}
+        """Slots holding an expert, pinned by the plan or prefetch, planned (a host
+        sync: stats_later reads it without one)."""
+        return self.stats_later()()[1]
 
-    def misses_later(self) -> Callable[[], int]:
-        """All misses so far, as a function that reads them (read_later): the copy is
-        queued now, with no host sync."""
-        read = read_later(self.counters[:, int(K.MISSES.value)].sum())
-        return lambda: int(read()[0])
+    def misses_later(self) -> Later:
+        """All misses so far, read later (read_later): the copy is queued now, with no
+        host sync."""
+        return read_later(self.counters[:, int(K.MISSES.value)].sum()).then(
+            lambda host: int(host[0]))
 
     def sync_stats(self) -> OffloadStats:
         """Copy the device counters into `stats` (a host sync: not per layer call)."""
-        counters = self.counters.cpu().tolist()
-        preds = self.pred_counts.cpu().tolist()
-        rerouted = self._rerouted.cpu().tolist()
-        loads = ([src.loads.cpu().tolist() for src in self._sources]
-                 if self._sources[0].loads is not None else None)
-        if int(self.state[int(K.ERROR.value)]):
-            raise RuntimeError(
-                "expert offload: a layer call found no evictable slot (pool "
-                f"{self.num_slots}, plan {len(self._planned)}, prefetch budget "
-                f"{self.prefetch_budget}); this breaks the pool's sizing rule")
-        for layer, row in enumerate(counters):
-            s = self.stats.layer(layer)
-            s.calls, s.hits, s.misses = row[0], row[1], row[2]
-            s.evictions = row[3] + self._host_evictions[layer]
-            s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
-            s.rerouted = rerouted[layer]
-            s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.read_bytes
-            if loads is not None:  # a mixed store: its fills counted by store
-                s.bytes_loaded = self._planned_bytes[layer] + sum(
-                    n[layer] * src.read_bytes for n, src in zip(loads, self._sources))
-            for d in range(self.depth):
-                s.predictions[d + 1] = list(preds[layer][d])
-        return self.stats
+        return self.stats_later()()[0]
+
+    def stats_later(self) -> Later:
+        """(`stats`, occupancy) as of now, read later: the copies are queued now
+        (read_later), with no host sync; `stats` is filled when the Later is called."""
+        held = int(K.PINNED.value | K.PROTECT.value)
+        slots = torch.stack([(self.owner >= 0).sum(), ((self.flags & held) != 0).sum(),
+                             self.state[int(K.ERROR.value)].long()])
+        loads = ([src.loads for src in self._sources]
+                 if self._sources[0].loads is not None else [])
+        planned, host_evictions = len(self._planned), list(self._host_evictions)
+        planned_bytes = list(self._planned_bytes)
+        read = read_later(self.counters, self.pred_counts, self._rerouted, slots, *loads)
+
+        def fill(host: list[torch.Tensor]) -> tuple[OffloadStats, dict]:
+            counters, preds, rerouted, (used, pinned, error), *loads = (
+                t.tolist() for t in host)
+            if error:
+                raise RuntimeError(
+                    "expert offload: a layer call found no evictable slot (pool "
+                    f"{self.num_slots}, plan {planned}, prefetch budget "
+                    f"{self.prefetch_budget}); this breaks the pool's sizing rule")
+            for layer, row in enumerate(counters):
+                s = self.stats.layer(layer)
+                s.calls, s.hits, s.misses = row[0], row[1], row[2]
+                s.evictions = row[3] + host_evictions[layer]
+                s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
+                s.rerouted = rerouted[layer]
+                s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.read_bytes
+                if loads:  # a mixed store: its fills counted by store
+                    s.bytes_loaded = planned_bytes[layer] + sum(
+                        n[layer] * src.read_bytes for n, src in zip(loads, self._sources))
+                for d in range(self.depth):
+                    s.predictions[d + 1] = list(preds[layer][d])
+            return self.stats, {"used": used, "pinned": pinned, "planned": planned}
+        return read.then(fill)
 
     def close(self) -> None:
         if self._cuda:

@@ -45,7 +45,6 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
@@ -53,7 +52,7 @@ from ..core.eviction import make_policy
 from ..core.slot_pool import ExpertKey, GroupedSlotPool, SlotGrant, SlotGroup
 from ..core.stats import OffloadStats
 from ..core.trace import TraceWriter
-from .slot_buffers import SlotBuffers, reroute
+from .slot_buffers import Later, SlotBuffers, reroute
 from .store import ExpertStore, ExpertUnavailable
 
 logger = logging.getLogger("vllm.moe_offload")
@@ -298,10 +297,13 @@ class ExpertCache(SlotBuffers):
     def sync_stats(self):
         return self.stats  # host mode counts on the host as it goes
 
-    def misses_later(self) -> Callable[[], int]:
+    def misses_later(self) -> Later:
         """All misses so far (DeviceExpertCache reads its count later)."""
-        misses = self.stats.totals().misses
-        return lambda: misses
+        return Later.now(self.stats.totals().misses)
+
+    def stats_later(self) -> Later:
+        """(`stats`, occupancy) now (DeviceExpertCache reads them later)."""
+        return Later.now((self.stats, self.occupancy()))
 
     def occupancy(self) -> dict:
         """Slots holding an expert, pinned (a call, prefetch or the plan), planned."""

@@ -10,14 +10,33 @@ from ..core.slot_pool import SlotGroup, check_groups
 from .store import ExpertStore
 
 
-def read_later(*tensors: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+class Later:
+    """A value read from the device later (read_later): call it for the value (it
+    waits for its own copy alone); `ready()` says whether that would return at once
+    (it never waits). `then(f)` is the value passed through f."""
+
+    def __init__(self, read: Callable[[], object], ready: Callable[[], bool]):
+        self._read, self.ready = read, ready
+
+    def __call__(self):
+        return self._read()
+
+    def then(self, f: Callable) -> "Later":
+        return Later(lambda: f(self._read()), self.ready)
+
+    @staticmethod
+    def now(value) -> "Later":
+        """A value the host has already (host mode)."""
+        return Later(lambda: value, lambda: True)
+
+
+def read_later(*tensors: torch.Tensor) -> Later:
     """Copy `tensors` to the host without making it wait: into pinned buffers, with an
-    event on the current stream. The function returned waits for that copy alone (not
-    for work queued after it) and gives the host copies, the values of when this was
-    called. On the CPU it copies at once."""
+    event on the current stream. The Later returned gives the host copies, the values
+    of when this was called, and waits for that copy alone (not for work queued after
+    it). On the CPU it copies at once."""
     if not tensors[0].is_cuda:
-        host = [t.clone() for t in tensors]
-        return lambda: host
+        return Later.now([t.clone() for t in tensors])
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
     for h, t in zip(host, tensors):
         h.copy_(t, non_blocking=True)
@@ -27,7 +46,7 @@ def read_later(*tensors: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
     def read() -> list[torch.Tensor]:
         done.synchronize()
         return host
-    return read
+    return Later(read, done.query)
 
 
 def copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:

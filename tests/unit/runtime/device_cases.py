@@ -221,10 +221,15 @@ def case_misses_read_later_are_those_of_when_asked(device):
     cache = DeviceExpertCache(store, L * E, device)
     ids = torch.arange(4, dtype=torch.int64, device=device).view(2, 2)
     cache.map_to_slots(0, ids)
-    read = cache.misses_later()
+    read, later = cache.misses_later(), cache.stats_later()  # the second: /metrics
     cache.map_to_slots(1, ids)  # 4 more misses, queued after the copy
     assert read() == 4
+    stats, occupancy = later()
+    assert stats.totals().misses == stats.layer(0).misses == 4
+    assert stats.totals().bytes_loaded == 4 * LAYOUT.expert_bytes
+    assert occupancy == {"used": 4, "pinned": 0, "planned": 0}
     assert cache.sync_stats().totals().misses == 8
+    assert cache.occupancy()["used"] == 8
 
 
 def case_a_call_never_evicts_its_own_experts(device):

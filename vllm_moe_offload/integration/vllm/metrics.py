@@ -11,10 +11,12 @@ series only with `metrics_per_layer`.
 
 NOTE #1: a snapshot is taken at most every 0.2 s in host mode; a step that comes
 sooner starts a timer instead, so the last step's counters are written even when
-the engine then idles. In device mode a snapshot reads the GPU's counters (a host
-sync): at most once a second, only after a step, never from a timer (a sync from
-another thread could land in a graph capture), so there the series can lag the
-last step until the next one.
+the engine then idles. In device mode the counters live on the GPU: at most once a
+second, after a step, their copy to the host is queued without a host sync
+(`cache.stats_later()`), and the snapshot is written after the first step that
+finds that copy done (the same step on the CPU). Never from a timer (a wait or
+query from another thread could land in a graph capture), so there the series can
+lag the last step until the next one.
 NOTE #2: vLLM's multi-API-server mode (`--api-server-count` > 1) sets
 PROMETHEUS_MULTIPROC_DIR and serves `/metrics` from the metric files that every
 process writes there; its API server processes never load this plugin. So there
@@ -130,21 +132,32 @@ def after_step(model) -> None:
     device = model.cache.mode == "device"
     wait = (DEVICE_MODE_INTERVAL_S if device else HOST_MODE_INTERVAL_S) - (
         now - getattr(model, "_metrics_at", 0.0))
-    if wait <= 0:
+    if device:
+        pending = getattr(model, "_metrics_pending", None)
+        if pending is None and wait <= 0:
+            model._metrics_at = now
+            model._metrics_pending = pending = model.cache.stats_later()
+        if pending is not None and pending.ready():
+            model._metrics_pending = None
+            write_snapshot(model, pending)
+    elif wait <= 0:
         write_snapshot(model)
-    elif not device and getattr(model, "_metrics_timer", None) is None:
+    elif getattr(model, "_metrics_timer", None) is None:
         timer = threading.Timer(wait, write_snapshot, (model,))
         timer.daemon = True
         model._metrics_timer = timer
         timer.start()
 
 
-def write_snapshot(model) -> None:
-    """The worker's counters into its snapshot file, replaced atomically."""
-    model._metrics_at, model._metrics_timer = time.monotonic(), None
-    stats = model.cache.sync_stats()
+def write_snapshot(model, later=None) -> None:
+    """The worker's counters into its snapshot file, replaced atomically; `later`:
+    the counters as queued by `cache.stats_later()` (read now when not given)."""
+    if later is None:
+        model._metrics_at, model._metrics_timer = time.monotonic(), None
+        later = model.cache.stats_later()
+    stats, occupancy = later()
     snapshot = {"totals": stats.totals_dict(), "pool": model.pool_info(),
-                "occupancy": model.cache.occupancy(),
+                "occupancy": occupancy,
                 "replans": model.tasks.replans if model.tasks is not None else 0}
     if model.cfg.metrics_per_layer:
         snapshot["layers"] = stats.to_dict()["layers"]

@@ -101,6 +101,7 @@ class ModelOffload:
         # (misses, read later; stall seconds) of the last step report, or as the first
         # step began: each report counts from the one before it
         self._last_report: tuple[Callable[[], int], float] | None = None
+        self._log_pending = None  # the counters of the periodic log line, read later
         self._closed = False
         self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
         self._checkpoint: CheckpointExperts | None = None
@@ -358,11 +359,15 @@ class ModelOffload:
     def end_step(self, layout: list[tuple[str, int]]) -> None:
         """After a step's forward: device mode writes the step's routing trace, and
         once an interval the counters are logged (here, not in a layer call: under a
-        CUDA graph no layer call runs Python; in device mode a sync once an interval)."""
+        CUDA graph no layer call runs Python). In device mode their copy is queued
+        (`stats_later`: no host sync) and logged at the first step that finds it done."""
         if self.cache.trace is not None:
             self.cache.flush_trace(sum(n for _, n in layout))
-        if self.stats.due(self.cfg.stats_log_interval_s):
-            logger.info(self.cache.sync_stats().summary_line())
+        if self._log_pending is None and self.stats.due(self.cfg.stats_log_interval_s):
+            self._log_pending = self.cache.stats_later()
+        if self._log_pending is not None and self._log_pending.ready():
+            logger.info(self._log_pending()[0].summary_line())
+            self._log_pending = None
 
     def take_failed_requests(self, layout: list[tuple[str, int]]) -> dict[str, str]:
         """The requests of this step that routed to a lost expert (expert_cache.py
