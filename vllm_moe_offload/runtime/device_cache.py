@@ -41,6 +41,7 @@ NOTE #5: a CUDA graph capture must end with every stream it forked joined again.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -143,6 +144,7 @@ class DeviceExpertCache(SlotBuffers):
         self.depth = predictor.depth if predictor is not None else 0
         self._budget_cfg = prefetch_budget_slots  # per slot group (NOTE #4)
         self._planned: dict[ExpertKey, int] = {}
+        self._stats_queued = self._stats_filled = 0  # stats_later's copies, in order
         self._host_evictions = [0] * L  # made by set_plan on the host
         self._planned_bytes = [0] * L  # read by set_plan on the host
         self.stats.untimed = True  # loads are not timed: timing them would sync
@@ -563,17 +565,22 @@ class DeviceExpertCache(SlotBuffers):
         planned, host_evictions = len(self._planned), list(self._host_evictions)
         planned_bytes = list(self._planned_bytes)
         read = read_later(self.counters, self.pred_counts, self._rerouted, slots, *loads)
+        self._stats_queued += 1
+        seq = self._stats_queued
 
         def fill(host: list[torch.Tensor]) -> tuple[OffloadStats, dict]:
             counters, preds, rerouted, (used, pinned, error), *loads = (
                 t.tolist() for t in host)
+            # `stats` never goes back: a copy read after a newer one fills a copy
+            stats = self.stats if seq > self._stats_filled else copy.deepcopy(self.stats)
+            self._stats_filled = max(self._stats_filled, seq)
             if error:
                 raise RuntimeError(
                     "expert offload: a layer call found no evictable slot (pool "
                     f"{self.num_slots}, plan {planned}, prefetch budget "
                     f"{self.prefetch_budget}); this breaks the pool's sizing rule")
             for layer, row in enumerate(counters):
-                s = self.stats.layer(layer)
+                s = stats.layer(layer)
                 s.calls, s.hits, s.misses = row[0], row[1], row[2]
                 s.evictions = row[3] + host_evictions[layer]
                 s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
@@ -584,7 +591,7 @@ class DeviceExpertCache(SlotBuffers):
                         n[layer] * src.read_bytes for n, src in zip(loads, self._sources))
                 for d in range(self.depth):
                     s.predictions[d + 1] = list(preds[layer][d])
-            return self.stats, {"used": used, "pinned": pinned, "planned": planned}
+            return stats, {"used": used, "pinned": pinned, "planned": planned}
         return read.then(fill)
 
     def close(self) -> None:

@@ -230,6 +230,11 @@ def case_misses_read_later_are_those_of_when_asked(device):
     assert occupancy == {"used": 4, "pinned": 0, "planned": 0}
     assert cache.sync_stats().totals().misses == 8
     assert cache.occupancy()["used"] == 8
+    older = cache.stats_later()
+    cache.map_to_slots(0, ids + 4)
+    assert cache.sync_stats().totals().misses == 12
+    assert older()[0].totals().misses == 8  # read after a newer one: its own copy
+    assert cache.stats.totals().misses == 12  # the newer counts stay
 
 
 def case_a_call_never_evicts_its_own_experts(device):
