@@ -537,7 +537,11 @@ def finish(rows, link, device):
 
 
 def plot(rows, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the table and JSON are written already
+        print("no matplotlib here: no plot")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -157,7 +157,8 @@ class DeviceExpertCache(SlotBuffers):
         self.flags = torch.zeros(num_slots, dtype=i32, device=dev)
         self.state = torch.zeros(K.NSTATE, dtype=i32, device=dev)
         self.group_of_layer = torch.tensor(self._group_of, dtype=i32, device=dev)
-        self.group_state = torch.zeros((len(self.groups), K.NGROUP), dtype=i32, device=dev)
+        self.group_state = torch.zeros((len(self.groups), K.NGROUP.value), dtype=i32,
+                                       device=dev)
         self.group_state[:, int(K.LO.value)] = torch.tensor([g.lo for g in self.groups])
         self.group_state[:, int(K.HI.value)] = torch.tensor([g.hi for g in self.groups])
         # `reuse` eviction: log2 of each key's decayed use count, of the decayed step

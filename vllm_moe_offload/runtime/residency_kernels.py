@@ -38,6 +38,12 @@ from the record in host memory (read in place) into the slot, gathering into the
 kernel's layout where it differs (a launch of its own; biases, if any, through
 `fill_kernel`). A mixed-precision store is two stores of some experts each: both
 fills run once per store, over the jobs whose expert it holds (ROWS).
+
+NOTE #1: in one CTA a tensor smaller than the CTA is held by every warp, and only
+one copy of a store is written; a reduction within a warp needs no barrier. So a
+warp that loads slot state after another warp stored it computes other values, and
+in a loop with a barrier it may then leave after a different number of passes: a
+hang. A victim search therefore waits for every warp's loads before it stores.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ NSTAT = tl.constexpr(8)
 ERROR, LAST, STEP = (tl.constexpr(i) for i in range(3))
 NSTATE = 3
 LO, HI, HAND, LOCKS, BUDGET = (tl.constexpr(i) for i in range(5))  # a slot group's
-NGROUP = 5
+NGROUP = tl.constexpr(5)  # words per slot group in group_state
 CLOCK, REUSE = tl.constexpr(0), tl.constexpr(1)  # eviction policies (POLICY)
 NEVER = tl.constexpr(-1e30)  # log2 use count of a key no call used
 # REUSE victim order: free slots, then cold keys (never used, or not for 60
@@ -142,6 +148,7 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
             better = top > best
             best_slot = tl.where(better, at, best_slot)
             best = tl.where(better, top, best)
+        tl.debug_barrier()  # NOTE #1
         if best >= 0.0:
             tl.store(vict_ptr + taken, best_slot)
             tl.store(flags_ptr + best_slot, tl.load(flags_ptr + best_slot) | TAKEN)
@@ -199,6 +206,7 @@ def _pick_victims(owner_ptr, flags_ptr, group_ptr, need_ptr, vict_ptr, layer, n_
         done = taken + n_chosen >= n_want
         adv = tl.where(done, last + 1, width)
         passed = cand & ((f & REF) != 0) & (offs < adv)
+        tl.debug_barrier()  # NOTE #1
         tl.store(vict_ptr + rank, s, mask=chosen)
         tl.store(flags_ptr + s, f | TAKEN, mask=chosen)
         tl.store(flags_ptr + s, f & ~REF, mask=passed)

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
+pytest.importorskip("safetensors")  # a bare GPU machine may lack it (scripts/gpu_checks)
+from safetensors.torch import save_file  # noqa: E402
+
+from vllm_moe_offload.runtime.checkpoint import CheckpointExperts  # noqa: E402
 
 PREFIX = "model.layers.1.mlp.experts"
 

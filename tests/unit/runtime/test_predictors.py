@@ -31,6 +31,7 @@ def test_fresh_lookahead_head_equals_next_gate():
 
 
 def test_sidecar_round_trip_and_refusal(tmp_path):
+    pytest.importorskip("safetensors")
     gs = gates()
     heads = {(l, d): LookaheadHead(gs[l + d], 8) for d in (1, 2) for l in range(L - d)}
     with torch.no_grad():
