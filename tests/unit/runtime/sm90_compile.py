@@ -97,6 +97,13 @@ def compile_all() -> dict[str, int]:
                               groups=[SlotGroup(range(0, 2), 0, 16),
                                       SlotGroup(range(2, 4), 16, 34)])
     drive(cache, predictor, layers=4)
+    # host mode's decode on CUDA (a quantized store's miss), at every width
+    from vllm_moe_offload.runtime.dequant_kernel import decode_into
+    for bits in (8, 4, 3, 2):
+        codec, t = GroupQuant(bits, 32, "rtn"), torch.randn(16, 64)
+        for dtype in (torch.bfloat16, torch.float16):
+            codes, scale, zero = codec.encode([t.to(dtype)])
+            decode_into(codes, scale, zero, torch.empty(16, 64, dtype=dtype), bits, 32)
     return compiled
 
 
