@@ -39,9 +39,9 @@ class CompileOnly:
         return t
 
 
-def compile_all() -> dict[str, int]:
-    """Drive device caches of every store kind and option; returns the number of
-    variants compiled per kernel."""
+def compile_all() -> dict[str, dict[str, int]]:
+    """Drive device caches of every store kind and option; returns, per kernel, the
+    launches compiled and the most shared memory (bytes) one of them takes."""
     from tests.unit.runtime import device_cases as dc
     from vllm_moe_offload.core.slot_pool import SlotGroup
     from vllm_moe_offload.runtime.device_cache import DeviceExpertCache
@@ -49,11 +49,14 @@ def compile_all() -> dict[str, int]:
     from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
     compiled: dict[str, int] = {}
+    shared: dict[str, int] = {}  # the most shared memory a variant of each takes
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled[self.fn.__name__] = compiled.get(self.fn.__name__, 0) + 1
+        name = self.fn.__name__
+        compiled[name] = compiled.get(name, 0) + 1
+        shared[name] = max(shared.get(name, 0), kernel.metadata.shared)
         return kernel
 
     driver.set_active(CompileOnly())
@@ -97,6 +100,16 @@ def compile_all() -> dict[str, int]:
                               groups=[SlotGroup(range(0, 2), 0, 16),
                                       SlotGroup(range(2, 4), 16, 34)])
     drive(cache, predictor, layers=4)
+    # model-sized: Qwen3-30B-A3B's E = 128 in a group of 768 slots, and E = 512 in
+    # 992 (the widest victim scans and id blocks), decode and prefill-sized calls
+    for E, slots in ((128, 768), (512, 992)):
+        predictor = dc.FixedPredictor(1, 2)
+        cache = DeviceExpertCache(dc.make_store(2, E)[0], slots, "cpu", predictor=predictor)
+        for tokens in (1, 4096):
+            ids = torch.randint(0, E, (tokens, 8), dtype=torch.int32)
+            predictor.next = {1: ids[:1]}
+            for layer in range(2):
+                cache.map_to_slots(layer, ids, torch.zeros(1, 4))
     # host mode's decode on CUDA (a quantized store's miss), at every width
     from vllm_moe_offload.runtime.dequant_kernel import decode_into
     for bits in (8, 4, 3, 2):
@@ -104,8 +117,8 @@ def compile_all() -> dict[str, int]:
         for dtype in (torch.bfloat16, torch.float16):
             codes, scale, zero = codec.encode([t.to(dtype)])
             decode_into(codes, scale, zero, torch.empty(16, 64, dtype=dtype), bits, 32)
-    return compiled
+    return {"compiled": compiled, "shared": shared}
 
 
 if __name__ == "__main__":
-    print(json.dumps({"triton": triton.__version__, "compiled": compile_all()}))
+    print(json.dumps({"triton": triton.__version__, **compile_all()}))
