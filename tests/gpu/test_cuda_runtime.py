@@ -42,6 +42,23 @@ def test_pinned_store_and_slot_buffers_live_where_they_should():
     assert all(b.is_cuda for b in cache.buffers)
 
 
+def test_the_store_is_page_locked_at_its_own_size():
+    """torch's pin_memory rounds a block up to a power of two (a 90 GB store would
+    lock 128 GiB); the store registers its own memory instead (store.py _page_lock)."""
+    stats = getattr(torch.cuda, "host_memory_stats", lambda: {})
+    before = stats().get("allocated_bytes.current", 0)
+    layout = ExpertLayout((TensorSpec((3, 1000), torch.bfloat16),))  # 6000 bytes a record
+    store = HostStore(layout, 3, 7, pin_memory=True)
+    assert store._data.is_pinned() and store._data.nbytes == 21 * 6000
+    assert stats().get("allocated_bytes.current", 0) == before  # not torch's pinned pool
+    w = torch.randn(3, 1000).bfloat16()
+    store.put(2, 6, [w])
+    dst = [torch.empty(3, 1000, dtype=torch.bfloat16, device="cuda")]
+    store.read_into(2, 6, dst)  # non-blocking, from the registered memory
+    torch.cuda.synchronize()
+    assert torch.equal(dst[0].cpu(), w)
+
+
 @pytest.mark.parametrize("num_slots", [E, L * E // 2, L * E])
 def test_cuda_outputs_match_all_resident(num_slots):
     cache, full = make_cache(num_slots)

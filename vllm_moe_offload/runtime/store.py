@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import struct
+import weakref
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -186,14 +187,40 @@ class ExpertStore:
                              f"{self.layout.describe()}")
 
 
+def _page_lock(owner, data: torch.Tensor) -> bool:
+    """Page-lock `data` where it lies (cudaHostRegister), unlocked once `owner` is
+    gone. torch's pin_memory=True rounds every block up to a power of two (its
+    caching host allocator), so a 90 GB store would lock 128 GiB of a 128 GiB host.
+    On a system with unified addressing, registered memory is mapped at the same
+    address for kernels, as pinned memory is. False where there is no CUDA or it
+    refuses (then the caller pins the torch way)."""
+    if not torch.cuda.is_available() or data.nbytes == 0:
+        return False
+    try:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(data.data_ptr(), data.nbytes, 0)
+        ok = err == cudart.cudaError.success
+    except (AttributeError, RuntimeError, TypeError) as e:
+        ok, err = False, e
+    if not ok:
+        logger.warning("expert offload: cudaHostRegister of %d bytes failed (%s); pinning "
+                       "the store with torch (rounded up to a power of two)", data.nbytes, err)
+        return False
+    # the finalizer holds `data` until it has unlocked it
+    weakref.finalize(owner, lambda: cudart.cudaHostUnregister(data.data_ptr()))
+    return True
+
+
 class HostStore(ExpertStore):
     kind = "host"
 
     def __init__(self, layout, num_layers, experts_per_layer, pin_memory: bool = False,
                  keys=None):
         super().__init__(layout, num_layers, experts_per_layer, keys)
-        self._data = torch.empty((self.num_records, layout.record_bytes), dtype=torch.uint8,
-                                 pin_memory=pin_memory)
+        shape = (self.num_records, layout.record_bytes)
+        self._data = torch.empty(shape, dtype=torch.uint8)
+        if pin_memory and not _page_lock(self, self._data):
+            self._data = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         self._offsets = []
         off = 0
         for spec in layout.tensors:
