@@ -119,3 +119,15 @@ def test_read_later_is_ready_only_once_its_copy_ran():
     assert not read.ready()  # returns at once, while the spin runs
     torch.cuda.synchronize()
     assert read.ready() and read() == 6
+
+
+def test_gpu_room_is_what_vllms_utilization_cap_leaves():
+    """The pool's room (modes.py gpu_room): the default pool takes at most half."""
+    from vllm_moe_offload.runtime.modes import gpu_room
+
+    free, total = torch.cuda.mem_get_info()
+    left, where = gpu_room(torch.device("cuda"), 0.9)
+    assert 0 < left <= 0.9 * total and "--gpu-memory-utilization 0.9" in where
+    x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # 256 MiB taken
+    assert gpu_room(torch.device("cuda"), 0.9)[0] <= left - (255 << 20)
+    del x

@@ -37,7 +37,8 @@ class OffloadConfig:
     pool_slots: int | None = _f(None, "--expert-pool-slots",
                                 "Expert slots resident in fast memory, shared by all MoE "
                                 "layers. At least one layer's experts. Default: half of "
-                                "all experts (or from pool_gib).")
+                                "all experts, on a GPU at most half of the memory left "
+                                "under --gpu-memory-utilization (or from pool_gib).")
     pool_gib: float | None = _f(None, "--expert-pool-gib",
                                 "Size the pool in GiB instead of slots (rounded down to "
                                 "whole slots). Exclusive with pool_slots.")
@@ -288,10 +289,14 @@ class OffloadConfig:
         return host_only_reason(self.eviction)
 
     def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int,
-                  max_slots: int | None = None, max_reason: str = "") -> int:
+                  max_slots: int | None = None, max_reason: str = "",
+                  room: tuple[int, str] | None = None) -> int:
         """Pool size in slots for a model, checked against one layer's experts.
         `max_slots`: the most the kernel takes (`max_reason` says why); the default
-        and pool_gib are capped there, an explicit pool_slots above it is refused."""
+        and pool_gib are capped there, an explicit pool_slots above it is refused.
+        `room`: (bytes, where) the memory the pool may take at most (a GPU's, under
+        vLLM's utilization cap); the default takes at most half of it, leaving the
+        rest to the KV cache, and a pool set by hand that does not fit is refused."""
         total = num_layers * experts_per_layer
         if self.pool_slots is not None:
             slots, source = self.pool_slots, f"pool_slots={self.pool_slots}"
@@ -300,6 +305,24 @@ class OffloadConfig:
             source = f"pool_gib={self.pool_gib} ({slots} slots of {slot_bytes} bytes)"
         else:
             slots, source = max(experts_per_layer, total // 2), "the default (half)"
+            if room is not None and slots * slot_bytes > room[0] // 2:
+                slots = max(room[0] // 2 // slot_bytes, experts_per_layer)
+                source = (f"the default (half of the experts, cut to {slots} slots: half "
+                          f"of the {room[0] / 2**30:.2f} GiB {room[1]})")
+        if room is not None and experts_per_layer * slot_bytes > room[0]:
+            raise ValueError(
+                f"expert_offload: one layer's {experts_per_layer} experts take "
+                f"{experts_per_layer * slot_bytes / 2**30:.2f} GiB, more than the "
+                f"{room[0] / 2**30:.2f} GiB {room[1]}, and the pool must hold them. Raise "
+                "--gpu-memory-utilization, or free GPU memory.")
+        if room is not None and slots * slot_bytes > room[0]:
+            fit = max(room[0] // 2 // slot_bytes, experts_per_layer)
+            raise ValueError(
+                f"expert_offload {source} takes {slots * slot_bytes / 2**30:.2f} GiB, more "
+                f"than the {room[0] / 2**30:.2f} GiB {room[1]}, and the KV cache needs "
+                f"room too. Set a smaller pool (--expert-pool-slots {fit}, or "
+                f"--expert-pool-gib {fit * slot_bytes / 2**30:.2f}), or raise "
+                "--gpu-memory-utilization.")
         if slots < experts_per_layer:
             need_gib = experts_per_layer * slot_bytes / 2**30
             raise ValueError(

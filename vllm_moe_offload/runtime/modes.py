@@ -53,3 +53,16 @@ def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, tr
     return ExpertCache(store, num_slots, device, stats, trace, predictor,
                        prefetch_budget_slots,
                        DEFAULT_POLICY if eviction == "auto" else eviction, groups), problem
+
+
+def gpu_room(device: torch.device, utilization: float) -> tuple[int, str] | None:
+    """(bytes, where) the pool may take on `device`: what is left under vLLM's
+    --gpu-memory-utilization once the model's other weights are loaded (vLLM's
+    profile then gives the KV cache what the pool leaves). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    left = max(int(utilization * total) - (total - free), 0)
+    return left, (f"left on the GPU under --gpu-memory-utilization {utilization} "
+                  f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free)")

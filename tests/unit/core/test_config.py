@@ -63,6 +63,24 @@ def test_pool_sizes():
         OffloadConfig(pool_gib=1 / 1024).num_slots(4, 8, 1 << 20)
 
 
+def test_the_pool_fits_the_room_on_the_gpu():
+    """room: what is left on the GPU under --gpu-memory-utilization (gpu_room). The
+    default takes at most half of it (the KV cache needs the rest); a pool set by
+    hand that does not fit is refused, naming a size that does."""
+    MiB, room = 1 << 20, (24 << 20, "left on the GPU")
+    assert OffloadConfig().num_slots(4, 8, MiB, room=room) == 12  # half: 16 MiB
+    assert OffloadConfig().num_slots(4, 8, MiB, room=(64 << 20, "x")) == 16  # fits
+    assert OffloadConfig(pool_slots=20).num_slots(4, 8, MiB, room=room) == 20
+    with pytest.raises(ValueError) as err:
+        OffloadConfig(pool_slots=30).num_slots(4, 8, MiB, room=room)
+    assert "pool_slots=30" in str(err.value) and "--expert-pool-slots 12" in str(err.value)
+    with pytest.raises(ValueError, match="--expert-pool-gib 0.01"):
+        OffloadConfig(pool_gib=0.03).num_slots(4, 8, MiB, room=room)
+    with pytest.raises(ValueError, match="one layer's 8 experts take"):
+        OffloadConfig().num_slots(4, 8, MiB, room=(7 << 20, "left on the GPU"))
+    assert OffloadConfig().num_slots(4, 8, MiB, room=(10 << 20, "x")) == 8  # one layer's
+
+
 def test_auto_store_follows_the_device():
     assert OffloadConfig().resolved_store(on_gpu=False) == "disk"
     assert OffloadConfig().resolved_store(on_gpu=True) == "host"

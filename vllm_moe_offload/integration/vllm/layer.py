@@ -89,6 +89,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             cfg, _fingerprint(vllm_config), torch.device(moe_config.device))
         self._model.max_step_tokens = (vllm_config.scheduler_config.max_num_batched_tokens
                                        or self._model.max_step_tokens)
+        self._model.gpu_memory_utilization = vllm_config.cache_config.gpu_memory_utilization
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)
         self._check_modular()  # where vLLM knows already: before the checkpoint loads

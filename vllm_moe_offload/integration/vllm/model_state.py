@@ -25,7 +25,7 @@ from vllm_moe_offload.integration.vllm import metrics
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
-from vllm_moe_offload.runtime.modes import make_expert_cache
+from vllm_moe_offload.runtime.modes import gpu_room, make_expert_cache
 from vllm_moe_offload.runtime.quant import GroupQuant, MixedStore, QuantizedStore
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
@@ -55,14 +55,15 @@ def kernel_max_slots(cuda: bool) -> int | None:
 
 
 def pool_slots(cfg: OffloadConfig, num_layers: int, experts_per_layer: int,
-               slot_bytes: int, cuda: bool) -> tuple[int, list[SlotGroup]]:
+               slot_bytes: int, cuda: bool,
+               room: tuple[int, str] | None = None) -> tuple[int, list[SlotGroup]]:
     """`cfg.num_slots` and its slot groups. Where the pool is more than one kernel
     call may see (vLLM's CUDA kernels: 992 slots), it is split into groups of
     consecutive layers (core/slot_pool.py split_pool); where no split holds a layer
     call in each group, the pool is capped at the limit (a default or pool_gib,
-    logged) or refused (pool_slots)."""
+    logged) or refused (pool_slots). `room`: gpu_room's."""
     limit = kernel_max_slots(cuda)
-    wanted = cfg.num_slots(num_layers, experts_per_layer, slot_bytes)
+    wanted = cfg.num_slots(num_layers, experts_per_layer, slot_bytes, room=room)
     groups = split_pool(wanted, num_layers, experts_per_layer, limit)
     if groups is not None:
         if len(groups) > 1:
@@ -78,7 +79,7 @@ def pool_slots(cfg: OffloadConfig, num_layers: int, experts_per_layer: int,
     reason = (f"one MoE kernel call sees ({why}), where {wanted} slots do not split "
               "into groups of consecutive layers that each hold one layer's "
               f"{experts_per_layer} experts")
-    slots = cfg.num_slots(num_layers, experts_per_layer, slot_bytes, limit, reason)
+    slots = cfg.num_slots(num_layers, experts_per_layer, slot_bytes, limit, reason, room)
     logger.warning("expert offload: pool of %d slots, not %d: the most %s", slots, wanted,
                    reason)
     return slots, [SlotGroup(range(num_layers), 0, slots)]
@@ -102,6 +103,7 @@ class ModelOffload:
         # step began: each report counts from the one before it
         self._last_report: tuple[Callable[[], int], float] | None = None
         self._log_pending = None  # the counters of the periodic log line, read later
+        self.gpu_memory_utilization = 0.9  # vLLM's, set by the first layer (gpu_room)
         self._closed = False
         self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
         self._checkpoint: CheckpointExperts | None = None
@@ -263,8 +265,16 @@ class ModelOffload:
         if store.kind == "disk":
             store.rederive = rederive
         layout = store.layout
+        room = gpu_room(self.device, self.gpu_memory_utilization)
         num_slots, groups = pool_slots(self.cfg, self.num_layers, self.experts_per_layer,
-                                       layout.expert_bytes, self.device.type == "cuda")
+                                       layout.expert_bytes, self.device.type == "cuda", room)
+        half = max(self.num_layers * self.experts_per_layer // 2, self.experts_per_layer)
+        if room is not None and self.cfg.pool_slots is self.cfg.pool_gib is None and \
+                half * layout.expert_bytes > room[0] // 2:
+            logger.info("expert offload: the default pool (half of the experts, %d slots) "
+                        "would take more than half of the %.2f GiB %s: %d slots, the rest "
+                        "for the KV cache (--expert-pool-gib sets it)", half,
+                        room[0] / 2**30, room[1], num_slots)
         trace = None
         if self.cfg.trace_path:
             trace = TraceWriter(self.cfg.trace_path, TraceHeader(
