@@ -70,3 +70,20 @@ def test_any_moe_model_passes_the_model_check(archs, text):
 def test_dense_models_are_refused_by_name():
     with pytest.raises(ValueError, match=r"\(LlamaForCausalLM\) has no routed experts"):
         check_model(model(["LlamaForCausalLM"]), OffloadConfig(enabled=True))
+
+
+def test_cuda_unquantized_models_get_vllms_triton_kernel():
+    """On Blackwell vLLM's own pick is FlashInfer's monolithic TRT-LLM kernel, which
+    offload cannot hook: an unquantized model with --moe-backend auto gets Triton on
+    CUDA; a quantized one, a backend set by hand, or the CPU keep theirs."""
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.integration.vllm.layer import _choose_triton
+
+    for quant, backend, cuda, want in ((None, "auto", True, "triton"),
+                                       (object(), "auto", True, "auto"),
+                                       (None, "flashinfer_trtllm", True, "flashinfer_trtllm"),
+                                       (None, "auto", False, "auto")):
+        moe = SimpleNamespace(moe_backend=backend)
+        _choose_triton(moe, quant, cuda)
+        assert moe.moe_backend == want

@@ -32,6 +32,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
     UnquantizedFusedMoEMethod)
 from vllm.model_executor.utils import replace_parameter, set_weight_attrs
+from vllm.platforms import current_platform
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.integration.vllm import model_state
@@ -81,6 +82,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             self._offload_cfg = None
         if self._offload_cfg is not None:
             _check_supported(layer_name, moe_config, expert_map_manager)
+            _choose_triton(moe_config, quant_config, current_platform.is_cuda())
         super().__init__(layer_name, params_dtype, moe_config, quant_config,
                          expert_map_manager, *args, **kwargs)
         if self._offload_cfg is None:
@@ -451,6 +453,19 @@ class OffloadedRoutedExperts(RoutedExperts):
 
 
 _NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
+
+
+def _choose_triton(moe_config, quant_config, cuda: bool) -> None:
+    """An unquantized model on CUDA with --moe-backend auto gets vLLM's Triton MoE
+    kernel: its own choice there is FlashInfer's TRT-LLM kernel on Blackwell, which
+    is monolithic (offload cannot hook it), or FlashInfer's CUTLASS one, which sizes
+    per-expert tensors by the model's expert count where the pool's slot ids go past
+    it. On Hopper vLLM picks Triton anyway. A backend set by hand is kept (and a
+    monolithic one refused)."""
+    if cuda and quant_config is None and moe_config.moe_backend == "auto":
+        moe_config.moe_backend = "triton"
+        logger.info_once("expert offload: vLLM's Triton MoE kernel (--moe-backend triton), "
+                         "whose expert calls offload hooks")
 
 
 def _layout_of(tensors: list[torch.Tensor]) -> ExpertLayout:
