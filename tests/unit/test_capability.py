@@ -87,3 +87,20 @@ def test_cuda_unquantized_models_get_vllms_triton_kernel():
         moe = SimpleNamespace(moe_backend=backend)
         _choose_triton(moe, quant, cuda)
         assert moe.moe_backend == want
+
+
+def test_a_hub_model_id_reads_its_snapshot_in_the_cache(tmp_path):
+    """`vllm serve Org/Model`: vLLM keeps the id as the model; the checkpoint's own
+    readers (store repair, router weights, quantized loading) need the snapshot it
+    downloaded, named by its commit."""
+    from vllm_moe_offload.integration.vllm.layer import checkpoint_dir
+
+    repo = tmp_path / "models--org--tiny-moe"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "snapshots" / "0123abc" / "config.json").write_text("{}")
+    got = checkpoint_dir("org/tiny-moe", None, str(tmp_path))
+    assert got == str(repo / "snapshots" / "0123abc")
+    assert checkpoint_dir(str(tmp_path), None, None) == str(tmp_path)  # a directory
+    assert checkpoint_dir("org/not-cached", None, str(tmp_path)) == "org/not-cached"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -47,18 +48,38 @@ from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 logger = init_logger("vllm.moe_offload")
 
 
-def _fingerprint(vllm_config) -> dict:
-    """What the disk store's contents depend on: model files, dtype, vLLM, load format."""
-    mc, lc = vllm_config.model_config, vllm_config.load_config
-    files = []
+def checkpoint_dir(model: str, revision: str | None, download_dir: str | None) -> str:
+    """The checkpoint's directory, which the store's repairs, the predictors' router
+    weights and quantized loading read: `--model` itself, or, for a hub id, its
+    snapshot in the Hugging Face cache (vLLM fetched its config there before any
+    layer is built; its weights follow before they load). The snapshot's name is
+    its commit. Else `model` as given (the readers then say what is missing)."""
+    if Path(model).is_dir():
+        return model
     try:
-        from pathlib import Path
-        for f in sorted(Path(mc.model).glob("*.safetensors")):
-            st = f.stat()
-            files.append([f.name, st.st_size, int(st.st_mtime)])
-    except OSError:
-        pass
-    return {"model": str(mc.model), "revision": mc.revision, "dtype": str(mc.dtype),
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, revision=revision, cache_dir=download_dir,
+                                 local_files_only=True)
+    except Exception:  # not a hub id, or not in the cache
+        return model
+
+
+def _fingerprint(vllm_config) -> dict:
+    """What the disk store's contents depend on: model files, dtype, vLLM, load format.
+    A hub snapshot is named by its commit, so its files are not listed (they arrive
+    after this runs)."""
+    mc, lc = vllm_config.model_config, vllm_config.load_config
+    model = checkpoint_dir(str(mc.model), mc.revision, lc.download_dir)
+    files = []
+    if model == str(mc.model):
+        try:
+            for f in sorted(Path(model).glob("*.safetensors")):
+                st = f.stat()
+                files.append([f.name, st.st_size, int(st.st_mtime)])
+        except OSError:
+            pass
+    return {"model": model, "revision": mc.revision, "dtype": str(mc.dtype),
             "vllm": vllm.__version__, "load_format": str(lc.load_format),
             "seed": mc.seed if str(lc.load_format) == "dummy" else None, "files": files}
 
