@@ -104,3 +104,18 @@ def test_a_hub_model_id_reads_its_snapshot_in_the_cache(tmp_path):
     assert got == str(repo / "snapshots" / "0123abc")
     assert checkpoint_dir(str(tmp_path), None, None) == str(tmp_path)  # a directory
     assert checkpoint_dir("org/not-cached", None, str(tmp_path)) == "org/not-cached"
+
+
+def test_padded_rows_of_a_graphs_batch_route_as_row_0():
+    """vLLM pads a batch to a captured size; the padded rows' picks would load
+    experts for outputs it throws away (layer.py _padding_as_row0)."""
+    import torch
+
+    from vllm_moe_offload.integration.vllm.layer import _padding_as_row0
+
+    ids = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 0]], dtype=torch.int32)
+    pad = torch.tensor([False, False, True, True])
+    got = _padding_as_row0(ids, pad)
+    assert got.tolist() == [[1, 2], [3, 4], [1, 2], [1, 2]] and got.dtype == ids.dtype
+    assert _padding_as_row0(ids, None) is ids
+    assert _padding_as_row0(ids, pad[:3]) is ids  # not this call's rows: left alone

@@ -25,7 +25,8 @@ import torch
 
 import vllm
 from vllm.config import get_current_vllm_config
-from vllm.forward_context import in_piecewise_cudagraph
+from vllm.forward_context import (get_forward_context, in_piecewise_cudagraph,
+                                  is_forward_context_available)
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
     convert_to_unquantized_kernel_format)
@@ -457,7 +458,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._offload_cfg is None:
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
-        slot_ids = map_to_slots_op(topk_ids, x, self._layer)
+        slot_ids = map_to_slots_op(_padding_as_row0(topk_ids, _padding_rows()), x,
+                                   self._layer)
         with tuned_configs.model_experts(self.global_num_experts):
             out = self.quant_method.moe_kernel.apply(
                 hidden_states=x, w1=self.w13_weight, w2=self.w2_weight,
@@ -474,6 +476,25 @@ class OffloadedRoutedExperts(RoutedExperts):
 
 
 _NAMES = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
+
+
+def _padding_rows() -> torch.Tensor | None:
+    """[T] bool, the padded rows of this step's batch (vLLM pads a batch to a size
+    it captured a CUDA graph for, and fills this buffer in place before each
+    replay); None where vLLM does not say."""
+    if not is_forward_context_available():
+        return None
+    return get_forward_context().is_padding
+
+
+def _padding_as_row0(topk_ids: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """Padded rows route as row 0: their router picks come from stale inputs, and
+    each would load experts over the link (and count them) for an output vLLM
+    throws away. As row 0's, they need no expert of their own. A device op, no host
+    sync: graphs keep it."""
+    if pad is None or pad.shape[0] != topk_ids.shape[0] or topk_ids.shape[0] < 2:
+        return topk_ids
+    return torch.where(pad[:, None], topk_ids[:1], topk_ids)
 
 
 def _choose_triton(moe_config, quant_config, cuda: bool) -> None:
