@@ -119,3 +119,22 @@ def test_padded_rows_of_a_graphs_batch_route_as_row_0():
     assert got.tolist() == [[1, 2], [3, 4], [1, 2], [1, 2]] and got.dtype == ids.dtype
     assert _padding_as_row0(ids, None) is ids
     assert _padding_as_row0(ids, pad[:3]) is ids  # not this call's rows: left alone
+
+
+@pytest.mark.parametrize("pack,as_is", [
+    (lambda *e: [t.clone() for t in e], True),  # vLLM's Triton kernel on CUDA
+    (lambda *e: [t.t().contiguous() for t in e], False),  # a prepack that moves values
+    (lambda *e: [t.float() for t in e], False)])  # one that widens them
+def test_experts_skip_the_device_where_vllms_packing_leaves_them_as_they_are(pack, as_is):
+    """layer.py _packs_as_is: learnt from probes once per layer; where it holds, an
+    expert goes to the store as loaded, no round trip through the GPU."""
+    import torch
+
+    from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
+
+    layer = OffloadedRoutedExperts.__new__(OffloadedRoutedExperts)
+    layer._empty_expert = lambda: [torch.zeros(6, 4, dtype=torch.bfloat16),
+                                   torch.zeros(4, 3, dtype=torch.bfloat16)]
+    layer._pack = pack
+    layer._pack_copy = pack
+    assert layer._packs_as_is() is as_is

@@ -87,6 +87,7 @@ def _fingerprint(vllm_config) -> dict:
 
 class OffloadedRoutedExperts(RoutedExperts):
     _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
+    _as_is: bool | None = None  # vLLM's packing leaves an expert as it is (_packs_as_is)
 
     def __init__(self, layer_name, params_dtype, moe_config, quant_config,
                  expert_map_manager, *args, **kwargs):
@@ -188,7 +189,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                 self._ensure_store()
                 self._model.put_expert(self._layer, expert_id, tensors)
             else:
-                packed = self._pack(*tensors)
+                packed = tensors if self._packs_as_is() else self._pack(*tensors)
                 self._model.ensure_store(_layout_of(packed))
                 self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
@@ -366,6 +367,16 @@ class OffloadedRoutedExperts(RoutedExperts):
         twin = copy.copy(self)
         twin._parameters = dict(self._parameters)  # replace_parameter stays on the twin
         return OffloadedRoutedExperts._pack(twin, *expert)
+
+    def _packs_as_is(self) -> bool:
+        """vLLM's packing leaves an expert as the checkpoint holds it (its Triton
+        kernel on CUDA): learnt once per layer from `_packer`'s probes, and then each
+        expert goes to the store without a round trip through the device."""
+        if self._as_is is None:
+            expert = self._empty_expert()
+            self._as_is = self._packer() is None and all(
+                p.dtype == t.dtype for p, t in zip(self._pack(*expert), expert))
+        return self._as_is
 
     def _packer(self):
         """For a quantized store: how a decoded expert reaches the kernel's layout.
