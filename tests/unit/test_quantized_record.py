@@ -271,3 +271,16 @@ def test_gpt_oss_fused_names_map_to_its_streamed_loader_calls():
          "gpt_oss_w13")]
     with pytest.raises(NotImplementedError, match=r"experts.router_logits is not an expert"):
         gpt_oss_checkpoint_keys(p, ["router_logits"])
+
+
+def test_a_processed_layout_with_strides_of_its_own_is_named_in_a_warning(caplog):
+    """DeepGEMM lays block-FP8 scales out MN-major; records and slots are row-major,
+    unchecked on a GPU: the log names the tensor and its strides."""
+    def mn_major(layer):
+        w = layer.w2_qweight
+        w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+    layer, quant = layer_with(Method(mn_major))
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        quant.pack(loaded_twin(layer, quant, 0))
+    assert "w2_qweight (32, 1, 8)" in caplog.text and "row-major" in caplog.text

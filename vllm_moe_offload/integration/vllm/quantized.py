@@ -23,8 +23,11 @@ import dataclasses
 import enum
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_moe_offload.runtime.checkpoint import PROJECTIONS
+
+logger = init_logger("vllm.moe_offload")
 
 _SHARD_OF = {name: shard for names in PROJECTIONS
              for name, shard in zip(names, ("w1", "w3", "w2"))}
@@ -118,6 +121,14 @@ class QuantizedExperts:
         names = self._record_names(twin)
         if self.record is None:
             self.record = names
+            strided = [f"{n} {tuple(getattr(twin, n).stride())}" for n in names
+                       if not getattr(twin, n).is_contiguous()]
+            if strided:  # (DeepGEMM's block-FP8 scales, MN-major)
+                logger.warning(
+                    "expert offload: %s lays out %s with strides of its own after "
+                    "processing; records and slots hold them row-major, which vLLM's "
+                    "kernel has not been checked to accept (no GPU run yet)",
+                    self.method, ", ".join(strided))
         elif names != self.record:
             raise RuntimeError(f"expert offload: {self.method} made tensors {names} of "
                                f"one expert and {self.record} of another")
