@@ -45,6 +45,9 @@ def test_pinned_store_and_slot_buffers_live_where_they_should():
 def test_the_store_is_page_locked_at_its_own_size():
     """torch's pin_memory rounds a block up to a power of two (a 90 GB store would
     lock 128 GiB); the store registers its own memory instead (store.py _page_lock)."""
+    from vllm_moe_offload.runtime.store import _registered_is_mapped
+
+    assert _registered_is_mapped()  # else the store falls back to torch's pinning
     stats = getattr(torch.cuda, "host_memory_stats", lambda: {})
     before = stats().get("allocated_bytes.current", 0)
     layout = ExpertLayout((TensorSpec((3, 1000), torch.bfloat16),))  # 6000 bytes a record

@@ -187,14 +187,32 @@ class ExpertStore:
                              f"{self.layout.describe()}")
 
 
+def _registered_is_mapped() -> bool:
+    """Whether kernels may read registered host memory at its host address (CUDA's
+    CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, 91; memory from cudaHostAlloc, torch's
+    pinning, always can). Device mode reads the store there. False where the driver
+    cannot be asked."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        device, value = ctypes.c_int(), ctypes.c_int()
+        return (cuda.cuInit(0) == 0
+                and cuda.cuDeviceGet(ctypes.byref(device), torch.cuda.current_device()) == 0
+                and cuda.cuDeviceGetAttribute(ctypes.byref(value), 91, device) == 0
+                and value.value == 1)
+    except (OSError, AttributeError):
+        return False
+
+
 def _page_lock(owner, data: torch.Tensor) -> bool:
     """Page-lock `data` where it lies (cudaHostRegister), unlocked once `owner` is
     gone. torch's pin_memory=True rounds every block up to a power of two (its
     caching host allocator), so a 90 GB store would lock 128 GiB of a 128 GiB host.
-    On a system with unified addressing, registered memory is mapped at the same
-    address for kernels, as pinned memory is. False where there is no CUDA or it
-    refuses (then the caller pins the torch way)."""
-    if not torch.cuda.is_available() or data.nbytes == 0:
+    Where the driver says kernels may read it at its host address (as they read
+    pinned memory), else, or where there is no CUDA or it refuses, False: then the
+    caller pins the torch way."""
+    if not torch.cuda.is_available() or data.nbytes == 0 or not _registered_is_mapped():
         return False
     try:
         cudart = torch.cuda.cudart()
