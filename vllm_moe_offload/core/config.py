@@ -309,6 +309,14 @@ class OffloadConfig:
                 slots = max(room[0] // 2 // slot_bytes, experts_per_layer)
                 source = (f"the default (half of the experts, cut to {slots} slots: half "
                           f"of the {room[0] / 2**30:.2f} GiB {room[1]})")
+        if slots < experts_per_layer:
+            need_gib = experts_per_layer * slot_bytes / 2**30
+            raise ValueError(
+                f"expert_offload {source} is smaller than one layer's experts "
+                f"({experts_per_layer}): every layer call must fit in the pool. Set "
+                f"pool_slots >= {experts_per_layer} (--expert-pool-slots "
+                f"{experts_per_layer}) or pool_gib >= {need_gib:.4f}.")
+        slots = min(slots, total)
         if room is not None and experts_per_layer * slot_bytes > room[0]:
             raise ValueError(
                 f"expert_offload: one layer's {experts_per_layer} experts take "
@@ -323,14 +331,6 @@ class OffloadConfig:
                 f"room too. Set a smaller pool (--expert-pool-slots {fit}, or "
                 f"--expert-pool-gib {fit * slot_bytes / 2**30:.2f}), or raise "
                 "--gpu-memory-utilization.")
-        if slots < experts_per_layer:
-            need_gib = experts_per_layer * slot_bytes / 2**30
-            raise ValueError(
-                f"expert_offload {source} is smaller than one layer's experts "
-                f"({experts_per_layer}): every layer call must fit in the pool. Set "
-                f"pool_slots >= {experts_per_layer} (--expert-pool-slots "
-                f"{experts_per_layer}) or pool_gib >= {need_gib:.4f}.")
-        slots = min(slots, total)
         if max_slots is not None and slots > max_slots:
             if self.pool_slots is not None:
                 raise ValueError(

@@ -71,6 +71,7 @@ def test_the_pool_fits_the_room_on_the_gpu():
     assert OffloadConfig().num_slots(4, 8, MiB, room=room) == 12  # half: 16 MiB
     assert OffloadConfig().num_slots(4, 8, MiB, room=(64 << 20, "x")) == 16  # fits
     assert OffloadConfig(pool_slots=20).num_slots(4, 8, MiB, room=room) == 20
+    assert OffloadConfig(pool_slots=99).num_slots(4, 8, MiB, room=(40 << 20, "x")) == 32
     with pytest.raises(ValueError) as err:
         OffloadConfig(pool_slots=30).num_slots(4, 8, MiB, room=room)
     assert "pool_slots=30" in str(err.value) and "--expert-pool-slots 12" in str(err.value)
