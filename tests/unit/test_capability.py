@@ -124,10 +124,11 @@ def test_padded_rows_of_a_graphs_batch_route_as_row_0():
 @pytest.mark.parametrize("pack,as_is", [
     (lambda *e: [t.clone() for t in e], True),  # vLLM's Triton kernel on CUDA
     (lambda *e: [t.t().contiguous() for t in e], False),  # a prepack that moves values
-    (lambda *e: [t.float() for t in e], False)])  # one that widens them
+    (lambda *e: [t.float() for t in e], False),  # one that widens them
+    (lambda *e: [t.flip(0) for t in e], False)])  # one that moves rows, same shape
 def test_experts_skip_the_device_where_vllms_packing_leaves_them_as_they_are(pack, as_is):
-    """layer.py _packs_as_is: learnt from probes once per layer; where it holds, an
-    expert goes to the store as loaded, no round trip through the GPU."""
+    """layer.py _packs_as_is: learnt from one random expert per layer; where it
+    holds, an expert goes to the store as loaded, no round trip through the GPU."""
     import torch
 
     from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
@@ -136,5 +137,4 @@ def test_experts_skip_the_device_where_vllms_packing_leaves_them_as_they_are(pac
     layer._empty_expert = lambda: [torch.zeros(6, 4, dtype=torch.bfloat16),
                                    torch.zeros(4, 3, dtype=torch.bfloat16)]
     layer._pack = pack
-    layer._pack_copy = pack
     assert layer._packs_as_is() is as_is

@@ -370,12 +370,15 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def _packs_as_is(self) -> bool:
         """vLLM's packing leaves an expert as the checkpoint holds it (its Triton
-        kernel on CUDA): learnt once per layer from `_packer`'s probes, and then each
-        expert goes to the store without a round trip through the device."""
+        kernel on CUDA): learnt once per layer from one random expert (a packing that
+        moved, padded or widened its values would not give it back equal), and then
+        each expert goes to the store without a round trip through the device."""
         if self._as_is is None:
-            expert = self._empty_expert()
-            self._as_is = self._packer() is None and all(
-                p.dtype == t.dtype for p, t in zip(self._pack(*expert), expert))
+            g = torch.Generator().manual_seed(0)
+            expert = [torch.randn(t.shape, generator=g).to(t.dtype)
+                      for t in self._empty_expert()]
+            self._as_is = all(p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
+                              for p, t in zip(self._pack(*expert), expert))
         return self._as_is
 
     def _packer(self):
