@@ -387,6 +387,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         only moves values (the CPU kernels' prepack: learnt from probe experts whose
         values are digits of each position, base 128, exact in bf16); else vLLM's
         packing itself, at every miss."""
+        if self._packs_as_is():  # (the probes below cost seconds at Mixtral's size)
+            return None
         expert = self._empty_expert()
         n = max(t.numel() for t in expert)
         index = None
