@@ -50,9 +50,9 @@ def test_the_store_is_page_locked_at_its_own_size():
     assert _registered_is_mapped()  # else the store falls back to torch's pinning
     stats = getattr(torch.cuda, "host_memory_stats", lambda: {})
     before = stats().get("allocated_bytes.current", 0)
-    layout = ExpertLayout((TensorSpec((3, 1000), torch.bfloat16),))  # 6000 bytes a record
+    layout = ExpertLayout((TensorSpec((3, 1000), torch.bfloat16),))  # 8 KiB records
     store = HostStore(layout, 3, 7, pin_memory=True)
-    assert store._data.is_pinned() and store._data.nbytes == 21 * 6000
+    assert store._data.is_pinned() and store._data.nbytes == 21 * layout.record_bytes
     assert stats().get("allocated_bytes.current", 0) == before  # not torch's pinned pool
     w = torch.randn(3, 1000).bfloat16()
     store.put(2, 6, [w])
