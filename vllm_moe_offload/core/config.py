@@ -288,6 +288,11 @@ class OffloadConfig:
             return "the oracle predictor replays a trace on the host"
         return host_only_reason(self.eviction)
 
+    @staticmethod
+    def default_slots(num_layers: int, experts_per_layer: int) -> int:
+        """The default pool before any cap: half of all experts, at least one layer's."""
+        return max(experts_per_layer, num_layers * experts_per_layer // 2)
+
     def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int,
                   max_slots: int | None = None, max_reason: str = "",
                   room: tuple[int, str] | None = None) -> int:
@@ -304,7 +309,8 @@ class OffloadConfig:
             slots = int(self.pool_gib * 2**30 // slot_bytes)
             source = f"pool_gib={self.pool_gib} ({slots} slots of {slot_bytes} bytes)"
         else:
-            slots, source = max(experts_per_layer, total // 2), "the default (half)"
+            slots = self.default_slots(num_layers, experts_per_layer)
+            source = "the default (half)"
             if room is not None and slots * slot_bytes > room[0] // 2:
                 slots = max(room[0] // 2 // slot_bytes, experts_per_layer)
                 source = (f"the default (half of the experts, cut to {slots} slots: half "

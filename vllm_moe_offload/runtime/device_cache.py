@@ -586,10 +586,12 @@ class DeviceExpertCache(SlotBuffers):
                 s.evictions = row[3] + host_evictions[layer]
                 s.prefetched, s.prefetch_hits, s.prefetch_wasted = row[4], row[5], row[6]
                 s.rerouted = rerouted[layer]
-                s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * self.read_bytes
                 if loads:  # a mixed store: its fills counted by store
                     s.bytes_loaded = planned_bytes[layer] + sum(
                         n[layer] * src.read_bytes for n, src in zip(loads, self._sources))
+                else:
+                    s.bytes_loaded = (s.misses + s.prefetched + s.planned_loads) * \
+                        self.read_bytes
                 for d in range(self.depth):
                     s.predictions[d + 1] = list(preds[layer][d])
             return stats, {"used": used, "pinned": pinned, "planned": planned}

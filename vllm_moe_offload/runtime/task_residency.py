@@ -25,14 +25,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..core.slo import LatencyModel
 from ..core.tasks import ReplanClock, TaskProfiles, plan_residency
 from .expert_cache import ExpertCache
-from .slot_buffers import copy_in, read_later
+from .slot_buffers import Later, copy_in, read_later
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -228,12 +227,12 @@ class TaskResidency:
             len(plan), self.budget, len(added), len(removed), time.perf_counter() - t0,
             {t: round(v) for t, v in sorted(demand.items())})
 
-    def resident_share(self) -> Callable[[], dict[str, float]]:
+    def resident_share(self) -> Later:
         """Per task: the share of its profiled routing that hits resident experts now,
         as a function that gives it. In device mode the product is taken on the device
         and read back when the function is called (read_later): no host sync now."""
         if not self.profiles.counts:
-            return dict
+            return Later.now({})
         mask = self.cache.resident_mask(host=False)  # where the table is: no sync
         if self._profile_tensor is None:
             names = sorted(self.profiles.counts)
@@ -243,8 +242,8 @@ class TaskResidency:
             copy_in(on_device, freq)  # after a fold: no wait for the step running
             self._profile_tensor = (names, on_device)
         names, freq = self._profile_tensor
-        read = read_later((freq * mask).sum((1, 2)))
-        return lambda: dict(zip(names, read()[0].tolist()))
+        return read_later((freq * mask).sum((1, 2))).then(
+            lambda host: dict(zip(names, host[0].tolist())))
 
     def save(self) -> None:
         self.fold()

@@ -268,7 +268,7 @@ class ModelOffload:
         room = gpu_room(self.device, self.gpu_memory_utilization)
         num_slots, groups = pool_slots(self.cfg, self.num_layers, self.experts_per_layer,
                                        layout.expert_bytes, self.device.type == "cuda", room)
-        half = max(self.num_layers * self.experts_per_layer // 2, self.experts_per_layer)
+        half = self.cfg.default_slots(self.num_layers, self.experts_per_layer)
         if room is not None and self.cfg.pool_slots is self.cfg.pool_gib is None and \
                 half * layout.expert_bytes > room[0] // 2:
             logger.info("expert offload: the default pool (half of the experts, %d slots) "

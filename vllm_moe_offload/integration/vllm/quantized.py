@@ -127,7 +127,7 @@ class QuantizedExperts:
                 logger.warning(
                     "expert offload: %s lays out %s with strides of its own after "
                     "processing; records and slots hold them row-major, which vLLM's "
-                    "kernel has not been checked to accept (no GPU run yet)",
+                    "kernel has not been checked to accept on a GPU",
                     self.method, ", ".join(strided))
         elif names != self.record:
             raise RuntimeError(f"expert offload: {self.method} made tensors {names} of "
