@@ -72,6 +72,40 @@ def test_dense_models_are_refused_by_name():
         check_model(model(["LlamaForCausalLM"]), OffloadConfig(enabled=True))
 
 
+def test_the_early_pool_check_counts_moe_layers_only(monkeypatch):
+    """The front end checks a pool before vLLM builds the model, from the HF config:
+    it counts the MoE layers the worker will (tests/e2e/test_families.py asserts the
+    worker's count on these tiny checkpoints), not dense layers among them."""
+    from vllm_moe_offload.hf.tiny_moe import ARCHITECTURES, FIRST_DENSE, _config
+    from vllm_moe_offload.integration.vllm.plugin import moe_layer_count
+
+    for arch in ARCHITECTURES[:-1]:  # the last, llama, is dense
+        config = _config(arch, vocab_size=64, hidden_size=128, num_layers=4, num_experts=8,
+                         top_k=2, expert_ffn=64)
+        assert moe_layer_count(getattr(config, "text_config", config)) == \
+            4 - (arch in FIRST_DENSE), arch
+    conf = lambda **kw: SimpleNamespace(num_hidden_layers=48, **kw)  # noqa: E731
+    assert moe_layer_count(conf()) == 48  # Mixtral, OLMoE, gpt-oss: every layer
+    assert moe_layer_count(conf(first_k_dense_replace=3)) == 45  # DeepSeek-V3
+    assert moe_layer_count(conf(first_k_dense_replace=1, moe_layer_freq=2)) == 23  # 2..46
+    assert moe_layer_count(conf(mlp_only_layers=[0, 47], decoder_sparse_step=1)) == 46
+    assert moe_layer_count(conf(decoder_sparse_step=2, mlp_only_layers=[])) == 24
+    assert moe_layer_count(conf(interleave_moe_layer_step=2)) == 24  # Llama 4 Maverick
+    assert moe_layer_count(conf(moe_layer_start_index=1, moe_layer_end_index=46,
+                                moe_layer_interval=1)) == 46  # ERNIE 4.5
+
+    # on CUDA: 1000 slots for 3 dense layers and one of 600 experts are capped at 600,
+    # as the worker does; counted over 4 layers they would need two groups of 600
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    check_model(model(["DeepseekV3ForCausalLM"], n_routed_experts=600,
+                      first_k_dense_replace=3), OffloadConfig(enabled=True, pool_slots=1000))
+    with pytest.raises(ValueError, match="pool_slots=1000 is more than 992 slots"):
+        check_model(model(["DeepseekV3ForCausalLM"], n_routed_experts=600,
+                          first_k_dense_replace=2), OffloadConfig(enabled=True, pool_slots=1000))
+
+
 def test_cuda_unquantized_models_get_vllms_triton_kernel():
     """On Blackwell vLLM's own pick is FlashInfer's monolithic TRT-LLM kernel, which
     offload cannot hook: an unquantized model with --moe-backend auto gets Triton on

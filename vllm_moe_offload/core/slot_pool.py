@@ -188,19 +188,41 @@ def split_pool(num_slots: int, num_layers: int, experts_per_layer: int,
     CUDA MoE kernels: integration/vllm/model_state.py CUDA_MAX_SLOTS): one group of every layer and
     slot when the pool fits, else the fewest groups of consecutive layers, each with
     slots in proportion to its layers, within `max_slots` and holding at least one
-    layer call (`experts_per_layer`). None when no split does."""
+    layer call (`experts_per_layer`). Where no proportional split does (few layers,
+    many experts), the fewest groups get sizes as near proportion as those bounds
+    allow. None when no split does."""
     if max_slots is None or num_slots <= max_slots:
         return [SlotGroup(range(num_layers), 0, num_slots)]
-    for n in range(-(-num_slots // max_slots), num_layers + 1):
+    fewest = -(-num_slots // max_slots)
+    if fewest > num_layers or fewest * experts_per_layer > num_slots:
+        return None  # more groups are only smaller
+    for n in range(fewest, num_layers + 1):
         layers = [i * num_layers // n for i in range(n + 1)]
         slots = [num_slots * b // num_layers for b in layers]
         sizes = [b - a for a, b in zip(slots, slots[1:])]
         if min(sizes) < experts_per_layer:
-            return None  # more groups are only smaller
+            break
         if max(sizes) <= max_slots:
-            return [SlotGroup(range(layers[i], layers[i + 1]), slots[i], slots[i + 1])
-                    for i in range(n)]
-    return None
+            return _groups(layers, sizes)
+    layers = [i * num_layers // fewest for i in range(fewest + 1)]
+    ideal = [num_slots * (b - a) / num_layers for a, b in zip(layers, layers[1:])]
+    sizes = [min(max(int(x), experts_per_layer), max_slots) for x in ideal]
+    # hand the difference to the groups furthest from their share, within the bounds
+    left = num_slots - sum(sizes)
+    over = [s - x for s, x in zip(sizes, ideal)]
+    for i in sorted(range(fewest), key=over.__getitem__, reverse=left < 0):
+        step = (min(left, max_slots - sizes[i]) if left > 0
+                else -min(-left, sizes[i] - experts_per_layer))
+        sizes[i] += step
+        left -= step
+    return _groups(layers, sizes)
+
+
+def _groups(layers: list[int], sizes: list[int]) -> list[SlotGroup]:
+    """Groups of layers [layers[i], layers[i + 1]) holding sizes[i] slots each."""
+    edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [SlotGroup(range(layers[i], layers[i + 1]), edges[i], edges[i + 1])
+            for i in range(len(sizes))]
 
 
 def check_groups(groups: list[SlotGroup], num_slots: int, num_layers: int,

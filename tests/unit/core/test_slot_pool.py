@@ -123,7 +123,8 @@ class _NoScanList(list):
 
 def test_split_pool_into_groups_of_consecutive_layers():
     """Within the limit: one group. Above it: the fewest groups whose slots, in
-    proportion to their layers, fit the limit and hold one layer's experts each."""
+    proportion to their layers where that can be, fit the limit and hold one
+    layer's experts each."""
     from vllm_moe_offload.core.slot_pool import SlotGroup, split_pool
 
     assert split_pool(3072, 48, 128) == [SlotGroup(range(48), 0, 3072)]
@@ -140,6 +141,18 @@ def test_split_pool_into_groups_of_consecutive_layers():
     assert [len(g.layers) for g in groups] == [2, 2, 3]
     assert [g.size for g in groups] == [571, 571, 858]
     assert split_pool(1000, 2, 520, 992) is None  # 500 slots cannot hold 520 experts
+    # 3 layers of 512 experts in 1100 slots: in proportion, 366 + 734 (too few for
+    # a layer); as near it as the bounds allow, 512 + 588
+    assert split_pool(1100, 3, 512, 992) == [SlotGroup(range(0, 1), 0, 512),
+                                             SlotGroup(range(1, 3), 512, 1100)]
+    # every pool that n = ceil(S / 992) groups of >= E slots can hold is split
+    for slots, layers, experts in ((1984, 3, 600), (1900, 3, 600), (2976, 5, 992),
+                                   (993, 61, 496), (1500, 2, 700)):
+        groups = split_pool(slots, layers, experts, 992)
+        assert [g.lo for g in groups] + [groups[-1].hi] == [0] + [g.hi for g in groups]
+        assert groups[-1].hi == slots and groups[-1].layers.stop == layers
+        assert all(experts <= g.size <= 992 for g in groups)
+    assert split_pool(1985, 3, 662, 992) is None  # 3 groups of 662 need 1986
 
 
 def test_grouped_pool_evicts_within_a_layers_group():

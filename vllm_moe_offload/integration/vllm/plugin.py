@@ -116,13 +116,39 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
 
         from vllm_moe_offload.integration.vllm.model_state import pool_slots
 
-        pool_slots(cfg, text.num_hidden_layers, experts, 1,
-                   current_platform.is_cuda_alike())
+        pool_slots(cfg, moe_layer_count(text), experts, 1, current_platform.is_cuda_alike())
     if cfg.predictor == "lookahead" and Path(str(model_config.model)).is_dir():
         from vllm_moe_offload.runtime.predictors import (check_sidecar, load_gates,
                                                          model_fingerprint)
         check_sidecar(cfg.predictor_path, model_fingerprint(load_gates(model_config.model)))
     check_task_files(cfg)
+
+
+def moe_layer_count(text) -> int:
+    """The MoE layers of an HF text config, for the early pool check (the worker
+    counts the layers vLLM builds): the conventions of vLLM 0.32's MoE models for
+    dense layers among them; every layer where a config sets none."""
+    layers = range(text.num_hidden_layers)
+
+    def get(key, default):
+        return getattr(text, key, None) or default
+
+    if getattr(text, "first_k_dense_replace", None) is not None:  # DeepSeek, GLM-4.5
+        first, freq = text.first_k_dense_replace, get("moe_layer_freq", 1)
+        moe = [i for i in layers if i >= first and i % freq == 0]
+    elif getattr(text, "moe_layer_start_index", None) is not None:  # ERNIE 4.5
+        first, last = text.moe_layer_start_index, get("moe_layer_end_index", layers[-1])
+        if not isinstance(first, int) or not isinstance(last, int):  # ERNIE-VL: lists
+            return len(layers)
+        step = get("moe_layer_interval", 1)
+        moe = [i for i in layers if first <= i <= last and (i + 1) % step == 0]
+    elif getattr(text, "interleave_moe_layer_step", None) is not None:  # Llama 4
+        step = text.interleave_moe_layer_step
+        moe = [i for i in layers if step > 0 and (i + 1) % step == 0]
+    else:  # Qwen2/3-MoE, Qwen3-Next; others: every layer
+        dense, step = set(get("mlp_only_layers", ())), get("decoder_sparse_step", 1)
+        moe = [i for i in layers if i not in dense and (i + 1) % step == 0]
+    return len(moe) or len(layers)
 
 
 def check_task_files(cfg: OffloadConfig) -> None:
