@@ -43,7 +43,9 @@ NOTE #1: in one CTA a tensor smaller than the CTA is held by every warp, and onl
 one copy of a store is written; a reduction within a warp needs no barrier. So a
 warp that loads slot state after another warp stored it computes other values, and
 in a loop with a barrier it may then leave after a different number of passes: a
-hang. A victim search therefore waits for every warp's loads before it stores.
+hang. A victim search therefore waits for every warp's loads before it stores, and
+so does every other store to slot state that warps read just before (the resolve's
+settled flags, the prefetch's locks): a count or a lock budget would differ by warp.
 """
 
 from __future__ import annotations
@@ -294,6 +296,7 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
         n_unlock = tl.sum((resident & ((f & PROTECT) != 0)).to(tl.int32), 0)
         settled = settled & ~(PROTECT | AHEAD)
         tl.store(group_ptr + LOCKS, tl.load(group_ptr + LOCKS) - n_unlock)
+    tl.debug_barrier()  # NOTE #1
     tl.store(flags_ptr + row, settled, mask=resident)
     for d in tl.static_range(DEPTH):  # prediction precision / recall per distance
         at = layer * DEPTH + d
@@ -393,6 +396,7 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     locks = tl.load(group_ptr + LOCKS)
     lockable = hit & ((f & PROTECT) == 0)
     newly = lockable & (tl.cumsum(lockable.to(tl.int32), 0) <= budget - locks)
+    tl.debug_barrier()  # NOTE #1: `want` below decides a loop with barriers
     tl.store(flags_ptr + row, f | PROTECT, mask=newly)
     locks += tl.sum(newly.to(tl.int32), 0)
     miss = pm & (resident == 0)
