@@ -187,6 +187,34 @@ class ExpertStore:
                              f"{self.layout.describe()}")
 
 
+_LIBCUDA = "libcuda.so.1"  # the CUDA driver (tests load a stand-in)
+_REGISTER_FLAGS = 0x3  # PORTABLE | DEVICEMAP: what cudaHostRegister's default is on UVA
+
+
+def _driver(device: int, call: str, *args) -> int:
+    """libcuda's `call` with `device`'s primary context (torch's) current; its
+    CUresult, 0 for success. The driver API leaves the runtime's last error alone:
+    a refused cudaHostRegister would fail torch's next kernel launch instead."""
+    import ctypes
+
+    cuda = ctypes.CDLL(_LIBCUDA)
+    ctx, dev = ctypes.c_void_p(), ctypes.c_int()
+    err = (cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), device)
+           or cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+    if err:
+        return err
+    try:
+        err = cuda.cuCtxPushCurrent_v2(ctx)
+        if err:
+            return err
+        try:
+            return getattr(cuda, call)(*args)
+        finally:
+            cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+    finally:
+        cuda.cuDevicePrimaryCtxRelease_v2(dev)
+
+
 def _registered_is_mapped() -> bool:
     """Whether kernels may read registered host memory at its host address (CUDA's
     CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, 91; memory from cudaHostAlloc, torch's
@@ -195,7 +223,7 @@ def _registered_is_mapped() -> bool:
     import ctypes
 
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
+        cuda = ctypes.CDLL(_LIBCUDA)
         device, value = ctypes.c_int(), ctypes.c_int()
         return (cuda.cuInit(0) == 0
                 and cuda.cuDeviceGet(ctypes.byref(device), torch.cuda.current_device()) == 0
@@ -205,28 +233,47 @@ def _registered_is_mapped() -> bool:
         return False
 
 
-def _page_lock(owner, data: torch.Tensor) -> bool:
-    """Page-lock `data` where it lies (cudaHostRegister), unlocked once `owner` is
-    gone. torch's pin_memory=True rounds every block up to a power of two (its
-    caching host allocator), so a 90 GB store would lock 128 GiB of a 128 GiB host.
-    Where the driver says kernels may read it at its host address (as they read
-    pinned memory), else, or where there is no CUDA or it refuses, False: then the
-    caller pins the torch way."""
-    if not torch.cuda.is_available() or data.nbytes == 0 or not _registered_is_mapped():
+def _whole_pages(nbytes: int) -> torch.Tensor:
+    """`nbytes` of host memory that start on a page, inside whole pages that no other
+    allocation shares (registering a page twice fails)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    size = -(-nbytes // page) * page
+    raw = torch.empty(size + page, dtype=torch.uint8)
+    start = -raw.data_ptr() % page
+    return raw[start:start + size]
+
+
+def _page_lock(owner, pages: torch.Tensor) -> bool:
+    """Page-lock `pages` (whole pages: `_whole_pages`) where they lie, through the
+    driver (cuMemHostRegister), unlocked once `owner` is gone. torch's
+    pin_memory=True rounds every block up to a power of two (its caching host
+    allocator), so a 90 GB store would lock 128 GiB of a 128 GiB host. Only where the
+    driver says kernels may read them at their host address (as they read pinned
+    memory); else, or where there is no CUDA or it refuses, False: then the caller
+    pins the torch way."""
+    if not torch.cuda.is_available() or pages.nbytes == 0 or not _registered_is_mapped():
         return False
+    import ctypes
+
+    device = torch.cuda.current_device()
     try:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(data.data_ptr(), data.nbytes, 0)
-        ok = err == cudart.cudaError.success
-    except (AttributeError, RuntimeError, TypeError) as e:
-        ok, err = False, e
-    if not ok:
-        logger.warning("expert offload: cudaHostRegister of %d bytes failed (%s); pinning "
-                       "the store with torch (rounded up to a power of two)", data.nbytes, err)
+        err = _driver(device, "cuMemHostRegister_v2", ctypes.c_void_p(pages.data_ptr()),
+                      ctypes.c_size_t(pages.nbytes), ctypes.c_uint(_REGISTER_FLAGS))
+    except (OSError, AttributeError) as e:
+        err = e
+    if err:
+        logger.warning("expert offload: page-locking %d bytes of the store failed "
+                       "(cuMemHostRegister: %s); pinning it with torch instead (rounded "
+                       "up to a power of two)", pages.nbytes, err)
         return False
-    # the finalizer holds `data` until it has unlocked it
-    weakref.finalize(owner, lambda: cudart.cudaHostUnregister(data.data_ptr()))
+    weakref.finalize(owner, _page_unlock, device, pages)  # holds `pages` till then
     return True
+
+
+def _page_unlock(device: int, pages: torch.Tensor) -> None:
+    import ctypes
+
+    _driver(device, "cuMemHostUnregister", ctypes.c_void_p(pages.data_ptr()))
 
 
 class HostStore(ExpertStore):
@@ -236,9 +283,12 @@ class HostStore(ExpertStore):
                  keys=None):
         super().__init__(layout, num_layers, experts_per_layer, keys)
         shape = (self.num_records, layout.record_bytes)
-        self._data = torch.empty(shape, dtype=torch.uint8)
-        if pin_memory and not _page_lock(self, self._data):
-            self._data = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        pages = _whole_pages(shape[0] * shape[1]) if pin_memory else None
+        if pages is not None and _page_lock(self, pages):
+            self._data = pages[:shape[0] * shape[1]].view(shape)
+        else:
+            del pages
+            self._data = torch.empty(shape, dtype=torch.uint8, pin_memory=pin_memory)
         self._offsets = []
         off = 0
         for spec in layout.tensors:

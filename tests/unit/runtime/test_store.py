@@ -279,3 +279,94 @@ def test_a_large_model_s_subset_fits_the_header(tmp_path):
     store = DiskStore(tmp_path / "big.experts", LAYOUT, 48, 128, FP, keys=keys)
     assert store.nbytes == len(keys) * LAYOUT.record_bytes
     store.close()
+
+
+# A stand-in for libcuda.so.1: the calls the store makes to page-lock itself, recorded
+# (the CUDA driver's signatures; CUresult 0 is success).
+FAKE_LIBCUDA = r"""
+#include <stddef.h>
+#include <stdint.h>
+int fail_register = 0, depth = 0, max_depth = 0, retained = 0, registered = 0;
+uintptr_t last_ptr = 0; size_t last_size = 0; unsigned last_flags = 0;
+uintptr_t unregistered_ptr = 0;
+int cuInit(unsigned f) { return 0; }
+int cuDeviceGet(int *d, int ordinal) { *d = ordinal; return 0; }
+int cuDeviceGetAttribute(int *v, int attr, int d) { *v = attr == 91; return 0; }
+int cuDevicePrimaryCtxRetain(void **ctx, int d) { *ctx = (void *)0x1234; retained++; return 0; }
+int cuDevicePrimaryCtxRelease_v2(int d) { retained--; return 0; }
+int cuCtxPushCurrent_v2(void *ctx) {
+    if (ctx != (void *)0x1234) return 201;  /* CUDA_ERROR_INVALID_CONTEXT */
+    if (++depth > max_depth) max_depth = depth;
+    return 0;
+}
+int cuCtxPopCurrent_v2(void **ctx) { depth--; *ctx = (void *)0x1234; return 0; }
+int cuMemHostRegister_v2(void *p, size_t n, unsigned flags) {
+    if (depth != 1) return 201;
+    if (fail_register) return 712;  /* CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED */
+    last_ptr = (uintptr_t)p; last_size = n; last_flags = flags; registered++;
+    return 0;
+}
+int cuMemHostUnregister(void *p) {
+    if (depth != 1) return 201;
+    unregistered_ptr = (uintptr_t)p; registered--;
+    return 0;
+}
+"""
+
+
+@pytest.fixture
+def fake_libcuda(tmp_path, monkeypatch):
+    import ctypes
+    import shutil
+    import subprocess
+
+    from vllm_moe_offload.runtime import store
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the stand-in driver")
+    (tmp_path / "fake_cuda.c").write_text(FAKE_LIBCUDA)
+    lib = tmp_path / "libfakecuda.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "fake_cuda.c")],
+                   check=True)
+    monkeypatch.setattr(store, "_LIBCUDA", str(lib))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return ctypes.CDLL(str(lib))
+
+
+def test_the_pinned_store_registers_whole_pages_of_its_own(fake_libcuda):
+    """On CUDA the host store page-locks itself through the driver (store.py
+    `_page_lock`): whole pages that no other allocation shares, mapped for the
+    device, with torch's context current, unlocked when the store goes. Through the
+    driver API a refusal leaves the runtime's last error alone (torch would raise it
+    at its next kernel launch), and the store falls back to torch's pinning."""
+    import ctypes
+    import gc
+
+    from vllm_moe_offload.runtime.store import _page_lock, _whole_pages
+
+    def value(name, kind=ctypes.c_int):
+        return kind.in_dll(fake_libcuda, name).value
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    store = HostStore(LAYOUT, L, E, pin_memory=True)
+    data = store._data
+    assert value("registered") == 1 and value("last_flags", ctypes.c_uint) == 0x3
+    ptr, size = value("last_ptr", ctypes.c_size_t), value("last_size", ctypes.c_size_t)
+    assert ptr % page == 0 and size % page == 0
+    assert ptr == data.data_ptr() and data.nbytes <= size < data.nbytes + page
+    assert data.shape == (L * E, LAYOUT.record_bytes)
+    assert value("max_depth") == 1 and value("depth") == 0 and value("retained") == 0
+    fill(store)
+    dst = empty_slot()
+    store.read_into(1, 2, dst)
+    assert all(torch.equal(a, b) for a, b in zip(dst, expert(1, 2)))
+    del store, data
+    gc.collect()
+    assert value("registered") == 0 and value("unregistered_ptr", ctypes.c_size_t) == ptr
+    assert value("depth") == 0 and value("retained") == 0
+
+    ctypes.c_int.in_dll(fake_libcuda, "fail_register").value = 1
+    owner = type("Owner", (), {})()
+    assert not _page_lock(owner, _whole_pages(3 * page + 5))
+    assert value("registered") == 0 and value("depth") == 0 and value("retained") == 0
