@@ -18,9 +18,13 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
-from common import write_results
+
+# the repository too: a bare GPU machine runs it with no install
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from common import write_results  # noqa: E402
 
 from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
