@@ -38,3 +38,23 @@ def test_gpu_stack_runs_on_cpu(tmp_path):
 
 def on_demand_rows(rows):
     return [r for r in rows if r["row"] == "S50 on-demand"]
+
+
+def test_gpu_scripts_run_from_a_bare_checkout(tmp_path):
+    """A GPU machine runs scripts/gpu_checks on a checkout with no install: the
+    benchmarks it runs find the package by their own path. Here the installed
+    package is hidden (`-S`: no .pth files, so no editable install)."""
+    import site
+    import torch
+
+    paths = [p for p in site.getsitepackages() if Path(torch.__file__).is_relative_to(p)]
+    for script in ("gpu_stack.py", "dequant_kernel.py"):
+        proc = subprocess.run(
+            [sys.executable, "-S", str(ROOT / "benchmarks" / script), "--help"],
+            cwd=tmp_path, env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{script}: {proc.stderr[-2000:]}"
+    hidden = subprocess.run([sys.executable, "-S", "-c", "import vllm_moe_offload"],
+                            cwd=tmp_path, env={"PYTHONPATH": ":".join(paths)},
+                            capture_output=True, text=True, timeout=60)
+    assert hidden.returncode != 0  # the check above really ran without the install
