@@ -191,10 +191,14 @@ _LIBCUDA = "libcuda.so.1"  # the CUDA driver (tests load a stand-in)
 _REGISTER_FLAGS = 0x3  # PORTABLE | DEVICEMAP: what cudaHostRegister's default is on UVA
 
 
-def _driver(device: int, call: str, *args) -> int:
+def _driver(device: int, call: str, *args, hold: int = 0) -> int:
     """libcuda's `call` with `device`'s primary context (torch's) current; its
     CUresult, 0 for success. The driver API leaves the runtime's last error alone:
-    a refused cudaHostRegister would fail torch's next kernel launch instead."""
+    a refused cudaHostRegister would fail torch's next kernel launch instead.
+    `hold`: 1 keeps this call's reference to the context after a success, -1 drops
+    the one such a call kept. Memory registered with the context lives as long as
+    it does, and the context resets when its last reference goes: where torch has
+    not started it yet (its lazy start makes none), a registration would vanish."""
     import ctypes
 
     cuda = ctypes.CDLL(_LIBCUDA)
@@ -203,16 +207,20 @@ def _driver(device: int, call: str, *args) -> int:
            or cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
     if err:
         return err
+    kept = False
     try:
         err = cuda.cuCtxPushCurrent_v2(ctx)
         if err:
             return err
         try:
-            return getattr(cuda, call)(*args)
+            err = getattr(cuda, call)(*args)
+            kept = err == 0 and hold > 0
+            return err
         finally:
             cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
     finally:
-        cuda.cuDevicePrimaryCtxRelease_v2(dev)
+        for _ in range((not kept) + (hold < 0)):
+            cuda.cuDevicePrimaryCtxRelease_v2(dev)
 
 
 def _registered_is_mapped() -> bool:
@@ -245,7 +253,7 @@ def _whole_pages(nbytes: int) -> torch.Tensor:
 
 def _page_lock(owner, pages: torch.Tensor) -> bool:
     """Page-lock `pages` (whole pages: `_whole_pages`) where they lie, through the
-    driver (cuMemHostRegister), unlocked once `owner` is gone. torch's
+    driver (cuMemHostRegister, holding the context), unlocked once `owner` is gone. torch's
     pin_memory=True rounds every block up to a power of two (its caching host
     allocator), so a 90 GB store would lock 128 GiB of a 128 GiB host. Only where the
     driver says kernels may read them at their host address (as they read pinned
@@ -258,7 +266,7 @@ def _page_lock(owner, pages: torch.Tensor) -> bool:
     device = torch.cuda.current_device()
     try:
         err = _driver(device, "cuMemHostRegister_v2", ctypes.c_void_p(pages.data_ptr()),
-                      ctypes.c_size_t(pages.nbytes), ctypes.c_uint(_REGISTER_FLAGS))
+                      ctypes.c_size_t(pages.nbytes), ctypes.c_uint(_REGISTER_FLAGS), hold=1)
     except (OSError, AttributeError) as e:
         err = e
     if err:
@@ -273,7 +281,7 @@ def _page_lock(owner, pages: torch.Tensor) -> bool:
 def _page_unlock(device: int, pages: torch.Tensor) -> None:
     import ctypes
 
-    _driver(device, "cuMemHostUnregister", ctypes.c_void_p(pages.data_ptr()))
+    _driver(device, "cuMemHostUnregister", ctypes.c_void_p(pages.data_ptr()), hold=-1)
 
 
 class HostStore(ExpertStore):

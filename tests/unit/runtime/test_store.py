@@ -286,14 +286,17 @@ def test_a_large_model_s_subset_fits_the_header(tmp_path):
 FAKE_LIBCUDA = r"""
 #include <stddef.h>
 #include <stdint.h>
-int fail_register = 0, depth = 0, max_depth = 0, retained = 0, registered = 0;
+int fail_register = 0, depth = 0, max_depth = 0, retained = 0, registered = 0, lost = 0;
 uintptr_t last_ptr = 0; size_t last_size = 0; unsigned last_flags = 0;
 uintptr_t unregistered_ptr = 0;
 int cuInit(unsigned f) { return 0; }
 int cuDeviceGet(int *d, int ordinal) { *d = ordinal; return 0; }
 int cuDeviceGetAttribute(int *v, int attr, int d) { *v = attr == 91; return 0; }
 int cuDevicePrimaryCtxRetain(void **ctx, int d) { *ctx = (void *)0x1234; retained++; return 0; }
-int cuDevicePrimaryCtxRelease_v2(int d) { retained--; return 0; }
+int cuDevicePrimaryCtxRelease_v2(int d) {  /* the last reference resets the context */
+    if (--retained == 0) { lost += registered; registered = 0; }
+    return 0;
+}
 int cuCtxPushCurrent_v2(void *ctx) {
     if (ctx != (void *)0x1234) return 201;  /* CUDA_ERROR_INVALID_CONTEXT */
     if (++depth > max_depth) max_depth = depth;
@@ -337,7 +340,8 @@ def fake_libcuda(tmp_path, monkeypatch):
 def test_the_pinned_store_registers_whole_pages_of_its_own(fake_libcuda):
     """On CUDA the host store page-locks itself through the driver (store.py
     `_page_lock`): whole pages that no other allocation shares, mapped for the
-    device, with torch's context current, unlocked when the store goes. Through the
+    device, with torch's context current and held (the last reference resets it),
+    unlocked when the store goes. Through the
     driver API a refusal leaves the runtime's last error alone (torch would raise it
     at its next kernel launch), and the store falls back to torch's pinning."""
     import ctypes
@@ -356,15 +360,22 @@ def test_the_pinned_store_registers_whole_pages_of_its_own(fake_libcuda):
     assert ptr % page == 0 and size % page == 0
     assert ptr == data.data_ptr() and data.nbytes <= size < data.nbytes + page
     assert data.shape == (L * E, LAYOUT.record_bytes)
-    assert value("max_depth") == 1 and value("depth") == 0 and value("retained") == 0
+    # the store holds the context: released, it would reset and drop the registration
+    assert value("max_depth") == 1 and value("depth") == 0 and value("retained") == 1
     fill(store)
     dst = empty_slot()
     store.read_into(1, 2, dst)
     assert all(torch.equal(a, b) for a, b in zip(dst, expert(1, 2)))
+    second = HostStore(LAYOUT, L, E, pin_memory=True)  # pages of its own: registered too
+    assert value("registered") == 2 and value("retained") == 2 and value("lost") == 0
     del store, data
     gc.collect()
-    assert value("registered") == 0 and value("unregistered_ptr", ctypes.c_size_t) == ptr
-    assert value("depth") == 0 and value("retained") == 0
+    assert value("unregistered_ptr", ctypes.c_size_t) == ptr
+    assert value("registered") == 1 and value("retained") == 1
+    del second
+    gc.collect()
+    assert value("registered") == 0 and value("retained") == 0 and value("lost") == 0
+    assert value("depth") == 0
 
     ctypes.c_int.in_dll(fake_libcuda, "fail_register").value = 1
     owner = type("Owner", (), {})()
