@@ -35,6 +35,7 @@ def test_a_gated_single_device_layer_is_served():
     (dict(num_experts=10), ["2 redundant (EPLB) experts", "--enable-eplb"]),
     (dict(is_act_and_mul=False, activation="relu2_no_mul"),
      ["non-gated experts (activation relu2_no_mul)"]),
+    (dict(is_lora_enabled=True), ["LoRA adapters", "Drop --enable-lora"]),
 ])
 def test_what_cannot_be_offloaded_is_named_with_the_fix(overrides, names):
     problem = capability_problem(moe_config(**overrides))
@@ -140,19 +141,27 @@ def test_a_hub_model_id_reads_its_snapshot_in_the_cache(tmp_path):
     assert checkpoint_dir("org/not-cached", None, str(tmp_path)) == "org/not-cached"
 
 
-def test_padded_rows_of_a_graphs_batch_route_as_row_0():
+def test_padded_rows_of_a_graphs_batch_route_to_no_expert():
     """vLLM pads a batch to a captured size; the padded rows' picks would load
-    experts for outputs it throws away (layer.py _padding_as_row0)."""
+    experts for outputs it throws away (layer.py _route_padding). On CUDA they get
+    -1, as vLLM's own routers give them (VLLM_MOE_SKIP_PADDING), which its kernels
+    and the cache skip; on the CPU, whose kernels take no -1, row 0's experts."""
     import torch
 
-    from vllm_moe_offload.integration.vllm.layer import _padding_as_row0
+    from vllm_moe_offload.integration.vllm.layer import _route_padding
 
     ids = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 0]], dtype=torch.int32)
     pad = torch.tensor([False, False, True, True])
-    got = _padding_as_row0(ids, pad)
+    got = _route_padding(ids, pad, skip=True)
+    assert got.tolist() == [[1, 2], [3, 4], [-1, -1], [-1, -1]] and got.dtype == ids.dtype
+    got = _route_padding(ids, pad, skip=False)
     assert got.tolist() == [[1, 2], [3, 4], [1, 2], [1, 2]] and got.dtype == ids.dtype
-    assert _padding_as_row0(ids, None) is ids
-    assert _padding_as_row0(ids, pad[:3]) is ids  # not this call's rows: left alone
+    assert _route_padding(ids, None, skip=True) is ids
+    assert _route_padding(ids, pad[:3], skip=True) is ids  # not this call's rows
+    # a buffer longer than the call (vLLM slices it the same way)
+    longer = torch.tensor([False, True, False, False, True])
+    assert _route_padding(ids, longer, skip=True).tolist() == [[1, 2], [-1, -1], [5, 6],
+                                                               [7, 0]]
 
 
 @pytest.mark.parametrize("pack,as_is", [

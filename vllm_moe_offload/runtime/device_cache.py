@@ -368,7 +368,8 @@ class DeviceExpertCache(SlotBuffers):
             PDL=self.pdl)
         self._fill(self._jobs, jobs, self.demand_parts, self.pdl)
         if self.predictor is not None and hidden is not None:
-            self._prefetch(layer, hidden)
+            # vLLM's padded rows (ids -1): their stale hidden states predict nothing
+            self._prefetch(layer, hidden, topk_ids.view(topk_ids.shape[0], -1)[:, :1] < 0)
         return out.view(topk_ids.shape)
 
     # ---- routing trace ----------------------------------------------------------------
@@ -440,7 +441,8 @@ class DeviceExpertCache(SlotBuffers):
 
     # ---- prefetch ---------------------------------------------------------------------
 
-    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+    def _prefetch(self, layer: int, hidden: torch.Tensor, padded: torch.Tensor) -> None:
+        """`padded` [T, 1]: the call's rows whose predictions count for nothing."""
         predicted = self.predictor.predict_ids(layer, hidden)  # [(target, ids)], device
         if not predicted:
             return
@@ -448,6 +450,8 @@ class DeviceExpertCache(SlotBuffers):
         launches = []
         for target, ids in predicted:
             d = target - layer
+            if ids.shape[0] == padded.shape[0]:  # a row of predictions per token
+                ids = torch.where(padded, -1, ids)
             ids = ids.reshape(-1).contiguous()
             n = ids.numel()
             jobs = min(E, n)  # not the budget: it lives on the device and may change

@@ -130,7 +130,7 @@ class ExpertCache(SlotBuffers):
             self.pool.release(self._call_pins)
             self._call_pins = []
         self._release_finished_prefetches()
-        experts = self._distinct(topk_ids)  # NOTE #2
+        experts, padded = self._distinct(topk_ids)  # NOTE #2
         self.pool.start_call(layer)
         grants = self.pool.acquire((ExpertKey(layer, e) for e in experts), used=True)
         if grants is None:
@@ -146,20 +146,25 @@ class ExpertCache(SlotBuffers):
         if misses:
             self._load_now(layer, misses)
         self._call_pins = [g.slot for g in grants]
+        topk_rows = topk_ids
+        if padded:  # vLLM's padded rows: no trace, no prediction
+            routed = (topk_ids >= 0).all(-1)
+            topk_rows = topk_ids[routed]
+            hidden = hidden[routed] if hidden is not None else None
         if self.trace is not None:
             k = topk_ids.shape[-1]
-            self.trace.write(layer, k, topk_ids.to(torch.int16).cpu().numpy().tobytes())
-        if self.predictor is not None and hidden is not None:
+            self.trace.write(layer, k, topk_rows.to(torch.int16).cpu().numpy().tobytes())
+        if self.predictor is not None and hidden is not None and hidden.shape[0]:
             self._prefetch(layer, hidden)
         if self._changed:
             self._push_changes()
-        slots = self._table_dev[layer].index_select(0, topk_ids.reshape(-1))
-        slots = slots.view(topk_ids.shape).to(topk_ids.dtype)
+        flat = topk_ids.reshape(-1)
+        slots = self._table_dev[layer].index_select(0, flat.clamp_min(0))
         lost = [e for e in experts if self._table[layer, e] < 0]
         if lost:  # NOTE #5
             self._fail_rows(layer, topk_ids, lost)
             slots = slots.clamp_min(0)
-        return slots
+        return torch.where(flat < 0, -1, slots).view(topk_ids.shape).to(topk_ids.dtype)
 
     def _fail_rows(self, layer: int, topk_ids: torch.Tensor, lost: list[int]) -> None:
         lost = set(lost)
@@ -185,13 +190,19 @@ class ExpertCache(SlotBuffers):
                          "the engine keeps serving and tries again at its next use.", error)
         self._lost[key] = str(error)
 
-    def _distinct(self, topk_ids: torch.Tensor) -> list[int]:
+    def _distinct(self, topk_ids: torch.Tensor) -> tuple[list[int], bool]:
+        """(the experts of a call, whether it has ids of -1: no expert, the rows vLLM
+        pads a batch with on CUDA)."""
         if not self._cuda:
-            return torch.unique(topk_ids).tolist()
-        # A scatter into [E] and one read-back: cheaper on the GPU than torch.unique.
-        seen = torch.zeros(self.experts_per_layer, dtype=torch.bool, device=self.device)
-        seen[topk_ids.reshape(-1).long()] = True
-        return seen.nonzero().flatten().tolist()
+            ids = torch.unique(topk_ids).tolist()
+        else:  # a scatter into [E] (and a bin for -1) and one read-back: cheaper on
+            # the GPU than torch.unique
+            E = self.experts_per_layer
+            seen = torch.zeros(E + 1, dtype=torch.bool, device=self.device)
+            flat = topk_ids.reshape(-1).long()
+            seen[torch.where(flat < 0, E, flat)] = True
+            ids = [e if e < E else -1 for e in seen.nonzero().flatten().tolist()]
+        return [e for e in ids if e >= 0], bool(ids) and min(ids) < 0
 
     def _set(self, layer: int, expert: int, slot: int) -> None:
         """Point the table at `slot` (-1: none), by its id in the layer's group."""

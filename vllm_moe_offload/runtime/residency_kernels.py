@@ -2,6 +2,8 @@
 
 Legend: L = MoE layers, E = experts per layer, S = slots, n = ids in one call
 (tokens x top-k), J = most jobs of one call (min(E, n)), key = layer * E + expert.
+An id of -1 is no expert (vLLM routes the rows it pads a batch with there): never
+needed, never counted, slot id -1.
 
 Device state (int32 unless noted), read and written only by these kernels while
 the model runs, so a layer call needs no host sync and can sit in a CUDA graph:
@@ -168,8 +170,8 @@ def _mark(ids_ptr, n_ids, mask_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constex
     tl.debug_barrier()
     for start in range(0, n_ids, ID_BLOCK):
         i = start + tl.arange(0, ID_BLOCK)
-        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
-        tl.store(mask_ptr + ids, tl.full([ID_BLOCK], 1, tl.int32), mask=i < n_ids)
+        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
+        tl.store(mask_ptr + ids, tl.full([ID_BLOCK], 1, tl.int32), mask=ids >= 0)
     tl.debug_barrier()
     return tl.load(mask_ptr + e, mask=e < E, other=0) != 0
 
@@ -329,18 +331,20 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
                  tl.load(state_ptr + ERROR) | (taken < n_miss).to(tl.int32))
         tl.debug_barrier()
     new_row = tl.where(miss & (rank < taken), slot, row)
-    if SMALL:  # ids -> slots through the row in registers
+    # ids -> slots in the group; -1 (a row vLLM pads a batch with) stays -1, which
+    # vLLM's kernels skip
+    if SMALL:  # through the row in registers
         i = tl.arange(0, ID_BLOCK)
         slots = tl.sum(tl.where(ids[:, None] == e[None, :], new_row[None, :], 0), 1)
-        tl.store(out_ptr + i, tl.maximum(slots - lo, 0).to(out_ptr.dtype.element_ty),
-                 mask=i < n_ids)
+        slots = tl.where(ids >= 0, tl.maximum(slots - lo, 0), -1)
+        tl.store(out_ptr + i, slots.to(out_ptr.dtype.element_ty), mask=i < n_ids)
     else:
         for start in range(0, n_ids, ID_BLOCK):
             i = start + tl.arange(0, ID_BLOCK)
-            ids = tl.load(ids_ptr + i, mask=i < n_ids, other=0)
-            slots = tl.load(table_ptr + layer * E + ids, mask=i < n_ids, other=0)
-            tl.store(out_ptr + i, tl.maximum(slots - lo, 0).to(out_ptr.dtype.element_ty),
-                     mask=i < n_ids)
+            ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
+            slots = tl.load(table_ptr + layer * E + ids, mask=ids >= 0, other=0)
+            slots = tl.where(ids >= 0, tl.maximum(slots - lo, 0), -1)
+            tl.store(out_ptr + i, slots.to(out_ptr.dtype.element_ty), mask=i < n_ids)
     c = tl.arange(0, NSTAT)
     base = counters_ptr + layer * NSTAT
     delta = (tl.where(c == CALLS, 1, 0) + tl.where(c == HITS, n_need - n_miss, 0)

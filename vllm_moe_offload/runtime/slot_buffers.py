@@ -169,13 +169,14 @@ def reroute(resident: torch.Tensor, topk_ids: torch.Tensor, scores: torch.Tensor
     `sync=False` (device mode): no early return and the swaps as a device tensor, so
     nothing reads the device (a CUDA graph can hold it)."""
     resident = resident.to(topk_ids.device)
-    tokens = tokens.to(topk_ids.device)
-    if sync and (not bool(tokens.any()) or bool(resident[topk_ids[tokens]].all())):
+    ids = topk_ids.long().clamp_min(0)  # -1, vLLM's padded rows: left as they are
+    tokens = tokens.to(topk_ids.device) & (topk_ids >= 0).all(1)
+    if sync and (not bool(tokens.any()) or bool(resident[ids[tokens]].all())):
         return topk_ids, 0
     scores = scores.float().masked_fill(~resident, float("-inf"))
-    scores = scores.scatter(1, topk_ids.long(), float("-inf"))
+    scores = scores.scatter(1, ids, float("-inf"))
     best_scores, best = scores.topk(topk_ids.shape[1], dim=1)
-    miss = ~resident[topk_ids.long()] & tokens.unsqueeze(1)
+    miss = ~resident[ids] & tokens.unsqueeze(1)
     rank = (miss.cumsum(1) - 1).clamp(min=0)  # a row's i-th miss takes its i-th best
     swap = miss & torch.isfinite(best_scores.gather(1, rank))
     count = swap.sum()

@@ -67,7 +67,6 @@ class TaskResidency:
                                        self.experts_per_layer, dtype=torch.int64, device=dev)
             self._token_rows = torch.full((max_step_tokens,), COUNT_ROWS, dtype=torch.int64,
                                           device=dev)
-            self._one = torch.ones(1, dtype=torch.int64, device=dev)
             # approximate mode: [L, max_step_tokens] whether a token row's task is
             # insensitive at each layer (False past the step's rows)
             self._approx_rows = torch.zeros(self.num_layers, max_step_tokens if approximate
@@ -170,8 +169,9 @@ class TaskResidency:
                                f"than the {self._token_rows.numel()} the task counts "
                                "were sized for")
         rows = self._token_rows[:T].unsqueeze(1)
-        flat = ((rows * L + layer) * E + topk_ids.to(torch.int64)).reshape(-1)
-        self._counts.view(-1).index_add_(0, flat, self._one.expand(T * K))
+        ids = topk_ids.to(torch.int64)  # -1 (vLLM's padded rows): counts nothing
+        flat = ((rows * L + layer) * E + ids.clamp_min(0)).reshape(-1)
+        self._counts.view(-1).index_add_(0, flat, (ids >= 0).reshape(-1).to(torch.int64))
 
     def approx_tokens(self, layer: int, num_tokens: int,
                       capturing: bool = False) -> torch.Tensor | None:

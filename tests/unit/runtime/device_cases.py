@@ -382,6 +382,35 @@ def case_a_call_of_more_ids_than_one_block_maps_every_id(device):
     assert cache.sync_stats().totals().misses >= 2 * E
 
 
+def case_padded_rows_are_no_expert(device):
+    """vLLM on CUDA routes the rows it pads a batch with to -1 (its warm-up and
+    capture runs are all padding): on the register path and the general one, layer 0
+    included (where -1 would index before the table), they need, load and count
+    nothing and get slot -1, which vLLM's kernels skip; their predictions fetch
+    nothing."""
+    L, E = 3, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    pred = FixedPredictor(depth=1, num_layers=L)
+    hidden = torch.zeros(4, 4, device=device)
+    ids = torch.tensor([[1, 2], [-1, -1], [2, 3], [-1, -1]], dtype=torch.int32,
+                       device=device)
+    pred.next = {1: torch.tensor([[4, 5], [6, 7], [4, 5], [6, 7]], device=device)}
+    for small in (True, False):
+        cache = DeviceExpertCache(store, 2 * E, device, predictor=pred)
+        cache.small_path = small
+        slots = cache.map_to_slots(0, ids, hidden)
+        assert slots[1].tolist() == slots[3].tolist() == [-1, -1], (small, slots.tolist())
+        check_slots(cache, full, 0, ids[[0, 2]], slots[[0, 2]])
+        none = cache.map_to_slots(2, torch.full((5, 2), -1, dtype=torch.int32,
+                                                device=device), hidden[:1].expand(5, 4))
+        assert none.tolist() == [[-1, -1]] * 5, (small, none.tolist())
+        check_state(cache)
+        owned = sorted(k for k in cache.owner.tolist() if k >= 0)
+        assert owned == [1, 2, 3, E + 4, E + 5], (small, owned)  # layer 1: predicted
+        s = cache.sync_stats()
+        assert (s.layer(0).misses, s.layer(2).misses, s.totals().prefetched) == (3, 0, 2)
+
+
 def case_approximate_reroute_counts_on_the_device(device):
     """Approximate mode's re-route in device mode: the device table says what is
     resident, and the swaps are counted on the device (read by sync_stats): the same

@@ -138,6 +138,38 @@ def test_trace_records_every_call(tmp_path):
     assert [(r.step, r.layer, r.expert_ids) for r in records] == calls
 
 
+def test_padded_rows_are_no_expert(tmp_path):
+    """vLLM on CUDA routes the rows it pads a batch with to -1 (its warm-up and
+    capture runs are all padding): they need, load and count nothing, get slot -1
+    (which vLLM's kernels skip), are not traced and predict nothing."""
+    class Predictor:
+        depth, num_layers = 1, L
+
+        def predict(self, layer, hidden):
+            self.rows = hidden.shape[0]
+            return []
+
+    path = tmp_path / "trace.bin"
+    cache = make_cache("host", tmp_path, E + 2, TraceWriter(str(path), TraceHeader(L, E, K)))
+    cache.predictor = Predictor()
+    ids = torch.tensor([[1, 2], [-1, -1], [2, 3], [-1, -1]], dtype=torch.int32)
+    slots = cache.map_to_slots(0, ids, torch.zeros(4, H))
+    assert slots[1].tolist() == slots[3].tolist() == [-1, -1] and slots.dtype == ids.dtype
+    assert slots[0, 1] == slots[2, 0] and len({*slots[[0, 2]].flatten().tolist()}) == 3
+    for e, slot in ((1, slots[0, 0]), (2, slots[0, 1]), (3, slots[2, 1])):
+        assert all(torch.equal(b[slot], w) for b, w in zip(cache.buffers, weights()[0][e]))
+    assert cache.resident(0) == [1, 2, 3] and cache.predictor.rows == 2
+    s = cache.stats.layer(0)
+    assert (s.calls, s.misses, s.bytes_loaded) == (1, 3, 3 * LAYOUT.expert_bytes)
+    every = cache.map_to_slots(1, torch.full((3, K), -1, dtype=torch.int32),
+                               torch.zeros(3, H))  # a warm-up run: all padding
+    assert every.tolist() == [[-1, -1]] * 3 and cache.resident(1) == []
+    assert cache.stats.layer(1).misses == 0
+    cache.trace.close()
+    _, records = read_trace(str(path))
+    assert [(r.layer, r.expert_ids) for r in records] == [(0, [1, 2, 2, 3]), (1, [])]
+
+
 def test_a_named_policy_runs_in_host_mode(tmp_path, monkeypatch):
     """Device mode evicts by CLOCK in its kernel; a named policy needs the host."""
     from vllm_moe_offload.runtime.modes import device_mode_problem, make_expert_cache

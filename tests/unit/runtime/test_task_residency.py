@@ -53,6 +53,10 @@ def test_reroute_replaces_only_misses_of_marked_rows(tmp_path):
     # All hits: unchanged, nothing counted.
     assert cache.reroute_misses(0, ids([[0, 1]]), scores[:1], rows[:1]).tolist() == [[0, 1]]
     assert cache.stats.layer(0).rerouted == 2
+    # vLLM's padded rows (-1, no expert) stay as they are, marked or not
+    padded = ids([[0, 4], [-1, -1]])
+    got = cache.reroute_misses(0, padded, scores[:2], torch.tensor([True, True]))
+    assert got.tolist() == [[0, 2], [-1, -1]] and cache.stats.layer(0).rerouted == 3
 
 
 def test_residency_attributes_tokens_to_tasks_and_replans(tmp_path):
@@ -94,6 +98,18 @@ def test_profiles_with_other_shapes_are_refused(tmp_path):
     TaskProfiles(L + 1, E).save(path)
     with pytest.raises(ValueError, match=f"{L + 1} layers x {E} experts, not {L} x {E}"):
         TaskResidency(make_cache("host", tmp_path, 10), 2, 40, str(path))
+
+
+def test_rows_routed_to_no_expert_count_nothing(tmp_path):
+    """vLLM on CUDA routes the rows it pads a batch with to -1: no count (at layer 0
+    of the first task's row, -1 would index the row before it)."""
+    cache = make_cache("host", tmp_path, num_slots=10)
+    res = TaskResidency(cache, budget=2, replan_every=1000, max_step_tokens=16)
+    res.begin_step([("a", 2), ("b", 1)], new_prompts=0, demand={})
+    res.record(0, ids([[-1, -1], [1, 1], [-1, -1], [-1, -1]]))
+    res.fold()
+    assert res.profiles.counts["a"] == [[0, 2, 0, 0, 0, 0]] + [[0] * E] * (L - 1)
+    assert "b" not in res.profiles.counts
 
 
 def test_counts_stay_on_the_device_path_padded_rows_and_many_tasks(tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import vllm
+import vllm.envs as envs
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import (get_forward_context, in_piecewise_cudagraph,
                                   is_forward_context_available)
@@ -474,7 +475,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._offload_cfg is None:
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
-        slot_ids = map_to_slots_op(_padding_as_row0(topk_ids, _padding_rows()), x,
+        skip = topk_ids.is_cuda and envs.VLLM_MOE_SKIP_PADDING
+        slot_ids = map_to_slots_op(_route_padding(topk_ids, _padding_rows(), skip), x,
                                    self._layer)
         with tuned_configs.model_experts(self.global_num_experts):
             out = self.quant_method.moe_kernel.apply(
@@ -503,14 +505,22 @@ def _padding_rows() -> torch.Tensor | None:
     return get_forward_context().is_padding
 
 
-def _padding_as_row0(topk_ids: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-    """Padded rows route as row 0: their router picks come from stale inputs, and
-    each would load experts over the link (and count them) for an output vLLM
-    throws away. As row 0's, they need no expert of their own. A device op, no host
-    sync: graphs keep it."""
-    if pad is None or pad.shape[0] != topk_ids.shape[0] or topk_ids.shape[0] < 2:
+def _route_padding(topk_ids: torch.Tensor, pad: torch.Tensor | None,
+                   skip: bool) -> torch.Tensor:
+    """The padded rows' picks come from stale inputs, and each would load experts
+    over the link (and count them) for an output vLLM throws away. With `skip` (on
+    CUDA, VLLM_MOE_SKIP_PADDING: on by default) they get id -1, no expert, as in
+    plain vLLM, whose kernels then skip them (its CUDA routers write -1 there
+    themselves); the cache loads and counts nothing for them. Else (the CPU kernels
+    take no -1) they route as row 0, whose experts the call needs anyway. A device
+    op, no host sync: graphs keep it."""
+    T = topk_ids.shape[0]
+    if pad is None or pad.shape[0] < T:
         return topk_ids
-    return torch.where(pad[:, None], topk_ids[:1], topk_ids)
+    pad = pad[:T, None]
+    if skip:
+        return topk_ids.masked_fill(pad, -1)
+    return torch.where(pad, topk_ids[:1], topk_ids) if T > 1 else topk_ids
 
 
 def _choose_triton(moe_config, quant_config, cuda: bool) -> None:
@@ -554,6 +564,10 @@ def capability_problem(moe_config, expert_map_manager=None) -> str | None:
         return (f"has non-gated experts (activation {moe_config.activation}); only gated "
                 "experts (gate and up projections) are supported yet. Turn expert "
                 "offload off.")
+    if getattr(moe_config, "is_lora_enabled", False):
+        return ("runs LoRA adapters on its experts (--enable-lora), which vLLM indexes by "
+                "expert id, where offload hands the kernel slot ids. Drop --enable-lora, "
+                "or turn expert offload off.")
     return None
 
 
