@@ -151,7 +151,7 @@ class ExpertCache(SlotBuffers):
             routed = (topk_ids >= 0).all(-1)
             topk_rows = topk_ids[routed]
             hidden = hidden[routed] if hidden is not None else None
-        if self.trace is not None:
+        if self.trace is not None and topk_rows.shape[0]:
             k = topk_ids.shape[-1]
             self.trace.write(layer, k, topk_rows.to(torch.int16).cpu().numpy().tobytes())
         if self.predictor is not None and hidden is not None and hidden.shape[0]:
@@ -159,12 +159,14 @@ class ExpertCache(SlotBuffers):
         if self._changed:
             self._push_changes()
         flat = topk_ids.reshape(-1)
-        slots = self._table_dev[layer].index_select(0, flat.clamp_min(0))
+        slots = self._table_dev[layer].index_select(0, flat.clamp_min(0) if padded else flat)
         lost = [e for e in experts if self._table[layer, e] < 0]
         if lost:  # NOTE #5
             self._fail_rows(layer, topk_ids, lost)
             slots = slots.clamp_min(0)
-        return torch.where(flat < 0, -1, slots).view(topk_ids.shape).to(topk_ids.dtype)
+        if padded:  # slot -1, which vLLM's kernels skip
+            slots = torch.where(flat < 0, -1, slots)
+        return slots.view(topk_ids.shape).to(topk_ids.dtype)
 
     def _fail_rows(self, layer: int, topk_ids: torch.Tensor, lost: list[int]) -> None:
         lost = set(lost)
