@@ -107,18 +107,28 @@ def test_the_early_pool_check_counts_moe_layers_only(monkeypatch):
                           first_k_dense_replace=2), OffloadConfig(enabled=True, pool_slots=1000))
 
 
-def test_cuda_unquantized_models_get_vllms_triton_kernel():
+def test_cuda_unquantized_and_fp8_models_get_vllms_triton_kernel():
     """On Blackwell vLLM's own pick is FlashInfer's monolithic TRT-LLM kernel, which
-    offload cannot hook: an unquantized model with --moe-backend auto gets Triton on
-    CUDA; a quantized one, a backend set by hand, or the CPU keep theirs."""
+    offload cannot hook, and for FP8 it may pick CUTLASS or DeepGEMM, which size or
+    lay out by the model's experts: an unquantized or `fp8` model with --moe-backend
+    auto gets Triton on CUDA; other methods (Marlin there), a backend set by hand
+    (refused as the kernel is known if offload cannot drive it), or the CPU keep
+    theirs."""
     from types import SimpleNamespace
 
     from vllm_moe_offload.integration.vllm.layer import _choose_triton
 
+    def quant(name):
+        return SimpleNamespace(get_name=lambda: name)
+
     for quant, backend, cuda, want in ((None, "auto", True, "triton"),
-                                       (object(), "auto", True, "auto"),
+                                       (quant("fp8"), "auto", True, "triton"),
+                                       (quant("compressed-tensors"), "auto", True, "auto"),
+                                       (quant("gptq_marlin"), "auto", True, "auto"),
                                        (None, "flashinfer_trtllm", True, "flashinfer_trtllm"),
-                                       (None, "auto", False, "auto")):
+                                       (quant("fp8"), "deep_gemm", True, "deep_gemm"),
+                                       (None, "auto", False, "auto"),
+                                       (quant("fp8"), "auto", False, "auto")):
         moe = SimpleNamespace(moe_backend=backend)
         _choose_triton(moe, quant, cuda)
         assert moe.moe_backend == want

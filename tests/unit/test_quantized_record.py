@@ -222,6 +222,47 @@ def test_a_monolithic_kernel_chosen_in_processing_is_refused_at_the_first_expert
     quant.pack(loaded_twin(layer, quant, 0))
 
 
+def test_kernels_sized_by_the_models_experts_are_refused_at_the_first_expert():
+    """CUTLASS FP8 sizes its permute scratch by the model's expert count, where
+    offload hands the kernel the pool's slot count (an assertion at vLLM's first
+    forward on CUDA); DeepGEMM lays scales out for TMA; the Triton-or-X fallbacks
+    pick one of them at run time. Refused, with the backend that works."""
+    class CutlassExpertsFp8Base:  # the names vLLM 0.32 gives them
+        pass
+
+    class CutlassExpertsFp8(CutlassExpertsFp8Base):
+        pass
+
+    class PicksCutlass(Method):
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            self.moe_kernel = SimpleNamespace(fused_experts=CutlassExpertsFp8())
+
+    layer, quant = layer_with(PicksCutlass())
+    with pytest.raises(NotImplementedError, match=r"model.layers.0.mlp.experts: vLLM chose "
+                                                  r"the MoE kernel CutlassExpertsFp8, which "
+                                                  r"sizes .*Add --moe-backend triton"):
+        quant.pack(loaded_twin(layer, quant, 0))
+
+
+def test_the_twin_is_one_experts_layer():
+    """Processing that loops over the layer's experts (vLLM's FP8 per-tensor MoE
+    requantizes each with the max of its w1 and w3 scales) sees the twin's one."""
+    class PerExpertLoop(Method):
+        def process_weights_after_loading(self, layer):
+            for e in range(layer.local_num_experts):
+                layer.w13_scale[e] *= 2
+            super().process_weights_after_loading(layer)
+
+    layer, quant = layer_with(PerExpertLoop())
+    layer.local_num_experts = 8  # the model's, as vLLM's layer holds it
+    twin = loaded_twin(layer, quant, 0)
+    scale = twin.w13_scale.data[0].clone()
+    record = quant.pack(twin)
+    assert torch.equal(record[quant.record.index("w13_scale")], scale * 2)
+    assert layer.local_num_experts == 8
+
+
 def test_per_layer_parameters_and_online_quantization_are_refused():
     class PerLayer(Method):
         def create_weights(self, layer, num_experts, **kw):

@@ -524,13 +524,15 @@ def _route_padding(topk_ids: torch.Tensor, pad: torch.Tensor | None,
 
 
 def _choose_triton(moe_config, quant_config, cuda: bool) -> None:
-    """An unquantized model on CUDA with --moe-backend auto gets vLLM's Triton MoE
-    kernel: its own choice there is FlashInfer's TRT-LLM kernel on Blackwell, which
-    is monolithic (offload cannot hook it), or FlashInfer's CUTLASS one, which sizes
-    per-expert tensors by the model's expert count where the pool's slot ids go past
-    it. On Hopper vLLM picks Triton anyway. A backend set by hand is kept (and a
-    monolithic one refused)."""
-    if cuda and quant_config is None and moe_config.moe_backend == "auto":
+    """An unquantized or `fp8` model on CUDA with --moe-backend auto gets vLLM's
+    Triton MoE kernel: its own choice there is FlashInfer's TRT-LLM kernel on
+    Blackwell, which is monolithic (offload cannot hook it), or FlashInfer's CUTLASS
+    one, which sizes per-expert tensors by the model's expert count where the pool's
+    slot ids go past it; for FP8 also CUTLASS's or DeepGEMM's (quantized.py
+    SIZED_BY_EXPERTS). On Hopper vLLM picks Triton for bf16 and block FP8 anyway. A
+    backend set by hand is kept (and one offload cannot drive refused)."""
+    fp8 = quant_config is not None and quant_config.get_name() == "fp8"
+    if cuda and (quant_config is None or fp8) and moe_config.moe_backend == "auto":
         moe_config.moe_backend = "triton"
         logger.info_once("expert offload: vLLM's Triton MoE kernel (--moe-backend triton), "
                          "whose expert calls offload hooks")

@@ -81,6 +81,7 @@ class QuantizedExperts:
         not replace the layer's)."""
         twin = copy.copy(layer)
         twin._parameters = {}
+        twin.local_num_experts = 1  # some processing loops over it (FP8 per-tensor)
         twin.quant_method = copy.copy(self.qm) if method is None else method
         with torch.device(layer.moe_config.device):
             self.create(twin.quant_method, layer=twin, num_experts=1, **self.create_kw)
@@ -202,9 +203,18 @@ class QuantizedExperts:
         return NotImplementedError(f"expert offload: {self.method} {why}. {WHAT_WORKS}")
 
 
+# Modular kernels that size buffers by the model's expert count, where offload hands
+# them the pool's slot count (CUTLASS FP8's permute scratch, FlashInfer's gemm
+# tensors), lay scales out for TMA with strides of their own (DeepGEMM), or pick one
+# of those at run time (the Triton-or-X fallbacks). Their base classes' names.
+SIZED_BY_EXPERTS = ("CutlassExpertsFp8Base", "FlashInferExperts", "DeepGemmExperts",
+                    "FallbackExperts")
+
+
 def refuse_monolithic(layer_name: str, method) -> None:
     """Offload's hook is vLLM's modular MoE path: a monolithic kernel routes inside
-    itself and never calls it."""
+    itself and never calls it. And a modular one must take the pool's slots as its
+    experts (SIZED_BY_EXPERTS do not)."""
     if getattr(method, "is_monolithic", False):
         kernel = method.moe_kernel or getattr(method, "experts_cls", None)
         name = getattr(kernel, "__name__", type(kernel).__name__)
@@ -213,6 +223,14 @@ def refuse_monolithic(layer_name: str, method) -> None:
             f"kernel {name}, which routes inside the kernel; offload needs a modular "
             "one. Pick another --moe-backend (e.g. --moe-backend triton), or turn "
             "expert offload off.")
+    experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+    sized = [c.__name__ for c in type(experts).__mro__ if c.__name__ in SIZED_BY_EXPERTS]
+    if sized:
+        raise NotImplementedError(
+            f"expert offload: MoE layer {layer_name}: vLLM chose the MoE kernel "
+            f"{type(experts).__name__}, which sizes its buffers or lays out its scales by "
+            "the model's experts, where offload hands it the pool's slots. Add "
+            "--moe-backend triton, or turn expert offload off.")
 
 
 WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
