@@ -118,17 +118,17 @@ def test_cuda_unquantized_and_fp8_models_get_vllms_triton_kernel():
 
     from vllm_moe_offload.integration.vllm.layer import _choose_triton
 
-    def quant(name):
+    def method(name):
         return SimpleNamespace(get_name=lambda: name)
 
     for quant, backend, cuda, want in ((None, "auto", True, "triton"),
-                                       (quant("fp8"), "auto", True, "triton"),
-                                       (quant("compressed-tensors"), "auto", True, "auto"),
-                                       (quant("gptq_marlin"), "auto", True, "auto"),
+                                       (method("fp8"), "auto", True, "triton"),
+                                       (method("compressed-tensors"), "auto", True, "auto"),
+                                       (method("gptq_marlin"), "auto", True, "auto"),
                                        (None, "flashinfer_trtllm", True, "flashinfer_trtllm"),
-                                       (quant("fp8"), "deep_gemm", True, "deep_gemm"),
+                                       (method("fp8"), "deep_gemm", True, "deep_gemm"),
                                        (None, "auto", False, "auto"),
-                                       (quant("fp8"), "auto", False, "auto")):
+                                       (method("fp8"), "auto", False, "auto")):
         moe = SimpleNamespace(moe_backend=backend)
         _choose_triton(moe, quant, cuda)
         assert moe.moe_backend == want

@@ -293,6 +293,13 @@ class OffloadConfig:
         """The default pool before any cap: half of all experts, at least one layer's."""
         return max(experts_per_layer, num_layers * experts_per_layer // 2)
 
+    @staticmethod
+    def half_room_slots(room: tuple[int, str], slot_bytes: int,
+                        experts_per_layer: int) -> int:
+        """Slots in half of `room`, at least one layer's: the most the default pool
+        takes there, and the size a refused pool is told to take."""
+        return max(room[0] // 2 // slot_bytes, experts_per_layer)
+
     def num_slots(self, num_layers: int, experts_per_layer: int, slot_bytes: int,
                   max_slots: int | None = None, max_reason: str = "",
                   room: tuple[int, str] | None = None) -> int:
@@ -312,7 +319,7 @@ class OffloadConfig:
             slots = self.default_slots(num_layers, experts_per_layer)
             source = "the default (half)"
             if room is not None and slots * slot_bytes > room[0] // 2:
-                slots = max(room[0] // 2 // slot_bytes, experts_per_layer)
+                slots = self.half_room_slots(room, slot_bytes, experts_per_layer)
                 source = (f"the default (half of the experts, cut to {slots} slots: half "
                           f"of the {room[0] / 2**30:.2f} GiB {room[1]})")
         if slots < experts_per_layer:
@@ -330,7 +337,7 @@ class OffloadConfig:
                 f"{room[0] / 2**30:.2f} GiB {room[1]}, and the pool must hold them. Raise "
                 "--gpu-memory-utilization, or free GPU memory.")
         if room is not None and slots * slot_bytes > room[0]:
-            fit = max(room[0] // 2 // slot_bytes, experts_per_layer)
+            fit = self.half_room_slots(room, slot_bytes, experts_per_layer)
             raise ValueError(
                 f"expert_offload {source} takes {slots * slot_bytes / 2**30:.2f} GiB, more "
                 f"than the {room[0] / 2**30:.2f} GiB {room[1]}, and the KV cache needs "

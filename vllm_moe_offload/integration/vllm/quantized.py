@@ -124,7 +124,7 @@ class QuantizedExperts:
             self.record = names
             strided = [f"{n} {tuple(getattr(twin, n).stride())}" for n in names
                        if not getattr(twin, n).is_contiguous()]
-            if strided:  # (DeepGEMM's block-FP8 scales, MN-major)
+            if strided:  # (DeepGEMM's MN-major scales are refused before: SIZED_BY_EXPERTS)
                 logger.warning(
                     "expert offload: %s lays out %s with strides of its own after "
                     "processing; records and slots hold them row-major, which vLLM's "
