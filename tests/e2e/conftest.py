@@ -20,7 +20,9 @@ from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
 FAMILIES = ["olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3", "phimoe", "granitemoe",
             "qwen3_next", "ernie4_5_moe", "llama4", "gpt_oss",
-            "gemma4"]  # test_families.py
+            "gemma4", "qwen3_5_moe"]  # test_families.py
+# engine setups a family needs here (engine_probe's `setup`)
+SETUP = {"qwen3_5_moe": "tests.e2e.vision_stub:install"}
 LAYERS, EXPERTS = 4, 8
 
 PROMPTS = [

@@ -5,11 +5,12 @@ They differ where the capability check (layer.py `capability_problem`) says it
 does not matter: routing (sigmoid with a correction bias for GLM-4-MoE, PhiMoE's
 sparsemixer), shared experts beside the routed ones (GLM-4-MoE, DeepSeek-V2), a
 dense first layer (both), MLA attention (DeepSeek-V2), biased swigluoai experts
-whose biases travel in the slot record (gpt-oss), and checkpoint names."""
+whose biases travel in the slot record (gpt-oss), and checkpoint names. Qwen3.5
+runs with a stand-in for torchvision (tests/e2e/vision_stub.py)."""
 
 import pytest
 
-from tests.e2e.conftest import EXPERTS, FAMILIES, LAYERS, offload_spec, plain_spec
+from tests.e2e.conftest import EXPERTS, FAMILIES, LAYERS, SETUP, offload_spec, plain_spec
 from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE
 
 
@@ -18,9 +19,10 @@ from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE
 def test_family_outputs_match_plain_vllm(models, engine, store_dir, family, pool):
     moe_layers = LAYERS - (family in FIRST_DENSE)
     slots = EXPERTS if pool == "one_layer" else moe_layers * EXPERTS // 2
-    plain = engine(plain_spec(models[family]))
-    off = engine(offload_spec(models[family], pool_slots=slots, store="disk",
-                              store_dir=store_dir))
+    extra = {"setup": SETUP[family]} if family in SETUP else {}
+    plain = engine(plain_spec(models[family], **extra))
+    off = engine({**offload_spec(models[family], pool_slots=slots, store="disk",
+                                 store_dir=store_dir), **extra})
     assert off["token_ids"] == plain["token_ids"]
     totals, info = off["stats"]["totals"], off["stats"]["pool"]
     assert (info["num_slots"], info["num_layers"]) == (slots, moe_layers)
@@ -30,16 +32,42 @@ def test_family_outputs_match_plain_vllm(models, engine, store_dir, family, pool
     assert info["pool_bytes"] == slots * info["slot_bytes"]
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_5_moe"])
 def test_next_gate_prefetch(models, engine, store_dir, family):
     """The predictor's gates are the MoE layers' own (DeepSeek-V3: layers 1..3 of 4,
     the first is dense), ranked by raw router logits (DeepSeek-V3's grouped, biased
-    choice and gpt-oss's router bias are not modelled: prefetch only)."""
+    choice and gpt-oss's router bias are not modelled: prefetch only; Qwen3.5's
+    layers alternate linear and full attention)."""
     moe_layers = LAYERS - (family in FIRST_DENSE)
-    plain = engine(plain_spec(models[family]))
-    off = engine(offload_spec(models[family], pool_slots=moe_layers * EXPERTS // 2,
-                              store="disk", store_dir=store_dir, predictor="next-gate"))
+    extra = {"setup": SETUP[family]} if family in SETUP else {}
+    plain = engine(plain_spec(models[family], **extra))
+    off = engine({**offload_spec(models[family], pool_slots=moe_layers * EXPERTS // 2,
+                                 store="disk", store_dir=store_dir, predictor="next-gate"),
+                  **extra})
     assert off["token_ids"] == plain["token_ids"]
     totals = off["stats"]["totals"]
     assert totals["prefetched"] > 0 and totals["prefetch_hits"] > 0
     assert 0 < totals["predictions"]["1"]["recall"] < 1
+
+
+def test_vision_language_names_are_re_derived_from_the_checkpoint(models, engine, tmp_path):
+    """Released Qwen3.5 (and Gemma-4) checkpoints name the text stack
+    `model.language_model.*`, which vLLM's model renames as it loads: a damaged
+    store record is read again from the checkpoint under the checkpoint's names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(models["qwen3_5_moe"], tmp_path / "model")
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k.replace("model.", "model.language_model.", 1): v
+               for k, v in weights.items()}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    setup = {"setup": SETUP["qwen3_5_moe"]}
+    plain = engine(plain_spec(models["qwen3_5_moe"], **setup))
+    spec = offload_spec(str(model), pool_slots=EXPERTS, store="disk",
+                        store_dir=str(tmp_path / "store"))
+    off = engine({**spec, **setup, "rounds": 2, "damage_store": "flip"})
+    assert off["token_ids"] == plain["token_ids"]  # round 2 read the damaged file
+    assert off["stats"]["pool"]["store_repairs"] > 0
+    assert "re-derived it from the checkpoint and repaired the record" in off["log"]

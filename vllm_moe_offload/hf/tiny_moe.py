@@ -15,7 +15,7 @@ import torch
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
                  "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe",
-                 "llama4", "gpt_oss", "gemma4", "llama")
+                 "llama4", "gpt_oss", "gemma4", "qwen3_5_moe", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -56,7 +56,7 @@ def _config(arch: str, **sizes):
                               Gemma4TextConfig, Glm4MoeConfig, GptOssConfig,
                               GraniteMoeConfig, Llama4TextConfig, LlamaConfig, MixtralConfig,
                               OlmoeConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
-                              Qwen3NextConfig)
+                              Qwen3_5MoeTextConfig, Qwen3NextConfig)
 
     common = dict(
         vocab_size=sizes["vocab_size"],
@@ -126,6 +126,15 @@ def _config(arch: str, **sizes):
             intermediate_size=ffn, decoder_sparse_step=1, mlp_only_layers=[],
             norm_topk_prob=True, linear_key_head_dim=64, linear_value_head_dim=64,
             linear_num_key_heads=2, linear_num_value_heads=2,
+            layer_types=["full_attention" if i % 2 else "linear_attention"
+                         for i in range(sizes["num_layers"])],
+        )
+    if arch == "qwen3_5_moe":  # Qwen3-Next's layout, text only (vLLM's Qwen3_5MoeForCausalLM)
+        return Qwen3_5MoeTextConfig(
+            **common, head_dim=64, num_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn, shared_expert_intermediate_size=ffn,
+            linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=2,
+            linear_num_value_heads=2,
             layer_types=["full_attention" if i % 2 else "linear_attention"
                          for i in range(sizes["num_layers"])],
         )

@@ -10,12 +10,19 @@ under Llama-4's `feed_forward.experts` and gpt-oss's `mlp.experts`, whose biases
 `{prefix}.gate_up_proj_bias|down_proj_bias`) or `input_linear|output_linear.weight` beside
 the experts module (Granite-MoE); `prefix` being the layer's module path
 (`model.layers.3.mlp.experts`).
+
+Where the model renames checkpoint tensors as it loads them (a vision-language
+wrapper: vLLM's `language_model.model.layers.3.mlp.experts` is the checkpoint's
+`model.language_model.layers.3.mlp.experts`), `rename` (checkpoint name -> module
+name, None for a dropped tensor: vLLM's `hf_to_vllm_mapper.map_name`) finds the
+checkpoint's prefix of a module path (`checkpoint_prefix`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -25,9 +32,30 @@ PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 class CheckpointExperts:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path,
+                 rename: Callable[[str], str | None] | None = None):
         self.model_dir = Path(model_dir)
+        self.rename = rename
         self._file_of: dict[str, Path] | None = None  # tensor name -> shard file
+        self._prefixes: dict[str, str] = {}  # module path -> checkpoint prefix
+
+    def checkpoint_prefix(self, path: str) -> str:
+        """The checkpoint's name of module `path`: `path` itself where the checkpoint
+        has tensors under it, else the prefix of a tensor that `rename` maps under
+        `path` with the same tail (`path` where none does: reads then name it)."""
+        if path not in self._prefixes:
+            index = self._index()
+            tail = path[path.rfind("layers."):] if "layers." in path else path
+            near = [k for k in index if k.startswith(tail + ".") or f".{tail}." in k]
+            found = path if any(k.startswith(path + ".") for k in near) else None
+            for key in near if found is None and self.rename else ():
+                name = self.rename(key)
+                if name and name.startswith(path + ".") and \
+                        key.endswith(name[len(path):]):
+                    found = key[:len(key) - len(name) + len(path)]
+                    break
+            self._prefixes[path] = found or path
+        return self._prefixes[path]
 
     def _index(self) -> dict[str, Path]:
         if self._file_of is None:
@@ -51,7 +79,7 @@ class CheckpointExperts:
         """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them, then
         (w13_bias [2I], w2_bias [H]) where it has biases (gpt-oss: gate and up
         interleaved, as vLLM's swigluoai reads them)."""
-        return self._again_if_moved(self._read, prefix, expert)
+        return self._again_if_moved(self._read, self.checkpoint_prefix(prefix), expert)
 
     def _again_if_moved(self, read, prefix: str, expert: int):
         try:
@@ -97,13 +125,13 @@ class CheckpointExperts:
     def expert_tensor_names(self, prefix: str, expert: int) -> list[str]:
         """The checkpoint's tensors of one expert stored apart, relative to
         `{prefix}.{expert}.` (`gate_proj.weight`, `gate_proj.weight_scale`, ...)."""
-        head = f"{prefix}.{expert}."
+        head = f"{self.checkpoint_prefix(prefix)}.{expert}."
         return sorted(k[len(head):] for k in self._index() if k.startswith(head))
 
     def fused_tensor_names(self, prefix: str) -> list[str]:
         """The checkpoint's tensors that hold all experts of the layer, `[E, ...]`,
         relative to `{prefix}.` (gpt-oss MXFP4: `gate_up_proj_blocks`, ...)."""
-        head = f"{prefix}."
+        head = f"{self.checkpoint_prefix(prefix)}."
         return sorted(k[len(head):] for k in self._index()
                       if k.startswith(head) and "." not in k[len(head):])
 
@@ -112,7 +140,8 @@ class CheckpointExperts:
         where the checkpoint fuses the layer's experts, row `expert` of each fused
         tensor by its name relative to `{prefix}.` (store repair of a quantized
         checkpoint's experts)."""
-        return self._again_if_moved(self._read_named, prefix, expert)
+        return self._again_if_moved(self._read_named, self.checkpoint_prefix(prefix),
+                                    expert)
 
     def _read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
         index = self._index()

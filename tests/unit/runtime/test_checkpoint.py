@@ -35,6 +35,38 @@ def test_reads_one_expert_and_finds_moved_files_again(tmp_path):
         ckpt.read(PREFIX, 5)
 
 
+def test_a_vision_language_checkpoint_is_read_under_its_own_names(tmp_path):
+    """Qwen3.5's released checkpoints (vLLM's Qwen3_5MoeForConditionalGeneration):
+    the module `language_model.model.layers.1.mlp.experts` is the checkpoint's
+    `model.language_model.layers.1.mlp.experts`, through the model's renaming; an
+    MTP layer's experts under the same tail, which the renaming drops, are not it."""
+    mtp = {n: t + 1 for n, t in expert(1).items()}
+    save_file({f"model.language_model.layers.1.mlp.experts.{e}.{n}.weight": t
+               for e in range(2) for n, t in expert(e).items()}
+              | {f"mtp.layers.1.mlp.experts.1.{n}.weight": t for n, t in mtp.items()},
+              tmp_path / "model.safetensors")
+
+    def rename(name):  # vLLM's WeightsMapper.map_name for this model
+        if name.startswith("mtp."):
+            return None
+        return name.replace("model.language_model.", "language_model.model.")
+
+    module = "language_model.model.layers.1.mlp.experts"
+    with pytest.raises(KeyError, match="is not in the checkpoint"):
+        CheckpointExperts(tmp_path).read(module, 1)  # without the model's renaming
+    ckpt = CheckpointExperts(tmp_path, rename)
+    assert ckpt.checkpoint_prefix(module) == "model.language_model.layers.1.mlp.experts"
+    w13, w2 = ckpt.read(module, 1)
+    want = expert(1)
+    assert torch.equal(w13, torch.cat([want["gate_proj"], want["up_proj"]]))
+    assert torch.equal(w2, want["down_proj"])
+    names = ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    assert ckpt.expert_tensor_names(module, 1) == names
+    assert torch.equal(ckpt.read_named(module, 0)["up_proj.weight"], expert(0)["up_proj"])
+    # a checkpoint that has the module's own names is read under them
+    assert ckpt.checkpoint_prefix("mtp.layers.1.mlp.experts") == "mtp.layers.1.mlp.experts"
+
+
 def test_reads_one_expert_of_a_fused_checkpoint(tmp_path):
     """Granite-MoE: input_linear [E, 2I, H] (gate first) and output_linear [E, H, I]."""
     g = torch.Generator().manual_seed(3)

@@ -86,6 +86,16 @@ def _fingerprint(vllm_config) -> dict:
             "seed": mc.seed if str(lc.load_format) == "dummy" else None, "files": files}
 
 
+def _checkpoint_rename(model_config):
+    """The model's checkpoint name -> module name (vLLM's `hf_to_vllm_mapper`): a
+    vision-language wrapper's experts are `language_model.model.layers.*` where its
+    checkpoint says `model.language_model.layers.*` (runtime/checkpoint.py)."""
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    mapper = getattr(get_model_architecture(model_config)[0], "hf_to_vllm_mapper", None)
+    return mapper.map_name if mapper is not None else None
+
+
 class OffloadedRoutedExperts(RoutedExperts):
     _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
     _as_is: bool | None = None  # vLLM's packing leaves an expert as it is (_packs_as_is)
@@ -116,6 +126,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._model.max_step_tokens = (vllm_config.scheduler_config.max_num_batched_tokens
                                        or self._model.max_step_tokens)
         self._model.gpu_memory_utilization = vllm_config.cache_config.gpu_memory_utilization
+        if self._model.checkpoint_rename is None:
+            self._model.checkpoint_rename = _checkpoint_rename(vllm_config.model_config)
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)
         self._check_modular()  # where vLLM knows already: before the checkpoint loads

@@ -107,6 +107,8 @@ class ModelOffload:
         self._closed = False
         self.layer_names: list[str] = []  # MoE layer index -> vLLM module path
         self._checkpoint: CheckpointExperts | None = None
+        # checkpoint tensor name -> module name (the model's, set by layer.py)
+        self.checkpoint_rename: Callable[[str], str | None] | None = None
         self._build_bar: tqdm | None = None
         self.failed_requests = 0  # failed because an expert they routed to was lost
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
@@ -133,7 +135,8 @@ class ModelOffload:
     @property
     def checkpoint(self) -> CheckpointExperts:
         if self._checkpoint is None:
-            self._checkpoint = CheckpointExperts(self.fingerprint["model"])
+            self._checkpoint = CheckpointExperts(self.fingerprint["model"],
+                                                 self.checkpoint_rename)
         return self._checkpoint
 
     def checkpoint_expert(self, layer: int, expert: int):
