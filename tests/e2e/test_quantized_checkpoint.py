@@ -129,6 +129,30 @@ def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, 
     assert "re-derived it from the checkpoint and repaired the record" in off["log"]
 
 
+def test_a_checkpoint_under_released_qwen3_5_names(models, engine, tmp_path):
+    """Released Qwen3.5 checkpoints (their GPTQ and FP8 ones too) name the text stack
+    `model.language_model.*`, which vLLM renames as it loads: the loader calls that
+    make one expert, and a damaged record's repair, are found under the
+    checkpoint's names (before, the expert looked fused and offload was refused)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.e2e.conftest import SETUP
+
+    model = quantize_experts(models["qwen3_5_moe"], tmp_path / "model", "w4a16")
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k.replace("model.", "model.language_model.", 1): v
+               for k, v in weights.items()}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    setup = {"setup": SETUP["qwen3_5_moe"] + ",tests.e2e.quant_reference:install"}
+    plain = engine({**plain_spec(str(model)), **setup})
+    off = engine({**offload_spec(str(model), pool_slots=EXPERTS + 2, store="disk",
+                                 store_dir=str(tmp_path / "store")),
+                  **setup, "rounds": 2, "damage_store": "flip"})
+    assert off["token_ids"] == plain["token_ids"]  # round 2 read the damaged file
+    assert off["stats"]["pool"]["store_repairs"] > 0
+    assert METHOD["w4a16"] in off["log"]
+
+
 def test_online_quantization_with_offload_is_refused_naming_the_method(models):
     out = failure({**offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host"),
                    "quantization": "fp8"})

@@ -7,8 +7,9 @@ clean and one at a time. Prints one line `RESULT <json>`: greedy token ids and
 texts, offload stats (with the worker's RSS), the KV-cache capacity in tokens,
 and the timed generation (when `timed` is set: one warm-up batch, then `repeats`
 timed batches; stats["timed"] holds the counters of the timed batches alone).
-`setup`: "module:function", called in the engine's process before the engine is
-built (tests/e2e/quant_reference.py puts a reference in place of a vLLM kernel).
+`setup`: "module:function" (or several, comma-separated), called in the engine's
+process before the engine is built (tests/e2e/quant_reference.py puts a reference
+in place of a vLLM kernel).
 
 `run_in_subprocess` does not start a new interpreter per engine: importing vLLM
 takes ~9 s of an in-process engine's ~15 s on this machine. One fork server
@@ -207,10 +208,11 @@ def main(spec: dict) -> dict:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if spec.get("kv_cache_gib", 1) is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 1)))
-    if spec.get("setup"):  # "module:function", called before the engine is built
+    if spec.get("setup"):  # "module:function[,...]", called before the engine is built
         import importlib
-        module, _, func = spec["setup"].partition(":")
-        getattr(importlib.import_module(module), func)()
+        for item in spec["setup"].split(","):
+            module, _, func = item.partition(":")
+            getattr(importlib.import_module(module), func)()
     from vllm import LLM, SamplingParams
 
     import vllm_moe_offload
