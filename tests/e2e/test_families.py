@@ -11,7 +11,7 @@ runs with a stand-in for torchvision (tests/e2e/vision_stub.py)."""
 import pytest
 
 from tests.e2e.conftest import EXPERTS, FAMILIES, LAYERS, SETUP, offload_spec, plain_spec
-from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE
+from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE, build_tiny_moe
 
 
 @pytest.mark.parametrize("pool", ["one_layer", "half"])
@@ -50,24 +50,20 @@ def test_next_gate_prefetch(models, engine, store_dir, family):
     assert 0 < totals["predictions"]["1"]["recall"] < 1
 
 
-def test_vision_language_names_are_re_derived_from_the_checkpoint(models, engine, tmp_path):
-    """Released Qwen3.5 (and Gemma-4) checkpoints name the text stack
-    `model.language_model.*`, which vLLM's model renames as it loads: a damaged
-    store record is read again from the checkpoint under the checkpoint's names."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    model = shutil.copytree(models["qwen3_5_moe"], tmp_path / "model")
-    weights = load_file(str(model / "model.safetensors"))
-    save_file({k.replace("model.", "model.language_model.", 1): v
-               for k, v in weights.items()}, str(model / "model.safetensors"),
-              metadata={"format": "pt"})
-    setup = {"setup": SETUP["qwen3_5_moe"]}
-    plain = engine(plain_spec(models["qwen3_5_moe"], **setup))
-    spec = offload_spec(str(model), pool_slots=EXPERTS, store="disk",
-                        store_dir=str(tmp_path / "store"))
-    off = engine({**spec, **setup, "rounds": 2, "damage_store": "flip"})
+def test_qwen3_5_vision_language_class_served_and_re_derived(engine, tmp_path):
+    """The class of the released Qwen3.5 checkpoints, Qwen3_5MoeForConditionalGeneration,
+    with vLLM's --language-model-only: its experts are modules
+    `language_model.model.layers.*` that the checkpoint names
+    `model.language_model.layers.*`; a damaged store record is read again under the
+    checkpoint's names, and outputs stay plain vLLM's."""
+    model = str(build_tiny_moe(tmp_path / "model", "qwen3_5_moe_vl", num_layers=LAYERS,
+                               num_experts=EXPERTS))
+    extra = {"setup": SETUP["qwen3_5_moe"], "language_model_only": True}
+    plain = engine({**plain_spec(model), **extra})
+    off = engine({**offload_spec(model, pool_slots=LAYERS * EXPERTS // 2, store="disk",
+                                 store_dir=str(tmp_path / "store")),
+                  **extra, "rounds": 2, "damage_store": "flip"})
     assert off["token_ids"] == plain["token_ids"]  # round 2 read the damaged file
+    assert set(off["stats"]["layers"]) == {str(l) for l in range(LAYERS)}
     assert off["stats"]["pool"]["store_repairs"] > 0
     assert "re-derived it from the checkpoint and repaired the record" in off["log"]

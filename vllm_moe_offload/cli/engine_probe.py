@@ -226,6 +226,8 @@ def main(spec: dict) -> dict:
         kwargs["disable_log_stats"] = False  # its acceptance counters are reported
     if spec.get("quantization"):  # vLLM's own (online) quantization of the checkpoint
         kwargs["quantization"] = spec["quantization"]
+    if spec.get("language_model_only"):  # a vision-language model, its text part only
+        kwargs["language_model_only"] = True
     if spec.get("max_num_seqs"):  # requests decoded together: the batch size
         kwargs["max_num_seqs"] = spec["max_num_seqs"]
     if spec.get("offload") is not None:

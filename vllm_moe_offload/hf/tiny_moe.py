@@ -15,7 +15,7 @@ import torch
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
                  "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe",
-                 "llama4", "gpt_oss", "gemma4", "qwen3_5_moe", "llama")
+                 "llama4", "gpt_oss", "gemma4", "qwen3_5_moe", "qwen3_5_moe_vl", "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -138,6 +138,15 @@ def _config(arch: str, **sizes):
             layer_types=["full_attention" if i % 2 else "linear_attention"
                          for i in range(sizes["num_layers"])],
         )
+    if arch == "qwen3_5_moe_vl":  # the released class: a vision tower (tiny) before it
+        from transformers import Qwen3_5MoeConfig
+
+        return Qwen3_5MoeConfig(
+            text_config=_config("qwen3_5_moe", **sizes).to_dict(),
+            vision_config=dict(depth=1, hidden_size=64, intermediate_size=64, num_heads=2,
+                               out_hidden_size=sizes["hidden_size"],
+                               num_position_embeddings=64, deepstack_visual_indexes=[]),
+            tie_word_embeddings=False)
     if arch == "ernie4_5_moe":  # MoE from layer 1 on
         return Ernie4_5_MoeConfig(
             **common, moe_num_experts=experts, moe_k=top_k, moe_intermediate_size=ffn,
@@ -194,7 +203,7 @@ def build_tiny_moe(
     and experts are really exercised. Returns `out_dir`. Reuses a directory that
     already holds a checkpoint built with the same arguments.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     out = Path(out_dir)
     spec = dict(arch=arch, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
@@ -209,7 +218,8 @@ def build_tiny_moe(
                      expert_ffn=expert_ffn)
     config.initializer_range = init_std
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    auto = AutoModelForImageTextToText if arch.endswith("_vl") else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():  # experts of transformers 5 may skip the initializer
         for name, p in model.named_parameters():
             if p.dim() >= 2 or (arch == "gpt_oss" and name.endswith("bias")):
