@@ -50,15 +50,18 @@ def test_next_gate_prefetch(models, engine, store_dir, family):
     assert 0 < totals["predictions"]["1"]["recall"] < 1
 
 
-def test_qwen3_5_vision_language_class_served_and_re_derived(engine, tmp_path):
-    """The class of the released Qwen3.5 checkpoints, Qwen3_5MoeForConditionalGeneration,
-    with vLLM's --language-model-only: its experts are modules
+@pytest.mark.parametrize("arch", ["qwen3_5_moe_vl", "gemma4_vl"])
+def test_vision_language_class_served_and_re_derived(engine, tmp_path, arch):
+    """The classes of the released Qwen3.5 and Gemma-4 MoE checkpoints
+    (Qwen3_5MoeForConditionalGeneration, Gemma4ForConditionalGeneration; tiny vision
+    towers) with vLLM's --language-model-only: their experts are modules
     `language_model.model.layers.*` that the checkpoint names
-    `model.language_model.layers.*`; a damaged store record is read again under the
-    checkpoint's names, and outputs stay plain vLLM's."""
-    model = str(build_tiny_moe(tmp_path / "model", "qwen3_5_moe_vl", num_layers=LAYERS,
+    `model.language_model.layers.*` (Gemma-4's fused per layer); a damaged store
+    record is read again under the checkpoint's names, and outputs stay plain
+    vLLM's."""
+    model = str(build_tiny_moe(tmp_path / "model", arch, num_layers=LAYERS,
                                num_experts=EXPERTS))
-    extra = {"setup": SETUP["qwen3_5_moe"], "language_model_only": True}
+    extra = {"setup": "tests.e2e.vision_stub:install", "language_model_only": True}
     plain = engine({**plain_spec(model), **extra})
     off = engine({**offload_spec(model, pool_slots=LAYERS * EXPERTS // 2, store="disk",
                                  store_dir=str(tmp_path / "store")),

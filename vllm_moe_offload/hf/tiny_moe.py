@@ -15,7 +15,8 @@ import torch
 # transformers model types; "llama" is dense (the refusal tests)
 ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v2",
                  "deepseek_v3", "phimoe", "granitemoe", "qwen3_next", "ernie4_5_moe",
-                 "llama4", "gpt_oss", "gemma4", "qwen3_5_moe", "qwen3_5_moe_vl", "llama")
+                 "llama4", "gpt_oss", "gemma4", "qwen3_5_moe", "qwen3_5_moe_vl", "gemma4_vl",
+                 "llama")
 VLLM_ARCHITECTURE = {"phimoe": "PhiMoEForCausalLM"}  # where vLLM spells it differently
 # MoE families whose first layer is dense (first_k_dense_replace = 1)
 FIRST_DENSE = ("glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe")
@@ -147,6 +148,13 @@ def _config(arch: str, **sizes):
                                out_hidden_size=sizes["hidden_size"],
                                num_position_embeddings=64, deepstack_visual_indexes=[]),
             tie_word_embeddings=False)
+    if arch == "gemma4_vl":  # the released class: a vision tower (tiny) before it
+        from transformers import Gemma4Config
+
+        return Gemma4Config(
+            text_config=_config("gemma4", **sizes).to_dict(), audio_config=None,
+            vision_config=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, head_dim=32))
     if arch == "ernie4_5_moe":  # MoE from layer 1 on
         return Ernie4_5_MoeConfig(
             **common, moe_num_experts=experts, moe_k=top_k, moe_intermediate_size=ffn,

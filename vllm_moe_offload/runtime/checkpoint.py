@@ -41,20 +41,29 @@ class CheckpointExperts:
 
     def checkpoint_prefix(self, path: str) -> str:
         """The checkpoint's name of module `path`: `path` itself where the checkpoint
-        has tensors under it, else the prefix of a tensor that `rename` maps under
-        `path` with the same tail (`path` where none does: reads then name it)."""
+        has tensors under it; else the prefix of a tensor that `rename` maps under
+        `path` with the same tail; else the one prefix in the checkpoint that ends in
+        `path`'s `layers.N...` (of the tensors `rename` keeps: an MTP layer's have the
+        same tail). `path` where none is found: reads then name it."""
         if path not in self._prefixes:
             index = self._index()
             tail = path[path.rfind("layers."):] if "layers." in path else path
             near = [k for k in index if k.startswith(tail + ".") or f".{tail}." in k]
             found = path if any(k.startswith(path + ".") for k in near) else None
-            for key in near if found is None and self.rename else ():
-                name = self.rename(key)
-                if name and name.startswith(path + ".") and \
+            kept = {}  # near tensor -> its module name
+            for key in near if found is None else ():
+                name = self.rename(key) if self.rename else key
+                if name is None:
+                    continue
+                kept[key] = name
+                if self.rename and name.startswith(path + ".") and \
                         key.endswith(name[len(path):]):
                     found = key[:len(key) - len(name) + len(path)]
                     break
-            self._prefixes[path] = found or path
+            if found is None:
+                ends = {k[:k.rindex(tail + ".") + len(tail)] for k in kept}
+                found = ends.pop() if len(ends) == 1 else path
+            self._prefixes[path] = found
         return self._prefixes[path]
 
     def _index(self) -> dict[str, Path]:

@@ -65,6 +65,12 @@ def test_a_vision_language_checkpoint_is_read_under_its_own_names(tmp_path):
     assert torch.equal(ckpt.read_named(module, 0)["up_proj.weight"], expert(0)["up_proj"])
     # a checkpoint that has the module's own names is read under them
     assert ckpt.checkpoint_prefix("mtp.layers.1.mlp.experts") == "mtp.layers.1.mlp.experts"
+    # a renaming that puts the experts elsewhere (vLLM's --language-model-only hands
+    # Gemma-4 its text class's): the one prefix with the layer's tail that it keeps
+    text_class = CheckpointExperts(tmp_path, lambda n: None if n.startswith("mtp.") else
+                                   n.replace("model.language_model.", "model."))
+    assert text_class.checkpoint_prefix(module) == "model.language_model.layers.1.mlp.experts"
+    assert torch.equal(text_class.read(module, 0)[1], expert(0)["down_proj"])
 
 
 def test_reads_one_expert_of_a_fused_checkpoint(tmp_path):
