@@ -20,6 +20,7 @@ checkpoint's prefix of a module path (`checkpoint_prefix`).
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 from typing import Callable
@@ -38,33 +39,50 @@ class CheckpointExperts:
         self.rename = rename
         self._file_of: dict[str, Path] | None = None  # tensor name -> shard file
         self._prefixes: dict[str, str] = {}  # module path -> checkpoint prefix
+        self._sorted: list[str] = []  # the tensor names, sorted (with _file_of)
+        self._of_layer: dict[str | None, list[str]] = {}
 
     def checkpoint_prefix(self, path: str) -> str:
-        """The checkpoint's name of module `path`: `path` itself where the checkpoint
-        has tensors under it; else the prefix of a tensor that `rename` maps under
-        `path` with the same tail; else the one prefix in the checkpoint that ends in
-        `path`'s `layers.N...` (of the tensors `rename` keeps: an MTP layer's have the
-        same tail). `path` where none is found: reads then name it."""
+        """The checkpoint's name of module `path` (`...layers.N.mlp.experts`): `path`
+        itself where the checkpoint has tensors under it; else the prefix of the
+        tensors that `rename` maps under `path`; else the one prefix ending in
+        `path`'s `layers.N...` whose renamed form ends `path` (a wrapper's inner
+        model renames without the wrapper's own prefix; an MTP layer's tensors, of the
+        same tail, do not end it). `path` where none is found: reads then name it."""
         if path not in self._prefixes:
-            index = self._index()
+            self._index()
             tail = path[path.rfind("layers."):] if "layers." in path else path
-            near = [k for k in index if k.startswith(tail + ".") or f".{tail}." in k]
+            near = [k for k in self._of_layer.get(_layer_of(path), self._sorted)
+                    if k.startswith(tail + ".") or f".{tail}." in k]
             found = path if any(k.startswith(path + ".") for k in near) else None
-            kept = {}  # near tensor -> its module name
+            ends = set()
             for key in near if found is None else ():
                 name = self.rename(key) if self.rename else key
-                if name is None:
+                rest = key[key.rindex(tail + "."):]  # the tail and the tensor's own name
+                if name is None or not name.endswith(rest):
                     continue
-                kept[key] = name
-                if self.rename and name.startswith(path + ".") and \
-                        key.endswith(name[len(path):]):
-                    found = key[:len(key) - len(name) + len(path)]
+                module = name[:len(name) - len(rest) + len(tail)]
+                prefix = key[:len(key) - len(rest) + len(tail)]
+                if module == path:
+                    found = prefix
                     break
+                if f".{path}".endswith(f".{module}"):
+                    ends.add(prefix)
             if found is None:
-                ends = {k[:k.rindex(tail + ".") + len(tail)] for k in kept}
                 found = ends.pop() if len(ends) == 1 else path
             self._prefixes[path] = found
         return self._prefixes[path]
+
+    def _under(self, head: str) -> list[str]:
+        """The checkpoint's tensor names that start with `head`, in order."""
+        self._index()
+        keys = self._sorted
+        i = bisect.bisect_left(keys, head)
+        out = []
+        while i < len(keys) and keys[i].startswith(head):
+            out.append(keys[i])
+            i += 1
+        return out
 
     def _index(self) -> dict[str, Path]:
         if self._file_of is None:
@@ -82,6 +100,10 @@ class CheckpointExperts:
             if not file_of:
                 raise FileNotFoundError(f"no *.safetensors weights in {self.model_dir}")
             self._file_of = file_of
+            self._sorted = sorted(file_of)
+            self._of_layer = {}  # "layers.N" -> the names of that layer's tensors
+            for k in self._sorted:
+                self._of_layer.setdefault(_layer_of(k), []).append(k)
         return self._file_of
 
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
@@ -135,14 +157,13 @@ class CheckpointExperts:
         """The checkpoint's tensors of one expert stored apart, relative to
         `{prefix}.{expert}.` (`gate_proj.weight`, `gate_proj.weight_scale`, ...)."""
         head = f"{self.checkpoint_prefix(prefix)}.{expert}."
-        return sorted(k[len(head):] for k in self._index() if k.startswith(head))
+        return [k[len(head):] for k in self._under(head)]
 
     def fused_tensor_names(self, prefix: str) -> list[str]:
         """The checkpoint's tensors that hold all experts of the layer, `[E, ...]`,
         relative to `{prefix}.` (gpt-oss MXFP4: `gate_up_proj_blocks`, ...)."""
         head = f"{self.checkpoint_prefix(prefix)}."
-        return sorted(k[len(head):] for k in self._index()
-                      if k.startswith(head) and "." not in k[len(head):])
+        return [k[len(head):] for k in self._under(head) if "." not in k[len(head):]]
 
     def read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
         """One expert's tensors by their names relative to `{prefix}.{expert}.`, or
@@ -164,3 +185,12 @@ class CheckpointExperts:
                            f"checkpoint at {self.model_dir}")
         return {n: self._tensor(index[f"{prefix}.{n}"], f"{prefix}.{n}", expert)
                 for n in fused}
+
+
+def _layer_of(name: str) -> str | None:
+    """`layers.N` of a tensor or module name (its last), None if it has none."""
+    i = name.rfind("layers.")
+    if i < 0 or (i and name[i - 1] != "."):
+        return None
+    j = name.find(".", i + len("layers."))
+    return name[i:j] if j > 0 else name[i:]

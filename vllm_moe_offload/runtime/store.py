@@ -19,8 +19,11 @@ a store of a subset of the experts (`keys`) holds theirs alone, in key order.
 NOTE #1: every read is checked (length and checksum) before the slot is used. A
 short read, a mismatch or an I/O error re-derives that expert through `rederive`
 (the checkpoint, converted as at load time), writes the record back and serves the
-request, with a warning naming the file and the expert. Without `rederive`, or
-when it fails too, the read raises `StoreFileError`: never garbage weights.
+request, with a warning naming the file and the expert. The re-derived record must
+have the checksum sealed at build time (a checkpoint changed or read under the
+wrong names is not served); the table of checksums has its own in the header.
+Without `rederive`, or when it fails or differs, the read raises `StoreFileError`:
+never garbage weights.
 NOTE #2: a build writes `<name>.building`, reserves its full size first (a full
 disk fails at once, naming the space needed) and is renamed only once sealed, so
 a kill -9 or ENOSPC mid-build never leaves a file that looks valid.
@@ -51,7 +54,7 @@ except ImportError:  # a bare GPU box: crc32 from the standard library
 logger = logging.getLogger("vllm.moe_offload")
 
 _MAGIC = b"MOESTORE"
-_FORMAT = 2  # 2: a checksum per record
+_FORMAT = 3  # 2: a checksum per record; 3: and one of that table, in the header
 _ALIGN = 4096  # record alignment (O_DIRECT-friendly, page-sized fadvise ranges)
 _HEADER_BYTES = 4096
 _STAGING_BYTES = 16 << 20  # one of the two pinned staging chunks (disk -> GPU)
@@ -387,8 +390,9 @@ class DiskStore(ExpertStore):
     # ---- file life cycle ----------------------------------------------------------
 
     def _header(self, sealed: bool) -> bytes:
+        table = self._digest(self._sums.tobytes()) if sealed else None
         body = json.dumps({"format": _FORMAT, "sealed": sealed, "checksum": self.checksum,
-                           "fingerprint": self.fingerprint}).encode()
+                           "table": table, "fingerprint": self.fingerprint}).encode()
         head = _MAGIC + struct.pack("<I", len(body)) + body
         if len(head) > _HEADER_BYTES:
             raise ValueError("disk store header too large")
@@ -400,6 +404,8 @@ class DiskStore(ExpertStore):
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
                 head = f.read(_HEADER_BYTES)
+                f.seek(_HEADER_BYTES + self.nbytes)
+                table = f.read(8 * self.num_records)
         except OSError as e:
             raise StoreFileError(f"{self.path}: cannot read ({e})") from None
         if len(head) < 12 or head[:8] != _MAGIC:
@@ -421,6 +427,8 @@ class DiskStore(ExpertStore):
             raise StoreFileError(f"{self.path}: truncated ({size} bytes, expected "
                                  f"{self._file_bytes})")
         self.checksum = meta["checksum"]
+        if self._digest(table) != meta.get("table"):  # NOTE #1: what repairs check against
+            raise StoreFileError(f"{self.path}: its table of checksums is damaged")
 
     @property
     def _file_bytes(self) -> int:
@@ -567,11 +575,17 @@ class DiskStore(ExpertStore):
                 f"failed ({e}); restore the checkpoint, or delete the store file and "
                 "restart to rebuild it") from None
         self._check(tensors)
+        data = self._record(tensors)
+        if self._digest(data) != self._sums[self._index(layer, expert)]:
+            raise ExpertUnavailable(
+                layer, expert, f"{where}: {why}, and the checkpoint's copy of it differs "
+                "from the record sealed when the store was built (checksum): the "
+                "checkpoint changed since, or was read under other names. Delete the store "
+                "file and restart to rebuild it") from None
         for d, t in zip(dst, tensors):
             d.copy_(t)
         if (layer, expert) in self._unrepaired:
             return self.layout.expert_bytes
-        data = self._record(tensors)
         try:
             fd = os.open(self.path, os.O_WRONLY)
             try:
@@ -584,7 +598,6 @@ class DiskStore(ExpertStore):
             logger.warning("expert offload: %s: %s; served from the checkpoint, but the "
                            "record could not be repaired (%s)", where, why, e)
             return self.layout.expert_bytes
-        self._sums[self._index(layer, expert)] = self._digest(data)  # as it was sealed
         self.repairs += 1
         logger.warning("expert offload: %s: %s; re-derived it from the checkpoint and "
                        "repaired the record", where, why)

@@ -65,12 +65,18 @@ def test_a_vision_language_checkpoint_is_read_under_its_own_names(tmp_path):
     assert torch.equal(ckpt.read_named(module, 0)["up_proj.weight"], expert(0)["up_proj"])
     # a checkpoint that has the module's own names is read under them
     assert ckpt.checkpoint_prefix("mtp.layers.1.mlp.experts") == "mtp.layers.1.mlp.experts"
-    # a renaming that puts the experts elsewhere (vLLM's --language-model-only hands
-    # Gemma-4 its text class's): the one prefix with the layer's tail that it keeps
-    text_class = CheckpointExperts(tmp_path, lambda n: None if n.startswith("mtp.") else
-                                   n.replace("model.language_model.", "model."))
+    # the renaming of a wrapper's inner model (Gemma-4's text class), without the
+    # wrapper's `language_model.` and keeping `mtp.*`: the one prefix whose renamed
+    # form ends the module's path
+    text_class = CheckpointExperts(tmp_path, lambda n: n.replace("model.language_model.",
+                                                                 "model."))
     assert text_class.checkpoint_prefix(module) == "model.language_model.layers.1.mlp.experts"
     assert torch.equal(text_class.read(module, 0)[1], expert(0)["down_proj"])
+    # never a prefix whose renamed form is another module: the MTP layer's, here
+    mtp_only = CheckpointExperts(tmp_path, lambda n: n if n.startswith("mtp.") else None)
+    assert mtp_only.checkpoint_prefix(module) == module
+    with pytest.raises(KeyError, match="is not in the checkpoint"):
+        mtp_only.read(module, 1)
 
 
 def test_reads_one_expert_of_a_fused_checkpoint(tmp_path):

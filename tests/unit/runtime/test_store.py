@@ -229,6 +229,38 @@ def test_no_checkpoint_to_re_derive_from_is_an_error_not_garbage(tmp_path):
         read(store, 0, 2)
 
 
+def test_a_re_derived_expert_unlike_the_sealed_record_is_not_served(tmp_path):
+    """A checkpoint changed since the build, or read under another layer's names: the
+    re-derived copy must have the checksum the build sealed, or it is refused and
+    the record is left as it is."""
+    path, store = healing_store(tmp_path)
+    with open(path, "r+b") as f:
+        f.seek(record_offset(store, 1, 0) + 3)
+        f.write(b"\x55\xaa")
+    damaged = path.read_bytes()
+    store.rederive = lambda layer, e: expert(0, e)  # another layer's expert
+    with pytest.raises(StoreFileError, match=r"expert \(1, 0\): checksum mismatch, and "
+                       "the checkpoint's copy of it differs from the record sealed"):
+        read(store, 1, 0)
+    assert store.repairs == 0 and path.read_bytes() == damaged
+    store.rederive = expert
+    assert same(read(store, 1, 0), expert(1, 0)) and store.repairs == 1
+
+
+def test_a_damaged_checksum_table_has_the_file_rebuilt(tmp_path):
+    path = tmp_path / "s.experts"
+    fill(DiskStore(path, LAYOUT, L, E, FP))
+    store = DiskStore(path, LAYOUT, L, E, FP)
+    with open(path, "r+b") as f:  # one checksum of the table at the file's end
+        f.seek(-8 * L * E + 2, os.SEEK_END)
+        f.write(b"\x01")
+    with pytest.raises(StoreFileError, match="its table of checksums is damaged"):
+        _bare(path).validate()
+    again = DiskStore(path, LAYOUT, L, E, FP)
+    assert not again.reused and "table of checksums is damaged" in again.problem
+    del store
+
+
 def test_a_full_disk_leaves_no_file_and_says_how_much_space(tmp_path, monkeypatch):
     def enospc(fd, offset, length):
         raise OSError(28, "No space left on device")
