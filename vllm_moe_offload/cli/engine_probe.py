@@ -154,7 +154,11 @@ def damage_store(path: str, how: str, record: int | None = None,
     opening the file for writing fails in this process as on a read-only mount
     (root ignores file modes, so a chmod would not do)."""
     size = os.path.getsize(path)
-    start, end = 4096, size - 4096  # the header's page, the checksum table's
+    with open(path, "rb") as f:  # the header's page: magic, length, JSON
+        head = f.read(4096)
+    meta = json.loads(head[12:12 + int.from_bytes(head[8:12], "little")])
+    records = (size - 4096) // (meta["fingerprint"]["record_bytes"] + 8)
+    start, end = 4096, 4096 + records * meta["fingerprint"]["record_bytes"]  # not the table
     if record is not None:
         start += record * record_bytes
         end = start + record_bytes

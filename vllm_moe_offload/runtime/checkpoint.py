@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 # the checkpoint's names of gate, up and down (vLLM's shards w1, w3, w2)
 PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -51,8 +51,10 @@ class CheckpointExperts:
         same tail, do not end it). `path` where none is found: reads then name it."""
         if path not in self._prefixes:
             self._index()
-            tail = path[path.rfind("layers."):] if "layers." in path else path
-            near = [k for k in self._of_layer.get(_layer_of(path), self._sorted)
+            at = _layer_at(path)
+            tail = path[at:] if at >= 0 else path
+            # that layer's tensors; with no `layers.N` in the path, those without one
+            near = [k for k in self._of_layer.get(_layer_of(path), [])
                     if k.startswith(tail + ".") or f".{tail}." in k]
             found = path if any(k.startswith(path + ".") for k in near) else None
             ends = set()
@@ -110,14 +112,15 @@ class CheckpointExperts:
         """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them, then
         (w13_bias [2I], w2_bias [H]) where it has biases (gpt-oss: gate and up
         interleaved, as vLLM's swigluoai reads them)."""
-        return self._again_if_moved(self._read, self.checkpoint_prefix(prefix), expert)
+        return self._again_if_moved(self._read, prefix, expert)
 
-    def _again_if_moved(self, read, prefix: str, expert: int):
+    def _again_if_moved(self, read, path: str, expert: int):
         try:
-            return read(prefix, expert)
-        except (OSError, KeyError):
-            self._file_of = None  # the files may have moved since they were indexed
-            return read(prefix, expert)
+            return read(self.checkpoint_prefix(path), expert)
+        except (OSError, KeyError, SafetensorError):
+            # the files may have moved (or come back) since they were indexed
+            self._file_of, self._prefixes = None, {}
+            return read(self.checkpoint_prefix(path), expert)
 
     def _read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
         index = self._index()
@@ -170,8 +173,7 @@ class CheckpointExperts:
         where the checkpoint fuses the layer's experts, row `expert` of each fused
         tensor by its name relative to `{prefix}.` (store repair of a quantized
         checkpoint's experts)."""
-        return self._again_if_moved(self._read_named, self.checkpoint_prefix(prefix),
-                                    expert)
+        return self._again_if_moved(self._read_named, prefix, expert)
 
     def _read_named(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
         index = self._index()
@@ -187,10 +189,18 @@ class CheckpointExperts:
                 for n in fused}
 
 
+def _layer_at(name: str) -> int:
+    """Where the last `layers.` component of a tensor or module name starts; -1."""
+    i = name.rfind("layers.")
+    while i > 0 and name[i - 1] != ".":
+        i = name.rfind("layers.", 0, i)
+    return i
+
+
 def _layer_of(name: str) -> str | None:
     """`layers.N` of a tensor or module name (its last), None if it has none."""
-    i = name.rfind("layers.")
-    if i < 0 or (i and name[i - 1] != "."):
+    i = _layer_at(name)
+    if i < 0:
         return None
     j = name.find(".", i + len("layers."))
     return name[i:j] if j > 0 else name[i:]

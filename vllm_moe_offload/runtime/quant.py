@@ -201,6 +201,8 @@ class QuantizedStore(ExpertStore):
     def __init__(self, inner: ExpertStore, codec: GroupQuant, slot_layout: ExpertLayout,
                  source_layout: ExpertLayout | None = None):
         self.inner, self.codec, self.layout = inner, codec, slot_layout
+        if codec.bits < 16:  # encoded again, not always to the same codes (store.py NOTE #1)
+            inner.exact_rederive = False
         self.source = source_layout or slot_layout
         self.packers: dict[int, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
         self.num_layers, self.experts_per_layer = inner.num_layers, inner.experts_per_layer

@@ -21,7 +21,10 @@ short read, a mismatch or an I/O error re-derives that expert through `rederive`
 (the checkpoint, converted as at load time), writes the record back and serves the
 request, with a warning naming the file and the expert. The re-derived record must
 have the checksum sealed at build time (a checkpoint changed or read under the
-wrong names is not served); the table of checksums has its own in the header.
+wrong names is not served), except in a quantized store (`exact_rederive` off): its
+HQQ encoder's early stop compares whole-tensor means, whose rounding depends on the
+thread count and the CPU, so an expert encoded again may differ in a few codes. The
+table of checksums has its own checksum in the header.
 Without `rederive`, or when it fails or differs, the read raises `StoreFileError`:
 never garbage weights.
 NOTE #2: a build writes `<name>.building`, reserves its full size first (a full
@@ -380,6 +383,7 @@ class DiskStore(ExpertStore):
         # (layer, expert) -> tensors as put() got them: the checkpoint's copy (NOTE #1)
         self.rederive: Callable[[int, int], list[torch.Tensor]] | None = None
         self.repairs = 0  # records re-derived after a bad read
+        self.exact_rederive = True  # a re-derived record must match the sealed one
         self._unrepaired: set[tuple[int, int]] = set()  # could not be written back
         self._sums = array("Q", bytes(8 * self.num_records))
         self.checksum = _Digest.best()
@@ -417,7 +421,7 @@ class DiskStore(ExpertStore):
             raise StoreFileError(f"{self.path}: corrupt header") from None
         if meta.get("format") != _FORMAT or meta.get("fingerprint") != self.fingerprint:
             raise StoreFileError(f"{self.path}: stale (built for another model, "
-                                 "dtype, layout or vLLM version)")
+                                 "dtype, layout or vLLM version, or by an older plugin)")
         if not _Digest.available(meta.get("checksum")):
             raise StoreFileError(f"{self.path}: checksums are {meta.get('checksum')}, "
                                  "which this host cannot compute (pip install xxhash)")
@@ -576,7 +580,8 @@ class DiskStore(ExpertStore):
                 "restart to rebuild it") from None
         self._check(tensors)
         data = self._record(tensors)
-        if self._digest(data) != self._sums[self._index(layer, expert)]:
+        sealed = self._sums[self._index(layer, expert)]
+        if self.exact_rederive and self._digest(data) != sealed:
             raise ExpertUnavailable(
                 layer, expert, f"{where}: {why}, and the checkpoint's copy of it differs "
                 "from the record sealed when the store was built (checksum): the "
@@ -598,6 +603,8 @@ class DiskStore(ExpertStore):
             logger.warning("expert offload: %s: %s; served from the checkpoint, but the "
                            "record could not be repaired (%s)", where, why, e)
             return self.layout.expert_bytes
+        if not self.exact_rederive:  # a record encoded again: its own checksum
+            self._sums[self._index(layer, expert)] = self._digest(data)
         self.repairs += 1
         logger.warning("expert offload: %s: %s; re-derived it from the checkpoint and "
                        "repaired the record", where, why)

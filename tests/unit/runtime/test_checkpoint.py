@@ -147,3 +147,26 @@ def test_reads_one_expert_row_of_tensors_that_fuse_the_layers_experts(tmp_path):
     got = ckpt.read_named(PREFIX, 3)
     assert sorted(got) == ckpt.fused_tensor_names(PREFIX)
     assert all(torch.equal(t, tensors[f"{PREFIX}.{n}"][3]) for n, t in got.items())
+
+
+def test_shards_that_come_back_or_move_are_indexed_again(tmp_path):
+    """A shard missing at the first read (its experts not found) and restored, or
+    tensors moved from one shard to another (safetensors' own error): the next read
+    indexes the files again and finds them, under the renamed prefix too."""
+    names = {f"model.language_model.layers.1.mlp.experts.{e}.{n}.weight": t
+             for e in range(2) for n, t in expert(e).items()}
+    first = {"model.language_model.embed_tokens.weight": torch.zeros(2, 2)}
+    save_file(first, tmp_path / "model-1.safetensors")
+    save_file(names, tmp_path / "model-2.safetensors")
+    ckpt = CheckpointExperts(tmp_path, lambda n: n.replace("model.language_model.",
+                                                           "language_model.model."))
+    module = "language_model.model.layers.1.mlp.experts"
+    hidden = tmp_path / "model-2.hidden"
+    (tmp_path / "model-2.safetensors").rename(hidden)
+    with pytest.raises(KeyError, match="is not in the checkpoint"):
+        ckpt.read(module, 1)
+    hidden.rename(tmp_path / "model-2.safetensors")
+    assert torch.equal(ckpt.read(module, 1)[1], expert(1)["down_proj"])
+    save_file(first | names, tmp_path / "model-1.safetensors")  # moved to shard 1
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "model-2.safetensors")
+    assert torch.equal(ckpt.read(module, 0)[1], expert(0)["down_proj"])
