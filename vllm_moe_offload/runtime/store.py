@@ -433,6 +433,7 @@ class DiskStore(ExpertStore):
         self.checksum = meta["checksum"]
         if self._digest(table) != meta.get("table"):  # NOTE #1: what repairs check against
             raise StoreFileError(f"{self.path}: its table of checksums is damaged")
+        self._sums = array("Q", table)  # the table checked here is the one reads use
 
     @property
     def _file_bytes(self) -> int:
@@ -447,8 +448,6 @@ class DiskStore(ExpertStore):
             self.problem = str(e)
             return False
         self._fd = os.open(self.path, os.O_RDONLY)
-        table = os.pread(self._fd, 8 * len(self._sums), _HEADER_BYTES + self.nbytes)
-        self._sums = array("Q", table)
         self._present = [True] * self.num_records
         return True
 
