@@ -4,6 +4,8 @@ Proposals come from n-grams of the prompt (no draft model), a draft model or an 
 module (DeepSeek-V3); a draft's MoE layers are built after the target model loaded
 and keep their experts resident."""
 
+from pathlib import Path
+
 import pytest
 
 from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec
@@ -25,6 +27,9 @@ def test_speculative_decoding_matches_plain_vllm(models, engine, store_dir, meth
     assert off["spec"]["accepted_tokens"] > 0 and plain["spec"]["accepted_tokens"] > 0
     totals, info = off["stats"]["totals"], off["stats"]["pool"]
     assert info["num_layers"] == LAYERS  # the draft's layers are not in the pool
+    files = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    assert info["draft"] == (None if method == "ngram" else  # set aside on a GPU
+                             {"method": "draft_model", "mtp_layers": 0, "file_bytes": files})
     assert totals["misses"] > EXPERTS and totals["evictions"] > 0
 
 
@@ -40,4 +45,5 @@ def test_mtp_speculative_decoding_matches_plain_vllm(engine, store_dir, tmp_path
     assert off["token_ids"] == plain["token_ids"]
     assert off["spec"] == plain["spec"] and off["spec"]["draft_tokens"] > 0
     assert off["stats"]["pool"]["num_layers"] == LAYERS - 1  # not the MTP layer
+    assert off["stats"]["pool"]["draft"] == {"method": "mtp", "mtp_layers": 1, "file_bytes": 0}
     assert off["stats"]["totals"]["misses"] > EXPERTS

@@ -96,6 +96,30 @@ def _checkpoint_rename(model_config):
     return mapper.map_name if mapper is not None else None
 
 
+# speculative methods without a draft's weights on the device (vLLM 0.32)
+_NO_DRAFT_WEIGHTS = ("ngram", "ngram_gpu", "suffix", "custom_class", "extract_hidden_states")
+
+
+def _draft(spec, download_dir: str | None) -> model_state.Draft | None:
+    """What a speculative draft keeps on the device after the pool is built (its
+    MoE layers are not offloaded, see __init__): an MTP module's layers, each with
+    the target's experts (vLLM sets `n_predict` on the MTP's config), or a separate
+    draft checkpoint's files (a draft model, EAGLE heads). None for n-gram and
+    suffix proposals, which have no weights (vLLM gives them the target's config)."""
+    config = getattr(spec, "draft_model_config", None)
+    if config is None or spec.method in _NO_DRAFT_WEIGHTS:
+        return None
+    if spec.method == "mtp":
+        layers = getattr(config.hf_config, "n_predict", None) or 1
+        return model_state.Draft(spec.method, mtp_layers=int(layers))
+    files = Path(checkpoint_dir(str(config.model), config.revision, download_dir))
+    try:
+        size = sum(f.stat().st_size for f in files.glob("*.safetensors"))
+    except OSError:
+        size = 0
+    return model_state.Draft(str(spec.method), file_bytes=size)
+
+
 class OffloadedRoutedExperts(RoutedExperts):
     _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
     _as_is: bool | None = None  # vLLM's packing leaves an expert as it is (_packs_as_is)
@@ -128,6 +152,9 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._model.gpu_memory_utilization = vllm_config.cache_config.gpu_memory_utilization
         if self._model.checkpoint_rename is None:
             self._model.checkpoint_rename = _checkpoint_rename(vllm_config.model_config)
+        if vllm_config.speculative_config is not None and self._model.draft is None:
+            self._model.draft = _draft(vllm_config.speculative_config,
+                                       vllm_config.load_config.download_dir)
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)
         self._check_modular()  # where vLLM knows already: before the checkpoint loads

@@ -8,6 +8,7 @@ is created and bound to every layer. Nothing here touches vLLM internals.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -85,6 +86,30 @@ def pool_slots(cfg: OffloadConfig, num_layers: int, experts_per_layer: int,
     return slots, [SlotGroup(range(num_layers), 0, slots)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A speculative-decoding draft, built and loaded after the pool, whose weights
+    stay on the device: MTP layers (each with one target layer's experts) or a
+    separate draft checkpoint (its files' bytes). On a GPU the pool is sized with
+    them set aside (`set_aside`), so they do not come out of the KV cache's half."""
+    method: str
+    mtp_layers: int = 0
+    file_bytes: int = 0
+
+    def set_aside(self, room: tuple[int, str], layer_bytes: int) -> tuple[int, str]:
+        """gpu_room's (bytes, where), less the draft; `layer_bytes`: one layer's
+        experts, as the pool holds them."""
+        need = self.mtp_layers * layer_bytes + self.file_bytes
+        if not need:
+            return room
+        what = (f"the experts of its {self.mtp_layers} MTP layer"
+                f"{'s' if self.mtp_layers > 1 else ''}" if self.mtp_layers else
+                "its checkpoint")
+        return max(room[0] - need, 0), (
+            f"{room[1]}, less {need / 2**30:.2f} GiB set aside for the {self.method} "
+            f"draft ({what}), which loads after the pool")
+
+
 class ModelOffload:
     def __init__(self, cfg: OffloadConfig, fingerprint: dict, device: torch.device):
         self.cfg = cfg
@@ -117,6 +142,7 @@ class ModelOffload:
         # graph joins its copy stream (device_cache.py NOTE #5)
         self.joins_prefetch = False
         self.max_step_tokens = 8192  # the most tokens of a step (vLLM's, set by layer.py)
+        self.draft: Draft | None = None  # a speculative draft's weights (set by layer.py)
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
@@ -269,6 +295,10 @@ class ModelOffload:
             store.rederive = rederive
         layout = store.layout
         room = gpu_room(self.device, self.gpu_memory_utilization)
+        if room is not None and self.draft is not None:
+            room = self.draft.set_aside(room, self.experts_per_layer * layout.expert_bytes)
+            logger.info("expert offload: pool sized on %.2f GiB %s", room[0] / 2**30,
+                        room[1])
         num_slots, groups = pool_slots(self.cfg, self.num_layers, self.experts_per_layer,
                                        layout.expert_bytes, self.device.type == "cuda", room)
         half = self.cfg.default_slots(self.num_layers, self.experts_per_layer)
@@ -453,7 +483,8 @@ class ModelOffload:
                 "store": store.kind, "store_bytes": store.nbytes,
                 "store_path": str(getattr(store, "path", "")),
                 "store_repairs": getattr(store, "repairs", 0),
-                "failed_requests": self.failed_requests}
+                "failed_requests": self.failed_requests,
+                "draft": None if self.draft is None else dataclasses.asdict(self.draft)}
 
     def shutdown(self) -> None:
         """Log the summary, stop the loader, close files. Runs once (worker shutdown
