@@ -70,7 +70,9 @@ def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int)
     for _ in range(_HQQ["iters"]):
         q = (w * inv + zero).round().clamp(0, qmax)
         r = (q - zero) / inv
-        err = float((w - r).abs().mean())
+        # the mean of the groups' sums, added up in numpy: a whole-tensor torch mean
+        # splits over threads, and its rounding (and so the early stop) with them
+        err = float((w - r).abs().sum(1, dtype=torch.float64).numpy().sum()) / w.numel()
         if err >= best:  # HQQ's early stop: keep the best zero seen
             break
         best, best_zero = err, zero
@@ -201,7 +203,7 @@ class QuantizedStore(ExpertStore):
     def __init__(self, inner: ExpertStore, codec: GroupQuant, slot_layout: ExpertLayout,
                  source_layout: ExpertLayout | None = None):
         self.inner, self.codec, self.layout = inner, codec, slot_layout
-        if codec.bits < 16:  # encoded again, not always to the same codes (store.py NOTE #1)
+        if codec.bits < 16:  # re-encoded: not to the same codes on every CPU (store.py NOTE #1)
             inner.exact_rederive = False
         self.source = source_layout or slot_layout
         self.packers: dict[int, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}

@@ -22,9 +22,10 @@ short read, a mismatch or an I/O error re-derives that expert through `rederive`
 request, with a warning naming the file and the expert. The re-derived record must
 have the checksum sealed at build time (a checkpoint changed or read under the
 wrong names is not served), except in a quantized store (`exact_rederive` off): its
-HQQ encoder's early stop compares whole-tensor means, whose rounding depends on the
-thread count and the CPU, so an expert encoded again may differ in a few codes. The
-table of checksums has its own checksum in the header.
+encoder gives the same codes at any thread count, but not on every CPU (vectorized
+rounding differs), so a record encoded again that differs is served, with its own
+checksum and a warning that says so. The table of checksums has its own checksum in
+the header.
 Without `rederive`, or when it fails or differs, the read raises `StoreFileError`:
 never garbage weights.
 NOTE #2: a build writes `<name>.building`, reserves its full size first (a full
@@ -580,7 +581,8 @@ class DiskStore(ExpertStore):
         self._check(tensors)
         data = self._record(tensors)
         sealed = self._sums[self._index(layer, expert)]
-        if self.exact_rederive and self._digest(data) != sealed:
+        differs = self._digest(data) != sealed
+        if self.exact_rederive and differs:
             raise ExpertUnavailable(
                 layer, expert, f"{where}: {why}, and the checkpoint's copy of it differs "
                 "from the record sealed when the store was built (checksum): the "
@@ -602,9 +604,15 @@ class DiskStore(ExpertStore):
             logger.warning("expert offload: %s: %s; served from the checkpoint, but the "
                            "record could not be repaired (%s)", where, why, e)
             return self.layout.expert_bytes
-        if not self.exact_rederive:  # a record encoded again: its own checksum
-            self._sums[self._index(layer, expert)] = self._digest(data)
         self.repairs += 1
+        if differs:  # a quantized record encoded to other codes: its own checksum
+            self._sums[self._index(layer, expert)] = self._digest(data)
+            logger.warning(
+                "expert offload: %s: %s; re-derived it from the checkpoint and repaired "
+                "the record, encoded to codes that differ from the record sealed at "
+                "build time (another CPU encodes differently, or the checkpoint changed "
+                "since: then delete the store file and restart to rebuild it)", where, why)
+            return self.layout.expert_bytes
         logger.warning("expert offload: %s: %s; re-derived it from the checkpoint and "
                        "repaired the record", where, why)
         return self.layout.expert_bytes
