@@ -131,6 +131,15 @@ def test_gpu_room_is_what_vllms_utilization_cap_leaves():
     free, total = torch.cuda.mem_get_info()
     left, where = gpu_room(torch.device("cuda"), 0.9)
     assert 0 < left <= 0.9 * total and "--gpu-memory-utilization 0.9" in where
+    torch.cuda.empty_cache()  # vLLM's start-up snapshot, as its worker takes it (what
+    # torch keeps cached and unused counts as free, as in gpu_room)
+    start = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
+             - torch.cuda.memory_allocated())
+    budget = (int(0.5 * total), start)
+    assert gpu_room(torch.device("cuda"), 0.5, budget)[0] == budget[0]  # nothing used yet
     x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # 256 MiB taken
     assert gpu_room(torch.device("cuda"), 0.9)[0] <= left - (255 << 20)
+    mine, where = gpu_room(torch.device("cuda"), 0.5, budget)
+    assert budget[0] - (258 << 20) <= mine <= budget[0] - (254 << 20)
+    assert "this instance's" in where
     del x

@@ -55,14 +55,33 @@ def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, tr
                        DEFAULT_POLICY if eviction == "auto" else eviction, groups), problem
 
 
-def gpu_room(device: torch.device, utilization: float) -> tuple[int, str] | None:
-    """(bytes, where) the pool may take on `device`: what is left under vLLM's
-    --gpu-memory-utilization once the model's other weights are loaded (vLLM's
-    profile then gives the KV cache what the pool leaves). None off CUDA."""
+def gpu_room(device: torch.device, utilization: float,
+             budget: tuple[int, int] | None = None) -> tuple[int, str] | None:
+    """(bytes, where) the pool may take on `device` once the model's other weights
+    are loaded (vLLM's profile then gives the KV cache what the pool leaves). None
+    off CUDA. `budget`: see `room_left`."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    left = max(int(utilization * total) - (total - free), 0)
-    return left, (f"left on the GPU under --gpu-memory-utilization {utilization} "
-                  f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free)")
+    return room_left(free, total, utilization, budget)
+
+
+def room_left(free: int, total: int, utilization: float,
+              budget: tuple[int, int] | None = None) -> tuple[int, str]:
+    """What is left of vLLM's memory budget with `free` bytes of the GPU's `total`
+    free. `budget`: vLLM's own, (bytes it requested: utilization x total, free bytes
+    at its start-up snapshot); it counts what this instance used since then, so
+    another instance on the same GPU (two at 0.5 each) takes nothing from it. Without
+    it (vLLM's worker not seen), what is left under utilization x total of all that
+    is used on the GPU."""
+    where = f"under --gpu-memory-utilization {utilization}"
+    if budget is None:
+        return max(int(utilization * total) - (total - free), 0), (
+            f"left on the GPU {where} ({free / 2**30:.2f} of {total / 2**30:.2f} GiB "
+            "free)")
+    requested, free_at_start = budget
+    used = max(free_at_start - free, 0)
+    return max(requested - used, 0), (
+        f"left of this instance's {requested / 2**30:.2f} GiB {where} ({used / 2**30:.2f} "
+        "GiB used since it started)")

@@ -25,7 +25,7 @@ import torch
 
 import vllm
 import vllm.envs as envs
-from vllm.config import get_current_vllm_config
+from vllm.config import CUDAGraphMode, get_current_vllm_config
 from vllm.forward_context import (get_forward_context, in_piecewise_cudagraph,
                                   is_forward_context_available)
 from vllm.logger import init_logger
@@ -117,7 +117,27 @@ def _draft(spec, download_dir: str | None) -> model_state.Draft | None:
         size = sum(f.stat().st_size for f in files.glob("*.safetensors"))
     except OSError:
         size = 0
+    if not size:  # a hub draft, downloaded as it loads: the hub's headers say its size
+        size = _hub_safetensors_bytes(str(config.model), config.revision)
+    if not size:
+        logger.warning("expert offload: the %s draft %s: no safetensors files found here "
+                       "or on the hub, so its weights are not set aside when the pool is "
+                       "sized on a GPU (they come out of the KV cache); --expert-pool-gib "
+                       "sets the pool by hand", spec.method, config.model)
     return model_state.Draft(str(spec.method), file_bytes=size)
+
+
+def _hub_safetensors_bytes(repo: str, revision: str | None) -> int:
+    """The bytes of a hub repository's safetensors tensors, from their headers (a few
+    KiB each); 0 where it is not a hub id or the hub cannot be reached."""
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        meta = get_safetensors_metadata(repo, revision=revision)
+    except Exception:  # not a hub id, offline, no safetensors
+        return 0
+    return sum(t.data_offsets[1] - t.data_offsets[0]
+               for f in meta.files_metadata.values() for t in f.tensors.values())
 
 
 class OffloadedRoutedExperts(RoutedExperts):
@@ -152,6 +172,9 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._model.gpu_memory_utilization = vllm_config.cache_config.gpu_memory_utilization
         if self._model.checkpoint_rename is None:
             self._model.checkpoint_rename = _checkpoint_rename(vllm_config.model_config)
+        graphs = vllm_config.compilation_config.cudagraph_mode
+        self._model.cuda_graphs = (current_platform.is_cuda_alike() and graphs is not None
+                                   and graphs != CUDAGraphMode.NONE)
         if vllm_config.speculative_config is not None and self._model.draft is None:
             self._model.draft = _draft(vllm_config.speculative_config,
                                        vllm_config.load_config.download_dir)

@@ -26,7 +26,8 @@ from vllm_moe_offload.integration.vllm import metrics
 from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.expert_cache import ExpertCache
-from vllm_moe_offload.runtime.modes import gpu_room, make_expert_cache
+from vllm_moe_offload.runtime.modes import (device_mode_problem, gpu_room,
+                                            make_expert_cache)
 from vllm_moe_offload.runtime.quant import GroupQuant, MixedStore, QuantizedStore
 from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredictor,
                                                  load_gates, load_lookahead)
@@ -143,6 +144,7 @@ class ModelOffload:
         self.joins_prefetch = False
         self.max_step_tokens = 8192  # the most tokens of a step (vLLM's, set by layer.py)
         self.draft: Draft | None = None  # a speculative draft's weights (set by layer.py)
+        self.cuda_graphs = False  # vLLM captures CUDA graphs (set by layer.py)
 
     def register_layer(self, num_experts: int, top_k: int, name: str = "") -> int:
         if self.cache is not None:
@@ -294,7 +296,14 @@ class ModelOffload:
         if store.kind == "disk":
             store.rederive = rederive
         layout = store.layout
-        room = gpu_room(self.device, self.gpu_memory_utilization)
+        why_host = device_mode_problem(self.device, store, self.cfg.eviction)
+        if self.device.type == "cuda" and why_host is not None and self.cuda_graphs:
+            # plugin.py chose graphs from the settings; this is known from the experts
+            raise NotImplementedError(
+                f"expert offload: this model's experts need host mode ({why_host}), one "
+                "host sync per layer call, which CUDA graphs cannot replay. Add "
+                "--enforce-eager.")
+        room = gpu_room(self.device, self.gpu_memory_utilization, _BUDGET)
         if room is not None and self.draft is not None:
             room = self.draft.set_aside(room, self.experts_per_layer * layout.expert_bytes)
             logger.info("expert offload: pool sized on %.2f GiB %s", room[0] / 2**30,
@@ -511,6 +520,16 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 _MODEL: ModelOffload | None = None
+
+
+# vLLM's memory budget on CUDA: (bytes requested, free at its start-up snapshot), set
+# by the worker as it loads the model (worker.py), read by gpu_room
+_BUDGET: tuple[int, int] | None = None
+
+
+def set_budget(budget: tuple[int, int] | None) -> None:
+    global _BUDGET
+    _BUDGET = budget
 
 
 def current() -> ModelOffload | None:

@@ -1,6 +1,7 @@
-"""Worker-side hooks: the stats RPC behind `get_stats(llm)`, the start-up line that
-puts the expert pool next to the KV cache it shares the memory budget with, and the
-summary line at worker shutdown."""
+"""Worker-side hooks: the stats RPC behind `get_stats(llm)`, vLLM's memory budget
+(read as the model loads, to size the pool on a GPU), the start-up line that puts
+the expert pool next to the KV cache it shares that budget with, and the summary
+line at worker shutdown."""
 
 from __future__ import annotations
 
@@ -65,6 +66,54 @@ def install() -> None:
         return original_shutdown(self)
 
     Worker.shutdown = shutdown
+
+    original_load = Worker.load_model
+
+    def load_model(self, *args, **kwargs):  # the pool is sized inside it (gpu_room)
+        model_state.set_budget(memory_budget(self))
+        return original_load(self, *args, **kwargs)
+
+    Worker.load_model = load_model
+
+    original_memory = Worker.determine_available_memory
+
+    def determine_available_memory(self):
+        available = original_memory(self)
+        check_kv_room(available, model_state.current(),
+                      self.cache_config.gpu_memory_utilization)
+        return available
+
+    Worker.determine_available_memory = determine_available_memory
+
+
+def check_kv_room(available: int, model, utilization: float) -> None:
+    """vLLM's KV cache gets `available` bytes, what its profile leaves of its budget
+    once weights, the pool and activations are counted. None left: say so with the
+    pool named (vLLM's own error would blame its memory setting alone). The pool was
+    sized before the rest of the model's memory was known (model_state.py)."""
+    if available > 0 or model is None or model.cache is None:
+        return
+    pool, slot = model.cache.pool_bytes, model.cache.slot_bytes
+    layer = model.experts_per_layer * slot
+    fit = (pool + available) // 2  # half of what pool and KV cache have together
+    smaller = (f"Set a smaller pool (--expert-pool-gib {fit / 2**30:.2f}) or raise "
+               if fit >= layer else "Raise ")
+    raise ValueError(
+        f"expert offload: the expert pool ({model.cache.num_slots} slots, "
+        f"{pool / 2**30:.2f} GiB) leaves no memory for the KV cache under "
+        f"--gpu-memory-utilization {utilization}: vLLM's profile counts "
+        f"{available / 2**30:.2f} GiB left once the weights, the pool and the "
+        f"activations are in. {smaller}--gpu-memory-utilization.")
+
+
+def memory_budget(worker) -> tuple[int, int] | None:
+    """vLLM's memory budget on CUDA, as its worker counts it: (bytes requested, free
+    bytes at its start-up snapshot). None where it keeps none (the CPU)."""
+    requested = getattr(worker, "requested_memory", None)
+    snapshot = getattr(worker, "init_snapshot", None)
+    if not requested or snapshot is None:
+        return None
+    return int(requested), int(snapshot.free_memory)
 
 
 def collect_stats(llm) -> dict:

@@ -1,0 +1,152 @@
+"""The room the pool is sized in on a GPU: what is left of vLLM's own memory budget,
+less a speculative draft's weights. vLLM builds and loads the draft (an MTP module,
+a draft model, EAGLE heads) after the target model, whose first MoE layer has built
+the pool by then, and its experts are not offloaded. On the CPU there is no room to
+size against, so these drive the GPU's sizing with numbers given by hand (gpu_room
+reads the GPU's through CUDA)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.integration.vllm import model_state
+from vllm_moe_offload.integration.vllm.layer import _draft
+from vllm_moe_offload.integration.vllm.model_state import Draft, ModelOffload
+from vllm_moe_offload.integration.vllm.worker import memory_budget
+from vllm_moe_offload.runtime.modes import room_left
+from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
+
+MiB, GiB = 1 << 20, 1 << 30
+L, E = 4, 8
+LAYOUT = ExpertLayout((TensorSpec((MiB // 4,), torch.float32),))  # 1 MiB an expert
+
+
+def spec(method, **draft):
+    config = SimpleNamespace(**draft) if draft else None
+    return SimpleNamespace(method=method, draft_model_config=config)
+
+
+def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
+    target = dict(model="/m", revision=None, hf_config=SimpleNamespace())
+    assert _draft(spec("ngram", **target), None) is None  # no weights: the target's config
+    assert _draft(spec("suffix"), None) is None
+    mtp = spec("mtp", model="/m", revision=None, hf_config=SimpleNamespace(n_predict=2))
+    assert _draft(mtp, None) == Draft("mtp", mtp_layers=2)
+    for name, size in (("model-00001-of-00002.safetensors", 3000),
+                       ("model-00002-of-00002.safetensors", 500), ("config.json", 99)):
+        (tmp_path / name).write_bytes(b"\0" * size)
+    draft = spec("draft_model", model=str(tmp_path), revision=None,
+                 hf_config=SimpleNamespace())
+    assert _draft(draft, None) == Draft("draft_model", file_bytes=3500)
+    # nothing here nor on the hub (a hub draft is fetched as it loads, after the pool;
+    # its size then comes from the hub's safetensors headers): said, not set aside
+    (tmp_path / "empty").mkdir()
+    empty = spec("eagle", model=str(tmp_path / "empty"), revision=None,
+                 hf_config=SimpleNamespace())
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        assert _draft(empty, None) == Draft("eagle", file_bytes=0)
+    assert "its weights are not set aside" in caplog.text
+
+
+def test_the_pool_is_sized_with_the_draft_set_aside(monkeypatch):
+    """32 experts of 1 MiB; 24 MiB left on the GPU. Without a draft the default pool
+    takes half of the room (12 slots); with 2 MTP layers of 8 experts (16 MiB) set
+    aside, half of the 8 MiB left is one layer's experts (8 slots). A pool set by
+    hand that fitted before is refused, with the draft named."""
+
+    def pool(draft, cfg=None):
+        model = ModelOffload(cfg or OffloadConfig.from_dict({"enabled": True,
+                                                             "store": "host"}),
+                             {}, torch.device("cpu"))
+        for layer in range(L):
+            model.register_layer(E, 2, f"model.layers.{layer}.mlp.experts")
+        store = model.ensure_store(LAYOUT)
+        for layer in range(L):
+            for e in range(E):
+                store.put(layer, e, [torch.full((MiB // 4,), float(e))])
+        model.draft = draft
+        model.experts_arrived = L * E
+        try:
+            return model.finish_loading(None).num_slots
+        finally:
+            model.shutdown()  # now, not at exit (where pytest's log capture has closed)
+
+    monkeypatch.setattr(model_state, "gpu_room", lambda *_: (24 * MiB, "left on the GPU"))
+    assert pool(None) == 12
+    assert pool(Draft("ngram")) == 12  # nothing to set aside
+    assert pool(Draft("mtp", mtp_layers=2)) == 8
+    assert pool(Draft("draft_model", file_bytes=8 * MiB)) == 8  # half of 16 MiB
+    manual = OffloadConfig.from_dict({"enabled": True, "store": "host", "pool_slots": 20})
+    assert pool(None, manual) == 20
+    with pytest.raises(ValueError, match=r"takes 0\.02 GiB, more than the 0\.01 GiB left "
+                       r"on the GPU, less 0\.02 GiB set aside for the mtp draft \(the "
+                       r"experts of its 2 MTP layers\), which loads after the pool"):
+        pool(Draft("mtp", mtp_layers=2), manual)
+    with pytest.raises(ValueError, match="one layer's 8 experts take"):
+        pool(Draft("mtp", mtp_layers=3))  # 0 MiB left for the pool
+
+
+def test_the_room_is_what_is_left_of_this_instances_budget():
+    """Two vLLM instances share an 80 GiB GPU at --gpu-memory-utilization 0.5 each.
+    The first holds 40 GiB; the second started with 40 GiB free (vLLM requested
+    40 GiB of it) and has loaded 10 GiB of weights: 30 GiB of its budget are left.
+    Counting all that is used on the GPU against 0.5 x 80 left nothing, and the
+    pool was refused."""
+    budget = memory_budget(SimpleNamespace(requested_memory=40 * GiB,
+                                           init_snapshot=SimpleNamespace(free_memory=40 * GiB)))
+    assert budget == (40 * GiB, 40 * GiB)
+    room, where = room_left(30 * GiB, 80 * GiB, 0.5, budget)
+    assert room == 30 * GiB
+    assert where == ("left of this instance's 40.00 GiB under --gpu-memory-utilization 0.5 "
+                     "(10.00 GiB used since it started)")
+    assert room_left(30 * GiB, 80 * GiB, 0.5)[0] == 0  # every process's memory counted
+    # alone on the GPU (the CUDA context, 0.5 GiB, came before vLLM's snapshot):
+    # all but the weights of 0.9 x 80 GiB
+    alone = (72 * GiB, 79.5 * GiB)
+    assert room_left(69.5 * GiB, 80 * GiB, 0.9, alone)[0] == 62 * GiB
+    assert memory_budget(SimpleNamespace()) is None  # a worker that keeps none (CPU)
+    # more used since the start than was requested: nothing left, not less
+    assert room_left(5 * GiB, 80 * GiB, 0.5, (30 * GiB, 40 * GiB))[0] == 0
+
+
+def test_host_mode_under_cuda_graphs_is_refused_before_the_pool_is_made(monkeypatch):
+    """plugin.py keeps CUDA graphs on from the settings; a reason for host mode known
+    only from the experts (device_mode_problem: e.g. a quantized store whose matrices
+    differ in dtype) would sync the host inside a graph's capture. Refused, with the
+    fix, before any slot is allocated."""
+    model = ModelOffload(OffloadConfig.from_dict({"enabled": True, "store": "host"}), {},
+                         torch.device("cpu"))
+    for layer in range(L):
+        model.register_layer(E, 2, f"model.layers.{layer}.mlp.experts")
+    store = model.ensure_store(LAYOUT)
+    for layer in range(L):
+        for e in range(E):
+            store.put(layer, e, [torch.zeros(MiB // 4)])
+    model.experts_arrived = L * E
+    model.device, model.cuda_graphs = torch.device("cuda"), True  # as on a GPU
+    monkeypatch.setattr(model_state, "device_mode_problem", lambda *_: "a reason")
+    with pytest.raises(NotImplementedError, match=r"need host mode \(a reason\).*Add "
+                       "--enforce-eager"):
+        model.finish_loading(None)
+    assert model.cache is None
+
+
+def test_a_pool_that_leaves_the_kv_cache_nothing_is_named():
+    """On a GPU vLLM's profile counts what its budget leaves for the KV cache after
+    the pool was sized (other layers' processing, activations): none left is the
+    pool's doing when it was set by hand close to the room; said, with a size."""
+    from vllm_moe_offload.integration.vllm.worker import check_kv_room
+
+    cache = SimpleNamespace(pool_bytes=8 * GiB, slot_bytes=MiB, num_slots=8192)
+    model = SimpleNamespace(cache=cache, experts_per_layer=128)
+    check_kv_room(1, model, 0.9)  # room left: nothing to say
+    check_kv_room(-GiB, None, 0.9)  # no offload: vLLM's own error
+    with pytest.raises(ValueError, match=r"the expert pool \(8192 slots, 8\.00 GiB\) leaves "
+                       r"no memory for the KV cache under --gpu-memory-utilization 0\.9: "
+                       r"vLLM's profile counts -1\.00 GiB left .* Set a smaller pool "
+                       r"\(--expert-pool-gib 3\.50\) or raise --gpu-memory-utilization\."):
+        check_kv_room(-GiB, model, 0.9)
+    with pytest.raises(ValueError, match=r"in\. Raise --gpu-memory-utilization\."):
+        check_kv_room(-8 * GiB + 64 * MiB, model, 0.9)  # not even one layer's 128 MiB
