@@ -7,6 +7,7 @@ and keep their experts resident."""
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec
 from vllm_moe_offload.hf.tiny_moe import build_tiny_deepseek_mtp
@@ -45,5 +46,9 @@ def test_mtp_speculative_decoding_matches_plain_vllm(engine, store_dir, tmp_path
     assert off["token_ids"] == plain["token_ids"]
     assert off["spec"] == plain["spec"] and off["spec"]["draft_tokens"] > 0
     assert off["stats"]["pool"]["num_layers"] == LAYERS - 1  # not the MTP layer
-    assert off["stats"]["pool"]["draft"] == {"method": "mtp", "mtp_layers": 1, "file_bytes": 0}
+    # set aside on a GPU: the MTP layer's tensors, as its checkpoint holds them
+    mtp = sum(t.nbytes for k, t in load_file(Path(model) / "model.safetensors").items()
+              if k.startswith(f"model.layers.{LAYERS}."))
+    assert off["stats"]["pool"]["draft"] == {"method": "mtp", "mtp_layers": 1,
+                                             "file_bytes": mtp}
     assert off["stats"]["totals"]["misses"] > EXPERTS

@@ -135,7 +135,7 @@ def test_gpu_room_is_what_vllms_utilization_cap_leaves():
     # torch keeps cached and unused counts as free, as in gpu_room)
     start = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
              - torch.cuda.memory_allocated())
-    budget = (int(0.5 * total), start)
+    budget = (int(0.5 * total), start, lambda: torch.cuda.mem_get_info()[0])
     assert gpu_room(torch.device("cuda"), 0.5, budget)[0] == budget[0]  # nothing used yet
     x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # 256 MiB taken
     assert gpu_room(torch.device("cuda"), 0.9)[0] <= left - (255 << 20)

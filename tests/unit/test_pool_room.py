@@ -5,6 +5,7 @@ the pool by then, and its experts are not offloaded. On the CPU there is no room
 size against, so these drive the GPU's sizing with numbers given by hand (gpu_room
 reads the GPU's through CUDA)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -29,24 +30,53 @@ def spec(method, **draft):
 
 
 def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
-    target = dict(model="/m", revision=None, hf_config=SimpleNamespace())
-    assert _draft(spec("ngram", **target), None) is None  # no weights: the target's config
-    assert _draft(spec("suffix"), None) is None
-    mtp = spec("mtp", model="/m", revision=None, hf_config=SimpleNamespace(n_predict=2))
-    assert _draft(mtp, None) == Draft("mtp", mtp_layers=2)
+    from safetensors.torch import save_file
+
+    target = tmp_path / "target"  # 2 layers of experts, then an MTP layer (layer 2)
+    target.mkdir()
+    t = {f"model.layers.{i}.mlp.experts.{e}.up_proj.weight": torch.zeros(4, 8)
+         for i in range(3) for e in range(2)}  # 128 bytes each
+    t |= {"model.layers.2.eh_proj.weight": torch.zeros(8, 16),  # 512
+          "mtp.fc.weight": torch.zeros(4, 4, dtype=torch.bfloat16),  # 32 (Qwen3.5's)
+          "model.visual.layers.5.w": torch.zeros(64),  # another stack's layer 5: not MTP
+          "model.embed_tokens.weight": torch.zeros(16, 8)}
+    save_file(t, str(target / "model.safetensors"))
+
+    def draft(method, model, **hf):
+        config = SimpleNamespace(model=str(model), revision=None,
+                                 hf_config=SimpleNamespace(**hf))
+        return _draft(SimpleNamespace(method=method, draft_model_config=config),
+                      str(target), 2, None)
+
+    assert draft("ngram", target) is None  # no weights (vLLM gives it the target's config)
+    assert _draft(SimpleNamespace(method="suffix", draft_model_config=None),
+                  str(target), 2, None) is None
+    # MTP: its layer's tensors in the target's checkpoint (2 experts, eh_proj, mtp.*)
+    assert draft("mtp", target, n_predict=1) == Draft("mtp", mtp_layers=1,
+                                                      file_bytes=2 * 128 + 512 + 32)
+    assert _draft(SimpleNamespace(method="mtp", draft_model_config=SimpleNamespace(
+        hf_config=SimpleNamespace(n_predict=2))), str(tmp_path / "gone"), 2, None) == \
+        Draft("mtp", mtp_layers=2)  # no checkpoint to count: each layer's experts (below)
+    # a draft in the target's checkpoint under its own names: nothing set aside
+    assert draft("dspark", target) == Draft("dspark")
+    size = (target / "model.safetensors").stat().st_size  # a draft model: loaded again
+    assert draft("draft_model", target) == Draft("draft_model", file_bytes=size)
+    # a separate draft checkpoint: the files its index names (not a consolidated copy)
+    other = tmp_path / "draft"
+    other.mkdir()
     for name, size in (("model-00001-of-00002.safetensors", 3000),
-                       ("model-00002-of-00002.safetensors", 500), ("config.json", 99)):
-        (tmp_path / name).write_bytes(b"\0" * size)
-    draft = spec("draft_model", model=str(tmp_path), revision=None,
-                 hf_config=SimpleNamespace())
-    assert _draft(draft, None) == Draft("draft_model", file_bytes=3500)
+                       ("model-00002-of-00002.safetensors", 500),
+                       ("consolidated.safetensors", 3500), ("config.json", 99)):
+        (other / name).write_bytes(b"\0" * size)
+    assert draft("draft_model", other) == Draft("draft_model", file_bytes=7000)
+    (other / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert draft("draft_model", other) == Draft("draft_model", file_bytes=3500)
     # nothing here nor on the hub (a hub draft is fetched as it loads, after the pool;
     # its size then comes from the hub's safetensors headers): said, not set aside
     (tmp_path / "empty").mkdir()
-    empty = spec("eagle", model=str(tmp_path / "empty"), revision=None,
-                 hf_config=SimpleNamespace())
     with caplog.at_level("WARNING", logger="vllm.moe_offload"):
-        assert _draft(empty, None) == Draft("eagle", file_bytes=0)
+        assert draft("eagle", tmp_path / "empty") == Draft("eagle", file_bytes=0)
     assert "its weights are not set aside" in caplog.text
 
 
@@ -76,7 +106,8 @@ def test_the_pool_is_sized_with_the_draft_set_aside(monkeypatch):
     monkeypatch.setattr(model_state, "gpu_room", lambda *_: (24 * MiB, "left on the GPU"))
     assert pool(None) == 12
     assert pool(Draft("ngram")) == 12  # nothing to set aside
-    assert pool(Draft("mtp", mtp_layers=2)) == 8
+    assert pool(Draft("mtp", mtp_layers=2)) == 8  # counted as 2 layers' experts
+    assert pool(Draft("mtp", mtp_layers=1, file_bytes=16 * MiB)) == 8  # its tensors
     assert pool(Draft("draft_model", file_bytes=8 * MiB)) == 8  # half of 16 MiB
     manual = OffloadConfig.from_dict({"enabled": True, "store": "host", "pool_slots": 20})
     assert pool(None, manual) == 20
@@ -89,19 +120,20 @@ def test_the_pool_is_sized_with_the_draft_set_aside(monkeypatch):
 
 
 def test_the_room_is_what_is_left_of_this_instances_budget():
-    """Two vLLM instances share an 80 GiB GPU at --gpu-memory-utilization 0.5 each.
-    The first holds 40 GiB; the second started with 40 GiB free (vLLM requested
-    40 GiB of it) and has loaded 10 GiB of weights: 30 GiB of its budget are left.
-    Counting all that is used on the GPU against 0.5 x 80 left nothing, and the
-    pool was refused."""
-    budget = memory_budget(SimpleNamespace(requested_memory=40 * GiB,
-                                           init_snapshot=SimpleNamespace(free_memory=40 * GiB)))
-    assert budget == (40 * GiB, 40 * GiB)
-    room, where = room_left(30 * GiB, 80 * GiB, 0.5, budget)
-    assert room == 30 * GiB
-    assert where == ("left of this instance's 40.00 GiB under --gpu-memory-utilization 0.5 "
-                     "(10.00 GiB used since it started)")
-    assert room_left(30 * GiB, 80 * GiB, 0.5)[0] == 0  # every process's memory counted
+    """Two vLLM instances share an 80 GiB GPU at --gpu-memory-utilization 0.45 each
+    (vLLM refuses one that finds less free than it requests). The first holds
+    36 GiB; the second started with 44 GiB free (vLLM requested 36 GiB of it) and
+    has loaded 10 GiB of weights: 26 GiB of its budget are left. Counting all that
+    is used on the GPU against 0.45 x 80 left nothing, and the pool was refused."""
+    snapshot = SimpleNamespace(free_memory=44 * GiB, device_="cuda:0")
+    budget = memory_budget(SimpleNamespace(requested_memory=36 * GiB,
+                                           init_snapshot=snapshot))
+    assert budget[:2] == (36 * GiB, 44 * GiB) and callable(budget[2])
+    room, where = room_left(34 * GiB, 80 * GiB, 0.45, budget[:2])
+    assert room == 26 * GiB
+    assert where == ("left of this instance's 36.00 GiB under --gpu-memory-utilization "
+                     "0.45 (10.00 GiB used since it started)")
+    assert room_left(34 * GiB, 80 * GiB, 0.45)[0] == 0  # every process's memory counted
     # alone on the GPU (the CUDA context, 0.5 GiB, came before vLLM's snapshot):
     # all but the weights of 0.9 x 80 GiB
     alone = (72 * GiB, 79.5 * GiB)

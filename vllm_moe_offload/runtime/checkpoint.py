@@ -108,6 +108,27 @@ class CheckpointExperts:
                 self._of_layer.setdefault(_layer_of(k), []).append(k)
         return self._file_of
 
+    def mtp_bytes(self, num_layers: int) -> int:
+        """Bytes of the checkpoint's MTP layers: its tensors under an `mtp*` name
+        (Qwen3.5's `mtp.*`, MiMo's `mtp_layers`), and those of layers numbered from
+        `num_layers` (the model's own count) on in a stack of experts (DeepSeek-V3's
+        and GLM-4.5's `model.layers.61.*`). From the safetensors headers: nothing
+        is read but them."""
+        names = self._index()
+        stacks = {k[:_layer_at(k)] for k in self._sorted if ".experts." in k
+                  and _layer_at(k) >= 0}
+
+        def mtp(name: str) -> bool:
+            if any(part.startswith("mtp") for part in name.split(".")):
+                return True
+            at = _layer_at(name)
+            number = _layer_of(name).split(".")[1] if at >= 0 else ""
+            return name[:at] in stacks and number.isdigit() and int(number) >= num_layers
+
+        wanted = [k for k in self._sorted if mtp(k)]
+        return sum(_header_bytes(f, [k for k in wanted if names[k] == f])
+                   for f in sorted({names[k] for k in wanted}))
+
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
         """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them, then
         (w13_bias [2I], w2_bias [H]) where it has biases (gpt-oss: gate and up
@@ -204,3 +225,10 @@ def _layer_of(name: str) -> str | None:
         return None
     j = name.find(".", i + len("layers."))
     return name[i:j] if j > 0 else name[i:]
+
+
+def _header_bytes(path: Path, names: list[str]) -> int:
+    """The bytes of tensors `names` of a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names)

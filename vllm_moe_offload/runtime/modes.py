@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -56,15 +57,20 @@ def make_expert_cache(store: ExpertStore, num_slots: int, device, stats=None, tr
 
 
 def gpu_room(device: torch.device, utilization: float,
-             budget: tuple[int, int] | None = None) -> tuple[int, str] | None:
+             budget: tuple[int, int, Callable[[], int]] | None = None
+             ) -> tuple[int, str] | None:
     """(bytes, where) the pool may take on `device` once the model's other weights
     are loaded (vLLM's profile then gives the KV cache what the pool leaves). None
-    off CUDA. `budget`: see `room_left`."""
+    off CUDA. `budget`: vLLM's (bytes requested, free bytes at its start-up snapshot,
+    free bytes now as it measures them: on an integrated GPU, the host's available
+    memory), see `room_left`."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
+    if budget is not None:
+        free = budget[2]()
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return room_left(free, total, utilization, budget)
+    return room_left(free, total, utilization, budget and budget[:2])
 
 
 def room_left(free: int, total: int, utilization: float,
@@ -72,9 +78,10 @@ def room_left(free: int, total: int, utilization: float,
     """What is left of vLLM's memory budget with `free` bytes of the GPU's `total`
     free. `budget`: vLLM's own, (bytes it requested: utilization x total, free bytes
     at its start-up snapshot); it counts what this instance used since then, so
-    another instance on the same GPU (two at 0.5 each) takes nothing from it. Without
-    it (vLLM's worker not seen), what is left under utilization x total of all that
-    is used on the GPU."""
+    another instance on the same GPU (two at 0.45 each: vLLM refuses to start where
+    less is free than it requests) takes nothing from it. Without it (vLLM's worker
+    not seen), what is left under utilization x total of all that is used on the
+    GPU."""
     where = f"under --gpu-memory-utilization {utilization}"
     if budget is None:
         return max(int(utilization * total) - (total - free), 0), (

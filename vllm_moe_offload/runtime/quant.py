@@ -71,7 +71,8 @@ def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int)
         q = (w * inv + zero).round().clamp(0, qmax)
         r = (q - zero) / inv
         # the mean of the groups' sums, added up in numpy: a whole-tensor torch mean
-        # splits over threads, and its rounding (and so the early stop) with them
+        # splits its reduction over threads, and its rounding (so the early stop)
+        # with them; torch splits a row sum only over rows
         err = float((w - r).abs().sum(1, dtype=torch.float64).numpy().sum()) / w.numel()
         if err >= best:  # HQQ's early stop: keep the best zero seen
             break
@@ -90,7 +91,10 @@ class GroupQuant:
     method: str = "hqq"
 
     def describe(self) -> dict:
-        return {"bits": self.bits, "group": self.group, "method": self.method}
+        """Part of a disk store's identity: a store encoded otherwise is rebuilt.
+        `encoder` 2: HQQ's early stop no longer varies with the thread count."""
+        return {"bits": self.bits, "group": self.group, "method": self.method,
+                **({"encoder": 2} if self.method == "hqq" and self.bits < 16 else {})}
 
     def check(self, source: ExpertLayout) -> None:
         """A clear error when the group size does not fit the experts' shapes."""

@@ -22,10 +22,10 @@ short read, a mismatch or an I/O error re-derives that expert through `rederive`
 request, with a warning naming the file and the expert. The re-derived record must
 have the checksum sealed at build time (a checkpoint changed or read under the
 wrong names is not served), except in a quantized store (`exact_rederive` off): its
-encoder gives the same codes at any thread count, but not on every CPU (vectorized
-rounding differs), so a record encoded again that differs is served, with its own
-checksum and a warning that says so. The table of checksums has its own checksum in
-the header.
+encoder's reductions no longer depend on the thread count, but its codes are not the
+same on every CPU (vectorized rounding differs), so a record encoded again that
+differs is served, with its own checksum and a warning that says so. The table of
+checksums has its own checksum in the header.
 Without `rederive`, or when it fails or differs, the read raises `StoreFileError`:
 never garbage weights.
 NOTE #2: a build writes `<name>.building`, reserves its full size first (a full

@@ -17,6 +17,7 @@ processes one expert (quantized.py).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ from vllm_moe_offload.integration.vllm.custom_ops import map_to_slots_op
 from vllm_moe_offload.integration.vllm.quantized import (QuantizedExperts, checkpoint_keys,
                                                          gpt_oss_checkpoint_keys,
                                                          refuse_monolithic)
+from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.quant import Gather
 from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 
@@ -100,23 +102,32 @@ def _checkpoint_rename(model_config):
 _NO_DRAFT_WEIGHTS = ("ngram", "ngram_gpu", "suffix", "custom_class", "extract_hidden_states")
 
 
-def _draft(spec, download_dir: str | None) -> model_state.Draft | None:
+def _draft(spec, target_dir: str, num_layers: int,
+           download_dir: str | None) -> model_state.Draft | None:
     """What a speculative draft keeps on the device after the pool is built (its
-    MoE layers are not offloaded, see __init__): an MTP module's layers, each with
-    the target's experts (vLLM sets `n_predict` on the MTP's config), or a separate
-    draft checkpoint's files (a draft model, EAGLE heads). None for n-gram and
-    suffix proposals, which have no weights (vLLM gives them the target's config)."""
+    MoE layers are not offloaded, see __init__): an MTP module's layers (vLLM sets
+    `n_predict` on the MTP's config), their tensors counted in the target's
+    checkpoint at `target_dir` (layers from `num_layers` on, or `mtp*` names), or a
+    separate draft checkpoint's files (a draft model, EAGLE heads). None for n-gram
+    and suffix proposals, which have no weights (vLLM gives them the target's
+    config); nothing set aside for a draft head whose weights are in the target's
+    checkpoint under names of its own (DSpark without a draft model)."""
     config = getattr(spec, "draft_model_config", None)
     if config is None or spec.method in _NO_DRAFT_WEIGHTS:
         return None
     if spec.method == "mtp":
-        layers = getattr(config.hf_config, "n_predict", None) or 1
-        return model_state.Draft(spec.method, mtp_layers=int(layers))
-    files = Path(checkpoint_dir(str(config.model), config.revision, download_dir))
-    try:
-        size = sum(f.stat().st_size for f in files.glob("*.safetensors"))
-    except OSError:
-        size = 0
+        layers = int(getattr(config.hf_config, "n_predict", None) or 1)
+        try:
+            size = CheckpointExperts(target_dir).mtp_bytes(num_layers)
+        except (OSError, ValueError, KeyError):
+            size = 0  # each MTP layer then counts one layer's experts (Draft)
+        return model_state.Draft(spec.method, mtp_layers=layers, file_bytes=size)
+    path = checkpoint_dir(str(config.model), config.revision, download_dir)
+    if path == target_dir and spec.method != "draft_model":  # (a draft model: loaded again)
+        logger.info("expert offload: the %s draft's weights are in the target's "
+                    "checkpoint; not set aside when the pool is sized", spec.method)
+        return model_state.Draft(str(spec.method))
+    size = _draft_files_bytes(Path(path))
     if not size:  # a hub draft, downloaded as it loads: the hub's headers say its size
         size = _hub_safetensors_bytes(str(config.model), config.revision)
     if not size:
@@ -125,6 +136,18 @@ def _draft(spec, download_dir: str | None) -> model_state.Draft | None:
                        "sized on a GPU (they come out of the KV cache); --expert-pool-gib "
                        "sets the pool by hand", spec.method, config.model)
     return model_state.Draft(str(spec.method), file_bytes=size)
+
+
+def _draft_files_bytes(path: Path) -> int:
+    """The bytes of a local checkpoint's safetensors files: those its index names,
+    else all (a repository may ship `consolidated.safetensors` beside its shards)."""
+    try:
+        index = path / "model.safetensors.index.json"
+        files = ({path / f for f in json.loads(index.read_text())["weight_map"].values()}
+                 if index.exists() else set(path.glob("*.safetensors")))
+        return sum(f.stat().st_size for f in files)
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _hub_safetensors_bytes(repo: str, revision: str | None) -> int:
@@ -176,7 +199,10 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._model.cuda_graphs = (current_platform.is_cuda_alike() and graphs is not None
                                    and graphs != CUDAGraphMode.NONE)
         if vllm_config.speculative_config is not None and self._model.draft is None:
+            mc = vllm_config.model_config
             self._model.draft = _draft(vllm_config.speculative_config,
+                                       self._model.fingerprint["model"],
+                                       mc.hf_text_config.num_hidden_layers,
                                        vllm_config.load_config.download_dir)
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)

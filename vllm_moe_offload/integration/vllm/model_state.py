@@ -90,9 +90,10 @@ def pool_slots(cfg: OffloadConfig, num_layers: int, experts_per_layer: int,
 @dataclasses.dataclass(frozen=True)
 class Draft:
     """A speculative-decoding draft, built and loaded after the pool, whose weights
-    stay on the device: MTP layers (each with one target layer's experts) or a
-    separate draft checkpoint (its files' bytes). On a GPU the pool is sized with
-    them set aside (`set_aside`), so they do not come out of the KV cache's half."""
+    stay on the device: its tensors' bytes (a draft checkpoint's files, or the MTP
+    layers' tensors in the target's checkpoint), or, where those are not found, one
+    layer's experts for each MTP layer. On a GPU the pool is sized with it set aside
+    (`set_aside`)."""
     method: str
     mtp_layers: int = 0
     file_bytes: int = 0
@@ -100,12 +101,13 @@ class Draft:
     def set_aside(self, room: tuple[int, str], layer_bytes: int) -> tuple[int, str]:
         """gpu_room's (bytes, where), less the draft; `layer_bytes`: one layer's
         experts, as the pool holds them."""
-        need = self.mtp_layers * layer_bytes + self.file_bytes
+        need = self.file_bytes or self.mtp_layers * layer_bytes
         if not need:
             return room
-        what = (f"the experts of its {self.mtp_layers} MTP layer"
-                f"{'s' if self.mtp_layers > 1 else ''}" if self.mtp_layers else
-                "its checkpoint")
+        s = "s" if self.mtp_layers > 1 else ""
+        what = ("its checkpoint" if not self.mtp_layers else
+                f"its {self.mtp_layers} MTP layer{s}" if self.file_bytes else
+                f"the experts of its {self.mtp_layers} MTP layer{s}")
         return max(room[0] - need, 0), (
             f"{room[1]}, less {need / 2**30:.2f} GiB set aside for the {self.method} "
             f"draft ({what}), which loads after the pool")
@@ -522,12 +524,12 @@ def _capturing(t: torch.Tensor) -> bool:
 _MODEL: ModelOffload | None = None
 
 
-# vLLM's memory budget on CUDA: (bytes requested, free at its start-up snapshot), set
-# by the worker as it loads the model (worker.py), read by gpu_room
-_BUDGET: tuple[int, int] | None = None
+# vLLM's memory budget on CUDA (gpu_room's `budget`), set by the worker while it
+# loads the model (worker.py)
+_BUDGET: tuple[int, int, Callable[[], int]] | None = None
 
 
-def set_budget(budget: tuple[int, int] | None) -> None:
+def set_budget(budget: tuple[int, int, Callable[[], int]] | None) -> None:
     global _BUDGET
     _BUDGET = budget
 

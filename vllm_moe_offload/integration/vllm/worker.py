@@ -6,6 +6,7 @@ line at worker shutdown."""
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import psutil
 
@@ -71,7 +72,10 @@ def install() -> None:
 
     def load_model(self, *args, **kwargs):  # the pool is sized inside it (gpu_room)
         model_state.set_budget(memory_budget(self))
-        return original_load(self, *args, **kwargs)
+        try:
+            return original_load(self, *args, **kwargs)
+        finally:
+            model_state.set_budget(None)
 
     Worker.load_model = load_model
 
@@ -106,14 +110,22 @@ def check_kv_room(available: int, model, utilization: float) -> None:
         f"activations are in. {smaller}--gpu-memory-utilization.")
 
 
-def memory_budget(worker) -> tuple[int, int] | None:
+def memory_budget(worker) -> tuple[int, int, Callable[[], int]] | None:
     """vLLM's memory budget on CUDA, as its worker counts it: (bytes requested, free
-    bytes at its start-up snapshot). None where it keeps none (the CPU)."""
+    bytes at its start-up snapshot, free bytes now, measured as that snapshot was:
+    on an integrated GPU the host's available memory). None where it keeps none
+    (the CPU)."""
     requested = getattr(worker, "requested_memory", None)
     snapshot = getattr(worker, "init_snapshot", None)
     if not requested or snapshot is None:
         return None
-    return int(requested), int(snapshot.free_memory)
+
+    def free_now() -> int:
+        from vllm.utils.mem_utils import MemorySnapshot
+
+        return MemorySnapshot(device=snapshot.device_).free_memory
+
+    return int(requested), int(snapshot.free_memory), free_now
 
 
 def collect_stats(llm) -> dict:
