@@ -418,7 +418,8 @@ def quantized_store(stack, bits, hot_bits=None):
 
     def store_of(codec, keys=None):
         return QuantizedStore(HostStore(codec.layout(stack.layout), L, E, pin_memory=pinned,
-                                        keys=keys), codec, stack.layout)
+                                        keys=keys), codec, stack.layout,
+                              encode_device=stack.device)
 
     if hot_bits is None:
         qstore = store_of(GroupQuant(bits, 64, "rtn"))

@@ -232,7 +232,7 @@ class ModelOffload:
                          source: ExpertLayout, keys=None) -> QuantizedStore:
         fingerprint = dict(self.fingerprint, store_codec=codec.describe())
         return QuantizedStore(self._open_store(codec.layout(source), fingerprint, keys),
-                              codec, layout, source)
+                              codec, layout, source, encode_device=self.device)
 
     def _open_store(self, record: ExpertLayout, fingerprint: dict,
                     keys: list[tuple[int, int]] | None = None) -> ExpertStore:
