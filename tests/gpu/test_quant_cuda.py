@@ -77,12 +77,18 @@ def test_encoding_on_the_gpu_is_as_good_as_on_the_cpu(bits):
     assert codes_differ <= 0.01 * sum(t.numel() for t in on_cpu[::3]), codes_differ
 
 
-def test_the_store_encodes_on_its_device():
+def test_the_store_encodes_on_its_device(monkeypatch):
     codec = GroupQuant(4, 64)
     store = QuantizedStore(HostStore(codec.layout(SLOT), 1, 1), codec, SLOT,
                            encode_device="cuda")
     w = [(torch.randn(s.shape) * 0.02).to(s.dtype) for s in SLOT.tensors]
+    where = []
+    encode_one = GroupQuant._encode_one
+    monkeypatch.setattr(GroupQuant, "_encode_one",
+                        lambda self, m: where.append(m.device.type) or encode_one(self, m))
     store.put(0, 0, w)
+    assert where == ["cuda", "cuda"]  # w13 and w2, on the GPU
+    monkeypatch.undo()
     store.seal()
     out = [torch.empty_like(t) for t in w]
     store.read_into(0, 0, out)

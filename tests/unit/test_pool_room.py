@@ -32,12 +32,13 @@ def spec(method, **draft):
 def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
     from safetensors.torch import save_file
 
-    target = tmp_path / "target"  # 2 layers of experts, then an MTP layer (layer 2)
+    target = tmp_path / "target"  # 2 layers of experts, then MTP layers 2 and 3
     target.mkdir()
     t = {f"model.layers.{i}.mlp.experts.{e}.up_proj.weight": torch.zeros(4, 8)
-         for i in range(3) for e in range(2)}  # 128 bytes each
+         for i in range(4) for e in range(2)}  # 128 bytes each
     t |= {"model.layers.2.eh_proj.weight": torch.zeros(8, 16),  # 512
           "mtp.fc.weight": torch.zeros(4, 4, dtype=torch.bfloat16),  # 32 (Qwen3.5's)
+          "mtp.layers.1.w": torch.zeros(8),  # 32, the second MTP layer's
           "model.visual.layers.5.w": torch.zeros(64),  # another stack's layer 5: not MTP
           "model.embed_tokens.weight": torch.zeros(16, 8)}
     save_file(t, str(target / "model.safetensors"))
@@ -51,14 +52,18 @@ def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
     assert draft("ngram", target) is None  # no weights (vLLM gives it the target's config)
     assert _draft(SimpleNamespace(method="suffix", draft_model_config=None),
                   str(target), 2, None) is None
-    # MTP: its layer's tensors in the target's checkpoint (2 experts, eh_proj, mtp.*)
-    assert draft("mtp", target, n_predict=1) == Draft("mtp", mtp_layers=1,
-                                                      file_bytes=2 * 128 + 512 + 32)
-    assert _draft(SimpleNamespace(method="mtp", draft_model_config=SimpleNamespace(
-        hf_config=SimpleNamespace(n_predict=2))), str(tmp_path / "gone"), 2, None) == \
-        Draft("mtp", mtp_layers=2)  # no checkpoint to count: each layer's experts (below)
-    # a draft in the target's checkpoint under its own names: nothing set aside
-    assert draft("dspark", target) == Draft("dspark")
+    # MTP: the tensors of the layers vLLM loads, in the target's checkpoint
+    one = 2 * 128 + 512 + 32  # layer 2's experts and eh_proj, mtp.fc
+    assert draft("mtp", target, n_predict=1) == Draft("mtp", mtp_layers=1, file_bytes=one)
+    assert draft("mtp", target, n_predict=2) == Draft("mtp", mtp_layers=2,
+                                                      file_bytes=one + 2 * 128 + 32)
+    gone = SimpleNamespace(model=str(tmp_path / "gone"), revision=None,
+                           hf_config=SimpleNamespace(n_predict=2))
+    assert _draft(SimpleNamespace(method="mtp", draft_model_config=gone),
+                  str(tmp_path / "gone"), 2, None) == Draft("mtp", mtp_layers=2)
+    # (no checkpoint to count: each layer's experts, set_aside below)
+    # DSpark's heads in the target's checkpoint: counted the same way (its mtp.*)
+    assert draft("dspark", target) == Draft("dspark", file_bytes=one)
     size = (target / "model.safetensors").stat().st_size  # a draft model: loaded again
     assert draft("draft_model", target) == Draft("draft_model", file_bytes=size)
     # a separate draft checkpoint: the files its index names (not a consolidated copy)
@@ -69,6 +74,7 @@ def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
                        ("consolidated.safetensors", 3500), ("config.json", 99)):
         (other / name).write_bytes(b"\0" * size)
     assert draft("draft_model", other) == Draft("draft_model", file_bytes=7000)
+    assert draft("mtp", other, n_predict=1) == Draft("mtp", file_bytes=7000)  # its own
     (other / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     assert draft("draft_model", other) == Draft("draft_model", file_bytes=3500)

@@ -108,22 +108,27 @@ class CheckpointExperts:
                 self._of_layer.setdefault(_layer_of(k), []).append(k)
         return self._file_of
 
-    def mtp_bytes(self, num_layers: int) -> int:
-        """Bytes of the checkpoint's MTP layers: its tensors under an `mtp*` name
-        (Qwen3.5's `mtp.*`, MiMo's `mtp_layers`), and those of layers numbered from
-        `num_layers` (the model's own count) on in a stack of experts (DeepSeek-V3's
-        and GLM-4.5's `model.layers.61.*`). From the safetensors headers: nothing
-        is read but them."""
+    def mtp_bytes(self, num_layers: int, mtp_layers: int) -> int:
+        """Bytes of the checkpoint's first `mtp_layers` MTP layers (those vLLM loads):
+        its tensors under an `mtp*` name (Qwen3.5's `mtp.*`, MiMo's `mtp_layers`,
+        DSpark's `mtp.0-2`; a numbered one from `mtp_layers` on left out), and those
+        of layers `num_layers` (the model's own count) to `num_layers + mtp_layers - 1`
+        in a stack of experts (DeepSeek-V3's and GLM-4.5's `model.layers.61.*`).
+        From the safetensors headers: nothing is read but them."""
         names = self._index()
         stacks = {k[:_layer_at(k)] for k in self._sorted if ".experts." in k
                   and _layer_at(k) >= 0}
 
         def mtp(name: str) -> bool:
-            if any(part.startswith("mtp") for part in name.split(".")):
-                return True
+            parts = name.split(".")
+            at = next((i for i, p in enumerate(parts) if p.startswith("mtp")), None)
+            if at is not None:
+                number = next((p for p in parts[at + 1:] if p.isdigit()), None)
+                return number is None or int(number) < mtp_layers
             at = _layer_at(name)
             number = _layer_of(name).split(".")[1] if at >= 0 else ""
-            return name[:at] in stacks and number.isdigit() and int(number) >= num_layers
+            return (name[:at] in stacks and number.isdigit()
+                    and num_layers <= int(number) < num_layers + mtp_layers)
 
         wanted = [k for k in self._sorted if mtp(k)]
         return sum(_header_bytes(f, [k for k in wanted if names[k] == f])

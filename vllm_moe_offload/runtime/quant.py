@@ -64,7 +64,7 @@ def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int):
     """HQQ's proximal solver (hqq.core.optimize, legacy variant): refine the zero of
-    each group (row of `w`) for an l_p error, scale fixed. fp32 on the CPU."""
+    each group (row of `w`) for an l_p error, scale fixed. fp32, on w's device."""
     p, beta, kappa = _HQQ["lp_norm"], _HQQ["beta"], _HQQ["kappa"]
     best, best_zero = float("inf"), zero
     for _ in range(_HQQ["iters"]):
@@ -146,7 +146,8 @@ class GroupQuant:
                 return [r.cpu() for r in self._encode_one(
                     t.to(device, torch.float32).reshape(-1, self.group))]
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
+                pass  # (the cache is emptied below, once the failed frames are gone)
+            torch.cuda.empty_cache()
         return self._encode_one(t.to("cpu", torch.float32).reshape(-1, self.group))
 
     def _encode_one(self, w: torch.Tensor) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import vllm
 import vllm.envs as envs
@@ -105,28 +106,29 @@ _NO_DRAFT_WEIGHTS = ("ngram", "ngram_gpu", "suffix", "custom_class", "extract_hi
 def _draft(spec, target_dir: str, num_layers: int,
            download_dir: str | None) -> model_state.Draft | None:
     """What a speculative draft keeps on the device after the pool is built (its
-    MoE layers are not offloaded, see __init__): an MTP module's layers (vLLM sets
-    `n_predict` on the MTP's config), their tensors counted in the target's
-    checkpoint at `target_dir` (layers from `num_layers` on, or `mtp*` names), or a
-    separate draft checkpoint's files (a draft model, EAGLE heads). None for n-gram
-    and suffix proposals, which have no weights (vLLM gives them the target's
-    config); nothing set aside for a draft head whose weights are in the target's
-    checkpoint under names of its own (DSpark without a draft model)."""
+    MoE layers are not offloaded, see __init__): a draft checkpoint's files (a draft
+    model, EAGLE heads, an MTP model of its own), or, for a draft in the target's
+    checkpoint at `target_dir` (an MTP module; DSpark without a model), its first
+    `n_predict` layers' tensors there (layers from `num_layers` on, or `mtp*`
+    names; vLLM sets `n_predict` on an MTP's config). None for n-gram and suffix
+    proposals, which have no weights (vLLM gives them the target's config)."""
     config = getattr(spec, "draft_model_config", None)
     if config is None or spec.method in _NO_DRAFT_WEIGHTS:
         return None
-    if spec.method == "mtp":
-        layers = int(getattr(config.hf_config, "n_predict", None) or 1)
-        try:
-            size = CheckpointExperts(target_dir).mtp_bytes(num_layers)
-        except (OSError, ValueError, KeyError):
-            size = 0  # each MTP layer then counts one layer's experts (Draft)
-        return model_state.Draft(spec.method, mtp_layers=layers, file_bytes=size)
     path = checkpoint_dir(str(config.model), config.revision, download_dir)
     if path == target_dir and spec.method != "draft_model":  # (a draft model: loaded again)
-        logger.info("expert offload: the %s draft's weights are in the target's "
-                    "checkpoint; not set aside when the pool is sized", spec.method)
-        return model_state.Draft(str(spec.method))
+        layers = int(getattr(config.hf_config, "n_predict", None) or 1)
+        try:
+            size = CheckpointExperts(target_dir).mtp_bytes(num_layers, layers)
+        except (OSError, ValueError, KeyError, SafetensorError):
+            size = 0  # each MTP layer then counts one layer's experts (Draft)
+        if not size and spec.method != "mtp":
+            logger.warning("expert offload: the %s draft's weights are in the target's "
+                           "checkpoint under names not found (no mtp* tensors, no layers "
+                           "past %d): not set aside when the pool is sized on a GPU",
+                           spec.method, num_layers)
+        return model_state.Draft(spec.method, mtp_layers=layers if spec.method == "mtp"
+                                 else 0, file_bytes=size)
     size = _draft_files_bytes(Path(path))
     if not size:  # a hub draft, downloaded as it loads: the hub's headers say its size
         size = _hub_safetensors_bytes(str(config.model), config.revision)
@@ -199,10 +201,10 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._model.cuda_graphs = (current_platform.is_cuda_alike() and graphs is not None
                                    and graphs != CUDAGraphMode.NONE)
         if vllm_config.speculative_config is not None and self._model.draft is None:
-            mc = vllm_config.model_config
+            text = vllm_config.model_config.hf_text_config
             self._model.draft = _draft(vllm_config.speculative_config,
                                        self._model.fingerprint["model"],
-                                       mc.hf_text_config.num_hidden_layers,
+                                       getattr(text, "num_hidden_layers", 0),
                                        vllm_config.load_config.download_dir)
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
                                                  layer_name)
