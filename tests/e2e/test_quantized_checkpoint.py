@@ -129,6 +129,34 @@ def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, 
     assert "re-derived it from the checkpoint and repaired the record" in off["log"]
 
 
+def test_gptq_expert_biases_kept_when_the_store_is_reused(quantized_models, engine,
+                                                           tmp_path):
+    """Some GPTQ checkpoints hold expert biases their architecture does not declare;
+    vLLM's AutoGPTQ method keeps a layer's biases only where a loader call named them.
+    With a reused disk store no expert of a layer is loaded, and its record must
+    still hold them (before: the layout check stopped the start)."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "gptq-biases"
+    shutil.copytree(quantized_models["qwen3_moe", "gptq"], model)
+    weights = load_file(model / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name in [n for n in weights if n.endswith(".qweight") and ".experts." in n]:
+        rows = I if "down_proj" not in name else H
+        weights[name.replace(".qweight", ".bias")] = (
+            torch.randn(rows, generator=g) * 0.05).to(torch.bfloat16)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    plain = engine(with_kernel(plain_spec(str(model)), "reference"))
+    spec = offload(str(model), str(tmp_path / "store"), "reference")
+    built = engine(spec)
+    reused = engine({**spec, "rounds": 1})
+    assert "reusing disk store" in reused["log"]
+    assert built["token_ids"] == reused["token_ids"] == plain["token_ids"]
+    # the record holds the biases: [2I] and [H] in the model's dtype
+    assert reused["stats"]["pool"]["slot_bytes"] == \
+        reference_record_bytes("gptq") + 2 * (2 * I + H)
+
+
 def test_a_checkpoint_under_released_qwen3_5_names(models, engine, tmp_path):
     """Released Qwen3.5 checkpoints (their GPTQ and FP8 ones too) name the text stack
     `model.language_model.*`, which vLLM renames as it loads: the loader calls that

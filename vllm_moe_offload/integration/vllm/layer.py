@@ -356,7 +356,9 @@ class OffloadedRoutedExperts(RoutedExperts):
                 "experts are offloaded from its own weights. Load the checkpoint.")
         cache = self._model.finish_loading(None, self._rederive_quantized)
         self._model.checkpoint_quantization = self._quant.method
-        self._quant.bind(self, cache.layer_buffers(self._layer), self._slot_param)
+        self._quant.bind(self, cache.layer_buffers(self._layer), self._slot_param,
+                         getattr(store, "fingerprint", {}).get("record")
+                         if store.reused else None)
         self._check_modular()
         self._num_slots = cache.layer_slots(self._layer)
 

@@ -159,10 +159,17 @@ class QuantizedExperts:
         # by name: processing re-registers parameters, so their order varies.
         return sorted(names, key=lambda n: (-getattr(twin, n).element_size(), n))
 
-    def bind(self, layer, buffers: list[torch.Tensor], make_param) -> None:
+    def bind(self, layer, buffers: list[torch.Tensor], make_param,
+             record: list[str] | None = None) -> None:
         """Point `layer` at the pool's slot buffers and rebuild the method's kernel
-        over them."""
+        over them. `record`: the store's record tensors, where it was built before
+        (a reused disk store: this layer loaded no expert)."""
         twin = self.twin(layer, self.qm)  # the layer's method: its kernel and config
+        if record is not None and hasattr(layer, "_loaded_expert_biases"):
+            # vLLM's AutoGPTQ method keeps only the biases a loader call named; the
+            # record says which this checkpoint has
+            twin._loaded_expert_biases = set(layer._loaded_expert_biases) | {
+                n for n in record if n.endswith("_bias")}
         for p in twin._parameters.values():
             if p is not None:
                 p.data.zero_()
