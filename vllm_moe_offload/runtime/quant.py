@@ -64,22 +64,30 @@ def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int):
     """HQQ's proximal solver (hqq.core.optimize, legacy variant): refine the zero of
-    each group (row of `w`) for an l_p error, scale fixed. fp32, on w's device."""
+    each group (row of `w`) for an l_p error, scale fixed. fp32, on w's device; in
+    four work buffers, in place: the same arithmetic (the same codes) as out of
+    place, and a Qwen3-30B-A3B expert encodes in 0.52 s instead of 0.70 s at 4 bits
+    on a 2-core VM."""
     p, beta, kappa = _HQQ["lp_norm"], _HQQ["beta"], _HQQ["kappa"]
     best, best_zero = float("inf"), zero
+    q, e, a, t = (torch.empty_like(w) for _ in range(4))
     for _ in range(_HQQ["iters"]):
-        q = (w * inv + zero).round().clamp(0, qmax)
-        r = (q - zero) / inv
+        torch.mul(w, inv, out=q).add_(zero).round_().clamp_(0, qmax)
+        torch.sub(q, zero, out=e).div_(inv)  # r, the decoded values
+        torch.sub(w, e, out=e)  # e = w - r
         # the mean of the groups' sums, added up in numpy: a whole-tensor torch mean
         # splits its reduction over threads, and its rounding (so the early stop)
         # with them; torch splits a row sum only over rows
-        err = float((w - r).abs().sum(1, dtype=torch.float64).cpu().numpy().sum()) / w.numel()
+        err = float(torch.abs(e, out=a).sum(1, dtype=torch.float64).cpu().numpy().sum()
+                    ) / w.numel()
         if err >= best:  # HQQ's early stop: keep the best zero seen
             break
         best, best_zero = err, zero
-        e = w - r
-        e = torch.sign(e) * torch.relu(e.abs() - (1.0 / beta) * (e.abs() + 1e-8) ** (p - 1))
-        zero = (q - (w - e) * inv).mean(1, keepdim=True)
+        # e = sign(e) * relu(|e| - (1 / beta) * (|e| + 1e-8) ** (p - 1))
+        torch.add(a, 1e-8, out=t).pow_(p - 1).mul_(1.0 / beta)
+        e.sign_().mul_(a.sub_(t).relu_())
+        # zero = mean(q - (w - e) * inv) per group
+        zero = torch.sub(q, torch.sub(w, e, out=t).mul_(inv), out=t).mean(1, keepdim=True)
         beta *= kappa
     return best_zero
 
@@ -128,10 +136,10 @@ class GroupQuant:
     def encode(self, tensors: list[torch.Tensor],
                device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """An expert's tensors -> its record (on the CPU). The solver runs on `device`,
-        a GPU where there is one: a CPU takes about 0.8 s an expert of Qwen3-30B-A3B
-        at 4 bits (2 cores), over an hour a model, where a GPU's bandwidth should
+        a GPU where there is one: a CPU takes about 0.5 s an expert of Qwen3-30B-A3B
+        at 4 bits (2 cores), nearly an hour a model, where a GPU's bandwidth should
         make it minutes at most (not yet measured); where the GPU has no room for
-        one matrix's work (a few times its fp32 size), on the CPU."""
+        one matrix's work (about five times its fp32 size), on the CPU."""
         out = []
         for t in tensors:
             if t.dim() == 1 or self.bits == 16:  # a bias, or 16 bits: kept as it is
