@@ -24,11 +24,6 @@ L, E = 4, 8
 LAYOUT = ExpertLayout((TensorSpec((MiB // 4,), torch.float32),))  # 1 MiB an expert
 
 
-def spec(method, **draft):
-    config = SimpleNamespace(**draft) if draft else None
-    return SimpleNamespace(method=method, draft_model_config=config)
-
-
 def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
     from safetensors.torch import save_file
 
