@@ -5,10 +5,12 @@
 runtime/ only (no vLLM), so it runs on a bare GPU machine. Per expert shape and bit
 width: the record's copy from the store (pinned host -> GPU on CUDA; a RAM copy on
 CPU), the decode into bf16 slot tensors (the Triton kernel on CUDA, torch on CPU),
-and the bf16 expert's own copy for comparison. Decoded values are checked against
-the torch reference on the CPU. On CUDA also a miss in device mode, as the model
-sees it: resolve, then the fill that reads the record in place from pinned memory
-(the bf16 expert copied, a quantized one decoded on the way: decode_fill_kernel).
+and the bf16 expert's own copy for comparison; and the store's HQQ encoding of the
+expert as it loads (on the GPU on CUDA, there beside the CPU's for Qwen3's
+shape). Decoded values are checked against the torch reference on the CPU. On
+CUDA also a miss in device mode, as the model sees it: resolve, then the fill that
+reads the record in place from pinned memory (the bf16 expert copied, a quantized
+one decoded on the way: decode_fill_kernel).
 Writes benchmarks/results/dequant_kernel_<device>.*
 """
 
@@ -103,6 +105,13 @@ def row(shape: str, bits: int, device: str) -> dict:
             seconds, out["bit_identical"] = device_miss(expert, None, expert, expert, device)
             out["device_miss_ms"] = 1e3 * seconds
         return out
+    # the store's HQQ encoder, once per expert as it loads: where the pool is (the
+    # GPU on CUDA), and for shapes the CPU does in seconds, on the CPU beside it
+    out["hqq_encode_ms"] = 1e3 * timed(
+        lambda: GroupQuant(bits, 64).encode(expert, device), device, repeat=1)
+    if device == "cuda" and shape != "mixtral":
+        out["hqq_encode_cpu_ms"] = 1e3 * timed(
+            lambda: GroupQuant(bits, 64).encode(expert), "cpu", repeat=1)
     codec = GroupQuant(bits, 64, "rtn")
     stored = codec.encode(expert)
     host = [s.pin_memory() if pin else s.clone() for s in stored]
@@ -125,19 +134,21 @@ def row(shape: str, bits: int, device: str) -> dict:
 
 def markdown(rows) -> str:
     lines = ["| shape | bits | MiB moved | copy ms | decode ms | decode / copy | "
-             "miss (copy + decode) / bf16 copy | device-mode miss ms | bit-identical |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "miss (copy + decode) / bf16 copy | device-mode miss ms | bit-identical | "
+             "HQQ encode ms (CPU ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dev = f"{r['device_miss_ms']:.3f}" if "device_miss_ms" in r else "-"
         if r["bits"] == 16:
             lines.append(f"| {r['shape']} | 16 | {r['expert_mib']:.2f} | "
                          f"{r['bf16_copy_ms']:.3f} | - | - | 1.00 | {dev} | "
-                         f"{r.get('bit_identical', '-')} |")
+                         f"{r.get('bit_identical', '-')} | - |")
         else:
+            cpu = f" ({r['hqq_encode_cpu_ms']:.0f})" if "hqq_encode_cpu_ms" in r else ""
             lines.append(f"| {r['shape']} | {r['bits']} | {r['record_mib']:.2f} | "
                          f"{r['record_copy_ms']:.3f} | {r['decode_ms']:.3f} | "
                          f"{r['decode_over_copy']:.2f} | {r['miss_ms_vs_bf16']:.2f} | "
-                         f"{dev} | {r['bit_identical']} |")
+                         f"{dev} | {r['bit_identical']} | {r['hqq_encode_ms']:.1f}{cpu} |")
     return "\n".join(lines)
 
 
