@@ -136,10 +136,11 @@ class GroupQuant:
     def encode(self, tensors: list[torch.Tensor],
                device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """An expert's tensors -> its record (on the CPU). The solver runs on `device`,
-        a GPU where there is one: a CPU takes about 0.5 s an expert of Qwen3-30B-A3B
-        at 4 bits (2 cores), nearly an hour a model, where a GPU's bandwidth should
-        make it minutes at most (not yet measured); where the GPU has no room for
-        one matrix's work (about five times its fp32 size), on the CPU."""
+        a GPU where there is one: a CPU takes about 0.6 s an expert of Qwen3-30B-A3B
+        (2 cores; benchmarks/dequant_kernel.py), about an hour a model, where a GPU's
+        bandwidth should make it minutes at most (not yet measured); where the GPU
+        has no room for one matrix's work (about five times its fp32 size), on the
+        CPU."""
         out = []
         for t in tensors:
             if t.dim() == 1 or self.bits == 16:  # a bias, or 16 bits: kept as it is
