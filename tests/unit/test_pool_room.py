@@ -16,6 +16,7 @@ from vllm_moe_offload.integration.vllm import model_state
 from vllm_moe_offload.integration.vllm.layer import _draft
 from vllm_moe_offload.integration.vllm.model_state import Draft, ModelOffload
 from vllm_moe_offload.integration.vllm.worker import memory_budget
+from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.modes import room_left
 from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
 
@@ -42,11 +43,11 @@ def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
         config = SimpleNamespace(model=str(model), revision=None,
                                  hf_config=SimpleNamespace(**hf))
         return _draft(SimpleNamespace(method=method, draft_model_config=config),
-                      str(target), 2, None)
+                      CheckpointExperts(target), 2, None)
 
     assert draft("ngram", target) is None  # no weights (vLLM gives it the target's config)
     assert _draft(SimpleNamespace(method="suffix", draft_model_config=None),
-                  str(target), 2, None) is None
+                  CheckpointExperts(target), 2, None) is None
     # MTP: the tensors of the layers vLLM loads, in the target's checkpoint
     one = 2 * 128 + 512 + 32  # layer 2's experts and eh_proj, mtp.fc
     assert draft("mtp", target, n_predict=1) == Draft("mtp", mtp_layers=1, file_bytes=one)
@@ -55,7 +56,7 @@ def test_what_each_kind_of_draft_keeps_on_the_device(tmp_path, caplog):
     gone = SimpleNamespace(model=str(tmp_path / "gone"), revision=None,
                            hf_config=SimpleNamespace(n_predict=2))
     assert _draft(SimpleNamespace(method="mtp", draft_model_config=gone),
-                  str(tmp_path / "gone"), 2, None) == Draft("mtp", mtp_layers=2)
+                  CheckpointExperts(tmp_path / "gone"), 2, None) == Draft("mtp", mtp_layers=2)
     # (no checkpoint to count: each layer's experts, set_aside below)
     # DSpark's heads in the target's checkpoint: counted the same way (its mtp.*)
     assert draft("dspark", target) == Draft("dspark", file_bytes=one)

@@ -153,10 +153,11 @@ def damage_store(path: str, how: str, record: int | None = None,
     I/O error (an in-process engine's worker reads here), or 'readonly': 'flip', and
     opening the file for writing fails in this process as on a read-only mount
     (root ignores file modes, so a chmod would not do)."""
+    from vllm_moe_offload.runtime.store import read_header
+
     size = os.path.getsize(path)
-    with open(path, "rb") as f:  # the header's page: magic, length, JSON
-        head = f.read(4096)
-    meta = json.loads(head[12:12 + int.from_bytes(head[8:12], "little")])
+    with open(path, "rb") as f:  # the header's page
+        meta = read_header(f.read(4096), path)
     records = (size - 4096) // (meta["fingerprint"]["record_bytes"] + 8)
     start, end = 4096, 4096 + records * meta["fingerprint"]["record_bytes"]  # not the table
     if record is not None:

@@ -126,13 +126,15 @@ class CheckpointExperts:
                 number = next((p for p in parts[at + 1:] if p.isdigit()), None)
                 return number is None or int(number) < mtp_layers
             at = _layer_at(name)
-            number = _layer_of(name).split(".")[1] if at >= 0 else ""
+            number = _layer_of(name)[len("layers."):] if at >= 0 else ""
             return (name[:at] in stacks and number.isdigit()
                     and num_layers <= int(number) < num_layers + mtp_layers)
 
-        wanted = [k for k in self._sorted if mtp(k)]
-        return sum(_header_bytes(f, [k for k in wanted if names[k] == f])
-                   for f in sorted({names[k] for k in wanted}))
+        of_file: dict[Path, list[str]] = {}
+        for k in self._sorted:
+            if mtp(k):
+                of_file.setdefault(names[k], []).append(k)
+        return sum(_header_bytes(f, ks) for f, ks in of_file.items())
 
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, ...]:
         """(w13 [2I, H] = gate ++ up, w2 [H, I]) as the checkpoint holds them, then

@@ -368,6 +368,18 @@ class _Digest:
         return self._h.intdigest() if self._h is not None else self._crc
 
 
+def read_header(head: bytes, path) -> dict:
+    """A disk store file's header (its first page: magic, length, JSON) -> its JSON;
+    StoreFileError naming `path` where it is not one."""
+    if len(head) < 12 or head[:8] != _MAGIC:
+        raise StoreFileError(f"{path}: not an expert store file")
+    (n,) = struct.unpack("<I", head[8:12])
+    try:
+        return json.loads(head[12:12 + n])
+    except ValueError:
+        raise StoreFileError(f"{path}: corrupt header") from None
+
+
 class DiskStore(ExpertStore):
     kind = "disk"
 
@@ -413,13 +425,7 @@ class DiskStore(ExpertStore):
                 table = f.read(8 * self.num_records)
         except OSError as e:
             raise StoreFileError(f"{self.path}: cannot read ({e})") from None
-        if len(head) < 12 or head[:8] != _MAGIC:
-            raise StoreFileError(f"{self.path}: not an expert store file")
-        (n,) = struct.unpack("<I", head[8:12])
-        try:
-            meta = json.loads(head[12:12 + n])
-        except ValueError:
-            raise StoreFileError(f"{self.path}: corrupt header") from None
+        meta = read_header(head, self.path)
         if meta.get("format") != _FORMAT or meta.get("fingerprint") != self.fingerprint:
             raise StoreFileError(f"{self.path}: stale (built for another model, "
                                  "dtype, layout or vLLM version, or by an older plugin)")

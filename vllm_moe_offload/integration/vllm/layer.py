@@ -103,12 +103,12 @@ def _checkpoint_rename(model_config):
 _NO_DRAFT_WEIGHTS = ("ngram", "ngram_gpu", "suffix", "custom_class", "extract_hidden_states")
 
 
-def _draft(spec, target_dir: str, num_layers: int,
+def _draft(spec, target: CheckpointExperts, num_layers: int,
            download_dir: str | None) -> model_state.Draft | None:
     """What a speculative draft keeps on the device after the pool is built (its
     MoE layers are not offloaded, see __init__): a draft checkpoint's files (a draft
     model, EAGLE heads, an MTP model of its own), or, for a draft in the target's
-    checkpoint at `target_dir` (an MTP module; DSpark without a model), its first
+    checkpoint `target` (an MTP module; DSpark without a model), its first
     `n_predict` layers' tensors there (layers from `num_layers` on, or `mtp*`
     names; vLLM sets `n_predict` on an MTP's config). None for n-gram and suffix
     proposals, which have no weights (vLLM gives them the target's config)."""
@@ -116,10 +116,10 @@ def _draft(spec, target_dir: str, num_layers: int,
     if config is None or spec.method in _NO_DRAFT_WEIGHTS:
         return None
     path = checkpoint_dir(str(config.model), config.revision, download_dir)
-    if path == target_dir and spec.method != "draft_model":  # (a draft model: loaded again)
+    if Path(path) == target.model_dir and spec.method != "draft_model":  # (loaded again)
         layers = int(getattr(config.hf_config, "n_predict", None) or 1)
         try:
-            size = CheckpointExperts(target_dir).mtp_bytes(num_layers, layers)
+            size = target.mtp_bytes(num_layers, layers)
         except (OSError, ValueError, KeyError, SafetensorError):
             size = 0  # each MTP layer then counts one layer's experts (Draft)
         if not size and spec.method != "mtp":
@@ -203,7 +203,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         if vllm_config.speculative_config is not None and self._model.draft is None:
             text = vllm_config.model_config.hf_text_config
             self._model.draft = _draft(vllm_config.speculative_config,
-                                       self._model.fingerprint["model"],
+                                       self._model.checkpoint,
                                        getattr(text, "num_hidden_layers", 0),
                                        vllm_config.load_config.download_dir)
         self._layer = self._model.register_layer(self.global_num_experts, self.top_k,
