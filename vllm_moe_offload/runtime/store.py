@@ -31,16 +31,28 @@ never garbage weights.
 NOTE #2: a build writes `<name>.building`, reserves its full size first (a full
 disk fails at once, naming the space needed) and is renamed only once sealed, so
 a kill -9 or ENOSPC mid-build never leaves a file that looks valid.
+NOTE #3: a build holds an exclusive lock on `<name>.lock` beside the file (a POSIX
+record lock, `lockf`), from before it opens `.building` until the rename (or its
+failure, or the process's end: the kernel drops a killed process's locks). Another
+process (a second vLLM instance with the same store directory) that finds no sealed
+file waits on the lock, logging the holder's pid, then reuses what was sealed or
+builds it itself. Without the lock both truncated and wrote one `.building` file,
+and the second rename failed (FileNotFoundError) while the first's records could
+be zeroed. The lock is per process, so a process that builds again after a build
+it abandoned (an in-process engine that failed while loading) does not wait on
+itself. A sealed file is reused without the lock: a read-only directory serves it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import struct
+import time
 import weakref
 import zlib
 from array import array
@@ -62,6 +74,7 @@ _FORMAT = 3  # 2: a checksum per record; 3: and one of that table, in the header
 _ALIGN = 4096  # record alignment (O_DIRECT-friendly, page-sized fadvise ranges)
 _HEADER_BYTES = 4096
 _STAGING_BYTES = 16 << 20  # one of the two pinned staging chunks (disk -> GPU)
+_LOCK_LOG_EVERY = 30  # seconds between "waiting for the builder" lines
 
 
 @dataclass(frozen=True)
@@ -400,9 +413,8 @@ class DiskStore(ExpertStore):
         self._unrepaired: set[tuple[int, int]] = set()  # could not be written back
         self._sums = array("Q", bytes(8 * self.num_records))
         self.checksum = _Digest.best()
-        self.reused = self._open_existing()
-        if not self.reused:
-            self._create()
+        self._lock_fd = None
+        self.reused = self._open_existing() or self._build_or_reuse()
 
     # ---- file life cycle ----------------------------------------------------------
 
@@ -458,18 +470,57 @@ class DiskStore(ExpertStore):
         self._present = [True] * self.num_records
         return True
 
-    def _create(self) -> None:
+    def _build_or_reuse(self) -> bool:
+        """NOTE #3: build under the store's lock, or reuse what its holder built."""
         directory = self.path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"),
+                                    os.O_RDWR | os.O_CREAT, 0o644)
+            self._wait_for_lock()
+            if self._open_existing():  # the holder finished it
+                self._unlock()
+                return True
             tmp = self.path.with_suffix(".building")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
+            self._unlock()
             raise ValueError(
                 f"expert_offload.store_dir={str(directory)!r} is not writable ({e}); "
                 "set --expert-store-dir / VLLM_MOE_OFFLOAD_STORE_DIR to a writable "
                 "directory, or use --expert-store host.") from None
         self._tmp, self._fd = tmp, fd
+        self._create()
+        return False
+
+    def _wait_for_lock(self) -> None:
+        """Block until this process holds the store's lock, saying whom it waits for
+        (NOTE #3: a holder that dies releases it, so this ends)."""
+        fd, waited = self._lock_fd, 0
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+            if waited % _LOCK_LOG_EVERY == 0:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                logger.warning("expert offload: process %s is building the disk store %s; "
+                               "waiting for it to finish (%d s so far)", holder, self.path,
+                               waited)
+            time.sleep(1)
+            waited += 1
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+    def _create(self) -> None:
+        fd = self._fd
         try:  # NOTE #2: the whole file up front
             os.pwrite(fd, self._header(sealed=False), 0)
             if hasattr(os, "posix_fallocate"):
@@ -484,6 +535,7 @@ class DiskStore(ExpertStore):
         os.close(self._fd)
         self._fd = None
         self._tmp.unlink(missing_ok=True)
+        self._unlock()
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(self._tmp.parent).free
             raise ValueError(
@@ -532,6 +584,7 @@ class DiskStore(ExpertStore):
         os.fsync(self._fd)
         os.close(self._fd)
         os.replace(self._tmp, self.path)
+        self._unlock()
         self._fd = os.open(self.path, os.O_RDONLY)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.reused = True
@@ -695,6 +748,7 @@ class DiskStore(ExpertStore):
         return getattr(self, "_direct_fd", None) is not None
 
     def close(self):
+        self._unlock()
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             os.close(fd)

@@ -270,7 +270,7 @@ def test_a_full_disk_leaves_no_file_and_says_how_much_space(tmp_path, monkeypatc
         DiskStore(tmp_path / "s.experts", LAYOUT, L, E, FP)
     assert "store_dir" in str(err.value) and "GiB are free" in str(err.value)
     assert "needs 0.00 GiB" in str(err.value) and "--expert-store host" in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["s.experts.lock"]  # no partial store
 
 
 def test_a_build_killed_midway_is_not_reused(tmp_path):
@@ -280,6 +280,61 @@ def test_a_build_killed_midway_is_not_reused(tmp_path):
     assert not path.exists()
     again = DiskStore(path, LAYOUT, L, E, FP)
     assert not again.reused
+
+
+_BUILDER = """
+import os, signal, sys, time
+from tests.unit.runtime.test_store import DiskStore, LAYOUT, L, E, FP, expert
+store = DiskStore(sys.argv[1], LAYOUT, L, E, FP)
+store.put(0, 0, expert(0, 0))
+print("building", flush=True)
+time.sleep(2)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+for layer in range(L):
+    for e in range(E):
+        store.put(layer, e, expert(layer, e))
+store.seal()
+"""
+
+
+def _builder(path, how):
+    """Another process building the store at `path`; returns once it has begun."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", _BUILDER, str(path), how],
+                             stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                                 os.path.dirname(os.path.abspath(__file__))))))
+    assert child.stdout.readline() == "building\n"
+    return child
+
+
+def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path, caplog):
+    path = tmp_path / "s.experts"
+    child = _builder(path, "seal")
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        store = DiskStore(path, LAYOUT, L, E, FP)  # without the lock: truncated the child's
+        if not store.reused:                        # file, built and renamed it, so the
+            fill(store)                             # child's rename failed
+    assert child.wait() == 0
+    assert f"process {child.pid} is building the disk store" in caplog.text
+    assert store.reused
+    for layer in range(L):
+        for e in range(E):
+            assert same(read(store, layer, e), expert(layer, e))
+    assert store.repairs == 0
+
+
+def test_a_builder_killed_midway_does_not_block_the_next(tmp_path):
+    path = tmp_path / "s.experts"
+    child = _builder(path, "kill")
+    store = DiskStore(path, LAYOUT, L, E, FP)  # waits for the lock, the kernel drops it
+    assert child.wait() == -9
+    assert not store.reused
+    fill(store)
+    assert same(read(DiskStore(path, LAYOUT, L, E, FP), 1, 2), expert(1, 2))
 
 
 @pytest.mark.parametrize("kind", ["host", "disk"])
