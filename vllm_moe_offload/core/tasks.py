@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +119,19 @@ class TaskProfiles:
                 "counts": self.counts}
         text = json.dumps(body, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps({"format": PROFILE_FORMAT, "sha256": digest,
-                                   "profiles": body}))
-        tmp.replace(path)  # never leave a half-written file under the real name
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a temporary name of this writer's own (two instances may share the file),
+        # renamed over the real one: never a half-written file under the real name
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"format": PROFILE_FORMAT, "sha256": digest,
+                                    "profiles": body}))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None,

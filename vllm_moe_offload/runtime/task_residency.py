@@ -50,6 +50,7 @@ class TaskResidency:
         self.budget = budget
         self.clock = ReplanClock(replan_every)
         self.profiles_path = profiles_path
+        self._save_failed = False  # warned once until a save succeeds again
         self.insensitive = set(insensitive)
         self.approximate = approximate
         self.profiles = TaskProfiles(self.num_layers, self.experts_per_layer)
@@ -219,8 +220,7 @@ class TaskResidency:
         added, removed = self.cache.set_plan(plan)
         self.replans += 1
         self.last_demand = dict(demand)
-        if self.profiles_path and self.profiles.counts:
-            self.profiles.save(self.profiles_path)
+        self._save_profiles()
         logger.info(
             "expert offload: replan %d after %d prompts: pinned %d of %d planned slots "
             "(+%d -%d, loaded in %.3f s); demand %s", self.replans, self.clock.seen,
@@ -247,8 +247,24 @@ class TaskResidency:
 
     def save(self) -> None:
         self.fold()
-        if self.profiles_path and self.profiles.counts:
+        self._save_profiles()
+
+    def _save_profiles(self) -> None:
+        """Write the profiles back. A file that cannot be written (a read-only or
+        full disk) is a warning, never an error: this runs inside vLLM's step."""
+        if not (self.profiles_path and self.profiles.counts):
+            return
+        try:
             self.profiles.save(self.profiles_path)
+        except OSError as e:
+            if not self._save_failed:
+                logger.warning("expert offload: could not write the task profiles to %s "
+                               "(%s); serving on with them in memory (learned routing is "
+                               "lost at exit). Point --expert-task-profiles at a writable "
+                               "file to keep them", self.profiles_path, e)
+            self._save_failed = True
+            return
+        self._save_failed = False
 
     def to_dict(self) -> dict:
         self.fold()

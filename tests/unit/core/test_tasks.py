@@ -82,6 +82,32 @@ def test_profiles_survive_a_restart_and_corruption_is_refused(tmp_path):
         TaskProfiles.load(path, 2, 4)
 
 
+def test_profiles_saved_by_two_writers_at_once_stay_whole(tmp_path):
+    """Two instances sharing one profiles file: each writes a temporary file of its
+    own, so neither renames the other's away (before: one shared `.tmp` name, and
+    FileNotFoundError in the engine's step) and the file is always one whole save."""
+    import threading
+
+    path = tmp_path / "new_dir" / "profiles.json"  # a directory not made yet
+    errors = []
+
+    def writer():
+        try:
+            for _ in range(200):
+                make_profiles().save(path)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert TaskProfiles.load(path, 2, 4).frequency("python", 0) == [0.75, 0.25, 0.0, 0.0]
+    assert [p.name for p in path.parent.iterdir()] == ["profiles.json"]  # no temp left
+
+
 def test_replan_every_p_prompts():
     clock = ReplanClock(every=3)
     assert [clock.on_prompt() for _ in range(7)] == [False, False, True, False, False, True, False]

@@ -82,6 +82,25 @@ def test_residency_attributes_tokens_to_tasks_and_replans(tmp_path):
     assert again.replans == 1 and len(again.cache.planned) == 2
 
 
+def test_profiles_that_cannot_be_written_are_a_warning_not_a_dead_engine(tmp_path,
+                                                                         caplog):
+    """A read-only or full disk under the profiles file: the replan runs inside vLLM's
+    step, so the write failing must not raise there."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the profiles' directory should be
+    path = blocker / "profiles.json"
+    res = TaskResidency(make_cache("host", tmp_path, num_slots=10), budget=2,
+                        replan_every=1, profiles_path=str(path))
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        for _ in range(3):
+            res.begin_step([("a", 1)], new_prompts=1, demand={"a": 1})
+            res.record(0, ids([[0, 1]]))
+        res.save()
+    assert res.replans == 3 and res.profiles.counts["a"][0][:2] == [3, 3]
+    assert caplog.text.count("could not write the task profiles") == 1  # once, not per step
+    assert str(path) in caplog.text and "--expert-task-profiles" in caplog.text
+
+
 def test_approx_rows_follow_the_insensitive_pairs(tmp_path):
     cache = make_cache("host", tmp_path, num_slots=10)
     res = TaskResidency(cache, 2, 40, insensitive={("b", 1)}, approximate=True)
