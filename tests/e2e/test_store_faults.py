@@ -6,6 +6,7 @@ checkpoint gone too, the requests routed to the damaged expert fail and the engi
 serves on. Flipped bytes and a truncated file through the OpenAI server:
 test_server.py."""
 
+import os
 import shutil
 
 import pytest
@@ -67,3 +68,36 @@ def test_an_expert_that_cannot_be_re_derived_fails_its_requests_not_the_engine(
     assert "The requests routed to this expert fail" in off["log"]
     assert off["log"].count("expert offload: request ") == len(failed)
     assert "expert (1, 3) is readable again" in off["log"]
+
+
+def other_host():
+    """Engine setup (engine_probe `setup`): this process stands in for a host whose
+    kernels lay experts out otherwise (an AMX CPU, say), as layer.py identifies it."""
+    from vllm_moe_offload.integration.vllm import layer
+
+    real = layer._kernel_identity
+    layer._kernel_identity = lambda *a: dict(real(*a), arch="elsewhere", amx=True)
+
+
+def test_a_store_is_reused_only_where_vllm_lays_experts_out_the_same(
+        models, engine, store_dir, tmp_path):
+    """A store directory shared by hosts whose kernels pack experts differently (or
+    copied between them): the records' layout is part of the store's identity, so
+    each host builds its own, where before the other's file was read as it was
+    (checksums pass: they were sealed over that layout). The same host reuses its
+    store: the packing's digest is the same in every process."""
+    model = models["qwen3_moe"]
+    plain = engine(plain_spec(model))
+    # test_outputs.py's two disk engines on this model: the second to start reused
+    runs = [engine(offload_spec(model, pool_slots=slots, store="disk", store_dir=store_dir))
+            for slots in (EXPERTS, LAYERS * EXPERTS // 2)]
+    assert any("reusing disk store" in r["log"] for r in runs)
+    path = runs[0]["stats"]["pool"]["store_path"]
+    assert runs[1]["stats"]["pool"]["store_path"] == path
+    mine = shutil.copytree(store_dir, tmp_path / "shared")  # this host's store in it
+    other = engine({**offload_spec(model, pool_slots=EXPERTS, store="disk",
+                                   store_dir=str(mine)),
+                    "setup": "tests.e2e.test_store_faults:other_host"})
+    assert "reusing disk store" not in other["log"]
+    assert other["stats"]["pool"]["store_path"] != str(mine / os.path.basename(path))
+    assert other["token_ids"] == plain["token_ids"]

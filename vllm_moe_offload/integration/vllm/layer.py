@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
+import hashlib
 import math
+import platform
 import re
 from pathlib import Path
 
@@ -87,6 +89,20 @@ def _fingerprint(vllm_config) -> dict:
     return {"model": model, "revision": mc.revision, "dtype": str(mc.dtype),
             "vllm": vllm.__version__, "load_format": str(lc.load_format),
             "seed": mc.seed if str(lc.load_format) == "dummy" else None, "files": files}
+
+
+def _kernel_identity(moe_config, device: torch.device) -> dict:
+    """What else decides how vLLM lays out a processed expert, the store's record,
+    beyond the model and vLLM's version: on the CPU its MoE and quantized kernels
+    prepack for AMX or not (and per architecture); on a GPU the backend, and the
+    kernels vLLM picks by compute capability. Part of a disk store's identity, so a
+    store directory shared by hosts of both kinds (or copied) is never read in the
+    other's layout (checksums cannot tell: they were sealed over that layout)."""
+    if device.type == "cuda":
+        return {"backend": str(moe_config.moe_backend),
+                "sm": list(torch.cuda.get_device_capability(device))}
+    return {"backend": str(moe_config.moe_backend), "arch": platform.machine(),
+            "amx": bool(torch.cpu._is_amx_tile_supported())}
 
 
 def _checkpoint_rename(model_config):
@@ -168,6 +184,7 @@ def _hub_safetensors_bytes(repo: str, revision: str | None) -> int:
 class OffloadedRoutedExperts(RoutedExperts):
     _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
     _as_is: bool | None = None  # vLLM's packing leaves an expert as it is (_packs_as_is)
+    _packing: str | None = None  # "as-is", or a digest of how it packs one (_packs_as_is)
 
     def __init__(self, layer_name, params_dtype, moe_config, quant_config,
                  expert_map_manager, *args, **kwargs):
@@ -190,8 +207,10 @@ class OffloadedRoutedExperts(RoutedExperts):
                          expert_map_manager, *args, **kwargs)
         if self._offload_cfg is None:
             return
+        device = torch.device(moe_config.device)
         self._model = model_state.get_or_create(
-            cfg, _fingerprint(vllm_config), torch.device(moe_config.device))
+            cfg, dict(_fingerprint(vllm_config), kernel=_kernel_identity(moe_config, device)),
+            device)
         self._model.max_step_tokens = (vllm_config.scheduler_config.max_num_batched_tokens
                                        or self._model.max_step_tokens)
         self._model.gpu_memory_utilization = vllm_config.cache_config.gpu_memory_utilization
@@ -281,7 +300,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                 self._model.put_expert(self._layer, expert_id, tensors)
             else:
                 packed = tensors if self._packs_as_is() else self._pack(*tensors)
-                self._model.ensure_store(_layout_of(packed))
+                self._model.ensure_store(_layout_of(packed), packing=self._packing)
                 self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
 
@@ -470,8 +489,15 @@ class OffloadedRoutedExperts(RoutedExperts):
             g = torch.Generator().manual_seed(0)
             expert = [torch.randn(t.shape, generator=g).to(t.dtype)
                       for t in self._empty_expert()]
+            packed = self._pack(*expert)
             self._as_is = all(p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
-                              for p, t in zip(self._pack(*expert), expert))
+                              for p, t in zip(packed, expert))
+            # the packing itself, part of a disk store's identity (_kernel_identity)
+            digest = hashlib.sha256()
+            for p in packed:
+                digest.update(f"{list(p.shape)} {p.dtype};".encode())
+                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+            self._packing = "as-is" if self._as_is else digest.hexdigest()[:16]
         return self._as_is
 
     def _packer(self):
@@ -525,8 +551,9 @@ class OffloadedRoutedExperts(RoutedExperts):
             packed = self._pack(*self._empty_expert())
             if self._model.quantized:
                 self._ensure_store(packed)
-            else:
-                self._model.ensure_store(_layout_of(packed))
+            elif self._model.store is None:
+                self._packs_as_is()  # (sets _packing)
+                self._model.ensure_store(_layout_of(packed), packing=self._packing)
         self._check_modular()
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
         if len(cache.buffers) != len(self._names):

@@ -196,15 +196,18 @@ class ModelOffload:
         return self.cfg.store_bits < 16
 
     def ensure_store(self, layout: ExpertLayout, source: ExpertLayout | None = None,
-                     names: list[str] | None = None) -> ExpertStore:
+                     names: list[str] | None = None,
+                     packing: str | None = None) -> ExpertStore:
         """The store, built at the first expert. `layout`: the slot's (kernel) layout;
         `source`: the checkpoint's, which a quantized store encodes; `names`: the
-        record's tensors (a quantized checkpoint's), part of a disk store's identity."""
+        record's tensors (a quantized checkpoint's) and `packing`: how vLLM packs
+        an expert (a digest, layer.py `_packs_as_is`), part of a disk store's identity."""
         if self.store is not None:
             return self.store
         cfg = self.cfg
         if not self.quantized:
-            fingerprint = dict(self.fingerprint, **({"record": names} if names else {}))
+            fingerprint = dict(self.fingerprint, **({"record": names} if names else {}),
+                               **({"packing": packing} if packing else {}))
             self.store = self._open_store(layout, fingerprint)
             return self.store
         codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
@@ -230,7 +233,9 @@ class ModelOffload:
 
     def _quantized_store(self, codec: GroupQuant, layout: ExpertLayout,
                          source: ExpertLayout, keys=None) -> QuantizedStore:
-        fingerprint = dict(self.fingerprint, store_codec=codec.describe())
+        # its records are the checkpoint's layout encoded, whatever the kernel packs
+        fingerprint = {k: v for k, v in self.fingerprint.items() if k != "kernel"}
+        fingerprint["store_codec"] = codec.describe()
         return QuantizedStore(self._open_store(codec.layout(source), fingerprint, keys),
                               codec, layout, source, encode_device=self.device)
 
