@@ -13,6 +13,8 @@ from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
 
 register(); register()  # vLLM may load plugins several times per process
 assert op_registry_oot["RoutedExperts"] is OffloadedRoutedExperts
+# inert until offload is on: no metrics directory for this process's children to inherit
+assert "VLLM_MOE_OFFLOAD_METRICS_DIR" not in os.environ
 parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
 args = parser.parse_args(["--model", "m", "--enable-expert-offload",
                           "--expert-pool-slots", "12", "--expert-store", "disk",

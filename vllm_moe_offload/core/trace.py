@@ -11,6 +11,8 @@ accepts JSONL lines `{"layer": l, "token_idx": t, "topk_ids": [...]}`.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import struct
 from array import array
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ MAGIC = b"MOETRACE"
 VERSION = 1
 _HEADER = struct.Struct("<8sIIII")
 _RECORD = struct.Struct("<IHHI")
+logger = logging.getLogger("vllm.moe_offload")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,13 @@ class TraceRecord:
 
 
 class TraceWriter:
+    """Writes a trace as the engine runs. A write that fails (a full disk) stops
+    the trace, cut back to its last whole record, with a warning: it runs inside
+    the engine's step, which must not fail for it."""
+
     def __init__(self, path: str, header: TraceHeader):
-        self._file: BinaryIO = open(path, "wb")
+        self.path = path
+        self._file: BinaryIO | None = open(path, "wb")
         self._file.write(_HEADER.pack(MAGIC, VERSION, header.num_layers,
                                       header.experts_per_layer, header.top_k))
         self._step = -1
@@ -51,19 +59,61 @@ class TraceWriter:
 
     def write(self, layer: int, top_k: int, ids_u16: bytes) -> None:
         """`ids_u16`: the layer call's [tokens, top_k] ids as little-endian u16."""
+        if self._file is None:
+            return
         if self._last_layer is None or layer <= self._last_layer:
             self._step += 1  # layer order restarted: a new forward step
         self._last_layer = layer
         num_tokens = len(ids_u16) // (2 * top_k)
-        self._file.write(_RECORD.pack(self._step, layer, top_k, num_tokens))
-        self._file.write(ids_u16)
+        try:
+            self._file.write(_RECORD.pack(self._step, layer, top_k, num_tokens))
+            self._file.write(ids_u16)
+        except OSError as e:
+            self._stop(e)
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+        except OSError as e:
+            self._stop(e)
+
+    def _stop(self, error: OSError) -> None:
+        f, self._file = self._file, None
+        try:
+            f.close()  # (closes the file even where its last flush fails)
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, _whole_records_end(self.path))
+        except OSError:
+            pass
+        logger.warning("expert offload: writing the routing trace %s failed (%s); it "
+                       "stops at step %d, readable up to its last whole record",
+                       self.path, error.strerror or error, self._step)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if self._file is not None and not self._file.closed:
+            try:
+                self._file.close()
+            except OSError as e:
+                self._stop(e)
+
+
+def _whole_records_end(path: str) -> int:
+    """The end of the last whole record in a binary trace file (0: no header)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        end = _HEADER.size if size >= _HEADER.size else 0
+        while end + _RECORD.size <= size:
+            f.seek(end)
+            _, _, top_k, num_tokens = _RECORD.unpack(f.read(_RECORD.size))
+            nxt = end + _RECORD.size + 2 * top_k * num_tokens
+            if nxt > size:
+                break
+            end = nxt
+    return end
 
 
 def read_trace(path: str) -> tuple[TraceHeader | None, Iterator[TraceRecord]]:
@@ -86,8 +136,11 @@ def _read_records(f: BinaryIO, path: str) -> Iterator[TraceRecord]:
             if len(head) < _RECORD.size:
                 raise ValueError(f"{path}: truncated trace record")
             step, layer, top_k, num_tokens = _RECORD.unpack(head)
+            payload = f.read(2 * num_tokens * top_k)
+            if len(payload) < 2 * num_tokens * top_k:
+                raise ValueError(f"{path}: truncated trace record")
             ids = array("H")
-            ids.frombytes(f.read(2 * num_tokens * top_k))
+            ids.frombytes(payload)
             yield TraceRecord(step, layer, top_k, ids.tolist())
 
 

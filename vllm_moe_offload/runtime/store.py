@@ -475,9 +475,7 @@ class DiskStore(ExpertStore):
         directory = self.path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"),
-                                    os.O_RDWR | os.O_CREAT, 0o644)
-            self._wait_for_lock()
+            self._lock()
             if self._open_existing():  # the holder finished it
                 self._unlock()
                 return True
@@ -493,9 +491,25 @@ class DiskStore(ExpertStore):
         self._create()
         return False
 
-    def _wait_for_lock(self) -> None:
+    def _lock(self) -> None:
         """Block until this process holds the store's lock, saying whom it waits for
-        (NOTE #3: a holder that dies releases it, so this ends)."""
+        (NOTE #3: a holder that dies releases it, so this ends). Where there can be
+        no lock (a lock file of another user's, a file system without POSIX locks),
+        build without it, and say so."""
+        path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            self._wait_for_lock()
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOLCK, errno.ENOSYS,
+                               errno.EOPNOTSUPP, errno.EROFS):
+                raise
+            self._unlock()
+            logger.warning("expert offload: building the disk store %s without its lock "
+                           "(%s: %s): another instance building it at the same time would "
+                           "fail", self.path, path, e.strerror)
+
+    def _wait_for_lock(self) -> None:
         fd, waited = self._lock_fd, 0
         while True:
             try:
@@ -578,12 +592,12 @@ class DiskStore(ExpertStore):
         try:
             os.pwrite(self._fd, self._sums.tobytes(), _HEADER_BYTES + self.nbytes)
             os.fsync(self._fd)
+            os.pwrite(self._fd, self._header(sealed=True), 0)
+            os.fsync(self._fd)
+            os.replace(self._tmp, self.path)
         except OSError as e:
             self._abandon(e)
-        os.pwrite(self._fd, self._header(sealed=True), 0)
-        os.fsync(self._fd)
         os.close(self._fd)
-        os.replace(self._tmp, self.path)
         self._unlock()
         self._fd = os.open(self.path, os.O_RDONLY)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -651,10 +665,16 @@ class DiskStore(ExpertStore):
             d.copy_(t)
         if (layer, expert) in self._unrepaired:
             return self.layout.expert_bytes
+        index = self._index(layer, expert)
         try:
             fd = os.open(self.path, os.O_WRONLY)
             try:
                 os.pwrite(fd, data, self._offset(layer, expert))
+                if differs:  # a quantized record encoded to other codes: its own
+                    self._sums[index] = self._digest(data)  # checksum, in the file too,
+                    os.pwrite(fd, self._sums[index:index + 1].tobytes(),  # or every
+                              _HEADER_BYTES + self.nbytes + 8 * index)  # start repairs it
+                    os.pwrite(fd, self._header(sealed=True), 0)  # (the table's digest)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -664,8 +684,7 @@ class DiskStore(ExpertStore):
                            "record could not be repaired (%s)", where, why, e)
             return self.layout.expert_bytes
         self.repairs += 1
-        if differs:  # a quantized record encoded to other codes: its own checksum
-            self._sums[self._index(layer, expert)] = self._digest(data)
+        if differs:
             logger.warning(
                 "expert offload: %s: %s; re-derived it from the checkpoint and repaired "
                 "the record, encoded to codes that differ from the record sealed at "

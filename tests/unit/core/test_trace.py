@@ -28,3 +28,51 @@ def test_jsonl_traces_are_read_too(tmp_path):
     header, records = read_trace(str(path))
     assert header is None
     assert [(r.layer, r.expert_ids) for r in records][:3] == [(0, [0, 0]), (1, [1, 0]), (2, [2, 0])]
+
+
+class _FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does (part of the
+    write on disk, then ENOSPC)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+        self.closed = False
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.f.write(data[:self.room])
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.closed = True
+        self.f.close()
+
+
+def test_a_full_disk_stops_the_trace_at_its_last_whole_record(tmp_path, caplog):
+    """The writer runs inside the engine's step: a failed write must not raise there,
+    and what was written must stay readable (no half record at its end)."""
+    path = tmp_path / "t.bin"
+    w = TraceWriter(str(path), TraceHeader(num_layers=2, experts_per_layer=8, top_k=2))
+    w._file = _FullDisk(w._file, room=12 + 8 + 12 + 3)  # a record, a head, 3 bytes
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        w.write(0, 2, u16(1, 2, 3, 4))
+        w.write(1, 2, u16(5, 6, 7, 0))  # fails midway
+        w.write(0, 2, u16(7, 1))  # after that: nothing, no error
+        w.flush()
+        w.close()
+    assert "writing the routing trace" in caplog.text and "No space left" in caplog.text
+    header, records = read_trace(str(path))
+    assert [(r.step, r.layer, r.expert_ids) for r in records] == [(0, 0, [1, 2, 3, 4])]
+    path.write_bytes(path.read_bytes() + bytes(12 + 2))  # a record cut short by hand
+    _, records = read_trace(str(path))
+    try:
+        list(records)
+        raise AssertionError("a truncated record was read")
+    except ValueError as e:
+        assert "truncated trace record" in str(e)

@@ -184,6 +184,13 @@ def test_damaged_quantized_record_is_re_derived_encoded_and_repaired(tmp_path, c
     assert store.repairs == 2 and "codes that differ from the record sealed" in caplog.text
     store.read_into(1, 2, dst)  # the repaired record reads back under its own checksum
     assert store.repairs == 2
+    again = quant_store("disk", tmp_path, 4)  # and so does the file: a restart reuses it
+    assert again.reused  # (its table's digest in the header matches the new checksum)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        again.read_into(1, 2, dst)  # before: every start re-derived and re-encoded it
+    assert again.repairs == 0 and caplog.text == ""
+    assert all(torch.equal(a, b) for a, b in zip(dst, decoded(store.codec, other)))
     store.rederive = None
     with open(store.path, "r+b") as f:
         f.seek(offset + 3)

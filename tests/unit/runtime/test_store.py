@@ -337,6 +337,21 @@ def test_a_builder_killed_midway_does_not_block_the_next(tmp_path):
     assert same(read(DiskStore(path, LAYOUT, L, E, FP), 1, 2), expert(1, 2))
 
 
+def test_a_file_system_without_locks_builds_without_one_and_says_so(tmp_path, monkeypatch,
+                                                                    caplog):
+    import fcntl
+
+    def no_locks(fd, how):
+        raise OSError(37, "No locks available")  # ENOLCK: an NFS mount without lockd
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    path = tmp_path / "s.experts"
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        fill(DiskStore(path, LAYOUT, L, E, FP))
+    assert "without its lock" in caplog.text and "No locks available" in caplog.text
+    assert same(read(DiskStore(path, LAYOUT, L, E, FP), 0, 1), expert(0, 1))
+
+
 @pytest.mark.parametrize("kind", ["host", "disk"])
 def test_a_store_of_some_experts_holds_those_alone(tmp_path, kind):
     keys = [(1, 2), (0, 1)]

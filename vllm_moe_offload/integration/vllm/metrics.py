@@ -76,7 +76,10 @@ def worker_counts(snapshot: dict) -> dict:
 
 def ensure_dir() -> Path:
     """The snapshot directory: inherited from a parent process, else created here
-    (and removed at this process's exit)."""
+    (and removed at this process's exit). Made by the process that builds an engine's
+    config with offload on (plugin.py), so its engine-core and worker processes, and
+    its API servers, inherit it; a process that runs vLLM without offload makes none
+    (before, every one did, and its children inherited it)."""
     path = os.environ.get(DIR_ENV)
     if not path:
         path = tempfile.mkdtemp(prefix="vllm_moe_offload_metrics_")

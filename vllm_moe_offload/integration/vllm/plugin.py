@@ -44,7 +44,6 @@ def register() -> None:
         return
     from vllm_moe_offload.integration.vllm import layer, metrics, scheduler, tasks, worker
 
-    metrics.ensure_dir()  # before vLLM starts its engine-core and worker processes
     metrics.install_collector()
     layer.install()
     worker.install()
@@ -194,6 +193,9 @@ def _install_engine_args_hooks() -> None:
             problem = vllm_version_problem()
             if problem:
                 raise RuntimeError(problem)
+            from vllm_moe_offload.integration.vllm import metrics
+
+            metrics.ensure_dir()  # before vLLM starts its engine-core and worker processes
             _refuse_weight_offload(self)
             _choose_graph_mode(self, cfg)
             _choose_model_runner(self)
