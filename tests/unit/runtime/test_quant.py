@@ -33,6 +33,28 @@ def decoded(codec, tensors):
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_the_cpu_decode_gives_the_reference_s_bits(monkeypatch, bits, dtype):
+    """`_decode_cpu` (chunked, byte tables) against the reference decode: the same
+    bits, across chunk boundaries (a last chunk cut short too) and group sizes."""
+    from vllm_moe_offload.runtime import quant
+
+    for group, chunk in ((32, 96), (64, 1 << 20)):
+        monkeypatch.setattr(quant, "_DECODE_CHUNK", chunk)
+        codec = GroupQuant(bits, group, "rtn")
+        w = (torch.randn(48, 320) * 0.05).to(dtype)  # 15360 values: chunks of 96 / all
+        codes, scale, zero = codec.encode([w])
+        want = ((_unpack(codes, bits, w.numel()).view(-1, group).float()
+                 - zero.float().unsqueeze(1)) * scale.float().unsqueeze(1)).to(dtype)
+        got = torch.empty_like(w)
+        quant._decode_cpu(codes, scale, zero, got, bits, group)
+        assert torch.equal(got.view(-1).view(torch.int16), want.view(-1).view(torch.int16))
+        got = torch.empty_like(w)
+        codec.decode([codes, scale, zero], [got])  # the path decode takes on a CPU
+        assert torch.equal(got.view(-1).view(torch.int16), want.view(-1).view(torch.int16))
+
+
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_codes_pack_and_unpack_exactly(bits):
     q = torch.randint(0, 2**bits, (8 * 37,), dtype=torch.uint8)
