@@ -29,7 +29,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import write_results  # noqa: E402
 
-from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
+from vllm_moe_offload.runtime.quant import Gather, GroupQuant, QuantizedStore
 from vllm_moe_offload.runtime.store import ExpertLayout, HostStore, TensorSpec
 
 SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768), "tiny": (192, 192)}  # H, I
@@ -134,9 +134,27 @@ def row(shape: str, bits: int, device: str) -> dict:
         seconds, same = device_miss(expert, codec, stored, want, device)
         out["device_miss_ms"] = 1e3 * seconds
         out["bit_identical"] = out["bit_identical"] and same
+    if device == "cpu":  # host mode on a CPU: the decoded expert into vLLM's prepack
+        out.update(prepack_ms(want))
     out["decode_over_copy"] = out["decode_ms"] / out["record_copy_ms"]
     out["miss_ms_vs_bf16"] = (out["record_copy_ms"] + out["decode_ms"]) / out["bf16_copy_ms"]
     return out
+
+
+def prepack_ms(expert) -> dict:
+    """A decoded expert into the layout of vLLM's CPU MoE kernel (its `vec` prepack:
+    rows in blocks of 16, each block column by column), as host mode's Gather does
+    it: by block copies, and by the gather through an index it takes otherwise."""
+    index = [torch.arange(t.numel()).view(t.shape[0] // 16, 16, t.shape[1])
+             .transpose(1, 2).reshape(t.shape) for t in expert]
+    blocked, generic = Gather(index), Gather(index)
+    generic.blocks = [None] * len(index)
+    dst, ref = [torch.empty_like(t) for t in expert], [torch.empty_like(t) for t in expert]
+    rounds = [(timed(lambda: blocked.into(expert, dst), "cpu", repeat=4),
+               timed(lambda: generic.into(expert, ref), "cpu", repeat=4)) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(dst, ref))
+    return {"prepack_ms": 1e3 * sorted(a for a, _ in rounds)[2],
+            "prepack_by_index_ms": 1e3 * sorted(b for _, b in rounds)[2]}
 
 
 def markdown(rows) -> str:
@@ -157,6 +175,13 @@ def markdown(rows) -> str:
                          f"{r['reference_decode_ms']:.3f} | "
                          f"{r['decode_over_copy']:.2f} | {r['miss_ms_vs_bf16']:.2f} | "
                          f"{dev} | {r['bit_identical']} | {r['hqq_encode_ms']:.1f}{cpu} |")
+    packs = [r for r in rows if "prepack_ms" in r]
+    if packs:
+        lines += ["", "Into the CPU kernel's layout (vLLM's prepack), in turns, median of 5 "
+                  "rounds:", "", "| shape | bits | block copies ms | gather by index ms |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['bits']} | {r['prepack_ms']:.3f} | "
+                  f"{r['prepack_by_index_ms']:.3f} |" for r in packs]
     return "\n".join(lines)
 
 

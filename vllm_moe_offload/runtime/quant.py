@@ -271,19 +271,60 @@ class Gather:
         self.index = [i.clamp(min=0).view(-1).to(torch.int32) for i in index]
         self.pad = [(i < 0).view(-1) if bool((i < 0).any()) else None for i in index]
         self.shapes = [i.shape for i in index]
+        self.blocks = [_block_transpose(i) for i in index]
 
     def __call__(self, expert: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = [torch.empty(shape, dtype=t.dtype, device=t.device)
+               for t, shape in zip(expert, self.shapes)]
+        self.into(expert, out)
+        return out
+
+    def into(self, expert: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+        """The packed expert into `dst` (contiguous). A block transpose (vLLM's CPU
+        prepack: rows in blocks of B, each block stored column by column) as strided
+        copies, 128 rows at a time, where a gather reads an index as large as the
+        expert: 2.0 against 6.2 ms per Qwen3-30B-A3B-shaped expert on 2 cores
+        (vLLM's own prepack op: 2.4 ms)."""
         device = expert[0].device
         if self.index[0].device != device:  # once: the gather runs where the decode ran
             self.index = [i.to(device) for i in self.index]
             self.pad = [None if p is None else p.to(device) for p in self.pad]
-        out = []
-        for t, index, pad, shape in zip(expert, self.index, self.pad, self.shapes):
-            flat = t.reshape(-1).index_select(0, index)
+        for t, d, index, pad, block in zip(expert, dst, self.index, self.pad, self.blocks):
+            if block is not None:
+                block, rows, cols = block
+                src = t.reshape(rows // block, block, cols)
+                out = d.view(rows // block, cols, block)
+                step = max(1, 128 // block)
+                for r in range(0, rows // block, step):
+                    out[r:r + step].copy_(src[r:r + step].transpose(1, 2))
+                continue
+            flat = d.view(-1)
+            torch.index_select(t.reshape(-1), 0, index, out=flat)
             if pad is not None:
                 flat.masked_fill_(pad, 0)
-            out.append(flat.view(shape))
-        return out
+
+
+def _block_transpose(index: torch.Tensor) -> tuple[int, int, int] | None:
+    """(B, rows, cols) where `index` [rows, cols] packs rows in blocks of B, each
+    block column by column (out[b, c, r] = in[b * B + r, c]), else None."""
+    if index.dim() != 2 or index.numel() < 2 or int(index.view(-1)[1]) != index.shape[1]:
+        return None
+    rows, cols = index.shape
+    flat = index.reshape(-1)
+    for block in (16, 32, 8, 64, 4, 2):
+        if rows % block:
+            continue
+        size = block * cols  # compared 1M values at a time (an index can be GBs)
+        step = size * max(1, (1 << 20) // size)
+        for lo in range(0, rows * cols, step):
+            hi = min(lo + step, rows * cols)
+            want = torch.arange(lo, hi, device=index.device).view(
+                (hi - lo) // size, block, cols).transpose(1, 2).reshape(-1)
+            if not torch.equal(flat[lo:hi].to(want.dtype), want):
+                break
+        else:
+            return block, rows, cols
+    return None
 
 
 class QuantizedStore(ExpertStore):
@@ -373,6 +414,9 @@ class QuantizedStore(ExpertStore):
         expert_tensors = [torch.empty(s.shape, dtype=s.dtype, device=device)
                           for s in self.source.tensors]
         self.codec.decode(src, expert_tensors)
+        if isinstance(pack, Gather) and all(d.is_contiguous() for d in dst):
+            pack.into(expert_tensors, dst)
+            return n
         for d, t in zip(dst, pack(expert_tensors)):
             d.copy_(t)
         return n

@@ -55,6 +55,32 @@ def test_the_cpu_decode_gives_the_reference_s_bits(monkeypatch, bits, dtype):
         assert torch.equal(got.view(-1).view(torch.int16), want.view(-1).view(torch.int16))
 
 
+def test_a_gather_applies_a_block_transpose_by_strided_copies_and_any_other_by_index():
+    """Gather.into: vLLM's CPU prepack (rows in blocks of B, each block column by
+    column) is recognised and copied block-wise; any other index is gathered; both
+    give what indexing the source gives, padding zeros included."""
+    from vllm_moe_offload.runtime.quant import Gather
+
+    rows, cols = 64, 48
+    src = [torch.randn(rows, cols).to(torch.bfloat16), torch.randn(32, 16).to(torch.bfloat16)]
+    for block in (16, 4):
+        t = torch.arange(rows * cols).view(rows // block, block, cols).transpose(1, 2)
+        swapped = t.reshape(-1).clone()
+        swapped[[5, 6]] = swapped[[6, 5]]  # one pair out of place: not a block transpose
+        padded = torch.cat([torch.arange(32 * 16 - 8), torch.full((8,), -1)]).view(32, 16)
+        for index, blocked in ((t.reshape(rows, cols), True),
+                               (swapped.view(rows, cols), False)):
+            gather = Gather([index, padded])
+            assert (gather.blocks[0] is not None) == blocked and gather.blocks[1] is None
+            want = [s.reshape(-1)[i.reshape(-1).clamp(min=0)].view(i.shape)
+                    for s, i in zip(src, (index, padded))]
+            want[1].view(-1)[-8:] = 0
+            got = [torch.full_like(w, float("nan")) for w in want]
+            gather.into(src, got)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (block, blocked)
+            assert all(torch.equal(a, b) for a, b in zip(gather(src), want))
+
+
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_codes_pack_and_unpack_exactly(bits):
     q = torch.randint(0, 2**bits, (8 * 37,), dtype=torch.uint8)
