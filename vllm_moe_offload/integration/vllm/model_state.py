@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -220,10 +222,10 @@ class ModelOffload:
         if cfg.store_hot_bits is None:
             self.store = self._quantized_store(codec, layout, source)
             return self.store
-        hot = self._hot_set()
+        hot_codec = GroupQuant(cfg.store_hot_bits, cfg.store_group_size, cfg.store_quantizer)
+        hot = self._hot_set(codec, hot_codec)
         cold = [(l, e) for l in range(self.num_layers) for e in range(self.experts_per_layer)
                 if (l, e) not in hot]
-        hot_codec = GroupQuant(cfg.store_hot_bits, cfg.store_group_size, cfg.store_quantizer)
         logger.warning("expert offload: mixed precision: %d hot experts (of %d) at %d bits, "
                        "from the task profiles %s", len(hot), len(hot) + len(cold),
                        cfg.store_hot_bits, cfg.task_profiles_path)
@@ -260,16 +262,56 @@ class ModelOffload:
             logger.warning("expert offload: rebuilding disk store: %s", problem)
         return store
 
-    def _hot_set(self) -> set[tuple[int, int]]:
+    def _hot_set(self, codec: GroupQuant, hot_codec: GroupQuant) -> set[tuple[int, int]]:
         """Mixed precision: the experts the task profiles rank hot (store_hot_share of
-        each layer's), the pairs the sensitivity file marks insensitive left out."""
+        each layer's), the pairs the sensitivity file marks insensitive left out. With
+        the disk store, the hot set its files were built with, kept beside them
+        (`<name>.hot.json`): profiles change (a task-aware run writes them), and a new
+        hot set would mean a new pair of stores, every expert encoded again."""
         cfg = self.cfg
         profiles = TaskProfiles.load(cfg.task_profiles_path, self.num_layers,
                                      self.experts_per_layer)
         insensitive = (load_insensitive(cfg.sensitivity_path, self.num_layers)
                        if cfg.sensitivity_path else frozenset())
-        return {(k.layer, k.expert) for k in
-                hot_experts(profiles, cfg.store_hot_share, insensitive)}
+        ranked = {(k.layer, k.expert) for k in
+                  hot_experts(profiles, cfg.store_hot_share, insensitive)}
+        if cfg.resolved_store(self.device.type == "cuda") == "host":
+            return ranked
+        name = {k: v for k, v in self.fingerprint.items() if k != "kernel"}
+        name.update(codecs=[codec.describe(), hot_codec.describe()],
+                    share=cfg.store_hot_share)
+        path = Path(os.path.expanduser(cfg.store_dir)) / (store_file_name(name) + ".hot.json")
+        try:
+            kept = {tuple(k) for k in json.loads(path.read_text())["hot"]}
+            if not all(0 <= l < self.num_layers and 0 <= e < self.experts_per_layer
+                       for l, e in kept):
+                raise ValueError("experts out of range")
+        except FileNotFoundError:
+            kept = None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("expert offload: mixed precision: %s unreadable (%s); ranking "
+                           "the hot experts from the profiles again", path, e)
+            kept = None
+        if kept is not None:
+            if kept != ranked:
+                logger.info("expert offload: mixed precision: the hot experts the store "
+                            "was built with (%s); the profiles now rank %d of them "
+                            "otherwise. Delete that file to rank them again (the store "
+                            "is then encoded again)", path, len(kept - ranked))
+            return kept
+        tmp = None
+        try:  # a temporary name of its own, renamed: never half a file under the name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"hot": sorted(ranked), "profiles": cfg.task_profiles_path}, f)
+            os.replace(tmp, path)
+        except OSError as e:  # (the store's own build then says what is wrong)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            logger.warning("expert offload: mixed precision: could not keep the hot set "
+                           "in %s (%s)", path, e)
+        return ranked
 
     def put_expert(self, layer: int, expert: int, packed: list[torch.Tensor]) -> None:
         self.store.put(layer, expert, packed)

@@ -1,0 +1,60 @@
+"""Mixed precision on the disk store: a restart whose task profiles rank other
+experts hot reuses the pair of stores it built (no encode of every expert again),
+keeping the hot set they were built with beside them, and says so."""
+
+import torch
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.tasks import TaskProfiles
+from vllm_moe_offload.integration.vllm.model_state import ModelOffload
+from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
+
+L, E = 2, 8
+SOURCE = ExpertLayout((TensorSpec((16, 64), torch.bfloat16),  # groups of 8
+                       TensorSpec((64, 8), torch.bfloat16)))
+
+
+def profiles(path, favourite: int):
+    p = TaskProfiles(L, E)
+    for layer in range(L):
+        p.record("chat", layer, [favourite, favourite, (favourite + 1) % E])
+    p.save(path)
+
+
+def start(tmp_path):
+    cfg = OffloadConfig(enabled=True, store="disk", store_dir=str(tmp_path / "store"),
+                        store_bits=2, store_hot_bits=8, store_quantizer="rtn",
+                        store_group_size=8,
+                        task_profiles_path=str(tmp_path / "profiles.json"))
+    model = ModelOffload(cfg, {"model": "m", "vllm": "test", "kernel": {"amx": False}},
+                         torch.device("cpu"))
+    model.num_layers, model.experts_per_layer = L, E
+    store = model.ensure_store(SOURCE, SOURCE)
+    reused = store.reused
+    if not reused:
+        g = torch.Generator().manual_seed(0)
+        for layer in range(L):
+            for e in range(E):
+                model.put_expert(layer, e, [torch.randn(s.shape, generator=g).to(s.dtype)
+                                            for s in SOURCE.tensors])
+        store.seal()
+    return store, reused
+
+
+def test_changed_profiles_reuse_the_stores_and_their_hot_set(tmp_path, caplog):
+    profiles(tmp_path / "profiles.json", favourite=0)
+    first, reused = start(tmp_path)
+    assert not reused and first.hot.inner.keys == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    profiles(tmp_path / "profiles.json", favourite=4)  # a task-aware run wrote others
+    with caplog.at_level("INFO", logger="vllm.moe_offload"):
+        again, reused = start(tmp_path)
+    assert reused  # before: a new pair of files, every expert encoded again
+    assert again.hot.inner.keys == first.hot.inner.keys
+    assert "the profiles now rank 4 of them otherwise" in caplog.text
+    files = sorted(p.name for p in (tmp_path / "store").iterdir()
+                   if p.suffix == ".experts")
+    assert len(files) == 2  # the one pair
+    hot_file = next((tmp_path / "store").glob("*.hot.json"))
+    hot_file.unlink()  # the documented way to rank them again
+    third, reused = start(tmp_path)
+    assert not reused and third.hot.inner.keys == [(0, 4), (0, 5), (1, 4), (1, 5)]
