@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_moe_offload.core.files import write_text_atomic
 from vllm_moe_offload.core.sensitivity import SENSITIVITY_FORMAT
 from vllm_moe_offload.hf.routing import _routers, load_model, read_texts
 
@@ -145,10 +146,7 @@ def main(argv=None) -> None:
     body = {"format": SENSITIVITY_FORMAT, "model": args.model, "num_layers": len(routers),
             "threshold": args.threshold, "metric": metric, "tasks": tasks}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(out) + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    tmp.replace(out)  # never leave a half-written file under the real name
+    write_text_atomic(out, json.dumps(body, indent=1))
 
     print(f"change = {metric}; * = insensitive (< {args.threshold})")
     width = max(len(n) for n in tasks)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import write_text_atomic
 from .slot_pool import ExpertKey
 
 PROFILE_FORMAT = "vllm-moe-offload-task-profiles/1"
@@ -119,19 +118,8 @@ class TaskProfiles:
                 "counts": self.counts}
         text = json.dumps(body, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a temporary name of this writer's own (two instances may share the file),
-        # renamed over the real one: never a half-written file under the real name
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"format": PROFILE_FORMAT, "sha256": digest,
-                                    "profiles": body}))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps({"format": PROFILE_FORMAT, "sha256": digest,
+                                            "profiles": body}))  # instances may share it
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None,

@@ -106,6 +106,10 @@ def test_profiles_saved_by_two_writers_at_once_stay_whole(tmp_path):
     assert errors == []
     assert TaskProfiles.load(path, 2, 4).frequency("python", 0) == [0.75, 0.25, 0.0, 0.0]
     assert [p.name for p in path.parent.iterdir()] == ["profiles.json"]  # no temp left
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: others read it
+    path.chmod(0o664)
+    make_profiles().save(path)
+    assert path.stat().st_mode & 0o777 == 0o664  # a save keeps the file's mode
 
 
 def test_replan_every_p_prompts():
