@@ -110,9 +110,10 @@ def _decode_cpu(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     chunk = min(n, max(group, _DECODE_CHUNK // group * group))
     bufs = getattr(_work, "bufs", None)
     if bufs is None or bufs[0].numel() < chunk:
-        bufs = _work.bufs = (torch.empty(chunk, dtype=torch.float32),
-                             torch.empty(chunk, dtype=torch.uint8),
-                             torch.empty(chunk, dtype=torch.uint8))
+        with torch.inference_mode(False):  # made in vLLM's step, used outside it too
+            bufs = _work.bufs = (torch.empty(chunk, dtype=torch.float32),
+                                 torch.empty(chunk, dtype=torch.uint8),
+                                 torch.empty(chunk, dtype=torch.uint8))
     f, q, part = bufs
     out = d.view(-1)
     for lo in range(0, n, chunk):
@@ -427,6 +428,9 @@ class QuantizedStore(ExpertStore):
     def close(self):
         self.inner.close()
 
+    def abandon(self):
+        self.inner.abandon()
+
 
 class MixedStore(ExpertStore):
     """Mixed precision: `hot` experts in one quantized store (more bits), the rest in
@@ -516,3 +520,7 @@ class MixedStore(ExpertStore):
     def close(self):
         for s in self.stores:
             s.close()
+
+    def abandon(self):
+        for s in self.stores:
+            s.abandon()

@@ -52,6 +52,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import time
 import weakref
 import zlib
@@ -196,6 +197,10 @@ class ExpertStore:
 
     def close(self) -> None:
         pass
+
+    def abandon(self) -> None:
+        """A build that will not finish (the load failed): give back what it holds."""
+        self.close()
 
     def _check(self, tensors: list[torch.Tensor]) -> None:
         specs = self.layout.tensors
@@ -411,6 +416,7 @@ class DiskStore(ExpertStore):
         self.repairs = 0  # records re-derived after a bad read
         self.exact_rederive = True  # a re-derived record must match the sealed one
         self._unrepaired: set[tuple[int, int]] = set()  # could not be written back
+        self._amend_lock = threading.Lock()  # the loader thread repairs too
         self._sums = array("Q", bytes(8 * self.num_records))
         self.checksum = _Digest.best()
         self._lock_fd = None
@@ -418,8 +424,9 @@ class DiskStore(ExpertStore):
 
     # ---- file life cycle ----------------------------------------------------------
 
-    def _header(self, sealed: bool) -> bytes:
-        table = self._digest(self._sums.tobytes()) if sealed else None
+    def _header(self, sealed: bool, sums: array | None = None) -> bytes:
+        table = self._digest((self._sums if sums is None else sums).tobytes()) \
+            if sealed else None
         body = json.dumps({"format": _FORMAT, "sealed": sealed, "checksum": self.checksum,
                            "table": table, "fingerprint": self.fingerprint}).encode()
         head = _MAGIC + struct.pack("<I", len(body)) + body
@@ -520,9 +527,14 @@ class DiskStore(ExpertStore):
                     raise
             if waited % _LOCK_LOG_EVERY == 0:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                try:
+                    idle = f"{time.time() - self.path.with_suffix('.building').stat().st_mtime:.0f}"
+                except OSError:
+                    idle = "?"
                 logger.warning("expert offload: process %s is building the disk store %s; "
-                               "waiting for it to finish (%d s so far)", holder, self.path,
-                               waited)
+                               "waiting for it to finish (%d s so far; its partial file "
+                               "was last written %s s ago: if that grows and the process "
+                               "is stuck, stop it)", holder, self.path, waited, idle)
             time.sleep(1)
             waited += 1
         os.ftruncate(fd, 0)
@@ -665,17 +677,15 @@ class DiskStore(ExpertStore):
             d.copy_(t)
         if (layer, expert) in self._unrepaired:
             return self.layout.expert_bytes
-        index = self._index(layer, expert)
         try:
-            fd = os.open(self.path, os.O_WRONLY)
+            fd = os.open(self.path, os.O_RDWR)
             try:
+                if os.fstat(fd).st_ino != os.fstat(self._fd).st_ino:
+                    raise OSError(errno.ESTALE, "the file was replaced since it was opened")
                 os.pwrite(fd, data, self._offset(layer, expert))
-                if differs:  # a quantized record encoded to other codes: its own
-                    self._sums[index] = self._digest(data)  # checksum, in the file too,
-                    os.pwrite(fd, self._sums[index:index + 1].tobytes(),  # or every
-                              _HEADER_BYTES + self.nbytes + 8 * index)  # start repairs it
-                    os.pwrite(fd, self._header(sealed=True), 0)  # (the table's digest)
                 os.fsync(fd)
+                if differs:  # a quantized record encoded to other codes: its own
+                    self._amend_checksum(fd, self._index(layer, expert), data)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -694,6 +704,33 @@ class DiskStore(ExpertStore):
         logger.warning("expert offload: %s: %s; re-derived it from the checkpoint and "
                        "repaired the record", where, why)
         return self.layout.expert_bytes
+
+    def _amend_checksum(self, fd: int, index: int, data: bytes) -> None:
+        """A record repaired to other codes: its checksum, here and in the file (else
+        every start re-derives it). Under the store's lock and this process's, the
+        file's table as it is now (another instance may have amended others), then
+        the header's digest of it. Where the lock is busy (a rebuild), only here."""
+        value = self._digest(data)
+        self._sums[index] = value
+        with self._amend_lock:
+            try:
+                lock = os.open(self.path.with_name(self.path.name + ".lock"),
+                               os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                return
+            try:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                table_at = _HEADER_BYTES + self.nbytes
+                sums = array("Q", os.pread(fd, 8 * self.num_records, table_at))
+                sums[index] = value
+                os.pwrite(fd, sums[index:index + 1].tobytes(), table_at + 8 * index)
+                os.fsync(fd)
+                os.pwrite(fd, self._header(sealed=True, sums=sums), 0)
+                os.fsync(fd)
+            except OSError:
+                pass  # (the lock is busy, or the disk refuses: amended here alone)
+            finally:
+                os.close(lock)
 
     # ---- disk -> pinned staging -> GPU --------------------------------------------
 
@@ -765,6 +802,11 @@ class DiskStore(ExpertStore):
     @property
     def uses_direct_io(self) -> bool:
         return getattr(self, "_direct_fd", None) is not None
+
+    def abandon(self) -> None:
+        if not self.reused and getattr(self, "_tmp", None) is not None:
+            Path(self._tmp).unlink(missing_ok=True)  # (named .building: never read)
+        self.close()
 
     def close(self):
         self._unlock()

@@ -81,6 +81,36 @@ def test_a_gather_applies_a_block_transpose_by_strided_copies_and_any_other_by_i
             assert all(torch.equal(a, b) for a, b in zip(gather(src), want))
 
 
+def test_the_cpu_decode_runs_in_and_out_of_inference_mode_on_one_thread():
+    """Its buffers, kept per thread, are made once: inside vLLM's inference mode (a
+    step) they must still serve a decode outside it (loading), and the other way."""
+    import threading
+
+    from vllm_moe_offload.runtime import quant
+
+    codec = GroupQuant(4, 64, "rtn")
+    w = (torch.randn(64, 128) * 0.05).bfloat16()
+    stored = codec.encode([w])
+    want = torch.empty_like(w)
+    codec.decode(stored, [want], reference=True)
+    errors = []
+
+    def run():
+        try:
+            for inference in (True, False, True):
+                got = torch.empty_like(w)
+                with torch.inference_mode(inference):
+                    codec.decode(stored, [got])
+                assert torch.equal(got, want)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=run)  # a thread of its own: fresh buffers
+    thread.start()
+    thread.join()
+    assert errors == [] and quant._DECODE_CHUNK >= w.numel()
+
+
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_codes_pack_and_unpack_exactly(bits):
     q = torch.randint(0, 2**bits, (8 * 37,), dtype=torch.uint8)
@@ -245,6 +275,30 @@ def test_damaged_quantized_record_is_re_derived_encoded_and_repaired(tmp_path, c
         f.write(b"\xff\x00")
     with pytest.raises(ExpertUnavailable):
         store.read_into(1, 2, empty())
+
+
+def test_two_instances_repairing_other_records_leave_a_valid_store(tmp_path):
+    """Two instances serving one store each repair a record to other codes: each
+    amends the file's checksum table as it is now, so the file stays valid (before,
+    each wrote a header over its own table, and the next start rebuilt it all)."""
+    fill(quant_store("disk", tmp_path, 4))
+    a, b = quant_store("disk", tmp_path, 4), quant_store("disk", tmp_path, 4)
+    other = {key: [t * 1.01 for t in expert(*key)] for key in ((0, 1), (1, 2))}
+    for store, key in ((a, (0, 1)), (b, (1, 2))):
+        store.rederive = lambda layer, e: other[(layer, e)]
+        offset = 4096 + (key[0] * E + key[1]) * store.record_bytes
+        with open(store.path, "r+b") as f:
+            f.seek(offset + 3)
+            f.write(b"\xff\x00")
+        store.read_into(*key, empty())
+        assert store.repairs == 1
+    again = quant_store("disk", tmp_path, 4)
+    assert again.reused  # the header's digest matches the table with both amendments
+    for key in other:
+        dst = empty()
+        again.read_into(*key, dst)
+        assert all(torch.equal(x, y) for x, y in zip(dst, decoded(again.codec, other[key])))
+    assert again.repairs == 0
 
 
 def test_cache_counts_the_quantized_bytes(tmp_path):

@@ -291,6 +291,10 @@ print("building", flush=True)
 time.sleep(2)
 if sys.argv[2] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "abandon":  # its load failed, and the process lives on
+    store.abandon()
+    print("abandoned", flush=True)
+    time.sleep(60)
 for layer in range(L):
     for e in range(E):
         store.put(layer, e, expert(layer, e))
@@ -350,6 +354,24 @@ def test_a_file_system_without_locks_builds_without_one_and_says_so(tmp_path, mo
         fill(DiskStore(path, LAYOUT, L, E, FP))
     assert "without its lock" in caplog.text and "No locks available" in caplog.text
     assert same(read(DiskStore(path, LAYOUT, L, E, FP), 0, 1), expert(0, 1))
+
+
+def test_an_abandoned_build_gives_back_its_file_and_lock_while_its_process_lives(
+        tmp_path):
+    """A load that fails in a process that lives on (an in-process engine): the
+    worker hook abandons the store, so other instances do not wait on it forever."""
+    path = tmp_path / "s.experts"
+    child = _builder(path, "abandon")
+    try:
+        assert child.stdout.readline() == "abandoned\n"
+        assert not path.with_suffix(".building").exists()
+        store = DiskStore(path, LAYOUT, L, E, FP)  # at once: the lock was given back
+        assert child.poll() is None and not store.reused
+        fill(store)
+    finally:
+        child.kill()
+        child.wait()
+    assert same(read(DiskStore(path, LAYOUT, L, E, FP), 1, 0), expert(1, 0))
 
 
 @pytest.mark.parametrize("kind", ["host", "disk"])

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.files import write_text_atomic
 from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.slot_pool import SlotGroup, split_pool
 from vllm_moe_offload.core.stats import OffloadStats
@@ -203,7 +203,8 @@ class ModelOffload:
         """The store, built at the first expert. `layout`: the slot's (kernel) layout;
         `source`: the checkpoint's, which a quantized store encodes; `names`: the
         record's tensors (a quantized checkpoint's) and `packing`: how vLLM packs
-        an expert (a digest, layer.py `_packs_as_is`), part of a disk store's identity."""
+        an expert (layer.py `_packing`, a digest; `_kernel_of`, a quantized method's
+        kernel class), part of a disk store's identity."""
         if self.store is not None:
             return self.store
         cfg = self.cfg
@@ -299,16 +300,10 @@ class ModelOffload:
                             "otherwise. Delete that file to rank them again (the store "
                             "is then encoded again)", path, len(kept - ranked))
             return kept
-        tmp = None
-        try:  # a temporary name of its own, renamed: never half a file under the name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"hot": sorted(ranked), "profiles": cfg.task_profiles_path}, f)
-            os.replace(tmp, path)
+        try:
+            write_text_atomic(path, json.dumps({"hot": sorted(ranked),
+                                                "profiles": cfg.task_profiles_path}))
         except OSError as e:  # (the store's own build then says what is wrong)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             logger.warning("expert offload: mixed precision: could not keep the hot set "
                            "in %s (%s)", path, e)
         return ranked
