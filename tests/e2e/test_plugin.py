@@ -1,5 +1,6 @@
 """Registration: idempotent, flags on vLLM's own parser, config folded into the hash."""
 
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,8 @@ print("OK")
 
 
 def test_register_twice_and_flags_reach_additional_config():
+    env = dict(os.environ)  # as a fresh process: no metrics directory to inherit (tests
+    env.pop("VLLM_MOE_OFFLOAD_METRICS_DIR", None)  # before this one built offload configs)
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     assert out.stdout.strip().endswith("OK"), out.stdout[-2000:] + out.stderr[-3000:]
