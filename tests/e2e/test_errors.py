@@ -32,6 +32,29 @@ def test_experts_the_layer_hook_never_sees_are_refused_after_loading(models, tmp
     assert "Transformers backend" in out and "Turn expert offload off" in out
 
 
+def test_a_load_that_fails_leaves_no_partial_store(models, tmp_path):
+    """A checkpoint missing one expert's tensor: the load fails after the disk store
+    began; the store's partial file and lock are given back as it fails (an in-process
+    engine's process may live on, and other instances would wait on the lock), where
+    before the `.building` file stayed behind."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(models["qwen3_moe"], tmp_path / "model")
+    for path in model.glob("*.safetensors"):
+        tensors = load_file(path)
+        gone = [n for n in tensors if ".layers.1." in n and "experts.3.down_proj" in n]
+        if gone:
+            del tensors[gone[0]]
+            save_file(tensors, path, metadata={"format": "pt"})
+    store_dir = tmp_path / "store"
+    out = failure(offload_spec(str(model), pool_slots=EXPERTS, store="disk",
+                               store_dir=str(store_dir)))
+    assert "never arrived" in out or "not initialized" in out, out[-2000:]
+    assert store_dir.exists() and not list(store_dir.glob("*.building"))
+
+
 def test_unknown_store_is_refused(models):
     out = failure(offload_spec(models["qwen3_moe"], store="nvme"))
     assert "store='nvme'" in out and "host, disk" in out

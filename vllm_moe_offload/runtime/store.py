@@ -537,8 +537,11 @@ class DiskStore(ExpertStore):
                                "is stuck, stop it)", holder, self.path, waited, idle)
             time.sleep(1)
             waited += 1
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # who holds it, for the others' message (a full disk: the build says so)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def _unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None

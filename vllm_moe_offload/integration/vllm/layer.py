@@ -102,7 +102,15 @@ def _kernel_identity(moe_config, device: torch.device) -> dict:
         return {"backend": str(moe_config.moe_backend),
                 "sm": list(torch.cuda.get_device_capability(device))}
     return {"backend": str(moe_config.moe_backend), "arch": platform.machine(),
-            "amx": bool(torch.cpu._is_amx_tile_supported())}
+            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", bool)())}
+
+
+def _kernel_of(method) -> str:
+    """A quantized method and the kernel class its processing chose: part of a disk
+    store's identity where the record is what that processing makes of an expert
+    (vLLM picks the kernel, and so the layout, by more than _kernel_identity sees)."""
+    kernel = getattr(method, "moe_kernel", None)
+    return f"{type(method).__name__}/{type(getattr(kernel, 'fused_experts', kernel)).__name__}"
 
 
 def _checkpoint_rename(model_config):
@@ -184,7 +192,6 @@ def _hub_safetensors_bytes(repo: str, revision: str | None) -> int:
 class OffloadedRoutedExperts(RoutedExperts):
     _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
     _as_is: bool | None = None  # vLLM's packing leaves an expert as it is (_packs_as_is)
-    _packing: str | None = None  # "as-is", or a digest of how it packs one (_packs_as_is)
 
     def __init__(self, layer_name, params_dtype, moe_config, quant_config,
                  expert_map_manager, *args, **kwargs):
@@ -300,7 +307,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                 self._model.put_expert(self._layer, expert_id, tensors)
             else:
                 packed = tensors if self._packs_as_is() else self._pack(*tensors)
-                self._model.ensure_store(_layout_of(packed), packing=self._packing)
+                self._model.ensure_store(_layout_of(packed), packing=self._packing())
                 self._model.put_expert(self._layer, expert_id, packed)
         return True if return_success else None
 
@@ -325,7 +332,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         if len(seen) == self._expected_calls():
             del self._staging[expert_id]
             record = self._quant.pack(twin)
-            self._model.ensure_store(_layout_of(record), names=self._quant.record)
+            self._model.ensure_store(_layout_of(record), names=self._quant.record,
+                                     packing=_kernel_of(twin.quant_method))
             self._model.put_expert(self._layer, expert_id, record)
         return done
 
@@ -486,19 +494,29 @@ class OffloadedRoutedExperts(RoutedExperts):
         moved, padded or widened its values would not give it back equal), and then
         each expert goes to the store without a round trip through the device."""
         if self._as_is is None:
-            g = torch.Generator().manual_seed(0)
-            expert = [torch.randn(t.shape, generator=g).to(t.dtype)
-                      for t in self._empty_expert()]
-            packed = self._pack(*expert)
+            expert = self._probe()
             self._as_is = all(p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
-                              for p, t in zip(packed, expert))
-            # the packing itself, part of a disk store's identity (_kernel_identity)
-            digest = hashlib.sha256()
-            for p in packed:
-                digest.update(f"{list(p.shape)} {p.dtype};".encode())
-                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
-            self._packing = "as-is" if self._as_is else digest.hexdigest()[:16]
+                              for p, t in zip(self._pack(*expert), expert))
         return self._as_is
+
+    def _probe(self) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(t.shape, generator=g).to(t.dtype) for t in self._empty_expert()]
+
+    def _packing(self) -> str | None:
+        """How vLLM packs an expert here, part of a disk store's identity (beside
+        _kernel_identity): "as-is", or a digest of its packing of the seeded probe.
+        None once the store is open (computed once per model: a Mixtral expert's
+        digest takes a second)."""
+        if self._model.store is not None:
+            return None
+        if self._packs_as_is():
+            return "as-is"
+        digest = hashlib.sha256()
+        for p in self._pack(*self._probe()):
+            digest.update(f"{list(p.shape)} {p.dtype};".encode())
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+        return digest.hexdigest()[:16]
 
     def _packer(self):
         """For a quantized store: how a decoded expert reaches the kernel's layout.
@@ -552,8 +570,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             if self._model.quantized:
                 self._ensure_store(packed)
             elif self._model.store is None:
-                self._packs_as_is()  # (sets _packing)
-                self._model.ensure_store(_layout_of(packed), packing=self._packing)
+                self._model.ensure_store(_layout_of(packed), packing=self._packing())
         self._check_modular()
         cache = self._model.finish_loading(self._dummy_expert, self._rederive)
         if len(cache.buffers) != len(self._names):
