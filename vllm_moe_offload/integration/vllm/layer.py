@@ -17,8 +17,8 @@ processes one expert (quantized.py).
 from __future__ import annotations
 
 import copy
-import json
 import hashlib
+import json
 import math
 import platform
 import re

@@ -580,6 +580,16 @@ def current() -> ModelOffload | None:
     return _MODEL
 
 
+def abandon_load() -> None:
+    """The model's load failed: a disk store half built gives back its partial file
+    and its lock (other instances wait on it), where this process may live on (an
+    in-process engine, store.py NOTE #3), and a later load here starts afresh."""
+    global _MODEL
+    model, _MODEL = _MODEL, None
+    if model is not None and model.store is not None and model.cache is None:
+        model.store.abandon()
+
+
 def loaded() -> ModelOffload | None:
     """The model whose loading ended (its pool exists), if any."""
     return _MODEL if _MODEL is not None and _MODEL.cache is not None else None

@@ -75,12 +75,7 @@ def install() -> None:
         try:
             return original_load(self, *args, **kwargs)
         except BaseException:
-            # a disk store half built gives back its partial file and its lock (other
-            # instances wait on it), where this process may live on (an in-process
-            # engine): store.py NOTE #3
-            model = model_state.current()
-            if model is not None and model.store is not None and model.cache is None:
-                model.store.abandon()
+            model_state.abandon_load()
             raise
         finally:
             model_state.set_budget(None)
