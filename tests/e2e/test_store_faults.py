@@ -79,6 +79,13 @@ def other_host():
     layer._kernel_identity = lambda *a: dict(real(*a), arch="elsewhere", amx=True)
 
 
+def other_packing():
+    """Engine setup: a host whose vLLM packs an expert otherwise, all else equal."""
+    from vllm_moe_offload.integration.vllm import layer
+
+    layer.OffloadedRoutedExperts._packing = lambda self: "elsewhere"
+
+
 def test_a_store_is_reused_only_where_vllm_lays_experts_out_the_same(
         models, engine, store_dir, tmp_path):
     """A store directory shared by hosts whose kernels pack experts differently (or
@@ -94,10 +101,11 @@ def test_a_store_is_reused_only_where_vllm_lays_experts_out_the_same(
     assert any("reusing disk store" in r["log"] for r in runs)
     path = runs[0]["stats"]["pool"]["store_path"]
     assert runs[1]["stats"]["pool"]["store_path"] == path
-    mine = shutil.copytree(store_dir, tmp_path / "shared")  # this host's store in it
-    other = engine({**offload_spec(model, pool_slots=EXPERTS, store="disk",
-                                   store_dir=str(mine)),
-                    "setup": "tests.e2e.test_store_faults:other_host"})
-    assert "reusing disk store" not in other["log"]
-    assert other["stats"]["pool"]["store_path"] != str(mine / os.path.basename(path))
-    assert other["token_ids"] == plain["token_ids"]
+    for setup in ("other_host", "other_packing"):
+        mine = shutil.copytree(store_dir, tmp_path / setup)  # this host's store in it
+        other = engine({**offload_spec(model, pool_slots=EXPERTS, store="disk",
+                                       store_dir=str(mine)),
+                        "setup": f"tests.e2e.test_store_faults:{setup}"})
+        assert "reusing disk store" not in other["log"], setup
+        assert other["stats"]["pool"]["store_path"] != str(mine / os.path.basename(path))
+        assert other["token_ids"] == plain["token_ids"]

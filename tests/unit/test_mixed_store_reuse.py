@@ -21,11 +21,11 @@ def profiles(path, favourite: int):
     p.save(path)
 
 
-def start(tmp_path):
+def start(tmp_path, profiles_file="profiles.json"):
     cfg = OffloadConfig(enabled=True, store="disk", store_dir=str(tmp_path / "store"),
                         store_bits=2, store_hot_bits=8, store_quantizer="rtn",
                         store_group_size=8,
-                        task_profiles_path=str(tmp_path / "profiles.json"))
+                        task_profiles_path=str(tmp_path / profiles_file))
     model = ModelOffload(cfg, {"model": "m", "vllm": "test", "kernel": {"amx": False}},
                          torch.device("cpu"))
     model.num_layers, model.experts_per_layer = L, E
@@ -58,3 +58,6 @@ def test_changed_profiles_reuse_the_stores_and_their_hot_set(tmp_path, caplog):
     hot_file.unlink()  # the documented way to rank them again
     third, reused = start(tmp_path)
     assert not reused and third.hot.inner.keys == [(0, 4), (0, 5), (1, 4), (1, 5)]
+    profiles(tmp_path / "other.json", favourite=6)  # another profiles file: ranked again
+    fourth, reused = start(tmp_path, "other.json")
+    assert not reused and fourth.hot.inner.keys == [(0, 6), (0, 7), (1, 6), (1, 7)]

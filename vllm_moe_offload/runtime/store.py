@@ -722,7 +722,14 @@ class DiskStore(ExpertStore):
             except OSError:
                 return
             try:
-                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for attempt in range(20):  # another instance amending: a moment
+                    try:
+                        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EACCES, errno.EAGAIN) or attempt == 19:
+                            raise
+                        time.sleep(0.05)
                 table_at = _HEADER_BYTES + self.nbytes
                 sums = array("Q", os.pread(fd, 8 * self.num_records, table_at))
                 sums[index] = value
@@ -807,9 +814,9 @@ class DiskStore(ExpertStore):
         return getattr(self, "_direct_fd", None) is not None
 
     def abandon(self) -> None:
-        if not self.reused and getattr(self, "_tmp", None) is not None:
-            Path(self._tmp).unlink(missing_ok=True)  # (named .building: never read)
-        self.close()
+        if not self.reused and self._fd is not None and getattr(self, "_tmp", None):
+            Path(self._tmp).unlink(missing_ok=True)  # (still this build's: it holds
+        self.close()                                 # the lock; _abandon unlinked it)
 
     def close(self):
         self._unlock()

@@ -374,6 +374,26 @@ def test_an_abandoned_build_gives_back_its_file_and_lock_while_its_process_lives
     assert same(read(DiskStore(path, LAYOUT, L, E, FP), 1, 0), expert(1, 0))
 
 
+def test_abandoning_a_build_that_failed_already_leaves_the_next_builder_s_file(
+        tmp_path, monkeypatch):
+    """A put that fails (a full disk) gives back the partial file and the lock at
+    once; the load's abandon() afterwards must not remove the `.building` file that
+    another instance, no longer waiting, has begun since."""
+    path = tmp_path / "s.experts"
+    store = DiskStore(path, LAYOUT, L, E, FP)
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(ValueError, match="GiB are free"):
+            store.put(0, 0, expert(0, 0))
+    path.with_suffix(".building").write_bytes(b"another instance's build")
+    store.abandon()
+    assert path.with_suffix(".building").exists()
+
+
 @pytest.mark.parametrize("kind", ["host", "disk"])
 def test_a_store_of_some_experts_holds_those_alone(tmp_path, kind):
     keys = [(1, 2), (0, 1)]

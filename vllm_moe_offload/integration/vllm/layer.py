@@ -490,13 +490,18 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def _packs_as_is(self) -> bool:
         """vLLM's packing leaves an expert as the checkpoint holds it (its Triton
-        kernel on CUDA): learnt once per layer from one random expert (a packing that
+        kernel on CUDA): learnt from one random expert (a packing that
         moved, padded or widened its values would not give it back equal), and then
         each expert goes to the store without a round trip through the device."""
-        if self._as_is is None:
-            expert = self._probe()
-            self._as_is = all(p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
-                              for p, t in zip(self._pack(*expert), expert))
+        if self._as_is is None:  # learnt once per model: the layers share shapes and
+            key = (tuple((tuple(t.shape), t.dtype) for t in self._empty_expert()),
+                   type(self.quant_method).__name__)  # kernel (a probe: 1 s at Mixtral's)
+            if key not in self._model.packs_as_is:
+                expert = self._probe()
+                self._model.packs_as_is[key] = all(
+                    p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
+                    for p, t in zip(self._pack(*expert), expert))
+            self._as_is = self._model.packs_as_is[key]
         return self._as_is
 
     def _probe(self) -> list[torch.Tensor]:

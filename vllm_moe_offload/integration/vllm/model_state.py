@@ -142,6 +142,7 @@ class ModelOffload:
         self._build_bar: tqdm | None = None
         self.failed_requests = 0  # failed because an expert they routed to was lost
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
+        self.packs_as_is: dict = {}  # (shapes, kernel) -> layer.py _packs_as_is()
         self.checkpoint_quantization: str | None = None  # its experts' vLLM method
         # device mode's prefetch on CUDA: a layer call in a piece of a piecewise CUDA
         # graph joins its copy stream (device_cache.py NOTE #5)
@@ -228,10 +229,15 @@ class ModelOffload:
         cold = [(l, e) for l in range(self.num_layers) for e in range(self.experts_per_layer)
                 if (l, e) not in hot]
         logger.warning("expert offload: mixed precision: %d hot experts (of %d) at %d bits, "
-                       "from the task profiles %s", len(hot), len(hot) + len(cold),
+                       "ranked from the task profiles %s", len(hot), len(hot) + len(cold),
                        cfg.store_hot_bits, cfg.task_profiles_path)
-        self.store = MixedStore(self._quantized_store(hot_codec, layout, source, sorted(hot)),
-                                self._quantized_store(codec, layout, source, cold))
+        hot_store = self._quantized_store(hot_codec, layout, source, sorted(hot))
+        try:
+            cold_store = self._quantized_store(codec, layout, source, cold)
+        except BaseException:  # (a full disk, say: the hot half holds its lock)
+            hot_store.abandon()
+            raise
+        self.store = MixedStore(hot_store, cold_store)
         return self.store
 
     def _quantized_store(self, codec: GroupQuant, layout: ExpertLayout,
@@ -282,11 +288,20 @@ class ModelOffload:
         name.update(codecs=[codec.describe(), hot_codec.describe()],
                     share=cfg.store_hot_share)
         path = Path(os.path.expanduser(cfg.store_dir)) / (store_file_name(name) + ".hot.json")
+        # what the ranking came from, but for the profiles' counts (which drift)
+        basis = {"profiles": os.path.abspath(cfg.task_profiles_path),
+                 "sensitivity": _file_digest(cfg.sensitivity_path)}
         try:
-            kept = {tuple(k) for k in json.loads(path.read_text())["hot"]}
+            data = json.loads(path.read_text())
+            kept = {tuple(k) for k in data["hot"]}
             if not all(0 <= l < self.num_layers and 0 <= e < self.experts_per_layer
                        for l, e in kept):
                 raise ValueError("experts out of range")
+            if data.get("basis") != basis:
+                logger.info("expert offload: mixed precision: the hot experts of %s were "
+                            "ranked from another profiles or sensitivity file: ranked "
+                            "again", path)
+                kept = None
         except FileNotFoundError:
             kept = None
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -301,8 +316,7 @@ class ModelOffload:
                             "is then encoded again)", path, len(kept - ranked))
             return kept
         try:
-            write_text_atomic(path, json.dumps({"hot": sorted(ranked),
-                                                "profiles": cfg.task_profiles_path}))
+            write_text_atomic(path, json.dumps({"hot": sorted(ranked), "basis": basis}))
         except OSError as e:  # (the store's own build then says what is wrong)
             logger.warning("expert offload: mixed precision: could not keep the hot set "
                            "in %s (%s)", path, e)
@@ -576,6 +590,14 @@ def set_budget(budget: tuple[int, int, Callable[[], int]] | None) -> None:
     _BUDGET = budget
 
 
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def current() -> ModelOffload | None:
     return _MODEL
 
@@ -586,8 +608,12 @@ def abandon_load() -> None:
     in-process engine, store.py NOTE #3), and a later load here starts afresh."""
     global _MODEL
     model, _MODEL = _MODEL, None
-    if model is not None and model.store is not None and model.cache is None:
+    if model is None or model.store is None:
+        return
+    if model.cache is None:
         model.store.abandon()
+    else:  # the pool was built: its memory and loader thread go too
+        model.shutdown()
 
 
 def loaded() -> ModelOffload | None:

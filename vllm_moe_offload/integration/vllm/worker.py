@@ -72,10 +72,12 @@ def install() -> None:
 
     def load_model(self, *args, **kwargs):  # the pool is sized inside it (gpu_room)
         model_state.set_budget(memory_budget(self))
+        before = model_state.current()  # another engine's, in this process
         try:
             return original_load(self, *args, **kwargs)
         except BaseException:
-            model_state.abandon_load()
+            if model_state.current() is not before:
+                model_state.abandon_load()
             raise
         finally:
             model_state.set_budget(None)
