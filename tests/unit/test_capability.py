@@ -180,14 +180,23 @@ def test_padded_rows_of_a_graphs_batch_route_to_no_expert():
     (lambda *e: [t.float() for t in e], False),  # one that widens them
     (lambda *e: [t.flip(0) for t in e], False)])  # one that moves rows, same shape
 def test_experts_skip_the_device_where_vllms_packing_leaves_them_as_they_are(pack, as_is):
-    """layer.py _packs_as_is: learnt from one random expert per layer; where it
-    holds, an expert goes to the store as loaded, no round trip through the GPU."""
+    """layer.py _packs_as_is: learnt from one random expert per model (the layers
+    share shapes and kernel); where it holds, an expert goes to the store as loaded,
+    no round trip through the GPU."""
+    import types
+
     import torch
 
     from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
 
-    layer = OffloadedRoutedExperts.__new__(OffloadedRoutedExperts)
-    layer._empty_expert = lambda: [torch.zeros(6, 4, dtype=torch.bfloat16),
-                                   torch.zeros(4, 3, dtype=torch.bfloat16)]
-    layer._pack = pack
-    assert layer._packs_as_is() is as_is
+    model = types.SimpleNamespace(packs_as_is={})
+    calls = []
+    for _ in range(2):  # two layers of one model
+        layer = OffloadedRoutedExperts.__new__(OffloadedRoutedExperts)
+        object.__setattr__(layer, "quant_method", object())
+        layer._model = model
+        layer._empty_expert = lambda: [torch.zeros(6, 4, dtype=torch.bfloat16),
+                                       torch.zeros(4, 3, dtype=torch.bfloat16)]
+        layer._pack = lambda *e: calls.append(1) or pack(*e)
+        assert layer._packs_as_is() is as_is
+    assert len(calls) == 1  # probed once
