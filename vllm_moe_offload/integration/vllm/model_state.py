@@ -610,10 +610,13 @@ def abandon_load() -> None:
     model, _MODEL = _MODEL, None
     if model is None or model.store is None:
         return
-    if model.cache is None:
-        model.store.abandon()
-    else:  # the pool was built: its memory and loader thread go too
-        model.shutdown()
+    try:
+        if model.cache is None:
+            model.store.abandon()
+        else:  # the pool was built: its memory and loader thread go too
+            model.shutdown()
+    except Exception as e:  # the load's own error is the one to see
+        logger.warning("expert offload: cleaning up after the failed load: %s", e)
 
 
 def loaded() -> ModelOffload | None:
