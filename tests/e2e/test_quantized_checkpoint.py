@@ -129,6 +129,33 @@ def test_store_reused_and_a_damaged_record_re_derived(quantized_models, engine, 
     assert "re-derived it from the checkpoint and repaired the record" in off["log"]
 
 
+def other_kernel():
+    """Engine setup: a host whose vLLM processes a quantized expert for another
+    kernel class, all else equal (layer.py `_kernel_of`)."""
+    from vllm_moe_offload.integration.vllm import layer
+
+    layer._kernel_of = lambda method: "AnotherMethod/AnotherExperts"
+
+
+def test_a_quantized_store_of_another_kernel_is_not_reused(quantized_models, engine,
+                                                           stores, tmp_path):
+    """A quantized checkpoint's record is what vLLM's processing makes for the kernel
+    it picked: a store built for another kernel class is another file."""
+    import shutil
+
+    model = quantized_models["qwen3_moe", "w4a16"]
+    plain = engine(with_kernel(plain_spec(model), "reference"))
+    built = stores("qwen3_moe", "w4a16", "reference")
+    engine(offload(model, built, "reference"))  # (the first test's engine, where it ran)
+    shared = shutil.copytree(built, tmp_path / "shared")
+    spec = offload(model, str(shared), "reference")
+    other = engine({**spec, "setup": spec["setup"] + ",tests.e2e.test_quantized_checkpoint"
+                    ":other_kernel"})
+    assert "reusing disk store" not in other["log"]
+    assert other["token_ids"] == plain["token_ids"]
+    assert len(list(shared.glob("*.experts"))) == 2
+
+
 def test_gptq_expert_biases_kept_when_the_store_is_reused(quantized_models, engine,
                                                            tmp_path):
     """Some GPTQ checkpoints hold expert biases their architecture does not declare;
