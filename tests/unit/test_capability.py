@@ -189,7 +189,7 @@ def test_experts_skip_the_device_where_vllms_packing_leaves_them_as_they_are(pac
 
     from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
 
-    model = types.SimpleNamespace(packs_as_is={})
+    model = types.SimpleNamespace(packings={})
     calls = []
     for _ in range(2):  # two layers of one model
         layer = OffloadedRoutedExperts.__new__(OffloadedRoutedExperts)

@@ -486,7 +486,7 @@ class DiskStore(ExpertStore):
             if self._open_existing():  # the holder finished it
                 self._unlock()
                 return True
-            tmp = self.path.with_suffix(".building")
+            tmp = self._building
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             self._unlock()
@@ -498,14 +498,32 @@ class DiskStore(ExpertStore):
         self._create()
         return False
 
+    @property
+    def _building(self) -> Path:
+        return self.path.with_suffix(".building")
+
+    def _open_lock_file(self) -> int:
+        return os.open(self.path.with_name(self.path.name + ".lock"),
+                       os.O_RDWR | os.O_CREAT, 0o666)
+
+    @staticmethod
+    def _try_lock(fd: int) -> bool:
+        """The store's lock (NOTE #3) if it is free now; False if another holds it."""
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            return False
+
     def _lock(self) -> None:
         """Block until this process holds the store's lock, saying whom it waits for
         (NOTE #3: a holder that dies releases it, so this ends). Where there can be
         no lock (a lock file of another user's, a file system without POSIX locks),
         build without it, and say so."""
-        path = self.path.with_name(self.path.name + ".lock")
         try:
-            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            self._lock_fd = self._open_lock_file()
             self._wait_for_lock()
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.ENOLCK, errno.ENOSYS,
@@ -513,22 +531,16 @@ class DiskStore(ExpertStore):
                 raise
             self._unlock()
             logger.warning("expert offload: building the disk store %s without its lock "
-                           "(%s: %s): another instance building it at the same time would "
-                           "fail", self.path, path, e.strerror)
+                           "(%s): another instance building it at the same time would "
+                           "fail", self.path, e)
 
     def _wait_for_lock(self) -> None:
         fd, waited = self._lock_fd, 0
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
+        while not self._try_lock(fd):
             if waited % _LOCK_LOG_EVERY == 0:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 try:
-                    idle = f"{time.time() - self.path.with_suffix('.building').stat().st_mtime:.0f}"
+                    idle = f"{time.time() - self._building.stat().st_mtime:.0f}"
                 except OSError:
                     idle = "?"
                 logger.warning("expert offload: process %s is building the disk store %s; "
@@ -559,12 +571,16 @@ class DiskStore(ExpertStore):
         except OSError as e:
             self._abandon(e)
 
-    def _abandon(self, error: OSError):
-        """A build that cannot finish: remove the partial file, say what it needs."""
+    def _drop_build(self) -> None:
+        """A build that will not finish: its partial file and its lock go."""
         os.close(self._fd)
         self._fd = None
         self._tmp.unlink(missing_ok=True)
         self._unlock()
+
+    def _abandon(self, error: OSError):
+        """A build that cannot finish: drop it, say what it needs."""
+        self._drop_build()
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(self._tmp.parent).free
             raise ValueError(
@@ -717,19 +733,16 @@ class DiskStore(ExpertStore):
         self._sums[index] = value
         with self._amend_lock:
             try:
-                lock = os.open(self.path.with_name(self.path.name + ".lock"),
-                               os.O_RDWR | os.O_CREAT, 0o666)
+                lock = self._open_lock_file()
             except OSError:
                 return
             try:
-                for attempt in range(20):  # another instance amending: a moment
-                    try:
-                        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for _ in range(20):  # another instance amending: a moment
+                    if self._try_lock(lock):
                         break
-                    except OSError as e:
-                        if e.errno not in (errno.EACCES, errno.EAGAIN) or attempt == 19:
-                            raise
-                        time.sleep(0.05)
+                    time.sleep(0.05)
+                else:
+                    return  # (a rebuild holds it)
                 table_at = _HEADER_BYTES + self.nbytes
                 sums = array("Q", os.pread(fd, 8 * self.num_records, table_at))
                 sums[index] = value
@@ -814,9 +827,9 @@ class DiskStore(ExpertStore):
         return getattr(self, "_direct_fd", None) is not None
 
     def abandon(self) -> None:
-        if not self.reused and self._fd is not None and getattr(self, "_tmp", None):
-            Path(self._tmp).unlink(missing_ok=True)  # (still this build's: it holds
-        self.close()                                 # the lock; _abandon unlinked it)
+        if not self.reused and self._fd is not None:  # a build, not dropped already
+            self._drop_build()
+        self.close()
 
     def close(self):
         self._unlock()

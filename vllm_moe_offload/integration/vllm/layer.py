@@ -191,7 +191,7 @@ def _hub_safetensors_bytes(repo: str, revision: str | None) -> int:
 
 class OffloadedRoutedExperts(RoutedExperts):
     _quant: QuantizedExperts | None = None  # a quantized checkpoint's method
-    _as_is: bool | None = None  # vLLM's packing leaves an expert as it is (_packs_as_is)
+    _packed_as: str | None = None  # how vLLM packs an expert here (_packing)
 
     def __init__(self, layer_name, params_dtype, moe_config, quant_config,
                  expert_map_manager, *args, **kwargs):
@@ -490,38 +490,36 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def _packs_as_is(self) -> bool:
         """vLLM's packing leaves an expert as the checkpoint holds it (its Triton
-        kernel on CUDA): learnt from one random expert (a packing that
-        moved, padded or widened its values would not give it back equal), and then
-        each expert goes to the store without a round trip through the device."""
-        if self._as_is is None:  # learnt once per model: the layers share shapes and
-            key = (tuple((tuple(t.shape), t.dtype) for t in self._empty_expert()),
-                   type(self.quant_method).__name__)  # kernel (a probe: 1 s at Mixtral's)
-            if key not in self._model.packs_as_is:
-                expert = self._probe()
-                self._model.packs_as_is[key] = all(
-                    p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
-                    for p, t in zip(self._pack(*expert), expert))
-            self._as_is = self._model.packs_as_is[key]
-        return self._as_is
+        kernel on CUDA), and then each expert goes to the store without a round trip
+        through the device."""
+        return self._packing() == "as-is"
 
-    def _probe(self) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(0)
-        return [torch.randn(t.shape, generator=g).to(t.dtype) for t in self._empty_expert()]
-
-    def _packing(self) -> str | None:
+    def _packing(self) -> str:
         """How vLLM packs an expert here, part of a disk store's identity (beside
-        _kernel_identity): "as-is", or a digest of its packing of the seeded probe.
-        None once the store is open (computed once per model: a Mixtral expert's
-        digest takes a second)."""
-        if self._model.store is not None:
-            return None
-        if self._packs_as_is():
-            return "as-is"
-        digest = hashlib.sha256()
-        for p in self._pack(*self._probe()):
-            digest.update(f"{list(p.shape)} {p.dtype};".encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
-        return digest.hexdigest()[:16]
+        _kernel_identity): "as-is" where its packing gives a random probe expert back
+        equal (a packing that moved, padded or widened its values would not), else a
+        digest of that packing. Learnt once per model, whose layers share shapes and
+        kernel (a probe takes about a second at Mixtral's size)."""
+        if self._packed_as is None:
+            key = (tuple((tuple(t.shape), t.dtype) for t in self._empty_expert()),
+                   type(self.quant_method).__name__)
+            if key not in self._model.packings:
+                g = torch.Generator().manual_seed(0)
+                expert = [torch.randn(t.shape, generator=g).to(t.dtype)
+                          for t in self._empty_expert()]
+                packed = self._pack(*expert)
+                if all(p.shape == t.shape and p.dtype == t.dtype and torch.equal(p, t)
+                       for p, t in zip(packed, expert)):
+                    self._model.packings[key] = "as-is"
+                else:
+                    digest = hashlib.sha256()
+                    for p in packed:
+                        digest.update(f"{list(p.shape)} {p.dtype};".encode())
+                        digest.update(p.detach().cpu().contiguous().view(torch.uint8)
+                                      .numpy())
+                    self._model.packings[key] = digest.hexdigest()[:16]
+            self._packed_as = self._model.packings[key]
+        return self._packed_as
 
     def _packer(self):
         """For a quantized store: how a decoded expert reaches the kernel's layout.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -142,7 +143,7 @@ class ModelOffload:
         self._build_bar: tqdm | None = None
         self.failed_requests = 0  # failed because an expert they routed to was lost
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
-        self.packs_as_is: dict = {}  # (shapes, kernel) -> layer.py _packs_as_is()
+        self.packings: dict = {}  # (shapes, kernel) -> layer.py _packing()
         self.checkpoint_quantization: str | None = None  # its experts' vLLM method
         # device mode's prefetch on CUDA: a layer call in a piece of a piecewise CUDA
         # graph joins its copy stream (device_cache.py NOTE #5)
@@ -240,11 +241,19 @@ class ModelOffload:
         self.store = MixedStore(hot_store, cold_store)
         return self.store
 
+    @property
+    def _store_dir(self) -> Path:
+        return Path(os.path.expanduser(self.cfg.store_dir))
+
+    @property
+    def _encoded_fingerprint(self) -> dict:
+        """A quantized store's identity: its records are the checkpoint's layout
+        encoded, whatever the kernel packs (no `kernel`)."""
+        return {k: v for k, v in self.fingerprint.items() if k != "kernel"}
+
     def _quantized_store(self, codec: GroupQuant, layout: ExpertLayout,
                          source: ExpertLayout, keys=None) -> QuantizedStore:
-        # its records are the checkpoint's layout encoded, whatever the kernel packs
-        fingerprint = {k: v for k, v in self.fingerprint.items() if k != "kernel"}
-        fingerprint["store_codec"] = codec.describe()
+        fingerprint = dict(self._encoded_fingerprint, store_codec=codec.describe())
         return QuantizedStore(self._open_store(codec.layout(source), fingerprint, keys),
                               codec, layout, source, encode_device=self.device)
 
@@ -255,11 +264,10 @@ class ModelOffload:
         if cfg.resolved_store(self.device.type == "cuda") == "host":
             return HostStore(record, self.num_layers, self.experts_per_layer,
                              pin_memory=self.device.type == "cuda", keys=keys)
-        directory = Path(os.path.expanduser(cfg.store_dir))
         name = dict(fingerprint, layout=record.describe())
         if keys is not None:
             name["keys"] = keys_digest(keys)
-        path = directory / store_file_name(name)
+        path = self._store_dir / store_file_name(name)
         store = DiskStore(path, record, self.num_layers, self.experts_per_layer,
                           fingerprint, keys=keys)
         problem = getattr(store, "problem", None)
@@ -284,10 +292,9 @@ class ModelOffload:
                   hot_experts(profiles, cfg.store_hot_share, insensitive)}
         if cfg.resolved_store(self.device.type == "cuda") == "host":
             return ranked
-        name = {k: v for k, v in self.fingerprint.items() if k != "kernel"}
-        name.update(codecs=[codec.describe(), hot_codec.describe()],
-                    share=cfg.store_hot_share)
-        path = Path(os.path.expanduser(cfg.store_dir)) / (store_file_name(name) + ".hot.json")
+        name = dict(self._encoded_fingerprint, share=cfg.store_hot_share,
+                    codecs=[codec.describe(), hot_codec.describe()])
+        path = self._store_dir / (store_file_name(name) + ".hot.json")
         # what the ranking came from, but for the profiles' counts (which drift)
         basis = {"profiles": os.path.abspath(cfg.task_profiles_path),
                  "sensitivity": _file_digest(cfg.sensitivity_path)}
@@ -593,8 +600,6 @@ def set_budget(budget: tuple[int, int, Callable[[], int]] | None) -> None:
 def _file_digest(path: str | None) -> str | None:
     if not path:
         return None
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
