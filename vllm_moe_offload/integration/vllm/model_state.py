@@ -37,6 +37,7 @@ from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredic
 from vllm_moe_offload.runtime.task_residency import TaskResidency
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
                                             HostStore, keys_digest, store_file_name)
+from vllm_moe_offload.runtime.store_dir import mark_used, others_of
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -207,14 +208,18 @@ class ModelOffload:
         record's tensors (a quantized checkpoint's) and `packing`: how vLLM packs
         an expert (layer.py `_packing`, a digest; `_kernel_of`, a quantized method's
         kernel class), part of a disk store's identity."""
-        if self.store is not None:
-            return self.store
+        if self.store is None:
+            self.store = self._make_store(layout, source, names, packing)
+            if self.store.kind == "disk":
+                self._note_earlier_stores()
+        return self.store
+
+    def _make_store(self, layout, source, names, packing) -> ExpertStore:
         cfg = self.cfg
         if not self.quantized:
             fingerprint = dict(self.fingerprint, **({"record": names} if names else {}),
                                **({"packing": packing} if packing else {}))
-            self.store = self._open_store(layout, fingerprint)
-            return self.store
+            return self._open_store(layout, fingerprint)
         codec = GroupQuant(cfg.store_bits, cfg.store_group_size, cfg.store_quantizer)
         codec.check(source)
         logger.warning("expert offload: experts kept at %d bits in the store (%s, groups "
@@ -223,10 +228,10 @@ class ModelOffload:
                        cfg.store_quantizer, cfg.store_group_size,
                        str(layout.tensors[0].dtype).replace("torch.", ""))
         if cfg.store_hot_bits is None:
-            self.store = self._quantized_store(codec, layout, source)
-            return self.store
+            return self._quantized_store(codec, layout, source)
         hot_codec = GroupQuant(cfg.store_hot_bits, cfg.store_group_size, cfg.store_quantizer)
-        hot = self._hot_set(codec, hot_codec)
+        hot = self._hot_set(codec, hot_codec, lambda keys: self._store_path(
+            hot_codec.layout(source), self._codec_fingerprint(hot_codec), keys).exists())
         cold = [(l, e) for l in range(self.num_layers) for e in range(self.experts_per_layer)
                 if (l, e) not in hot]
         logger.warning("expert offload: mixed precision: %d hot experts (of %d) at %d bits, "
@@ -238,8 +243,19 @@ class ModelOffload:
         except BaseException:  # (a full disk, say: the hot half holds its lock)
             hot_store.abandon()
             raise
-        self.store = MixedStore(hot_store, cold_store)
-        return self.store
+        return MixedStore(hot_store, cold_store)
+
+    def _note_earlier_stores(self) -> None:
+        """Say what earlier builds of this model's store take on disk (each vLLM
+        upgrade, dtype, bit width or kernel names a new file), and how to remove them."""
+        path = self.store.path
+        earlier = others_of(path)
+        if earlier:
+            logger.info("expert offload: %d earlier disk stores of this model that no "
+                        "engine uses take %.2f GiB in %s (another vLLM version, dtype, "
+                        "bit width or kernel); `vllm-moe-offload store %s --prune` "
+                        "removes those unused for 14 days", len(earlier),
+                        sum(f.nbytes for f in earlier) / 2**30, path.parent, path.parent)
 
     @property
     def _store_dir(self) -> Path:
@@ -251,11 +267,20 @@ class ModelOffload:
         encoded, whatever the kernel packs (no `kernel`)."""
         return {k: v for k, v in self.fingerprint.items() if k != "kernel"}
 
+    def _codec_fingerprint(self, codec: GroupQuant) -> dict:
+        return dict(self._encoded_fingerprint, store_codec=codec.describe())
+
     def _quantized_store(self, codec: GroupQuant, layout: ExpertLayout,
                          source: ExpertLayout, keys=None) -> QuantizedStore:
-        fingerprint = dict(self._encoded_fingerprint, store_codec=codec.describe())
-        return QuantizedStore(self._open_store(codec.layout(source), fingerprint, keys),
-                              codec, layout, source, encode_device=self.device)
+        store = self._open_store(codec.layout(source), self._codec_fingerprint(codec), keys)
+        return QuantizedStore(store, codec, layout, source, encode_device=self.device)
+
+    def _store_path(self, record: ExpertLayout, fingerprint: dict,
+                    keys: list[tuple[int, int]] | None) -> Path:
+        name = dict(fingerprint, layout=record.describe())
+        if keys is not None:
+            name["keys"] = keys_digest(keys)
+        return self._store_dir / store_file_name(name)
 
     def _open_store(self, record: ExpertLayout, fingerprint: dict,
                     keys: list[tuple[int, int]] | None = None) -> ExpertStore:
@@ -264,10 +289,7 @@ class ModelOffload:
         if cfg.resolved_store(self.device.type == "cuda") == "host":
             return HostStore(record, self.num_layers, self.experts_per_layer,
                              pin_memory=self.device.type == "cuda", keys=keys)
-        name = dict(fingerprint, layout=record.describe())
-        if keys is not None:
-            name["keys"] = keys_digest(keys)
-        path = self._store_dir / store_file_name(name)
+        path = self._store_path(record, fingerprint, keys)
         store = DiskStore(path, record, self.num_layers, self.experts_per_layer,
                           fingerprint, keys=keys)
         problem = getattr(store, "problem", None)
@@ -277,12 +299,15 @@ class ModelOffload:
             logger.warning("expert offload: rebuilding disk store: %s", problem)
         return store
 
-    def _hot_set(self, codec: GroupQuant, hot_codec: GroupQuant) -> set[tuple[int, int]]:
+    def _hot_set(self, codec: GroupQuant, hot_codec: GroupQuant,
+                 built: Callable[[list], bool]) -> set[tuple[int, int]]:
         """Mixed precision: the experts the task profiles rank hot (store_hot_share of
         each layer's), the pairs the sensitivity file marks insensitive left out. With
         the disk store, the hot set its files were built with, kept beside them
         (`<name>.hot.json`): profiles change (a task-aware run writes them), and a new
-        hot set would mean a new pair of stores, every expert encoded again."""
+        hot set would mean a new pair of stores, every expert encoded again. Where
+        that set's hot store is gone (`built(keys)` false: deleted, pruned), it is
+        ranked again: the stores are encoded again either way."""
         cfg = self.cfg
         profiles = TaskProfiles.load(cfg.task_profiles_path, self.num_layers,
                                      self.experts_per_layer)
@@ -309,6 +334,10 @@ class ModelOffload:
                             "ranked from another profiles or sensitivity file: ranked "
                             "again", path)
                 kept = None
+            elif not built(sorted(kept)):
+                logger.info("expert offload: mixed precision: the store built with the "
+                            "hot experts of %s is gone: ranked again", path)
+                kept = None
         except FileNotFoundError:
             kept = None
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -316,6 +345,7 @@ class ModelOffload:
                            "the hot experts from the profiles again", path, e)
             kept = None
         if kept is not None:
+            mark_used(path)  # (for `vllm-moe-offload store --prune`)
             if kept != ranked:
                 logger.info("expert offload: mixed precision: the hot experts the store "
                             "was built with (%s); the profiles now rank %d of them "

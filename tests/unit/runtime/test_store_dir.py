@@ -1,0 +1,144 @@
+"""A store directory's files: listed with what uses them, and pruned of what no
+engine uses (runtime/store_dir.py, `vllm-moe-offload store`)."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.unit.runtime.test_store import FP, LAYOUT, E, L, expert, fill, read, same
+from vllm_moe_offload.cli.store import main as store_cli
+from vllm_moe_offload.runtime.store import DiskStore, store_file_name
+from vllm_moe_offload.runtime.store_dir import (PARTIAL_IDLE_S, others_of, remove,
+                                                removable, scan)
+
+DAY = 86400
+
+
+def build(directory, **fingerprint):
+    fp = dict(FP, **fingerprint)
+    store = DiskStore(directory / store_file_name(fp), LAYOUT, L, E, fp)
+    fill(store)
+    return store
+
+
+def age(path, days):
+    t = time.time() - days * DAY
+    os.utime(path, (t, t))
+
+
+def test_stores_in_use_are_listed_as_such_and_never_pruned(tmp_path):
+    old = build(tmp_path, vllm="0.31.0")  # an earlier vLLM's build
+    old.close()
+    current = build(tmp_path)  # this engine's, held open
+    other_model = build(tmp_path, model="other")
+    other_model.close()
+    files = {f.path: f for f in scan(tmp_path)}
+    assert {f.kind for f in files.values()} == {"store"}  # (lock files are not listed)
+    assert [f.in_use for f in (files[old.path], files[current.path])] == [False, True]
+    assert "vllm 0.31.0" in files[old.path].detail
+    assert [f.path for f in others_of(current.path)] == [old.path]  # not the other model's
+    for p in (old.path, current.path, other_model.path):
+        age(p, 20)
+    chosen = removable(scan(tmp_path), unused_days=14)
+    assert sorted(f.path for f in chosen) == sorted([old.path, other_model.path])
+    assert [f.path for f in removable(scan(tmp_path), 14, model="tiny")] == [old.path]
+    assert removable(scan(tmp_path), unused_days=30) == []
+    assert all(remove(f) for f in chosen)
+    assert not old.path.exists() and not other_model.path.exists()
+    assert same(read(current, 1, 2), expert(1, 2))  # the engine's store is untouched
+
+
+def test_opening_a_store_marks_its_use(tmp_path):
+    store = build(tmp_path)
+    store.close()
+    age(store.path, 20)
+    again = DiskStore(store.path, LAYOUT, L, E, FP)
+    assert again.reused
+    assert time.time() - store.path.stat().st_mtime < 60
+    again.close()
+    assert removable(scan(tmp_path), unused_days=14) == []
+
+
+def test_a_store_an_engine_opens_after_the_listing_is_kept(tmp_path):
+    store = build(tmp_path)
+    store.close()
+    (listed,) = removable(scan(tmp_path), unused_days=0)
+    engine = DiskStore(store.path, LAYOUT, L, E, FP)  # between the listing and the removal
+    assert not remove(listed)
+    assert same(read(engine, 0, 1), expert(0, 1))
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_partial_file_is_removed_only_once_its_builder_is_gone(tmp_path):
+    path = tmp_path / store_file_name(FP)
+    partial = path.with_suffix(".building")
+    partial.write_bytes(b"\0" * 4096)
+    age(partial, PARTIAL_IDLE_S / DAY * 2)
+    builder = subprocess.Popen([sys.executable, "-c", _HOLDER, f"{path}.lock"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline() == "held\n"
+        (f,) = scan(tmp_path)
+        assert f.kind == "partial" and f.in_use
+        assert removable([f], unused_days=0) == []
+    finally:
+        builder.communicate("\n")
+    (f,) = scan(tmp_path)
+    assert not f.in_use and removable([f], unused_days=14) == [f]
+    age(partial, 0)  # written a moment ago: a build without a lock, maybe
+    assert removable(scan(tmp_path), unused_days=0) == []
+
+
+def test_the_cli_lists_prunes_and_refuses_bad_values(tmp_path, capsys):
+    old = build(tmp_path, vllm="0.31.0")
+    old.close()
+    current = build(tmp_path)
+    assert store_cli([str(tmp_path), "--prune", "--unused-days", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove 1 files" in out and old.path.name in out and old.path.exists()
+    assert "| store | 0.00 |" in out and "| yes |" in out  # the engine's, in use
+    assert store_cli([str(tmp_path), "--prune", "--unused-days", "0"]) == 0
+    assert "removed 1 files" in capsys.readouterr().out
+    assert not old.path.exists() and current.path.exists()
+    with pytest.raises(SystemExit):
+        store_cli([str(tmp_path), "--prune", "--unused-days", "-1"])
+    assert "--unused-days -1.0: give 0 or more days" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        store_cli([str(tmp_path / "nowhere")])
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_stores_no_engine_uses(tmp_path, monkeypatch):
+    build(tmp_path, vllm="0.31.0").close()
+
+    def enospc(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    with pytest.raises(ValueError) as err:
+        DiskStore(tmp_path / store_file_name(FP), LAYOUT, L, E, FP)
+    assert "1 stores there that no engine uses take 0.00 GiB" in str(err.value)
+    assert "--prune" in str(err.value)
+
+
+def test_a_hot_set_goes_with_the_last_store_of_its_model(tmp_path):
+    current = build(tmp_path)  # a mixed-precision engine's store, open for weeks
+    hot = tmp_path / (current.path.name + ".hot.json")
+    hot.write_text("{}")
+    age(hot, 20)
+    assert removable(scan(tmp_path), unused_days=14) == []  # its next start reads it
+    current.close()
+    age(current.path, 20)
+    chosen = removable(scan(tmp_path), unused_days=14)
+    assert sorted(f.kind for f in chosen) == ["hot set", "store"]
