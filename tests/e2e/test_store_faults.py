@@ -108,4 +108,5 @@ def test_a_store_is_reused_only_where_vllm_lays_experts_out_the_same(
                         "setup": f"tests.e2e.test_store_faults:{setup}"})
         assert "reusing disk store" not in other["log"], setup
         assert other["stats"]["pool"]["store_path"] != str(mine / os.path.basename(path))
+        assert "earlier disk stores of this model that no engine uses" in other["log"]
         assert other["token_ids"] == plain["token_ids"]
