@@ -113,8 +113,13 @@ def _detail(path: Path) -> str:
     except (OSError, ValueError):
         return "unreadable header"
     fp = meta.get("fingerprint", {})
-    parts = [f"vllm {fp['vllm']}" if "vllm" in fp else "", str(fp.get("dtype", "")),
-             str(fp.get("store_codec", "")), str(fp.get("kernel", "")),
+    codec = fp.get("store_codec") or {}
+    kernel = fp.get("kernel") or {}
+    parts = [str(fp.get("model", "")), f"vllm {fp['vllm']}" if "vllm" in fp else "",
+             str(fp.get("dtype", "")).replace("torch.", ""),
+             f"{codec['bits']}-bit {codec.get('method', '')}" if "bits" in codec else "",
+             " ".join(k if v is True else str(v) for k, v in kernel.items()
+                      if v not in (False, None, "")) if isinstance(kernel, dict) else "",
              "" if meta.get("sealed") else "unsealed"]
     return ", ".join(p for p in parts if p)
 
