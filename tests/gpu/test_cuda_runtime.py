@@ -83,6 +83,62 @@ def test_cuda_outputs_match_all_resident(num_slots):
     assert (t["evictions"] == 0) == (num_slots == L * E)
 
 
+def test_host_mode_prefetches_from_the_disk_store_on_its_thread(tmp_path, monkeypatch):
+    """Host mode, the disk store and a predictor: each prefetch is a disk read, made
+    on the loader thread (on the forward thread it blocked the step, the GPU idle),
+    its copies queued on the copy stream, the target's call ordered after them by an
+    event. Records span several staging chunks; outputs stay exact."""
+    import threading
+
+    from vllm_moe_offload.runtime import store as store_module
+    from vllm_moe_offload.runtime.predictors import Predictor
+    from vllm_moe_offload.runtime.store import DiskStore
+
+    monkeypatch.setattr(store_module, "_STAGING_BYTES", 64 << 10)  # 12 per record
+    _, full = make_cache(E)
+    store = DiskStore(tmp_path / "s.experts", LAYOUT, L, E, {"model": "t"})
+    for layer in range(L):
+        for e in range(E):
+            store.put(layer, e, full[layer][e])
+    store.seal()
+    routing = {}
+    for step in range(3):
+        for layer in range(L):
+            g = torch.Generator(device="cuda").manual_seed(step * 100 + layer)
+            routing[step, layer] = torch.rand(16, E, device="cuda", generator=g).topk(2)
+
+    class Oracle(Predictor):
+        step = 0
+
+        def predict(self, layer, hidden):
+            return [(t, sorted(set(routing[self.step, t][1].flatten().tolist())))
+                    for t in self.targets(layer)]
+
+    oracle = Oracle(depth=1, top_k=2, num_layers=L)
+    cache = ExpertCache(store, L * E // 2, "cuda", predictor=oracle)
+    assert cache._loader is not None  # (none over the pinned host store: copies queued)
+    readers = []
+    read = store.read_into
+    monkeypatch.setattr(store, "read_into", lambda *a: readers.append(
+        threading.current_thread().name) or read(*a))
+    for step in range(3):
+        oracle.step = step
+        for layer in range(L):
+            weights, ids = routing[step, layer]
+            weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+            x = torch.randn(16, H, device="cuda").to(torch.bfloat16)
+            slot_ids = cache.map_to_slots(layer, ids.to(torch.int32), x)
+            w13 = torch.stack([w[0] for w in full[layer]]).cuda()
+            w2 = torch.stack([w[1] for w in full[layer]]).cuda()
+            got = moe(x, cache.buffers[0], cache.buffers[1], slot_ids.long(), weights)
+            torch.testing.assert_close(got, moe(x, w13, w2, ids, weights), rtol=0, atol=0)
+    cache.close()
+    t = cache.stats.to_dict()["totals"]
+    on_thread = sum(n.startswith("expert-prefetch") for n in readers)
+    assert t["prefetch_hits"] > 0 and on_thread == t["prefetched"]
+    assert store.repairs == 0
+
+
 # A step's report and inputs under vLLM's async scheduling (slot_buffers.py): the
 # host queues them and goes on while the GPU still runs the step before.
 SPIN = 2_000_000_000  # torch.cuda._sleep cycles: about a second of GPU time

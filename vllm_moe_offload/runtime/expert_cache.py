@@ -98,8 +98,12 @@ class ExpertCache(SlotBuffers):
         self._release_when_loaded: list[int] = []
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target, d) -> experts
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        # Prefetch reads on a thread where the store reads on the host (a CPU, or a
+        # disk store on CUDA: its reads then queue their copies on the copy stream);
+        # from pinned host memory on CUDA, the copies are queued here, at once.
+        host_reads = not self._cuda or store.kind == "disk"
         self._loader = (ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
-                        if predictor is not None and not self._cuda else None)
+                        if predictor is not None and host_reads else None)
         self.fail_requests = False  # NOTE #5
         self.failed_rows: dict[int, str] = {}  # row of a call -> why its request fails
         self._lost: dict[ExpertKey, str] = {}  # unreadable now, retried on the next use
@@ -358,8 +362,9 @@ class ExpertCache(SlotBuffers):
         stats.prefetched += 1
         stats.bytes_loaded += self.store.read_bytes_of(grant.key.layer, grant.key.expert)
         self._set(grant.key.layer, grant.key.expert, grant.slot)
-        if self._cuda:
+        if self._cuda:  # the copies come after every kernel queued so far (NOTE #1)
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self._loader is None:  # CUDA, the pinned host store
             with torch.cuda.stream(self._copy_stream):
                 try:
                     self.store.read_into(grant.key.layer, grant.key.expert,
@@ -373,12 +378,17 @@ class ExpertCache(SlotBuffers):
             return
 
         def load(views=self.slot_views(grant.slot), key=grant.key):
+            """(seconds, the copy's event on CUDA) or the ExpertUnavailable."""
             t0 = time.perf_counter()
-            try:
-                self.store.read_into(key.layer, key.expert, views)
-            except ExpertUnavailable as e:
-                return e  # NOTE #5, handled on the calling thread
-            return time.perf_counter() - t0
+            with torch.cuda.stream(self._copy_stream) if self._cuda else nullcontext():
+                try:
+                    self.store.read_into(key.layer, key.expert, views)
+                except ExpertUnavailable as e:
+                    return e  # NOTE #5, handled on the calling thread
+                event = torch.cuda.Event() if self._cuda else None
+                if event is not None:
+                    event.record(self._copy_stream)
+            return time.perf_counter() - t0, event
 
         self._inflight[grant.slot] = self._loader.submit(load)
 
@@ -389,15 +399,16 @@ class ExpertCache(SlotBuffers):
             pending = self._inflight.pop(slot, None)
             if pending is None:
                 continue
-            if isinstance(pending, Future):
+            if isinstance(pending, Future):  # a read on the loader thread
                 t0 = time.perf_counter()
-                seconds = pending.result()
+                result = pending.result()
                 stats.stall_seconds += time.perf_counter() - t0
-                if isinstance(seconds, ExpertUnavailable):
-                    self._lose(seconds)
-                else:
-                    stats.load_seconds += seconds
-            else:  # CUDA: order the compute stream after the copy, no host sync
+                if isinstance(result, ExpertUnavailable):
+                    self._lose(result)
+                    continue
+                seconds, pending = result
+                stats.load_seconds += seconds
+            if pending is not None:  # CUDA: the compute stream after the copy, no host sync
                 torch.cuda.current_stream(self.device).wait_event(pending)
 
     def _settle_prefetch(self, layer: int, used: set[int]) -> None:
@@ -422,20 +433,29 @@ class ExpertCache(SlotBuffers):
             else:
                 self.pool.release([slot])
 
+    @staticmethod
+    def _finished(pending) -> bool:
+        """A load whose slot may be reused: its read returned and, on CUDA, its
+        copy ran (an event; a read on the loader thread returns its event)."""
+        if isinstance(pending, Future):
+            if not pending.done():
+                return False
+            result = pending.result()
+            pending = result[1] if isinstance(result, tuple) else None
+        return pending is None or pending.query()
+
     def _release_finished_prefetches(self) -> None:
         still = []
         for slot in self._release_when_loaded:
             pending = self._inflight.get(slot)
-            done = pending is None or (pending.done() if isinstance(pending, Future)
-                                       else pending.query())
-            if done:
-                self._inflight.pop(slot, None)
-                result = pending.result() if isinstance(pending, Future) else None
-                if isinstance(result, ExpertUnavailable):  # NOTE #5
-                    self._lose(result)
-                self.pool.release([slot])
-            else:
+            if not self._finished(pending):
                 still.append(slot)
+                continue
+            self._inflight.pop(slot, None)
+            result = pending.result() if isinstance(pending, Future) else None
+            if isinstance(result, ExpertUnavailable):  # NOTE #5
+                self._lose(result)
+            self.pool.release([slot])
         self._release_when_loaded = still
 
     def close(self) -> None:

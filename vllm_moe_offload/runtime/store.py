@@ -419,6 +419,7 @@ class DiskStore(ExpertStore):
         self.exact_rederive = True  # a re-derived record must match the sealed one
         self._unrepaired: set[tuple[int, int]] = set()  # could not be written back
         self._amend_lock = threading.Lock()  # the loader thread repairs too
+        self._staging_lock = threading.Lock()  # and reads through the staging buffers
         self._sums = array("Q", bytes(8 * self.num_records))
         self.checksum = _Digest.best()
         self._lock_fd = None
@@ -772,8 +773,13 @@ class DiskStore(ExpertStore):
 
         Before a buffer is refilled, the host waits for the copy that last read it
         (an event, not a stream sync), so the disk read of chunk i+1 overlaps the
-        link copy of chunk i, also across experts.
+        link copy of chunk i, also across experts. One read at a time: host mode's
+        prefetch thread and its demand misses share the two buffers.
         """
+        with self._staging_lock:
+            return self._read_staged_now(layer, expert, dst)
+
+    def _read_staged_now(self, layer, expert, dst):
         self._ensure_staging()
         dst_bytes = [t.view(torch.uint8).reshape(-1) for t in dst]
         base, want = self._offset(layer, expert), self.layout.expert_bytes

@@ -128,3 +128,67 @@ def test_slot_groups_prefetch_across_their_boundary_within_each_budget(tmp_path)
     totals = run(cache, plan)["totals"]
     assert max(p[0] for p in seen) == 0 and max(p[1] for p in seen) == 4
     assert totals["prefetched"] > 0 and totals["misses"] > 0
+
+
+class _FakeEvent:
+    waited = 0
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def query(self):
+        return self.recorded
+
+    def synchronize(self):
+        pass
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        self.waits = 0
+
+    def wait_stream(self, other):
+        self.waits += 1
+
+    def wait_event(self, event):
+        assert event.recorded  # a copy's event is recorded before anyone waits on it
+        _FakeEvent.waited += 1
+
+    def synchronize(self):
+        pass
+
+
+def test_host_mode_on_cuda_reads_a_disk_store_s_prefetch_on_its_thread(tmp_path,
+                                                                       monkeypatch):
+    """Host mode on CUDA with the disk store: a prefetch read is a disk read, and the
+    forward thread made it (blocking, with the GPU idle, its time not counted as a
+    stall). It is the loader thread's now, which queues the copy on the copy stream
+    and hands back its event; the target layer's call waits on that event."""
+    import contextlib
+    import threading
+
+    compute = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    plan = schedule()
+    future = {k: sorted(set(ids.flatten().tolist())) for k, (_, ids) in plan.items()}
+    cache = with_predictor(tmp_path, "disk", ScriptedPredictor(future), num_slots=2 * E)
+    assert cache._loader is not None  # (as a disk store on CUDA makes it)
+    cache._cuda, cache._copy_stream = True, _FakeStream()  # what CUDA takes: stand-ins
+    readers = []
+    read = cache.store.read_into
+
+    def read_into(layer, expert, dst):
+        readers.append(threading.current_thread().name)
+        return read(layer, expert, dst)
+
+    monkeypatch.setattr(cache.store, "read_into", read_into)
+    t = run(cache, plan)["totals"]
+    on_thread = sum(name.startswith("expert-prefetch") for name in readers)
+    assert t["prefetched"] > 0 and on_thread == t["prefetched"]
+    assert len(readers) - on_thread == t["misses"]  # demand misses: the calling thread
+    assert _FakeEvent.waited >= t["prefetch_hits"] > 0
+    assert cache._copy_stream.waits >= t["prefetched"]  # after the kernels before it
