@@ -155,6 +155,11 @@ def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int)
     return best_zero
 
 
+_FP16_MAX = 65504.0
+_FP16_TINY = 2.0 ** -24  # fp16's smallest (subnormal) step
+_ZERO_MAX = 2048.0  # fp16 holds every integer up to here: a zero within half a step
+
+
 @dataclass(frozen=True)
 class GroupQuant:
     bits: int
@@ -163,9 +168,11 @@ class GroupQuant:
 
     def describe(self) -> dict:
         """Part of a disk store's identity: a store encoded otherwise is rebuilt.
-        `encoder` 2: HQQ's early stop no longer varies with the thread count."""
+        `encoder` 2: HQQ's early stop no longer varies with the thread count; 3: a
+        group's fp16 scale and zero are kept finite and the scale non-zero (a
+        constant group decoded to NaN before)."""
         return {"bits": self.bits, "group": self.group, "method": self.method,
-                **({"encoder": 2} if self.method == "hqq" and self.bits < 16 else {})}
+                **({"encoder": 3} if self.bits < 16 else {})}
 
     def check(self, source: ExpertLayout) -> None:
         """A clear error when the group size does not fit the experts' shapes."""
@@ -223,15 +230,23 @@ class GroupQuant:
         return self._encode_one(t.to("cpu", torch.float32).reshape(-1, self.group))
 
     def _encode_one(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """w [groups, group] fp32 -> codes, fp16 scales, fp16 zeros. The scale is at
+        least fp16's smallest step (a constant group's range, 0, gave a scale of 0
+        and a zero of inf: NaN weights) and large enough that the zero, up to
+        |lo| / scale, stays where fp16 keeps it to half a step (a narrow group far
+        from 0, as fp16 weights have at 8 bits, gave a zero of inf). That floor
+        binds only where the range is under an eighth of the largest |value|."""
         qmax = (1 << self.bits) - 1
         lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        inv = qmax / (hi - lo).clamp(min=1e-12)
+        far = torch.maximum(lo.abs(), hi.abs())
+        scale = torch.maximum((hi - lo) / qmax, far / _ZERO_MAX)
+        inv = 1.0 / scale.clamp(min=_FP16_TINY)
         zero = -lo * inv
         if self.method == "hqq":
             zero = _hqq_zero(w, inv, zero, qmax)
         # Codes are chosen for the fp16 scale and zero that the record keeps.
         scale = (1.0 / inv).to(torch.float16)
-        zero = zero.to(torch.float16)
+        zero = zero.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
         q = (w / scale.float() + zero.float()).round().clamp(0, qmax).to(torch.uint8)
         return [_pack(q.reshape(-1), self.bits), scale.reshape(-1), zero.reshape(-1)]
 

@@ -22,11 +22,14 @@ def run(device: str) -> dict:
     g = torch.Generator().manual_seed(0)
     for bits, group, dtype in CASES:
         tensors = [(torch.randn(s, generator=g) * 0.05).to(dtype) for s in SHAPES]
+        for t in tensors:  # a constant group, and a narrow one far from 0
+            t.view(-1)[:group] = 0.5
+            t.view(-1)[group:2 * group] = 1 + torch.arange(group) * 2.0 ** -10
         codec = GroupQuant(bits, group, "rtn")
         stored = codec.encode(tensors)
         want = [torch.empty_like(t) for t in tensors]
         codec.decode(stored, want, reference=True)  # torch, on the CPU
-        problem = None
+        problem = None if all(w.isfinite().all() for w in want) else "not finite"
         for k, w in enumerate(want):
             got = torch.full_like(w, float("nan"), device=device)
             codes, scale, zero = (x.to(device) for x in stored[3 * k:3 * k + 3])

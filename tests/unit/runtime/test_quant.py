@@ -131,6 +131,34 @@ def test_round_to_nearest_is_within_half_a_step(bits):
         assert bool((err <= 0.5 * step * 1.02 + t.float().abs() * 2**-8).all())
 
 
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_constant_and_narrow_groups_decode_to_their_values(method, dtype):
+    """A constant group (range 0) had a scale of 0 and a zero of inf: it decoded to
+    NaN, silently, in every decoder. A narrow group far from 0 (fp16 weights at 8
+    bits) had a zero of inf. Now both come back within half a step of the scale and
+    the dtype's own rounding; other groups are as before."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(4, 256, generator=g) * 0.05).to(dtype)
+    w[0, :64] = 0.5
+    w[1, :64] = -3.0
+    w[2, :64] = 0.0
+    w[3, :64] = 1 + torch.arange(64) * 2.0 ** -10  # kept apart in fp16 only
+    for bits in (8, 4, 3, 2):
+        codec = GroupQuant(bits, 64, method)
+        stored = codec.encode([w])
+        assert all(t.float().isfinite().all() for t in stored[1:])
+        for reference in (True, False):
+            out = torch.empty_like(w)
+            codec.decode(stored, [out], reference=reference)
+            step = stored[1].float().repeat_interleave(64).view(w.shape)
+            err = (out.float() - w.float()).abs()
+            bound = (0.5 if method == "rtn" else 1.0) * step * 1.02 \
+                + w.float().abs() * 2 ** -7
+            assert bool((err[:, :64] <= bound[:, :64]).all()), (bits, reference)
+            assert out.isfinite().all()
+
+
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_hqq_is_no_worse_than_round_to_nearest(bits):
     w = expert(1, 3)
