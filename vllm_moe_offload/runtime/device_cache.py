@@ -348,10 +348,11 @@ class DeviceExpertCache(SlotBuffers):
         if self.trace is not None:
             self._record(layer, topk_ids)
         ids = topk_ids.reshape(-1).contiguous()
-        n = ids.numel()
+        rows = ids.numel()
+        if rows == 0:  # one "no expert" id: the call still settles this layer's
+            ids = torch.full((1,), -1, dtype=ids.dtype, device=ids.device)  # prefetch
+        n = ids.numel()  # locks (else they outlive it, and a plan takes their room)
         out = torch.empty_like(ids)
-        if n == 0:
-            return out.view(topk_ids.shape)
         jobs = min(self.experts_per_layer, n)
         E = self.experts_per_layer
         id_block = self._id_block(n)
@@ -367,10 +368,10 @@ class DeviceExpertCache(SlotBuffers):
             POLICY=self._policy,
             PDL=self.pdl)
         self._fill(self._jobs, jobs, self.demand_parts, self.pdl)
-        if self.predictor is not None and hidden is not None:
+        if self.predictor is not None and hidden is not None and rows:
             # vLLM's padded rows (ids -1): their stale hidden states predict nothing
             self._prefetch(layer, hidden, topk_ids.view(topk_ids.shape[0], -1)[:, :1] < 0)
-        return out.view(topk_ids.shape)
+        return out[:rows].view(topk_ids.shape)
 
     # ---- routing trace ----------------------------------------------------------------
 

@@ -368,6 +368,29 @@ def case_prefetch_locks_stay_within_the_budget(device):
     assert t.prefetched > 0 and t.misses > 0
 
 
+def case_a_call_of_no_rows_settles_its_layers_prefetch(device):
+    """Layer 0 prefetches 2 of layer 1's experts (2 locks, the whole budget); layer
+    1's call has no rows. It returned before its resolve, so the locks outlived it;
+    a plan then took the room they held (budget 0, 2 locks), and the next call found
+    no victim: its misses read slot 0, another expert's weights."""
+    L, E = 2, 4
+    store, full = make_store(L, E, pinned=device == "cuda")
+    pred = FixedPredictor(depth=1, num_layers=L)
+    cache = DeviceExpertCache(store, E + 2, device, predictor=pred)
+    hidden = torch.zeros(1, 4, device=device)
+    pred.next = {1: torch.tensor([[0, 1]], device=device)}
+    ids = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    check_slots(cache, full, 0, ids, cache.map_to_slots(0, ids, hidden))
+    none = torch.zeros(0, 2, dtype=torch.int32, device=device)
+    assert cache.map_to_slots(1, none, hidden[:0]).shape == (0, 2)
+    check_state(cache)
+    cache.set_plan([ExpertKey(1, 2), ExpertKey(1, 3)])
+    pred.next = {}
+    ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device)
+    check_slots(cache, full, 0, ids, cache.map_to_slots(0, ids, None))
+    check_state(cache)
+
+
 def case_a_call_of_more_ids_than_one_block_maps_every_id(device):
     """E = 8 (Mixtral's): 1400 ids, more than the 1024 one block of the register
     path holds, so the call takes the general path and every id is mapped."""
