@@ -239,8 +239,8 @@ class GroupQuant:
         qmax = (1 << self.bits) - 1
         lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
         far = torch.maximum(lo.abs(), hi.abs())
-        scale = torch.maximum((hi - lo) / qmax, far / _ZERO_MAX)
-        inv = 1.0 / scale.clamp(min=_FP16_TINY)
+        span = torch.maximum(hi - lo, far * (qmax / _ZERO_MAX))  # the range the codes
+        inv = qmax / span.clamp(min=qmax * _FP16_TINY)  # cover: scale = span / qmax
         zero = -lo * inv
         if self.method == "hqq":
             zero = _hqq_zero(w, inv, zero, qmax)
