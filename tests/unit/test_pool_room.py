@@ -162,7 +162,7 @@ def test_host_mode_under_cuda_graphs_is_refused_before_the_pool_is_made(monkeypa
     model.device, model.cuda_graphs = torch.device("cuda"), True  # as on a GPU
     monkeypatch.setattr(model_state, "device_mode_problem", lambda *_: "a reason")
     with pytest.raises(NotImplementedError, match=r"need host mode \(a reason\).*Add "
-                       "--enforce-eager"):
+                       r"--compilation-config '\{\"cudagraph_mode\": \"NONE\"\}'"):
         model.finish_loading(None)
     assert model.cache is None
 

@@ -397,7 +397,8 @@ class ModelOffload:
             raise NotImplementedError(
                 f"expert offload: this model's experts need host mode ({why_host}), one "
                 "host sync per layer call, which CUDA graphs cannot replay. Add "
-                "--enforce-eager.")
+                "--compilation-config '{\"cudagraph_mode\": \"NONE\"}' (or "
+                "--enforce-eager).")
         room = gpu_room(self.device, self.gpu_memory_utilization, _BUDGET)
         if room is not None and self.draft is not None:
             room = self.draft.set_aside(room, self.experts_per_layer * layout.expert_bytes)

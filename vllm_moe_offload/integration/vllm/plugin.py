@@ -267,7 +267,9 @@ def _choose_model_runner(engine_args) -> None:
 
 
 def _choose_graph_mode(engine_args, cfg) -> None:
-    """Device mode keeps vLLM's CUDA graphs; host work per layer call needs eager.
+    """Device mode keeps vLLM's CUDA graphs; host work per layer call turns them off,
+    and only them: torch.compile stays (`enforce_eager` would drop both; the MoE
+    layer runs inside an opaque op, so compiled code never traces the host work).
 
     Not piecewise graphs either: on CUDA vLLM runs each MoE layer inside its opaque
     `vllm::moe_forward` op, so the remap can never be a splitting op, and making
@@ -282,8 +284,14 @@ def _choose_graph_mode(engine_args, cfg) -> None:
         logger.info("expert offload: device mode: expert residency lives on the GPU, "
                     "a layer call needs no host sync, CUDA graphs stay on")
     elif not engine_args.enforce_eager:
+        from vllm.config import CompilationConfig, CUDAGraphMode
+
         logger.warning("expert offload: %s, and CUDA graphs replay without the host; "
-                       "setting enforce_eager=True (the pinned host store, eviction "
-                       "'auto' or 'reuse' and a next-gate/lookahead predictor or none "
-                       "keep graphs on)", reason)
-        engine_args.enforce_eager = True
+                       "turning CUDA graphs off (cudagraph_mode=NONE; torch.compile "
+                       "stays on). The pinned host store, eviction 'auto' or 'reuse' "
+                       "and a next-gate/lookahead predictor or none keep graphs on",
+                       reason)
+        if isinstance(engine_args.compilation_config, dict):
+            engine_args.compilation_config = CompilationConfig(
+                **engine_args.compilation_config)
+        engine_args.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
