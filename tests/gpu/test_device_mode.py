@@ -272,6 +272,37 @@ def test_disk_store_reads_into_cuda_slots(tmp_path):
     store.close()
 
 
+def test_a_damaged_record_read_into_cuda_slots_is_re_derived_and_repaired(tmp_path):
+    """The staged read (disk -> pinned chunks -> slot) of a record with flipped bytes:
+    its chunks went to the slot before the checksum failed; the checkpoint's copy is
+    written after them in stream order, and the record repaired on disk."""
+    L, E = 2, 2
+    layout = ExpertLayout((TensorSpec((2 * I, H), torch.bfloat16),
+                           TensorSpec((H, 3 * I), torch.bfloat16)))
+    path = tmp_path / "s.experts"
+    store = DiskStore(path, layout, L, E, {"model": "t"})
+    g = torch.Generator().manual_seed(0)
+    want = {(l, e): [torch.randn(s.shape, generator=g).to(s.dtype) for s in layout.tensors]
+            for l in range(L) for e in range(E)}
+    for key, w in want.items():
+        store.put(*key, w)
+    store.seal()
+    with open(path, "r+b") as f:
+        f.seek(store._offset(1, 0) + layout.expert_bytes - 10)
+        f.write(b"\xff" * 8)
+    store.close()
+    store = DiskStore(path, layout, L, E, {"model": "t"})
+    assert store.reused
+    store.rederive = lambda l, e: want[(l, e)]
+    for _ in range(2):
+        slot = [torch.zeros(s.shape, dtype=s.dtype, device="cuda") for s in layout.tensors]
+        store.read_into(1, 0, slot)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(slot, want[(1, 0)]))
+    assert store.repairs == 1  # the second read found the repaired record
+    store.close()
+
+
 def test_disk_store_under_host_mode_matches_all_resident(tmp_path):
     L, E, T, K = 4, 8, 3, 2
     host, full = device_cases.make_store(L, E, LAYOUT, pinned=True)
