@@ -18,7 +18,7 @@ import os
 import time
 
 from vllm_moe_offload.core.config import DEFAULT_STORE_DIR, ENV_PREFIX
-from vllm_moe_offload.runtime.store_dir import remove, removable, scan
+from vllm_moe_offload.runtime.store_dir import prune, removable, scan
 
 
 def _age(seconds: float) -> str:
@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--unused-days", type=float, default=14.0,
                    help="with --prune: remove stores not opened for this many days "
                         "(default 14; 0: every store not in use now)")
-    p.add_argument("--model", help="only this model's files (its name or path)")
+    p.add_argument("--model", help="only this model's files (a checkpoint directory, "
+                                   "a hub id or a directory's name)")
     p.add_argument("--dry-run", action="store_true", help="with --prune: only list")
     args = p.parse_args(argv)
     if args.unused_days < 0:
@@ -59,16 +60,17 @@ def main(argv=None) -> int:
         p.error(f"{directory}: no such directory (the store directory is "
                 "--expert-store-dir, or VLLM_MOE_OFFLOAD_STORE_DIR)")
     now = time.time()
-    files = scan(directory)
+    files = scan(directory, details=True)
     print(f"{directory}:\n{listing(files, now)}")
     if not args.prune:
         return 0
     chosen = removable(files, args.unused_days, now, args.model)
-    gone = [f for f in chosen if args.dry_run or remove(f)]
+    gone, kept, failed = (chosen, [], []) if args.dry_run else prune(directory, chosen)
     verb = "would remove" if args.dry_run else "removed"
     print(f"\n{verb} {len(gone)} files, {sum(f.nbytes for f in gone) / 2**30:.2f} GiB"
           + "".join(f"\n  {f.path.name}" for f in gone))
-    kept = len(chosen) - len(gone)
-    if kept:
-        print(f"{kept} files were taken by an engine meanwhile, and kept")
-    return 0
+    for f, why in kept:
+        print(f"kept {f.path.name}: {why}")
+    for f, error in failed:
+        print(f"could not remove {f.path.name}: {error}")
+    return 1 if failed else 0

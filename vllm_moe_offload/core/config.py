@@ -280,8 +280,8 @@ class OffloadConfig:
         return "host" if on_gpu else "disk"
 
     def host_work_reason(self, on_gpu: bool) -> str | None:
-        """Why a layer call needs host work on a GPU (vLLM must then run eager, as
-        CUDA graphs replay without the host); None when graphs can stay on."""
+        """Why a layer call needs host work on a GPU (vLLM must then run without CUDA
+        graphs, which replay without the host); None when graphs can stay on."""
         if self.resolved_store(on_gpu) == "disk":
             return "the disk store is read by the host at every miss"
         if self.predictor == "oracle":

@@ -239,8 +239,16 @@ class GroupQuant:
         qmax = (1 << self.bits) - 1
         lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
         far = torch.maximum(lo.abs(), hi.abs())
-        span = torch.maximum(hi - lo, far * (qmax / _ZERO_MAX))  # the range the codes
-        inv = qmax / span.clamp(min=qmax * _FP16_TINY)  # cover: scale = span / qmax
+        floor = far * (qmax / _ZERO_MAX)
+        span = torch.maximum(hi - lo, floor)  # the range the codes cover: scale = span / qmax
+        inv = qmax / span.clamp(min=qmax * _FP16_TINY)
+        binds = floor > hi - lo
+        if bool(binds.any()):  # a small scale, often an fp16 subnormal: rounded up in
+            exact = 1.0 / inv  # fp16, so codes chosen against it do not overflow qmax
+            scale = exact.to(torch.float16)
+            up = torch.where(scale.float() < exact, torch.nextafter(
+                scale, torch.full_like(scale, float("inf"))), scale)
+            inv = torch.where(binds, 1.0 / up.float(), inv)
         zero = -lo * inv
         if self.method == "hqq":
             zero = _hqq_zero(w, inv, zero, qmax)

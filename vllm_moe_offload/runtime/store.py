@@ -63,7 +63,7 @@ from typing import Callable
 
 import torch
 
-from vllm_moe_offload.runtime.store_dir import mark_used, scan
+from vllm_moe_offload.runtime.store_dir import hold, let_go, scan, share, touch
 
 try:
     import xxhash
@@ -423,6 +423,7 @@ class DiskStore(ExpertStore):
         self._sums = array("Q", bytes(8 * self.num_records))
         self.checksum = _Digest.best()
         self._lock_fd = None
+        self._lock_held = False
         self.reused = self._open_existing() or self._build_or_reuse()
 
     # ---- file life cycle ----------------------------------------------------------
@@ -437,14 +438,19 @@ class DiskStore(ExpertStore):
             raise ValueError("disk store header too large")
         return head.ljust(_HEADER_BYTES, b"\0")
 
-    def validate(self) -> None:
-        """Raise StoreFileError unless the file is a sealed, complete store of this model."""
+    def validate(self, fd: int | None = None) -> None:
+        """Raise StoreFileError unless the file (`fd`, else at the path) is a sealed,
+        complete store of this model."""
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(_HEADER_BYTES)
-                f.seek(_HEADER_BYTES + self.nbytes)
-                table = f.read(8 * self.num_records)
+            own = fd is None
+            fd = os.open(self.path, os.O_RDONLY) if own else fd
+            try:
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, _HEADER_BYTES, 0)
+                table = os.pread(fd, 8 * self.num_records, _HEADER_BYTES + self.nbytes)
+            finally:
+                if own:
+                    os.close(fd)
         except OSError as e:
             raise StoreFileError(f"{self.path}: cannot read ({e})") from None
         meta = read_header(head, self.path)
@@ -469,15 +475,27 @@ class DiskStore(ExpertStore):
         return _HEADER_BYTES + self.nbytes + 8 * self.num_records
 
     def _open_existing(self) -> bool:
-        if not self.path.exists():
-            return False
+        """Open and check a sealed file; its shared lock is taken first, so a prune
+        (store_dir.py) that removed it meanwhile is seen (no link left): rebuilt."""
         try:
-            self.validate()
-        except StoreFileError as e:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            self.problem = f"{self.path}: cannot read ({e})"
+            return False
+        share(fd)
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                raise StoreFileError(f"{self.path}: removed as it was opened")
+            self.validate(fd)
+        except (OSError, StoreFileError) as e:
+            os.close(fd)
             self.problem = str(e)
             return False
-        self._fd = os.open(self.path, os.O_RDONLY)
-        mark_used(self.path, self._fd)
+        self._fd = fd
+        hold(self.path)
+        touch(self.path)
         self._present = [True] * self.num_records
         return True
 
@@ -506,9 +524,12 @@ class DiskStore(ExpertStore):
     def _building(self) -> Path:
         return self.path.with_suffix(".building")
 
+    @property
+    def _lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
     def _open_lock_file(self) -> int:
-        return os.open(self.path.with_name(self.path.name + ".lock"),
-                       os.O_RDWR | os.O_CREAT, 0o666)
+        return os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o666)
 
     @staticmethod
     def _try_lock(fd: int) -> bool:
@@ -553,6 +574,8 @@ class DiskStore(ExpertStore):
                                "is stuck, stop it)", holder, self.path, waited, idle)
             time.sleep(1)
             waited += 1
+        hold(self._lock_path)  # store_dir.py NOTE #1
+        self._lock_held = True
         try:  # who holds it, for the others' message (a full disk: the build says so)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -562,6 +585,9 @@ class DiskStore(ExpertStore):
     def _unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
+            if self._lock_held:
+                let_go(self._lock_path)
+                self._lock_held = False
             os.close(fd)  # releases the lock
 
     def _create(self) -> None:
@@ -588,7 +614,7 @@ class DiskStore(ExpertStore):
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             directory = self._tmp.parent
             free = shutil.disk_usage(directory).free
-            unused = [f for f in scan(directory) if f.kind == "store" and not f.in_use]
+            unused = [f for f in scan(directory, kinds=("store",)) if not f.in_use]
             held = (f" {len(unused)} stores there that no engine uses take "
                     f"{sum(f.nbytes for f in unused) / 2**30:.2f} GiB (`vllm-moe-offload "
                     f"store {str(directory)!r}` lists them, `... --prune` removes them)."
@@ -635,13 +661,16 @@ class DiskStore(ExpertStore):
             os.fsync(self._fd)
             os.pwrite(self._fd, self._header(sealed=True), 0)
             os.fsync(self._fd)
+            share(self._fd)  # sealed, in use: from the rename on, prune leaves it
             os.replace(self._tmp, self.path)
+            sealed = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             self._abandon(e)
+        share(sealed)
+        hold(self.path)
         os.close(self._fd)
         self._unlock()
-        self._fd = os.open(self.path, os.O_RDONLY)
-        mark_used(self.path, self._fd)
+        self._fd = sealed
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.reused = True
 
@@ -718,6 +747,7 @@ class DiskStore(ExpertStore):
                     self._amend_checksum(fd, self._index(layer, expert), data)
             finally:
                 os.close(fd)
+                share(self._fd)  # (NFS: closing another descriptor dropped it)
         except OSError as e:
             self._unrepaired.add((layer, expert))
             logger.warning("expert offload: %s: %s; served from the checkpoint, but the "
@@ -851,6 +881,8 @@ class DiskStore(ExpertStore):
         self._unlock()
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
+            if self.reused:
+                let_go(self.path)
             os.close(fd)
         direct, self._direct_fd = getattr(self, "_direct_fd", None), None
         if direct is not None:

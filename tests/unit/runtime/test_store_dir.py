@@ -11,7 +11,8 @@ import pytest
 from tests.unit.runtime.test_store import FP, LAYOUT, E, L, expert, fill, read, same
 from vllm_moe_offload.cli.store import main as store_cli
 from vllm_moe_offload.runtime.store import DiskStore, store_file_name
-from vllm_moe_offload.runtime.store_dir import (PARTIAL_IDLE_S, others_of, remove,
+from vllm_moe_offload.runtime import store as store_module
+from vllm_moe_offload.runtime.store_dir import (PARTIAL_IDLE_S, is_model, others_of, remove,
                                                 removable, scan)
 
 DAY = 86400
@@ -35,7 +36,7 @@ def test_stores_in_use_are_listed_as_such_and_never_pruned(tmp_path):
     current = build(tmp_path)  # this engine's, held open
     other_model = build(tmp_path, model="other")
     other_model.close()
-    files = {f.path: f for f in scan(tmp_path)}
+    files = {f.path: f for f in scan(tmp_path, details=True)}
     assert {f.kind for f in files.values()} == {"store"}  # (lock files are not listed)
     assert [f.in_use for f in (files[old.path], files[current.path])] == [False, True]
     assert "vllm 0.31.0" in files[old.path].detail
@@ -46,7 +47,7 @@ def test_stores_in_use_are_listed_as_such_and_never_pruned(tmp_path):
     assert sorted(f.path for f in chosen) == sorted([old.path, other_model.path])
     assert [f.path for f in removable(scan(tmp_path), 14, model="tiny")] == [old.path]
     assert removable(scan(tmp_path), unused_days=30) == []
-    assert all(remove(f) for f in chosen)
+    assert [remove(f) for f in chosen] == [None, None]
     assert not old.path.exists() and not other_model.path.exists()
     assert same(read(current, 1, 2), expert(1, 2))  # the engine's store is untouched
 
@@ -67,7 +68,7 @@ def test_a_store_an_engine_opens_after_the_listing_is_kept(tmp_path):
     store.close()
     (listed,) = removable(scan(tmp_path), unused_days=0)
     engine = DiskStore(store.path, LAYOUT, L, E, FP)  # between the listing and the removal
-    assert not remove(listed)
+    assert remove(listed) == "taken meanwhile (an engine or a builder holds it)"
     assert same(read(engine, 0, 1), expert(0, 1))
 
 
@@ -142,3 +143,100 @@ def test_a_hot_set_goes_with_the_last_store_of_its_model(tmp_path):
     age(current.path, 20)
     chosen = removable(scan(tmp_path), unused_days=14)
     assert sorted(f.kind for f in chosen) == ["hot set", "store"]
+
+
+_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    (fcntl.lockf if sys.argv[2] == "lockf" else fcntl.flock)(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except OSError:
+    print("busy")
+"""
+
+
+def probe(path, how):
+    """Whether another process could take `path`'s lock now."""
+    return subprocess.run([sys.executable, "-c", _PROBE, str(path), how],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_an_engines_own_scans_leave_its_build_lock_and_its_store_held(tmp_path):
+    """A POSIX record lock goes when its process closes any descriptor of the file:
+    the start's scan (earlier stores, and a full disk's message) probed the lock
+    file of the engine's own build, and released it, so a second instance built
+    the same file at once. Nor may a scan's probe drop the shared lock on a store
+    the engine reads (NFS emulates flock by record locks)."""
+    building = DiskStore(tmp_path / store_file_name(FP), LAYOUT, L, E, FP)
+    lock = tmp_path / (building.path.name + ".lock")
+    assert probe(lock, "lockf") == "busy"
+    others_of(building.path)
+    scan(tmp_path)
+    scan(tmp_path, details=True)
+    assert probe(lock, "lockf") == "busy"  # before: "free"
+    fill(building)
+    assert probe(lock, "lockf") == "free" and probe(building.path, "flock") == "busy"
+    scan(tmp_path, details=True)
+    assert probe(building.path, "flock") == "busy"
+    building.close()
+    assert probe(building.path, "flock") == "free"
+
+
+def test_a_store_pruned_as_an_engine_opens_it_is_rebuilt(tmp_path, monkeypatch):
+    store = build(tmp_path)
+    store.close()
+    share = store_module.share
+
+    def pruned_meanwhile(fd):  # a prune unlinks it between the open and the lock
+        if store.path.exists():
+            store.path.unlink()
+        share(fd)
+
+    monkeypatch.setattr(store_module, "share", pruned_meanwhile)
+    again = DiskStore(store.path, LAYOUT, L, E, FP)
+    assert not again.reused and "removed as it was opened" in again.problem
+    monkeypatch.setattr(store_module, "share", share)
+    fill(again)
+    assert same(read(again, 1, 1), expert(1, 1))
+
+
+def test_a_partial_file_written_since_the_listing_is_kept(tmp_path):
+    partial = (tmp_path / store_file_name(FP)).with_suffix(".building")
+    partial.write_bytes(b"\0" * 4096)
+    age(partial, 1)
+    (f,) = removable(scan(tmp_path), unused_days=0)
+    age(partial, 0)  # a builder took it over and writes
+    assert remove(f) == "changed since it was listed" and partial.exists()
+
+
+def test_hub_models_are_matched_by_their_cache_directory():
+    from pathlib import Path
+
+    from vllm_moe_offload.runtime.store_dir import StoreFile
+
+    snapshot = "/hf/hub/models--Qwen--Qwen3-30B-A3B/snapshots/ad44e777"
+    f = StoreFile(Path("/s/ad44e777-0123456789abcdef.experts"), "store", 1, 0.0, 1,
+                  False, model=snapshot)
+    assert is_model(f, "Qwen/Qwen3-30B-A3B") and is_model(f, snapshot)
+    assert not is_model(f, "Qwen/Qwen3-30B-A3B-Base") and not is_model(f, "Qwen3-8B")
+    local = StoreFile(Path("/s/tiny-0123456789abcdef.experts"), "store", 1, 0.0, 1, False,
+                      model="/models/tiny")
+    assert is_model(local, "/models/tiny") and is_model(local, "tiny")
+
+
+def test_a_file_prune_cannot_remove_is_named_and_fails_the_command(tmp_path, capsys,
+                                                                    monkeypatch):
+    from pathlib import Path
+
+    hot = tmp_path / "m-0123456789abcdef.experts.hot.json"
+    hot.write_text("{}")
+    age(hot, 30)
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert store_cli([str(tmp_path), "--prune"]) == 1
+    out = capsys.readouterr().out
+    assert f"could not remove {hot.name}: [Errno 13] Permission denied" in out

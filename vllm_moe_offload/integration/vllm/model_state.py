@@ -37,7 +37,7 @@ from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredic
 from vllm_moe_offload.runtime.task_residency import TaskResidency
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
                                             HostStore, keys_digest, store_file_name)
-from vllm_moe_offload.runtime.store_dir import mark_used, others_of
+from vllm_moe_offload.runtime.store_dir import others_of, touch
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -345,7 +345,7 @@ class ModelOffload:
                            "the hot experts from the profiles again", path, e)
             kept = None
         if kept is not None:
-            mark_used(path)  # (for `vllm-moe-offload store --prune`)
+            touch(path)  # (for `vllm-moe-offload store --prune`)
             if kept != ranked:
                 logger.info("expert offload: mixed precision: the hot experts the store "
                             "was built with (%s); the profiles now rank %d of them "
