@@ -35,7 +35,7 @@ def vllm_config(tmp_path_factory):
     return args.create_engine_config()
 
 
-def make_scheduler(vllm_config, async_scheduling: bool):
+def make_scheduler(vllm_config, async_scheduling: bool, max_num_seqs: int | None = None):
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
@@ -45,6 +45,8 @@ def make_scheduler(vllm_config, async_scheduling: bool):
     config = copy.copy(vllm_config)
     config.scheduler_config = copy.copy(vllm_config.scheduler_config)
     config.scheduler_config.async_scheduling = async_scheduling
+    if max_num_seqs is not None:
+        config.scheduler_config.max_num_seqs = max_num_seqs
     config.cache_config = copy.copy(vllm_config.cache_config)
     config.cache_config.num_gpu_blocks = 64  # set by the engine after profiling
     cls = resolve_obj_by_qualname(config.scheduler_config.scheduler_cls)  # the plugin's
@@ -174,3 +176,55 @@ def test_the_first_step_report_leaves_out_warm_up_misses():
     second = model.step_report()
     # read in any order (a KV connector's step output comes back at once)
     assert second()["misses"] == 1 and first()["misses"] == 2
+
+
+def test_a_request_of_another_task_is_not_starved_by_a_stream_of_the_batchs(vllm_config):
+    """Two sequences at a time, one 'chat' request arriving each step: the waiting
+    order is rebuilt every step and the batch's task goes first, so a 'legal'
+    request that came before them was never admitted (300 steps, 150 chat requests
+    admitted meanwhile). Overtaken MAX_OVERTAKES times, it goes first."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    from vllm_moe_offload.core.slo import MAX_OVERTAKES
+
+    scheduler = make_scheduler(vllm_config, False, max_num_seqs=2)
+    arrivals = iter(range(1000))
+
+    def add(req_id, task):
+        params = SamplingParams(max_tokens=4, ignore_eos=True, extra_args={"task": task})
+        scheduler.add_request(Request(req_id, [1, 2, 3, 4, 5], params, None,
+                                      arrival_time=float(next(arrivals))))
+
+    started = {}
+    for step in range(12 * MAX_OVERTAKES):
+        if step in (0, 2):
+            add(f"chat-{step}", "chat")
+        if step == 3:
+            add("legal", "legal")
+        if step >= 3:
+            add(f"chat-{step}", "chat")
+        so = scheduler.schedule()
+        for req in so.scheduled_new_reqs:
+            started[req.req_id] = step
+        scheduler.update_from_output(so, model_output(so, step))
+    assert "legal" in started, "starved"
+    overtook = [r for r, s in started.items() if r.startswith("chat") and s < started["legal"]
+                and int(r.split("-")[1]) > 3]
+    assert len(overtook) <= MAX_OVERTAKES + 2  # (+ a step's admissions)
+
+
+def test_task_names_past_the_cap_count_as_the_default_task(caplog):
+    """A client naming a new task per request grew the profiles (L x E counts each),
+    their file and its save inside the step without bound."""
+    from vllm_moe_offload.integration.vllm.tasks import MAX_TASKS, TaskClassifier
+
+    classifier = TaskClassifier(None, "unused")
+    names = [classifier.task_of({"task": f"t{i}"}, []) for i in range(MAX_TASKS)]
+    assert names == [f"t{i}" for i in range(MAX_TASKS)]
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        assert classifier.task_of({"task": "one-more"}, []) == "default"
+        assert classifier.task_of({"task": "and-another"}, []) == "default"
+    assert caplog.text.count("task names seen") == 1
+    assert classifier.task_of({"task": "t5"}, []) == "t5"  # known ones stay
+    assert classifier.task_of(None, []) == "default"

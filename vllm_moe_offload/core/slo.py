@@ -2,20 +2,29 @@
 
 Pure Python. The model learns online, per task, the expected output length, and
 globally the cost of a step, of one token and of one expert miss. A request's
-predicted time to first token is
+prefill runs beside the running requests' decodes (continuous batching), in chunks
+of what the step's token budget leaves them, so its predicted time to first token is
 
-    t = load_cost + (prompt_tokens + running_requests * expected_output) * per_token_s
-        + elapsed
+    t = load_cost + steps * (per_step + running * per_token) + prompt * per_token
+        + elapsed,   steps = ceil(prompt / (token_budget - running))
 
-and the time per output token of a batch of b requests is one decode step,
-per_step + b * per_token + misses_per_step * per_miss. A request is admitted only
-while that keeps every running request, and the new one, within its TPOT SLO;
-requests whose TTFT SLO is already lost are considered last.
+(it assumed before that a new request waited for every running one to finish its
+whole output, so a fresh request with a TTFT SLO was late on arrival). The time per
+output token of a batch of b requests is one decode step, per_step + b * per_token
++ misses_per_step * per_miss. A request is admitted only while that keeps every
+running request, and the new one, within its TPOT SLO; requests whose TTFT SLO is
+already lost are considered last. A request that later arrivals overtook
+MAX_OVERTAKES times goes first, in arrival order, whatever its group: before, a
+steady stream of requests of the batch's task kept a request of another task, or
+a late one, waiting for ever.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_OVERTAKES = 8  # later arrivals admitted before a waiting request, at most
 
 
 @dataclass
@@ -38,6 +47,7 @@ class RequestInfo:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     expected_misses: float = 0.0  # experts this request will likely load
+    overtaken: int = 0  # later arrivals admitted before it (the scheduler counts)
 
 
 @dataclass
@@ -54,6 +64,7 @@ class LatencyModel:
     per_miss_s: Ema = field(default_factory=lambda: Ema(0.001))
     misses_per_step: Ema = field(default_factory=lambda: Ema(0.0))
     default_output_tokens: float = 64.0
+    token_budget: int = 8192  # tokens per step (vLLM's max_num_batched_tokens)
     output_tokens: dict[str, Ema] = field(default_factory=dict)
     # EW moments of (tokens n, compute seconds c): E[n], E[c], E[n^2], E[n c]
     _moments: list[Ema] = field(default_factory=lambda: [Ema(0.0, 0.1) for _ in range(4)])
@@ -82,8 +93,10 @@ class LatencyModel:
 
     def predict_ttft_s(self, req: RequestInfo, running: int, now_s: float) -> float:
         load_cost = req.expected_misses * self.per_miss_s.value
-        work = req.prompt_tokens + running * self.expected_output(req.task)
-        return load_cost + work * self.per_token_s + (now_s - req.arrival_s)
+        steps = max(1, math.ceil(req.prompt_tokens / max(self.token_budget - running, 1)))
+        compute = (steps * (self.per_step_s + running * self.per_token_s)
+                   + req.prompt_tokens * self.per_token_s)
+        return load_cost + compute + (now_s - req.arrival_s)
 
     def predict_tpot_s(self, batch_size: int) -> float:
         """One decode step of `batch_size` requests, with this regime's misses."""
@@ -121,11 +134,14 @@ def can_admit(model: LatencyModel, candidate: RequestInfo, running: list[Request
 def order_waiting(model: LatencyModel, waiting: list[RequestInfo], running: int,
                   now_s: float, affinity: dict[str, float]) -> list[RequestInfo]:
     """The order in which waiting requests are considered for admission:
+    0. those overtaken MAX_OVERTAKES times, in arrival order (no starvation);
     1. urgent ones (slack under twice their predicted TTFT), least slack first;
     2. the others by expert affinity (their task's share of resident experts,
        plus how many running requests share their task), then slack;
     3. last, the late ones, whose TTFT SLO is lost anyway (best effort, FCFS)."""
     def key(r: RequestInfo):
+        if r.overtaken >= MAX_OVERTAKES:
+            return (-1, r.arrival_s, 0.0, 0.0)
         if is_late(model, r, running, now_s):
             return (2, 0.0, r.arrival_s, 0.0)
         slack = slack_s(r, now_s)

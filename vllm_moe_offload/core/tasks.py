@@ -78,8 +78,14 @@ class TaskRules:
         for i, r in enumerate(data.get("rules", [])):
             if not isinstance(r, dict) or not isinstance(r.get("task"), str):
                 raise bad(f"rule {i} has no 'task' name")
+            for name in ("keywords", "regex"):  # a bare string was read letter by letter
+                value = r.get(name, [])
+                if not isinstance(value, list) or not all(
+                        isinstance(v, str) and v for v in value):
+                    raise bad(f"rule {i} ({r['task']}): {name!r} must be a list of "
+                              f"non-empty strings, not {value!r}")
             try:
-                patterns = tuple(re.compile(p) for p in r.get("regex", []))
+                patterns = tuple(re.compile(p) for p in r["regex"]) if "regex" in r else ()
             except re.error as e:
                 raise bad(f"rule {i} ({r['task']}): bad regular expression ({e})") from None
             keywords = tuple(k.lower() for k in r.get("keywords", []))

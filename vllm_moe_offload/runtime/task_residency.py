@@ -102,7 +102,7 @@ class TaskResidency:
             idx = torch.tensor([self.task_index(t) for t, _ in layout])
             sizes = torch.tensor([n for _, n in layout])
             self._token_task = idx.repeat_interleave(sizes)
-            self._lay_out_rows([self._count_row(t) for t, _ in layout], sizes,
+            self._lay_out_rows(self._count_rows([t for t, _ in layout]), sizes,
                                self._token_task)
         else:
             self._token_task = None
@@ -115,15 +115,20 @@ class TaskResidency:
             self._warm = False
             self.replan(demand)
 
-    def _count_row(self, task: str) -> int:
-        """The row of _counts that counts `task`; when every row is taken, the counts
-        are folded first (a sync, between steps) and the rows handed out again."""
-        if task not in self._row_of:
-            if len(self._row_of) == COUNT_ROWS:
-                self.fold()
-                self._row_of.clear()
-            self._row_of[task] = len(self._row_of)
-        return self._row_of[task]
+    def _count_rows(self, tasks: list[str]) -> list[int]:
+        """The row of _counts that counts each of a step's `tasks`. Where the step's
+        new tasks do not fit the rows left, the counts are folded first (a sync,
+        between steps) and the rows handed out again, all before the step uses one
+        (a fold in the middle gave two tasks one row). Tasks past COUNT_ROWS in one
+        step go to the sink, uncounted (the classifier's MAX_TASKS keeps it rare)."""
+        step = list(dict.fromkeys(tasks))
+        if len(self._row_of.keys() | set(step)) > COUNT_ROWS:
+            self.fold()
+            self._row_of.clear()
+        for task in step:
+            if task not in self._row_of and len(self._row_of) < COUNT_ROWS:
+                self._row_of[task] = len(self._row_of)
+        return [self._row_of.get(t, COUNT_ROWS) for t in tasks]
 
     def _lay_out_rows(self, rows: list[int], sizes: torch.Tensor,
                       token_task: torch.Tensor) -> None:

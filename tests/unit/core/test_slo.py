@@ -14,10 +14,39 @@ def model(per_token=0.001, per_miss=0.01, output=50, per_step=0.0):
 
 
 def test_latency_model_formula():
-    m = model()
+    m = model(per_step=0.005)
     r = req("x", prompt=200, arrival=1.0, misses=3)
-    # 3 misses x 10 ms + (200 + 2 running x 50 expected) x 1 ms + 0.5 s waited
-    assert m.predict_ttft_s(r, running=2, now_s=1.5) == pytest.approx(0.03 + 0.3 + 0.5)
+    # 3 misses x 10 ms + one step (5 ms + 2 running decodes x 1 ms) + 200 x 1 ms
+    # + 0.5 s waited: the prefill runs beside the decodes (continuous batching)
+    assert m.predict_ttft_s(r, running=2, now_s=1.5) == pytest.approx(
+        0.03 + 0.007 + 0.2 + 0.5)
+    m.token_budget = 100  # chunked: 98 tokens a step beside 2 decodes, 3 steps
+    assert m.predict_ttft_s(r, running=2, now_s=1.5) == pytest.approx(
+        0.03 + 3 * 0.007 + 0.2 + 0.5)
+
+
+def test_a_fresh_request_with_an_slo_is_not_late_behind_a_full_batch():
+    """32 running requests of 200 expected tokens: before, a new request was taken
+    to wait for every one to finish its output (6.4 s at 1 ms a token), so a 1 s
+    TTFT SLO was lost on arrival and the request sorted behind those without one."""
+    m = model(per_token=0.001, output=200, per_step=0.005)
+    slo, plain = req("slo", prompt=50, ttft=1000, arrival=0.999), req("plain", arrival=0.0)
+    assert not is_late(m, slo, running=32, now_s=1.0)
+    got = order_waiting(m, [plain, slo], running=32, now_s=1.0, affinity={})
+    assert [r.request_id for r in got] == ["slo", "plain"]
+
+
+def test_a_request_overtaken_often_enough_goes_first():
+    from vllm_moe_offload.core.slo import MAX_OVERTAKES
+
+    m = model(output=0)
+    late = req("late", task="legal", ttft=1, arrival=0.0)  # lost, and of another task
+    chat = req("chat", task="chat", arrival=0.5)
+    order = lambda: [r.request_id for r in order_waiting(  # noqa: E731
+        m, [chat, late], running=1, now_s=1.0, affinity={"chat": 1.0})]
+    assert order() == ["chat", "late"]
+    late.overtaken = MAX_OVERTAKES
+    assert order() == ["late", "chat"]
 
 
 def test_learning_output_lengths_and_step_costs():

@@ -30,6 +30,12 @@ def test_rules_first_match_wins_and_default(tmp_path):
     ({"rules": [{"task": "a", "regex": ["("]}]}, "bad regular expression"),
     ({"rules": [{"task": "a"}]}, "neither keywords nor regex"),
     ({"rules": "python"}, "no 'rules' list"),
+    # a bare string was read letter by letter: "def " matched every prompt with an
+    # e, "^Licence" compiled "^" (matches everything); a number crashed
+    ({"rules": [{"task": "a", "keywords": "def "}]}, "'keywords' must be a list"),
+    ({"rules": [{"task": "a", "regex": "^Licence"}]}, "'regex' must be a list"),
+    ({"rules": [{"task": "a", "keywords": [""]}]}, "non-empty strings"),
+    ({"rules": [{"task": "a", "keywords": [3]}]}, "not [3]"),
 ])
 def test_bad_rule_files_are_refused_with_the_reason(tmp_path, content, words):
     with pytest.raises(ValueError) as err:

@@ -158,3 +158,20 @@ def test_counts_stay_on_the_device_path_padded_rows_and_many_tasks(tmp_path):
     assert res.profiles.counts["t3"][2][3] == 1 and res.profiles.counts["t3"][2][4] == 1
     with pytest.raises(RuntimeError, match="a step of 17 tokens, more than the 16"):
         res.begin_step([("a", 17)], new_prompts=0, demand={})
+
+
+def test_a_step_of_more_tasks_than_count_rows_credits_each_its_own_tokens(tmp_path):
+    """The rows were handed out task by task, folding when they ran out midway, so
+    later tasks of the step took rows already given to earlier ones: of 33 tasks one
+    token each, 2 tokens were recorded, both to the last task."""
+    from vllm_moe_offload.runtime.task_residency import COUNT_ROWS
+
+    cache = make_cache("host", tmp_path, num_slots=10)
+    res = TaskResidency(cache, budget=2, replan_every=1000, max_step_tokens=64)
+    res.begin_step([("a", 1)], new_prompts=0, demand={})  # a row taken before
+    n = COUNT_ROWS + 1
+    res.begin_step([(f"u{i}", 1) for i in range(n)], new_prompts=0, demand={})
+    res.record(2, ids([[i % E, i % E] for i in range(n)]))
+    res.fold()
+    assert all(res.profiles.counts[f"u{i}"][2][i % E] == 2 for i in range(COUNT_ROWS))
+    assert f"u{COUNT_ROWS}" not in res.profiles.counts  # past the rows: the sink

@@ -62,7 +62,8 @@ class TaskAwareScheduler(Scheduler):
         cfg = OffloadConfig.resolve(self.vllm_config.additional_config)
         self._classifier = TaskClassifier(cfg.task_rules_path,
                                           self.vllm_config.model_config.tokenizer)
-        self.latency = LatencyModel()
+        self.latency = LatencyModel(
+            token_budget=self.scheduler_config.max_num_batched_tokens or 8192)
         self._info: dict[str, tuple[RequestInfo, Request]] = {}
         self._resident_share: dict[str, float] = {}
         self._last_done = 0.0  # perf_counter() when the last step's output came
@@ -82,12 +83,12 @@ class TaskAwareScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
             params = request.sampling_params
-            task, ttft, tpot = request_fields(params.extra_args if params else None)
-            if task is None:
-                task = self._classifier.task_of(None, request.prompt_token_ids)
-                self.counters["classified"] += 1
-                if params is not None:  # the worker reads the task from here
-                    params.extra_args = dict(params.extra_args or {}, task=task)
+            given, ttft, tpot = request_fields(params.extra_args if params else None)
+            task = self._classifier.task_of(params.extra_args if params else None,
+                                            request.prompt_token_ids)
+            self.counters["classified"] += given is None
+            if task != given and params is not None:  # the worker reads it from here
+                params.extra_args = dict(params.extra_args or {}, task=task)
             info = RequestInfo(request.request_id, task, request.num_prompt_tokens,
                                request.arrival_time, ttft, tpot)
             self._info[request.request_id] = (info, request)
@@ -103,6 +104,7 @@ class TaskAwareScheduler(Scheduler):
         finally:
             if held:  # back in front, in order, for the next step
                 self.waiting.extendleft(reversed(held))
+        self._count_overtakes(output)
         setattr(output, REPORT_ATTR, {"demand": demand})
         setattr(output, _SCHEDULED_AT, time.perf_counter())
         return output
@@ -138,6 +140,18 @@ class TaskAwareScheduler(Scheduler):
         self.waiting.extend(keep + admitted)
         self.counters["held"] += len(held)
         return held
+
+    def _count_overtakes(self, output) -> None:
+        """Each waiting request counts the later arrivals this step started
+        (core/slo.py MAX_OVERTAKES: past that many, it goes first)."""
+        started = [self._info[d.req_id][0].arrival_s for d in output.scheduled_new_reqs
+                   if d.req_id in self._info]
+        if not started:
+            return
+        for r in self.waiting:
+            entry = self._info.get(r.request_id)
+            if entry is not None and r.num_computed_tokens == 0:
+                entry[0].overtaken += sum(a > entry[0].arrival_s for a in started)
 
     def _demand(self) -> dict[str, float]:
         """Per task: prompt tokens still to compute + output tokens still expected."""

@@ -32,27 +32,43 @@ logger = logging.getLogger("vllm.moe_offload")
 
 DEFAULT_TASK = "default"
 REPORT_ATTR = "moe_offload"  # attribute on SchedulerOutput / ModelRunnerOutput
+MAX_TASKS = 32  # task names one engine learns; later new ones count as the default
 
 
 class TaskClassifier:
-    """extra_args["task"] if given, else the rule file over the decoded prompt."""
+    """extra_args["task"] if given, else the rule file over the decoded prompt; at
+    most MAX_TASKS names (a client naming a new task per request grew the profiles,
+    their file and its save in the step without bound). The scheduler writes the
+    name it settled on into the request, so the worker's classifier sees no more."""
 
     def __init__(self, rules_path: str | None, tokenizer_path: str):
         self.rules = TaskRules.load(rules_path) if rules_path else None
+        self.default = self.rules.default if self.rules else DEFAULT_TASK
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
+        self._known: set[str] = set()
+        self._warned = False
 
     def task_of(self, extra_args: dict | None, prompt_token_ids) -> str:
         task, _, _ = request_fields(extra_args)
-        if task:
-            return task
-        if self.rules is None:
-            return DEFAULT_TASK
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+        if not task and self.rules is not None:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
-        return self.rules.classify(self._tokenizer.decode(list(prompt_token_ids or [])[:1024]))
+                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+            task = self.rules.classify(
+                self._tokenizer.decode(list(prompt_token_ids or [])[:1024]))
+        task = task or DEFAULT_TASK
+        if task not in self._known and task != self.default:
+            if len(self._known) >= MAX_TASKS:
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("expert offload: %d task names seen; requests of new "
+                                   "ones (%r first) count as the default task %r",
+                                   MAX_TASKS, task, self.default)
+                return self.default
+            self._known.add(task)
+        return task
 
 
 # ---- worker side ------------------------------------------------------------------
