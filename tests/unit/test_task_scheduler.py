@@ -219,12 +219,40 @@ def test_task_names_past_the_cap_count_as_the_default_task(caplog):
     their file and its save inside the step without bound."""
     from vllm_moe_offload.integration.vllm.tasks import MAX_TASKS, TaskClassifier
 
-    classifier = TaskClassifier(None, "unused")
-    names = [classifier.task_of({"task": f"t{i}"}, []) for i in range(MAX_TASKS)]
-    assert names == [f"t{i}" for i in range(MAX_TASKS)]
+    from vllm_moe_offload.runtime.task_residency import COUNT_ROWS
+
+    assert MAX_TASKS + 1 == COUNT_ROWS  # with the default: a step's tasks fit the rows
+    classifier = TaskClassifier(None, "unused", known=["from-the-file"])
+    names = [classifier.task_of({"task": f"t{i}"}, []) for i in range(MAX_TASKS - 1)]
+    assert names == [f"t{i}" for i in range(MAX_TASKS - 1)]
+    assert classifier.task_of({"task": "from-the-file"}, []) == "from-the-file"
     with caplog.at_level("WARNING", logger="vllm.moe_offload"):
         assert classifier.task_of({"task": "one-more"}, []) == "default"
         assert classifier.task_of({"task": "and-another"}, []) == "default"
     assert caplog.text.count("task names seen") == 1
     assert classifier.task_of({"task": "t5"}, []) == "t5"  # known ones stay
     assert classifier.task_of(None, []) == "default"
+
+
+def test_ageing_leaves_the_affinity_order_under_a_backlog(vllm_config):
+    """Ageing counted admissions: a step admits up to max_num_seqs, so within a
+    step or two every request of a backlog had 8 and the order was FCFS (24 of the
+    40 admissions after the first 16 of the resident task, not 40). It counts steps."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    scheduler = make_scheduler(vllm_config, False, max_num_seqs=16)
+    for i in range(96):
+        task = "chat" if i % 2 else "legal"
+        params = SamplingParams(max_tokens=3, ignore_eos=True, extra_args={"task": task})
+        scheduler.add_request(Request(f"{task}-{i}", [1, 2, 3], params, None,
+                                      arrival_time=float(i)))
+    order = []
+    for step in range(400):
+        if not scheduler.has_requests():
+            break
+        so = scheduler.schedule()
+        order += [r.req_id for r in so.scheduled_new_reqs]
+        scheduler.update_from_output(so, model_output(so, step))  # chat is resident
+    assert len(order) == len(set(order)) == 96  # every request admitted, once
+    assert sum(r.startswith("chat") for r in order[16:56]) >= 36

@@ -13,8 +13,8 @@ whole output, so a fresh request with a TTFT SLO was late on arrival). The time 
 output token of a batch of b requests is one decode step, per_step + b * per_token
 + misses_per_step * per_miss. A request is admitted only while that keeps every
 running request, and the new one, within its TPOT SLO; requests whose TTFT SLO is
-already lost are considered last. A request that later arrivals overtook
-MAX_OVERTAKES times goes first, in arrival order, whatever its group: before, a
+already lost are considered last. A request that later arrivals overtook in
+MAX_OVERTAKES steps goes first, in arrival order, whatever its group: before, a
 steady stream of requests of the batch's task kept a request of another task, or
 a late one, waiting for ever.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MAX_OVERTAKES = 8  # later arrivals admitted before a waiting request, at most
+MAX_OVERTAKES = 8  # steps that start a later arrival before a waiting request, at most
 
 
 @dataclass
@@ -47,7 +47,7 @@ class RequestInfo:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     expected_misses: float = 0.0  # experts this request will likely load
-    overtaken: int = 0  # later arrivals admitted before it (the scheduler counts)
+    overtaken: int = 0  # steps that admitted a later arrival before it (the scheduler)
 
 
 @dataclass

@@ -92,7 +92,10 @@ class TaskRules:
             if not keywords and not patterns:
                 raise bad(f"rule {i} ({r['task']}) has neither keywords nor regex")
             rules.append(TaskRule(r["task"], keywords, patterns))
-        return cls(tuple(rules), str(data.get("default", "default")))
+        default = data.get("default", "default")
+        if not isinstance(default, str) or not default:
+            raise bad(f"its 'default' task must be a non-empty name, not {default!r}")
+        return cls(tuple(rules), default)
 
 
 # ---- profiles ------------------------------------------------------------------

@@ -157,6 +157,7 @@ def _hqq_zero(w: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int)
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0 ** -24  # fp16's smallest (subnormal) step
+_FP16_NORMAL = 2.0 ** -14  # fp16's smallest normal value
 _ZERO_MAX = 2048.0  # fp16 holds every integer up to here: a zero within half a step
 
 
@@ -168,11 +169,11 @@ class GroupQuant:
 
     def describe(self) -> dict:
         """Part of a disk store's identity: a store encoded otherwise is rebuilt.
-        `encoder` 2: HQQ's early stop no longer varies with the thread count; 3: a
+        `encoder` 2: HQQ's early stop no longer varies with the thread count; 4: a
         group's fp16 scale and zero are kept finite and the scale non-zero (a
-        constant group decoded to NaN before)."""
+        constant group decoded to NaN before), and a coarse scale rounds up."""
         return {"bits": self.bits, "group": self.group, "method": self.method,
-                **({"encoder": 3} if self.bits < 16 else {})}
+                **({"encoder": 4} if self.bits < 16 else {})}
 
     def check(self, source: ExpertLayout) -> None:
         """A clear error when the group size does not fit the experts' shapes."""
@@ -242,13 +243,17 @@ class GroupQuant:
         floor = far * (qmax / _ZERO_MAX)
         span = torch.maximum(hi - lo, floor)  # the range the codes cover: scale = span / qmax
         inv = qmax / span.clamp(min=qmax * _FP16_TINY)
-        binds = floor > hi - lo
-        if bool(binds.any()):  # a small scale, often an fp16 subnormal: rounded up in
-            exact = 1.0 / inv  # fp16, so codes chosen against it do not overflow qmax
+        # A scale that the floor set, or that fp16 keeps as a subnormal (a relative
+        # step up to 1/2 there, against 2^-11 for a normal one), is rounded up in
+        # fp16 and the codes are chosen against it: rounded down, the group's top
+        # codes overflowed qmax and were clamped (3% off, up to 33% at |w| ~ 1e-4).
+        exact = 1.0 / inv
+        coarse = (floor > hi - lo) | (exact < _FP16_NORMAL)
+        if bool(coarse.any()):
             scale = exact.to(torch.float16)
             up = torch.where(scale.float() < exact, torch.nextafter(
                 scale, torch.full_like(scale, float("inf"))), scale)
-            inv = torch.where(binds, 1.0 / up.float(), inv)
+            inv = torch.where(coarse, 1.0 / up.float(), inv)
         zero = -lo * inv
         if self.method == "hqq":
             zero = _hqq_zero(w, inv, zero, qmax)

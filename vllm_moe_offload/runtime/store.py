@@ -63,7 +63,7 @@ from typing import Callable
 
 import torch
 
-from vllm_moe_offload.runtime.store_dir import hold, let_go, scan, share, touch
+from vllm_moe_offload.runtime.store_dir import held, hold, let_go, scan, share, touch
 
 try:
     import xxhash
@@ -547,6 +547,11 @@ class DiskStore(ExpertStore):
         (NOTE #3: a holder that dies releases it, so this ends). Where there can be
         no lock (a lock file of another user's, a file system without POSIX locks),
         build without it, and say so."""
+        if held(self._lock_path):  # store_dir.py NOTE #1: and lockf would let it in
+            raise RuntimeError(
+                f"expert offload: this process is building the disk store {self.path} "
+                "already (a model loaded twice in one process); close or abandon that "
+                "store first")
         try:
             self._lock_fd = self._open_lock_file()
             self._wait_for_lock()
@@ -669,6 +674,7 @@ class DiskStore(ExpertStore):
         share(sealed)
         hold(self.path)
         os.close(self._fd)
+        share(sealed)  # (NFS: closing the build's descriptor dropped it)
         self._unlock()
         self._fd = sealed
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)

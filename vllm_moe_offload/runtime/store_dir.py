@@ -51,7 +51,7 @@ def let_go(path: Path) -> None:
             _own[str(path)] = n
 
 
-def _held(path: Path) -> bool:
+def held(path: Path) -> bool:
     with _own_guard:
         return str(path) in _own
 
@@ -90,7 +90,7 @@ def scan(directory: str | Path, kinds=KINDS, details: bool = False) -> list[Stor
         except FileNotFoundError:  # removed meanwhile
             continue
         f = StoreFile(p, kind, st.st_size, st.st_mtime, st.st_ino, _in_use(p, kind))
-        if details and kind != "hot set" and not _held(p):
+        if details and kind != "hot set" and not held(p):
             f.model, f.detail = _header(p)
         found.append(f)
     return sorted(found, key=lambda f: (f.last_used, f.path.name))
@@ -115,7 +115,7 @@ def _in_use(path: Path, kind: str) -> bool:
     if kind == "hot set":
         return False
     target = _lock_file(path) if kind == "partial" else path
-    if _held(target):  # NOTE #1: this process's own
+    if held(target):  # NOTE #1: this process's own
         return True
     try:
         fd = _open_to_lock(target)

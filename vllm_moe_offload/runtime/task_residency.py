@@ -120,7 +120,7 @@ class TaskResidency:
         new tasks do not fit the rows left, the counts are folded first (a sync,
         between steps) and the rows handed out again, all before the step uses one
         (a fold in the middle gave two tasks one row). Tasks past COUNT_ROWS in one
-        step go to the sink, uncounted (the classifier's MAX_TASKS keeps it rare)."""
+        step go to the sink, uncounted (integration tasks.py MAX_TASKS keeps a step within them)."""
         step = list(dict.fromkeys(tasks))
         if len(self._row_of.keys() | set(step)) > COUNT_ROWS:
             self.fold()

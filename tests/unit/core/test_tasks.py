@@ -36,6 +36,7 @@ def test_rules_first_match_wins_and_default(tmp_path):
     ({"rules": [{"task": "a", "regex": "^Licence"}]}, "'regex' must be a list"),
     ({"rules": [{"task": "a", "keywords": [""]}]}, "non-empty strings"),
     ({"rules": [{"task": "a", "keywords": [3]}]}, "not [3]"),
+    ({"default": "", "rules": []}, "'default' task must be a non-empty name"),
 ])
 def test_bad_rule_files_are_refused_with_the_reason(tmp_path, content, words):
     with pytest.raises(ValueError) as err:

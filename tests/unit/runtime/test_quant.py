@@ -146,6 +146,8 @@ def test_constant_and_narrow_groups_decode_to_their_values(method, dtype):
     w[3, :64] = 1 + torch.arange(64) * 2.0 ** -10  # kept apart in fp16 only
     w[0, 64:128] = -0.002  # its scale an fp16 subnormal
     w[1, 64:128] = 3e-5
+    w[2, 64:128] = torch.linspace(-0.0020028, -0.0017520, 64)  # just above the floor
+    w[3, 64:128] = torch.linspace(-2e-4, 1e-4, 64)  # no floor, a subnormal scale
     for bits in (8, 4, 3, 2):
         codec = GroupQuant(bits, 64, method)
         stored = codec.encode([w])

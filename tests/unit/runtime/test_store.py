@@ -277,9 +277,28 @@ def test_a_build_killed_midway_is_not_reused(tmp_path):
     path = tmp_path / "s.experts"
     store = DiskStore(path, LAYOUT, L, E, FP)
     store.put(0, 0, expert(0, 0))  # then the process dies: nothing sealed, nothing renamed
-    assert not path.exists()
+    os.close(store._fd)  # what the kernel does then: its descriptors and lock go
+    store._unlock()
+    assert not path.exists() and path.with_suffix(".building").exists()
     again = DiskStore(path, LAYOUT, L, E, FP)
     assert not again.reused
+
+
+def test_a_second_build_of_one_path_in_one_process_is_refused(tmp_path):
+    """A POSIX lock lets its own process in: a second DiskStore of the path truncated
+    the first's partial file (its records read back as zeros), and its abandon
+    removed the file and the first build's lock."""
+    path = tmp_path / "s.experts"
+    first = DiskStore(path, LAYOUT, L, E, FP)
+    first.put(0, 0, expert(0, 0))
+    with pytest.raises(RuntimeError, match="is building the disk store .* already"):
+        DiskStore(path, LAYOUT, L, E, FP)
+    for layer in range(L):
+        for e in range(E):
+            if (layer, e) != (0, 0):
+                first.put(layer, e, expert(layer, e))
+    first.seal()
+    assert same(read(DiskStore(path, LAYOUT, L, E, FP), 0, 0), expert(0, 0))
 
 
 _BUILDER = """

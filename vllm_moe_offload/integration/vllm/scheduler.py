@@ -30,6 +30,7 @@ later, so the overlap does not count twice.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -39,7 +40,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.slo import LatencyModel, RequestInfo, can_admit, order_waiting
-from vllm_moe_offload.core.tasks import request_fields
+from vllm_moe_offload.core.tasks import TaskProfiles, request_fields
 from vllm_moe_offload.integration.vllm.tasks import REPORT_ATTR, TaskClassifier
 
 logger = logging.getLogger("vllm.moe_offload")
@@ -61,7 +62,8 @@ class TaskAwareScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         cfg = OffloadConfig.resolve(self.vllm_config.additional_config)
         self._classifier = TaskClassifier(cfg.task_rules_path,
-                                          self.vllm_config.model_config.tokenizer)
+                                          self.vllm_config.model_config.tokenizer,
+                                          known=_profiled_tasks(cfg.task_profiles_path))
         self.latency = LatencyModel(
             token_budget=self.scheduler_config.max_num_batched_tokens or 8192)
         self._info: dict[str, tuple[RequestInfo, Request]] = {}
@@ -142,16 +144,18 @@ class TaskAwareScheduler(Scheduler):
         return held
 
     def _count_overtakes(self, output) -> None:
-        """Each waiting request counts the later arrivals this step started
-        (core/slo.py MAX_OVERTAKES: past that many, it goes first)."""
+        """Each waiting request counts the steps that started a later arrival before
+        it (core/slo.py MAX_OVERTAKES: past that many, it goes first). Steps, not
+        admissions: a step admits up to max_num_seqs, and counting each made every
+        request of a backlog first within a step or two, and the order FCFS."""
         started = [self._info[d.req_id][0].arrival_s for d in output.scheduled_new_reqs
                    if d.req_id in self._info]
         if not started:
             return
         for r in self.waiting:
             entry = self._info.get(r.request_id)
-            if entry is not None and r.num_computed_tokens == 0:
-                entry[0].overtaken += sum(a > entry[0].arrival_s for a in started)
+            if entry is not None and r.num_computed_tokens == 0:  # a step, not each
+                entry[0].overtaken += any(a > entry[0].arrival_s for a in started)
 
     def _demand(self) -> dict[str, float]:
         """Per task: prompt tokens still to compute + output tokens still expected."""
@@ -251,3 +255,13 @@ def fail_requests(scheduler, failed: dict[str, str], outputs: dict) -> dict:
             finish_reason=request.get_finished_reason(), events=request.take_events(),
             trace_headers=request.trace_headers))
     return outputs
+
+
+def _profiled_tasks(path: str | None) -> list[str]:
+    """The task names of the profile file, if it reads (the worker says if not)."""
+    if not path or not os.path.exists(path):
+        return []
+    try:
+        return list(TaskProfiles.load(path).counts)
+    except (ValueError, KeyError, TypeError):
+        return []

@@ -26,27 +26,31 @@ from __future__ import annotations
 import logging
 
 from vllm_moe_offload.core.tasks import TaskRules, request_fields
+from vllm_moe_offload.runtime.task_residency import COUNT_ROWS
 from vllm_moe_offload.integration.vllm import metrics, model_state
 
 logger = logging.getLogger("vllm.moe_offload")
 
 DEFAULT_TASK = "default"
 REPORT_ATTR = "moe_offload"  # attribute on SchedulerOutput / ModelRunnerOutput
-MAX_TASKS = 32  # task names one engine learns; later new ones count as the default
+# task names one engine learns, the default's row aside (task_residency's count rows);
+# later new ones count as the default
+MAX_TASKS = COUNT_ROWS - 1
 
 
 class TaskClassifier:
     """extra_args["task"] if given, else the rule file over the decoded prompt; at
-    most MAX_TASKS names (a client naming a new task per request grew the profiles,
-    their file and its save in the step without bound). The scheduler writes the
-    name it settled on into the request, so the worker's classifier sees no more."""
+    most MAX_TASKS names, those of the profile file (`known`) first (a client naming
+    a new task per request grew the profiles, their file and its save in the step
+    without bound). The scheduler writes the name it settled on into the request,
+    so the worker's classifier sees no more."""
 
-    def __init__(self, rules_path: str | None, tokenizer_path: str):
+    def __init__(self, rules_path: str | None, tokenizer_path: str, known=()):
         self.rules = TaskRules.load(rules_path) if rules_path else None
         self.default = self.rules.default if self.rules else DEFAULT_TASK
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
-        self._known: set[str] = set()
+        self._known: set[str] = set(known) - {self.default}
         self._warned = False
 
     def task_of(self, extra_args: dict | None, prompt_token_ids) -> str:
@@ -200,7 +204,8 @@ def _tasks_for(runner) -> WorkerTasks | None:
     if _worker_tasks is None:
         cfg = model.cfg
         _worker_tasks = WorkerTasks(TaskClassifier(
-            cfg.task_rules_path, runner.vllm_config.model_config.tokenizer))
+            cfg.task_rules_path, runner.vllm_config.model_config.tokenizer,
+            known=model.tasks.tasks))
     return _worker_tasks
 
 
