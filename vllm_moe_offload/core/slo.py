@@ -134,7 +134,8 @@ def can_admit(model: LatencyModel, candidate: RequestInfo, running: list[Request
 def order_waiting(model: LatencyModel, waiting: list[RequestInfo], running: int,
                   now_s: float, affinity: dict[str, float]) -> list[RequestInfo]:
     """The order in which waiting requests are considered for admission:
-    0. those overtaken MAX_OVERTAKES times, in arrival order (no starvation);
+    0. those passed over by a later arrival in MAX_OVERTAKES steps, in arrival
+       order (no starvation);
     1. urgent ones (slack under twice their predicted TTFT), least slack first;
     2. the others by expert affinity (their task's share of resident experts,
        plus how many running requests share their task), then slack;

@@ -350,8 +350,9 @@ class DeviceExpertCache(SlotBuffers):
         ids = topk_ids.reshape(-1).contiguous()
         rows = ids.numel()
         if rows == 0:  # one "no expert" id: the call still settles this layer's
-            ids = torch.full((1,), -1, dtype=ids.dtype, device=ids.device)  # prefetch
-        n = ids.numel()  # locks (else they outlive it, and a plan takes their room)
+            # prefetch locks (else they outlive it, and a plan takes their room)
+            ids = torch.full((1,), -1, dtype=ids.dtype, device=ids.device)
+        n = ids.numel()
         out = torch.empty_like(ids)
         jobs = min(self.experts_per_layer, n)
         E = self.experts_per_layer

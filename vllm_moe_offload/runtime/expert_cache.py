@@ -11,10 +11,12 @@ if they were the layer's own `[E, ...]` weights. Since S >= E a call never waits
 on itself, and the kernel is the one plain vLLM runs.
 
 With a predictor, the call then predicts the experts of layers L+1..L+d from its
-hidden state `[T, H]` and starts loading them in the background (a loader thread on
-CPU; a copy stream on CUDA). Prefetched slots stay pinned until their target layer
-runs, so later predictions cannot evict sooner ones, and at most S - E slots are
-ever pinned by prefetch, so every layer call still fits.
+hidden state `[T, H]` and starts loading them in the background (a loader thread
+where the store reads on the host: a CPU, or the disk store on CUDA, whose thread
+queues its copies on the copy stream; from the pinned host store on CUDA, copies
+queued on the copy stream at once). Prefetched slots stay pinned until their target
+layer runs, so later predictions cannot evict sooner ones, and at most S - E slots
+are ever pinned by prefetch, so every layer call still fits.
 
 NOTE #1: call pins are released when the *next* layer call starts. On CPU the
 kernel has returned by then. On CUDA the copy stream first waits for the compute

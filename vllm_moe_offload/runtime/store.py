@@ -620,14 +620,14 @@ class DiskStore(ExpertStore):
             directory = self._tmp.parent
             free = shutil.disk_usage(directory).free
             unused = [f for f in scan(directory, kinds=("store",)) if not f.in_use]
-            held = (f" {len(unused)} stores there that no engine uses take "
+            others = (f" {len(unused)} stores there that no engine uses take "
                     f"{sum(f.nbytes for f in unused) / 2**30:.2f} GiB (`vllm-moe-offload "
                     f"store {str(directory)!r}` lists them, `... --prune` removes them)."
                     if unused else "")
             raise ValueError(
                 f"expert_offload.store_dir={str(directory)!r}: the disk store of "
                 f"this model needs {self._file_bytes / 2**30:.2f} GiB and "
-                f"{free / 2**30:.2f} GiB are free there ({error.strerror}).{held} Free "
+                f"{free / 2**30:.2f} GiB are free there ({error.strerror}).{others} Free "
                 "space, set --expert-store-dir to a larger disk, or use --expert-store host."
             ) from None
         raise StoreFileError(f"{self._tmp}: building the disk store failed ({error})") from None
@@ -676,9 +676,8 @@ class DiskStore(ExpertStore):
         os.close(self._fd)
         share(sealed)  # (NFS: closing the build's descriptor dropped it)
         self._unlock()
-        self._fd = sealed
+        self._fd, self.reused = sealed, True
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        self.reused = True
 
     def _offset(self, layer: int, expert: int) -> int:
         return _HEADER_BYTES + self._index(layer, expert) * self.layout.record_bytes
