@@ -107,7 +107,7 @@ def test_the_early_pool_check_counts_moe_layers_only(monkeypatch):
                           first_k_dense_replace=2), OffloadConfig(enabled=True, pool_slots=1000))
 
 
-def test_cuda_unquantized_and_fp8_models_get_vllms_triton_kernel():
+def test_cuda_unquantized_and_fp8_models_get_vllms_triton_kernel(monkeypatch):
     """On Blackwell vLLM's own pick is FlashInfer's monolithic TRT-LLM kernel, which
     offload cannot hook, and for FP8 it may pick CUTLASS or DeepGEMM, which size or
     lay out by the model's experts: an unquantized or `fp8` model with --moe-backend
@@ -116,10 +116,14 @@ def test_cuda_unquantized_and_fp8_models_get_vllms_triton_kernel():
     theirs."""
     from types import SimpleNamespace
 
+    from vllm.platforms import current_platform
+
     from vllm_moe_offload.integration.vllm.layer import _choose_triton
 
     def method(name):
         return SimpleNamespace(get_name=lambda: name)
+
+    monkeypatch.setattr(current_platform, "supports_fp8", lambda: True)  # sm89+
 
     for quant, backend, cuda, want in ((None, "auto", True, "triton"),
                                        (method("fp8"), "auto", True, "triton"),
@@ -132,6 +136,12 @@ def test_cuda_unquantized_and_fp8_models_get_vllms_triton_kernel():
         moe = SimpleNamespace(moe_backend=backend)
         _choose_triton(moe, quant, cuda)
         assert moe.moe_backend == want
+    # Ampere: Triton's FP8 kernel needs sm89; forced, the layer failed to build where
+    # vLLM's own pick (Marlin's weight-only FP8) serves it
+    monkeypatch.setattr(current_platform, "supports_fp8", lambda: False)
+    moe = SimpleNamespace(moe_backend="auto")
+    _choose_triton(moe, method("fp8"), True)
+    assert moe.moe_backend == "auto"
 
 
 def test_a_hub_model_id_reads_its_snapshot_in_the_cache(tmp_path):

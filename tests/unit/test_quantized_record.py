@@ -325,3 +325,51 @@ def test_a_processed_layout_with_strides_of_its_own_is_named_in_a_warning(caplog
     with caplog.at_level("WARNING", logger="vllm.moe_offload"):
         quant.pack(loaded_twin(layer, quant, 0))
     assert "w2_qweight (32, 1, 8)" in caplog.text and "row-major" in caplog.text
+
+
+def test_a_kernel_that_keeps_copies_of_the_experts_tensors_is_refused():
+    """vLLM's ZenCPUExpertsInt8 (compressed-tensors W8A8 on a Zen CPU with zentorch)
+    copies the scales into fp32 tensors of its own and reads only those: after bind
+    it read the zeroed one-expert twin's scales, whatever the slots held."""
+    class Copying(Method):
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            self.moe_kernel.fused_experts._w1_scale_f32 = layer.w13_scale.float().clone()
+
+    layer, quant = layer_with(Copying())
+    with pytest.raises(NotImplementedError, match=r"its kernel SimpleNamespace keeps "
+                                                  r"copies \['_w1_scale_f32'\]"):
+        quant.pack(loaded_twin(layer, quant, 0))
+
+
+def test_a_method_with_a_loader_of_its_own_is_refused():
+    """vLLM's MoeWNA16 method (a GPTQ/AWQ fallback where Marlin cannot take the
+    layer) wraps the expert loader: it drops a symmetric checkpoint's qzeros and
+    writes into the layer's own (empty) parameters, which the per-expert load and a
+    store repair bypass."""
+    class OwnLoader(Method):
+        def create_weights(self, layer, num_experts, **kw):
+            super().create_weights(layer, num_experts, **kw)
+            layer.w2_scale.weight_loader = lambda *a: None
+
+    layer = torch.nn.Module()
+    layer.weight_loader = lambda *a: None
+    layer.moe_config = SimpleNamespace(device="cpu")
+    method = OwnLoader()
+    quant = QuantizedExperts(method, "model.layers.0.mlp.experts")
+    with pytest.raises(NotImplementedError, match=r"loads \['w2_scale'\] through a loader "
+                                                  "of its own"):
+        quant.create_empty(layer, num_experts=8, hidden_size=H,
+                           intermediate_size_per_partition=I, params_dtype=torch.bfloat16)
+
+
+def test_the_marlin_input_dtype_is_part_of_a_quantized_stores_identity(monkeypatch):
+    """VLLM_MARLIN_INPUT_DTYPE=fp8 preprocesses Marlin's records (scales x 512) with
+    the same shapes, names and kernel class: a store built without it was reused."""
+    from vllm_moe_offload.integration.vllm.layer import _kernel_of
+
+    method = SimpleNamespace(moe_kernel=SimpleNamespace(fused_experts=Method()))
+    monkeypatch.delenv("VLLM_MARLIN_INPUT_DTYPE", raising=False)
+    plain = _kernel_of(method)
+    monkeypatch.setenv("VLLM_MARLIN_INPUT_DTYPE", "fp8")
+    assert _kernel_of(method) != plain and _kernel_of(method).endswith("/fp8")

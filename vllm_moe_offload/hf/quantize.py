@@ -11,7 +11,9 @@ Schemes (symmetric unless said otherwise):
   [out, in / 8], `weight_scale` [out, in / group_size], `weight_shape` [2];
 - "gptq" (AutoGPTQ, 4 bits, no act-order): `qweight` int32 [in / 8, out]
   packed along the input, `scales` fp16 [in / group_size, out], `qzeros`
-  int32 [in / group_size, out / 8] holding zero - 1 (GPTQ's v1 format);
+  int32 [in / group_size, out / 8] holding zero - 1 (GPTQ's v1 format), and
+  `g_idx` int32 [in] (each input's group: AutoGPTQ and GPTQModel write it for
+  every linear, act-order or not; vLLM drops it as it reads);
 - "awq" (AutoAWQ GEMM, 4 bits, asymmetric): `qweight` int32 [in, out / 8]
   packed along the output in AWQ's order (word nibble i holds column
   [0, 2, 4, 6, 1, 3, 5, 7][i]), `qzeros` [in / group_size, out / 8] packed
@@ -128,7 +130,8 @@ def _quantized(scheme: str, name: str, t: torch.Tensor, group_size: int,
     zeros = torch.full((scale.shape[1], w.shape[0]), -1, dtype=torch.int8)
     return {stem + ".qweight": pack_to_int32(q.t().contiguous(), 4, 0).contiguous(),
             stem + ".scales": scale.t().contiguous().half(),
-            stem + ".qzeros": pack_to_int32(zeros, 4)}
+            stem + ".qzeros": pack_to_int32(zeros, 4),
+            stem + ".g_idx": torch.arange(w.shape[1], dtype=torch.int32) // group_size}
 
 
 def _config(scheme: str, group_size: int, block: int, kept: list[str]) -> dict:

@@ -269,13 +269,16 @@ def _registered_is_mapped() -> bool:
 
 
 def _whole_pages(nbytes: int) -> torch.Tensor:
-    """`nbytes` of host memory that start on a page, inside whole pages that no other
-    allocation shares (registering a page twice fails)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    size = -(-nbytes // page) * page
-    raw = torch.empty(size + page, dtype=torch.uint8)
-    start = -raw.data_ptr() % page
-    return raw[start:start + size]
+    """`nbytes` of host memory in whole pages that no other allocation shares
+    (registering a page twice fails), an anonymous mapping of its own, so the
+    tensor's storage starts where it does: torch's `is_pinned` asks the driver about
+    the storage's first byte, and a page-aligned slice of a larger tensor (as this
+    was) had it in an unregistered page, so device mode refused the store."""
+    import mmap
+
+    size = max(-(-nbytes // mmap.PAGESIZE), 1) * mmap.PAGESIZE
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=torch.uint8)  # (holds `buf`)
 
 
 def _page_lock(owner, pages: torch.Tensor) -> bool:

@@ -522,6 +522,10 @@ def test_the_pinned_store_registers_whole_pages_of_its_own(fake_libcuda):
     ptr, size = value("last_ptr", ctypes.c_size_t), value("last_size", ctypes.c_size_t)
     assert ptr % page == 0 and size % page == 0
     assert ptr == data.data_ptr() and data.nbytes <= size < data.nbytes + page
+    # torch's is_pinned asks the driver about the storage's first byte: it must be
+    # the first registered one (a page-aligned slice of a larger tensor had it in the
+    # page before, so on CUDA device mode refused every pinned store)
+    assert data.untyped_storage().data_ptr() == ptr
     assert data.shape == (L * E, LAYOUT.record_bytes)
     # the store holds the context: released, it would reset and drop the registration
     assert value("max_depth") == 1 and value("depth") == 0 and value("retained") == 1

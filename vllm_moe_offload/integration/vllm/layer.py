@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import platform
 import re
 from pathlib import Path
@@ -110,7 +111,9 @@ def _kernel_of(method) -> str:
     store's identity where the record is what that processing makes of an expert
     (vLLM picks the kernel, and so the layout, by more than _kernel_identity sees)."""
     kernel = getattr(method, "moe_kernel", None)
-    return f"{type(method).__name__}/{type(getattr(kernel, 'fused_experts', kernel)).__name__}"
+    name = f"{type(method).__name__}/{type(getattr(kernel, 'fused_experts', kernel)).__name__}"
+    marlin_input = os.environ.get("VLLM_MARLIN_INPUT_DTYPE")  # (preprocesses Marlin's
+    return f"{name}/{marlin_input}" if marlin_input else name  # records, scales x512)
 
 
 def _checkpoint_rename(model_config):
@@ -348,9 +351,15 @@ class OffloadedRoutedExperts(RoutedExperts):
 
     def _checkpoint_keys(self, layer: int) -> list[tuple]:
         """The loader calls that make one expert of `layer` from its checkpoint
-        tensors (quantized.py `checkpoint_keys`)."""
+        tensors (quantized.py `checkpoint_keys`), less those vLLM drops as it reads
+        the checkpoint (its quant config's mapper: GPTQ's `g_idx`, which AutoGPTQ and
+        GPTQModel write for every linear; counted, no expert was ever whole)."""
         prefix = self._model.layer_names[layer]
         names = self._model.checkpoint_tensor_names(layer, 0)
+        mapper = getattr(self.quant_config, "get_checkpoint_weight_mapper", None)
+        if names and mapper is not None:
+            mapper = mapper()
+            names = [n for n in names if mapper.map_name(f"{prefix}.0.{n}") is not None]
         if names:
             return checkpoint_keys(prefix, names)
         from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
@@ -670,7 +679,12 @@ def _choose_triton(moe_config, quant_config, cuda: bool) -> None:
     slot ids go past it; for FP8 also CUTLASS's or DeepGEMM's (quantized.py
     SIZED_BY_EXPERTS). On Hopper vLLM picks Triton for bf16 and block FP8 anyway. A
     backend set by hand is kept (and one offload cannot drive refused)."""
-    fp8 = quant_config is not None and quant_config.get_name() == "fp8"
+    from vllm.platforms import current_platform
+
+    # (Triton's FP8 kernel needs sm89+: on Ampere vLLM's own pick is Marlin's
+    # weight-only FP8, which offload drives; forced, the layer failed to build)
+    fp8 = (quant_config is not None and quant_config.get_name() == "fp8"
+           and current_platform.supports_fp8())
     if cuda and (quant_config is None or fp8) and moe_config.moe_backend == "auto":
         moe_config.moe_backend = "triton"
         logger.info_once("expert offload: vLLM's Triton MoE kernel (--moe-backend triton), "

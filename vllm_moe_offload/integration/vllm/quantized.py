@@ -74,6 +74,13 @@ class QuantizedExperts:
         if per_layer:
             raise self.unsupported(f"has per-layer parameters {per_layer}, not one per "
                                    "expert")
+        own = getattr(layer, "weight_loader", None)
+        wrapped = [n for n in self.names if own is not None
+                   and getattr(getattr(layer, n), "weight_loader", own) != own]
+        if wrapped:  # (MoeWNA16's loader drops and places tensors by itself; the
+            # per-expert load and a store repair call the layer's own loader)
+            raise self.unsupported(f"loads {wrapped} through a loader of its own, not "
+                                   "the layer's expert loader")
 
     def twin(self, layer, method=None) -> torch.nn.Module:
         """A one-expert copy of `layer` with its own parameters and `method`, by
@@ -117,6 +124,18 @@ class QuantizedExperts:
             raise self.unsupported(f"keeps {kept} beside its kernel and quant config "
                                    "after processing, which offload cannot point at the "
                                    "slots")
+        # Nor may its kernel keep copies of the expert's tensors (vLLM's
+        # ZenCPUExpertsInt8 keeps fp32 copies of the scales and reads only those)
+        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        owned = {p.untyped_storage().data_ptr() for p in twin._parameters.values()
+                 if p is not None}
+        copies = sorted(k for k, v in getattr(experts, "__dict__", {}).items()
+                        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
+                        and v.untyped_storage().data_ptr() not in owned)
+        if copies:
+            raise self.unsupported(f"its kernel {type(experts).__name__} keeps copies "
+                                   f"{copies} of the expert's tensors, which offload "
+                                   "cannot point at the slots")
 
     def _check_record(self, twin) -> None:
         names = self._record_names(twin)
