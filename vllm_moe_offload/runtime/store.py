@@ -38,9 +38,11 @@ process (a second vLLM instance with the same store directory) that finds no sea
 file waits on the lock, logging the holder's pid, then reuses what was sealed or
 builds it itself. Without the lock both truncated and wrote one `.building` file,
 and the second rename failed (FileNotFoundError) while the first's records could
-be zeroed. The lock is per process, so a process that builds again after a build
-it abandoned (an in-process engine that failed while loading) does not wait on
-itself. A sealed file is reused without the lock: a read-only directory serves it.
+be zeroed. The lock is per process, and lockf lets its own process in: a second
+build of the path in one process, while the first holds the lock, is refused
+(store_dir.py `held`); one after a build that was abandoned (an in-process engine
+that failed while loading) goes ahead. A sealed file is reused without the lock: a
+read-only directory serves it.
 """
 
 from __future__ import annotations

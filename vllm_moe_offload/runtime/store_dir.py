@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import threading
 import time
@@ -124,7 +123,7 @@ def _in_use(path: Path, kind: str) -> bool:
     except OSError:
         return True  # cannot tell: treated as used, never removed
     try:
-        _take(fd, kind, shared=False)
+        _take(fd, kind)
         return False
     except OSError:  # held, or (NFS, a read-only file) cannot tell: used
         return True
@@ -132,13 +131,11 @@ def _in_use(path: Path, kind: str) -> bool:
         os.close(fd)  # (releases what this took)
 
 
-def _take(fd: int, kind: str, shared: bool) -> None:
-    """A partial file's build lock (lockf on its lock file) or a store's flock,
-    without waiting (OSError if another holds it)."""
-    if kind == "partial":
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+def _take(fd: int, kind: str) -> None:
+    """A partial file's build lock (lockf on its lock file) or a store's exclusive
+    flock, without waiting (OSError if another holds it)."""
+    lock = fcntl.lockf if kind == "partial" else fcntl.flock
+    lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _open_to_lock(path: Path) -> int:
@@ -152,12 +149,12 @@ def _open_to_lock(path: Path) -> int:
 
 def _header(path: Path) -> tuple[str, str]:
     """(the checkpoint the header names, what built the file in words)."""
+    from vllm_moe_offload.runtime.store import read_header  # (store imports this module)
+
     try:
         with open(path, "rb") as f:
-            head = f.read(4096)
-        n = int.from_bytes(head[8:12], "little")
-        meta = json.loads(head[12:12 + n])
-    except (OSError, ValueError):
+            meta = read_header(f.read(4096), path)
+    except (OSError, ValueError):  # (StoreFileError is a ValueError)
         return "", "unreadable header"
     fp = meta.get("fingerprint", {})
     codec = fp.get("store_codec") or {}
@@ -220,7 +217,7 @@ def remove(f: StoreFile) -> str | None:
     try:
         if fd is not None:
             try:
-                _take(fd, f.kind, shared=False)  # held while the file goes
+                _take(fd, f.kind)  # held while the file goes
             except OSError as e:
                 if e.errno in (errno.EACCES, errno.EAGAIN):
                     return "taken meanwhile (an engine or a builder holds it)"
