@@ -42,3 +42,28 @@ def test_the_demo_serves_the_shipped_trained_model():
     assert kv_bytes_per_token(str(SHIPPED_MODEL)) == 2 * 8 * 2 * 64 * 2  # K+V, 8 layers, bf16
     bad = run("demo", "--pool-fraction", "0")
     assert bad.returncode == 2 and "--pool-fraction=0.0: give a share" in bad.stderr
+
+
+def test_eval_predictor_checks_the_sidecar_before_running_the_model(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Before: the model ran over all the text first, then a TypeError (no path) or an
+    error naming the engine's setting (a bad sidecar)."""
+    import pytest
+
+    from vllm_moe_offload.cli import eval_predictor
+    from vllm_moe_offload.hf import routing
+    from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
+
+    text = tmp_path / "t.txt"
+    text.write_text("def add(a, b): return a + b\n")
+    with pytest.raises(SystemExit):
+        eval_predictor.main(["--model", str(tmp_path / "none"), "--text", str(text)])
+    assert "--predictor lookahead needs --predictor-path" in capsys.readouterr().err
+    model = build_tiny_moe(tmp_path / "m", num_layers=2)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a sidecar")
+    monkeypatch.setattr(routing, "capture", lambda *a, **k: pytest.fail("model ran"))
+    with pytest.raises(SystemExit):
+        eval_predictor.main(["--model", str(model), "--text", str(text),
+                             "--predictor-path", str(junk), "--depth", "1"])
+    assert f"--predictor-path='{junk}' is not a lookahead sidecar" in capsys.readouterr().err

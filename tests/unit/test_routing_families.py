@@ -17,6 +17,23 @@ from vllm_moe_offload.runtime.predictors import load_gates
 def test_captured_experts_are_the_ones_the_model_ran(tmp_path, family):
     path = build_tiny_moe(tmp_path / family, family, num_layers=3)
     model, tokenizer = load_model(str(path))
+    check_capture(model, tokenizer, family)
+    assert len(load_gates(path)) == 3 - (family in FIRST_DENSE)
+
+
+def test_deepseek_v2_group_limited_routing_is_captured(tmp_path):
+    """DeepSeek-V2 and V2.5 route with `group_limited_greedy` (the best 3 of 8 expert
+    groups, a group scoring its best expert) and no correction bias; the tiny
+    checkpoint routes greedily, so its routers are switched here."""
+    path = build_tiny_moe(tmp_path / "deepseek_v2", "deepseek_v2", num_layers=3)
+    model, tokenizer = load_model(str(path))
+    for layer in model.model.layers[1:]:
+        gate = layer.mlp.gate
+        gate.topk_method, gate.num_group, gate.topk_group = "group_limited_greedy", 4, 1
+    check_capture(model, tokenizer, "deepseek_v2")
+
+
+def check_capture(model, tokenizer, family):
     ran = []  # the experts modules' own top-k ids, in call order
     blocks = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
               for layer in model.model.layers]
@@ -30,7 +47,6 @@ def test_captured_experts_are_the_ones_the_model_ran(tmp_path, family):
     assert routing.num_layers == len(ran) == moe_layers
     for got, want in zip(routing.expert_ids, ran):
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-    assert len(load_gates(path)) == moe_layers
 
 
 def test_a_checkpoint_without_routers_says_what_to_do(tmp_path):
@@ -51,3 +67,11 @@ def test_llama4_routers_are_read(tmp_path):
     model.config.attention_chunk_size = 1024  # HF always masks by chunks; vLLM runs None
     routing = capture(model, tokenizer, "def add(a, b): return a + b", 16)
     assert routing.num_layers == 2 and routing.top_k == 1
+
+
+def test_routers_of_a_vision_language_checkpoint_are_read(tmp_path):
+    """Released Qwen3.5 checkpoints are Qwen3_5MoeForConditionalGeneration, whose
+    decoder is `model.language_model.layers.N` (num_hidden_layers in text_config)."""
+    path = build_tiny_moe(tmp_path / "vl", "qwen3_5_moe_vl", num_layers=2, num_experts=4)
+    gates = load_gates(path)
+    assert [g.shape for g in gates] == [(4, 128)] * 2

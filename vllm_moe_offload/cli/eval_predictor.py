@@ -16,24 +16,26 @@ import json
 import torch
 
 from vllm_moe_offload.hf.routing import (capture_texts, load_model, previous_token_recall,
-                                         read_texts, recall)
+                                         read_texts, recall, top_k_of)
 from vllm_moe_offload.runtime.predictors import NextGatePredictor, load_gates, load_lookahead
 
 
 def evaluate(model_dir: str, predictor: str, predictor_path: str | None,
              texts: list[str], depth: int, max_tokens: int = 40_000, loaded=None) -> dict:
     """Recall per distance over `texts` (an equal share of `max_tokens` from each)."""
-    model, tokenizer = loaded or load_model(model_dir)
-    gates = load_gates(model_dir)
-    routing = capture_texts(model, tokenizer, texts, max_tokens)
-    reference = NextGatePredictor(gates, depth, routing.top_k)
-    if predictor == "next-gate":
-        chosen = reference
-    elif predictor == "lookahead":
-        chosen = load_lookahead(predictor_path, gates, depth, routing.top_k)
-    else:
+    if predictor not in ("next-gate", "lookahead"):
         raise ValueError(f"--predictor {predictor!r}: evaluate next-gate or lookahead "
                          "(oracle is exact by construction; none predicts nothing)")
+    if predictor == "lookahead" and not predictor_path:
+        raise ValueError("--predictor lookahead needs --predictor-path: a sidecar from "
+                         "python -m vllm_moe_offload train-lookahead")
+    model, tokenizer = loaded or load_model(model_dir)
+    gates = load_gates(model_dir)
+    top_k = top_k_of(model.config)
+    reference = NextGatePredictor(gates, depth, top_k)
+    chosen = (reference if predictor == "next-gate"  # the sidecar checked before capture
+              else load_lookahead(predictor_path, gates, depth, top_k))
+    routing = capture_texts(model, tokenizer, texts, max_tokens)
     out = {"tokens": len(routing.hidden[0]), "previous_token": previous_token_recall(routing),
            "recall": {}}
     for d in range(1, depth + 1):
@@ -56,8 +58,12 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    result = evaluate(args.model, args.predictor, args.predictor_path,
-                      read_texts(args.text, args.part), args.depth, args.max_tokens)
+    try:
+        result = evaluate(args.model, args.predictor, args.predictor_path,
+                          read_texts(args.text, args.part), args.depth, args.max_tokens)
+    except ValueError as e:  # the shared loaders name the engine's settings
+        p.error(str(e).replace("expert_offload.predictor_path", "--predictor-path")
+                .replace("expert_offload.prefetch_depth", "--depth"))
     if args.json:
         print(json.dumps(result))
         return

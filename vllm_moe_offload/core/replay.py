@@ -7,8 +7,10 @@ bytes per expert). The timing model:
 - loads use one link, in issue order, at `link_gbps`;
 - on-demand misses are issued when the call starts (a stall);
 - with prefetch (`depth` > 0, oracle predictions from the trace itself) the experts
-  of the next `depth` calls are issued when the current call starts, so they load
-  while it computes. Prefetched experts are protected until their call.
+  of the next `depth` calls of the same step are issued when the current call
+  starts, so they load while it computes. Prefetched experts are protected until
+  their call. As in the engine, whose predictors look ahead within one forward pass,
+  a step's first layer is never prefetched.
 
 The pool is the engine's own `SlotPool` with the engine's own eviction policies
 (`core/eviction.py`), driven in the engine's order (`runtime/expert_cache.py`): a call's
@@ -128,8 +130,8 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
            depth: int = 0, experts_per_layer: int | None = None,
            groups: list[SlotGroup] | None = None) -> ReplayResult:
     """Play `calls` against a pool of `num_slots` under `policy`; with `depth`, oracle
-    prefetch of the next `depth` calls (at most S - experts_per_layer slots, as the
-    engine; default: the largest call). `groups`: slot groups (slot_pool.py), each
+    prefetch of the next `depth` calls of the same step (at most S - experts_per_layer
+    slots, as the engine; default: the largest call). `groups`: slot groups (slot_pool.py), each
     with its own policy and prefetch budget, as the engine's on CUDA above 992 slots."""
     if policy not in POLICIES:
         raise ValueError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
@@ -183,6 +185,8 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
         room = [True] * len(groups)
         for j in range(i + 1, min(i + depth, len(calls) - 1) + 1):  # oracle prefetch
             target = calls[j]
+            if target.step != c.step:  # the engine predicts within a forward pass
+                break
             group = pool.group_of(target.layer)
             for e in target.experts:
                 pool.hint(ExpertKey(target.layer, e))

@@ -52,10 +52,11 @@ def _routers(model) -> list[torch.nn.Module]:
 
 def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
     """The experts `gate` picks: top-k of the logits (with the router's own bias,
-    gpt-oss), or, with a correction bias
-    (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias within the
-    best `topk_group` of `n_group` expert groups (a group scores its top two), or
-    (ERNIE-4.5) of softmax(logits) + bias."""
+    gpt-oss); with `group_limited_greedy` (DeepSeek-V2), within the best `topk_group`
+    of `n_group` expert groups (a group scores its best expert); with a correction
+    bias (GLM-4-MoE, DeepSeek-V3: sigmoid scores), of sigmoid(logits) + bias within
+    the best `topk_group` groups (a group scores its top two), or (ERNIE-4.5) of
+    softmax(logits) + bias."""
     scores = hidden @ gate.weight.float().T
     if isinstance(getattr(gate, "bias", None), torch.Tensor):  # gpt-oss: a linear's bias
         scores = scores + gate.bias.float()
@@ -63,18 +64,29 @@ def _choice(hidden: torch.Tensor, gate, k: int) -> torch.Tensor:
     if statics is not None:  # ERNIE-4.5: softmax probabilities plus the bias
         bias = statics.e_score_correction_bias.float().squeeze()
         return (scores.softmax(-1) + bias).topk(k, dim=-1).indices
+    groups = getattr(gate, "num_group", None) or getattr(gate, "n_group", None) or 1
     bias = getattr(gate, "e_score_correction_bias", None)
     if bias is None:
+        if groups > 1 and getattr(gate, "topk_method", None) == "group_limited_greedy":
+            # DeepSeek-V2: softmax scores within the best `topk_group` groups, a group
+            # scoring its best expert (softmax keeps the logits' order)
+            return _in_best_groups(scores, groups, gate.topk_group, 1).topk(k, dim=-1).indices
         return scores.topk(k, dim=-1).indices
     scores = scores.sigmoid() + bias.float()
-    groups = getattr(gate, "num_group", None) or getattr(gate, "n_group", None) or 1
     if groups > 1:
-        n, e = scores.shape
-        by_group = scores.view(n, groups, e // groups)
-        best = by_group.topk(2, dim=-1).values.sum(-1).topk(gate.topk_group, dim=-1).indices
-        keep = torch.zeros(n, groups, dtype=torch.bool).scatter_(1, best, True)
-        scores = by_group.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, e)
+        scores = _in_best_groups(scores, groups, gate.topk_group, 2)
     return scores.topk(k, dim=-1).indices
+
+
+def _in_best_groups(scores: torch.Tensor, groups: int, topk_group: int,
+                    per_group: int) -> torch.Tensor:
+    """`scores` with every expert outside the best `topk_group` of `groups` equal
+    groups at -inf; a group scores the sum of its best `per_group`."""
+    n, e = scores.shape
+    by_group = scores.view(n, groups, e // groups)
+    best = by_group.topk(per_group, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+    keep = torch.zeros(n, groups, dtype=torch.bool).scatter_(1, best, True)
+    return by_group.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, e)
 
 
 def top_k_of(config) -> int:

@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-# the decoder's routers; not an MTP draft's (`mtp.layers.N`, or layers past the last)
+# the decoder's routers; not an MTP draft's (`mtp.layers.N`, or layers past the last).
+# Vision-language checkpoints name the decoder `model.language_model.layers.N`
+# (Qwen3.5) or `language_model.model.layers.N` (Llama-4).
 _GATE_NAME = re.compile(
-    r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\."
-    r"(?:gate|router|router\.layer)\.weight$")
+    r"^(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)\."
+    r"(?:mlp|block_sparse_moe|feed_forward)\.(?:gate|router|router\.layer)\.weight$")
 
 
 def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
@@ -36,8 +38,11 @@ def load_gates(model_dir: str | Path) -> list[torch.Tensor]:
 
     gates: dict[int, torch.Tensor] = {}
     config = Path(model_dir) / "config.json"
-    num_layers = (json.loads(config.read_text()).get("num_hidden_layers")
-                  if config.exists() else None)
+    num_layers = None
+    if config.exists():
+        cfg = json.loads(config.read_text())
+        num_layers = (cfg.get("num_hidden_layers")
+                      or (cfg.get("text_config") or {}).get("num_hidden_layers"))
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
@@ -83,7 +88,9 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, list[int]]]:
-        """[(target layer, distinct predicted experts over the batch)], nearest first.
+        """[(target layer, distinct predicted experts over the batch)], nearest first;
+        each target's experts in order of the rows that named them, most first (ties
+        by id): where the prefetch budget runs out, the most-wanted are loaded.
 
         Runs in the forward pass of every layer call, so all targets are computed in
         one batched pass and read back with one host sync.
@@ -92,10 +99,13 @@ class Predictor:
         if top is None:
             return []
         targets, ids, num_experts = top
-        chosen = torch.zeros(len(targets), num_experts, dtype=torch.bool,
-                             device=ids.device).scatter_(1, ids.flatten(1), True)  # [D', E]
-        rows = chosen.tolist()
-        return [(t, [e for e, on in enumerate(row) if on]) for t, row in zip(targets, rows)]
+        flat = ids.flatten(1)
+        votes = torch.zeros(len(targets), num_experts, dtype=torch.int32,
+                            device=ids.device).scatter_add_(
+            1, flat, torch.ones_like(flat, dtype=torch.int32))  # [D', E]
+        rows = votes.tolist()
+        return [(t, sorted((e for e, n in enumerate(row) if n), key=lambda e: -row[e]))
+                for t, row in zip(targets, rows)]
 
     @torch.inference_mode()
     def predict_ids(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -260,6 +270,8 @@ def load_lookahead(path: str | Path, gates: list[torch.Tensor], depth: int,
         state[(int(l), int(d))][key] = value
     heads = {}
     for (l, d), sd in state.items():
+        if d > depth:  # trained deeper than it runs: never asked, so never built
+            continue
         head = LookaheadHead(gates[l + d], int(meta["hidden_units"]))
         head.load_state_dict(sd)
         heads[(l, d)] = head.eval()

@@ -13,8 +13,10 @@ PROFILE = HardwareProfile("test", link_gbps=1e-3, compute_s_per_layer=1e-3,
                           bytes_per_expert=2000, layers=1, experts=4, top_k=1)
 
 
-def calls(*sets, layer=0):
-    return [Call(step, layer, tuple(s), 1) for step, s in enumerate(sets)]
+def calls(*sets, layer=0, one_step=False):
+    """One call per set, each in a step of its own (prefetch never crosses a step) or,
+    with `one_step`, all in step 0."""
+    return [Call(0 if one_step else step, layer, tuple(s), 1) for step, s in enumerate(sets)]
 
 
 @pytest.mark.parametrize("policy, hits, misses", [
@@ -61,7 +63,7 @@ def test_predicted_takes_oracle_hints_and_beats_reuse_on_a_trap():
     # call 2, but only 0 fits the prefetch budget, so its load needs a victim among 1
     # and 3 (equal counts, 1 added first): reuse evicts 1 and misses it at call 2;
     # predicted keeps the named 1 and evicts 3.
-    seq = calls({1, 3}, {2}, {0, 1})
+    seq = calls({1, 3}, {2}, {0, 1}, one_step=True)
     kwargs = dict(depth=1, experts_per_layer=2)
     reuse = replay(seq, 3, "reuse", PROFILE, **kwargs)
     predicted = replay(seq, 3, "predicted", PROFILE, **kwargs)
@@ -82,9 +84,17 @@ def test_stalls_and_oracle_prefetch_timing():
 
 
 def test_prefetch_never_evicts_the_running_call():
-    seq = calls({0, 1}, {2, 3}, {0, 1})
+    seq = calls({0, 1}, {2, 3}, {0, 1}, one_step=True)
     r = replay(seq, 2, "lru", PROFILE, depth=1)
     assert r.hits + r.misses == 6 and r.misses >= 2
+
+
+def test_oracle_prefetch_stays_within_a_step():
+    """The engine's predictors look ahead within one forward pass: the last layer does
+    not prefetch the next step's first, so each step's first call misses."""
+    seq = [Call(s, l, (s * 2 + l,), 1) for s in range(3) for l in range(2)]
+    r = replay(seq, 8, "lru", PROFILE, depth=2)
+    assert (r.prefetched, r.prefetch_hits, r.misses, r.hits) == (3, 3, 3, 3)
 
 
 def test_pool_smaller_than_a_call_is_refused():

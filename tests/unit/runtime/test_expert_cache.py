@@ -215,3 +215,33 @@ def test_replay_with_slot_groups_counts_as_the_cache_does(tmp_path, eviction):
     assert (got.hits, got.misses) == (t.hits, t.misses) and t.evictions > 0
     one = replay(calls, 14, eviction, PROFILES["qwen3-30b-a3b-pcie5"], 0, E)
     assert (one.hits, one.misses) != (got.hits, got.misses)  # the groups matter here
+
+
+@pytest.mark.parametrize("eviction", POLICIES)
+@pytest.mark.parametrize("num_slots", [2 * E, 3 * E - 2])  # prefetch holds S - E
+def test_replay_with_oracle_prefetch_counts_as_the_cache_does(tmp_path, num_slots, eviction):
+    """core/replay.py at depth 2 plays what the cache does with the oracle predictor at
+    depth 2 over the same trace: the same hits, misses and prefetched loads."""
+    from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
+    from vllm_moe_offload.runtime.predictors import OraclePredictor
+
+    def drive(cache):
+        for step in range(6):
+            for layer in range(L):
+                _, ids = routing(step * 10 + layer, 2)
+                cache.map_to_slots(layer, ids, torch.randn(2, H))
+        cache.close()
+        return cache.stats.totals()
+
+    path = str(tmp_path / "t.trace")
+    writer = TraceWriter(path, TraceHeader(L, E, K))
+    drive(make_cache("host", tmp_path, num_slots, trace=writer, eviction=eviction))
+    writer.close()
+    records = list(read_trace(path)[1])
+    base = make_cache("host", tmp_path, num_slots)
+    t = drive(ExpertCache(base.store, num_slots, "cpu", eviction=eviction,
+                          predictor=OraclePredictor(records, 2, K, L)))
+    r = replay(calls_from_records(records), num_slots, eviction,
+               PROFILES["olmoe-1b-7b-pcie4"], depth=2, experts_per_layer=E)
+    assert (r.hits, r.misses, r.prefetched) == (t.hits, t.misses, t.prefetched)
+    assert t.prefetched > 0

@@ -20,7 +20,7 @@ def test_next_gate_uses_the_target_layers_gate():
     x = torch.randn(5, H)
     out = p.predict(1, x)
     assert [t for t, _ in out] == [2, 3]
-    assert out[0][1] == torch.unique((x @ gs[2].T).topk(2, dim=-1).indices).tolist()
+    assert sorted(out[0][1]) == torch.unique((x @ gs[2].T).topk(2, dim=-1).indices).tolist()
     assert p.predict(3, x) == []  # the last layer has nothing ahead
 
 
@@ -41,6 +41,8 @@ def test_sidecar_round_trip_and_refusal(tmp_path):
     p = load_lookahead(path, gs, depth=2, top_k=2)
     x = torch.randn(3, H)
     assert torch.allclose(p.logits(0, 1, x), heads[(0, 1)](x))
+    shallow = load_lookahead(path, gs, depth=1, top_k=2)  # distance 2's heads not built
+    assert sorted(shallow.heads) == [(l, 1) for l in range(L - 1)]
     with pytest.raises(ValueError, match="trained for another model"):
         load_lookahead(path, gates(seed=1), depth=2, top_k=2)
     with pytest.raises(ValueError, match="prefetch_depth=3 exceeds the depth 2"):
@@ -80,4 +82,17 @@ def test_batched_prediction_equals_head_by_head():
                 torch.testing.assert_close(fused[i], p.logits(layer, t - layer, x))
             want = [(t, torch.unique(p.logits(layer, t - layer, x).topk(2, -1).indices).tolist())
                     for t in targets]
-            assert p.predict(layer, x) == want
+            assert [(t, sorted(e)) for t, e in p.predict(layer, x)] == want
+
+
+def test_predictions_come_most_wanted_first():
+    """Where the prefetch budget runs out (expert_cache._prefetch takes them in order),
+    the experts most rows named are loaded, not the lowest ids."""
+    g = torch.zeros(E, H)
+    g[5, 0], g[4, 0] = 2.0, 1.0  # hidden[:, 0] > 0: experts 5 and 4
+    g[1, 1], g[0, 1] = 2.0, 1.0  # hidden[:, 1] > 0: experts 1 and 0
+    p = NextGatePredictor([g] * L, depth=1, top_k=2)
+    x = torch.zeros(3, H)
+    x[:2, 0] = 1.0  # two rows want 5 and 4, one row 1 and 0
+    x[2, 1] = 1.0
+    assert p.predict(0, x) == [(1, [4, 5, 0, 1])]

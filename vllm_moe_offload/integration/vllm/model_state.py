@@ -455,7 +455,23 @@ class ModelOffload:
                     cfg.predictor_path).resolve():
                 raise ValueError("expert_offload.predictor_path and trace_path are the "
                                  "same file; the oracle reads an *earlier* run's trace")
-            _, records = read_trace(cfg.predictor_path)
+            header, records = read_trace(cfg.predictor_path)
+            records = list(records)
+            shape = (self.num_layers, self.experts_per_layer)
+            if header is not None:
+                recorded = (header.num_layers, header.experts_per_layer)
+            else:  # JSONL: the largest layer and expert id it names
+                recorded = (max((r.layer + 1 for r in records), default=0),
+                            max((max(r.expert_ids, default=-1) + 1 for r in records),
+                                default=0))
+            if recorded[0] > shape[0] or recorded[1] > shape[1] or (
+                    header is not None and recorded != shape):
+                raise ValueError(
+                    f"expert_offload.predictor_path={cfg.predictor_path}: this trace is of "
+                    f"a model with {recorded[0]} MoE layers of {recorded[1]} experts, but "
+                    f"this model has {shape[0]} of {shape[1]}; the oracle replays a trace "
+                    "of an earlier run of the same model and prompts (record one with "
+                    "trace_path)")
             return OraclePredictor(records, cfg.prefetch_depth, self.top_k, self.num_layers)
         gates = load_gates(self.fingerprint["model"])  # CPU, fp32
         if len(gates) != self.num_layers:

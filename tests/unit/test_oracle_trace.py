@@ -1,0 +1,53 @@
+"""The oracle predictor's trace must be of the model it runs on: a trace of another
+model is refused at start-up, naming the setting (before: an IndexError in the first
+forward pass, or silently wrong predictions)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.trace import TraceHeader, TraceWriter
+from vllm_moe_offload.integration.vllm.model_state import ModelOffload
+from vllm_moe_offload.runtime.predictors import OraclePredictor
+
+L, E, K = 3, 6, 2
+
+
+def oracle_for(path, layers=L, experts=E):
+    cfg = OffloadConfig(enabled=True, predictor="oracle", predictor_path=str(path),
+                        prefetch_depth=1)
+    model = ModelOffload(cfg, {"model": "m"}, torch.device("cpu"))
+    model.num_layers, model.experts_per_layer, model.top_k = layers, experts, K
+    return model._make_predictor()
+
+
+def write(path, layers, experts):
+    w = TraceWriter(str(path), TraceHeader(layers, experts, K))
+    for layer in range(layers):
+        w.write(layer, K, np.array([layer % experts, experts - 1], "<u2").tobytes())
+    w.close()
+
+
+def test_a_trace_of_this_model_runs(tmp_path):
+    write(tmp_path / "t.trace", L, E)
+    p = oracle_for(tmp_path / "t.trace")
+    assert isinstance(p, OraclePredictor)
+    assert p.predict(0, torch.zeros(1, 8)) == [(1, [1, E - 1])]
+
+
+@pytest.mark.parametrize("layers, experts", [(L, 64), (L + 1, E), (L - 1, E)])
+def test_a_trace_of_another_model_is_refused(tmp_path, layers, experts):
+    write(tmp_path / "t.trace", layers, experts)
+    with pytest.raises(ValueError, match=f"predictor_path=.*{layers} MoE layers of "
+                                         f"{experts} experts.*this model has {L} of {E}"):
+        oracle_for(tmp_path / "t.trace")
+
+
+def test_a_jsonl_trace_naming_experts_the_model_lacks_is_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"layer": 0, "topk_ids": [0, 40]}) + "\n")
+    with pytest.raises(ValueError, match="of 41 experts"):
+        oracle_for(path)
