@@ -31,6 +31,42 @@ assert fold_offload_config(ea2.additional_config)["expert_offload"]["pool_slots"
 del os.environ["VLLM_MOE_OFFLOAD_POOL_SLOTS"]
 ea3 = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", "--expert-pool-slots", "8"]))
 assert ea3.additional_config["expert_offload"]["enabled"]  # a setting means offload
+# on/off settings say false too: on the command line, and in a vLLM YAML --config
+# (which passes `key: false` as --no-key when that flag exists, and drops it otherwise)
+def folded(argv):
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(argv)).additional_config[
+        "expert_offload"]
+cfg = folded(["--model", "m", "--expert-pool-slots", "8", "--no-enable-expert-offload"])
+assert cfg["enabled"] is False, cfg
+import pathlib, tempfile
+yaml = pathlib.Path(tempfile.mkdtemp()) / "c.yaml"
+yaml.write_text("model: m\nenable-expert-offload: false\nexpert-pool-slots: 64\n"
+                "expert-task-aware: true\nexpert-task-scheduler: false\n")
+cfg = folded(["--config", str(yaml)])
+assert (cfg["enabled"], cfg["task_aware"], cfg["task_scheduler"]) == (False, True, False), cfg
+yaml.write_text("model: m\nexpert-task-aware: true\nexpert-task-scheduler: true\n")
+cfg = folded(["--config", str(yaml)])
+assert (cfg["enabled"], cfg["task_scheduler"]) == (True, True), cfg
+# --api-server-count > 1: vLLM spawns API servers that build engine args from the
+# parsed namespace before they load plugins; the flags must reach them even so
+import pickle, subprocess, sys
+args = parser.parse_args(["--model", "m", "--expert-pool-slots", "12",
+                          "--expert-predictor-path", "h.safetensors"])
+AsyncEngineArgs.from_cli_args(args)
+child = '''
+import os, pickle, sys
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+assert not getattr(EngineArgs.create_engine_config, "_moe_offload", False)
+ea = AsyncEngineArgs.from_cli_args(pickle.loads(sys.stdin.buffer.read()))
+from vllm_moe_offload.integration.vllm.plugin import fold_offload_config
+os.environ["VLLM_MOE_OFFLOAD_PREDICTOR"] = "lookahead"  # valid with the flag's path
+cfg = fold_offload_config(ea.additional_config)["expert_offload"]
+assert (cfg["pool_slots"], cfg["predictor_path"]) == (12, "h.safetensors"), cfg
+print("CHILD OK")
+'''
+out = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(args),
+                     capture_output=True)
+assert out.stdout.decode().strip().endswith("CHILD OK"), out.stderr.decode()[-3000:]
 print("OK")
 """
 

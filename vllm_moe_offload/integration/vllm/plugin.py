@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
+from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig, config_section, overlay
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -61,9 +61,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "Expert offload", "vllm-moe-offload: bounded pool of resident MoE experts")
     for f in dataclasses.fields(OffloadConfig):
         flag, dest = f.metadata["flag"], "expert_offload_" + f.name
-        if f.type == "bool":
-            group.add_argument(flag, dest=dest, action="store_true", default=None,
-                               help=f.metadata["help"])
+        if f.type.startswith("bool"):  # --flag / --no-flag: a YAML `false` must reach us
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=None, help=f.metadata["help"])
         else:
             group.add_argument(flag, dest=dest, default=None, help=f.metadata["help"])
 
@@ -85,9 +85,7 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
     Precedence: CLI flags > additional_config > env vars.
     """
     merged = dict(additional_config or {})
-    values = OffloadConfig.env_values()
-    values.update(merged.get(CONFIG_KEY) or {})
-    values.update(cli or {})
+    values = overlay(overlay(OffloadConfig.env_values(), config_section(merged)), cli or {})
     if values:
         if "enabled" not in values:
             logger.info("expert offload: on, since %s set without enabled (set "
@@ -184,6 +182,9 @@ def _install_engine_args_hooks() -> None:
         if values:
             engine_args.additional_config = fold_offload_config(
                 engine_args.additional_config, values)
+            # vLLM's spawned API servers build their engine args from this namespace
+            # before they load plugins, so our flags reach them only as its config
+            args.additional_config = engine_args.additional_config
         return engine_args
 
     def create(self, *args, **kwargs):
