@@ -10,7 +10,8 @@ def get_stats(llm) -> dict:
     """Per-layer hits, misses, bytes loaded and load seconds of an `LLM`'s workers.
 
     Returns `{"layers": {layer: {...}}, "totals": {...}, "pool": {...}}` for the
-    first worker (one per engine on CPU). `{}` when offload is off.
+    first worker (one per engine on CPU), and its resident memory, `"rss_bytes"`:
+    with offload off, only that.
     """
     from vllm_moe_offload.integration.vllm.worker import collect_stats
 

@@ -105,3 +105,15 @@ def test_serve_takes_vllm_serve_arguments_as_they_are(tmp_path):
     assert lines[:-1] == [{"model": "M", "port": 8001, "pool_slots": 64}] * len(argvs)
     assert "--expert-pool-slots" in lines[-1]["help"]
     assert "--no-enable-expert-offload" in lines[-1]["help"]
+
+
+def test_the_demo_reads_the_moe_shape_of_other_families(tmp_path):
+    """DeepSeek-style configs (n_routed_experts, a dense first layer) and a
+    vision-language one (text_config): before, a TypeError or a KeyError."""
+    from vllm_moe_offload.cli.demo import moe_shape
+    from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
+
+    for arch, want in (("deepseek_v2", (2, 8)), ("qwen3_5_moe_vl", (3, 4))):
+        path = build_tiny_moe(tmp_path / arch, arch, num_layers=3,
+                              num_experts=want[1])
+        assert moe_shape(json.loads((path / "config.json").read_text())) == want

@@ -92,3 +92,19 @@ def test_earlier_stores_of_the_model_are_named_at_start(tmp_path, caplog):
         start(tmp_path, "other.json")  # another basis: a second pair
     assert "2 earlier disk stores of this model that no engine uses" in caplog.text
     assert f"`vllm-moe-offload store {tmp_path / 'store'} --prune`" in caplog.text
+
+
+def test_a_missing_profiles_file_is_refused_before_the_engine_starts(tmp_path):
+    """Before: refused only in the worker, once loading began, with advice for a
+    damaged file ('delete it to start cold')."""
+    import pytest
+
+    from vllm_moe_offload.integration.vllm.plugin import check_task_files
+
+    cfg = OffloadConfig(enabled=True, store_bits=2, store_hot_bits=8,
+                        task_profiles_path=str(tmp_path / "none.json"))
+    with pytest.raises(ValueError, match="task_profiles_path=.*none.json' does not exist.*"
+                                         "store_hot_bits=8"):
+        check_task_files(cfg)
+    profiles(tmp_path / "none.json", favourite=0)
+    check_task_files(cfg)

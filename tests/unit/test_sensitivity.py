@@ -90,6 +90,15 @@ def test_load_rejects_bad_files(tmp_path, body, words):
     assert words in str(e.value) and "python -m vllm_moe_offload sensitivity" in str(e.value)
 
 
+@pytest.mark.parametrize("count", [None, "2", 0])
+def test_a_file_without_its_layer_count_is_refused_by_the_early_check(tmp_path, count):
+    """The check before the model is built (no count to compare with) read a file
+    without num_layers as a TypeError."""
+    body = _good(num_layers=count)
+    with pytest.raises(ValueError, match="has no 'num_layers' count of MoE layers"):
+        load_insensitive(_write(tmp_path, body))
+
+
 def test_load_rejects_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be read \(No such file"):
         load_insensitive(tmp_path / "none.json", 2)

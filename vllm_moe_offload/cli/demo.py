@@ -36,6 +36,17 @@ def kv_bytes_per_token(model_dir: str) -> int:
     return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
+def moe_shape(config: dict) -> tuple[int, int]:
+    """(MoE layers, experts per layer) of an HF config.json (a vision-language one's
+    text_config), by the plugin's own count (plugin.py)."""
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.integration.vllm.plugin import moe_layer_count, routed_experts
+
+    text = SimpleNamespace(**(config.get("text_config") or config))
+    return moe_layer_count(text), routed_experts(text)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(SHIPPED_MODEL) if SHIPPED_MODEL.is_dir() else None,
@@ -59,9 +70,9 @@ def main(argv=None) -> None:
         model = str(build_tiny_moe(Path(args.work_dir) / "tiny-qwen3-moe", "qwen3_moe",
                                    num_layers=6, num_experts=16, hidden_size=256,
                                    expert_ffn=512))
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    layers = cfg["num_hidden_layers"]
-    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    layers, experts = moe_shape(json.loads((Path(model) / "config.json").read_text()))
+    if not experts:
+        p.error(f"--model {model}: its config.json names no routed experts (a dense model?)")
     slots = max(experts, int(layers * experts * args.pool_fraction))
 
     from vllm import LLM, SamplingParams

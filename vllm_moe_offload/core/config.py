@@ -9,6 +9,8 @@ metadata names its flag; its help text is the field's comment below.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,6 +19,11 @@ from typing import Any, Mapping
 from .eviction import POLICIES, host_only_reason
 
 ENV_PREFIX = "VLLM_MOE_OFFLOAD_"
+# ENV_PREFIX variables that are not settings: the metrics directory a process hands
+# its children, the kernel's slot limit and the test shard (tests)
+OTHER_ENV = ("METRICS_DIR", "KERNEL_MAX_SLOTS", "TEST_SHARD")
+_warned: set[str] = set()
+logger = logging.getLogger("vllm.moe_offload")
 CONFIG_KEY = "expert_offload"  # key inside vLLM's additional_config
 STORES = ("auto", "host", "disk")
 PREDICTORS = ("none", "next-gate", "lookahead", "oracle")
@@ -252,10 +259,18 @@ class OffloadConfig:
         """Fields set through `VLLM_MOE_OFFLOAD_<FIELD>` env vars."""
         environ = os.environ if environ is None else environ
         out = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
+        names = {ENV_PREFIX + f.name.upper(): f.name for f in dataclasses.fields(cls)}
+        for var, name in names.items():
+            raw = environ.get(var)
             if raw is not None and raw != "":
-                out[f.name] = _coerce(cls, f.name, raw)
+                out[name] = _coerce(cls, name, raw)
+        for var in environ:  # a misspelt setting would otherwise go unnoticed
+            if (var.startswith(ENV_PREFIX) and var not in names
+                    and var[len(ENV_PREFIX):] not in OTHER_ENV and var not in _warned):
+                _warned.add(var)
+                near = difflib.get_close_matches(var, names, 1)
+                logger.warning("%s is not an expert offload setting and is ignored%s",
+                               var, f"; did you mean {near[0]}?" if near else "")
         return out
 
     @classmethod

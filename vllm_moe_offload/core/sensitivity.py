@@ -30,9 +30,12 @@ def load_insensitive(path, num_layers: int | None = None) -> set[tuple[str, int]
     data = read_json(path, bad)
     if not isinstance(data, dict) or data.get("format") != SENSITIVITY_FORMAT:
         raise bad(f"is not a sensitivity file (format is not {SENSITIVITY_FORMAT!r})")
-    if num_layers is None and isinstance(data.get("num_layers"), int):
-        num_layers = data["num_layers"]
-    if data.get("num_layers") != num_layers:
+    recorded = data.get("num_layers")
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
+        raise bad(f"has no 'num_layers' count of MoE layers (found {recorded!r})")
+    if num_layers is None:
+        num_layers = recorded
+    if recorded != num_layers:
         raise bad(f"was profiled on a model with {data.get('num_layers')} MoE layers, "
                   f"not {num_layers}")
     tasks = data.get("tasks")

@@ -97,7 +97,7 @@ class ExpertCache(SlotBuffers):
         # target layer -> [(key, slot, loaded_by_prefetch)] pinned for that layer
         self._prefetched: dict[int, list[tuple[ExpertKey, int, bool]]] = {}
         self._inflight: dict[int, Future | torch.cuda.Event] = {}  # slot -> load
-        self._release_when_loaded: list[int] = []
+        self._release_when_loaded: list[tuple[int, int]] = []  # (slot, layer)
         self._predicted: dict[tuple[int, int], set[int]] = {}  # (target, d) -> experts
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         # Prefetch reads on a thread where the store reads on the host (a CPU, or a
@@ -431,7 +431,7 @@ class ExpertCache(SlotBuffers):
                 else:
                     stats.prefetch_wasted += 1
             if slot in self._inflight and key.expert not in used:
-                self._release_when_loaded.append(slot)  # NOTE #3
+                self._release_when_loaded.append((slot, layer))  # NOTE #3
             else:
                 self.pool.release([slot])
 
@@ -448,18 +448,21 @@ class ExpertCache(SlotBuffers):
 
     def _release_finished_prefetches(self) -> None:
         still = []
-        for slot in self._release_when_loaded:
+        for slot, layer in self._release_when_loaded:
             pending = self._inflight.get(slot)
             if not self._finished(pending):
-                still.append(slot)
+                still.append((slot, layer))
                 continue
             self._inflight.pop(slot, None)
             result = pending.result() if isinstance(pending, Future) else None
             if isinstance(result, ExpertUnavailable):  # NOTE #5
                 self._lose(result)
+            elif result is not None:  # a wasted prefetch's copy took time too
+                self.stats.layer(layer).load_seconds += result[0]
             self.pool.release([slot])
         self._release_when_loaded = still
 
     def close(self) -> None:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
+            self._release_finished_prefetches()  # their copy time counts too

@@ -201,3 +201,13 @@ def test_pool_above_the_kernels_limit():
     with pytest.raises(ValueError, match=r"pool_slots=3000 is more than 992 slots, the "
                        r"most the kernel takes\. Set pool_slots <= 992"):
         OffloadConfig(pool_slots=3000).num_slots(48, 128, 1, 992, "the kernel takes")
+
+
+def test_a_misspelt_env_var_is_named_in_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        values = OffloadConfig.env_values({"VLLM_MOE_OFFLOAD_POOL_SLOT": "64",
+                                           "VLLM_MOE_OFFLOAD_METRICS_DIR": "/tmp/m"})
+    assert values == {}
+    assert ("VLLM_MOE_OFFLOAD_POOL_SLOT is not an expert offload setting and is ignored; "
+            "did you mean VLLM_MOE_OFFLOAD_POOL_SLOTS?") in caplog.text
+    assert "METRICS_DIR" not in caplog.text

@@ -192,3 +192,24 @@ def test_host_mode_on_cuda_reads_a_disk_store_s_prefetch_on_its_thread(tmp_path,
     assert len(readers) - on_thread == t["misses"]  # demand misses: the calling thread
     assert _FakeEvent.waited >= t["prefetch_hits"] > 0
     assert cache._copy_stream.waits >= t["prefetched"]  # after the kernels before it
+
+
+def test_load_seconds_count_the_copies_of_wasted_prefetches(tmp_path):
+    """Every load's bytes count in bytes_loaded, so its copy time counts in load_seconds
+    too, used or not (before: a wasted prefetch's time was dropped, which inflated
+    bytes / seconds, the link rate a user reads off the metrics)."""
+    import time
+
+    plan = schedule()
+    future = {k: sorted(set(ids.flatten().tolist())) for k, (_, ids) in plan.items()}
+    cache = with_predictor(tmp_path, "host", ScriptedPredictor(future, wrong=True),
+                           num_slots=2 * E)
+    read = cache.store.read_into
+
+    def slow_read(layer, expert, views):
+        time.sleep(0.005)  # each read takes at least this long
+        return read(layer, expert, views)
+    cache.store.read_into = slow_read
+    t = run(cache, plan)["totals"]
+    assert t["prefetch_wasted"] > 0
+    assert t["load_seconds"] >= (t["misses"] + t["prefetched"]) * 0.005

@@ -143,6 +143,7 @@ class ModelOffload:
         self.checkpoint_rename: Callable[[str], str | None] | None = None
         self._build_bar: tqdm | None = None
         self.failed_requests = 0  # failed because an expert they routed to was lost
+        self._failed_ids: set[str] = set()  # ... those requests
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
         self.packings: dict = {}  # (shapes, kernel) -> layer.py _packing()
         self.checkpoint_quantization: str | None = None  # its experts' vLLM method
@@ -547,7 +548,11 @@ class ModelOffload:
                 failed[req_id] = why
             start += n
         rows.clear()
-        self.failed_requests += len(failed)
+        # with async scheduling a failed request may run one more step before the
+        # scheduler ends it, and fail again there: it counts once
+        new = failed.keys() - self._failed_ids
+        self._failed_ids |= new
+        self.failed_requests += len(new)
         return failed
 
     def step_began(self) -> None:

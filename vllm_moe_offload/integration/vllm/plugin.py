@@ -101,9 +101,7 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
     `capability_problem`)."""
     archs = list(getattr(model_config.hf_config, "architectures", None) or [])
     text = model_config.hf_text_config
-    experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts",
-                                               "n_routed_experts", "moe_num_experts")
-                    if getattr(text, k, None)), 0)
+    experts = routed_experts(text)
     name = f"expert offload: model {model_config.model} ({', '.join(archs) or 'unknown'})"
     fix = "Turn offload off (drop --enable-expert-offload / expert_offload.enabled)."
     if not experts:
@@ -119,6 +117,13 @@ def check_model(model_config, cfg: OffloadConfig) -> None:
                                                          model_fingerprint)
         check_sidecar(cfg.predictor_path, model_fingerprint(load_gates(model_config.model)))
     check_task_files(cfg)
+
+
+def routed_experts(text) -> int:
+    """Routed experts per MoE layer of an HF text config (0: a dense model)."""
+    return next((getattr(text, k) for k in ("num_experts", "num_local_experts",
+                                            "n_routed_experts", "moe_num_experts")
+                 if getattr(text, k, None)), 0)
 
 
 def moe_layer_count(text) -> int:
@@ -156,6 +161,13 @@ def check_task_files(cfg: OffloadConfig) -> None:
 
     if cfg.task_rules_path:
         TaskRules.load(cfg.task_rules_path)
+    if cfg.store_hot_bits and not Path(cfg.task_profiles_path).exists():
+        # task_aware starts without one (and writes it); mixed precision needs it
+        raise ValueError(
+            f"expert_offload.task_profiles_path={cfg.task_profiles_path!r} does not "
+            f"exist, and mixed precision (store_hot_bits={cfg.store_hot_bits}) ranks the "
+            "hot experts from it: write it with a --expert-task-aware run or "
+            "benchmarks/quantized_store.py, or drop --expert-store-hot-bits.")
     if cfg.task_profiles_path and Path(cfg.task_profiles_path).exists():
         TaskProfiles.load(cfg.task_profiles_path)
     if cfg.sensitivity_path:

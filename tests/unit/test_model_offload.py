@@ -1,4 +1,5 @@
-"""The oracle predictor's trace must be of the model it runs on: a trace of another
+"""Start-up and step bookkeeping of ModelOffload, without an engine. The oracle
+predictor's trace must be of the model it runs on: a trace of another
 model is refused at start-up, naming the setting (before: an IndexError in the first
 forward pass, or silently wrong predictions)."""
 
@@ -51,3 +52,19 @@ def test_a_jsonl_trace_naming_experts_the_model_lacks_is_refused(tmp_path):
     path.write_text(json.dumps({"layer": 0, "topk_ids": [0, 40]}) + "\n")
     with pytest.raises(ValueError, match="of 41 experts"):
         oracle_for(path)
+
+
+def test_a_request_that_fails_in_two_steps_counts_once():
+    """Async scheduling runs a failed request one more step before the scheduler ends
+    it; a lost expert that cannot be re-derived fails it there again."""
+    from types import SimpleNamespace
+
+    model = ModelOffload(OffloadConfig(enabled=True), {"model": "m"}, torch.device("cpu"))
+    model.cache = SimpleNamespace(failed_rows={})
+    layout = [("a", 2), ("b", 1)]
+    for step in range(2):
+        model.cache.failed_rows.update({1: "expert (0, 3) lost"})  # a row of request a
+        assert model.take_failed_requests(layout) == {"a": "expert (0, 3) lost"}
+    model.cache.failed_rows.update({2: "expert (0, 3) lost"})
+    assert model.take_failed_requests(layout) == {"b": "expert (0, 3) lost"}
+    assert model.failed_requests == 2
