@@ -209,11 +209,21 @@ def test_a_checkpoint_under_released_qwen3_5_names(models, engine, tmp_path):
 
 
 def test_online_quantization_with_offload_is_refused_naming_the_method(models):
-    out = failure({**offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host"),
-                   "quantization": "fp8"})
+    """With store_bits below 16 too: its fix is to drop --quantization and keep
+    store_bits (before, that case was told to set store_bits 16, and then to add it)."""
+    out = failure({**offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host",
+                                  store_bits=4), "quantization": "fp8"})
     assert ("mlp.experts: Fp8PerTensorOnlineMoEMethod quantizes a bf16 checkpoint's "
             "experts as they load") in out
-    assert "--expert-store-bits 8" in out
+    assert "--expert-store-bits 8" in out and "already quantized" not in out
+
+
+def test_store_bits_on_an_already_quantized_checkpoint_is_refused(quantized_models):
+    spec = offload_spec(quantized_models[("qwen3_moe", "w4a16")], pool_slots=EXPERTS,
+                        store="host", store_bits=4)
+    out = failure(with_kernel(spec, "reference"))
+    assert "store_bits=4" in out and "already quantized" in out
+    assert "--expert-store-bits 16" in out
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> int:

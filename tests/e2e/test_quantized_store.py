@@ -134,13 +134,6 @@ def test_mixed_precision_keeps_the_profiled_hot_experts_at_8_bits(
     assert rest == 0 and 0 < hot_misses < misses
 
 
-def test_store_bits_on_an_already_quantized_checkpoint_is_refused(models):
-    spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4)
-    out = failure({**spec, "quantization": "fp8"})
-    assert "store_bits=4" in out and "already quantized" in out
-    assert "--expert-store-bits 16" in out
-
-
 def test_a_group_size_that_does_not_divide_the_experts_is_refused(models):
     spec = offload_spec(models["qwen3_moe"], pool_slots=EXPERTS, store="host", store_bits=4,
                         store_group_size=48)

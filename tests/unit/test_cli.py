@@ -57,9 +57,12 @@ def test_eval_predictor_checks_the_sidecar_before_running_the_model(tmp_path, ca
     text = tmp_path / "t.txt"
     text.write_text("def add(a, b): return a + b\n")
     with pytest.raises(SystemExit):
-        eval_predictor.main(["--model", str(tmp_path / "none"), "--text", str(text)])
-    assert "--predictor lookahead needs --predictor-path" in capsys.readouterr().err
+        eval_predictor.main(["--model", "Qwen/Qwen3-30B-A3B", "--text", str(text)])
+    assert "is not a directory with config.json" in capsys.readouterr().err
     model = build_tiny_moe(tmp_path / "m", num_layers=2)
+    with pytest.raises(SystemExit):
+        eval_predictor.main(["--model", str(model), "--text", str(text)])
+    assert "--predictor lookahead needs --predictor-path" in capsys.readouterr().err
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a sidecar")
     monkeypatch.setattr(routing, "capture", lambda *a, **k: pytest.fail("model ran"))

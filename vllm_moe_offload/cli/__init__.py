@@ -23,8 +23,11 @@ COMMANDS = {"demo": "demo", "replay": "replay", "train-lookahead": "train_lookah
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--help"], ["-h"]):
+        print(__doc__)
+        return
     if not argv or argv[0] not in {"serve", *COMMANDS}:
-        sys.exit(__doc__.split("\n\n")[1].rstrip() if argv[:1] != ["--help"] else __doc__)
+        sys.exit(__doc__.split("\n\n")[1].rstrip())
     command, rest = argv[0], argv[1:]
     if command == "serve":
         serve(rest)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -47,7 +48,8 @@ def evaluate(model_dir: str, predictor: str, predictor_path: str | None,
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True,
+                   help="a local HF MoE checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--predictor", default="lookahead", choices=["next-gate", "lookahead"])
     p.add_argument("--predictor-path")
     p.add_argument("--text", nargs="+", required=True)
@@ -57,6 +59,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=40_000)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model!r} is not a directory with config.json; give a local "
+                "HF MoE checkpoint directory (download a hub model first)")
     torch.manual_seed(0)
     try:
         result = evaluate(args.model, args.predictor, args.predictor_path,

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
                    help="prefetch with the trace's own future (oracle) or not at all")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--profile", default="qwen3-30b-a3b-pcie5",
-                   help=f"'all' or one of {', '.join(PROFILES)}")
+                   help=f"'all', or one or more (comma-separated) of {', '.join(PROFILES)}")
     args = p.parse_args(argv)
     profiles = list(PROFILES) if args.profile == "all" else args.profile.split(",")
     for name in profiles:

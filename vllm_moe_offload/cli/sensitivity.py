@@ -127,7 +127,7 @@ def main(argv=None) -> None:
         routers = _routers(model)
     except (OSError, ValueError) as e:
         _fail(f"--model {args.model!r}: {str(e).splitlines()[0]}; give a MoE checkpoint "
-              "directory (qwen3_moe, mixtral or qwen2_moe)")
+              "directory of a family whose routers it reads (README's support table)")
 
     tasks, token_counts = {}, {}
     for name, text in texts.items():

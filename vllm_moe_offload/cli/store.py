@@ -18,7 +18,7 @@ import os
 import time
 
 from vllm_moe_offload.core.config import DEFAULT_STORE_DIR, ENV_PREFIX
-from vllm_moe_offload.runtime.store_dir import prune, removable, scan
+from vllm_moe_offload.runtime.store_dir import is_model, model_prefix, prune, removable, scan
 
 
 def _age(seconds: float) -> str:
@@ -61,6 +61,10 @@ def main(argv=None) -> int:
                 "--expert-store-dir, or VLLM_MOE_OFFLOAD_STORE_DIR)")
     now = time.time()
     files = scan(directory, details=True)
+    if args.model:  # its stores, and their partial files and hot sets
+        ours = {model_prefix(f.path.name) for f in files
+                if f.kind != "hot set" and is_model(f, args.model)}
+        files = [f for f in files if model_prefix(f.path.name) in ours]
     print(f"{directory}:\n{listing(files, now)}")
     if not args.prune:
         return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,8 @@ def train(routing: Routing, gates: list[torch.Tensor], depth: int, epochs: int, 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True,
+                   help="a local HF MoE checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--prompts", nargs="+", required=True, help="text files to train on")
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--out", required=True)
@@ -71,6 +73,11 @@ def main(argv=None) -> None:
     p.add_argument("--hidden-units", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model!r} is not a directory with config.json; give a local "
+                "HF MoE checkpoint directory (download a hub model first)")
+    if args.depth < 1:
+        p.error(f"--depth {args.depth}: give 1 or more layers ahead")
     torch.manual_seed(args.seed)
 
     model, tokenizer = load_model(args.model)

@@ -120,6 +120,14 @@ def test_the_cli_lists_prunes_and_refuses_bad_values(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+def test_the_listing_shows_one_models_files_with_model(tmp_path, capsys):
+    """Before, --model narrowed --prune only; the listing showed every model's files."""
+    mine, other = build(tmp_path), build(tmp_path, model="other")
+    assert store_cli([str(tmp_path), "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert mine.path.name in out and other.path.name not in out
+
+
 def test_a_full_disk_names_the_stores_no_engine_uses(tmp_path, monkeypatch):
     build(tmp_path, vllm="0.31.0").close()
 

@@ -249,13 +249,14 @@ class OffloadedRoutedExperts(RoutedExperts):
             return qm
         qm.process_weights_after_loading = lambda layer: layer.bind_pool()
         if type(qm) is not UnquantizedFusedMoEMethod:
-            bits = self._offload_cfg.store_bits
+            quant = QuantizedExperts(qm, prefix)  # refuses online quantization first:
+            bits = self._offload_cfg.store_bits  # its fix is store_bits < 16
             if bits < 16:
                 raise ValueError(
                     f"expert_offload.store_bits={bits} quantizes the experts of a "
                     f"bf16/fp16/fp32 checkpoint, and {prefix} is already quantized "
                     f"({type(qm).__name__}). Set --expert-store-bits 16.")
-            self._quant = QuantizedExperts(qm, prefix)
+            self._quant = quant
             qm.create_weights = self._quant.create_empty
             return qm
         create = qm.create_weights

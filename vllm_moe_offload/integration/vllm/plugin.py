@@ -206,8 +206,9 @@ def _install_engine_args_hooks() -> None:
             problem = vllm_version_problem()
             if problem:
                 raise RuntimeError(problem)
-            from vllm_moe_offload.integration.vllm import metrics
+            from vllm_moe_offload.integration.vllm import metrics, tasks
 
+            tasks.validate_requests()
             metrics.ensure_dir()  # before vLLM starts its engine-core and worker processes
             _refuse_weight_offload(self)
             _choose_graph_mode(self, cfg)

@@ -211,6 +211,16 @@ def _tasks_for(runner) -> WorkerTasks | None:
 
 # ---- request validation (front end and engine) ------------------------------------
 
+_validating = False  # this process built an engine config with offload on (plugin.py)
+
+
+def validate_requests() -> None:
+    """Check our extra_args fields from now on: until offload is on in this process,
+    vLLM's requests go through as they would without the plugin."""
+    global _validating
+    _validating = True
+
+
 def install_request_validation() -> None:
     from vllm.sampling_params import SamplingParams
 
@@ -220,6 +230,8 @@ def install_request_validation() -> None:
 
     def _verify_extra_args(self):
         original(self)
+        if not _validating:
+            return
         try:
             request_fields(self.extra_args)
         except ValueError as e:
