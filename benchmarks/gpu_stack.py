@@ -28,8 +28,13 @@ slot buffers, so a ratio measures offload and nothing else. Rows:
   `--store-hot-bits H`, also mixed precision: every fourth expert of each layer at
   H bits in a store of its own (device mode fills from both).
 Achieved link GB/s = bytes moved / (row time - plain graph time); the bound is
-bytes / raw pinned copy rate (same run) + plain graph time. Outputs of every row
-are compared bit for bit with plain's on the same inputs.
+the bytes the layers used (misses and prefetch hits: a wasted prefetch is cost, not
+bound) / raw pinned copy rate (same run) + plain graph time. Outputs of every row
+are compared bit for bit with plain's on the same inputs, at the first, middle and
+last step. `--repeats N` times each row N times (the median; min-max beside it).
+A row that raises is reported as FAILED and the next one runs; the table and JSON
+are written after every shape and batch, so a run cut short keeps what it measured.
+The PDL row runs last.
 """
 
 from __future__ import annotations
@@ -222,22 +227,37 @@ def capture(step, device):
     return graph.replay
 
 
-def time_row(stack, routing, run, warmup, steps, cache=None):
-    """(ms per step, (misses, bytes) moved per step) over `steps` timed steps, after
-    `warmup` untimed ones (inputs are loaded in the timed loop for every row)."""
+def time_row(stack, routing, run, warmup, steps, cache=None, repeats=1):
+    """([ms per step of each repeat], (misses, bytes moved, bytes the layers needed)
+    per step) over `steps` timed steps, after `warmup` untimed ones (inputs are loaded
+    in the timed loop for every row). Needed bytes leave out wasted prefetches."""
     for s in range(warmup):
         stack.load(routing, s)
         run()
     sync(stack.device)
+    times = []
     before = _moved(cache)
-    t0 = time.perf_counter()
-    for s in range(warmup, warmup + steps):
-        stack.load(routing, s)
-        run()
-    sync(stack.device)
-    ms = (time.perf_counter() - t0) / steps * 1e3
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in range(warmup, warmup + steps):
+            stack.load(routing, s)
+            run()
+        sync(stack.device)
+        times.append((time.perf_counter() - t0) / steps * 1e3)
     after = _moved(cache)
-    return ms, [(a - b) / steps for a, b in zip(after, before)]
+    return times, [(a - b) / steps / repeats for a, b in zip(after, before)]
+
+
+def file_system_of(path) -> str:
+    """The file system type of `path` (from /proc/mounts: the longest mount prefix)."""
+    try:
+        mounts = [line.split()[1:3] for line in open("/proc/mounts")]
+    except OSError:
+        return "?"
+    path = os.path.realpath(path)
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=("", "?"))
+    return best[1]
 
 
 def output_of(stack, routing, run, step=0):
@@ -286,7 +306,7 @@ def disk_gbs(store: DiskStore, limit=4 << 30) -> float:
 
 # ---- rows --------------------------------------------------------------------------
 
-def run_shape(name, shape, T, args, device, disk_dir):
+def run_shape(name, shape, T, args, device, disk_dir, failed):
     L, E, K = shape["L"], shape["E"], shape["K"]
     cuda = device.type == "cuda"
     with_disk = T == 1 and name in args.disk_shapes
@@ -298,17 +318,35 @@ def run_shape(name, shape, T, args, device, disk_dir):
     sm_link = SM_LINK
     ref = {}  # routing name -> plain output of step 0
 
+    steps_total = args.warmup + args.steps
+    checked = sorted({0, steps_total // 2, steps_total - 1})  # steps compared with plain
+
     def row(label, routing_name, routing, run, graph, cache=None, extra=None, steps=None):
+        """Time one row and check its outputs; a row that raises is reported as
+        failed and the next one runs (a CUDA error that sticks fails the rest too,
+        but the rows before it are written already: main)."""
+        try:
+            return timed_row(label, routing_name, routing, run, graph, cache, extra, steps)
+        except Exception as e:
+            print(f"  {name} T={T} {label}: FAILED: {e!r}", flush=True)
+            failed.append(dict(shape=name, batch=T, row=label, error=repr(e)))
+            return {}
+
+    def timed_row(label, routing_name, routing, run, graph, cache, extra, steps):
         step_run = capture(run, device) if graph else run
-        ms, (misses, nbytes) = time_row(stack, routing, step_run, args.warmup,
-                                        steps or args.steps, cache)
+        times, (misses, nbytes, used) = time_row(
+            stack, routing, step_run, args.warmup, steps or args.steps, cache, args.repeats)
+        ms = sorted(times)[len(times) // 2]
         if routing_name not in ref:
-            ref[routing_name] = output_of(stack, routing, plain_eager)
-        same = torch.equal(output_of(stack, routing, step_run), ref[routing_name])
+            ref[routing_name] = [output_of(stack, routing, plain_eager, s) for s in checked]
+        same = all(torch.equal(output_of(stack, routing, step_run, s), want)
+                   for s, want in zip(checked, ref[routing_name]))
         if cache is not None and cuda:
             same = same and pool_holds_store(cache)
         r = dict(shape=name, batch=T, row=label, routing=routing_name, ms=ms,
-                 misses_per_step=misses, mib_per_step=nbytes / 2**20, identical=same,
+                 ms_min=min(times), ms_max=max(times), repeats=len(times),
+                 misses_per_step=misses, mib_per_step=nbytes / 2**20,
+                 mib_used_per_step=used / 2**20, identical=same,
                  mode=getattr(cache, "mode", "-"), graph=graph)
         r.update(extra or {})
         rows.append(r)
@@ -338,14 +376,6 @@ def run_shape(name, shape, T, args, device, disk_dir):
         row("resident (fill 16 programs)", "uniform", uniform,
             lambda c=cache: stack.offload_step(c), True, cache)
         cache.demand_parts = parts
-        if torch.cuda.get_device_capability(device)[0] >= 9:  # Hopper and newer
-            cache.pdl = True  # the fill launched while resolve runs
-            try:
-                row("resident (PDL)", "uniform", uniform,
-                    lambda c=cache: stack.offload_step(c), True, cache)
-            except Exception as e:  # an experiment: report it, keep the other rows
-                print(f"  {name} T={T} resident (PDL): failed: {e!r}", flush=True)
-            cache.pdl = False
         sm_link[name] = fill_gbs(stack)
     del cache
     for rname, routing in (("uniform", uniform), ("local", local)):
@@ -366,23 +396,29 @@ def run_shape(name, shape, T, args, device, disk_dir):
         row(label, "uniform", uniform, lambda c=cache: stack.offload_step(c), cuda, cache)
         del cache
         _free(device)
-    if cuda:
-        host = ExpertCache(stack.store, half, device)
+    if cuda:  # the eviction rule of device mode, so only the host sync differs
+        host = ExpertCache(stack.store, half, device, eviction="reuse")
         row("S50 host mode", "uniform", uniform, lambda: stack.offload_step(host), False, host)
         del host
     row("stream (cpu-offload)", "uniform", uniform, stack.stream_step, cuda,
-        extra=dict(mib_per_step=L * (E - E // 2) * stack.layout.expert_bytes / 2**20))
+        extra=dict(mib_per_step=L * (E - E // 2) * stack.layout.expert_bytes / 2**20,
+                   mib_used_per_step=L * (E - E // 2) * stack.layout.expert_bytes / 2**20))
     if stack.disk is not None:
         disk_rate = disk_gbs(stack.disk)
-        cache = ExpertCache(stack.disk, half, device)
+        cache = ExpertCache(stack.disk, half, device, eviction="reuse")
         r = row("S50 disk (host mode)", "uniform", uniform,
                 lambda c=cache: stack.offload_step(c), False, cache, steps=args.disk_steps)
         t = cache.stats.totals()
-        r["disk_seq_gbs"] = disk_rate
-        r["disk_to_slot_gbs"] = t.bytes_loaded / t.load_seconds / 1e9 if t.load_seconds else 0
-        r["direct_io"] = stack.disk.uses_direct_io
-        print(f"  disk: sequential {disk_rate:.2f} GB/s, into slots "
-              f"{r['disk_to_slot_gbs']:.2f} GB/s (O_DIRECT: {r['direct_io']})")
+        if r:
+            r["disk_seq_gbs"] = disk_rate
+            r["disk_to_slot_gbs"] = (t.bytes_loaded / t.load_seconds / 1e9
+                                     if t.load_seconds else 0)
+            r["direct_io"] = stack.disk.uses_direct_io
+            r["checksum"] = stack.disk.checksum
+            r["file_system"] = file_system_of(stack.disk.path)
+            print(f"  disk: sequential {disk_rate:.2f} GB/s, into slots "
+                  f"{r['disk_to_slot_gbs']:.2f} GB/s (O_DIRECT: {r['direct_io']}, "
+                  f"checksum {r['checksum']}, {r['file_system']})")
         stack.disk.close()
         os.unlink(stack.disk.path)
     stores = [(bits, hot) for hot in [None, args.store_hot_bits] if hot != 0
@@ -390,20 +426,30 @@ def run_shape(name, shape, T, args, device, disk_dir):
     for bits, hot in stores:
         qstore, decoded = quantized_store(stack, bits, hot)
         label = f"{bits}-bit store" + (f", every 4th expert {hot}-bit" if hot else "")
-        ref[f"uniform, decoded {label}"] = output_of(
-            stack, uniform, lambda d=decoded: stack.plain_step(d))
+        ref[f"uniform, decoded {label}"] = [
+            output_of(stack, uniform, lambda d=decoded: stack.plain_step(d), step)
+            for step in checked]
         # on CUDA device mode first (the fill decodes each miss, graphed), then host mode
         for make in ([lambda q=qstore: make_expert_cache(q, half, device)[0]] if cuda
                      else []) + [lambda q=qstore: ExpertCache(q, half, device)]:
             cache = make()
-            row(f"S50 {label} ({cache.mode} mode)", f"uniform, decoded {label}",
-                uniform, lambda c=cache: stack.offload_step(c), cache.mode == "device",
-                cache)
-            rows[-1]["routing"] = "uniform"  # its baseline: plain's time on the same routing
+            r = row(f"S50 {label} ({cache.mode} mode)", f"uniform, decoded {label}",
+                    uniform, lambda c=cache: stack.offload_step(c), cache.mode == "device",
+                    cache)
+            if r:
+                r["routing"] = "uniform"  # its baseline: plain's time on the same routing
             del cache
             _free(device)
         del qstore, decoded
         _free(device)
+    if cuda and T == 1 and args.pdl and torch.cuda.get_device_capability(device)[0] >= 9:
+        # last: never run on a GPU yet, and a CUDA error that sticks fails what follows
+        cache, _ = make_expert_cache(stack.store, L * E, device)
+        warm_all(stack, cache)
+        cache.pdl = True  # the fill launched while resolve runs
+        row("resident (PDL)", "uniform", uniform, lambda c=cache: stack.offload_step(c),
+            True, cache)
+        del cache
     _free(device)
     return rows
 
@@ -491,11 +537,14 @@ def warm_all(stack, cache):
     sync(stack.device)
 
 
-def _moved(cache) -> tuple[float, float]:
+def _moved(cache) -> tuple[float, float, float]:
+    """(misses, bytes loaded, bytes the layers used: misses and prefetch hits)."""
     if cache is None:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     t = cache.sync_stats().totals()
-    return float(t.misses), float(t.bytes_loaded)
+    loads = t.misses + t.prefetched
+    used = t.bytes_loaded * (t.misses + t.prefetch_hits) / loads if loads else 0.0
+    return float(t.misses), float(t.bytes_loaded), float(used)
 
 
 def _free(device):
@@ -505,35 +554,45 @@ def _free(device):
 
 # ---- report ------------------------------------------------------------------------
 
-def finish(rows, link, device):
+def finish(rows, link, device, failed=()):
     link_note = ", ".join(f"{k} {v:.1f} GB/s" for k, v in SM_LINK.items())
     base = {(r["shape"], r["batch"], r["routing"]): r["ms"] for r in rows
             if r["row"] == ("plain graph" if device.type == "cuda" else "plain eager")}
     for r in rows:
-        compute = base[(r["shape"], r["batch"], r["routing"])]
+        compute = base.get((r["shape"], r["batch"], r["routing"]), float("nan"))
         nbytes = r["mib_per_step"] * 2**20
+        needed = r.get("mib_used_per_step", r["mib_per_step"]) * 2**20
         r["x_plain"] = r["ms"] / compute
-        r["bound_ms"] = compute + (nbytes / link / 1e6 if link == link else 0.0)
+        # the bound moves only the bytes the layers used: a wasted prefetch is cost
+        r["bound_ms"] = compute + (needed / link / 1e6 if link == link else 0.0)
         r["x_bound"] = r["ms"] / r["bound_ms"]
         extra = r["ms"] - compute
         r["link_gbs"] = nbytes / extra / 1e6 if nbytes and extra > 0 else None
     lines = [f"Raw pinned host -> GPU copy (copy engine): {link:.1f} GB/s; the fill kernel "
              f"alone (SM loads over the link): {link_note or '-'} (same run)", "",
-             "| shape | batch | row | routing | ms/step | x plain (same routing) | misses/step | "
-             "MiB/step | link GB/s | bound ms | x bound | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | batch | row | routing | ms/step (min-max) | x plain (same routing) | "
+             "misses/step | MiB/step | of it wasted | link GB/s | bound ms | x bound | "
+             "identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"
+        spread = (f" ({r['ms_min']:.3f}-{r['ms_max']:.3f})"
+                  if r.get("repeats", 1) > 1 else "")
+        wasted = r["mib_per_step"] - r.get("mib_used_per_step", r["mib_per_step"])
         lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['row']} | {r['routing']} | {r['ms']:.3f} | "
-            f"{r['x_plain']:.3f} | {r['misses_per_step']:.1f} | {r['mib_per_step']:.1f} | "
-            f"{gbs} | {r['bound_ms']:.3f} | {r['x_bound']:.3f} | {r['identical']} |")
+            f"| {r['shape']} | {r['batch']} | {r['row']} | {r['routing']} | {r['ms']:.3f}"
+            f"{spread} | {r['x_plain']:.3f} | {r['misses_per_step']:.1f} | "
+            f"{r['mib_per_step']:.1f} | {wasted:.1f} | {gbs} | {r['bound_ms']:.3f} | "
+            f"{r['x_bound']:.3f} | {r['identical']} |")
     for r in rows:
         if "disk_seq_gbs" in r:
             lines.append(f"\nDisk ({r['shape']}): sequential read {r['disk_seq_gbs']:.2f} GB/s, "
                          f"disk -> slot {r['disk_to_slot_gbs']:.2f} GB/s "
                          f"({r['disk_to_slot_gbs'] / r['disk_seq_gbs']:.0%}), "
-                         f"O_DIRECT {r['direct_io']}")
+                         f"O_DIRECT {r['direct_io']}, checksum {r['checksum']}, "
+                         f"file system {r['file_system']}")
+    for f in failed:
+        lines.append(f"\nFAILED: {f['shape']} batch {f['batch']} {f['row']}: {f['error']}")
     return "\n".join(lines)
 
 
@@ -578,6 +637,11 @@ def main() -> None:
                    help="quantized-store rows (batch 1); none: --store-bits")
     p.add_argument("--store-hot-bits", type=int, default=8,
                    help="mixed-precision rows: every 4th expert at these bits (0: none)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each row this many times (after one warm-up): the median, "
+                        "and min-max in the table")
+    p.add_argument("--no-pdl", dest="pdl", action="store_false",
+                   help="skip the resident (PDL) row (Hopper and newer; run last)")
     p.add_argument("--out", default=str(RESULTS), help="folder for gpu_stack.{md,json,png}")
     p.add_argument("--name", default=None)
     args = p.parse_args()
@@ -586,22 +650,30 @@ def main() -> None:
     shapes = args.shapes or (["mixtral", "qwen3"] if cuda else ["tiny"])
     batches = args.batches or ([1, 16, 64] if cuda else [1, 4])
     link = link_gbs(device)
-    rows = []
-    with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:
-        for name in shapes:
-            for T in batches:
-                rows += run_shape(name, SHAPES[name], T, args, device, tmp)
-    table = finish(rows, link, device)
-    print(table)
+    rows, failed = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("gpu_stack" if cuda else "gpu_stack_cpu")
     gpu = torch.cuda.get_device_name(device) if cuda else "CPU"
     command = "python3 benchmarks/gpu_stack.py " + " ".join(sys.argv[1:])
-    (out / f"{stem}.md").write_text(f"Device: {gpu}, torch {torch.__version__}. "
-                                    f"Command: `{command}`\n\n{table}\n")
-    (out / f"{stem}.json").write_text(json.dumps(dict(link_gbs=link, fill_gbs=SM_LINK,
-                                                      rows=rows), indent=2))
+
+    def write(done: bool) -> str:
+        """The table and JSON of the rows so far: a run cut short keeps them."""
+        table = finish(rows, link, device, failed)
+        note = "" if done else "Partial: the run had not finished when this was written.\n\n"
+        (out / f"{stem}.md").write_text(f"Device: {gpu}, torch {torch.__version__}. "
+                                        f"Command: `{command}`\n\n{note}{table}\n")
+        (out / f"{stem}.json").write_text(json.dumps(
+            dict(link_gbs=link, fill_gbs=SM_LINK, rows=rows, failed=failed,
+                 done=done), indent=2))
+        return table
+
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:
+        for name in shapes:
+            for T in batches:
+                rows += run_shape(name, SHAPES[name], T, args, device, tmp, failed)
+                write(done=False)
+    print(write(done=True))
     plot(rows, out / f"{stem}.png")
 
 
