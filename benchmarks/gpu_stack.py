@@ -34,7 +34,7 @@ are compared bit for bit with plain's on the same inputs, at the first, middle a
 last step. `--repeats N` times each row N times (the median; min-max beside it).
 A row that raises is reported as FAILED and the next one runs; the table and JSON
 are written after every shape and batch, so a run cut short keeps what it measured.
-The PDL row runs last.
+The PDL rows run after every other row of the run (`--no-pdl`: none).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -306,15 +307,16 @@ def disk_gbs(store: DiskStore, limit=4 << 30) -> float:
 
 # ---- rows --------------------------------------------------------------------------
 
-def run_shape(name, shape, T, args, device, disk_dir, failed):
+def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=False):
+    """Every row of one shape and batch, appended to `rows` as each is measured;
+    `pdl_only`: the resident (PDL) row alone (main runs it after everything else)."""
     L, E, K = shape["L"], shape["E"], shape["K"]
     cuda = device.type == "cuda"
-    with_disk = T == 1 and name in args.disk_shapes
+    with_disk = T == 1 and name in args.disk_shapes and not pdl_only
     stack = Stack(shape, T, device, disk_dir if with_disk else None)
     uniform = Routing(shape, T, args.warmup + args.steps, "uniform", device)
     local = Routing(shape, T, args.warmup + args.steps, "local", device, seed=1)
     half = L * E // 2
-    rows = []
     sm_link = SM_LINK
     ref = {}  # routing name -> plain output of step 0
 
@@ -336,7 +338,7 @@ def run_shape(name, shape, T, args, device, disk_dir, failed):
         step_run = capture(run, device) if graph else run
         times, (misses, nbytes, used) = time_row(
             stack, routing, step_run, args.warmup, steps or args.steps, cache, args.repeats)
-        ms = sorted(times)[len(times) // 2]
+        ms = statistics.median(times)
         if routing_name not in ref:
             ref[routing_name] = [output_of(stack, routing, plain_eager, s) for s in checked]
         same = all(torch.equal(output_of(stack, routing, step_run, s), want)
@@ -355,6 +357,13 @@ def run_shape(name, shape, T, args, device, disk_dir, failed):
         return r
 
     plain_eager = stack.plain_step
+    if pdl_only:  # never run on a GPU yet: a CUDA error that sticks fails what follows
+        cache, _ = make_expert_cache(stack.store, L * E, device)
+        warm_all(stack, cache)
+        cache.pdl = True  # the fill launched while resolve runs
+        row("resident (PDL)", "uniform", uniform, lambda c=cache: stack.offload_step(c),
+            True, cache)
+        return
     row("plain eager", "uniform", uniform, plain_eager, False)
     if cuda:
         row("plain graph", "uniform", uniform, plain_eager, True)
@@ -431,7 +440,8 @@ def run_shape(name, shape, T, args, device, disk_dir, failed):
             for step in checked]
         # on CUDA device mode first (the fill decodes each miss, graphed), then host mode
         for make in ([lambda q=qstore: make_expert_cache(q, half, device)[0]] if cuda
-                     else []) + [lambda q=qstore: ExpertCache(q, half, device)]:
+                     else []) + [lambda q=qstore: ExpertCache(q, half, device,
+                                                              eviction="reuse")]:
             cache = make()
             r = row(f"S50 {label} ({cache.mode} mode)", f"uniform, decoded {label}",
                     uniform, lambda c=cache: stack.offload_step(c), cache.mode == "device",
@@ -442,16 +452,7 @@ def run_shape(name, shape, T, args, device, disk_dir, failed):
             _free(device)
         del qstore, decoded
         _free(device)
-    if cuda and T == 1 and args.pdl and torch.cuda.get_device_capability(device)[0] >= 9:
-        # last: never run on a GPU yet, and a CUDA error that sticks fails what follows
-        cache, _ = make_expert_cache(stack.store, L * E, device)
-        warm_all(stack, cache)
-        cache.pdl = True  # the fill launched while resolve runs
-        row("resident (PDL)", "uniform", uniform, lambda c=cache: stack.offload_step(c),
-            True, cache)
-        del cache
     _free(device)
-    return rows
 
 
 def quantized_store(stack, bits, hot_bits=None):
@@ -668,11 +669,22 @@ def main() -> None:
                  done=done), indent=2))
         return table
 
+    def run(name, T, pdl_only=False):
+        try:
+            run_shape(name, SHAPES[name], T, args, device, tmp, rows, failed, pdl_only)
+        except Exception as e:  # outside a row (building a stack or store): the rest run
+            print(f"  {name} T={T}: FAILED: {e!r}", flush=True)
+            failed.append(dict(shape=name, batch=T, row="(set-up)", error=repr(e)))
+        write(done=False)
+
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:
         for name in shapes:
             for T in batches:
-                rows += run_shape(name, SHAPES[name], T, args, device, tmp, failed)
-                write(done=False)
+                run(name, T)
+        if cuda and 1 in batches and args.pdl and torch.cuda.get_device_capability(
+                device)[0] >= 9:  # Hopper and newer; last of the whole run
+            for name in shapes:
+                run(name, 1, pdl_only=True)
     print(write(done=True))
     plot(rows, out / f"{stem}.png")
 

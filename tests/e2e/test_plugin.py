@@ -38,6 +38,8 @@ def folded(argv):
         "expert_offload"]
 cfg = folded(["--model", "m", "--expert-pool-slots", "8", "--no-enable-expert-offload"])
 assert cfg["enabled"] is False, cfg
+cfg = folded(["--model", "m", "--expert-task-aware", "--expert-task-scheduler", "false"])
+assert cfg["task_scheduler"] is False, cfg  # the form this flag was first documented in
 import pathlib, tempfile
 yaml = pathlib.Path(tempfile.mkdtemp()) / "c.yaml"
 yaml.write_text("model: m\nenable-expert-offload: false\nexpert-pool-slots: 64\n"

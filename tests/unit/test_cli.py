@@ -82,7 +82,7 @@ def cmd(args):  # stands in for starting the server
     args.model = args.model_tag or args.model
     cfg = AsyncEngineArgs.from_cli_args(args).additional_config.get("expert_offload", {})
     print(json.dumps({"model": args.model, "port": args.port,
-                      "pool_slots": cfg.get("pool_slots")}))
+                      "pool_slots": cfg.get("pool_slots"), "enabled": cfg.get("enabled")}))
 ServeSubcommand.cmd = staticmethod(cmd)
 for argv in json.loads(sys.argv[1]):
     main(["serve", *argv])
@@ -97,15 +97,20 @@ def test_serve_takes_vllm_serve_arguments_as_they_are(tmp_path):
     """`vllm-moe-offload serve` parses as `vllm serve` (before, it put --model in front
     of every argument list: --help, --model M, a flag first, --config all failed)."""
     (tmp_path / "c.yaml").write_text("model: M\nport: 8001\nexpert-pool-slots: 64\n")
+    # with serve as a subcommand the top-level parser reads the file (vLLM's own CLI
+    # does the same): `false` must still reach the serve parser's flag
+    (tmp_path / "off.yaml").write_text("model: M\nport: 8001\nexpert-pool-slots: 64\n"
+                                       "enable-expert-offload: false\n")
     argvs = [["M", "--port", "8001", "--expert-pool-slots", "64"],
              ["--port", "8001", "M", "--expert-pool-slots", "64"],
              ["--model", "M", "--port", "8001", "--expert-pool-slots", "64"],
-             ["--config", "c.yaml"]]
+             ["--config", "c.yaml"], ["--config", "off.yaml"]]
     out = subprocess.run([sys.executable, "-c", SERVE_PROBE, json.dumps(argvs)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert lines[:-1] == [{"model": "M", "port": 8001, "pool_slots": 64}] * len(argvs)
+    on = {"model": "M", "port": 8001, "pool_slots": 64, "enabled": True}
+    assert lines[:-1] == [on] * (len(argvs) - 1) + [dict(on, enabled=False)]
     assert "--expert-pool-slots" in lines[-1]["help"]
     assert "--no-enable-expert-offload" in lines[-1]["help"]
 

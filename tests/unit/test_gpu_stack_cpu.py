@@ -60,3 +60,25 @@ def test_gpu_scripts_run_from_a_bare_checkout(tmp_path):
                             cwd=tmp_path, env={"PYTHONPATH": ":".join(paths)},
                             capture_output=True, text=True, timeout=60)
     assert hidden.returncode != 0  # the check above really ran without the install
+
+
+def test_a_failure_is_reported_and_the_rows_before_it_kept(tmp_path, monkeypatch):
+    """On a GPU a run is cut at the command's limit, and code not run there before may
+    fail: a row or a set-up that raises is reported, and what ran is written."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_stack
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a store that cannot be built")
+    monkeypatch.setattr(gpu_stack, "quantized_store", broken)
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_stack.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batches",
+        "1", "4", "--disk-shapes", "--store-bits", "4", "--disk-dir", str(tmp_path),
+        "--out", str(tmp_path)])
+    gpu_stack.main()
+    result = json.loads((tmp_path / "gpu_stack_cpu.json").read_text())
+    assert result["done"]
+    assert [(f["batch"], f["row"]) for f in result["failed"]] == [(1, "(set-up)")]
+    assert {r["batch"] for r in result["rows"]} == {1, 4}  # the rows of both batches
+    assert "FAILED: tiny batch 1 (set-up): RuntimeError" in (
+        tmp_path / "gpu_stack_cpu.md").read_text()

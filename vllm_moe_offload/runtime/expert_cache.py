@@ -339,8 +339,8 @@ class ExpertCache(SlotBuffers):
             pinned = self._prefetched.setdefault(target, [])
             already = {key.expert for key, _, _ in pinned}
             group = self.group_of(target)
-            for e in experts:
-                self.pool.hint(ExpertKey(target, e))
+            for e in reversed(experts):  # the least wanted hinted first, so the first
+                self.pool.hint(ExpertKey(target, e))  # a hinted layer gives up
             for e in experts:
                 if not room[group] or (self._prefetch_pins[group]
                                        >= self._budgets[group]):

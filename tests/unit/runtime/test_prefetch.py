@@ -213,3 +213,28 @@ def test_load_seconds_count_the_copies_of_wasted_prefetches(tmp_path):
     t = run(cache, plan)["totals"]
     assert t["prefetch_wasted"] > 0
     assert t["load_seconds"] >= (t["misses"] + t["prefetched"]) * 0.005
+
+
+def test_the_least_wanted_prediction_is_the_first_hinted_victim(tmp_path):
+    """Predictions come most-wanted first; the `predicted` policy gives up the hinted
+    expert it was told of first, so the cache hints them least-wanted first."""
+    from vllm_moe_offload.core.eviction import ReuseDistance
+    from vllm_moe_offload.core.slot_pool import ExpertKey
+
+    class Fixed(Predictor):
+        def predict(self, layer, hidden):
+            return [(1, [2, 0, 1])] if layer == 0 else []  # 2 most wanted, 1 least
+
+    cache = with_predictor(tmp_path, "host", Fixed(depth=1, top_k=2, num_layers=L),
+                           num_slots=E, budget=0)  # hints only, no loads
+    hinted = []
+    hint = cache.pool.hint
+    cache.pool.hint = lambda key: hinted.append(key) or hint(key)
+    cache.map_to_slots(0, torch.tensor([[3, 4]], dtype=torch.int32), torch.zeros(1, H))
+    policy = ReuseDistance(num_layers=L, use_hints=True)
+    policy.start_call(1)
+    for slot, e in enumerate([0, 1, 2]):
+        policy.add(slot, ExpertKey(1, e))
+    for key in hinted:
+        policy.hint(key)
+    assert policy.pop_victim() == 1  # expert 1's slot

@@ -62,10 +62,33 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(OffloadConfig):
         flag, dest = f.metadata["flag"], "expert_offload_" + f.name
         if f.type.startswith("bool"):  # --flag / --no-flag: a YAML `false` must reach us
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                               default=None, help=f.metadata["help"])
+            action = _OnOffValue if f.name in TAKES_A_VALUE else argparse.BooleanOptionalAction
+            group.add_argument(flag, dest=dest, action=action, default=None,
+                               help=f.metadata["help"])
         else:
             group.add_argument(flag, dest=dest, default=None, help=f.metadata["help"])
+
+
+TAKES_A_VALUE = ("task_scheduler",)  # documented as `--expert-task-scheduler {true,false}`
+
+
+class _OnOffValue(argparse.BooleanOptionalAction):
+    """--flag, --no-flag, or --flag true/false (the form this flag had first)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None or option_string.startswith("--no-"):
+            return super().__call__(parser, namespace, None, option_string)
+        from vllm_moe_offload.core.config import _coerce
+
+        try:
+            value = _coerce(OffloadConfig, self.dest.removeprefix("expert_offload_"), values)
+        except ValueError as e:
+            parser.error(str(e))
+        setattr(namespace, self.dest, value)
 
 
 def cli_values(args: argparse.Namespace) -> dict:
@@ -179,6 +202,7 @@ def _install_engine_args_hooks() -> None:
 
     if getattr(EngineArgs.create_engine_config, "_moe_offload", False):
         return
+    _install_config_file_hook()
     orig_add = EngineArgs.add_cli_args
     orig_from = EngineArgs.from_cli_args.__func__
     orig_create = EngineArgs.create_engine_config
@@ -225,6 +249,31 @@ def _install_engine_args_hooks() -> None:
     EngineArgs.add_cli_args = staticmethod(add)
     EngineArgs.from_cli_args = classmethod(from_cli)
     EngineArgs.create_engine_config = create
+
+
+def _install_config_file_hook() -> None:
+    """`key: false` in a `--config` YAML reaches our on/off flags. vLLM passes it on
+    as --no-key only where the parser that reads the file has that flag, and with a
+    subcommand (`vllm serve --config f.yaml`) the top-level parser reads it, which
+    has none of serve's flags: the line was dropped, so offload stayed on."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    original = FlexibleArgumentParser.load_config_file
+    ours = {f.metadata["flag"][2:] for f in dataclasses.fields(OffloadConfig)
+            if f.type.startswith("bool")}
+
+    def load_config_file(self, file_path: str) -> list[str]:
+        import yaml
+
+        args = original(self, file_path)
+        with open(file_path) as f:
+            config = yaml.safe_load(f) or {}
+        for key, value in config.items():
+            if value is False and key in ours and f"--no-{key}" not in args:
+                args.append(f"--no-{key}")
+        return args
+
+    FlexibleArgumentParser.load_config_file = load_config_file
 
 
 def _set_task_scheduler(engine_args) -> None:
