@@ -28,6 +28,9 @@ def test_metrics_equal_get_stats(models, engine, store_dir):
     for d, p in totals["predictions"].items():
         assert got[("vllm_moe_offload_prediction_recall", (("distance", d),))] == (
             p["recall"])
+        for key in ("correct", "predicted", "routed"):
+            assert got[(f"vllm_moe_offload_prediction_{key}_total", (("distance", d),))] == (
+                p[key])
     slots = {state: got[("vllm_moe_offload_pool_slots", (("state", state),))]
              for state in ("total", "used", "pinned", "planned")}
     assert slots["total"] == stats["pool"]["num_slots"] == EXPERTS + 4
@@ -37,7 +40,7 @@ def test_metrics_equal_get_stats(models, engine, store_dir):
 
 def test_two_api_servers_serve_the_workers_totals(models, tmp_path):
     """`vllm-moe-offload serve --api-server-count 2`: vLLM's API server processes
-    never load the plugin; they read the worker's multiprocess metric files."""
+    serve the worker's multiprocess metric files."""
     import os
     import signal
     import subprocess

@@ -13,8 +13,8 @@ from vllm_moe_offload.integration.vllm import metrics
 def snapshot(hits, misses, layers=None):
     totals = {k: 0 for k in metrics.COUNTERS}
     totals.update(hits=hits, misses=misses, bytes_loaded=misses * 100,
-                  predictions={"1": {"precision": 0.5, "recall": 0.25, "predicted": 4,
-                                     "routed": 8}})
+                  predictions={"1": {"precision": 0.5, "recall": 0.25, "correct": 2,
+                                     "predicted": 4, "routed": 8}})
     snap = {"totals": totals, "pool": {"num_slots": 10, "store_repairs": 1},
             "occupancy": {"used": 9, "pinned": 2, "planned": 0}, "replans": 3}
     if layers:
@@ -45,6 +45,10 @@ def test_series_sum_the_live_workers(tmp_path, monkeypatch):
     assert got[("vllm_moe_offload_store_repairs_total", ())] == 2
     assert got[("vllm_moe_offload_replans_total", ())] == 6
     assert got[("vllm_moe_offload_prediction_precision", (("distance", "1"),))] == 0.5
+    # the counts behind it, as counters (rate() windows them)
+    assert got[("vllm_moe_offload_prediction_correct_total", (("distance", "1"),))] == 4
+    assert got[("vllm_moe_offload_prediction_predicted_total", (("distance", "1"),))] == 8
+    assert got[("vllm_moe_offload_prediction_routed_total", (("distance", "1"),))] == 16
     assert got[("vllm_moe_offload_pool_slots", (("state", "total"),))] == 20
     assert got[("vllm_moe_offload_pool_slots", (("state", "pinned"),))] == 4
     assert not any(name.startswith("vllm_moe_offload_per_layer_") for name, _ in got)
@@ -98,6 +102,7 @@ print(generate_latest(registry).decode())
 
 def check_series(out):
     assert "vllm_moe_offload_hits_total 9.0" in out
+    assert 'vllm_moe_offload_prediction_correct_total{distance="1"} 2.0' in out
     assert "vllm_moe_offload_misses_total 3.0" in out
     assert "vllm_moe_offload_store_repairs_total 1.0" in out
     assert 'vllm_moe_offload_pool_slots{state="used"} 9.0' in out

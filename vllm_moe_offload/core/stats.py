@@ -88,6 +88,6 @@ def _with_rates(d: dict) -> dict:
     d["predictions"] = {
         dist: {"precision": ok / predicted if predicted else 0.0,
                "recall": ok / routed if routed else 0.0,
-               "predicted": predicted, "routed": routed}
+               "correct": ok, "predicted": predicted, "routed": routed}
         for dist, (ok, predicted, routed) in sorted(d["predictions"].items())}
     return d

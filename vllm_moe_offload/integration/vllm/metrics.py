@@ -63,6 +63,13 @@ WORKER_COUNTERS = {
     "failed_requests": "Requests failed because an expert they routed to was unavailable.",
     "replans": "Task-aware residency re-plans.",
 }
+# prediction counts per distance: what precision and recall are made of, as counters
+# (rate() windows them; the gauges below are since start)
+PREDICTION_COUNTERS = {
+    "correct": "Predicted experts that the layer then used, by prediction distance.",
+    "predicted": "Distinct experts predicted per layer call, by prediction distance.",
+    "routed": "Distinct experts the predicted layer call used, by prediction distance.",
+}
 SLOTS_HELP = ("Expert slots by state: total, used (holding an expert), pinned (a layer "
               "call, prefetch or the plan holds them), planned (the residency plan).")
 
@@ -112,6 +119,9 @@ class _MultiprocessSeries:
                          for k, (name, doc) in names.items()}
         self.slots = Gauge(PREFIX + "pool_slots", SLOTS_HELP, ["state"],
                            registry=None, multiprocess_mode="livesum")
+        self.predictions = {k: Counter(PREFIX + "prediction_" + k, doc, ["distance"],
+                                       registry=None)
+                            for k, doc in PREDICTION_COUNTERS.items()}
         self.last: dict[str, float] = {}
         self._lock = threading.Lock()  # the snapshot timer and the step both update
 
@@ -126,6 +136,12 @@ class _MultiprocessSeries:
             if delta > 0:
                 counter.inc(delta)
             self.last[key] = values[key]
+        for key, counter in self.predictions.items():
+            for d, value in prediction_counts([snapshot], key).items():
+                delta = value - self.last.get((key, d), 0)
+                if delta > 0:
+                    counter.labels(d).inc(delta)
+                self.last[(key, d)] = value
         self.slots.labels("total").set(snapshot["pool"]["num_slots"])
         for state, value in snapshot["occupancy"].items():
             self.slots.labels(state).set(value)
@@ -236,6 +252,11 @@ def families(snapshots: list[dict]) -> list:
                      if d in s["totals"]["predictions"]]
             gauge.add_metric([str(d)], _ratio(pairs, key))
         out.append(gauge)
+    for key, doc in PREDICTION_COUNTERS.items():
+        family = CounterMetricFamily(PREFIX + "prediction_" + key, doc, labels=["distance"])
+        for d, value in prediction_counts(snapshots, key).items():
+            family.add_metric([d], value)
+        out.append(family)
     slots = GaugeMetricFamily(PREFIX + "pool_slots", SLOTS_HELP, labels=["state"])
     slots.add_metric(["total"], sum(s["pool"]["num_slots"] for s in snapshots))
     for state in ("used", "pinned", "planned"):
@@ -244,6 +265,15 @@ def families(snapshots: list[dict]) -> list:
             slots.add_metric([state], sum(values))
     out.append(slots)
     return out
+
+
+def prediction_counts(snapshots: list[dict], key: str) -> dict[str, int]:
+    """distance -> PREDICTION_COUNTERS' `key` summed over the workers' snapshots."""
+    out: dict[str, int] = {}
+    for s in snapshots:
+        for d, p in s["totals"]["predictions"].items():
+            out[str(d)] = out.get(str(d), 0) + p.get(key, 0)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def _ratio(pairs: list[dict], key: str) -> float:
