@@ -68,3 +68,15 @@ def test_a_request_that_fails_in_two_steps_counts_once():
     model.cache.failed_rows.update({2: "expert (0, 3) lost"})
     assert model.take_failed_requests(layout) == {"b": "expert (0, 3) lost"}
     assert model.failed_requests == 2
+
+
+def test_rows_that_failed_outside_a_step_do_not_fail_the_first_requests():
+    """vLLM's profiling and warm-up runs sample nothing, so their failed rows were
+    still there at the first real step and failed its requests by row number."""
+    from types import SimpleNamespace
+
+    model = ModelOffload(OffloadConfig(enabled=True), {"model": "m"}, torch.device("cpu"))
+    model.cache = SimpleNamespace(failed_rows={r: "expert (0, 3) lost" for r in range(6)})
+    model.step_starts()  # the first real step begins
+    assert model.take_failed_requests([("req-A", 1), ("req-B", 1)]) == {}
+    assert model.failed_requests == 0

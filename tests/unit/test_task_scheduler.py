@@ -222,7 +222,7 @@ def test_task_names_past_the_cap_count_as_the_default_task(caplog):
     from vllm_moe_offload.runtime.task_residency import COUNT_ROWS
 
     assert MAX_TASKS + 1 == COUNT_ROWS  # with the default: a step's tasks fit the rows
-    classifier = TaskClassifier(None, "unused", known=["from-the-file"])
+    classifier = TaskClassifier(None, None, known=["from-the-file"])
     names = [classifier.task_of({"task": f"t{i}"}, []) for i in range(MAX_TASKS - 1)]
     assert names == [f"t{i}" for i in range(MAX_TASKS - 1)]
     assert classifier.task_of({"task": "from-the-file"}, []) == "from-the-file"
@@ -256,3 +256,71 @@ def test_ageing_leaves_the_affinity_order_under_a_backlog(vllm_config):
         scheduler.update_from_output(so, model_output(so, step))  # chat is resident
     assert len(order) == len(set(order)) == 96  # every request admitted, once
     assert sum(r.startswith("chat") for r in order[16:56]) >= 36
+
+
+def test_rules_read_prompts_with_vllms_tokenizer_and_a_failure_is_not_fatal(
+        vllm_config, tmp_path, caplog, monkeypatch):
+    """The classifier decodes with the engine's own tokenizer (its mode, revision and
+    trust_remote_code; before, a bare AutoTokenizer), and in the scheduler, where an
+    exception ends the engine, a tokenizer that cannot load makes untagged requests
+    the default task, with one warning."""
+    import json
+
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    from vllm_moe_offload.integration.vllm import tasks
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"default": "general", "rules": [
+        {"task": "python", "keywords": ["def "]}]}))
+    model_config = vllm_config.model_config
+    ids = cached_tokenizer_from_config(model_config).encode("def add(a, b):")
+    assert tasks.TaskClassifier(str(rules), model_config).task_of(None, ids) == "python"
+    broken = tasks.TaskClassifier(str(rules), model_config)
+    monkeypatch.setattr(broken, "_decode", lambda ids: 1 / 0)
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        assert broken.task_of(None, ids) == "general"
+        assert broken.task_of(None, ids) == "general"
+        assert broken.task_of({"task": "python"}, ids) == "python"  # tagged: as given
+    assert caplog.text.count("the task rules cannot read prompts") == 1
+
+
+def test_approximate_tasks_keep_their_kv_blocks_apart(tmp_path):
+    """Approximate mode: a task whose layers re-route computes KV that an exact task's
+    request with the same prefix must not read from the prefix cache (its block
+    hashes covered tokens and cache_salt, not the task)."""
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    from vllm_moe_offload.core.sensitivity import SENSITIVITY_FORMAT
+
+    model = build_tiny_moe(tmp_path / "m", "qwen3_moe", num_layers=2, num_experts=4)
+    sensitivity = tmp_path / "s.json"
+    sensitivity.write_text(json.dumps({
+        "format": SENSITIVITY_FORMAT, "model": str(model), "num_layers": 2,
+        "threshold": 0.05, "metric": "m",
+        "tasks": {"chat": {"change": [0.0, 0.2], "insensitive": [0]},
+                  "python": {"change": [0.3, 0.2], "insensitive": []}}}))
+    config = EngineArgs(model=str(model), max_model_len=128, enforce_eager=True,
+                        additional_config={"expert_offload": {
+                            "enabled": True, "pool_slots": 6, "task_aware": True,
+                            "approximate": True,
+                            "sensitivity_path": str(sensitivity)}}).create_engine_config()
+    scheduler = make_scheduler(config, async_scheduling=False)
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(16, sha256)
+    requests = {}
+    for task in ("chat", "python", "general"):
+        params = SamplingParams(max_tokens=2, extra_args={"task": task})
+        requests[task] = Request(task, list(range(1, 40)), params, None, arrival_time=0.0,
+                                 block_hasher=hasher)
+        scheduler.add_request(requests[task])
+    assert "approximate:chat" in requests["chat"].cache_salt
+    assert requests["python"].cache_salt is None  # exact tasks share blocks as before
+    assert requests["chat"].block_hashes[0] != requests["python"].block_hashes[0]
+    assert requests["python"].block_hashes == requests["general"].block_hashes

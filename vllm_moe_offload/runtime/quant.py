@@ -406,7 +406,7 @@ class QuantizedStore(ExpertStore):
     @rederive.setter
     def rederive(self, fn):  # the checkpoint's expert, encoded like put() encodes it
         self.inner.rederive = None if fn is None else (
-            lambda layer, expert: self.codec.encode(fn(layer, expert), self.encode_device))
+            lambda layer, expert: self._encode(fn(layer, expert)))
 
     def contains(self, layer, expert):
         return self.inner.contains(layer, expert)
@@ -421,11 +421,17 @@ class QuantizedStore(ExpertStore):
         """`tensors` in the source layout (the checkpoint's)."""
         if self.inner.reused:
             return  # the sealed file already holds this expert
+        self.inner.put(layer, expert, self._encode(tensors))
+
+    def _encode(self, tensors):
+        """`tensors`, checked to be in the source layout, encoded. A re-derived expert
+        goes through here too: its encoded layout depends on element counts alone, so
+        a checkpoint tensor read transposed would pass a check of the codes."""
         got = [(tuple(t.shape), t.dtype) for t in tensors]
         if got != [(s.shape, s.dtype) for s in self.source.tensors]:
             raise ValueError(f"expert tensors {got} do not match the quantized store's "
                              f"source layout {self.source.describe()}")
-        self.inner.put(layer, expert, self.codec.encode(tensors, self.encode_device))
+        return self.codec.encode(tensors, self.encode_device)
 
     def read_into(self, layer, expert, dst):
         device = dst[0].device

@@ -216,6 +216,14 @@ class ExpertStore:
                              f"{self.layout.describe()}")
 
 
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """pwrite that says so when the disk took fewer bytes: where fallocate reserves
+    nothing (copy-on-write file systems), a full disk shows as a short write."""
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+
+
 _LIBCUDA = "libcuda.so.1"  # the CUDA driver (tests load a stand-in)
 _REGISTER_FLAGS = 0x3  # PORTABLE | DEVICEMAP: what cudaHostRegister's default is on UVA
 
@@ -643,7 +651,7 @@ class DiskStore(ExpertStore):
         self._check(tensors)
         data = self._record(tensors)
         try:
-            os.pwrite(self._fd, data, self._offset(layer, expert))
+            _pwrite_all(self._fd, data, self._offset(layer, expert))
         except OSError as e:
             self._abandon(e)
         self._sums[self._index(layer, expert)] = self._digest(data)
@@ -667,9 +675,9 @@ class DiskStore(ExpertStore):
             raise RuntimeError(f"{self.path}: {len(self.missing())} experts never "
                                f"arrived, first {self.missing()[:4]}")
         try:
-            os.pwrite(self._fd, self._sums.tobytes(), _HEADER_BYTES + self.nbytes)
+            _pwrite_all(self._fd, self._sums.tobytes(), _HEADER_BYTES + self.nbytes)
             os.fsync(self._fd)
-            os.pwrite(self._fd, self._header(sealed=True), 0)
+            _pwrite_all(self._fd, self._header(sealed=True), 0)
             os.fsync(self._fd)
             share(self._fd)  # sealed, in use: from the rename on, prune leaves it
             os.replace(self._tmp, self.path)
@@ -727,13 +735,13 @@ class DiskStore(ExpertStore):
                                     "checkpoint to re-derive it from") from None
         try:
             tensors = self.rederive(layer, expert)
+            self._check(tensors)  # (a wrong shape: the requests fail, not the engine)
+            data = self._record(tensors)
         except Exception as e:
             raise ExpertUnavailable(
                 layer, expert, f"{where}: {why}, and re-deriving it from the checkpoint "
                 f"failed ({e}); restore the checkpoint, or delete the store file and "
                 "restart to rebuild it") from None
-        self._check(tensors)
-        data = self._record(tensors)
         sealed = self._sums[self._index(layer, expert)]
         differs = self._digest(data) != sealed
         if self.exact_rederive and differs:
@@ -751,7 +759,7 @@ class DiskStore(ExpertStore):
             try:
                 if os.fstat(fd).st_ino != os.fstat(self._fd).st_ino:
                     raise OSError(errno.ESTALE, "the file was replaced since it was opened")
-                os.pwrite(fd, data, self._offset(layer, expert))
+                _pwrite_all(fd, data, self._offset(layer, expert))
                 os.fsync(fd)
                 if differs:  # a quantized record encoded to other codes: its own
                     self._amend_checksum(fd, self._index(layer, expert), data)

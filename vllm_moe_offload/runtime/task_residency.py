@@ -112,8 +112,8 @@ class TaskResidency:
         for _ in range(new_prompts):
             replan |= self.clock.on_prompt()
         if replan:
-            self._warm = False
-            self.replan(demand)
+            warm, self._warm = self._warm, False
+            self.replan(demand, warm)
 
     def _count_rows(self, tasks: list[str]) -> list[int]:
         """The row of _counts that counts each of a step's `tasks`. Where the step's
@@ -211,11 +211,13 @@ class TaskResidency:
             self._counts.zero_()  # in place: graphs add into it
         self._profile_tensor = None
 
-    def replan(self, demand: dict[str, float]) -> None:
+    def replan(self, demand: dict[str, float], warm: bool = False) -> None:
+        """`warm`: the first plan of a server started with profiles. Its first step
+        sees a request or two, a poor sample of the traffic to come: tasks weigh by
+        the traffic they had, their share of the profiles (before, one rare task's
+        request planned for it alone until the next re-plan)."""
         self.fold()
-        if not any(v > 0 for v in demand.values()):
-            # Nothing queued that we can see (a warm start): weigh tasks by the
-            # traffic they had, i.e. by their share of the profiles.
+        if warm or not any(v > 0 for v in demand.values()):
             demand = {t: float(sum(table[0])) for t, table in self.profiles.counts.items()}
         t0 = time.perf_counter()
         # ranked, then within each slot group's room (one group: the first `budget`)

@@ -548,3 +548,49 @@ def test_the_pinned_store_registers_whole_pages_of_its_own(fake_libcuda):
     owner = type("Owner", (), {})()
     assert not _page_lock(owner, _whole_pages(3 * page + 5))
     assert value("registered") == 0 and value("depth") == 0 and value("retained") == 0
+
+
+def test_a_short_write_is_a_full_disk(tmp_path, monkeypatch):
+    """Where fallocate reserves nothing (copy-on-write file systems), a full disk shows
+    as a short write: before, the build sealed a damaged record and said nothing."""
+    store = DiskStore(tmp_path / "s.experts", LAYOUT, L, E, FP)
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, data[:7], offset))
+    with pytest.raises(ValueError, match="GiB are free"):
+        store.put(0, 0, expert(0, 0))
+
+
+def test_a_re_derived_expert_of_the_wrong_shape_fails_its_requests_not_the_engine(
+        tmp_path):
+    """A checkpoint read transposed has the right number of elements: an exact store
+    raised a ValueError naming nothing (the engine died), and a quantized store, whose
+    codes depend on element counts alone, encoded and served it."""
+    from vllm_moe_offload.runtime.quant import GroupQuant, QuantizedStore
+    from vllm_moe_offload.runtime.store import ExpertUnavailable
+
+    source = ExpertLayout((TensorSpec((16, 8), torch.bfloat16),
+                           TensorSpec((8, 16), torch.bfloat16)))
+
+    def weights(layer, e):
+        g = torch.Generator().manual_seed(layer * 10 + e)
+        return [torch.randn(t.shape, generator=g).to(t.dtype) for t in source.tensors]
+
+    for quantized in (False, True):
+        path = tmp_path / f"s{int(quantized)}.experts"
+        codec = GroupQuant(4, 8, "rtn")
+        inner = DiskStore(path, codec.layout(source) if quantized else source, L, E, FP)
+        store = QuantizedStore(inner, codec, source) if quantized else inner
+        for layer in range(L):
+            for e in range(E):
+                store.put(layer, e, weights(layer, e))
+        store.seal()
+        store.rederive = lambda layer, e: [t.t().contiguous() for t in weights(layer, e)]
+        with open(path, "r+b") as f:  # damage expert (1, 2)'s record
+            f.seek(inner._offset(1, 2) + 3)
+            byte = f.read(1)[0]
+            f.seek(inner._offset(1, 2) + 3)
+            f.write(bytes([byte ^ 0xFF]))
+        dst = [torch.empty(t.shape, dtype=t.dtype) for t in source.tensors]
+        with pytest.raises(ExpertUnavailable, match=r"expert \(1, 2\).*re-deriving it from "
+                                                    r"the checkpoint failed.*do not match"):
+            store.read_into(1, 2, dst)

@@ -175,3 +175,18 @@ def test_a_step_of_more_tasks_than_count_rows_credits_each_its_own_tokens(tmp_pa
     res.fold()
     assert all(res.profiles.counts[f"u{i}"][2][i % E] == 2 for i in range(COUNT_ROWS))
     assert f"u{COUNT_ROWS}" not in res.profiles.counts  # past the rows: the sink
+
+
+def test_a_warm_start_plans_for_the_traffic_the_profiles_saw(tmp_path):
+    """The first step after a restart sees one request: before, a rare task's request
+    planned for it alone (the profiles' shares were used only for a demand of 0,
+    which a real step never has) until the next re-plan."""
+    p = TaskProfiles(L, E)
+    for _ in range(100):
+        p.record("a", 0, [0, 1])  # the heavy task
+    p.record("b", 0, [4, 5])  # a rare one
+    p.save(tmp_path / "prof.json")
+    res = TaskResidency(make_cache("host", tmp_path, 10), budget=2, replan_every=40,
+                        profiles_path=str(tmp_path / "prof.json"))
+    res.begin_step([("b", 3)], new_prompts=1, demand={"b": 3 + 64})
+    assert {k.expert for k in res.cache._planned} & {0, 1}

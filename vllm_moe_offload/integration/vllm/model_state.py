@@ -130,6 +130,7 @@ class ModelOffload:
         self.stats = OffloadStats()
         self.experts_arrived = 0
         self.tasks: TaskResidency | None = None
+        self.worker_tasks = None  # the worker's request classifier (tasks.py)
         self._gates: list[torch.Tensor] | None = None  # approximate mode: router weights
         # (misses, read later; stall seconds) of the last step report, or as the first
         # step began: each report counts from the one before it
@@ -499,7 +500,15 @@ class ModelOffload:
         if cfg.sensitivity_path:
             insensitive = load_insensitive(cfg.sensitivity_path, self.num_layers)
         if cfg.approximate:
-            self._gates = [g.to(self.device) for g in load_gates(self.fingerprint["model"])]
+            gates = load_gates(self.fingerprint["model"])
+            shapes = {tuple(g.shape[:1]) for g in gates}
+            if len(gates) != self.num_layers or shapes != {(self.experts_per_layer,)}:
+                raise ValueError(
+                    f"expert_offload.approximate: found {len(gates)} router weights with "
+                    f"{sorted(s[0] for s in shapes)} experts for {self.num_layers} MoE "
+                    f"layers of {self.experts_per_layer}; re-routing needs each layer's "
+                    "own router. Turn approximate off for this model.")
+            self._gates = [g.to(self.device) for g in gates]
         residency = TaskResidency(cache, budget, cfg.replan_every, cfg.task_profiles_path,
                                   insensitive, cfg.approximate, self.max_step_tokens)
         logger.info("expert offload: task-aware residency: up to %d pinned slots, re-plan "
@@ -554,6 +563,14 @@ class ModelOffload:
         self._failed_ids |= new
         self.failed_requests += len(new)
         return failed
+
+    def step_starts(self) -> None:
+        """Before every step's forward: rows that failed outside a step (vLLM's
+        profiling and warm-up runs, which sample nothing, so take_failed_requests
+        never ran for them) are not this step's rows."""
+        rows = getattr(self.cache, "failed_rows", None)
+        if rows:
+            rows.clear()
 
     def step_began(self) -> None:
         """Before a step's forward (vLLM's _update_states). The first takes the counts

@@ -239,6 +239,13 @@ def _install_engine_args_hooks() -> None:
             _choose_model_runner(self)
             if cfg.use_task_scheduler:
                 _set_task_scheduler(self)
+            elif cfg.approximate and self.enable_prefix_caching is not False:
+                raise ValueError(
+                    "expert_offload.approximate with task_scheduler=false: vLLM's "
+                    "scheduler would let an exact task's request read KV blocks that an "
+                    "approximate task computed with re-routed experts (the prefix cache "
+                    "does not know tasks). Keep the task-aware scheduler, which keeps "
+                    "those blocks apart, or add --no-enable-prefix-caching.")
         vllm_config = orig_create(self, *args, **kwargs)
         if cfg.enabled:
             check_model(vllm_config.model_config, cfg)

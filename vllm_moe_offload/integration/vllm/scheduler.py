@@ -39,6 +39,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_moe_offload.core.config import OffloadConfig
+from vllm_moe_offload.core.sensitivity import load_insensitive
 from vllm_moe_offload.core.slo import LatencyModel, RequestInfo, can_admit, order_waiting
 from vllm_moe_offload.core.tasks import TaskProfiles, request_fields
 from vllm_moe_offload.integration.vllm.tasks import REPORT_ATTR, TaskClassifier
@@ -47,6 +48,16 @@ logger = logging.getLogger("vllm.moe_offload")
 
 SCHEDULER_CLS = "vllm_moe_offload.integration.vllm.scheduler.TaskAwareScheduler"
 _SCHEDULED_AT = "_moe_offload_scheduled_at"  # on a SchedulerOutput: perf_counter()
+
+
+def _salt(request: Request, task: str) -> None:
+    """Approximate mode: the KV blocks of a task whose layers may re-route are its
+    own in the prefix cache. vLLM's block hashes cover the tokens and cache_salt,
+    not the task, so another task's request with the same prefix (one that must stay
+    exact) would have read them."""
+    request.cache_salt = f"{request.cache_salt or ''}|vllm-moe-offload approximate:{task}"
+    request.block_hashes = []
+    request.update_block_hashes()
 
 
 class TaskAwareScheduler(Scheduler):
@@ -61,9 +72,11 @@ class TaskAwareScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = OffloadConfig.resolve(self.vllm_config.additional_config)
-        self._classifier = TaskClassifier(cfg.task_rules_path,
-                                          self.vllm_config.model_config.tokenizer,
+        self._classifier = TaskClassifier(cfg.task_rules_path, self.vllm_config.model_config,
                                           known=_profiled_tasks(cfg.task_profiles_path))
+        # approximate mode: the tasks whose KV cache may come from re-routed experts
+        self._approximate = ({t for t, _ in load_insensitive(cfg.sensitivity_path)}
+                             if cfg.approximate and cfg.sensitivity_path else set())
         self.latency = LatencyModel(
             token_budget=self.scheduler_config.max_num_batched_tokens or 8192)
         self._info: dict[str, tuple[RequestInfo, Request]] = {}
@@ -91,6 +104,8 @@ class TaskAwareScheduler(Scheduler):
             self.counters["classified"] += given is None
             if task != given and params is not None:  # the worker reads it from here
                 params.extra_args = dict(params.extra_args or {}, task=task)
+            if task in self._approximate:
+                _salt(request, task)
             info = RequestInfo(request.request_id, task, request.num_prompt_tokens,
                                request.arrival_time, ttft, tpot)
             self._info[request.request_id] = (info, request)

@@ -45,24 +45,37 @@ class TaskClassifier:
     without bound). The scheduler writes the name it settled on into the request,
     so the worker's classifier sees no more."""
 
-    def __init__(self, rules_path: str | None, tokenizer_path: str, known=()):
+    def __init__(self, rules_path: str | None, model_config, known=()):
         self.rules = TaskRules.load(rules_path) if rules_path else None
         self.default = self.rules.default if self.rules else DEFAULT_TASK
-        self._tokenizer_path = tokenizer_path
+        self._model_config = model_config  # vLLM's: its tokenizer, mode, revision, code
         self._tokenizer = None
         self._known: set[str] = set(known) - {self.default}
         self._warned = False
+        self._rules_failed = False
+
+    def _decode(self, prompt_token_ids) -> str:
+        """The prompt's first 1024 tokens as text, by vLLM's own tokenizer (its mode,
+        revision and trust_remote_code, as the engine loaded it)."""
+        if self._tokenizer is None:
+            from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+            self._tokenizer = cached_tokenizer_from_config(self._model_config)
+        if self._tokenizer is None:  # skip_tokenizer_init: no text to match
+            return ""
+        return self._tokenizer.decode(list(prompt_token_ids or [])[:1024])
 
     def task_of(self, extra_args: dict | None, prompt_token_ids) -> str:
         task, _, _ = request_fields(extra_args)
-        if not task and self.rules is not None:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
-            task = self.rules.classify(
-                self._tokenizer.decode(list(prompt_token_ids or [])[:1024]))
-        task = task or DEFAULT_TASK
+        if not task and self.rules is not None and not self._rules_failed:
+            try:
+                task = self.rules.classify(self._decode(prompt_token_ids))
+            except Exception as e:  # in the scheduler an exception ends the engine
+                self._rules_failed = True
+                logger.warning("expert offload: the task rules cannot read prompts (%r); "
+                               "requests without a task are now the default task %r",
+                               e, self.default)
+        task = task or self.default
         if task not in self._known and task != self.default:
             if len(self._known) >= MAX_TASKS:
                 if not self._warned:
@@ -120,7 +133,6 @@ class WorkerTasks:
         residency.begin_step(layout, len(scheduler_output.scheduled_new_reqs), demand)
 
 
-_worker_tasks: WorkerTasks | None = None
 
 
 def install_worker_hooks() -> None:
@@ -133,6 +145,9 @@ def install_worker_hooks() -> None:
     original_sample = GPUModelRunner.sample_tokens
 
     def _update_states(self, scheduler_output):
+        model = model_state.current()
+        if model is not None:
+            model.step_starts()
         tasks = _tasks_for(self)
         if tasks is not None:
             model_state.current().step_began()
@@ -197,16 +212,16 @@ def _attach(output, report) -> None:
 
 
 def _tasks_for(runner) -> WorkerTasks | None:
-    global _worker_tasks
+    """The worker's classifier, on its ModelOffload: a second engine in one process
+    (in-process engines) gets its own rules and tokenizer, not the first's."""
     model = model_state.current()
     if model is None or model.tasks is None:
         return None
-    if _worker_tasks is None:
-        cfg = model.cfg
-        _worker_tasks = WorkerTasks(TaskClassifier(
-            cfg.task_rules_path, runner.vllm_config.model_config.tokenizer,
+    if getattr(model, "worker_tasks", None) is None:
+        model.worker_tasks = WorkerTasks(TaskClassifier(
+            model.cfg.task_rules_path, runner.vllm_config.model_config,
             known=model.tasks.tasks))
-    return _worker_tasks
+    return model.worker_tasks
 
 
 # ---- request validation (front end and engine) ------------------------------------
