@@ -324,3 +324,16 @@ def test_approximate_tasks_keep_their_kv_blocks_apart(tmp_path):
     assert requests["python"].cache_salt is None  # exact tasks share blocks as before
     assert requests["chat"].block_hashes[0] != requests["python"].block_hashes[0]
     assert requests["python"].block_hashes == requests["general"].block_hashes
+    # vLLM's own scheduler cannot keep them apart: refused while prefix caching is on
+    for prefix_caching in (None, False):
+        args = EngineArgs(model=str(model), max_model_len=128, enforce_eager=True,
+                          enable_prefix_caching=prefix_caching,
+                          additional_config={"expert_offload": {
+                              "enabled": True, "pool_slots": 6, "task_aware": True,
+                              "task_scheduler": False, "approximate": True,
+                              "sensitivity_path": str(sensitivity)}})
+        if prefix_caching is None:  # vLLM's default: on
+            with pytest.raises(ValueError, match="--no-enable-prefix-caching"):
+                args.create_engine_config()
+        else:
+            args.create_engine_config()
