@@ -864,9 +864,12 @@ class DiskStore(ExpertStore):
         if self._direct_fd is not None:
             try:
                 return os.preadv(self._direct_fd, [view], offset)
-            except OSError:  # the file system refused O_DIRECT after all
-                os.close(self._direct_fd)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise  # a read error: the record's, as a buffered read's would be
+                os.close(self._direct_fd)  # the file system refused O_DIRECT after all
                 self._direct_fd = None
+                share(self._fd)  # (NFS: closing another descriptor dropped it)
         return os.preadv(self._fd, [view], offset)
 
     def _ensure_staging(self) -> None:
@@ -881,8 +884,9 @@ class DiskStore(ExpertStore):
         self._direct_fd = None
         aligned = self._staging.data_ptr() % _ALIGN == 0 and _STAGING_BYTES % _ALIGN == 0
         if aligned and hasattr(os, "O_DIRECT"):
-            try:
-                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            try:  # the file this store opened and checked, not whatever has its name now
+                self._direct_fd = os.open(f"/proc/self/fd/{self._fd}",
+                                          os.O_RDONLY | os.O_DIRECT)
             except OSError:  # tmpfs and some others: buffered reads + fadvise
                 self._direct_fd = None
 
