@@ -803,7 +803,15 @@ class DiskStore(ExpertStore):
                 else:
                     return  # (a rebuild holds it)
                 table_at = _HEADER_BYTES + self.nbytes
-                sums = array("Q", os.pread(fd, 8 * self.num_records, table_at))
+                table = os.pread(fd, 8 * self.num_records, table_at)
+                signed = read_header(os.pread(fd, _HEADER_BYTES, 0), self.path).get("table")
+                if self._digest(table) != signed:
+                    # damaged since it was checked: signing it would bless the damage
+                    logger.warning("expert offload: %s: its table of checksums no longer "
+                                   "matches its header; the repair is kept in memory only "
+                                   "(the next start rebuilds the store)", self.path)
+                    return
+                sums = array("Q", table)
                 sums[index] = value
                 os.pwrite(fd, sums[index:index + 1].tobytes(), table_at + 8 * index)
                 os.fsync(fd)

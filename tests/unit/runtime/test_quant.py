@@ -419,3 +419,24 @@ def test_mixed_store_keeps_hot_experts_at_more_bits(tmp_path, kind):
     cache.map_to_slots(1, torch.tensor([[3, 0]]))
     assert cache.stats.totals().bytes_loaded == hot.read_bytes + cold.read_bytes
     store.close()
+
+
+def test_a_repair_does_not_sign_a_checksum_table_damaged_since_the_start(tmp_path, caplog):
+    """Amending re-signed whatever table was on disk: an entry damaged after the store
+    was opened became the one every later start checks its record against."""
+    fill(quant_store("disk", tmp_path, 4))
+    store = quant_store("disk", tmp_path, 4)
+    table_at = 4096 + L * E * store.record_bytes
+    with open(store.path, "r+b") as f:  # another record's checksum entry damaged
+        f.seek(table_at + 8 * 1 + 2)
+        f.write(b"\x5a")
+    other = [t * 1.01 for t in expert(1, 2)]
+    store.rederive = lambda layer, e: other
+    with open(store.path, "r+b") as f:
+        f.seek(4096 + (1 * E + 2) * store.record_bytes + 3)
+        f.write(b"\xff\x00")
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        store.read_into(1, 2, empty())  # served from the checkpoint
+    assert "no longer matches its header" in caplog.text
+    again = quant_store("disk", tmp_path, 4)
+    assert not again.reused and "table of checksums is damaged" in again.problem
