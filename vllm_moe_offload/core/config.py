@@ -252,7 +252,7 @@ class OffloadConfig:
                 f"unknown expert_offload field(s) {unknown}; known fields: {sorted(known)}.")
         if values and "enabled" not in values:
             values["enabled"] = True
-        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+        return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
 
     @classmethod
     def env_values(cls, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -263,7 +263,7 @@ class OffloadConfig:
         for var, name in names.items():
             raw = environ.get(var)
             if raw is not None and raw != "":
-                out[name] = _coerce(cls, name, raw)
+                out[name] = coerce(cls, name, raw)
         for var in environ:  # a misspelt setting would otherwise go unnoticed
             if (var.startswith(ENV_PREFIX) and var not in names
                     and var[len(ENV_PREFIX):] not in OTHER_ENV and var not in _warned):
@@ -396,7 +396,7 @@ def config_section(additional_config: Mapping[str, Any] | None) -> dict[str, Any
     return dict(section)
 
 
-def _coerce(cls, name: str, value: Any) -> Any:
+def coerce(cls, name: str, value: Any) -> Any:
     """A setting's value as the field's type: strings (env vars, flags) parsed, other
     values (additional_config, JSON) checked; a path-like becomes its string."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]

@@ -12,7 +12,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig, config_section, overlay
+from vllm_moe_offload.core.config import (CONFIG_KEY, OffloadConfig, coerce, config_section,
+                                          overlay)
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -82,10 +83,8 @@ class _OnOffValue(argparse.BooleanOptionalAction):
     def __call__(self, parser, namespace, values, option_string=None):
         if values is None or option_string.startswith("--no-"):
             return super().__call__(parser, namespace, None, option_string)
-        from vllm_moe_offload.core.config import _coerce
-
         try:
-            value = _coerce(OffloadConfig, self.dest.removeprefix("expert_offload_"), values)
+            value = coerce(OffloadConfig, self.dest.removeprefix("expert_offload_"), values)
         except ValueError as e:
             parser.error(str(e))
         setattr(namespace, self.dest, value)
