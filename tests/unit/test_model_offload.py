@@ -80,3 +80,27 @@ def test_rows_that_failed_outside_a_step_do_not_fail_the_first_requests():
     model.step_starts()  # the first real step begins
     assert model.take_failed_requests([("req-A", 1), ("req-B", 1)]) == {}
     assert model.failed_requests == 0
+
+
+def test_approximate_mode_refuses_router_weights_that_do_not_match_the_layers(tmp_path):
+    """Re-routing scores a layer's misses with that layer's router: a checkpoint whose
+    routers the reader finds for other layers than vLLM built shifted every layer's
+    scores silently (or failed with an IndexError at capture)."""
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.core.sensitivity import SENSITIVITY_FORMAT
+    from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
+
+    path = build_tiny_moe(tmp_path / "m", num_layers=3, num_experts=E)
+    sens = tmp_path / "s.json"
+    sens.write_text(json.dumps({"format": SENSITIVITY_FORMAT, "model": str(path),
+                                "num_layers": 2, "threshold": 0.05, "metric": "m",
+                                "tasks": {"chat": {"change": [0.0, 0.0],
+                                                   "insensitive": [0, 1]}}}))
+    cfg = OffloadConfig(enabled=True, task_aware=True, approximate=True,
+                        sensitivity_path=str(sens))
+    model = ModelOffload(cfg, {"model": str(path)}, torch.device("cpu"))
+    model.num_layers, model.experts_per_layer = 2, E  # vLLM built 2 MoE layers
+    model.cache = SimpleNamespace(plan_room=4, num_slots=2 * E, groups=[None])
+    with pytest.raises(ValueError, match="found 3 router weights .* for 2 MoE layers"):
+        model._make_task_residency()
