@@ -77,7 +77,7 @@ def test_rows_that_failed_outside_a_step_do_not_fail_the_first_requests():
 
     model = ModelOffload(OffloadConfig(enabled=True), {"model": "m"}, torch.device("cpu"))
     model.cache = SimpleNamespace(failed_rows={r: "expert (0, 3) lost" for r in range(6)})
-    model.step_starts()  # the first real step begins
+    model.step_began()  # the first real step begins
     assert model.take_failed_requests([("req-A", 1), ("req-B", 1)]) == {}
     assert model.failed_requests == 0
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from vllm_moe_offload.hf.routing import (capture_texts, load_model, previous_token_recall,
-                                         read_texts, recall, top_k_of)
+from vllm_moe_offload.hf.routing import (capture_texts, load_model, local_checkpoint_problem,
+                                         previous_token_recall, read_texts, recall,
+                                         top_k_of)
 from vllm_moe_offload.runtime.predictors import NextGatePredictor, load_gates, load_lookahead
 
 
@@ -59,9 +59,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=40_000)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if not (Path(args.model) / "config.json").is_file():
-        p.error(f"--model {args.model!r} is not a directory with config.json; give a local "
-                "HF MoE checkpoint directory (download a hub model first)")
+    problem = local_checkpoint_problem(args.model)
+    if problem:
+        p.error(problem)
     torch.manual_seed(0)
     try:
         result = evaluate(args.model, args.predictor, args.predictor_path,

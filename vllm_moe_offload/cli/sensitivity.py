@@ -22,7 +22,7 @@ import torch
 
 from vllm_moe_offload.core.files import write_text_atomic
 from vllm_moe_offload.core.sensitivity import SENSITIVITY_FORMAT
-from vllm_moe_offload.hf.routing import _routers, load_model, read_texts
+from vllm_moe_offload.hf.routing import _routers, load_model, local_checkpoint_problem, read_texts
 
 SEQ_LEN = 256
 
@@ -117,9 +117,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.tokens < 2:
         _fail(f"--tokens {args.tokens}: give at least 2 tokens per task")
-    if not (Path(args.model) / "config.json").is_file():
-        _fail(f"--model {args.model!r} is not a directory with config.json; give a local "
-              "HF MoE checkpoint directory")
+    problem = local_checkpoint_problem(args.model)
+    if problem:
+        _fail(problem)
     texts = _parse_tasks(args.task, args.part)
     torch.set_num_threads(2)
     try:

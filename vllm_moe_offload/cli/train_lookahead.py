@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vllm_moe_offload.hf.routing import Routing, capture_texts, load_model, read_texts, recall
+from vllm_moe_offload.hf.routing import (Routing, capture_texts, load_model,
+                                         local_checkpoint_problem, read_texts, recall)
 from vllm_moe_offload.runtime.predictors import (LookaheadHead, load_gates,
                                                  model_fingerprint, save_lookahead)
 
@@ -73,9 +73,9 @@ def main(argv=None) -> None:
     p.add_argument("--hidden-units", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if not (Path(args.model) / "config.json").is_file():
-        p.error(f"--model {args.model!r} is not a directory with config.json; give a local "
-                "HF MoE checkpoint directory (download a hub model first)")
+    problem = local_checkpoint_problem(args.model)
+    if problem:
+        p.error(problem)
     if args.depth < 1:
         p.error(f"--depth {args.depth}: give 1 or more layers ahead")
     torch.manual_seed(args.seed)

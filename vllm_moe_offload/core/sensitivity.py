@@ -36,7 +36,7 @@ def load_insensitive(path, num_layers: int | None = None) -> set[tuple[str, int]
     if num_layers is None:
         num_layers = recorded
     if recorded != num_layers:
-        raise bad(f"was profiled on a model with {data.get('num_layers')} MoE layers, "
+        raise bad(f"was profiled on a model with {recorded} MoE layers, "
                   f"not {num_layers}")
     tasks = data.get("tasks")
     if not isinstance(tasks, dict):

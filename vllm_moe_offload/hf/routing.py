@@ -26,6 +26,15 @@ class Routing:
         return len(self.hidden)
 
 
+def local_checkpoint_problem(model_dir: str) -> str | None:
+    """Why `model_dir` is not a checkpoint these tools read (they read its files
+    themselves: a hub id is not downloaded), or None."""
+    if (Path(model_dir) / "config.json").is_file():
+        return None
+    return (f"--model {model_dir!r} is not a directory with config.json; give a local "
+            "HF MoE checkpoint directory (download a hub model first)")
+
+
 def load_model(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -501,11 +501,11 @@ class ModelOffload:
             insensitive = load_insensitive(cfg.sensitivity_path, self.num_layers)
         if cfg.approximate:
             gates = load_gates(self.fingerprint["model"])
-            shapes = {tuple(g.shape[:1]) for g in gates}
-            if len(gates) != self.num_layers or shapes != {(self.experts_per_layer,)}:
+            experts = {g.shape[0] for g in gates}
+            if len(gates) != self.num_layers or experts != {self.experts_per_layer}:
                 raise ValueError(
                     f"expert_offload.approximate: found {len(gates)} router weights with "
-                    f"{sorted(s[0] for s in shapes)} experts for {self.num_layers} MoE "
+                    f"{sorted(experts)} experts for {self.num_layers} MoE "
                     f"layers of {self.experts_per_layer}; re-routing needs each layer's "
                     "own router. Turn approximate off for this model.")
             self._gates = [g.to(self.device) for g in gates]
@@ -564,19 +564,17 @@ class ModelOffload:
         self.failed_requests += len(new)
         return failed
 
-    def step_starts(self) -> None:
-        """Before every step's forward: rows that failed outside a step (vLLM's
-        profiling and warm-up runs, which sample nothing, so take_failed_requests
-        never ran for them) are not this step's rows."""
+    def step_began(self) -> None:
+        """Before every step's forward (vLLM's _update_states). Rows that failed
+        outside a step (vLLM's profiling and warm-up runs, which sample nothing, so
+        take_failed_requests never ran for them) are not this step's rows. With
+        task-aware residency, the first takes the counts so far, of those runs, which
+        no report counts as a step's (the latency model would start from every
+        expert's first load)."""
         rows = getattr(self.cache, "failed_rows", None)
         if rows:
             rows.clear()
-
-    def step_began(self) -> None:
-        """Before a step's forward (vLLM's _update_states). The first takes the counts
-        so far, of vLLM's profiling and warm-up runs, which no report counts as a
-        step's (the latency model would start from every expert's first load)."""
-        if self._last_report is None:
+        if self.tasks is not None and self._last_report is None:
             self._last_report = (self.cache.misses_later(),
                                  self.cache.stats.totals().stall_seconds)
 

@@ -133,8 +133,6 @@ class WorkerTasks:
         residency.begin_step(layout, len(scheduler_output.scheduled_new_reqs), demand)
 
 
-
-
 def install_worker_hooks() -> None:
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -147,10 +145,9 @@ def install_worker_hooks() -> None:
     def _update_states(self, scheduler_output):
         model = model_state.current()
         if model is not None:
-            model.step_starts()
+            model.step_began()
         tasks = _tasks_for(self)
         if tasks is not None:
-            model_state.current().step_began()
             tasks.before_update(self, scheduler_output)
         result = original_update(self, scheduler_output)
         if tasks is not None:
@@ -217,7 +214,7 @@ def _tasks_for(runner) -> WorkerTasks | None:
     model = model_state.current()
     if model is None or model.tasks is None:
         return None
-    if getattr(model, "worker_tasks", None) is None:
+    if model.worker_tasks is None:
         model.worker_tasks = WorkerTasks(TaskClassifier(
             model.cfg.task_rules_path, runner.vllm_config.model_config,
             known=model.tasks.tasks))
