@@ -409,9 +409,9 @@ def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=Fal
         host = ExpertCache(stack.store, half, device, eviction="reuse")
         row("S50 host mode", "uniform", uniform, lambda: stack.offload_step(host), False, host)
         del host
+    streamed = L * (E - E // 2) * stack.layout.expert_bytes / 2**20  # MiB, all of it used
     row("stream (cpu-offload)", "uniform", uniform, stack.stream_step, cuda,
-        extra=dict(mib_per_step=L * (E - E // 2) * stack.layout.expert_bytes / 2**20,
-                   mib_used_per_step=L * (E - E // 2) * stack.layout.expert_bytes / 2**20))
+        extra=dict(mib_per_step=streamed, mib_used_per_step=streamed))
     if stack.disk is not None:
         disk_rate = disk_gbs(stack.disk)
         cache = ExpertCache(stack.disk, half, device, eviction="reuse")
@@ -562,7 +562,7 @@ def finish(rows, link, device, failed=()):
     for r in rows:
         compute = base.get((r["shape"], r["batch"], r["routing"]), float("nan"))
         nbytes = r["mib_per_step"] * 2**20
-        needed = r.get("mib_used_per_step", r["mib_per_step"]) * 2**20
+        needed = r["mib_used_per_step"] * 2**20
         r["x_plain"] = r["ms"] / compute
         # the bound moves only the bytes the layers used: a wasted prefetch is cost
         r["bound_ms"] = compute + (needed / link / 1e6 if link == link else 0.0)
@@ -579,7 +579,7 @@ def finish(rows, link, device, failed=()):
         gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"
         spread = (f" ({r['ms_min']:.3f}-{r['ms_max']:.3f})"
                   if r.get("repeats", 1) > 1 else "")
-        wasted = r["mib_per_step"] - r.get("mib_used_per_step", r["mib_per_step"])
+        wasted = r["mib_per_step"] - r["mib_used_per_step"]
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['row']} | {r['routing']} | {r['ms']:.3f}"
             f"{spread} | {r['x_plain']:.3f} | {r['misses_per_step']:.1f} | "
