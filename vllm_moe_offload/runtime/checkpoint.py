@@ -6,7 +6,7 @@ checkpoints of the supported families: `{prefix}.{e}.gate_proj|up_proj|down_proj
 .weight` (Qwen-MoE and most others), `{prefix}.{e}.w1|w3|w2.weight` (Mixtral, PhiMoE),
 or one fused tensor per layer, `[E, 2I, H]` (gate first) and `[E, H, I]`:
 `{prefix}.gate_up_proj|down_proj` (Qwen3.5; transposed, `[E, H, 2I]` and `[E, I, H]`,
-under Llama-4's `feed_forward.experts` and gpt-oss's `mlp.experts`, whose biases are
+in Llama-4, gpt-oss and Qwen3-VL-MoE, told apart by their shapes; gpt-oss's biases are
 `{prefix}.gate_up_proj_bias|down_proj_bias`) or `input_linear|output_linear.weight` beside
 the experts module (Granite-MoE); `prefix` being the layer's module path
 (`model.layers.3.mlp.experts`).
@@ -160,15 +160,11 @@ class CheckpointExperts:
         parent = prefix.rsplit(".experts", 1)[0]
         biases = (f"{prefix}.gate_up_proj_bias", f"{prefix}.down_proj_bias")  # gpt-oss
         has_bias = all(b in index for b in biases)
-        # Llama-4 and gpt-oss store them transposed: [E, H, 2I], [E, I, H]
-        transposed = parent.endswith(".feed_forward") or has_bias
         for up, down in ((f"{prefix}.gate_up_proj", f"{prefix}.down_proj"),
                          (f"{parent}.input_linear.weight", f"{parent}.output_linear.weight")):
             if up in index and down in index:  # fused [E, 2I, H] and [E, H, I]
-                w13 = self._tensor(index[up], up, expert)
-                w2 = self._tensor(index[down], down, expert)
-                out = ((w13.t().contiguous(), w2.t().contiguous()) if transposed
-                       else (w13, w2))
+                out = _oriented(self._tensor(index[up], up, expert),
+                                self._tensor(index[down], down, expert), up)
                 if has_bias:
                     out += tuple(self._tensor(index[b], b, expert) for b in biases)
                 return out
@@ -215,6 +211,19 @@ class CheckpointExperts:
                            f"checkpoint at {self.model_dir}")
         return {n: self._tensor(index[f"{prefix}.{n}"], f"{prefix}.{n}", expert)
                 for n in fused}
+
+
+def _oriented(w13: torch.Tensor, w2: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+    """(w13 [2I, H], w2 [H, I]) from one row of fused tensors stored either way: as
+    vLLM's layout, or transposed ([H, 2I], [I, H]: Llama-4, gpt-oss, Qwen3-VL-MoE).
+    The shapes decide: both readings fit only if I were 0."""
+    (a, b), (c, d) = w13.shape, w2.shape
+    if b == c and a == 2 * d:
+        return w13, w2
+    if a == d and b == 2 * c:
+        return w13.t().contiguous(), w2.t().contiguous()
+    raise ValueError(f"{name}: an expert of shapes {tuple(w13.shape)} and {tuple(w2.shape)} "
+                   f"is neither [2I, H] and [H, I] nor their transposes")
 
 
 def _layer_at(name: str) -> int:

@@ -186,8 +186,10 @@ class GroupQuant:
                 raise ValueError(
                     f"expert_offload.store_group_size={self.group} does not divide the "
                     f"experts' input dimension {spec.shape[-1]} (expert tensors {shapes} "
-                    f"as the checkpoint holds them); set --expert-store-group-size to "
-                    + (f"{divisors[0]}." if divisors else "a multiple of 8 dividing it."))
+                    "as the checkpoint holds them); "
+                    + (f"set --expert-store-group-size to {divisors[0]}." if divisors else
+                       "no group size (a multiple of 8) divides it: serve these experts "
+                       "as they are (--expert-store-bits 16)."))
 
     def layout(self, source: ExpertLayout) -> ExpertLayout:
         """The record's tensors for an expert of `source` (the checkpoint's) layout."""
@@ -238,6 +240,10 @@ class GroupQuant:
         from 0, as fp16 weights have at 8 bits, gave a zero of inf). That floor
         binds only where the range is under an eighth of the largest |value|."""
         qmax = (1 << self.bits) - 1
+        if not bool(torch.isfinite(w).all()):  # one would spread to its whole group
+            raise ValueError("it holds NaN or inf weights, which a quantized store "
+                             "cannot encode; check the checkpoint, or serve its experts "
+                             "as they are (--expert-store-bits 16)")
         lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
         far = torch.maximum(lo.abs(), hi.abs())
         floor = far * (qmax / _ZERO_MAX)
@@ -259,6 +265,11 @@ class GroupQuant:
             zero = _hqq_zero(w, inv, zero, qmax)
         # Codes are chosen for the fp16 scale and zero that the record keeps.
         scale = (1.0 / inv).to(torch.float16)
+        if not bool(torch.isfinite(scale).all()):  # a group of range > ~65504 * qmax
+            raise ValueError(
+                f"a group of its weights spans {float((hi - lo).max()):.4g}, more than "
+                f"an fp16 scale covers at {self.bits} bits; use --expert-store-bits 8 "
+                "or 16")
         zero = zero.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
         q = (w / scale.float() + zero.float()).round().clamp(0, qmax).to(torch.uint8)
         return [_pack(q.reshape(-1), self.bits), scale.reshape(-1), zero.reshape(-1)]
@@ -421,7 +432,12 @@ class QuantizedStore(ExpertStore):
         """`tensors` in the source layout (the checkpoint's)."""
         if self.inner.reused:
             return  # the sealed file already holds this expert
-        self.inner.put(layer, expert, self._encode(tensors))
+        try:
+            record = self._encode(tensors)
+        except ValueError as e:
+            raise ValueError(f"expert_offload.store_bits={self.codec.bits}: expert "
+                             f"({layer}, {expert}): {e}") from None
+        self.inner.put(layer, expert, record)
 
     def _encode(self, tensors):
         """`tensors`, checked to be in the source layout, encoded. A re-derived expert

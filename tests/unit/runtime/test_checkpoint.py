@@ -101,6 +101,31 @@ def test_reads_one_expert_of_llama4s_transposed_fused_checkpoint(tmp_path):
     assert torch.equal(w13, gate_up[1].t()) and torch.equal(w2, down[1].t())
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_tensors_are_oriented_by_their_shapes_not_their_names(tmp_path, transposed):
+    """Qwen3.5 stores mlp.experts.gate_up_proj as [E, 2I, H], Qwen3-VL-MoE as
+    [E, H, 2I] under the same names; H = 2I, where w13 alone is square."""
+    g = torch.Generator().manual_seed(6)
+    gate_up, down = torch.randn(3, 8, 8, generator=g), torch.randn(3, 8, 4, generator=g)
+    if transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    prefix = "model.language_model.layers.0.mlp.experts"
+    save_file({f"{prefix}.gate_up_proj": gate_up.contiguous(),
+               f"{prefix}.down_proj": down.contiguous()}, tmp_path / "model.safetensors")
+    w13, w2 = CheckpointExperts(tmp_path).read(prefix, 1)
+    want = (gate_up[1].t(), down[1].t()) if transposed else (gate_up[1], down[1])
+    assert torch.equal(w13, want[0]) and torch.equal(w2, want[1])
+    assert w13.shape == (8, 8) and w2.shape == (8, 4)
+
+
+def test_fused_tensors_of_no_known_shapes_are_an_error(tmp_path):
+    prefix = "model.layers.0.mlp.experts"
+    save_file({f"{prefix}.gate_up_proj": torch.zeros(2, 6, 5),
+               f"{prefix}.down_proj": torch.zeros(2, 6, 4)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"shapes \(6, 5\) and \(6, 4\)"):
+        CheckpointExperts(tmp_path).read(prefix, 0)
+
+
 def test_reads_one_expert_and_its_biases_of_gpt_oss_checkpoint(tmp_path):
     """gpt-oss: mlp.experts.gate_up_proj [E, H, 2I] (gate and up interleaved),
     down_proj [E, I, H], and their biases [E, 2I], [E, H]."""

@@ -195,6 +195,31 @@ def test_a_group_size_that_does_not_divide_names_the_setting():
     assert "--expert-store-group-size to 32" in str(err.value)
 
 
+def test_a_dimension_no_group_size_divides_says_to_keep_16_bits():
+    odd = ExpertLayout((TensorSpec((8, 1404), torch.bfloat16),))
+    with pytest.raises(ValueError, match=r"no group size .*\(--expert-store-bits 16\)"):
+        GroupQuant(4, 64).check(odd)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_expert(tmp_path, method, bad):
+    """One NaN or inf would have made its whole group of 32 decode non-finite."""
+    store = quant_store("host", tmp_path, 4, method)
+    tensors = expert(0, 1)
+    tensors[0].view(-1)[5] = bad
+    with pytest.raises(ValueError, match=r"store_bits=4: expert \(0, 1\): .*NaN or inf"):
+        store.put(0, 1, tensors)
+
+
+def test_a_group_beyond_an_fp16_scale_is_refused():
+    """A 2-bit group spanning 2e5: its scale, 6.7e4, overflowed fp16 to inf."""
+    w = torch.linspace(-1e5, 1e5, 32).to(torch.bfloat16).view(1, 32)
+    with pytest.raises(ValueError, match=r"spans 1.997e\+05.*--expert-store-bits 8"):
+        GroupQuant(2, 32).encode([w])
+    assert all(t.isfinite().all() for t in GroupQuant(8, 32).encode([w])[1:])
+
+
 def fill(store):
     for layer in range(L):
         for e in range(E):
