@@ -142,16 +142,20 @@ class ExpertCache(SlotBuffers):
         if grants is None:
             raise RuntimeError(f"layer {layer}: {len(experts)} experts do not fit in "
                                f"{self.num_slots} slots with {self.pool.num_pinned()} pinned")
+        self._call_pins = [g.slot for g in grants]  # released even if a load raises
         stats = self.stats.layer(layer)
         stats.calls += 1
         hits = [g for g in grants if g.hit]
         misses = [g for g in grants if not g.hit]
-        stats.hits += len(hits)
         self._wait_for(layer, [g.slot for g in hits])
         self._settle_prefetch(layer, set(experts))
         if misses:
             self._load_now(layer, misses)
-        self._call_pins = [g.slot for g in grants]
+        row = self._table[layer].tolist()  # -1: lost (NOTE #5)
+        lost = [e for e in experts if row[e] < 0]
+        failed_hits = sum(row[g.key.expert] < 0 for g in hits)  # a prefetch that failed
+        stats.hits += len(hits) - failed_hits
+        stats.misses += failed_hits
         topk_rows = topk_ids
         if padded:  # vLLM's padded rows: no trace, no prediction
             routed = (topk_ids >= 0).all(-1)
@@ -166,7 +170,6 @@ class ExpertCache(SlotBuffers):
             self._push_changes()
         flat = topk_ids.reshape(-1)
         slots = self._table_dev[layer].index_select(0, flat.clamp_min(0) if padded else flat)
-        lost = [e for e in experts if self._table[layer, e] < 0]
         if lost:  # NOTE #5
             self._fail_rows(layer, topk_ids, lost)
             slots = slots.clamp_min(0)
@@ -181,18 +184,23 @@ class ExpertCache(SlotBuffers):
             if e is not None:
                 self.failed_rows.setdefault(row, self._lost.get(ExpertKey(layer, e), ""))
 
-    def _lose(self, error: ExpertUnavailable) -> None:
+    def _lose(self, error: ExpertUnavailable, prefetched: bool = False) -> None:
         """NOTE #5: the expert is not in its slot; forget it (the slot is freed once
-        unpinned) and say so once."""
-        if not self.fail_requests:
-            raise error
+        unpinned) and say so once. `prefetched`: a prefetch's load, whose bytes were
+        counted when it started."""
         key = ExpertKey(error.layer, error.expert)
         self.pool.drop(key)
         if self._table[key.layer, key.expert] >= 0:
             self._set(key.layer, key.expert, -1)
         if key in self._planned:  # the next plan loads it again
             self.pool.release([self._planned.pop(key)])
-        self.stats.layer(key.layer).failed_loads += 1
+        stats = self.stats.layer(key.layer)
+        stats.failed_loads += 1
+        if prefetched:
+            stats.prefetched -= 1
+            stats.bytes_loaded -= self.store.read_bytes_of(key.layer, key.expert)
+        if not self.fail_requests:
+            raise error
         if key not in self._lost:
             logger.error("expert offload: %s. The requests routed to this expert fail; "
                          "the engine keeps serving and tries again at its next use.", error)
@@ -237,7 +245,7 @@ class ExpertCache(SlotBuffers):
         if self._cuda:  # wait for kernels that may still read the victims' slots
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream) if self._cuda else nullcontext():
-            nbytes = sum(self._copy_in(g) for g in misses)
+            nbytes = self._copy_all(misses)
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
             self._copy_stream.synchronize()  # on-demand: the stall is real, count it
@@ -246,6 +254,19 @@ class ExpertCache(SlotBuffers):
         stats.bytes_loaded += nbytes
         stats.load_seconds += seconds
         stats.stall_seconds += seconds
+
+    def _copy_all(self, misses: list[SlotGrant]) -> int:
+        """Load `misses`; if one raises (fail_requests off), the pool forgets it and
+        those not loaded yet, so that no later call takes their slots for theirs."""
+        nbytes = 0
+        for i, g in enumerate(misses):
+            try:
+                nbytes += self._copy_in(g)
+            except BaseException:
+                for rest in misses[i:]:
+                    self.pool.drop(rest.key)
+                raise
+        return nbytes
 
     def _evict(self, grant: SlotGrant) -> None:
         if grant.evicted is not None:
@@ -280,6 +301,7 @@ class ExpertCache(SlotBuffers):
         """
         keys = list(dict.fromkeys(keys))
         self._check_plan(keys)
+        self._release_finished_prefetches(wait=True)  # their pins are prefetch's budget
         wanted = set(keys)
         removed = [k for k in self._planned if k not in wanted]
         self.pool.release([self._planned.pop(k) for k in removed])
@@ -288,17 +310,24 @@ class ExpertCache(SlotBuffers):
         if grants is None:
             raise RuntimeError(f"residency plan: {len(added)} experts do not fit with "
                                f"{self.pool.num_pinned()} of {self.num_slots} slots pinned")
-        for g in grants:
+        for i, g in enumerate(grants):
             if not g.hit:
                 stats = self.stats.layer(g.key.layer)
                 t0 = time.perf_counter()
                 self._evict(g)
-                stats.bytes_loaded += self._copy_in(g)
+                try:
+                    stats.bytes_loaded += self._copy_all([g])
+                except BaseException:  # (the plan's other misses are not loaded yet)
+                    for h in grants[i + 1:]:
+                        if not h.hit:
+                            self.pool.drop(h.key)
+                    self.pool.release([h.slot for h in grants[i:]])
+                    raise
                 stats.load_seconds += time.perf_counter() - t0
-                stats.planned_loads += 1
                 if g.key in self._lost:  # NOTE #5: not loaded, not planned
                     self.pool.release([g.slot])
                     continue
+                stats.planned_loads += 1
             self._planned[g.key] = g.slot
         self._budgets = self._prefetch_budgets(self._planned, self._budget_cfg)
         return added, removed
@@ -372,7 +401,7 @@ class ExpertCache(SlotBuffers):
                     self.store.read_into(grant.key.layer, grant.key.expert,
                                          self.slot_views(grant.slot))
                 except ExpertUnavailable as e:
-                    self._lose(e)  # its prefetch pin is released when its layer runs
+                    self._lose(e, prefetched=True)  # its pin goes when its layer runs
                     return
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
@@ -387,6 +416,9 @@ class ExpertCache(SlotBuffers):
                     self.store.read_into(key.layer, key.expert, views)
                 except ExpertUnavailable as e:
                     return e  # NOTE #5, handled on the calling thread
+                except Exception as e:  # any failed read loses the expert, not its pins
+                    return ExpertUnavailable(key.layer, key.expert,
+                                             f"reading it failed: {e!r}")
                 event = torch.cuda.Event() if self._cuda else None
                 if event is not None:
                     event.record(self._copy_stream)
@@ -406,7 +438,7 @@ class ExpertCache(SlotBuffers):
                 result = pending.result()
                 stats.stall_seconds += time.perf_counter() - t0
                 if isinstance(result, ExpertUnavailable):
-                    self._lose(result)
+                    self._lose(result, prefetched=True)
                     continue
                 seconds, pending = result
                 stats.load_seconds += seconds
@@ -424,15 +456,16 @@ class ExpertCache(SlotBuffers):
                 acc[1] += len(predicted)
                 acc[2] += len(used)
         for key, slot, loaded in self._prefetched.pop(layer, []):
-            self._prefetch_pins[self.group_of(layer)] -= 1
             if loaded:
-                if key.expert in used:
-                    stats.prefetch_hits += 1  # a miss that prefetch covered
-                else:
+                if key.expert not in used:
                     stats.prefetch_wasted += 1
+                elif self._table[key.layer, key.expert] >= 0:  # (not lost: NOTE #5)
+                    stats.prefetch_hits += 1  # a miss that prefetch covered
             if slot in self._inflight and key.expert not in used:
-                self._release_when_loaded.append((slot, layer))  # NOTE #3
+                # NOTE #3; still prefetch's pin (budget) until it is released
+                self._release_when_loaded.append((slot, layer))
             else:
+                self._prefetch_pins[self.group_of(layer)] -= 1
                 self.pool.release([slot])
 
     @staticmethod
@@ -446,21 +479,31 @@ class ExpertCache(SlotBuffers):
             pending = result[1] if isinstance(result, tuple) else None
         return pending is None or pending.query()
 
-    def _release_finished_prefetches(self) -> None:
-        still = []
-        for slot, layer in self._release_when_loaded:
+    def _release_finished_prefetches(self, wait: bool = False) -> None:
+        """Release the pins of wasted prefetches whose loads are done (`wait`: all of
+        them, once their loads are). Each entry leaves the list before its error can
+        be raised (fail_requests off), so none is released twice."""
+        entries, self._release_when_loaded = self._release_when_loaded, []
+        for i, (slot, layer) in enumerate(entries):
             pending = self._inflight.get(slot)
-            if not self._finished(pending):
-                still.append((slot, layer))
+            if not wait and not self._finished(pending):
+                self._release_when_loaded.append((slot, layer))
                 continue
             self._inflight.pop(slot, None)
-            result = pending.result() if isinstance(pending, Future) else None
-            if isinstance(result, ExpertUnavailable):  # NOTE #5
-                self._lose(result)
-            elif result is not None:  # a wasted prefetch's copy took time too
-                self.stats.layer(layer).load_seconds += result[0]
+            result = pending.result() if isinstance(pending, Future) else pending
+            if isinstance(result, tuple):  # (seconds, the copy's event on CUDA)
+                self.stats.layer(layer).load_seconds += result[0]  # wasted, but it ran
+                result = result[1]
+            if isinstance(result, torch.cuda.Event):
+                result.synchronize()
+            self._prefetch_pins[self.group_of(layer)] -= 1
             self.pool.release([slot])
-        self._release_when_loaded = still
+            if isinstance(result, ExpertUnavailable):  # NOTE #5
+                try:
+                    self._lose(result, prefetched=True)
+                except ExpertUnavailable:  # fail_requests off: the rest stay listed
+                    self._release_when_loaded += entries[i + 1:]
+                    raise
 
     def close(self) -> None:
         if self._loader is not None:

@@ -47,11 +47,21 @@ def exact_rows(cache, ids, x):
 
 
 def test_without_fail_requests_the_caller_gets_the_error(tmp_path):
+    """... and the pool is left as it should be: the expert forgotten, the call's pins
+    released by the next call, which loads it once it is readable again."""
     cache = damaged_cache(tmp_path)
     cache.fail_requests = False
     with pytest.raises(ExpertUnavailable, match=r"expert \(1, 2\): checksum mismatch, and "
                                                 r"re-deriving it .*model.safetensors"):
         cache.map_to_slots(LOST.layer, IDS)
+    assert LOST not in cache.pool and cache._table[LOST.layer, LOST.expert] == -1
+    cache.pool.check_invariants()
+    cache.store.rederive = lambda layer, e: weights()[layer][e]  # the checkpoint is back
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(1))
+    assert all(exact_rows(cache, IDS, x))
+    every = torch.arange(E, dtype=torch.int32).view(-1, 2)
+    cache.map_to_slots(0, every)  # every slot: none leaked a pin
+    assert cache.pool.num_pinned() == E
 
 
 def test_only_rows_routed_to_the_lost_expert_fail_and_it_is_retried(tmp_path, caplog):
@@ -95,7 +105,36 @@ def test_a_prefetch_of_the_lost_expert_fails_on_its_layer_or_frees_its_slot(tmp_
     else:
         assert not cache.failed_rows and all(exact)
         cache.map_to_slots(2, layer0, x)  # the finished prefetch's slot is released
-    assert cache.stats.layer(LOST.layer).failed_loads == 1
+    stats = cache.stats.layer(LOST.layer)
+    assert stats.failed_loads == 1
     assert LOST not in cache.pool
+    # the failed prefetch moved nothing and covered nothing; expert 0's did both
+    loaded = len(set(ids.flatten().tolist()) - {LOST.expert})
+    assert stats.bytes_loaded == loaded * cache.store.read_bytes_of(1, 0)
+    assert (stats.prefetched, stats.prefetch_hits) == (1, 1)
+    assert stats.hits == 1 and stats.hits + stats.misses == len(set(ids.flatten().tolist()))
     cache.pool.check_invariants()
     cache.close()
+
+
+def test_a_prefetch_read_that_raises_anything_loses_the_expert_not_its_pins(tmp_path):
+    future = {(0, 1): [LOST.expert, 0], (0, 2): [0, 1], (1, 1): [0, 1], (1, 2): [0, 1]}
+    cache = damaged_cache(tmp_path, ScriptedPredictor(future))
+    read = cache.store.read_into
+
+    def eio_for_the_lost_one(layer, e, dst):
+        if (layer, e) == tuple(LOST):
+            raise OSError(5, "EIO")
+        return read(layer, e, dst)
+
+    cache.store.read_into = eio_for_the_lost_one
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(2))
+    layer0 = torch.tensor([[0, 1]] * 4, dtype=torch.int32)
+    cache.map_to_slots(0, layer0, x)
+    cache.map_to_slots(1, layer0, x)  # the failed prefetch: wasted
+    cache.map_to_slots(2, layer0, x)
+    cache.close()  # waits for the loader, then releases what it loaded
+    assert LOST not in cache.pool and cache.stats.layer(LOST.layer).failed_loads == 1
+    assert not cache._release_when_loaded
+    assert cache.pool.num_pinned() == len(cache._call_pins) + cache._prefetch_pins[0]
+    cache.pool.check_invariants()

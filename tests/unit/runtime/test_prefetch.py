@@ -1,5 +1,7 @@
 """Prefetch in the expert cache: covered misses, waste, budget, and exact outputs."""
 
+import threading
+
 import torch
 
 from tests.unit.runtime.test_expert_cache import (E, H, L, LAYOUT, make_cache, moe, routing,
@@ -238,3 +240,33 @@ def test_the_least_wanted_prediction_is_the_first_hinted_victim(tmp_path):
     for key in hinted:
         policy.hint(key)
     assert policy.pop_victim() == 1  # expert 1's slot
+
+
+def test_wasted_prefetches_still_loading_keep_their_budget_until_released(tmp_path):
+    """Layer 0 prefetches layer 1's experts 4 and 5, wrongly, and their reads hang.
+    Layer 1 may not prefetch more on top of those pins: layer 2 then needs every
+    slot but theirs (S = E + 2). Before, it did, and layer 2 did not fit."""
+    cache = with_predictor(tmp_path, "host", ScriptedPredictor(
+        {(0, 1): [4, 5], (0, 2): [4, 5], (1, 1): [0, 1], (1, 2): [0, 1]}), num_slots=E + 2)
+    gate = threading.Event()
+    read = cache.store.read_into
+
+    def slow_on_the_loader(layer, e, dst):
+        if threading.current_thread().name.startswith("expert-prefetch"):
+            gate.wait(30)
+        return read(layer, e, dst)
+
+    cache.store.read_into = slow_on_the_loader
+    x = torch.zeros(1, H)
+    pair = torch.tensor([[0, 1]], dtype=torch.int32)
+    cache.map_to_slots(0, pair, x)
+    cache.map_to_slots(1, pair, x)  # 4 and 5 unused, still loading: pinned, budget spent
+    assert cache.pool.num_pinned() == 4 and cache.stats.layer(2).prefetched == 0
+    every = torch.arange(E, dtype=torch.int32).view(-1, 2)
+    slots = cache.map_to_slots(2, every, torch.zeros(E // 2, H))
+    assert sorted(slots.flatten().tolist()) == sorted(set(slots.flatten().tolist()))
+    gate.set()
+    cache._release_finished_prefetches(wait=True)  # (what set_plan does between steps)
+    assert cache.pool.num_pinned() == E and cache._prefetch_pins == [0]
+    cache.pool.check_invariants()
+    cache.close()
