@@ -337,3 +337,76 @@ def test_approximate_tasks_keep_their_kv_blocks_apart(tmp_path):
                 args.create_engine_config()
         else:
             args.create_engine_config()
+
+
+def frozen_latency(scheduler, per_step=0.005, per_token=0.001):
+    """A latency model that learns nothing: decode steps of per_step + b x per_token."""
+    scheduler.latency.per_step_s, scheduler.latency.per_token_s = per_step, per_token
+    scheduler.latency.observe_step = lambda *args: None
+
+
+def test_one_tight_tpot_slo_holds_the_queue_at_most_max_overtakes_steps(vllm_config):
+    """R's 6.5 ms TPOT SLO is met alone (6 ms) and not beside one more (7 ms): every
+    request behind it was held for R's whole output (200 steps), none overtaken, so
+    none aged. A held step now counts, and the aged request is admitted."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    from vllm_moe_offload.core.slo import MAX_OVERTAKES
+
+    scheduler = make_scheduler(vllm_config, False, max_num_seqs=8)
+    frozen_latency(scheduler)
+    params = SamplingParams(max_tokens=13, ignore_eos=True,  # (a block of 16 tokens)
+                            extra_args={"task": "chat", "slo_tpot_ms": 6.5})
+    scheduler.add_request(Request("R", [1, 2], params, None, arrival_time=0.0))
+    started = {}
+    for step in range(12):
+        if step == 1:
+            for i in range(5):
+                params = SamplingParams(max_tokens=4, ignore_eos=True,
+                                        extra_args={"task": "chat"})
+                scheduler.add_request(Request(f"w{i}", [1, 2, 3], params, None,
+                                              arrival_time=1.0 + i))
+        so = scheduler.schedule()
+        for req in so.scheduled_new_reqs:
+            started[req.req_id] = step
+        scheduler.update_from_output(so, model_output(so, step))
+    first = min(started.get(f"w{i}", 99) for i in range(5))
+    assert started["R"] == 0 and first == 1 + MAX_OVERTAKES
+    assert scheduler.counters["held"] >= MAX_OVERTAKES
+
+
+def test_only_the_batchs_free_room_is_checked_for_admission(vllm_config):
+    """Every waiting request was checked against a batch grown by every one before
+    it (O(N^2) a step: 1.5 s at 10,000 waiting), though vLLM starts max_num_seqs."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    scheduler = make_scheduler(vllm_config, False, max_num_seqs=4)
+    frozen_latency(scheduler)
+    for i in range(300):
+        params = SamplingParams(max_tokens=2, ignore_eos=True,
+                                extra_args={"task": "chat", "slo_tpot_ms": 7.5})
+        scheduler.add_request(Request(f"r{i}", [1, 2], params, None, arrival_time=float(i)))
+    so = scheduler.schedule()
+    # 6 + 1 ms alone, 8 ms with 3: the third breaks the first two's 7.5 ms SLO
+    assert [r.req_id for r in so.scheduled_new_reqs] == ["r0", "r1"]
+    assert scheduler.counters["held"] == 2  # r2, r3: the room left, not 298
+    assert len(scheduler.waiting) == 298
+
+
+def test_bad_task_fields_past_validation_do_not_end_the_engine(vllm_config, caplog):
+    """SamplingParams built before offload was on, or changed since, skip the check:
+    the scheduler's ValueError in add_request ended the engine core."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    scheduler = make_scheduler(vllm_config, False)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    params.extra_args = {"slo_ttft_ms": "fast", "task": "chat", "other": 1}
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        scheduler.add_request(Request("bad", [1, 2, 3], params, None, arrival_time=0.0))
+    assert "request bad: vllm_xargs slo_ttft_ms='fast'" in caplog.text
+    assert params.extra_args == {"other": 1, "task": "default"}  # what the worker reads
+    outputs, _ = run(scheduler, 1)
+    assert len(outputs["bad"]) == 2

@@ -214,6 +214,7 @@ class ReplanClock:
 # ---- request fields ------------------------------------------------------------
 
 REQUEST_FIELDS = ("task", "slo_ttft_ms", "slo_tpot_ms")
+MAX_TASK_NAME = 128  # characters: names are kept in the profile file
 
 
 def request_fields(extra_args: dict | None) -> tuple[str | None, float | None, float | None]:
@@ -221,19 +222,21 @@ def request_fields(extra_args: dict | None) -> tuple[str | None, float | None, f
     API's `vllm_xargs`); absent fields are None, bad ones raise ValueError."""
     args = extra_args or {}
     task = args.get("task")
-    if task is not None and (not isinstance(task, str) or not task):
-        raise ValueError(f"vllm_xargs task={task!r} must be a non-empty string "
-                         "naming the request's task")
+    if task is not None and (not isinstance(task, str) or not task.strip()
+                             or len(task) > MAX_TASK_NAME):
+        raise ValueError(f"vllm_xargs task={repr(task)[:40]} must be a non-empty string "
+                         f"of at most {MAX_TASK_NAME} characters naming the request's task")
     slos = []
     for name in REQUEST_FIELDS[1:]:
         value = args.get(name)
         if value is not None:
+            ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
             try:
-                value = float(value)
-            except (TypeError, ValueError):
+                value = float(value) if ok else -1.0
+            except ValueError:
                 value = -1.0
-            if not value > 0:
+            if not 0 < value < math.inf:
                 raise ValueError(f"vllm_xargs {name}={args.get(name)!r} must be a "
-                                 "positive number of milliseconds")
+                                 "positive, finite number of milliseconds")
         slos.append(value)
     return task, slos[0], slos[1]

@@ -1,7 +1,7 @@
 import pytest
 
-from vllm_moe_offload.core.slo import (Ema, LatencyModel, RequestInfo, can_admit, is_late,
-                                       order_waiting)
+from vllm_moe_offload.core.slo import (MAX_OVERTAKES, Batch, Ema, LatencyModel, RequestInfo,
+                                       can_admit, is_late, order_waiting)
 
 
 def req(rid, task="a", prompt=100, arrival=0.0, ttft=None, tpot=None, misses=0.0):
@@ -89,14 +89,54 @@ def test_order_urgent_first_then_affinity_then_late():
 
 def test_admission_keeps_running_requests_within_their_tpot_slos():
     m = model(per_token=0.01)  # no fixed or miss cost: 10 ms per request in the batch
+    m.default_output_tokens = 1e9  # (prefill spread over outputs: nothing)
     running = [req(f"r{i}", tpot=45) for i in range(3)]  # 4 in batch -> 40 ms/token: ok
-    assert can_admit(m, req("new", prompt=10), running, now_s=0.0)
+    assert can_admit(m, req("new", prompt=10), Batch(running))
     running.append(req("r3", tpot=45))  # 5 in batch -> 50 ms/token > 45 ms
-    assert not can_admit(m, req("new", prompt=10), running, now_s=0.0)
+    assert not can_admit(m, req("new", prompt=10), Batch(running))
     # the candidate's own TPOT SLO counts too
-    assert not can_admit(m, req("strict", tpot=15), running[:1], now_s=0.0)
+    assert not can_admit(m, req("strict", tpot=15), Batch(running[:1]))
     # an empty batch always admits: nothing starves
-    assert can_admit(m, req("strict", tpot=1e-6), [], now_s=0.0)
+    assert can_admit(m, req("strict", tpot=1e-6), Batch([]))
     # an SLO already broken at today's size is not a reason to hold (it only adds
     # queueing): 4 running -> 40 ms today, nobody asks for 40..50 ms
-    assert can_admit(m, req("new", tpot=5), [req(f"r{i}", tpot=35) for i in range(4)], 0.0)
+    assert can_admit(m, req("new", tpot=5), Batch([req(f"r{i}", tpot=35) for i in range(4)]))
+    # a batch grown admission by admission checks as the list did
+    batch = Batch(running[:2])
+    batch.add(req("x", tpot=45))
+    assert batch.size == 3 and can_admit(m, req("new"), batch)
+    batch.add(req("y"))
+    assert not can_admit(m, req("new"), batch)
+
+
+def test_a_long_prefill_counts_against_the_running_requests_tpot():
+    """An 8000-token prompt beside 4 decodes with a 20 ms TPOT SLO was admitted: the
+    decode step grows 10 -> 11 ms, but the prompt's 8 s of prefill lands on the
+    running requests' outputs (here 50 tokens: +160 ms a token)."""
+    m = model(per_token=0.001, per_step=0.006, output=50)
+    running = Batch([req(f"r{i}", tpot=20) for i in range(4)])
+    assert not can_admit(m, req("long", prompt=8000), running)
+    assert can_admit(m, req("short", prompt=8), running)
+
+
+def test_a_held_request_ages_and_is_admitted():
+    """One running request's tight TPOT SLO held every waiting request for its whole
+    output; a held step counts as an overtake, and an aged request goes first."""
+    m = model(output=0)
+    held = req("held", arrival=0.0)
+    held.overtaken = MAX_OVERTAKES
+    assert held.aged
+    fresh = req("fresh", arrival=1.0)
+    assert [r.request_id for r in order_waiting(m, [fresh, held], 1, 2.0, {})] == [
+        "held", "fresh"]
+
+
+def test_shorter_expected_outputs_go_first_within_an_affinity():
+    m = model(output=0)
+    m.observe_output("long", 4000)
+    m.observe_output("short", 5)
+    waiting = [req("long-1", task="long", arrival=0.0), req("short-1", task="short", arrival=1.0),
+               RequestInfo("long-capped", "long", 100, 2.0, max_output_tokens=1)]
+    got = [r.request_id for r in order_waiting(m, waiting, 0, 3.0, {})]
+    assert got == ["long-capped", "short-1", "long-1"]
+    assert m.expected_output("long", 16) == 16

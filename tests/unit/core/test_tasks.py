@@ -130,12 +130,19 @@ def test_request_fields_from_extra_args():
     assert request_fields(None) == (None, None, None)
     assert request_fields({"task": "python", "slo_ttft_ms": "250", "slo_tpot_ms": 40,
                            "other": 1}) == ("python", 250.0, 40.0)
-    with pytest.raises(ValueError, match="slo_ttft_ms='soon' must be a positive number"):
+    with pytest.raises(ValueError, match="slo_ttft_ms='soon' must be a positive, finite"):
         request_fields({"slo_ttft_ms": "soon"})
-    with pytest.raises(ValueError, match="slo_tpot_ms=0 must be a positive number"):
+    with pytest.raises(ValueError, match="slo_tpot_ms=0 must be a positive, finite number"):
         request_fields({"slo_tpot_ms": 0})
     with pytest.raises(ValueError, match="task=3 must be a non-empty string"):
         request_fields({"task": 3})
+    # True is not 1 ms, b"7" not 7 ms, "inf" no SLO; a blank or huge name no task
+    for bad in (True, b"7", "inf", float("nan"), [5]):
+        with pytest.raises(ValueError, match="must be a positive, finite number"):
+            request_fields({"slo_ttft_ms": bad})
+    for bad in (" ", "x" * 129):
+        with pytest.raises(ValueError, match="at most 128 characters"):
+            request_fields({"task": bad})
 
 
 def test_hot_experts_are_each_layers_most_used_share():

@@ -1,5 +1,5 @@
 """`TaskAwareScheduler`: vLLM's scheduler, with the waiting queue ordered and
-admitted by SLO, expected output length and expert affinity.
+admitted by SLO, expert affinity and expected output length.
 
 Set by the plugin when `expert_offload.task_aware` is on (unless
 `task_scheduler=false`), or by hand: `--scheduler-cls
@@ -7,11 +7,14 @@ vllm_moe_offload.integration.vllm.scheduler.TaskAwareScheduler`.
 
 Each step, before vLLM's own `schedule()` runs:
 1. fresh waiting requests are ordered by `core.slo.order_waiting` (urgent
-   first, then by the share of their task's experts that are resident, late
-   ones last); preempted or blocked requests keep their place in front;
-2. requests are admitted in that order while `core.slo.can_admit` says the grown
-   batch keeps every running request within its TPOT SLO; the rest are held
-   out of the queue for this step (vLLM then applies its own token budget);
+   first, then by the share of their task's experts that are resident and the
+   shortest expected output, late ones last); preempted or blocked requests keep
+   their place in front;
+2. up to the free room of the batch (max_num_seqs), requests are admitted in that
+   order while `core.slo.can_admit` says the grown batch keeps every running
+   request within its TPOT SLO; the rest are held out of the queue for this step
+   (vLLM then applies its own token budget). A request held or overtaken in
+   MAX_OVERTAKES steps is admitted first, whatever the rule says;
 3. the expected work per task (demand) rides on the SchedulerOutput to the
    worker, whose residency planner weighs tasks by it.
 After each step the latency model learns the per-token and per-miss costs
@@ -40,9 +43,11 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_moe_offload.core.config import OffloadConfig
 from vllm_moe_offload.core.sensitivity import load_insensitive
-from vllm_moe_offload.core.slo import LatencyModel, RequestInfo, can_admit, order_waiting
-from vllm_moe_offload.core.tasks import TaskProfiles, request_fields
-from vllm_moe_offload.integration.vllm.tasks import REPORT_ATTR, TaskClassifier
+from vllm_moe_offload.core.slo import (Batch, LatencyModel, RequestInfo, can_admit,
+                                      order_waiting)
+from vllm_moe_offload.core.tasks import TaskProfiles
+from vllm_moe_offload.integration.vllm.tasks import (REPORT_ATTR, TaskClassifier,
+                                                     checked_fields)
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -98,7 +103,7 @@ class TaskAwareScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
             params = request.sampling_params
-            given, ttft, tpot = request_fields(params.extra_args if params else None)
+            given, ttft, tpot = checked_fields(params, request.request_id)
             task = self._classifier.task_of(params.extra_args if params else None,
                                             request.prompt_token_ids)
             self.counters["classified"] += given is None
@@ -107,7 +112,8 @@ class TaskAwareScheduler(Scheduler):
             if task in self._approximate:
                 _salt(request, task)
             info = RequestInfo(request.request_id, task, request.num_prompt_tokens,
-                               request.arrival_time, ttft, tpot)
+                               request.arrival_time, ttft, tpot,
+                               max_output_tokens=request.max_tokens)
             self._info[request.request_id] = (info, request)
         super().add_request(request)
 
@@ -144,18 +150,24 @@ class TaskAwareScheduler(Scheduler):
             info.expected_misses = self.latency.misses_per_step.value * (
                 1 - self._resident_share.get(info.task, 0.0))
         ordered = order_waiting(self.latency, infos, len(running), now, affinity)
+        # vLLM starts at most this many: the rest wait in order, not held or checked
+        room = max(0, self.max_num_active_reqs - len(self.running))
         admitted, held = [], []
-        batch = list(running)
-        for info in ordered:
-            request = self._info[info.request_id][1]
-            if not held and can_admit(self.latency, info, batch, now):
-                admitted.append(request)
-                batch.append(info)
-            else:
-                held.append(request)  # once one waits, later ones wait too (order)
+        batch = Batch(running)
+        for i, info in enumerate(ordered[:room]):
+            if info.aged or can_admit(self.latency, info, batch):
+                admitted.append(self._info[info.request_id][1])
+                batch.add(info)
+            else:  # once one waits, later ones wait too (the order)
+                held = [self._info[r.request_id][1] for r in ordered[i:]]
+                for r in ordered[i:room]:
+                    r.overtaken += 1  # a step held: it ages (no starvation)
+                self.counters["held"] += room - i
+                break
+        else:
+            admitted += [self._info[r.request_id][1] for r in ordered[room:]]
         self.waiting.clear()
         self.waiting.extend(keep + admitted)
-        self.counters["held"] += len(held)
         return held
 
     def _count_overtakes(self, output) -> None:
@@ -163,21 +175,22 @@ class TaskAwareScheduler(Scheduler):
         it (core/slo.py MAX_OVERTAKES: past that many, it goes first). Steps, not
         admissions: a step admits up to max_num_seqs, and counting each made every
         request of a backlog first within a step or two, and the order FCFS."""
-        started = [self._info[d.req_id][0].arrival_s for d in output.scheduled_new_reqs
-                   if d.req_id in self._info]
-        if not started:
+        latest = max((self._info[d.req_id][0].arrival_s for d in output.scheduled_new_reqs
+                      if d.req_id in self._info), default=None)
+        if latest is None:
             return
         for r in self.waiting:
             entry = self._info.get(r.request_id)
             if entry is not None and r.num_computed_tokens == 0:  # a step, not each
-                entry[0].overtaken += any(a > entry[0].arrival_s for a in started)
+                entry[0].overtaken += latest > entry[0].arrival_s
 
     def _demand(self) -> dict[str, float]:
         """Per task: prompt tokens still to compute + output tokens still expected."""
         demand: dict[str, float] = {}
         for info, request in self._info.values():
             left = max(0, request.num_prompt_tokens - request.num_computed_tokens)
-            left += max(0.0, self.latency.expected_output(info.task) - request.num_output_tokens)
+            expected = self.latency.expected_output(info.task, request.max_tokens)
+            left += max(0.0, expected - request.num_output_tokens)
             demand[info.task] = demand.get(info.task, 0.0) + left
         return demand
 
@@ -212,7 +225,8 @@ class TaskAwareScheduler(Scheduler):
     def summary_line(self) -> str:
         c, m = self.counters, self.latency
         outputs = {t: round(e.value) for t, e in sorted(m.output_tokens.items())}
-        return (f"task scheduler: {c['admitted']} admitted, {c['held']} held back, "
+        return (f"task scheduler: {c['admitted']} admitted, {c['held']} request-steps held "
+                f"back, "
                 f"{c['classified']} classified by rules; step {m.per_step_s * 1e3:.2f} ms "
                 f"+ {m.per_token_s * 1e3:.3f} ms/token + {m.misses_per_step.value:.1f} "
                 f"misses x {m.per_miss_s.value * 1e3:.2f} ms; expected outputs {outputs}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 
-from vllm_moe_offload.core.tasks import TaskRules, request_fields
+from vllm_moe_offload.core.tasks import REQUEST_FIELDS, TaskRules, request_fields
 from vllm_moe_offload.runtime.task_residency import COUNT_ROWS
 from vllm_moe_offload.integration.vllm import metrics, model_state
 
@@ -36,6 +36,21 @@ REPORT_ATTR = "moe_offload"  # attribute on SchedulerOutput / ModelRunnerOutput
 # task names one engine learns, the default's row aside (task_residency's count rows);
 # later new ones count as the default
 MAX_TASKS = COUNT_ROWS - 1
+
+
+def checked_fields(params, request_id: str) -> tuple[str | None, float | None, float | None]:
+    """`request_fields` of a request's SamplingParams. A bad field that got past
+    their validation (params built before offload was on in the process, or changed
+    since) is dropped from them with a warning, and the request runs without its
+    task and SLOs: in the engine core an exception would end the engine."""
+    extra = params.extra_args if params is not None else None
+    try:
+        return request_fields(extra)
+    except ValueError as e:
+        logger.warning("expert offload: request %s: %s; it runs without its task and "
+                       "SLO fields", request_id, e)
+        params.extra_args = {k: v for k, v in extra.items() if k not in REQUEST_FIELDS}
+        return None, None, None
 
 
 class TaskClassifier:
@@ -66,7 +81,7 @@ class TaskClassifier:
         return self._tokenizer.decode(list(prompt_token_ids or [])[:1024])
 
     def task_of(self, extra_args: dict | None, prompt_token_ids) -> str:
-        task, _, _ = request_fields(extra_args)
+        task = (extra_args or {}).get("task")  # (checked_fields checked it)
         if not task and self.rules is not None and not self._rules_failed:
             try:
                 task = self.rules.classify(self._decode(prompt_token_ids))
@@ -101,6 +116,7 @@ class WorkerTasks:
         task = self.task_of.get(req_id)
         if task is None:
             params = state.sampling_params
+            checked_fields(params, req_id)
             task = self.task_of[req_id] = self.classifier.task_of(
                 params.extra_args if params else None, state.prompt_token_ids)
         return task
