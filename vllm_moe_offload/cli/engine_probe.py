@@ -281,6 +281,11 @@ def main(spec: dict) -> dict:
                           for k in ("hits", "misses", "bytes_loaded", "load_seconds",
                                     "stall_seconds", "prefetched", "prefetch_hits",
                                     "prefetch_wasted")}
+        earlier = before.get("predictions", {})
+        stats["timed"]["recall"] = {  # per distance, of the timed batches alone
+            d: (p["correct"] - earlier.get(d, {}).get("correct", 0))
+            / max(1, p["routed"] - earlier.get(d, {}).get("routed", 0))
+            for d, p in stats["totals"].get("predictions", {}).items()}
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
