@@ -16,7 +16,7 @@ from .store import ExpertStore, HostStore
 def device_mode_problem(device: torch.device, store: ExpertStore,
                         eviction: str = "auto") -> str | None:
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
-    if torch.device(device).type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the pool is not on a CUDA device"
     # a mixed-precision store: its hot and cold stores, each of some experts only
     stores = store.stores if isinstance(store, MixedStore) else (store,)

@@ -332,18 +332,19 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
         tl.debug_barrier()
     new_row = tl.where(miss & (rank < taken), slot, row)
     # ids -> slots in the group; -1 (a row vLLM pads a batch with) stays -1, which
-    # vLLM's kernels skip
+    # vLLM's kernels skip; so does an expert no victim was found for (ERROR: the
+    # sizing rule broken), which read slot 0, another expert's weights, before
     if SMALL:  # through the row in registers
         i = tl.arange(0, ID_BLOCK)
         slots = tl.sum(tl.where(ids[:, None] == e[None, :], new_row[None, :], 0), 1)
-        slots = tl.where(ids >= 0, tl.maximum(slots - lo, 0), -1)
+        slots = tl.where((ids >= 0) & (slots >= 0), slots - lo, -1)
         tl.store(out_ptr + i, slots.to(out_ptr.dtype.element_ty), mask=i < n_ids)
     else:
         for start in range(0, n_ids, ID_BLOCK):
             i = start + tl.arange(0, ID_BLOCK)
             ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
-            slots = tl.load(table_ptr + layer * E + ids, mask=ids >= 0, other=0)
-            slots = tl.where(ids >= 0, tl.maximum(slots - lo, 0), -1)
+            slots = tl.load(table_ptr + layer * E + ids, mask=ids >= 0, other=-1)
+            slots = tl.where((ids >= 0) & (slots >= 0), slots - lo, -1)
             tl.store(out_ptr + i, slots.to(out_ptr.dtype.element_ty), mask=i < n_ids)
     c = tl.arange(0, NSTAT)
     base = counters_ptr + layer * NSTAT

@@ -434,6 +434,23 @@ def case_padded_rows_are_no_expert(device):
         assert (s.layer(0).misses, s.layer(2).misses, s.totals().prefetched) == (3, 0, 2)
 
 
+def case_an_expert_with_no_victim_gets_no_slot_not_another_experts(device):
+    """With the sizing rule broken (a slot pinned that no call may take), a layer
+    that needs every slot leaves one expert without a victim: it read slot 0, layer
+    0's expert 3, and the error surfaced at the next stats read. It gets -1 now."""
+    L, E = 2, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    for small in (True, False):
+        cache = DeviceExpertCache(store, E, device)
+        cache.small_path = small
+        cache.map_to_slots(0, torch.tensor([[3]], dtype=torch.int32, device=device))
+        cache.flags[0] |= K.PINNED.value
+        ids = torch.arange(E, dtype=torch.int32, device=device).view(4, 2)
+        slots = cache.map_to_slots(1, ids).view(-1).tolist()
+        assert slots.count(-1) == 1 and 0 not in slots, (small, slots)
+        assert int(cache.state[K.ERROR.value]) == 1
+
+
 def case_approximate_reroute_counts_on_the_device(device):
     """Approximate mode's re-route in device mode: the device table says what is
     resident, and the swaps are counted on the device (read by sync_stats): the same
