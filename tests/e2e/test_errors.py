@@ -115,6 +115,20 @@ def test_vllm_weight_offload_is_refused(models, flag, field):
         args.create_engine_config()
 
 
+def test_pipeline_parallelism_is_refused(models):
+    """Each stage numbers its layers from 0: stage 1 reused stage 0's store file and
+    skipped loading its own experts (wrong outputs, no error)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_moe_offload.integration.vllm.plugin import register
+
+    register()
+    args = EngineArgs(model=models["qwen3_moe"], pipeline_parallel_size=2,
+                      additional_config={"expert_offload": {"enabled": True}})
+    with pytest.raises(ValueError, match=r"--pipeline-parallel-size=2: .*single device"):
+        args.create_engine_config()
+
+
 def test_on_gpus_vllm_v1_model_runner_is_kept(monkeypatch):
     """vLLM 0.32 picks its V2 model runner on CUDA; the plugin's step hooks sit on V1."""
     from types import SimpleNamespace

@@ -104,3 +104,25 @@ def test_approximate_mode_refuses_router_weights_that_do_not_match_the_layers(tm
     model.cache = SimpleNamespace(plan_room=4, num_slots=2 * E, groups=[None])
     with pytest.raises(ValueError, match="found 3 router weights .* for 2 MoE layers"):
         model._make_task_residency()
+
+
+def test_a_later_engine_in_the_process_gets_a_state_of_its_own(monkeypatch):
+    """Engine A's state, loaded, was handed to engine B of the same model (with A's
+    config), and after A shut down it stayed `loaded()`: B's layers were taken for a
+    draft model's and kept every expert resident."""
+    from vllm_moe_offload.integration.vllm import model_state
+
+    monkeypatch.setattr(model_state, "_MODEL", None)
+    fingerprint = {"model": "m"}
+    a = model_state.get_or_create(OffloadConfig(pool_slots=8), fingerprint, torch.device("cpu"))
+    assert model_state.get_or_create(OffloadConfig(), fingerprint, torch.device("cpu")) is a
+    closed = []
+    a.cache = object()  # loaded: its pool is built
+    monkeypatch.setattr(a, "shutdown", lambda: closed.append(a))
+    assert model_state.loaded() is a
+    model_state.release()  # A's worker shuts down
+    assert closed == [a] and model_state.loaded() is None and model_state.current() is None
+    b = model_state.get_or_create(OffloadConfig(pool_slots=4), fingerprint, torch.device("cpu"))
+    assert b is not a and b.cfg.pool_slots == 4
+    b.cache = object()  # and if A never shut down, B still starts afresh
+    assert model_state.get_or_create(OffloadConfig(), fingerprint, torch.device("cpu")) is not b

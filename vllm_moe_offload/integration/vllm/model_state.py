@@ -697,7 +697,22 @@ def loaded() -> ModelOffload | None:
 
 
 def get_or_create(cfg: OffloadConfig, fingerprint: dict, device: torch.device) -> ModelOffload:
+    """The state of the model being built: its layers share one. A model already
+    loaded (its pool built) is another engine's, in this process: a new one starts
+    afresh (with its own config: the old state's failed its first layer)."""
     global _MODEL
-    if _MODEL is None or _MODEL.fingerprint != fingerprint:
+    if _MODEL is None or _MODEL.fingerprint != fingerprint or _MODEL.cache is not None:
         _MODEL = ModelOffload(cfg, fingerprint, device)
     return _MODEL
+
+
+def release() -> None:
+    """The worker shuts down: the model's summary, its files, and this process's
+    hold on its pool go. Before, a later engine in the process (notebooks,
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) saw it as its own target model loaded: its
+    layers were taken for a draft's and kept every expert resident."""
+    global _MODEL
+    model, _MODEL = _MODEL, None
+    if model is not None:
+        atexit.unregister(model.shutdown)
+        model.shutdown()

@@ -61,9 +61,7 @@ def install() -> None:
     original_shutdown = Worker.shutdown
 
     def shutdown(self):  # the server path ends workers here, not through atexit
-        model = model_state.current()
-        if model is not None:
-            model.shutdown()
+        model_state.release()
         return original_shutdown(self)
 
     Worker.shutdown = shutdown
