@@ -184,3 +184,34 @@ def test_a_pool_that_leaves_the_kv_cache_nothing_is_named():
         check_kv_room(-GiB, model, 0.9)
     with pytest.raises(ValueError, match=r"in\. Raise --gpu-memory-utilization\."):
         check_kv_room(-8 * GiB + 64 * MiB, model, 0.9)  # not even one layer's 128 MiB
+
+
+def test_vllms_cpu_kv_sizing_error_names_what_offload_holds(monkeypatch):
+    """vLLM's CPU worker has its own KV sizing (no GPU worker method to hook): its
+    "reduce CPU memory used by other processes" now says what the pool and a host
+    store hold, and which setting holds less."""
+    pytest.importorskip("vllm")
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from vllm_moe_offload.integration.vllm import model_state, worker
+
+    worker.install()
+    assert CPUWorker.determine_available_memory._moe_offload
+
+    def too_little(self):
+        raise ValueError("Reduce CPU memory used by other processes.")
+
+    monkeypatch.setattr(CPUWorker, "determine_available_memory", too_little)
+    monkeypatch.setattr(CPUWorker.determine_available_memory, "_moe_offload", False,
+                        raising=False)
+    worker._name_the_pool_on_cpu()
+    cache = SimpleNamespace(pool_bytes=GiB, num_slots=64)
+    store = SimpleNamespace(kind="host", nbytes=3 * GiB)
+    monkeypatch.setattr(model_state, "_MODEL", SimpleNamespace(cache=cache, store=store))
+    with pytest.raises(ValueError, match=r"other processes\. Expert offload holds 4\.00 GiB "
+                       r"of it: 64 expert slots \(1\.00 GiB\) and a host store .*"
+                       r"--expert-store disk .*--expert-pool-gib"):
+        CPUWorker.determine_available_memory(None)
+    monkeypatch.setattr(model_state, "_MODEL", None)  # offload off: vLLM's error as it is
+    with pytest.raises(ValueError, match=r"processes\.$"):
+        CPUWorker.determine_available_memory(None)

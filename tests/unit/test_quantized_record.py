@@ -273,6 +273,13 @@ def test_per_layer_parameters_and_online_quantization_are_refused():
                                                   r"\['global_scale'\], not one per expert"):
         layer_with(PerLayer())
 
+    class CompressedTensorsW4A4Nvfp4MoEMethod(Method):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"Nvfp4MoEMethod scales its experts' FP4 "
+                                                  r"blocks by factors .* all of a layer's"):
+        layer_with(CompressedTensorsW4A4Nvfp4MoEMethod())
+
     class Online(Method):
         uses_meta_device = True
 
@@ -373,3 +380,50 @@ def test_the_marlin_input_dtype_is_part_of_a_quantized_stores_identity(monkeypat
     plain = _kernel_of(method)
     monkeypatch.setenv("VLLM_MARLIN_INPUT_DTYPE", "fp8")
     assert _kernel_of(method) != plain and _kernel_of(method).endswith("/fp8")
+
+
+def test_a_config_tensor_computed_from_the_experts_is_refused():
+    """vLLM's NVFP4 emulation sets the activation scale to 1 / max over all experts'
+    input scales: a new tensor, in no slot. Computed on the zeroed twin at bind, it
+    was kept (an activation scale of 0 for every slot). A twin of other values
+    computes another one: refused, named."""
+    class Derived(Method):
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            self.moe_quant_config._a1.scale = layer.w13_scale.amax().reshape(1)
+
+    layer, quant = layer_with(Derived())
+    quant.pack(loaded_twin(layer, quant, 1))
+    with pytest.raises(NotImplementedError, match=r"Derived computes its kernel's _a1\.scale "
+                                                  r"\(1,\) from the expert's tensors"):
+        quant.bind(layer, empty_slots(layer, quant), lambda b: torch.nn.Parameter(b, False))
+
+    class Constant(Method):  # a tensor of its own, not of the expert's: kept
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            self.moe_quant_config._a1.scale = torch.ones(1)
+
+    layer, quant = layer_with(Constant())
+    quant.pack(loaded_twin(layer, quant, 1))
+    quant.bind(layer, empty_slots(layer, quant), lambda b: torch.nn.Parameter(b, False))
+    assert torch.equal(layer.quant_method.moe_quant_config._a1.scale, torch.ones(1))
+
+
+def test_checkpoint_biases_the_method_has_no_parameter_for_are_not_waited_for():
+    """vLLM's loader skips `w13_bias`/`w2_bias` where the method made no such
+    parameter (all but AutoGPTQ's): counted, no expert was ever whole, and a
+    checkpoint plain vLLM serves was refused as 'no expert came from the checkpoint'."""
+    from vllm_moe_offload.integration.vllm.layer import OffloadedRoutedExperts
+
+    prefix = "model.layers.0.mlp.experts"
+    names = ["down_proj.bias", "down_proj.weight", "down_proj.weight_scale",
+             "gate_proj.weight", "gate_proj.weight_scale", "up_proj.weight",
+             "up_proj.weight_scale"]
+    model = SimpleNamespace(layer_names=[prefix],
+                            checkpoint_tensor_names=lambda layer, e: names)
+    layer = SimpleNamespace(_model=model, quant_config=None, w2_bias=None)
+    keys = OffloadedRoutedExperts._checkpoint_keys(layer, 0)
+    assert [k[3] for k in keys] == ["w2_weight", "w2_weight_scale", "w13_weight",
+                                    "w13_weight_scale", "w13_weight", "w13_weight_scale"]
+    layer.w2_bias = torch.nn.Parameter(torch.zeros(0, 4), requires_grad=False)  # AutoGPTQ's
+    assert "w2_bias" in [k[3] for k in OffloadedRoutedExperts._checkpoint_keys(layer, 0)]

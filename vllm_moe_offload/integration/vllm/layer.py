@@ -279,7 +279,10 @@ class OffloadedRoutedExperts(RoutedExperts):
         if "scale" in weight_name or ("bias" in weight_name and not self.moe_config.has_bias):
             raise NotImplementedError(
                 f"expert offload: checkpoint tensor {weight_name} (shard {shard_id}) is not "
-                "a plain expert weight; quantized experts are not supported yet.")
+                f"a plain expert weight, and vLLM built {self.layer_name} unquantized (no "
+                "quantization method, or one that leaves its experts unquantized). Check "
+                "the checkpoint's quantization_config and --quantization, or turn expert "
+                "offload off.")
         if loaded_weight.dim() == 3:  # all experts at once (Llama-4): one by one
             for e in range(loaded_weight.shape[0]):
                 self.weight_loader(param, loaded_weight[e], weight_name, shard_id,
@@ -328,6 +331,7 @@ class OffloadedRoutedExperts(RoutedExperts):
                 f"loads checkpoint tensor {weight_name} (shard {shard_id}) into {name}, "
                 "not into a per-expert tensor")
         if expert_id not in self._staging:
+            self._expected_calls()  # (a checkpoint it cannot read is refused here, by name)
             self._staging[expert_id] = (self._quant.twin(self), set())
         twin, seen = self._staging[expert_id]
         done = super(OffloadedRoutedExperts, twin).weight_loader(
@@ -354,15 +358,18 @@ class OffloadedRoutedExperts(RoutedExperts):
         """The loader calls that make one expert of `layer` from its checkpoint
         tensors (quantized.py `checkpoint_keys`), less those vLLM drops as it reads
         the checkpoint (its quant config's mapper: GPTQ's `g_idx`, which AutoGPTQ and
-        GPTQModel write for every linear; counted, no expert was ever whole)."""
+        GPTQModel write for every linear; and biases where the method has no bias
+        parameter: counted, no expert was ever whole)."""
         prefix = self._model.layer_names[layer]
         names = self._model.checkpoint_tensor_names(layer, 0)
         mapper = getattr(self.quant_config, "get_checkpoint_weight_mapper", None)
         if names and mapper is not None:
             mapper = mapper()
             names = [n for n in names if mapper.map_name(f"{prefix}.0.{n}") is not None]
-        if names:
-            return checkpoint_keys(prefix, names)
+        if names:  # (a bias the method has no parameter for, vLLM's loader skips)
+            return [k for k in checkpoint_keys(prefix, names)
+                    if not k[3].endswith(("w13_bias", "w2_bias"))
+                    or getattr(self, k[3], None) is not None]
         from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
 
         fused = self._model.checkpoint_fused_names(layer)

@@ -47,6 +47,11 @@ class QuantizedExperts:
                 "combined with expert offload. Drop --quantization and add "
                 "--expert-store-bits 8 (or 4) to keep the offloaded experts quantized "
                 "in the store.")
+        if "nvfp4" in self.method.lower():
+            raise self.unsupported(
+                "scales its experts' FP4 blocks by factors that vLLM computes over all of "
+                "a layer's experts (global scales; on Marlin one power-of-two factor per "
+                "layer), so one expert processed alone is not the same expert")
         # on the method a twin processes with: some keep state (gpt-oss MXFP4's
         # expert count, which its processing checks)
         self.create = type(quant_method).create_weights
@@ -207,23 +212,29 @@ class QuantizedExperts:
             setattr(layer, name, make_param(buf))
         for alias, name in self.aliases.items():
             setattr(layer, alias, getattr(layer, name))
-        kernel = self.qm.moe_kernel
-        configs = {id(c): c for c in (self.qm.moe_quant_config,
-                                      kernel.fused_experts.quant_config)}
+        # A twin of other values, processed too: a config tensor that differs between
+        # the two is computed from the expert's tensors (vLLM's NVFP4 emulation takes
+        # 1 / max over all experts' input scales): it stayed the zeroed twin's value
+        probe = self.twin(layer)
+        for p in probe._parameters.values():
+            if p is not None:
+                p.data.fill_(1)
+        self._process(probe.quant_method, probe)
         twin_tensors = {t.untyped_storage().data_ptr()
                         for t in twin._parameters.values() if t is not None}
-        for config in configs.values():
-            for desc in (config._a1, config._a2, config._w1, config._w2):
-                for field in dataclasses.fields(desc):
-                    t = getattr(desc, field.name)
-                    if not isinstance(t, torch.Tensor):
-                        continue
-                    if _key(t) in slot_of:
-                        setattr(desc, field.name, slot_of[_key(t)])
-                    elif t.untyped_storage().data_ptr() in twin_tensors:
-                        raise self.unsupported(
-                            f"has its kernel read a view {tuple(t.shape)} of an expert "
-                            "tensor, which offload cannot point at the slots")
+        for where, label, t, other in _config_tensors(self.qm, probe.quant_method):
+            if _key(t) in slot_of:
+                setattr(*where, slot_of[_key(t)])
+            elif t.untyped_storage().data_ptr() in twin_tensors:
+                raise self.unsupported(
+                    f"has its kernel read a view {tuple(t.shape)} of an expert "
+                    "tensor, which offload cannot point at the slots")
+            elif not (isinstance(other, torch.Tensor) and other.shape == t.shape
+                      and torch.equal(other, t)):
+                raise self.unsupported(
+                    f"computes its kernel's {label} {tuple(t.shape)} from the expert's "
+                    "tensors (over all of a layer's experts in vLLM), which offload "
+                    "cannot compute over the slots")
 
     def unsupported(self, why: str) -> NotImplementedError:
         return NotImplementedError(f"expert offload: {self.method} {why}. {WHAT_WORKS}")
@@ -261,9 +272,28 @@ def refuse_monolithic(layer_name: str, method) -> None:
 
 WHAT_WORKS = ("Expert offload serves bf16/fp16/fp32 experts (kept at 8, 4, 3 or 2 bits in "
               "its store with --expert-store-bits), and quantized checkpoints whose method "
-              "keeps each expert's tensors apart (tested through vLLM: compressed-tensors "
-              "W8A8 INT8 and W4A16, GPTQ, AWQ, block FP8, gpt-oss MXFP4). Turn expert "
+              "keeps each expert's tensors apart (tested through vLLM's CPU build: "
+              "compressed-tensors W8A8 INT8 and W4A16, GPTQ, AWQ, block FP8, gpt-oss "
+              "MXFP4; their GPU kernels have not run with offload yet). Turn expert "
               "offload off to serve this checkpoint.")
+
+
+def _config_tensors(method, probe_method):
+    """((descriptor, field), its name, tensor, the probe's tensor there) of every
+    tensor in the quant configs of `method` (its own, its kernel's) and of
+    `probe_method` alike."""
+    def configs(m):
+        out = {id(c): c for c in (m.moe_quant_config, m.moe_kernel.fused_experts.quant_config)}
+        return list(out.values())
+
+    for config, other in zip(configs(method), configs(probe_method)):
+        for name in ("_a1", "_a2", "_w1", "_w2"):
+            desc, odesc = getattr(config, name), getattr(other, name)
+            for field in dataclasses.fields(desc):
+                t = getattr(desc, field.name)
+                if isinstance(t, torch.Tensor):
+                    yield ((desc, field.name), f"{name}.{field.name}", t,
+                           getattr(odesc, field.name, None))
 
 
 def _key(t: torch.Tensor) -> tuple:

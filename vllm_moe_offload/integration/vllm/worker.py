@@ -91,6 +91,47 @@ def install() -> None:
         return available
 
     Worker.determine_available_memory = determine_available_memory
+    _name_the_pool_on_cpu()
+
+
+def _name_the_pool_on_cpu() -> None:
+    """vLLM's CPU worker sizes the KV cache from its RSS, without the GPU worker's
+    method, and its error ("reduce CPU memory used by other processes") does not
+    name the memory that offload holds: add it."""
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    except ImportError:  # a build without it
+        return
+    if getattr(CPUWorker.determine_available_memory, "_moe_offload", False):
+        return
+    original = CPUWorker.determine_available_memory
+
+    def determine_available_memory(self):
+        try:
+            return original(self)
+        except ValueError as e:
+            note = pool_note(model_state.current())
+            if note is None:
+                raise
+            raise ValueError(f"{e} {note}") from None
+
+    determine_available_memory._moe_offload = True
+    CPUWorker.determine_available_memory = determine_available_memory
+
+
+def pool_note(model) -> str | None:
+    """What expert offload holds in this worker's memory, and how to hold less."""
+    if model is None or model.cache is None:
+        return None
+    host = model.store.kind == "host"
+    held = model.cache.pool_bytes + (model.store.nbytes if host else 0)
+    return (f"Expert offload holds {held / 2**30:.2f} GiB of it: "
+            f"{model.cache.num_slots} expert slots ({model.cache.pool_bytes / 2**30:.2f} "
+            "GiB)" + (f" and a host store of every expert ({model.store.nbytes / 2**30:.2f}"
+                      " GiB, a second copy in RAM: --expert-store disk keeps it on disk)"
+                      if host else "")
+            + ". Set a smaller pool (--expert-pool-gib or --expert-pool-slots), or raise "
+            "--gpu-memory-utilization.")
 
 
 def check_kv_room(available: int, model, utilization: float) -> None:
