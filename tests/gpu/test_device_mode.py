@@ -127,9 +127,23 @@ def test_graphed_steps_with_slot_groups_task_counts_and_a_trace(tmp_path):
                         trace=str(tmp_path / "routing.trace"))
 
 
+@pytest.mark.parametrize("pieces", [False, True])
+@pytest.mark.parametrize("delay", ["copy", "compute"])
+def test_graphed_steps_match_with_slow_copies_or_slow_compute(delay, pieces):
+    """Races forced, not left to timing: every copy-stream fill sleeps first (a
+    layer that did not wait for its prefetch reads a slot not filled yet), or every
+    layer's compute sleeps before its MoE (a prefetch fill that did not wait for the
+    kernels reading its victim overwrites it under them). Replays still equal
+    all-resident, bit for bit."""
+    store, full = device_cases.make_store(8, 8, LAYOUT, pinned=True)
+    graphed_steps_match(store, full, 12, True, pieces=pieces, delay=delay)
+
+
 def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False,
-                        groups=None, tasks=False, trace=None):
-    """Whole steps in one graph, or (`pieces`) one graph per layer call."""
+                        groups=None, tasks=False, trace=None, delay=None):
+    """Whole steps in one graph, or (`pieces`) one graph per layer call. `delay`:
+    "copy" sleeps on the copy stream before each fill there, "compute" on the
+    compute stream between a layer's map_to_slots and its MoE (both captured)."""
     L, E, T, K = store.num_layers, store.experts_per_layer, 4, 2
     full13, full2 = stacked(full, L, E)
     script = Script(L, E, T, K, seed=num_slots)
@@ -138,6 +152,15 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False
                                    groups=groups)
     assert why is None and cache.mode == "device"
     cache.pdl = pdl
+    if delay == "copy":
+        fill = cache._fill
+
+        def slow_fill(*args, **kwargs):
+            if torch.cuda.current_stream() == cache._copy_stream:
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU clock cycles
+            return fill(*args, **kwargs)
+
+        cache._fill = slow_fill
     if trace is not None:
         from vllm_moe_offload.core.trace import TraceHeader, TraceWriter, read_trace
 
@@ -156,6 +179,8 @@ def graphed_steps_match(store, full, num_slots, predict, pieces=False, pdl=False
         if residency is not None:
             residency.record(l, script.ids[l])
         slots = cache.map_to_slots(l, script.ids[l], script.x[l])
+        if delay == "compute":
+            torch.cuda._sleep(20_000_000)
         script.out[l] = moe(script.x[l], *cache.layer_buffers(l), slots, script.w[l])
 
     script.next()
