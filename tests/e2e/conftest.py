@@ -69,9 +69,25 @@ def failure(spec: dict, **kw) -> str:
 
 def plain_spec(model: str, **extra) -> dict:
     return {"model": model, "offload": None, "prompts": PROMPTS, "in_process": True,
-            **extra}
+            "logprobs": LOGPROBS, **extra}
 
 
 def offload_spec(model: str, **offload) -> dict:
     return {"model": model, "offload": {"enabled": True, **offload}, "prompts": PROMPTS,
-            "in_process": True}
+            "in_process": True, "logprobs": LOGPROBS}
+
+
+LOGPROBS = 5  # top log-probabilities compared, not only the greedy tokens
+
+
+def assert_same_outputs(off: dict, plain: dict, atol: float = 1e-4) -> None:
+    """Token-identical greedy outputs, and the top LOGPROBS log-probabilities of each
+    step alike (the same kernel over the same weights). Tokens alone missed a wrong
+    expert in one slot, or gate and up swapped in one expert: too small a change to
+    flip a greedy token of a tiny model."""
+    assert off["token_ids"] == plain["token_ids"]
+    for a, b in zip(off["logprobs"], plain["logprobs"]):
+        for step_a, step_b in zip(a, b):
+            assert [t for t, _ in step_a] == [t for t, _ in step_b]
+            worst = max(abs(x - y) for (_, x), (_, y) in zip(step_a, step_b))
+            assert worst <= atol, f"a top-{LOGPROBS} logprob moved by {worst:.2e}"

@@ -10,7 +10,8 @@ runs with a stand-in for torchvision (tests/e2e/vision_stub.py)."""
 
 import pytest
 
-from tests.e2e.conftest import EXPERTS, FAMILIES, LAYERS, SETUP, offload_spec, plain_spec
+from tests.e2e.conftest import (EXPERTS, FAMILIES, LAYERS, SETUP, assert_same_outputs,
+                                offload_spec, plain_spec)
 from vllm_moe_offload.hf.tiny_moe import FIRST_DENSE, build_tiny_moe
 
 
@@ -23,7 +24,7 @@ def test_family_outputs_match_plain_vllm(models, engine, store_dir, family, pool
     plain = engine(plain_spec(models[family], **extra))
     off = engine({**offload_spec(models[family], pool_slots=slots, store="disk",
                                  store_dir=store_dir), **extra})
-    assert off["token_ids"] == plain["token_ids"]
+    assert_same_outputs(off, plain)
     totals, info = off["stats"]["totals"], off["stats"]["pool"]
     assert (info["num_slots"], info["num_layers"]) == (slots, moe_layers)
     assert set(off["stats"]["layers"]) == {str(l) for l in range(moe_layers)}

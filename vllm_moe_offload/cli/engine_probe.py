@@ -239,11 +239,12 @@ def main(spec: dict) -> dict:
         kwargs["additional_config"] = {"expert_offload": spec["offload"]}
     llm = LLM(**kwargs)
     cache = llm.llm_engine.vllm_config.cache_config
+    logprobs = spec.get("logprobs")  # top-N log-probabilities of every output token
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24),
-                            ignore_eos=True)
+                            ignore_eos=True, logprobs=logprobs)
     if spec.get("extra_args"):  # per prompt: task / SLO fields, or None
         params = [SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 24),
-                                 ignore_eos=True, extra_args=args)
+                                 ignore_eos=True, logprobs=logprobs, extra_args=args)
                   for args in spec["extra_args"]]
     repeats = spec.get("repeats", 1) if spec.get("timed") else spec.get("rounds", 1)
     if spec.get("timed"):
@@ -289,6 +290,10 @@ def main(spec: dict) -> dict:
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
+        # per prompt, per output token: [[token id, logprob], ...] of the top N
+        "logprobs": [[sorted([t, lp.logprob] for t, lp in step.items())
+                      for step in o.outputs[0].logprobs] for o in outputs]
+        if logprobs else None,
         "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
         "generated_tokens": repeats * sum(len(o.outputs[0].token_ids) for o in outputs),
         "gen_seconds": seconds,
