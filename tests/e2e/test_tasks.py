@@ -52,7 +52,8 @@ def test_task_aware_outputs_match_plain_and_profiles_survive_restart(models, eng
     assert tasks["replans"] == 2
     assert tasks["planned"] == tasks["budget"] == (16 - 8) // 2
     assert "expert offload: replan 2 after 8 prompts: pinned 4 of 4" in first["log"]
-    assert "task scheduler: 8 admitted, 0 held back, 4 classified by rules" in first["log"]
+    assert ("task scheduler: 8 admitted, 0 request-steps held back, 4 classified by rules"
+            in first["log"])
     saved = json.loads(profiles.read_text())["profiles"]
     assert saved["num_layers"] == LAYERS
     routed = {t: sum(table[0]) for t, table in saved["counts"].items()}
@@ -101,7 +102,7 @@ def test_tpot_admission_holds_requests_back_outputs_unchanged(models, engine, ta
     out = engine(spec)
     assert out["token_ids"] == plain["token_ids"]
     line = next(l for l in out["log"].splitlines() if "task scheduler:" in l)
-    held = int(line.split(" held back")[0].rsplit(" ", 1)[1])
+    held = int(line.split(" request-steps held back")[0].rsplit(" ", 1)[1])
     assert held >= len(PROMPTS) - 1, line
 
 
