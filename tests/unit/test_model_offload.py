@@ -120,9 +120,43 @@ def test_a_later_engine_in_the_process_gets_a_state_of_its_own(monkeypatch):
     a.cache = object()  # loaded: its pool is built
     monkeypatch.setattr(a, "shutdown", lambda: closed.append(a))
     assert model_state.loaded() is a
-    model_state.release()  # A's worker shuts down
+    model_state.release(a)  # A's worker shuts down
     assert closed == [a] and model_state.loaded() is None and model_state.current() is None
     b = model_state.get_or_create(OffloadConfig(pool_slots=4), fingerprint, torch.device("cpu"))
     assert b is not a and b.cfg.pool_slots == 4
     b.cache = object()  # and if A never shut down, B still starts afresh
-    assert model_state.get_or_create(OffloadConfig(), fingerprint, torch.device("cpu")) is not b
+    c = model_state.get_or_create(OffloadConfig(), fingerprint, torch.device("cpu"))
+    assert c is not b
+    monkeypatch.setattr(b, "shutdown", lambda: closed.append(b))
+    model_state.release(b)  # an older engine's shutdown leaves the current one
+    assert closed == [a, b] and model_state.current() is c
+
+
+def test_a_checkpoint_of_many_shards_fits_the_store_header(tmp_path):
+    """Each shard's [name, size, mtime] went into the disk store's 4 KiB header:
+    DeepSeek-V3's 163 shards overflowed it and the engine failed to start. The files
+    are a digest now, and a changed shard still changes the store's name."""
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.integration.vllm.layer import _fingerprint
+    from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, TensorSpec,
+                                                store_file_name)
+
+    model = tmp_path / "DeepSeek-V3"
+    model.mkdir()
+    for i in range(163):
+        (model / f"model-{i + 1:05d}-of-000163.safetensors").write_bytes(b"x" * i)
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(model=str(model), revision=None, dtype="bfloat16",
+                                     seed=0),
+        load_config=SimpleNamespace(download_dir=None, load_format="auto"))
+    fingerprint = _fingerprint(config)
+    assert fingerprint["files"].startswith("163:")
+    layout = ExpertLayout((TensorSpec((4, 4), torch.float32),))
+    store = DiskStore(tmp_path / "s.experts", layout, 1, 2, fingerprint)
+    for e in range(2):
+        store.put(0, e, [torch.full((4, 4), float(e))])
+    store.seal()
+    store.close()
+    (model / "model-00001-of-000163.safetensors").write_bytes(b"changed")
+    assert store_file_name(_fingerprint(config)) != store_file_name(fingerprint)

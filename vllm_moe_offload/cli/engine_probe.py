@@ -49,7 +49,9 @@ def run_in_subprocess(spec: dict, env: dict | None = None, timeout: int = 900) -
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    interpret = full_env.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from vllm_moe_offload.runtime.modes import triton_interpreter
+
+    interpret = triton_interpreter(full_env)
     output = _ForkServer.get(interpret).run(spec, full_env, timeout)
     for line in output.splitlines():
         if line.startswith("RESULT "):

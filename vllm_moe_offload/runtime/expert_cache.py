@@ -245,7 +245,7 @@ class ExpertCache(SlotBuffers):
         if self._cuda:  # wait for kernels that may still read the victims' slots
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream) if self._cuda else nullcontext():
-            nbytes = self._copy_all(misses)
+            nbytes = sum(n for n, _ in self._copy_all(misses))
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
             self._copy_stream.synchronize()  # on-demand: the stall is real, count it
@@ -255,18 +255,21 @@ class ExpertCache(SlotBuffers):
         stats.load_seconds += seconds
         stats.stall_seconds += seconds
 
-    def _copy_all(self, misses: list[SlotGrant]) -> int:
-        """Load `misses`; if one raises (fail_requests off), the pool forgets it and
-        those not loaded yet, so that no later call takes their slots for theirs."""
-        nbytes = 0
+    def _copy_all(self, misses: list[SlotGrant]) -> list[tuple[int, float]]:
+        """Load `misses`: (bytes, seconds) of each. If one raises (fail_requests off:
+        ExpertUnavailable; or any other error), the pool forgets it and those not
+        loaded yet, so that no later call takes their slots for theirs."""
+        out = []
         for i, g in enumerate(misses):
+            t0 = time.perf_counter()
             try:
-                nbytes += self._copy_in(g)
+                nbytes = self._copy_in(g)
             except BaseException:
                 for rest in misses[i:]:
                     self.pool.drop(rest.key)
                 raise
-        return nbytes
+            out.append((nbytes, time.perf_counter() - t0))
+        return out
 
     def _evict(self, grant: SlotGrant) -> None:
         if grant.evicted is not None:
@@ -310,25 +313,25 @@ class ExpertCache(SlotBuffers):
         if grants is None:
             raise RuntimeError(f"residency plan: {len(added)} experts do not fit with "
                                f"{self.pool.num_pinned()} of {self.num_slots} slots pinned")
-        for i, g in enumerate(grants):
-            if not g.hit:
-                stats = self.stats.layer(g.key.layer)
-                t0 = time.perf_counter()
-                self._evict(g)
-                try:
-                    stats.bytes_loaded += self._copy_all([g])
-                except BaseException:  # (the plan's other misses are not loaded yet)
-                    for h in grants[i + 1:]:
-                        if not h.hit:
-                            self.pool.drop(h.key)
-                    self.pool.release([h.slot for h in grants[i:]])
-                    raise
-                stats.load_seconds += time.perf_counter() - t0
-                if g.key in self._lost:  # NOTE #5: not loaded, not planned
-                    self.pool.release([g.slot])
-                    continue
-                stats.planned_loads += 1
-            self._planned[g.key] = g.slot
+        misses = [g for g in grants if not g.hit]
+        for g in misses:
+            self._evict(g)
+        try:
+            loads = self._copy_all(misses)
+        except BaseException:  # fail_requests off: none of them is planned
+            self.pool.release([g.slot for g in grants])
+            self._budgets = self._prefetch_budgets(self._planned, self._budget_cfg)
+            raise
+        for g, (nbytes, seconds) in zip(misses, loads):
+            stats = self.stats.layer(g.key.layer)
+            stats.bytes_loaded += nbytes
+            stats.load_seconds += seconds
+            stats.planned_loads += g.key not in self._lost
+        for g in grants:
+            if g.key in self._lost:  # NOTE #5: not loaded, not planned
+                self.pool.release([g.slot])
+            else:
+                self._planned[g.key] = g.slot
         self._budgets = self._prefetch_budgets(self._planned, self._budget_cfg)
         return added, removed
 
@@ -417,6 +420,8 @@ class ExpertCache(SlotBuffers):
                 except ExpertUnavailable as e:
                     return e  # NOTE #5, handled on the calling thread
                 except Exception as e:  # any failed read loses the expert, not its pins
+                    logger.warning("expert offload: prefetch of expert %s failed",
+                                   tuple(key), exc_info=True)
                     return ExpertUnavailable(key.layer, key.expert,
                                              f"reading it failed: {e!r}")
                 event = torch.cuda.Event() if self._cuda else None
@@ -456,10 +461,10 @@ class ExpertCache(SlotBuffers):
                 acc[1] += len(predicted)
                 acc[2] += len(used)
         for key, slot, loaded in self._prefetched.pop(layer, []):
-            if loaded:
+            if loaded and self._table[key.layer, key.expert] >= 0:  # (not lost: NOTE #5)
                 if key.expert not in used:
-                    stats.prefetch_wasted += 1
-                elif self._table[key.layer, key.expert] >= 0:  # (not lost: NOTE #5)
+                    stats.prefetch_wasted += 1  # (undone if its load fails later)
+                else:
                     stats.prefetch_hits += 1  # a miss that prefetch covered
             if slot in self._inflight and key.expert not in used:
                 # NOTE #3; still prefetch's pin (budget) until it is released
@@ -481,29 +486,34 @@ class ExpertCache(SlotBuffers):
 
     def _release_finished_prefetches(self, wait: bool = False) -> None:
         """Release the pins of wasted prefetches whose loads are done (`wait`: all of
-        them, once their loads are). Each entry leaves the list before its error can
-        be raised (fail_requests off), so none is released twice."""
+        them, once their loads are). Each entry leaves the list before it is handled,
+        and those after one that raises go back, so none is released twice or lost."""
         entries, self._release_when_loaded = self._release_when_loaded, []
         for i, (slot, layer) in enumerate(entries):
-            pending = self._inflight.get(slot)
-            if not wait and not self._finished(pending):
-                self._release_when_loaded.append((slot, layer))
-                continue
-            self._inflight.pop(slot, None)
-            result = pending.result() if isinstance(pending, Future) else pending
-            if isinstance(result, tuple):  # (seconds, the copy's event on CUDA)
-                self.stats.layer(layer).load_seconds += result[0]  # wasted, but it ran
-                result = result[1]
-            if isinstance(result, torch.cuda.Event):
-                result.synchronize()
-            self._prefetch_pins[self.group_of(layer)] -= 1
-            self.pool.release([slot])
-            if isinstance(result, ExpertUnavailable):  # NOTE #5
-                try:
-                    self._lose(result, prefetched=True)
-                except ExpertUnavailable:  # fail_requests off: the rest stay listed
-                    self._release_when_loaded += entries[i + 1:]
-                    raise
+            try:
+                if not self._release_one(slot, layer, wait):
+                    self._release_when_loaded.append((slot, layer))
+            except BaseException:  # (fail_requests off: the lost expert's error)
+                self._release_when_loaded += entries[i + 1:]
+                raise
+
+    def _release_one(self, slot: int, layer: int, wait: bool) -> bool:
+        pending = self._inflight.get(slot)
+        if not wait and not self._finished(pending):
+            return False
+        self._inflight.pop(slot, None)
+        result = pending.result() if isinstance(pending, Future) else pending
+        if isinstance(result, tuple):  # (seconds, the copy's event on CUDA)
+            self.stats.layer(layer).load_seconds += result[0]  # wasted, but it ran
+            result = result[1]
+        if isinstance(result, torch.cuda.Event):
+            result.synchronize()
+        self._prefetch_pins[self.group_of(layer)] -= 1
+        self.pool.release([slot])
+        if isinstance(result, ExpertUnavailable):  # NOTE #5: counted wasted when settled
+            self.stats.layer(layer).prefetch_wasted -= 1
+            self._lose(result, prefetched=True)
+        return True
 
     def close(self) -> None:
         if self._loader is not None:

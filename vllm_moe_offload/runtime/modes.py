@@ -13,10 +13,16 @@ from .quant import MixedStore, QuantizedStore
 from .store import ExpertStore, HostStore
 
 
+def triton_interpreter(env=None) -> bool:
+    """Whether TRITON_INTERPRET turns Triton's interpreter on, as Triton reads it."""
+    value = (os.environ if env is None else env).get("TRITON_INTERPRET", "")
+    return value.strip().lower() in ("1", "true", "on")
+
+
 def device_mode_problem(device: torch.device, store: ExpertStore,
                         eviction: str = "auto") -> str | None:
     """Why device mode (`DeviceExpertCache`) cannot run here; None when it can."""
-    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if torch.device(device).type != "cuda" and not triton_interpreter():
         return "the pool is not on a CUDA device"
     # a mixed-precision store: its hot and cold stores, each of some experts only
     stores = store.stores if isinstance(store, MixedStore) else (store,)

@@ -706,13 +706,16 @@ def get_or_create(cfg: OffloadConfig, fingerprint: dict, device: torch.device) -
     return _MODEL
 
 
-def release() -> None:
-    """The worker shuts down: the model's summary, its files, and this process's
-    hold on its pool go. Before, a later engine in the process (notebooks,
+def release(model: ModelOffload | None) -> None:
+    """`model`'s worker shuts down: its summary, its files, and this process's hold
+    on its pool go. Before, a later engine in the process (notebooks,
     VLLM_ENABLE_V1_MULTIPROCESSING=0) saw it as its own target model loaded: its
-    layers were taken for a draft's and kept every expert resident."""
+    layers were taken for a draft's and kept every expert resident. Another engine's
+    state, current since, stays."""
     global _MODEL
-    model, _MODEL = _MODEL, None
-    if model is not None:
-        atexit.unregister(model.shutdown)
-        model.shutdown()
+    if model is None:
+        return
+    if _MODEL is model:
+        _MODEL = None
+    atexit.unregister(model.shutdown)
+    model.shutdown()

@@ -286,7 +286,7 @@ def _config_tensors(method, probe_method):
         out = {id(c): c for c in (m.moe_quant_config, m.moe_kernel.fused_experts.quant_config)}
         return list(out.values())
 
-    for config, other in zip(configs(method), configs(probe_method)):
+    for config, other in zip(configs(method), configs(probe_method), strict=True):
         for name in ("_a1", "_a2", "_w1", "_w2"):
             desc, odesc = getattr(config, name), getattr(other, name)
             for field in dataclasses.fields(desc):

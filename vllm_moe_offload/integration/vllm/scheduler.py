@@ -127,7 +127,7 @@ class TaskAwareScheduler(Scheduler):
         finally:
             if held:  # back in front, in order, for the next step
                 self.waiting.extendleft(reversed(held))
-        self._count_overtakes(output)
+        self._count_overtakes(output, {r.request_id for r in held})
         setattr(output, REPORT_ATTR, {"demand": demand})
         setattr(output, _SCHEDULED_AT, time.perf_counter())
         return output
@@ -170,18 +170,20 @@ class TaskAwareScheduler(Scheduler):
         self.waiting.extend(keep + admitted)
         return held
 
-    def _count_overtakes(self, output) -> None:
+    def _count_overtakes(self, output, held: set[str]) -> None:
         """Each waiting request counts the steps that started a later arrival before
         it (core/slo.py MAX_OVERTAKES: past that many, it goes first). Steps, not
         admissions: a step admits up to max_num_seqs, and counting each made every
-        request of a backlog first within a step or two, and the order FCFS."""
+        request of a backlog first within a step or two, and the order FCFS. Those
+        `held` this step counted it already."""
         latest = max((self._info[d.req_id][0].arrival_s for d in output.scheduled_new_reqs
                       if d.req_id in self._info), default=None)
         if latest is None:
             return
         for r in self.waiting:
             entry = self._info.get(r.request_id)
-            if entry is not None and r.num_computed_tokens == 0:  # a step, not each
+            if (entry is not None and r.num_computed_tokens == 0  # a step, not each
+                    and r.request_id not in held):
                 entry[0].overtaken += latest > entry[0].arrival_s
 
     def _demand(self) -> dict[str, float]:
@@ -225,8 +227,8 @@ class TaskAwareScheduler(Scheduler):
     def summary_line(self) -> str:
         c, m = self.counters, self.latency
         outputs = {t: round(e.value) for t, e in sorted(m.output_tokens.items())}
-        return (f"task scheduler: {c['admitted']} admitted, {c['held']} request-steps held "
-                f"back, "
+        return (f"task scheduler: {c['admitted']} admitted, "
+                f"{c['held']} request-steps held back, "
                 f"{c['classified']} classified by rules; step {m.per_step_s * 1e3:.2f} ms "
                 f"+ {m.per_token_s * 1e3:.3f} ms/token + {m.misses_per_step.value:.1f} "
                 f"misses x {m.per_miss_s.value * 1e3:.2f} ms; expected outputs {outputs}")

@@ -61,7 +61,7 @@ def install() -> None:
     original_shutdown = Worker.shutdown
 
     def shutdown(self):  # the server path ends workers here, not through atexit
-        model_state.release()
+        model_state.release(getattr(self, "_moe_offload_model", None))
         return original_shutdown(self)
 
     Worker.shutdown = shutdown
@@ -72,7 +72,10 @@ def install() -> None:
         model_state.set_budget(memory_budget(self))
         before = model_state.current()  # another engine's, in this process
         try:
-            return original_load(self, *args, **kwargs)
+            result = original_load(self, *args, **kwargs)
+            if model_state.current() is not before:  # this worker's, released at shutdown
+                self._moe_offload_model = model_state.current()
+            return result
         except BaseException:
             if model_state.current() is not before:
                 model_state.abandon_load()
