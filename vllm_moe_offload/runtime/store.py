@@ -447,8 +447,9 @@ class DiskStore(ExpertStore):
         body = json.dumps({"format": _FORMAT, "sealed": sealed, "checksum": self.checksum,
                            "table": table, "fingerprint": self.fingerprint}).encode()
         head = _MAGIC + struct.pack("<I", len(body)) + body
-        if len(head) > _HEADER_BYTES:
-            raise ValueError("disk store header too large")
+        if len(head) > _HEADER_BYTES:  # (a bug: every part of it is of bounded size)
+            raise ValueError(f"expert offload: the disk store's header takes {len(head)} "
+                             f"bytes, more than {_HEADER_BYTES}; use --expert-store host")
         return head.ljust(_HEADER_BYTES, b"\0")
 
     def validate(self, fd: int | None = None) -> None:
@@ -919,10 +920,11 @@ class DiskStore(ExpertStore):
             os.close(direct)
 
 
-def keys_digest(keys: list[tuple[int, int]]) -> str:
+def keys_digest(keys: list) -> str:
+    """A short, fixed-size name of a list of JSON values (expert keys, files)."""
     import hashlib
 
-    text = json.dumps(sorted([int(l), int(e)] for l, e in keys))
+    text = json.dumps(sorted(list(k) for k in keys), default=int)  # (numpy ints too)
     return f"{len(keys)}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 

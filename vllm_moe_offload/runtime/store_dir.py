@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -38,21 +39,27 @@ _own: dict[str, int] = {}  # NOTE #1: files this process holds a lock on -> hold
 _own_guard = threading.Lock()
 
 
+def _key(path: Path) -> str:
+    """One name per file, however its directory is spelt (relative, a symlink):
+    by the name given, two engines of one process missed each other's lock."""
+    return os.path.realpath(path)
+
+
 def hold(path: Path) -> None:
     with _own_guard:
-        _own[str(path)] = _own.get(str(path), 0) + 1
+        _own[_key(path)] = _own.get(_key(path), 0) + 1
 
 
 def let_go(path: Path) -> None:
     with _own_guard:
-        n = _own.pop(str(path), 0) - 1
+        n = _own.pop(_key(path), 0) - 1
         if n > 0:
-            _own[str(path)] = n
+            _own[_key(path)] = n
 
 
 def held(path: Path) -> bool:
     with _own_guard:
-        return str(path) in _own
+        return _key(path) in _own
 
 
 @dataclass
@@ -170,13 +177,17 @@ def _header(path: Path) -> tuple[str, str]:
 
 def is_model(f: StoreFile, model: str) -> bool:
     """Whether `f` is of `model`: a local checkpoint directory, a hub id (its files
-    sit in the hub cache's `models--org--name` snapshots) or a directory's name."""
+    sit in the hub cache's `models--org--name` snapshots) or a directory's name.
+    Where the file's header names its checkpoint, by that alone: by the file's name,
+    `/a/final` was `/b/final` too, and a prune removed the other model's stores."""
+    name = Path(model).name or model
     if f.model:
         if os.path.abspath(os.path.expanduser(model)) == os.path.abspath(f.model):
             return True
-        if "/" in model and f"models--{model.strip('/').replace('/', '--')}/" in f.model:
-            return True
-    return model_prefix(f.path.name) == (Path(model).name or model) + "-"
+        if "/" in model:  # a path or a hub id: not a bare name
+            return f"models--{model.strip('/').replace('/', '--')}/" in f.model
+        return Path(f.model).name == name or f"--{name}/snapshots/" in f.model
+    return model_prefix(f.path.name) == name + "-"
 
 
 def removable(files: list[StoreFile], unused_days: float, now: float | None = None,
@@ -185,11 +196,12 @@ def removable(files: list[StoreFile], unused_days: float, now: float | None = No
     files: abandoned), of `model` if given (read with `details`); hot sets only
     with the last store of their model (an engine reads one at its start)."""
     now = time.time() if now is None else now
-    ours = {model_prefix(f.path.name) for f in files
-            if model is None or (f.kind != "hot set" and is_model(f, model))}
+    mine = [f for f in files if model is None or (f.kind != "hot set" and is_model(f, model))]
+    ours = {model_prefix(f.path.name) for f in mine}  # (a hot set has no header: by name)
     out = []
     for f in files:
-        if f.in_use or model_prefix(f.path.name) not in ours:
+        if f.in_use or not (f in mine or f.kind == "hot set"
+                            and model_prefix(f.path.name) in ours):
             continue
         idle = now - f.last_used
         if idle >= (PARTIAL_IDLE_S if f.kind == "partial" else unused_days * 86400):
@@ -277,6 +289,9 @@ def share(fd: int) -> None:
             time.sleep(0.02)
         except OSError:
             return  # (no flock here: unprotected, as before)
+    logging.getLogger("vllm.moe_offload").warning(
+        "expert offload: a store file stayed locked by a prune for 1 s; serving it "
+        "without the shared lock that keeps prune away from it")
 
 
 def touch(path: Path) -> None:

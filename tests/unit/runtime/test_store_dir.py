@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -227,6 +228,7 @@ def test_hub_models_are_matched_by_their_cache_directory():
     f = StoreFile(Path("/s/ad44e777-0123456789abcdef.experts"), "store", 1, 0.0, 1,
                   False, model=snapshot)
     assert is_model(f, "Qwen/Qwen3-30B-A3B") and is_model(f, snapshot)
+    assert is_model(f, "Qwen3-30B-A3B")  # the directory's name, as the help offers
     assert not is_model(f, "Qwen/Qwen3-30B-A3B-Base") and not is_model(f, "Qwen3-8B")
     local = StoreFile(Path("/s/tiny-0123456789abcdef.experts"), "store", 1, 0.0, 1, False,
                       model="/models/tiny")
@@ -248,3 +250,33 @@ def test_a_file_prune_cannot_remove_is_named_and_fails_the_command(tmp_path, cap
     assert store_cli([str(tmp_path), "--prune"]) == 1
     out = capsys.readouterr().out
     assert f"could not remove {hot.name}: [Errno 13] Permission denied" in out
+
+
+def test_prune_of_one_model_leaves_another_of_the_same_directory_name(tmp_path):
+    """/a/final and /b/final share a file-name prefix: --model /a/final removed the
+    stores of /b/final too (their headers say whose they are)."""
+    a = build(tmp_path, model="/a/final")
+    b = build(tmp_path, model="/b/final")
+    for store in (a, b):
+        store.close()
+        age(store.path, 20)
+    assert [f.path for f in removable(scan(tmp_path, details=True), 14,
+                                      model="/a/final")] == [a.path]
+    assert sorted(f.path for f in removable(scan(tmp_path, details=True), 14,
+                                            model="final")) == sorted([a.path, b.path])
+
+
+def test_this_process_knows_its_locks_under_any_spelling_of_the_path(tmp_path,
+                                                                     monkeypatch):
+    """A relative store_dir, or one through a symlink, named the same file otherwise:
+    a second engine in the process took the lock its own process held (lockf lets
+    the holder's process in) and built the same partial file."""
+    from vllm_moe_offload.runtime.store_dir import hold, held, let_go
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    hold(tmp_path / "real" / "m.experts")
+    assert held(Path("link") / "m.experts") and held(Path("real/../real/m.experts"))
+    let_go(Path("link/m.experts"))
+    assert not held(tmp_path / "real" / "m.experts")

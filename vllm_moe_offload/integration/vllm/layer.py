@@ -51,7 +51,7 @@ from vllm_moe_offload.integration.vllm.quantized import (QuantizedExperts, check
                                                          refuse_monolithic)
 from vllm_moe_offload.runtime.checkpoint import CheckpointExperts
 from vllm_moe_offload.runtime.quant import Gather
-from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec
+from vllm_moe_offload.runtime.store import ExpertLayout, TensorSpec, keys_digest
 
 logger = init_logger("vllm.moe_offload")
 
@@ -76,7 +76,8 @@ def checkpoint_dir(model: str, revision: str | None, download_dir: str | None) -
 def _fingerprint(vllm_config) -> dict:
     """What the disk store's contents depend on: model files, dtype, vLLM, load format.
     A hub snapshot is named by its commit, so its files are not listed (they arrive
-    after this runs)."""
+    after this runs). The files go in as a digest of their names, sizes and times:
+    listed, DeepSeek-V3's 163 shards overflowed the store's 4 KiB header."""
     mc, lc = vllm_config.model_config, vllm_config.load_config
     model = checkpoint_dir(str(mc.model), mc.revision, lc.download_dir)
     files = []
@@ -89,7 +90,8 @@ def _fingerprint(vllm_config) -> dict:
             pass
     return {"model": model, "revision": mc.revision, "dtype": str(mc.dtype),
             "vllm": vllm.__version__, "load_format": str(lc.load_format),
-            "seed": mc.seed if str(lc.load_format) == "dummy" else None, "files": files}
+            "seed": mc.seed if str(lc.load_format) == "dummy" else None,
+            "files": keys_digest(files)}
 
 
 def _kernel_identity(moe_config, device: torch.device) -> dict:
