@@ -30,16 +30,19 @@ def test_replay_runs_through_the_front_door(tmp_path):
     assert bad.returncode == 2 and "usage: vllm-moe-offload replay" in bad.stderr
 
 
-def test_the_demo_serves_the_shipped_trained_model():
+def test_the_demo_serves_the_shipped_trained_model(tmp_path):
     from safetensors import safe_open
 
     from vllm_moe_offload.cli.demo import SHIPPED_MODEL, kv_bytes_per_token
+    from vllm_moe_offload.hf.tiny_moe import build_tiny_moe
 
     config = json.loads((SHIPPED_MODEL / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
     with safe_open(SHIPPED_MODEL / "model.safetensors", "pt") as st:  # weights, not a pointer
         assert "model.layers.7.mlp.experts.15.down_proj.weight" in st.keys()
     assert kv_bytes_per_token(str(SHIPPED_MODEL)) == 2 * 8 * 2 * 64 * 2  # K+V, 8 layers, bf16
+    assert kv_bytes_per_token(str(build_tiny_moe(  # MLA: not K and V per head
+        tmp_path / "dsv3", "deepseek_v3", num_layers=2, num_experts=4))) is None
     bad = run("demo", "--pool-fraction", "0")
     assert bad.returncode == 2 and "--pool-fraction=0.0: give a share" in bad.stderr
 

@@ -27,12 +27,19 @@ PROMPTS = [  # one per domain the model was trained on
 ]
 
 
-def kv_bytes_per_token(model_dir: str) -> int:
-    """K and V of every attention layer for one token, in the checkpoint's dtype."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+def kv_bytes_per_token(model_dir: str) -> int | None:
+    """K and V of every attention layer for one token, in the checkpoint's dtype; None
+    where that formula does not hold (MLA, linear or sliding-window attention)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = config.get("text_config") or config
+    types = cfg.get("layer_types") or []
+    if (cfg.get("kv_lora_rank") or cfg.get("use_sliding_window") or "num_attention_heads"
+            not in cfg or any(t != "full_attention" for t in types)):
+        return None
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    dtype_bytes = 4 if cfg.get("dtype", cfg.get("torch_dtype")) == "float32" else 2
+    dtype = cfg.get("dtype", cfg.get("torch_dtype", config.get("torch_dtype")))
+    dtype_bytes = 4 if dtype == "float32" else 2
     return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
@@ -65,7 +72,8 @@ def main(argv=None) -> None:
 
     from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes
 
-    model, trained = args.model, args.model is not None
+    model = args.model
+    trained = model is not None and Path(model).resolve() == SHIPPED_MODEL.resolve()
     if model is None:
         model = str(build_tiny_moe(Path(args.work_dir) / "tiny-qwen3-moe", "qwen3_moe",
                                    num_layers=6, num_experts=16, hidden_size=256,
@@ -88,30 +96,42 @@ def main(argv=None) -> None:
     elapsed = time.perf_counter() - started
 
     print("\n=== vllm-moe-offload demo ===")
-    print(f"model: {model}\n  {layers} MoE layers x {experts} experts, " + (
-        "trained on Python, C, English prose and licence text" if trained else
-        "random weights, so the text is gibberish (tests/e2e check it is token for token "
-        "plain vLLM's)"))
+    print(f"model: {model}\n  {layers} MoE layers x {experts} experts" + (
+        ", trained on Python, C, English prose and licence text" if trained else
+        "" if args.model else ", random weights, so the text is gibberish (tests/e2e "
+        "check it is token for token plain vLLM's)"))
     bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
     for prompt, out in zip(PROMPTS, outputs):
         print(f"\n>>> {prompt}{bold}{out.outputs[0].text}{plain}")
     stats = vllm_moe_offload.get_stats(llm)
     t, pool = stats["totals"], stats["pool"]
-    all_bytes = expert_bytes(model)
-    freed = all_bytes - pool["pool_bytes"]
+    all_bytes = expert_bytes(model) or pool["store_bytes"]  # (the checkpoint's, else the store's)
+    # in this host's fast memory: the pool, and on a CPU a host store's copy of all
+    from vllm.platforms import current_platform
+
+    in_ram = pool["store"] == "host" and current_platform.is_cpu()
+    held = pool["pool_bytes"] + (pool["store_bytes"] if in_ram else 0)
+    freed = all_bytes - held
     per_token = kv_bytes_per_token(model)
     print(f"\npool: {pool['num_slots']} of {pool['num_layers'] * pool['experts_per_layer']} "
           f"expert slots, store: {pool['store']}")
     print(f"cache: hit rate {t['hit_rate']:.1%} ({t['hits']} hits, {t['misses']} misses, "
           f"{t['evictions']} evictions), {t['bytes_loaded'] / 2**20:.1f} MiB loaded in "
           f"{t['load_seconds']:.3f} s")
+    if freed <= 0:  # a host store on a CPU host: RAM is the fast memory and the store
+        print(f"expert memory: the pool ({pool['pool_bytes'] / 2**20:.1f} MiB) and the "
+              f"host store ({pool['store_bytes'] / 2**20:.1f} MiB) both sit in RAM, the "
+              "fast memory here: nothing saved. --store disk keeps the experts on disk.")
+        print(f"total time {elapsed:.1f} s (start-up included)")
+        return
     print(f"expert memory: {pool['pool_bytes'] / 2**20:.1f} MiB resident instead of "
           f"{all_bytes / 2**20:.1f} MiB ({freed / all_bytes:.0%} saved); worker RSS "
           f"{stats['rss_bytes'] / 2**30:.2f} GiB")
-    print(f"KV cache gained: the {freed / 2**20:.1f} MiB of experts left in the store hold "
-          f"{freed // per_token:,} more tokens of KV cache at this model's "
-          f"{per_token / 1024:.0f} KiB per token (on a GPU, vLLM's memory profiling gives "
-          "them to the KV cache; on CPU its size is VLLM_CPU_KVCACHE_SPACE)")
+    if per_token:
+        print(f"KV cache room: the {freed / 2**20:.1f} MiB of experts left in the store "
+              f"would hold {freed // per_token:,} more tokens of KV cache at this model's "
+              f"{per_token / 1024:.0f} KiB per token (on a GPU, vLLM's memory profiling "
+              "gives them to the KV cache; on CPU its size is VLLM_CPU_KVCACHE_SPACE)")
     print(f"total time {elapsed:.1f} s (start-up included)")
 
 
