@@ -53,7 +53,7 @@ _cache: dict[str, dict] = {}
 def engine():
     """engine(spec) -> result, memoised: identical specs start one engine."""
     def run(spec: dict, **kw) -> dict:
-        key = json.dumps(spec, sort_keys=True)
+        key = json.dumps([spec, kw], sort_keys=True)  # (an env= is part of the run)
         if key not in _cache:
             _cache[key] = run_engine(spec, **kw)
         return _cache[key]

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import (EXPERTS, LAYERS, PROMPTS, EngineFailed, offload_spec,
-                                plain_spec, run_engine)
+from tests.e2e.conftest import (EXPERTS, LAYERS, PROMPTS, EngineFailed, assert_same_outputs,
+                                offload_spec, plain_spec, run_engine)
 
 HALF = LAYERS * EXPERTS // 2
 
@@ -40,12 +40,12 @@ def test_outputs_are_identical_with_each_predictor(models, engine, sidecars, sto
         trace = str(tmp_path / "routing.trace")
         recorded = run_engine(offload_spec(model, pool_slots=HALF, store="disk",
                                            store_dir=store_dir, trace_path=trace))
-        assert recorded["token_ids"] == plain["token_ids"]
+        assert_same_outputs(recorded, plain)
         check_replay_of(trace, recorded)
         extra["predictor_path"] = trace
     off = run_engine(offload_spec(model, pool_slots=HALF, store="disk", store_dir=store_dir,
                                   predictor=predictor, prefetch_depth=2, **extra))
-    assert off["token_ids"] == plain["token_ids"]
+    assert_same_outputs(off, plain)
     t = off["stats"]["totals"]
     assert t["prefetched"] > 0 and t["prefetch_hits"] > 0
     assert t["prefetch_hits"] + t["prefetch_wasted"] <= t["prefetched"]

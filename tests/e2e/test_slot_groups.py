@@ -9,7 +9,8 @@ in host mode; device mode, and a quantized checkpoint's record: test_device_mode
 
 import json
 
-from tests.e2e.conftest import EXPERTS, LAYERS, offload_spec, plain_spec, run_engine
+from tests.e2e.conftest import (EXPERTS, LAYERS, assert_same_outputs, offload_spec, plain_spec,
+                                run_engine)
 from vllm_moe_offload.integration.vllm.model_state import MAX_SLOTS_ENV
 
 GROUPS = [[0, 2, 0, 12], [2, 4, 12, 24]]  # layers [a, b), slots [lo, hi)
@@ -28,7 +29,7 @@ def test_slot_groups_match_plain_with_prefetch_and_a_plan(models, engine, store_
                         predictor="next-gate", task_aware=True, replan_every=2,
                         task_rules_path=str(rules))
     off = run_engine(dict(spec, rounds=2), env={MAX_SLOTS_ENV: "12"})
-    assert off["token_ids"] == plain["token_ids"]
+    assert_same_outputs(off, plain)
     pool, t = off["stats"]["pool"], off["stats"]["totals"]
     assert pool["slot_groups"] == GROUPS
     assert "pool of 24 slots in 2 groups of consecutive layers (layers 0-1: 12, " \

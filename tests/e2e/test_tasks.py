@@ -14,7 +14,8 @@ import shutil
 
 import pytest
 
-from tests.e2e.conftest import LAYERS, PROMPTS, EngineFailed, offload_spec, plain_spec
+from tests.e2e.conftest import (LAYERS, PROMPTS, EngineFailed, assert_same_outputs, offload_spec,
+                                plain_spec)
 
 # PROMPTS[1] is Python ("def "), PROMPTS[2] is a licence (legal); the others
 # fall to the rule file's default.
@@ -43,7 +44,7 @@ def test_task_aware_outputs_match_plain_and_profiles_survive_restart(models, eng
     plain = engine(plain_spec(model))
     profiles = task_files / "profiles.json"
     first = engine(dict(task_spec(model, task_files, profiles, replan_every=2), rounds=2))
-    assert first["token_ids"] == plain["token_ids"]
+    assert_same_outputs(first, plain)
     tasks = first["stats"]["tasks"]
     # extra_args named "chat"; the rules classified the other two.
     assert tasks["tasks"] == ["chat", "legal", "python"]
@@ -64,7 +65,7 @@ def test_task_aware_outputs_match_plain_and_profiles_survive_restart(models, eng
     warm_path = task_files / "warm.json"
     shutil.copy(profiles, warm_path)
     second = engine(task_spec(model, task_files, warm_path, replan_every=1000))
-    assert second["token_ids"] == plain["token_ids"]
+    assert_same_outputs(second, plain)
     assert "loaded task profiles of ['chat', 'legal', 'python']" in second["log"]
     assert second["stats"]["tasks"]["replans"] == 1
     assert second["stats"]["tasks"]["planned"] == 4

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -307,7 +308,7 @@ from tests.unit.runtime.test_store import DiskStore, LAYOUT, L, E, FP, expert
 store = DiskStore(sys.argv[1], LAYOUT, L, E, FP)
 store.put(0, 0, expert(0, 0))
 print("building", flush=True)
-time.sleep(2)
+sys.stdin.readline()  # until the test has seen the other process wait for the lock
 if sys.argv[2] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if sys.argv[2] == "abandon":  # its load failed, and the process lives on
@@ -322,27 +323,46 @@ store.seal()
 
 
 def _builder(path, how):
-    """Another process building the store at `path`; returns once it has begun."""
+    """Another process building the store at `path`; returns once it has begun. It
+    goes on when `_open_while_building` lets it (a line on its stdin)."""
     import subprocess
     import sys
 
     child = subprocess.Popen([sys.executable, "-c", _BUILDER, str(path), how],
-                             stdout=subprocess.PIPE, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                                  os.path.dirname(os.path.abspath(__file__))))))
     assert child.stdout.readline() == "building\n"
     return child
 
 
+def _open_while_building(path, child, caplog):
+    """DiskStore(path) opened while `child` builds it: once it says it waits for the
+    child's lock, the child goes on (no sleep that a loaded machine outruns)."""
+    import threading
+
+    out = {}
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        opener = threading.Thread(target=lambda: out.setdefault(
+            "store", DiskStore(path, LAYOUT, L, E, FP)))
+        opener.start()
+        deadline = time.monotonic() + 60
+        while f"process {child.pid} is building the disk store" not in caplog.text:
+            assert opener.is_alive() and time.monotonic() < deadline, caplog.text
+            time.sleep(0.01)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        opener.join(60)
+    return out["store"]
+
+
 def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path, caplog):
     path = tmp_path / "s.experts"
     child = _builder(path, "seal")
-    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
-        store = DiskStore(path, LAYOUT, L, E, FP)  # without the lock: truncated the child's
-        if not store.reused:                        # file, built and renamed it, so the
-            fill(store)                             # child's rename failed
+    # without the lock it truncated the child's file, built and renamed it, so the
+    # child's rename failed
+    store = _open_while_building(path, child, caplog)
     assert child.wait() == 0
-    assert f"process {child.pid} is building the disk store" in caplog.text
     assert store.reused
     for layer in range(L):
         for e in range(E):
@@ -350,10 +370,10 @@ def test_a_second_process_waits_for_the_build_then_reuses_it(tmp_path, caplog):
     assert store.repairs == 0
 
 
-def test_a_builder_killed_midway_does_not_block_the_next(tmp_path):
+def test_a_builder_killed_midway_does_not_block_the_next(tmp_path, caplog):
     path = tmp_path / "s.experts"
     child = _builder(path, "kill")
-    store = DiskStore(path, LAYOUT, L, E, FP)  # waits for the lock, the kernel drops it
+    store = _open_while_building(path, child, caplog)  # the kernel drops the dead's lock
     assert child.wait() == -9
     assert not store.reused
     fill(store)
@@ -382,6 +402,8 @@ def test_an_abandoned_build_gives_back_its_file_and_lock_while_its_process_lives
     path = tmp_path / "s.experts"
     child = _builder(path, "abandon")
     try:
+        child.stdin.write("go\n")
+        child.stdin.flush()
         assert child.stdout.readline() == "abandoned\n"
         assert not path.with_suffix(".building").exists()
         store = DiskStore(path, LAYOUT, L, E, FP)  # at once: the lock was given back

@@ -189,4 +189,5 @@ def test_a_warm_start_plans_for_the_traffic_the_profiles_saw(tmp_path):
     res = TaskResidency(make_cache("host", tmp_path, 10), budget=2, replan_every=40,
                         profiles_path=str(tmp_path / "prof.json"))
     res.begin_step([("b", 3)], new_prompts=1, demand={"b": 3 + 64})
-    assert {k.expert for k in res.cache._planned} & {0, 1}
+    # the heavy task's experts, not the rare one's alone
+    assert {k.expert for k in res.cache._planned if k.layer == 0} >= {0, 1}
