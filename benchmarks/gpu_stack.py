@@ -61,6 +61,7 @@ from vllm_moe_offload.runtime.predictors import Predictor  # noqa: E402
 from vllm_moe_offload.runtime.quant import GroupQuant, MixedStore, QuantizedStore  # noqa: E402
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, HostStore,  # noqa: E402
                                             TensorSpec)
+from vllm_moe_offload.runtime.store_dir import file_system_of  # noqa: E402
 
 SHAPES = {  # L layers (of the real model's 32 / 48 / 26), E experts, K top-k, H, I
     "mixtral": dict(L=8, E=8, K=2, H=4096, I=14336),
@@ -247,18 +248,6 @@ def time_row(stack, routing, run, warmup, steps, cache=None, repeats=1):
         times.append((time.perf_counter() - t0) / steps * 1e3)
     after = _moved(cache)
     return times, [(a - b) / steps / repeats for a, b in zip(after, before)]
-
-
-def file_system_of(path) -> str:
-    """The file system type of `path` (from /proc/mounts: the longest mount prefix)."""
-    try:
-        mounts = [line.split()[1:3] for line in open("/proc/mounts")]
-    except OSError:
-        return "?"
-    path = os.path.realpath(path)
-    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
-               key=lambda m: len(m[0]), default=("", "?"))
-    return best[1]
 
 
 def output_of(stack, routing, run, step=0):

@@ -108,3 +108,17 @@ def test_a_missing_profiles_file_is_refused_before_the_engine_starts(tmp_path):
         check_task_files(cfg)
     profiles(tmp_path / "none.json", favourite=0)
     check_task_files(cfg)
+
+
+def test_a_disk_store_in_memory_is_said_to_save_none(tmp_path, caplog, monkeypatch):
+    """A store_dir on tmpfs (/tmp on several distributions) keeps the "disk" store in
+    RAM: said at start, with the setting that fixes it."""
+    from vllm_moe_offload.integration.vllm import model_state
+    from vllm_moe_offload.runtime.store_dir import file_system_of
+
+    assert file_system_of("/proc/self") == "proc" and file_system_of(tmp_path) != "?"
+    monkeypatch.setattr(model_state, "file_system_of", lambda path: "tmpfs")
+    profiles(tmp_path / "profiles.json", favourite=0)
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        start(tmp_path)
+    assert "is on tmpfs, which is memory: it saves none. Set --expert-store-dir" in caplog.text

@@ -109,7 +109,12 @@ def main(argv=None) -> None:
     # in this host's fast memory: the pool, and on a CPU a host store's copy of all
     from vllm.platforms import current_platform
 
-    in_ram = pool["store"] == "host" and current_platform.is_cpu()
+    from vllm_moe_offload.runtime.store_dir import RAM_FILE_SYSTEMS, file_system_of
+
+    where = "a host store" if pool["store"] == "host" else "a disk store on " + (
+        file_system_of(pool["store_path"]))
+    in_ram = current_platform.is_cpu() and (
+        pool["store"] == "host" or file_system_of(pool["store_path"]) in RAM_FILE_SYSTEMS)
     held = pool["pool_bytes"] + (pool["store_bytes"] if in_ram else 0)
     freed = all_bytes - held
     per_token = kv_bytes_per_token(model)
@@ -118,10 +123,10 @@ def main(argv=None) -> None:
     print(f"cache: hit rate {t['hit_rate']:.1%} ({t['hits']} hits, {t['misses']} misses, "
           f"{t['evictions']} evictions), {t['bytes_loaded'] / 2**20:.1f} MiB loaded in "
           f"{t['load_seconds']:.3f} s")
-    if freed <= 0:  # a host store on a CPU host: RAM is the fast memory and the store
-        print(f"expert memory: the pool ({pool['pool_bytes'] / 2**20:.1f} MiB) and the "
-              f"host store ({pool['store_bytes'] / 2**20:.1f} MiB) both sit in RAM, the "
-              "fast memory here: nothing saved. --store disk keeps the experts on disk.")
+    if freed <= 0:  # a store in RAM on a CPU host: RAM is the fast memory too
+        print(f"expert memory: the pool ({pool['pool_bytes'] / 2**20:.1f} MiB) and "
+              f"{where} ({pool['store_bytes'] / 2**20:.1f} MiB) both sit in RAM, the fast "
+              "memory here: nothing saved. Use --store disk with --work-dir on a disk.")
         print(f"total time {elapsed:.1f} s (start-up included)")
         return
     print(f"expert memory: {pool['pool_bytes'] / 2**20:.1f} MiB resident instead of "

@@ -294,6 +294,22 @@ def share(fd: int) -> None:
         "without the shared lock that keeps prune away from it")
 
 
+RAM_FILE_SYSTEMS = ("tmpfs", "ramfs")  # a "disk" store there is in memory after all
+
+
+def file_system_of(path) -> str:
+    """The file system type of `path` (from /proc/mounts: the longest mount prefix)."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f]
+    except OSError:
+        return "?"
+    path = os.path.realpath(path)
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=("", "?"))
+    return best[1]
+
+
 def touch(path: Path) -> None:
     """Its time of last use, where the file is ours to touch."""
     try:

@@ -37,7 +37,8 @@ from vllm_moe_offload.runtime.predictors import (NextGatePredictor, OraclePredic
 from vllm_moe_offload.runtime.task_residency import TaskResidency
 from vllm_moe_offload.runtime.store import (DiskStore, ExpertLayout, ExpertStore,
                                             HostStore, keys_digest, store_file_name)
-from vllm_moe_offload.runtime.store_dir import others_of, touch
+from vllm_moe_offload.runtime.store_dir import (RAM_FILE_SYSTEMS, file_system_of, others_of,
+                                                 touch)
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -299,6 +300,11 @@ class ModelOffload:
             logger.info("expert offload: reusing disk store %s", path)
         elif problem:
             logger.warning("expert offload: rebuilding disk store: %s", problem)
+        fs = file_system_of(path)
+        if fs in RAM_FILE_SYSTEMS:
+            logger.warning("expert offload: the disk store %s is on %s, which is memory: "
+                           "it saves none. Set --expert-store-dir to a directory on a disk.",
+                           path, fs)
         return store
 
     def _hot_set(self, codec: GroupQuant, hot_codec: GroupQuant,
