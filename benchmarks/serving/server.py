@@ -98,14 +98,25 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def server_env(additional_config: dict | None, work: Path) -> dict:
+    """The server's environment. Plain vLLM (`additional_config` None) gets no
+    VLLM_MOE_OFFLOAD_* variable: any of them turns offload on (docs/configuration.md),
+    and a store-dir variable set for every server made each "plain vLLM" row of these
+    benchmarks offload at the default pool from 2026-11-23 to 2026-12-07."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MOE_OFFLOAD_")}
+    env.update(VLLM_CPU_KVCACHE_SPACE="2", PYTHONUNBUFFERED="1")
+    if additional_config is not None:
+        env["VLLM_MOE_OFFLOAD_STORE_DIR"] = str(work / "store")
+    return env
+
+
 @contextlib.contextmanager
 def serving(model: str, additional_config: dict | None, log_path: Path, work: Path,
             startup_timeout: float, enforce_eager: bool = True):
     """A fresh server for one configuration; yields (base URL, server process);
     always stopped."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONUNBUFFERED": "1",
-           "VLLM_MOE_OFFLOAD_STORE_DIR": str(work / "store")}
+    env = server_env(additional_config, work)
     cmd = server_command(model, port, additional_config, enforce_eager)
     print(f"  starting: {shlex.join(cmd)}\n  log: {log_path}", flush=True)
     t = time.monotonic()
