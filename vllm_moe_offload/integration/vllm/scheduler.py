@@ -121,20 +121,22 @@ class TaskAwareScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         demand = self._demand()  # before vLLM counts this step's prompt tokens as done
-        held = self._order_and_hold(time.time())
+        held, aged = self._order_and_hold(time.time())
         try:
             output = super().schedule(*args, **kwargs)
         finally:
             if held:  # back in front, in order, for the next step
                 self.waiting.extendleft(reversed(held))
-        self._count_overtakes(output, {r.request_id for r in held})
+        self._count_overtakes(output, aged)
         setattr(output, REPORT_ATTR, {"demand": demand})
         setattr(output, _SCHEDULED_AT, time.perf_counter())
         return output
 
-    def _order_and_hold(self, now: float) -> list[Request]:
+    def _order_and_hold(self, now: float) -> tuple[list[Request], set[str]]:
+        """Order the fresh waiting requests and admit them into the queue; returns
+        those held out of it for this step, and the ids of those that aged for it."""
         if not isinstance(self.waiting, deque) or not self.waiting:
-            return []
+            return [], set()
         fresh, keep = [], []
         for r in self.waiting:
             new = (r.status == RequestStatus.WAITING and r.num_computed_tokens == 0
@@ -152,7 +154,7 @@ class TaskAwareScheduler(Scheduler):
         ordered = order_waiting(self.latency, infos, len(running), now, affinity)
         # vLLM starts at most this many: the rest wait in order, not held or checked
         room = max(0, self.max_num_active_reqs - len(self.running))
-        admitted, held = [], []
+        admitted, held, aged = [], [], set()
         batch = Batch(running)
         for i, info in enumerate(ordered[:room]):
             if info.aged or can_admit(self.latency, info, batch):
@@ -162,20 +164,21 @@ class TaskAwareScheduler(Scheduler):
                 held = [self._info[r.request_id][1] for r in ordered[i:]]
                 for r in ordered[i:room]:
                     r.overtaken += 1  # a step held: it ages (no starvation)
+                    aged.add(r.request_id)
                 self.counters["held"] += room - i
                 break
         else:
             admitted += [self._info[r.request_id][1] for r in ordered[room:]]
         self.waiting.clear()
         self.waiting.extend(keep + admitted)
-        return held
+        return held, aged
 
-    def _count_overtakes(self, output, held: set[str]) -> None:
+    def _count_overtakes(self, output, aged: set[str]) -> None:
         """Each waiting request counts the steps that started a later arrival before
         it (core/slo.py MAX_OVERTAKES: past that many, it goes first). Steps, not
         admissions: a step admits up to max_num_seqs, and counting each made every
         request of a backlog first within a step or two, and the order FCFS. Those
-        `held` this step counted it already."""
+        `aged` by a hold this step counted it already."""
         latest = max((self._info[d.req_id][0].arrival_s for d in output.scheduled_new_reqs
                       if d.req_id in self._info), default=None)
         if latest is None:
@@ -183,7 +186,7 @@ class TaskAwareScheduler(Scheduler):
         for r in self.waiting:
             entry = self._info.get(r.request_id)
             if (entry is not None and r.num_computed_tokens == 0  # a step, not each
-                    and r.request_id not in held):
+                    and r.request_id not in aged):
                 entry[0].overtaken += latest > entry[0].arrival_s
 
     def _demand(self) -> dict[str, float]:
