@@ -398,6 +398,18 @@ def test_a_config_tensor_computed_from_the_experts_is_refused():
                                                   r"\(1,\) from the expert's tensors"):
         quant.bind(layer, empty_slots(layer, quant), lambda b: torch.nn.Parameter(b, False))
 
+    class SharedDescriptors(Method):  # the kernel's config: a copy sharing them
+        def process_weights_after_loading(self, layer):
+            super().process_weights_after_loading(layer)
+            kernel_config = dataclasses.replace(self.moe_quant_config)
+            self.moe_kernel.fused_experts.quant_config = kernel_config
+
+    layer, quant = layer_with(SharedDescriptors())
+    quant.pack(loaded_twin(layer, quant, 1))
+    slots = empty_slots(layer, quant)
+    quant.bind(layer, slots, lambda b: torch.nn.Parameter(b, False))
+    assert layer.quant_method.moe_quant_config._w1.scale is slots[0]
+
     class Constant(Method):  # a tensor of its own, not of the expert's: kept
         def process_weights_after_loading(self, layer):
             super().process_weights_after_loading(layer)

@@ -222,7 +222,10 @@ class QuantizedExperts:
         self._process(probe.quant_method, probe)
         twin_tensors = {t.untyped_storage().data_ptr()
                         for t in twin._parameters.values() if t is not None}
+        placed = {id(buf) for buf in slot_of.values()}  # (descriptors two configs share)
         for where, label, t, other in _config_tensors(self.qm, probe.quant_method):
+            if id(t) in placed:
+                continue
             if _key(t) in slot_of:
                 setattr(*where, slot_of[_key(t)])
             elif t.untyped_storage().data_ptr() in twin_tensors:
