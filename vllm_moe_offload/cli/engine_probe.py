@@ -259,7 +259,8 @@ def main(spec: dict) -> dict:
         outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
         repeat_seconds.append(time.perf_counter() - t0)
         rounds.append({"token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-                       "finish_reasons": [o.outputs[0].finish_reason for o in outputs]})
+                       "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
+                       "logprobs": _logprobs(outputs) if logprobs else None})
         if spec.get("damage_store") and i == 0:  # fault tests: the next batch reads it
             pool = vllm_moe_offload.get_stats(llm)["pool"]
             damage_store(pool["store_path"], spec["damage_store"], spec.get("damage_record"),
@@ -292,10 +293,7 @@ def main(spec: dict) -> dict:
     return {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
-        # per prompt, per output token: [[token id, logprob], ...] of the top N
-        "logprobs": [[sorted([t, lp.logprob] for t, lp in step.items())
-                      for step in o.outputs[0].logprobs] for o in outputs]
-        if logprobs else None,
+        "logprobs": _logprobs(outputs) if logprobs else None,
         "prompt_lens": [len(o.prompt_token_ids) for o in outputs],
         "generated_tokens": repeats * sum(len(o.outputs[0].token_ids) for o in outputs),
         "gen_seconds": seconds,
@@ -306,6 +304,12 @@ def main(spec: dict) -> dict:
         "metrics": exposition,
         "spec": spec_counts(llm) if spec.get("speculative_config") else None,
     }
+
+
+def _logprobs(outputs) -> list:
+    """Per prompt, per output token: [[token id, logprob], ...] of the top N."""
+    return [[sorted([t, lp.logprob] for t, lp in step.items())
+             for step in o.outputs[0].logprobs] for o in outputs]
 
 
 def spec_counts(llm) -> dict:
