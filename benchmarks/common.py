@@ -9,6 +9,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -29,6 +30,15 @@ def held_out_prompts(n: int, chars: int = 400) -> list[str]:
         start = (i // len(files)) * chars * 3
         prompts.append(tail[start:start + chars])
     return prompts
+
+
+def timed_tokens_per_s(results: list[dict], plain: list[dict], label: str) -> float:
+    """One configuration's engine runs (engine_probe, `timed`): their outputs checked
+    token-identical to plain vLLM's, and tokens/s as the median over every timed
+    batch of every run (this VM's noise is +-30%)."""
+    assert all(r["token_ids"] == plain[0]["token_ids"] for r in results), label
+    per_batch = results[0]["generated_tokens"] / len(results[0]["repeat_seconds"])
+    return median(per_batch / s for r in results for s in r["repeat_seconds"])
 
 
 def run_record() -> str:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from statistics import median
 
-from common import RESULTS, SHARED, held_out_prompts, write_results
+from common import RESULTS, SHARED, held_out_prompts, timed_tokens_per_s, write_results
 
 from vllm_moe_offload.core.replay import PROFILES, calls_from_records, replay
 from vllm_moe_offload.core.trace import read_trace
@@ -99,9 +98,7 @@ def e2e_rows(store_dir: Path, rounds: int) -> list[dict]:
     rows = []
     for (batch, slots, policy), results in runs.items():
         plain = runs[(batch, None, None)]
-        assert all(r["token_ids"] == plain[0]["token_ids"] for r in results), policy
-        per_batch = results[0]["generated_tokens"] / len(results[0]["repeat_seconds"])
-        tps = median(per_batch / s for r in results for s in r["repeat_seconds"])
+        tps = timed_tokens_per_s(results, plain, policy)
         timed = [r["stats"].get("timed", {}) for r in results]
         row = {"part": "e2e", "batch": batch, "policy": policy or "-",
                "pool": f"{slots * 100 // 128}% ({slots} slots)" if slots else "plain vLLM",

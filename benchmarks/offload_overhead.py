@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from statistics import median
 
-from common import RESULTS, SHARED, held_out_prompts, write_results
+from common import RESULTS, SHARED, held_out_prompts, timed_tokens_per_s, write_results
 
 from vllm_moe_offload.cli.engine_probe import run_in_subprocess
 from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes
@@ -69,10 +69,8 @@ def configs(model: dict) -> list[tuple[str, dict | None]]:
 
 
 def row(model: dict, label: str, results: list[dict], plain: list[dict]) -> dict:
-    assert all(r["token_ids"] == plain[0]["token_ids"] for r in results), label
-    per_batch = results[0]["generated_tokens"] / len(results[0]["repeat_seconds"])
-    tps = median(per_batch / s for r in results for s in r["repeat_seconds"])
-    base = median(per_batch / s for r in plain for s in r["repeat_seconds"])
+    tps = timed_tokens_per_s(results, plain, label)
+    base = timed_tokens_per_s(plain, plain, "plain vLLM")
     timed = [r["stats"].get("timed", {}) for r in results]
     lookups = sum(t.get("hits", 0) + t.get("misses", 0) for t in timed)
     kv = [r["kv_cache_tokens"] for r in results]

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from statistics import median
 
-from common import RESULTS, held_out_prompts, write_results
+from common import RESULTS, held_out_prompts, timed_tokens_per_s, write_results
 from predictor_recall import MODEL, sidecar
 
 from vllm_moe_offload.cli.engine_probe import run_in_subprocess
@@ -68,9 +67,7 @@ def main() -> None:
     rows = []
     for (batch, label), results in runs.items():
         plain = runs[(batch, "plain vLLM")]
-        assert all(r["token_ids"] == plain[0]["token_ids"] for r in results), label
-        per_batch = results[0]["generated_tokens"] / len(results[0]["repeat_seconds"])
-        tps = median(per_batch / s for r in results for s in r["repeat_seconds"])
+        tps = timed_tokens_per_s(results, plain, label)
         timed = [r["stats"].get("timed", {}) for r in results]
 
         def mean(key):
