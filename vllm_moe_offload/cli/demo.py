@@ -111,10 +111,9 @@ def main(argv=None) -> None:
 
     from vllm_moe_offload.runtime.store_dir import RAM_FILE_SYSTEMS, file_system_of
 
-    where = "a host store" if pool["store"] == "host" else "a disk store on " + (
-        file_system_of(pool["store_path"]))
-    in_ram = current_platform.is_cpu() and (
-        pool["store"] == "host" or file_system_of(pool["store_path"]) in RAM_FILE_SYSTEMS)
+    fs = file_system_of(pool["store_path"]) if pool["store"] == "disk" else None
+    where = "a host store" if fs is None else f"a disk store on {fs}"
+    in_ram = current_platform.is_cpu() and (fs is None or fs in RAM_FILE_SYSTEMS)
     held = pool["pool_bytes"] + (pool["store_bytes"] if in_ram else 0)
     freed = all_bytes - held
     per_token = kv_bytes_per_token(model)

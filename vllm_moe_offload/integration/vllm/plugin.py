@@ -234,6 +234,7 @@ def _install_engine_args_hooks() -> None:
             tasks.validate_requests()
             metrics.ensure_dir()  # before vLLM starts its engine-core and worker processes
             _refuse_weight_offload(self)
+            _refuse_pipeline_parallel(self)
             _choose_graph_mode(self, cfg)
             _choose_model_runner(self)
             if cfg.use_task_scheduler:
@@ -296,8 +297,7 @@ def _set_task_scheduler(engine_args) -> None:
 
 def _refuse_weight_offload(engine_args) -> None:
     """vLLM's own weight offload (UVA or prefetch) moves the slot buffers aside at
-    load, so its kernels would read a stale copy while misses fill the pool; and
-    pipeline stages (their layers counted from 0 in each) would share a store."""
+    load, so its kernels would read a stale copy while misses fill the pool."""
     for flag, value in (("--cpu-offload-gb", getattr(engine_args, "cpu_offload_gb", 0)),
                         ("--offload-group-size",
                          getattr(engine_args, "offload_group_size", 0))):
@@ -307,8 +307,13 @@ def _refuse_weight_offload(engine_args) -> None:
                 "expert offload (the experts already live in host memory and only a pool "
                 f"of them on the GPU). Drop {flag}, and size the pool with "
                 "--expert-pool-gib or --expert-pool-slots.")
+
+
+def _refuse_pipeline_parallel(engine_args) -> None:
+    """Each stage numbers its own layers from 0: the stages shared one store file,
+    and a later stage skipped loading its own experts."""
     stages = getattr(engine_args, "pipeline_parallel_size", 1) or 1
-    if stages > 1:  # each stage numbers its own layers from 0: they shared one store file
+    if stages > 1:
         raise ValueError(
             f"--pipeline-parallel-size={stages}: expert offload serves a model on a "
             "single device yet. Use --pipeline-parallel-size 1, or turn expert offload off.")
