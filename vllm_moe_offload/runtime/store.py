@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -582,7 +583,7 @@ class DiskStore(ExpertStore):
         fd, waited = self._lock_fd, 0
         while not self._try_lock(fd):
             if waited % _LOCK_LOG_EVERY == 0:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                holder = os.pread(fd, 160, 0).decode(errors="replace").strip() or "?"
                 try:
                     idle = f"{time.time() - self._building.stat().st_mtime:.0f}"
                 except OSError:
@@ -595,9 +596,9 @@ class DiskStore(ExpertStore):
             waited += 1
         hold(self._lock_path)  # store_dir.py NOTE #1
         self._lock_held = True
-        try:  # who holds it, for the others' message (a full disk: the build says so)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # who holds it, for the others' message (a full disk: the build says so);
+            os.ftruncate(fd, 0)  # pid@host: on a shared file system it may be another host
+            os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()[:120]}\n".encode(), 0)
         except OSError:
             pass
 

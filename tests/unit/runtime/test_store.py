@@ -1,4 +1,5 @@
 import os
+import socket
 import time
 
 import pytest
@@ -347,7 +348,8 @@ def _open_while_building(path, child, caplog):
             "store", DiskStore(path, LAYOUT, L, E, FP)))
         opener.start()
         deadline = time.monotonic() + 60
-        while f"process {child.pid} is building the disk store" not in caplog.text:
+        holder = f"process {child.pid}@{socket.gethostname()}"  # (the host: NFS)
+        while f"{holder} is building the disk store" not in caplog.text:
             assert opener.is_alive() and time.monotonic() < deadline, caplog.text
             time.sleep(0.01)
         child.stdin.write("go\n")
