@@ -82,7 +82,10 @@ def test_load_reads_pairs(tmp_path):
     (_good(format="something/1"), "is not a sensitivity file"),
     (_good(num_layers=4), "with 4 MoE layers, not 2"),
     (_good(tasks={"python": {"change": [0.0, 0.0]}}), "no 'insensitive' list"),
-    (_good(tasks={"python": {"change": [0.0, 0.0], "insensitive": [2]}}), "outside 0..1"),
+    (_good(tasks={"python": {"change": [0.0, 0.0], "insensitive": [2]}}),
+     "layer 2, not a layer index 0..1"),
+    (_good(tasks={"python": {"change": [0.0, 0.0], "insensitive": [True]}}),
+     "layer True, not a layer index"),  # (a bool was read as layer 1)
 ])
 def test_load_rejects_bad_files(tmp_path, body, words):
     with pytest.raises(ValueError, match="sensitivity_path") as e:

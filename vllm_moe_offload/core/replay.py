@@ -188,8 +188,8 @@ def replay(calls: list[Call], num_slots: int, policy: str, profile: HardwareProf
             if target.step != c.step:  # the engine predicts within a forward pass
                 break
             group = pool.group_of(target.layer)
-            for e in target.experts:
-                pool.hint(ExpertKey(target.layer, e))
+            for e in reversed(target.experts):  # as the cache hints: the least
+                pool.hint(ExpertKey(target.layer, e))  # wanted first, evicted first
             already = {key for key, _, _ in prefetched_for[j]}
             for e in target.experts:
                 key = ExpertKey(target.layer, e)

@@ -47,7 +47,9 @@ def load_insensitive(path, num_layers: int | None = None) -> set[tuple[str, int]
         if not isinstance(layers, list):
             raise bad(f"task {task!r} has no 'insensitive' list of layers")
         for layer in layers:
-            if not isinstance(layer, int) or not 0 <= layer < num_layers:
-                raise bad(f"task {task!r} marks layer {layer!r}, outside 0..{num_layers - 1}")
+            if (not isinstance(layer, int) or isinstance(layer, bool)
+                    or not 0 <= layer < num_layers):  # (true is not layer 1)
+                raise bad(f"task {task!r} marks layer {layer!r}, not a layer index "
+                          f"0..{num_layers - 1}")
             pairs.add((task, layer))
     return pairs

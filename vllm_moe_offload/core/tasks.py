@@ -140,7 +140,8 @@ class TaskProfiles:
                               "cold, or point task_profiles_path elsewhere")
         data = read_json(path, bad)
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise bad("is not a task profile file")
+            raise bad(f"is not a task profile file of format {PROFILE_FORMAT!r} (its "
+                      f"format: {data.get('format') if isinstance(data, dict) else None!r})")
         body = data.get("profiles")
         text = json.dumps(body, sort_keys=True)
         if hashlib.sha256(text.encode()).hexdigest() != data.get("sha256"):
@@ -160,7 +161,7 @@ def expected_load(profiles: TaskProfiles, demand: dict[str, float],
                   insensitive: set[tuple[str, int]] = frozenset()) -> dict[ExpertKey, float]:
     """N_e for every (layer, expert) with a non-zero expected load."""
     load: dict[ExpertKey, float] = defaultdict(float)
-    for task, tokens in demand.items():
+    for task, tokens in sorted(demand.items()):  # (a sum's rounding: not arrival order)
         if tokens <= 0:
             continue
         for layer in range(profiles.num_layers):
@@ -172,11 +173,17 @@ def expected_load(profiles: TaskProfiles, demand: dict[str, float],
     return dict(load)
 
 
+def _tied(value: float) -> float:
+    """A sum to 12 significant digits: sums equal but for float rounding tie, and the
+    lower key wins, as documented (else 3.1 against 3.0999999999999996 decides)."""
+    return float(f"{value:.12g}")
+
+
 def plan_residency(profiles: TaskProfiles, demand: dict[str, float], budget_slots: int,
                    insensitive: set[tuple[str, int]] = frozenset()) -> list[ExpertKey]:
     """The `budget_slots` (layer, expert) pairs with the largest N_e, largest first."""
     load = expected_load(profiles, demand, insensitive)
-    ranked = sorted(load.items(), key=lambda kv: (-kv[1], kv[0]))
+    ranked = sorted(load.items(), key=lambda kv: (-_tied(kv[1]), kv[0]))
     return [key for key, _ in ranked[:budget_slots]]
 
 
@@ -189,13 +196,13 @@ def hot_experts(profiles: TaskProfiles, share: float,
     per_layer = math.ceil(share * profiles.experts_per_layer)
     for layer in range(profiles.num_layers):
         score = [0.0] * profiles.experts_per_layer
-        for task in profiles.counts:
+        for task in sorted(profiles.counts):
             if (task, layer) in insensitive:
                 continue
             for expert, f in enumerate(profiles.frequency(task, layer)):
                 score[expert] += f
         ranked = sorted((e for e in range(len(score)) if score[e] > 0),
-                        key=lambda e: (-score[e], e))
+                        key=lambda e: (-_tied(score[e]), e))
         hot.update(ExpertKey(layer, e) for e in ranked[:per_layer])
     return hot
 

@@ -123,7 +123,12 @@ def read_trace(path: str) -> tuple[TraceHeader | None, Iterator[TraceRecord]]:
     if magic != MAGIC:
         return None, _read_jsonl(path)
     f = open(path, "rb")
-    _, version, layers, experts, top_k = _HEADER.unpack(f.read(_HEADER.size))
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        f.close()
+        raise ValueError(f"{path}: a routing trace cut short inside its header; record "
+                         "it again (trace_path)")
+    _, version, layers, experts, top_k = _HEADER.unpack(head)
     if version != VERSION:
         f.close()
         raise ValueError(f"{path}: trace version {version}, this reader knows {VERSION}")
@@ -131,14 +136,19 @@ def read_trace(path: str) -> tuple[TraceHeader | None, Iterator[TraceRecord]]:
 
 
 def _read_records(f: BinaryIO, path: str) -> Iterator[TraceRecord]:
+    """Records up to the last whole one: a writer that was killed (the OpenAI
+    server often ends its workers before they close) leaves a cut last record."""
     with f:
         while head := f.read(_RECORD.size):
-            if len(head) < _RECORD.size:
-                raise ValueError(f"{path}: truncated trace record")
-            step, layer, top_k, num_tokens = _RECORD.unpack(head)
-            payload = f.read(2 * num_tokens * top_k)
-            if len(payload) < 2 * num_tokens * top_k:
-                raise ValueError(f"{path}: truncated trace record")
+            payload = b""
+            if len(head) == _RECORD.size:
+                step, layer, top_k, num_tokens = _RECORD.unpack(head)
+                payload = f.read(2 * num_tokens * top_k)
+            if len(head) < _RECORD.size or len(payload) < 2 * num_tokens * top_k:
+                logger.warning("expert offload: routing trace %s ends inside a record "
+                               "(its writer was stopped); read up to its last whole "
+                               "record", path)
+                return
             ids = array("H")
             ids.frombytes(payload)
             yield TraceRecord(step, layer, top_k, ids.tolist())

@@ -84,6 +84,9 @@ def test_profiles_survive_a_restart_and_corruption_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="checksum"):
         TaskProfiles.load(path, 2, 4)
+    path.write_text(json.dumps({**data, "format": "vllm-moe-offload-task-profiles/2"}))
+    with pytest.raises(ValueError, match="its format: 'vllm-moe-offload-task-profiles/2'"):
+        TaskProfiles.load(path, 2, 4)  # (a later version's file: which one, said)
     path.write_text(path.read_text()[:40])
     with pytest.raises(ValueError, match="corrupt"):
         TaskProfiles.load(path, 2, 4)
@@ -157,3 +160,18 @@ def test_hot_experts_are_each_layers_most_used_share():
     hot = hot_experts(p, 0.25, {("prose", 1)})
     assert hot == {ExpertKey(0, 5), ExpertKey(0, 3), ExpertKey(1, 7)}  # ties: lower id
     assert len(hot_experts(p, 1.0)) == 4 + 2  # only experts with some use
+
+
+def test_equal_sums_tie_to_the_lower_expert_whatever_the_task_order():
+    """Loads equal but for float rounding (3.1 either way) went to whichever expert
+    the tasks' order rounded up: the plan and the hot set hung on arrival order."""
+    import itertools
+
+    rows = {"t0": [[3, 1]], "t1": [[0, 3]], "t2": [[8, 8]]}
+    demand = {"t0": 2.4, "t1": 1.2, "t2": 2.6}
+    hot_rows = {"t0": [[3, 3]], "t1": [[3, 6]], "t2": [[6, 3]]}  # 1.5 either way
+    for order in itertools.permutations(rows):
+        p = TaskProfiles(1, 2, {t: rows[t] for t in order})
+        assert plan_residency(p, {t: demand[t] for t in order}, 1) == [ExpertKey(0, 0)]
+        q = TaskProfiles(1, 2, {t: hot_rows[t] for t in order})
+        assert hot_experts(q, 0.5) == {ExpertKey(0, 0)}
