@@ -68,6 +68,8 @@ def test_a_request_that_fails_in_two_steps_counts_once():
     model.cache.failed_rows.update({2: "expert (0, 3) lost"})
     assert model.take_failed_requests(layout) == {"b": "expert (0, 3) lost"}
     assert model.failed_requests == 2
+    model.step_began({"a"})  # vLLM ended a: it is forgotten (the set only grew)
+    assert model._failed_ids == {"b"}
 
 
 def test_rows_that_failed_outside_a_step_do_not_fail_the_first_requests():

@@ -570,13 +570,16 @@ class ModelOffload:
         self.failed_requests += len(new)
         return failed
 
-    def step_began(self) -> None:
-        """Before every step's forward (vLLM's _update_states). Rows that failed
+    def step_began(self, finished_req_ids=()) -> None:
+        """Before every step's forward (vLLM's _update_states). Requests vLLM has
+        finished leave the set that counts a failed request once (it only grew,
+        by every failed request, for the life of the server). Rows that failed
         outside a step (vLLM's profiling and warm-up runs, which sample nothing, so
         take_failed_requests never ran for them) are not this step's rows. With
         task-aware residency, the first takes the counts so far, of those runs, which
         no report counts as a step's (the latency model would start from every
         expert's first load)."""
+        self._failed_ids.difference_update(finished_req_ids)  # (they run no more steps)
         rows = getattr(self.cache, "failed_rows", None)
         if rows:
             rows.clear()

@@ -161,7 +161,7 @@ def install_worker_hooks() -> None:
     def _update_states(self, scheduler_output):
         model = model_state.current()
         if model is not None:
-            model.step_began()
+            model.step_began(scheduler_output.finished_req_ids)
         tasks = _tasks_for(self)
         if tasks is not None:
             tasks.before_update(self, scheduler_output)
