@@ -163,6 +163,20 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
 
 
 @triton.jit
+def _votes(ids_ptr, n_ids, votes_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr):
+    """votes[e] = how many of ids[:n_ids] name expert e; returns it [E_PAD]."""
+    e = tl.arange(0, E_PAD)
+    tl.store(votes_ptr + e, tl.zeros([E_PAD], tl.int32), mask=e < E)
+    tl.debug_barrier()
+    for start in range(0, n_ids, ID_BLOCK):
+        i = start + tl.arange(0, ID_BLOCK)
+        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
+        tl.atomic_add(votes_ptr + ids, tl.full([ID_BLOCK], 1, tl.int32), mask=ids >= 0)
+    tl.debug_barrier()
+    return tl.load(votes_ptr + e, mask=e < E, other=0)
+
+
+@triton.jit
 def _mark(ids_ptr, n_ids, mask_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr):
     """mask[e] = 1 for every expert in ids[:n_ids], 0 otherwise; returns it [E_PAD]."""
     e = tl.arange(0, E_PAD)
@@ -384,14 +398,20 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
                     val_ptr, E, J, L, DEPTH: tl.constexpr, E_PAD: tl.constexpr,
                     ID_BLOCK: tl.constexpr, CH: tl.constexpr, POLICY: tl.constexpr):
     """Layer `layer` predicts ids [n] for layer `target` (= layer + dist): within the
-    budget of the target's group, minus the slots already locked there, lock the
-    predicted experts that are resident, then give slots to the missing ones (fill
-    jobs for the copy stream)."""
-    e = tl.arange(0, E_PAD)
+    budget of the target's group, minus the slots already locked there, take the
+    predicted experts most named first (ties: the lower id), as host mode does:
+    lock the resident ones, give slots to the missing ones (fill jobs for the copy
+    stream). The vector axis runs over the experts in that order, so each cumsum
+    below ranks by it."""
     group_ptr = groups_ptr + tl.load(group_of_ptr + target) * NGROUP
     at = target * DEPTH + dist - 1
-    pm = _mark(ids_ptr, n_ids, pmask_ptr + at * E, E, E_PAD, ID_BLOCK)
+    votes = _votes(ids_ptr, n_ids, pmask_ptr + at * E, E, E_PAD, ID_BLOCK)  # [E_PAD]
     tl.store(pvalid_ptr + at, n_ids * 0 + 1)
+    i = tl.arange(0, E_PAD)
+    order = tl.sort(tl.minimum(votes, 1 << 20) * E_PAD + (E_PAD - 1 - i), 0,
+                    descending=True)  # (padding lanes, 0 votes and ids >= E: last)
+    e = E_PAD - 1 - order % E_PAD  # [E_PAD] experts, most named first
+    pm = (order // E_PAD) > 0
     row = tl.load(table_ptr + target * E + e, mask=e < E, other=-1)
     resident = row >= 0
     hit = pm & resident
@@ -400,12 +420,14 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     budget = tl.load(group_ptr + BUDGET)
     locks = tl.load(group_ptr + LOCKS)
     lockable = hit & ((f & PROTECT) == 0)
-    newly = lockable & (tl.cumsum(lockable.to(tl.int32), 0) <= budget - locks)
+    wanted = lockable | (pm & (resident == 0))  # each takes one unit of the budget
+    within = wanted & (tl.cumsum(wanted.to(tl.int32), 0) <= budget - locks)
+    newly = within & lockable
     tl.debug_barrier()  # NOTE #1: `want` below decides a loop with barriers
     tl.store(flags_ptr + row, f | PROTECT, mask=newly)
     locks += tl.sum(newly.to(tl.int32), 0)
-    miss = pm & (resident == 0)
-    want = tl.minimum(tl.sum(miss.to(tl.int32), 0), tl.maximum(budget - locks, 0))
+    miss = within & (resident == 0)
+    want = tl.sum(miss.to(tl.int32), 0)
     j = tl.arange(0, E_PAD)
     tl.store(job_key_ptr + j, tl.full([E_PAD], -1, tl.int32), mask=j < J)
     tl.debug_barrier()

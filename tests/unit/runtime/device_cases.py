@@ -368,6 +368,34 @@ def case_prefetch_locks_stay_within_the_budget(device):
     assert t.prefetched > 0 and t.misses > 0
 
 
+def case_a_binding_budget_prefetches_the_most_named_experts_first(device):
+    """As host mode: where the budget (2) binds, the predicted experts most named
+    take it, resident or not (ties: the lower id). The kernel took the lowest ids,
+    and every resident prediction before any missing one: here expert 0 (resident,
+    named once) and 3, not 7 (named by every row) and 5."""
+    L, E = 2, 8
+    store, full = make_store(L, E, pinned=device == "cuda")
+    pred = FixedPredictor(depth=1, num_layers=L)
+    cache = DeviceExpertCache(store, E + 2, device, predictor=pred)
+    hidden = torch.zeros(1, 4, device=device)
+    first = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    for layer in range(L):  # expert (1, 0) resident
+        check_slots(cache, full, layer, first, cache.map_to_slots(layer, first, hidden))
+    pred.next = {1: torch.tensor([[7, 5], [3, 7], [7, 0], [5, 7]], device=device)}
+    ids = torch.tensor([[2, 3]], dtype=torch.int32, device=device)
+    check_slots(cache, full, 0, ids, cache.map_to_slots(0, ids, hidden))
+    check_state(cache)
+    table, flags = cache.table.tolist(), cache.flags.tolist()
+    locked = {e for e in range(E) if table[E + e] >= 0
+              and flags[table[E + e]] & K.PROTECT.value}
+    assert locked == {5, 7}, locked
+    assert table[E + 3] < 0 and table[E + 0] >= 0
+    ids = torch.tensor([[7, 5]], dtype=torch.int32, device=device)
+    check_slots(cache, full, 1, ids, cache.map_to_slots(1, ids, hidden))
+    t = cache.sync_stats().totals()
+    assert (t.prefetched, t.prefetch_hits) == (2, 2), t
+
+
 def case_a_call_of_no_rows_settles_its_layers_prefetch(device):
     """Layer 0 prefetches 2 of layer 1's experts (2 locks, the whole budget); layer
     1's call has no rows. It returned before its resolve, so the locks outlived it;
