@@ -75,3 +75,24 @@ def test_routers_of_a_vision_language_checkpoint_are_read(tmp_path):
     path = build_tiny_moe(tmp_path / "vl", "qwen3_5_moe_vl", num_layers=2, num_experts=4)
     gates = load_gates(path)
     assert [g.shape for g in gates] == [(4, 128)] * 2
+
+
+def test_a_tiny_checkpoint_records_what_was_built_and_a_stopped_rebuild_is_not_reused(
+        tmp_path, monkeypatch):
+    """Llama-4 is built top-1 whatever was asked, and its marker said top_k 2; a
+    rebuild for another spec that stopped midway left the old marker beside the
+    half-written files, and the old spec's next call returned them."""
+    import json
+
+    from transformers import PreTrainedModel
+
+    path = build_tiny_moe(tmp_path / "m", "llama4", num_layers=2, top_k=2)
+    assert json.loads((path / "tiny_moe.json").read_text())["top_k"] == 1
+
+    def stops(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", stops)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_moe(tmp_path / "m", "llama4", num_layers=3)
+    assert not (path / "tiny_moe.json").exists()

@@ -13,12 +13,13 @@ router fingerprint; loading it with another model is refused.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from vllm_moe_offload.hf.routing import (Routing, capture_texts, load_model,
+from vllm_moe_offload.hf.routing import (Routing, capture_texts, check_depth, load_model,
                                          local_checkpoint_problem, read_texts, recall)
 from vllm_moe_offload.runtime.predictors import (LookaheadHead, load_gates,
                                                  model_fingerprint, save_lookahead)
@@ -76,19 +77,27 @@ def main(argv=None) -> None:
     problem = local_checkpoint_problem(args.model)
     if problem:
         p.error(problem)
-    if args.depth < 1:
-        p.error(f"--depth {args.depth}: give 1 or more layers ahead")
+    if args.max_tokens // 10 // len(args.prompts) < 2:
+        p.error(f"--max-tokens {args.max_tokens}: a tenth of it checks the heads, an "
+                f"equal share from each of the {len(args.prompts)} files, at least 2 "
+                f"tokens each; give {20 * len(args.prompts)} or more")
     torch.manual_seed(args.seed)
-
+    try:  # (before the model is loaded: it may be large)
+        gates = load_gates(args.model)
+        check_depth(args.depth, len(gates))
+    except ValueError as e:
+        p.error(str(e).replace("; use --expert-predictor none", ""))
     model, tokenizer = load_model(args.model)
-    gates = load_gates(args.model)
     texts = read_texts(args.prompts, args.part)
     cuts = [int(len(t) * 0.95) for t in texts]  # the last 5% checks the heads
     t0 = time.perf_counter()
-    routing = capture_texts(model, tokenizer, [t[:c] for t, c in zip(texts, cuts)],
-                            args.max_tokens)
-    check = capture_texts(model, tokenizer, [t[c:] for t, c in zip(texts, cuts)],
-                          args.max_tokens // 10)
+    try:
+        routing = capture_texts(model, tokenizer, [t[:c] for t, c in zip(texts, cuts)],
+                                args.max_tokens, args.prompts)
+        check = capture_texts(model, tokenizer, [t[c:] for t, c in zip(texts, cuts)],
+                              args.max_tokens // 10, args.prompts)
+    except ValueError as e:
+        p.error(str(e))
     print(f"captured {len(routing.hidden[0])} tokens x {routing.num_layers} layers in "
           f"{time.perf_counter() - t0:.0f} s")
     heads = train(routing, gates, args.depth, args.epochs, args.lr, args.hidden_units)
@@ -100,7 +109,8 @@ def main(argv=None) -> None:
         print(f"recall d={d}: lookahead {ours:.3f}  next-gate {ref:.3f}")
     save_lookahead(args.out, heads, model_fingerprint(gates), args.depth,
                    routing.top_k, routing.num_layers,
-                   extra={"prompts": args.prompts, "tokens": len(routing.hidden[0]),
+                   extra={"prompts": [os.path.realpath(f) for f in args.prompts],
+                          "part": args.part, "tokens": len(routing.hidden[0]),
                           "check_recall": scores})
     print(f"wrote {args.out}")
 

@@ -9,6 +9,8 @@ does not depend on how a transformers version shapes the router's output.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +162,39 @@ def read_texts(paths: list[str], part: str = "all") -> list[str]:
     return texts
 
 
-def capture_texts(model, tokenizer, texts: list[str], max_tokens: int) -> Routing:
-    """Capture an equal share of `max_tokens` from each text (domains weigh the same)."""
-    parts = [capture(model, tokenizer, t, max_tokens // len(texts)) for t in texts]
+def capture_texts(model, tokenizer, texts: list[str], max_tokens: int,
+                  names: list[str] | None = None) -> Routing:
+    """Capture an equal share of `max_tokens` from each text (domains weigh the same);
+    `names`: the texts' files, for errors."""
+    share = max_tokens // len(texts)
+    if share < 2:
+        raise ValueError(f"--max-tokens {max_tokens} gives each of {len(texts)} texts "
+                         f"{share} tokens; give at least {2 * len(texts)}")
+    parts = [capture(model, tokenizer, t, share) for t in texts]
+    for i, part in enumerate(parts):
+        if len(part.hidden[0]) == 0:
+            name = names[i] if names else f"text {i + 1}"
+            raise ValueError(f"{name}: no tokens to capture here (empty, or too short "
+                             "for this part of it)")
     return Routing([torch.cat([p.hidden[l] for p in parts]) for l in range(parts[0].num_layers)],
                    [torch.cat([p.expert_ids[l] for p in parts])
                     for l in range(parts[0].num_layers)], parts[0].top_k)
+
+
+def check_depth(depth: int, num_moe_layers: int) -> None:
+    """A lookahead depth the model has layers for: 1 .. MoE layers - 1."""
+    if not 1 <= depth < num_moe_layers:
+        raise ValueError(f"--depth {depth}: this model has {num_moe_layers} MoE layers, "
+                         f"so 1 to {num_moe_layers - 1} layers ahead")
+
+
+def trained_on(sidecar: str, paths: list[str]) -> list[str]:
+    """Those of `paths` that a lookahead sidecar was trained on (its metadata)."""
+    from vllm_moe_offload.runtime.predictors import read_lookahead_metadata
+
+    try:
+        extra = json.loads(read_lookahead_metadata(sidecar).get("extra", "{}"))
+    except ValueError:
+        return []  # (evaluate says what is wrong with it)
+    seen = {os.path.realpath(p) for p in extra.get("prompts", [])}
+    return [p for p in paths if os.path.realpath(p) in seen]

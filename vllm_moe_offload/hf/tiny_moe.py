@@ -192,6 +192,9 @@ def _config(arch: str, **sizes):
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
 
 
+FIXED_TOP_K = {"phimoe": 2, "llama4": 1}  # families built at one top-k only
+
+
 def build_tiny_moe(
     out_dir: str | Path,
     arch: str = "qwen3_moe",
@@ -214,12 +217,14 @@ def build_tiny_moe(
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     out = Path(out_dir)
+    top_k = FIXED_TOP_K.get(arch, top_k)  # (what the marker records: what is built)
     spec = dict(arch=arch, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                 hidden_size=hidden_size, expert_ffn=expert_ffn, vocab_size=vocab_size,
                 seed=seed, init_std=init_std)
     marker = out / "tiny_moe.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out
+    marker.unlink(missing_ok=True)  # (a rebuild that stops midway is not that build)
     out.mkdir(parents=True, exist_ok=True)
     config = _config(arch, vocab_size=vocab_size, hidden_size=hidden_size,
                      num_layers=num_layers, num_experts=num_experts, top_k=top_k,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -221,7 +222,13 @@ def save_lookahead(path: str | Path, heads: dict[tuple[int, int], LookaheadHead]
             "depth": str(depth), "top_k": str(top_k), "num_layers": str(num_layers),
             "hidden_units": str(next(iter(heads.values())).up.out_features),
             "extra": json.dumps(extra or {})}
-    save_file(tensors, str(path), metadata=meta)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # renamed over `path` whole: a stopped write leaves the old sidecar
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_lookahead_metadata(path: str | Path) -> dict:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,6 +52,25 @@ def test_sidecar_round_trip_and_refusal(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a sidecar")
     with pytest.raises(ValueError, match="is not a lookahead sidecar"):
         load_lookahead(tmp_path / "junk.safetensors", gs, depth=1, top_k=2)
+
+
+def test_a_sidecar_write_that_stops_midway_leaves_the_old_one(tmp_path, monkeypatch):
+    """It was written in place: a crash or Ctrl-C mid-write destroyed the good one."""
+    st = pytest.importorskip("safetensors.torch")
+    gs = gates()
+    heads = {(l, 1): LookaheadHead(gs[l + 1], 8) for l in range(L - 1)}
+    path = tmp_path / "h.safetensors"
+    save_lookahead(path, heads, model_fingerprint(gs), depth=1, top_k=2, num_layers=L)
+    good = path.read_bytes()
+
+    def stops(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a sidecar")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_file", stops)
+    with pytest.raises(KeyboardInterrupt):
+        save_lookahead(path, heads, model_fingerprint(gs), depth=1, top_k=2, num_layers=L)
+    assert path.read_bytes() == good and sorted(tmp_path.iterdir()) == [path]
 
 
 def test_oracle_replays_the_trace_step_by_step():
