@@ -18,6 +18,7 @@ Writes benchmarks/results/dequant_kernel_<device>.*
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -215,7 +216,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4, 3, 2])
     args = ap.parse_args(argv)
     shapes = args.shapes or (["mixtral", "qwen3"] if args.device == "cuda" else ["qwen3", "tiny"])
-    rows = [row(s, b, args.device) for s in shapes for b in args.bits]
+    rows = []
+    for s in shapes:  # each row shown as it is measured (a time limit keeps them)
+        for b in args.bits:
+            rows.append(row(s, b, args.device))
+            print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows)
     print(table)
     assert all(r.get("bit_identical", True) for r in rows), "decode differs from the reference"

@@ -296,8 +296,10 @@ def disk_gbs(store: DiskStore, limit=4 << 30) -> float:
 
 # ---- rows --------------------------------------------------------------------------
 
-def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=False):
-    """Every row of one shape and batch, appended to `rows` as each is measured;
+def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=False,
+              written=lambda: None):
+    """Every row of one shape and batch, appended to `rows` as each is measured, then
+    `written()` (main writes the files: a run cut short keeps every row done);
     `pdl_only`: the resident (PDL) row alone (main runs it after everything else)."""
     L, E, K = shape["L"], shape["E"], shape["K"]
     cuda = device.type == "cuda"
@@ -322,6 +324,8 @@ def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=Fal
             print(f"  {name} T={T} {label}: FAILED: {e!r}", flush=True)
             failed.append(dict(shape=name, batch=T, row=label, error=repr(e)))
             return {}
+        finally:
+            written()
 
     def timed_row(label, routing_name, routing, run, graph, cache, extra, steps):
         step_run = capture(run, device) if graph else run
@@ -660,7 +664,8 @@ def main() -> None:
 
     def run(name, T, pdl_only=False):
         try:
-            run_shape(name, SHAPES[name], T, args, device, tmp, rows, failed, pdl_only)
+            run_shape(name, SHAPES[name], T, args, device, tmp, rows, failed, pdl_only,
+                      written=lambda: write(done=False))
         except Exception as e:  # outside a row (building a stack or store): the rest run
             print(f"  {name} T={T}: FAILED: {e!r}", flush=True)
             failed.append(dict(shape=name, batch=T, row="(set-up)", error=repr(e)))
