@@ -250,6 +250,19 @@ def time_row(stack, routing, run, warmup, steps, cache=None, repeats=1):
     return times, [(a - b) / steps / repeats for a, b in zip(after, before)]
 
 
+def paired_ratio(stack, routing, plain, offload, graph, args, rounds=7, passes=8):
+    """(median, min, max) over `rounds` of offload's ms per step over plain's, the two
+    timed one after the other in each round (each `passes` x the row's steps): the
+    rows alone are measured minutes apart, and a batch-1 step is well under a ms."""
+    a, b = (capture(run, stack.device) if graph else run for run in (plain, offload))
+    ratios = []
+    for _ in range(rounds):
+        ta = statistics.mean(time_row(stack, routing, a, 0, args.steps, repeats=passes)[0])
+        tb = statistics.mean(time_row(stack, routing, b, 0, args.steps, repeats=passes)[0])
+        ratios.append(tb / ta)
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def output_of(stack, routing, run, step=0):
     stack.load(routing, step)
     run()
@@ -364,7 +377,14 @@ def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=Fal
     row("plain graph" if cuda else "plain eager", "local", local, plain_eager, cuda)
     cache, _ = make_expert_cache(stack.store, L * E, device)
     warm_all(stack, cache)
-    row("resident", "uniform", uniform, lambda c=cache: stack.offload_step(c), cuda, cache)
+    r = row("resident", "uniform", uniform, lambda c=cache: stack.offload_step(c), cuda,
+            cache)
+    if r:  # the target's ratio, its two rows timed in turn (they were minutes apart)
+        r["x_plain_paired"] = paired_ratio(stack, uniform, plain_eager,
+                                           lambda c=cache: stack.offload_step(c), cuda, args)
+        print(f"  {name} T={T} resident / plain, timed in turn: "
+              f"{r['x_plain_paired'][0]:.3f} (min-max {r['x_plain_paired'][1]:.3f}-"
+              f"{r['x_plain_paired'][2]:.3f})", flush=True)
     if cuda and T == 1:  # decode calls through the general path instead of registers
         cache.small_path = False
         row("resident (general path)", "uniform", uniform,
@@ -578,6 +598,11 @@ def finish(rows, link, device, failed=()):
             f"{spread} | {r['x_plain']:.3f} | {r['misses_per_step']:.1f} | "
             f"{r['mib_per_step']:.1f} | {wasted:.1f} | {gbs} | {r['bound_ms']:.3f} | "
             f"{r['x_bound']:.3f} | {r['identical']} |")
+    for r in rows:
+        if "x_plain_paired" in r:
+            med, lo, hi = r["x_plain_paired"]
+            lines.append(f"\nResident / plain ({r['shape']}, batch {r['batch']}), timed in "
+                         f"turn: {med:.3f} (min-max {lo:.3f}-{hi:.3f})")
     for r in rows:
         if "disk_seq_gbs" in r:
             lines.append(f"\nDisk ({r['shape']}): sequential read {r['disk_seq_gbs']:.2f} GB/s, "
