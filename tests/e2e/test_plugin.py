@@ -49,6 +49,19 @@ assert (cfg["enabled"], cfg["task_aware"], cfg["task_scheduler"]) == (False, Tru
 yaml.write_text("model: m\nexpert-task-aware: true\nexpert-task-scheduler: true\n")
 cfg = folded(["--config", str(yaml)])
 assert (cfg["enabled"], cfg["task_scheduler"]) == (True, True), cfg
+yaml.write_text("model: m\nenable_expert_offload: false\nexpert_pool_slots: 64\n"
+                "expert_task_aware: true\nexpert_task_scheduler: false\n")  # vLLM takes _
+cfg = folded(["--config", str(yaml)])  # (the false ones were dropped: offload stayed on)
+assert (cfg["enabled"], cfg["task_aware"], cfg["task_scheduler"]) == (False, True, False), cfg
+# a bad value is a usage error that names the flag and its choices, at parse time
+import contextlib, io
+for argv, words in ((["--expert-store", "nvme"], "invalid choice: 'nvme'"),
+                    (["--expert-pool-slots", "abc"], "pool_slots='abc' is not a valid int")):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        parser.parse_args(["--model", "m", *argv])
+        raise AssertionError(f"{argv} parsed")
+    assert words in err.getvalue() and argv[0] in err.getvalue(), err.getvalue()
 # --api-server-count > 1: vLLM spawns API servers that build engine args from the
 # parsed namespace before they load plugins; the flags must reach them even so
 import pickle, subprocess, sys

@@ -45,6 +45,10 @@ def test_the_demo_serves_the_shipped_trained_model(tmp_path):
         tmp_path / "dsv3", "deepseek_v3", num_layers=2, num_experts=4))) is None
     bad = run("demo", "--pool-fraction", "0")
     assert bad.returncode == 2 and "--pool-fraction=0.0: give a share" in bad.stderr
+    bad = run("demo", "--model", str(tmp_path / "none"), "--max-tokens", "3")
+    assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr
+    bad = run("demo", "--max-tokens", "0")  # (both were tracebacks, after vLLM loaded)
+    assert bad.returncode == 2 and "--max-tokens=0: give 1 or more" in bad.stderr
 
 
 def test_eval_predictor_checks_the_sidecar_before_running_the_model(tmp_path, capsys,

@@ -68,6 +68,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not 0 < args.pool_fraction <= 1:
         p.error(f"--pool-fraction={args.pool_fraction}: give a share of the experts in (0, 1]")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens={args.max_tokens}: give 1 or more tokens to generate")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model}: not a checkpoint directory with a config.json "
+                "(the demo reads local checkpoints; nothing is downloaded)")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vllm_moe_offload.hf.tiny_moe import build_tiny_moe, expert_bytes

@@ -42,8 +42,8 @@ def listing(files, now: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dir", nargs="?", default=os.environ.get(ENV_PREFIX + "STORE_DIR",
-                                                            DEFAULT_STORE_DIR))
+    p.add_argument("dir", nargs="?",  # (an empty variable is an unset one, as for engines)
+                   default=os.environ.get(ENV_PREFIX + "STORE_DIR") or DEFAULT_STORE_DIR)
     p.add_argument("--prune", action="store_true",
                    help="remove what no engine uses (see --unused-days)")
     p.add_argument("--unused-days", type=float, default=14.0,

@@ -37,11 +37,37 @@ def _f(default, flag: str, help: str):
     return field(default=default, metadata={"flag": flag, "help": help})
 
 
+# settings that say where or how to report, not what to do: alone they do not turn
+# offload on (a VLLM_MOE_OFFLOAD_STORE_DIR exported for the `store` tool made every
+# engine of that shell offload)
+PASSIVE = ("store_dir", "trace_path", "metrics_per_layer", "stats_log_interval_s")
+# a setting that counts only with another: (setting, applies(config), what it needs)
+NEEDS = (
+    ("predictor_path", lambda c: c.predictor in ("lookahead", "oracle"),
+     "--expert-predictor lookahead or oracle"),
+    ("prefetch_depth", lambda c: c.predictor != "none", "a predictor (--expert-predictor)"),
+    ("prefetch_budget_slots", lambda c: c.predictor != "none",
+     "a predictor (--expert-predictor)"),
+    ("replan_every", lambda c: c.task_aware, "--expert-task-aware"),
+    ("resident_slots", lambda c: c.task_aware, "--expert-task-aware"),
+    ("store_hot_share", lambda c: c.store_hot_bits is not None, "--expert-store-hot-bits"),
+    ("store_group_size", lambda c: c.store_bits < 16, "--expert-store-bits 8, 4, 3 or 2"),
+    ("store_quantizer", lambda c: c.store_bits < 16, "--expert-store-bits 8, 4, 3 or 2"),
+)
+
+
+def named(name: str, *value) -> str:
+    """A setting (with its value) as the user may have written it: field, flag, env var."""
+    shown = f"={value[0]}" if value else ""
+    return f"expert_offload.{name}{shown} ({_FLAGS[name]}, env {ENV_PREFIX}{name.upper()})"
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     enabled: bool = _f(False, "--enable-expert-offload",
                        "Turn expert offload on. Setting any other field turns it on "
-                       "too, unless this is set to false.")
+                       "too (but store_dir, trace_path, metrics_per_layer and "
+                       "stats_log_interval_s), unless this is set to false.")
     pool_slots: int | None = _f(None, "--expert-pool-slots",
                                 "Expert slots resident in fast memory, shared by all MoE "
                                 "layers. At least one layer's experts. Default: half of "
@@ -143,14 +169,15 @@ class OffloadConfig:
     def __post_init__(self):
         if self.pool_slots is not None and self.pool_slots < 1:
             raise ValueError(
-                f"expert_offload.pool_slots={self.pool_slots} must be a positive number "
+                f"{named('pool_slots', self.pool_slots)} must be a positive number "
                 "of expert slots; it must cover at least one layer's experts.")
         if self.pool_gib is not None and self.pool_gib <= 0:
-            raise ValueError(f"expert_offload.pool_gib={self.pool_gib} must be > 0 GiB.")
+            raise ValueError(f"{named('pool_gib', self.pool_gib)} must be > 0 GiB.")
         if self.pool_slots is not None and self.pool_gib is not None:
             raise ValueError(
-                f"expert_offload.pool_slots={self.pool_slots} and pool_gib="
-                f"{self.pool_gib} are both set; set only one of them.")
+                f"expert_offload.pool_slots={self.pool_slots} (--expert-pool-slots) and "
+                f"pool_gib={self.pool_gib} (--expert-pool-gib) are both set; set only one "
+                "of them.")
         if self.store not in STORES:
             raise ValueError(
                 f"expert_offload.store={self.store!r} is not a known store; use one of "
@@ -207,16 +234,16 @@ class OffloadConfig:
                 "and predictor is 'none'; set predictor (--expert-predictor next-gate) or "
                 "use eviction='reuse'.")
         if self.prefetch_depth < 1:
-            raise ValueError(f"expert_offload.prefetch_depth={self.prefetch_depth} must "
+            raise ValueError(f"{named('prefetch_depth', self.prefetch_depth)} must "
                              "be >= 1 (layers ahead to prefetch).")
         if self.prefetch_budget_slots is not None and self.prefetch_budget_slots < 0:
-            raise ValueError(f"expert_offload.prefetch_budget_slots="
-                             f"{self.prefetch_budget_slots} must be >= 0.")
+            raise ValueError(f"{named('prefetch_budget_slots', self.prefetch_budget_slots)} "
+                             "must be >= 0.")
         if self.replan_every < 1:
-            raise ValueError(f"expert_offload.replan_every={self.replan_every} must be "
+            raise ValueError(f"{named('replan_every', self.replan_every)} must be "
                              ">= 1 (prompts between re-plans).")
         if self.resident_slots is not None and self.resident_slots < 0:
-            raise ValueError(f"expert_offload.resident_slots={self.resident_slots} must "
+            raise ValueError(f"{named('resident_slots', self.resident_slots)} must "
                              "be >= 0.")
         task_only = [name for name in ("task_scheduler", "task_rules_path",
                                        "task_profiles_path", "sensitivity_path",
@@ -226,7 +253,7 @@ class OffloadConfig:
                      and not (self.store_hot_bits and name in ("task_profiles_path",
                                                                "sensitivity_path"))]
         if task_only:
-            raise ValueError(f"expert_offload.{task_only[0]} needs task_aware=true "
+            raise ValueError(f"{named(task_only[0])} needs task_aware=true "
                              "(--expert-task-aware).")
         if self.approximate and not self.sensitivity_path:
             raise ValueError(
@@ -235,8 +262,11 @@ class OffloadConfig:
                 "vllm_moe_offload sensitivity; --expert-sensitivity).")
         if self.stats_log_interval_s < 0:
             raise ValueError(
-                f"expert_offload.stats_log_interval_s={self.stats_log_interval_s} must "
+                f"{named('stats_log_interval_s', self.stats_log_interval_s)} must "
                 "be >= 0 (0 turns periodic logging off).")
+        if not self.store_dir.strip():
+            raise ValueError(f"{named('store_dir', repr(self.store_dir))} names no directory; "
+                             f"leave it unset for {DEFAULT_STORE_DIR}, or give one.")
 
     # ---- sources --------------------------------------------------------------
 
@@ -250,9 +280,14 @@ class OffloadConfig:
         if unknown:
             raise ValueError(
                 f"unknown expert_offload field(s) {unknown}; known fields: {sorted(known)}.")
-        if values and "enabled" not in values:
+        if set(values) - set(PASSIVE) and "enabled" not in values:
             values["enabled"] = True
-        return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+        config = cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+        for name, applies, needs in NEEDS:  # given, and nothing reads it: say so
+            if config.enabled and name in values and not applies(config):
+                _warn_once(f"expert offload: {named(name)} is set, and is ignored "
+                           f"without {needs}")
+        return config
 
     @classmethod
     def env_values(cls, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -268,7 +303,9 @@ class OffloadConfig:
             if (var.startswith(ENV_PREFIX) and var not in names
                     and var[len(ENV_PREFIX):] not in OTHER_ENV and var not in _warned):
                 _warned.add(var)
-                near = difflib.get_close_matches(var, names, 1)
+                near = ([ENV_PREFIX + _BY_FLAG_STEM[var[len(ENV_PREFIX):]].upper()]
+                        if var[len(ENV_PREFIX):] in _BY_FLAG_STEM  # the flag's spelling
+                        else difflib.get_close_matches(var, names, 1))
                 logger.warning("%s is not an expert offload setting and is ignored%s",
                                var, f"; did you mean {near[0]}?" if near else "")
         return out
@@ -367,6 +404,18 @@ class OffloadConfig:
                     f"{max_slots}).")
             slots = max(max_slots, experts_per_layer)
         return slots
+
+
+_FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(OffloadConfig)}
+# a flag's stem as an env var (PREFETCH_BUDGET) -> its field (prefetch_budget_slots)
+_BY_FLAG_STEM = {flag.removeprefix("--").removeprefix("expert-").removeprefix("enable-expert-")
+                 .replace("-", "_").upper(): name for name, flag in _FLAGS.items()}
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 EXCLUSIVE = (("pool_slots", "pool_gib"),)  # one or the other, in one source

@@ -135,11 +135,13 @@ def test_auto_store_follows_the_device():
 
 
 def test_task_settings_need_task_aware_and_approximate_needs_sensitivity():
-    with pytest.raises(ValueError, match="task_rules_path needs task_aware=true"):
+    with pytest.raises(ValueError, match=r"task_rules_path \(--expert-task-rules, .*\) "
+                                         "needs task_aware=true"):
         OffloadConfig.from_dict({"enabled": True, "task_rules_path": "r.json"})
     with pytest.raises(ValueError, match="approximate=true needs sensitivity_path"):
         OffloadConfig.from_dict({"enabled": True, "task_aware": True, "approximate": True})
-    with pytest.raises(ValueError, match="replan_every=0 must be >= 1"):
+    with pytest.raises(ValueError,
+                       match=r"replan_every=0 \(--expert-replan-every, .*\) must be >= 1"):
         OffloadConfig.from_dict({"task_aware": True, "replan_every": 0})
     cfg = OffloadConfig.from_dict({"task_aware": True})
     assert cfg.use_task_scheduler and cfg.replan_every == 40
@@ -187,7 +189,8 @@ def test_mixed_precision_reads_profiles_without_task_aware():
     cfg = OffloadConfig.from_dict({"store_bits": 2, "store_hot_bits": 8,
                                    "task_profiles_path": "p", "sensitivity_path": "s"})
     assert not cfg.task_aware and cfg.store_hot_share == 0.25
-    with pytest.raises(ValueError, match="task_profiles_path needs task_aware"):
+    with pytest.raises(ValueError,
+                       match=r"task_profiles_path \(--expert-task-profiles, .*\) needs task_aware"):
         OffloadConfig.from_dict({"store_bits": 2, "task_profiles_path": "p"})
 
 
@@ -211,3 +214,50 @@ def test_a_misspelt_env_var_is_named_in_a_warning(caplog):
     assert ("VLLM_MOE_OFFLOAD_POOL_SLOT is not an expert offload setting and is ignored; "
             "did you mean VLLM_MOE_OFFLOAD_POOL_SLOTS?") in caplog.text
     assert "METRICS_DIR" not in caplog.text
+
+
+def test_where_and_how_to_report_do_not_turn_offload_on():
+    """VLLM_MOE_OFFLOAD_STORE_DIR, exported for the `store` tool (its docs say so),
+    made every engine of the shell offload, a dense model's refused."""
+    env = {"VLLM_MOE_OFFLOAD_STORE_DIR": "/x", "VLLM_MOE_OFFLOAD_METRICS_PER_LAYER": "1"}
+    cfg = OffloadConfig.resolve({}, environ=env)
+    assert not cfg.enabled and cfg.store_dir == "/x"
+    assert OffloadConfig.resolve({}, environ={**env, "VLLM_MOE_OFFLOAD_POOL_SLOTS": "8"}).enabled
+
+
+def test_settings_nothing_reads_are_named_in_a_warning(caplog):
+    """--expert-predictor-path without --expert-predictor lookahead ran with no
+    prefetch at all, silently; so did depth, budget and the others here."""
+    from vllm_moe_offload.core import config
+
+    config._warned.clear()  # (each is said once per process)
+    cases = [({"predictor_path": "h.safetensors"}, "predictor_path", "lookahead or oracle"),
+             ({"prefetch_depth": 3}, "prefetch_depth", "a predictor"),
+             ({"resident_slots": 4}, "resident_slots", "--expert-task-aware"),
+             ({"store_group_size": 32}, "store_group_size", "--expert-store-bits 8, 4"),
+             ({"store_hot_share": 0.5}, "store_hot_share", "--expert-store-hot-bits")]
+    for values, name, needs in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+            OffloadConfig.from_dict(values)
+        assert f"expert_offload.{name} (" in caplog.text and needs in caplog.text, values
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        OffloadConfig.from_dict({"predictor": "lookahead", "predictor_path": "h",
+                                 "prefetch_depth": 3})
+    assert caplog.text == ""
+
+
+def test_a_flags_spelling_as_an_env_var_is_pointed_to_its_variable(caplog):
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        OffloadConfig.env_values({"VLLM_MOE_OFFLOAD_PREFETCH_BUDGET": "3"})
+    assert "did you mean VLLM_MOE_OFFLOAD_PREFETCH_BUDGET_SLOTS?" in caplog.text
+
+
+def test_an_empty_store_dir_is_refused():
+    """'' became Path(''): the store files went to the current directory."""
+    with pytest.raises(ValueError, match=r"store_dir='' \(--expert-store-dir, .*\) names "
+                                         "no directory"):
+        OffloadConfig.from_dict({"store_dir": "", "pool_slots": 8})
+    assert OffloadConfig.resolve({}, environ={"VLLM_MOE_OFFLOAD_STORE_DIR": ""}).store_dir \
+        == OffloadConfig().store_dir  # an empty variable is an unset one

@@ -12,8 +12,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from vllm_moe_offload.core.config import (CONFIG_KEY, OffloadConfig, coerce, config_section,
-                                          overlay)
+from vllm_moe_offload.core.config import (CONFIG_KEY, EVICTIONS, PASSIVE, PREDICTORS,
+                                          STORE_BITS, STORE_QUANTIZERS, STORES, OffloadConfig,
+                                          coerce, config_section, overlay)
 
 logger = logging.getLogger("vllm.moe_offload")
 
@@ -66,8 +67,24 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
             action = _OnOffValue if f.name in TAKES_A_VALUE else argparse.BooleanOptionalAction
             group.add_argument(flag, dest=dest, action=action, default=None,
                                help=f.metadata["help"])
-        else:
-            group.add_argument(flag, dest=dest, default=None, help=f.metadata["help"])
+        else:  # parsed here: a bad value is a usage error now, not a traceback later
+            group.add_argument(flag, dest=dest, default=None, help=f.metadata["help"],
+                               type=_parsed(f.name), choices=CHOICES.get(f.name),
+                               metavar=None if f.name in CHOICES else f.name.upper())
+
+
+CHOICES = {"store": STORES, "store_bits": STORE_BITS, "store_quantizer": STORE_QUANTIZERS,
+           "predictor": PREDICTORS, "eviction": EVICTIONS}
+
+
+def _parsed(name: str):
+    def parse(text: str):
+        try:
+            return coerce(OffloadConfig, name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name  # (argparse names the type in its message)
+    return parse
 
 
 TAKES_A_VALUE = ("task_scheduler",)  # documented as `--expert-task-scheduler {true,false}`
@@ -107,9 +124,17 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
     Precedence: CLI flags > additional_config > env vars.
     """
     merged = dict(additional_config or {})
-    values = overlay(overlay(OffloadConfig.env_values(), config_section(merged)), cli or {})
+    sources = {"env": OffloadConfig.env_values(), "additional_config":
+               config_section(merged), "CLI flags": cli or {}}
+    values = overlay(overlay(sources["env"], sources["additional_config"]), cli or {})
     if values:
-        if "enabled" not in values:
+        ignored = sorted(set(values) - {"enabled"} - set(PASSIVE))
+        if values.get("enabled") is False and ignored:
+            where = next(k for k in ("CLI flags", "additional_config", "env")
+                         if sources[k].get("enabled") is False)
+            logger.warning("expert offload: off (enabled=false, from %s); %s set, and "
+                           "ignored", where, ", ".join(ignored))
+        if "enabled" not in values and set(values) - set(PASSIVE):
             logger.info("expert offload: on, since %s set without enabled (set "
                         "expert_offload.enabled=false to keep it off)",
                         ", ".join(sorted(values)))
@@ -276,6 +301,7 @@ def _install_config_file_hook() -> None:
         with open(file_path) as f:
             config = yaml.safe_load(f) or {}
         for key, value in config.items():
+            key = str(key).replace("_", "-")  # (vLLM takes expert_task_aware too)
             if value is False and key in ours and f"--no-{key}" not in args:
                 args.append(f"--no-{key}")
         return args
