@@ -4,9 +4,10 @@
 
 On the trained checkpoint ../shared/models/tiny-moe-4domains (real routing): trains
 lookahead heads on the first 95% of three domains (python, c, prose), then measures
-recall at d = 1, 2, 3 on the held-out last 5% of those domains and of a domain the
-heads never saw (legal). References: next-gate (later gates on this layer's hidden
-state), previous-token reuse, and the oracle (replays the run: 1.0 by construction).
+recall at d = 1, 2, 3 on the held-out last 5% of those domains (also less the
+long lines found verbatim in their first 95%) and of a domain the heads never saw
+(legal). References: next-gate (later gates on this layer's hidden state),
+previous-token reuse, and the oracle (replays the run: 1.0 by construction).
 Writes benchmarks/results/predictor_recall.{json,md,png}.
 """
 
@@ -17,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, SHARED
+from common import RESULTS, SHARED, run_record
 
 from vllm_moe_offload.cli.eval_predictor import evaluate
 from vllm_moe_offload.hf.routing import load_model, read_texts
@@ -39,14 +40,30 @@ def sidecar() -> Path:
     return out
 
 
+def unseen_lines(path: str, min_chars: int = 40) -> str:
+    """The held-out last 5% of a file less its lines of `min_chars` or more found
+    verbatim in the first 95% (the split is by characters: repeated code and licence
+    text fall on both sides of it, and the heads trained on them; short lines such
+    as `}` repeat in any text and stay)."""
+    text = Path(path).read_text(errors="replace")
+    cut = int(len(text) * 0.95)
+    seen = set(text[:cut].splitlines())
+    return "\n".join(line for line in text[cut:].splitlines()
+                     if len(line) < min_chars or line not in seen)
+
+
 def main() -> None:
     if not MODEL.exists():
         sys.exit(f"{MODEL} not found: this benchmark needs the trained checkpoint")
     path = sidecar()
     loaded = load_model(str(MODEL))
     results = {}
-    for name, domains in (("held-out, seen domains", SEEN), ("held-out, unseen domain", UNSEEN)):
-        texts = read_texts([str(CORPUS / f"{d}.txt") for d in domains], "heldout")
+    files = {d: str(CORPUS / f"{d}.txt") for d in SEEN + UNSEEN}
+    for name, texts in (
+            ("held-out, seen domains", read_texts([files[d] for d in SEEN], "heldout")),
+            ("held-out less lines seen in training, seen domains",
+             [unseen_lines(files[d]) for d in SEEN]),
+            ("held-out, unseen domain", read_texts([files[d] for d in UNSEEN], "heldout"))):
         results[name] = evaluate(str(MODEL), "lookahead", str(path), texts, DEPTH,
                                  max_tokens=40_000, loaded=loaded)
     rows = ["| text | predictor | d=1 | d=2 | d=3 |", "|---|---|---|---|---|"]
@@ -61,6 +78,7 @@ def main() -> None:
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predictor_recall.md").write_text(
+        run_record() + "\n"
         "Recall of the top-2 predicted experts against the experts routed at layer L+d "
         f"(top-2 of 16), tiny-moe-4domains. Lookahead heads trained on {', '.join(SEEN)}."
         "\nCommand: `.venv/bin/python benchmarks/predictor_recall.py`\n\n" + table + "\n")
