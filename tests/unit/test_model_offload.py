@@ -162,3 +162,52 @@ def test_a_checkpoint_of_many_shards_fits_the_store_header(tmp_path):
     store.close()
     (model / "model-00001-of-000163.safetensors").write_bytes(b"changed")
     assert store_file_name(_fingerprint(config)) != store_file_name(fingerprint)
+
+
+def test_a_second_engine_beside_a_live_one_is_refused(monkeypatch):
+    """Both in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the layers find their
+    model state through the process's one current state, so B's took over A's layer
+    calls and A computed with B's slot ids, silently. A dropped engine (its worker
+    gone) is no obstacle."""
+    import weakref
+
+    from vllm_moe_offload.integration.vllm import model_state
+
+    class Worker:
+        pass
+
+    monkeypatch.setattr(model_state, "_MODEL", None)
+    a = model_state.get_or_create(OffloadConfig(), {"model": "m"}, torch.device("cpu"))
+    worker = Worker()
+    a.cache, a.owner = object(), weakref.ref(worker)
+    with pytest.raises(RuntimeError, match="an engine in this process serves m with expert "
+                                           "offload; .* Shut the first down"):
+        model_state.get_or_create(OffloadConfig(), {"model": "m2"}, torch.device("cpu"))
+    del worker
+    b = model_state.get_or_create(OffloadConfig(), {"model": "m2"}, torch.device("cpu"))
+    assert b is not a
+
+
+def test_a_start_that_fails_after_loading_lets_go_of_its_model_state(monkeypatch):
+    """vLLM's memory profile, or the KV cache's allocation, fails after the pool was
+    built ("set a smaller pool"): the state stayed current and its worker alive in
+    the traceback, so a retry in the same process was refused as a second engine."""
+    import weakref
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.integration.vllm import model_state, worker
+
+    monkeypatch.setattr(model_state, "_MODEL", None)
+    a = model_state.get_or_create(OffloadConfig(), {"model": "m"}, torch.device("cpu"))
+    w = SimpleNamespace(_moe_offload_model=a)
+    a.cache, a.owner = object(), weakref.ref(model_state)  # (an owner that stays alive)
+    monkeypatch.setattr(a, "shutdown", lambda: None)
+
+    def profile():
+        raise ValueError("no memory left for the KV cache")
+
+    with pytest.raises(ValueError, match="no memory left"):
+        worker._released_on_failure(w, profile)
+    assert model_state.current() is None
+    assert model_state.get_or_create(OffloadConfig(), {"model": "m"},
+                                     torch.device("cpu")) is not a

@@ -145,6 +145,21 @@ def test_the_room_is_what_is_left_of_this_instances_budget():
     assert room_left(5 * GiB, 80 * GiB, 0.5, (30 * GiB, 40 * GiB))[0] == 0
 
 
+def test_a_kv_cache_set_in_bytes_is_left_out_of_the_pools_room():
+    """With --kv-cache-memory-bytes vLLM gives the KV cache that much whatever the
+    utilization says; the pool was sized by the utilization all the same, and the
+    weights, pool and KV cache could outgrow the GPU (an OOM naming no pool)."""
+    snapshot = SimpleNamespace(free_memory=79 * GiB, device_="cuda:0")
+    budget = memory_budget(SimpleNamespace(
+        requested_memory=71 * GiB, init_snapshot=snapshot,
+        cache_config=SimpleNamespace(kv_cache_memory_bytes=20 * GiB)))
+    assert budget[:2] == (59 * GiB, 79 * GiB)
+    room, where = room_left(60 * GiB, 80 * GiB, 0.9, budget[:2] + budget[3:])  # 19 loaded
+    assert room == 40 * GiB
+    assert where.startswith(f"left of this instance's 59.00 GiB beside "
+                            f"--kv-cache-memory-bytes {20 * GiB}")
+
+
 def test_host_mode_under_cuda_graphs_is_refused_before_the_pool_is_made(monkeypatch):
     """plugin.py keeps CUDA graphs on from the settings; a reason for host mode known
     only from the experts (device_mode_problem: e.g. a quantized store whose matrices

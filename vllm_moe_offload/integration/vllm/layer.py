@@ -274,6 +274,13 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self._offload_cfg is None:
             return super().weight_loader(param, loaded_weight, weight_name, shard_id,
                                          expert_id, return_success)
+        if self._model.cache is not None:  # the store is sealed and slots hold copies
+            raise NotImplementedError(
+                f"expert offload: {self.layer_name}: expert weights arrived after the "
+                "expert pool was built (reload_weights, a weight transfer, or waking from "
+                "sleep level 2): the store and the resident slots would keep the old "
+                "ones. Restart the engine with the new weights, or turn expert offload "
+                "off to update weights in place.")
         if self._quant is not None:
             done = self._load_quantized(param, loaded_weight, weight_name, shard_id,
                                         expert_id)
@@ -307,7 +314,10 @@ class OffloadedRoutedExperts(RoutedExperts):
             dst = w13 if shard_id == "gpt_oss_w13" else w2
             dst.copy_(loaded_weight if is_bias else loaded_weight.t())
         else:
-            raise ValueError(f"shard_id must be w1, w2 or w3, got {shard_id!r}")
+            raise ValueError(f"expert offload: {self.layer_name}: checkpoint tensor "
+                             f"{weight_name} has shard {shard_id!r}, where offload takes "
+                             "w1, w2, w3 (gate, down, up) or gpt-oss's gpt_oss_w13 and "
+                             "gpt_oss_w2. Turn expert offload off for this model.")
         seen.add(("bias " if is_bias else "") + shard_id)
         if seen in self._complete:
             del self._staging[expert_id]
@@ -577,11 +587,16 @@ class OffloadedRoutedExperts(RoutedExperts):
             self._staging.clear()
         if self._staging:
             first = sorted(self._staging)[0]
-            got = (f" (expert {first}: {len(self._staging[first][1])} of the "
-                   f"{self._expected_calls()} loader calls its checkpoint tensors make)"
-                   if self._quant else "")
-            raise RuntimeError(f"expert offload: {self.layer_name} has incomplete "
-                               f"experts {sorted(self._staging)[:4]} after loading{got}")
+            seen = self._staging[first][1]
+            whole = max(self._complete, key=lambda shards: len(shards & seen))
+            got = (f"{len(seen)} of the {self._expected_calls()} loader calls its "
+                   "checkpoint tensors make" if self._quant else
+                   f"it got {', '.join(sorted(seen))} of {', '.join(sorted(whole))}")
+            raise RuntimeError(
+                f"expert offload: {self.layer_name} has incomplete experts "
+                f"{sorted(self._staging)[:4]} after loading (expert {first}: {got}). The "
+                "checkpoint lacks tensors of these experts (a shard missing or cut "
+                "short?): check its files against its index, or turn expert offload off.")
         if self._quant is not None:
             return self._bind_quantized()
         if self.quant_method.moe_kernel is None:
@@ -634,7 +649,11 @@ class OffloadedRoutedExperts(RoutedExperts):
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts,
                                            shared_experts_input)
         skip = topk_ids.is_cuda and envs.VLLM_MOE_SKIP_PADDING
-        slot_ids = map_to_slots_op(_route_padding(topk_ids, _padding_rows(), skip), x,
+        # the predictors and approximate mode read the routers' input: vLLM pads x to a
+        # kernel's width on CUDA (MXFP4 on Marlin: 2880 -> 3072), with zeros on the right
+        width = self.moe_config.hidden_dim_unpadded
+        hidden = x[..., :width] if width and x.shape[-1] > width else x
+        slot_ids = map_to_slots_op(_route_padding(topk_ids, _padding_rows(), skip), hidden,
                                    self._layer)
         with tuned_configs.model_experts(self.global_num_experts):
             out = self.quant_method.moe_kernel.apply(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -144,6 +145,7 @@ class ModelOffload:
         # checkpoint tensor name -> module name (the model's, set by layer.py)
         self.checkpoint_rename: Callable[[str], str | None] | None = None
         self._build_bar: tqdm | None = None
+        self.owner = None  # weakref to the worker that loaded it (get_or_create)
         self.failed_requests = 0  # failed because an expert they routed to was lost
         self._failed_ids: set[str] = set()  # ... those requests
         self.packers: dict = {}  # quantized store: (shapes, kernel) -> layer.py _packer()
@@ -390,7 +392,10 @@ class ModelOffload:
             if self.experts_arrived:  # a real load that left experts out: a bug
                 raise RuntimeError(
                     f"expert offload: {len(store.missing())} experts never arrived from "
-                    f"the checkpoint (first: {store.missing()[:4]})")
+                    f"the checkpoint (first, as (MoE layer, expert): {store.missing()[:4]}):"
+                    " vLLM built their layers, and the checkpoint's files hold none of "
+                    "their tensors. Check the checkpoint against its index (a shard "
+                    "missing?), or turn expert offload off.")
             for layer, expert in store.missing():  # load_format="dummy"
                 store.put(layer, expert, dummy_expert(layer, expert))
         store.seal()
@@ -710,6 +715,15 @@ def get_or_create(cfg: OffloadConfig, fingerprint: dict, device: torch.device) -
     loaded (its pool built) is another engine's, in this process: a new one starts
     afresh (with its own config: the old state's failed its first layer)."""
     global _MODEL
+    if _MODEL is not None and _MODEL.cache is not None and _MODEL.owner is not None:
+        gc.collect()  # (an engine dropped but not shut down: its worker's __del__ goes)
+        if _MODEL is not None and _MODEL.owner() is not None:
+            raise RuntimeError(
+                f"expert offload: an engine in this process serves "
+                f"{_MODEL.fingerprint.get('model')} with expert offload; a second one "
+                "would take over its layer calls (one model state per process). Shut the "
+                "first down (del llm), or give each engine its own process (vLLM's "
+                "default, VLLM_ENABLE_V1_MULTIPROCESSING=1)")
     if _MODEL is None or _MODEL.fingerprint != fingerprint or _MODEL.cache is not None:
         _MODEL = ModelOffload(cfg, fingerprint, device)
     return _MODEL

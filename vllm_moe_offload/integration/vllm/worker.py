@@ -6,7 +6,7 @@ line at worker shutdown."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import weakref
 
 import psutil
 
@@ -37,7 +37,7 @@ def install() -> None:
     original = Worker.initialize_from_config
 
     def initialize_from_config(self, kv_cache_config):
-        result = original(self, kv_cache_config)
+        result = _released_on_failure(self, lambda: original(self, kv_cache_config))
         model = model_state.current()
         if model is None and OffloadConfig.resolve(self.vllm_config.additional_config).enabled:
             raise NotImplementedError(
@@ -75,6 +75,7 @@ def install() -> None:
             result = original_load(self, *args, **kwargs)
             if model_state.current() is not before:  # this worker's, released at shutdown
                 self._moe_offload_model = model_state.current()
+                self._moe_offload_model.owner = weakref.ref(self)
             return result
         except BaseException:
             if model_state.current() is not before:
@@ -88,10 +89,13 @@ def install() -> None:
     original_memory = Worker.determine_available_memory
 
     def determine_available_memory(self):
-        available = original_memory(self)
-        check_kv_room(available, model_state.current(),
-                      self.cache_config.gpu_memory_utilization)
-        return available
+        def measured():
+            available = original_memory(self)
+            check_kv_room(available, model_state.current(),
+                          self.cache_config.gpu_memory_utilization)
+            return available
+
+        return _released_on_failure(self, measured)
 
     Worker.determine_available_memory = determine_available_memory
     _name_the_pool_on_cpu()
@@ -114,12 +118,25 @@ def _name_the_pool_on_cpu() -> None:
             return original(self)
         except ValueError as e:
             note = pool_note(model_state.current())
+            model_state.release(getattr(self, "_moe_offload_model", None))
             if note is None:
                 raise
             raise ValueError(f"{e} {note}") from None
 
     determine_available_memory._moe_offload = True
     CPUWorker.determine_available_memory = determine_available_memory
+
+
+def _released_on_failure(worker, call):
+    """call(); where it raises, the engine does not start: this worker's model state
+    goes (its files, and this process's hold on it), so a retry in the same process
+    (a notebook, after "set a smaller pool") is a fresh start, not a second engine
+    beside a live one (model_state.get_or_create)."""
+    try:
+        return call()
+    except BaseException:
+        model_state.release(getattr(worker, "_moe_offload_model", None))
+        raise
 
 
 def pool_note(model) -> str | None:
@@ -157,11 +174,13 @@ def check_kv_room(available: int, model, utilization: float) -> None:
         f"activations are in. {smaller}--gpu-memory-utilization.")
 
 
-def memory_budget(worker) -> tuple[int, int, Callable[[], int]] | None:
+def memory_budget(worker) -> tuple | None:
     """vLLM's memory budget on CUDA, as its worker counts it: (bytes requested, free
     bytes at its start-up snapshot, free bytes now, measured as that snapshot was:
-    on an integrated GPU the host's available memory). None where it keeps none
-    (the CPU)."""
+    on an integrated GPU the host's available memory). With --kv-cache-memory-bytes
+    (vLLM then sizes the KV cache by it, not by the utilization), what was free at
+    start-up less that, and a fourth item naming it. None where it keeps none (the
+    CPU)."""
     requested = getattr(worker, "requested_memory", None)
     snapshot = getattr(worker, "init_snapshot", None)
     if not requested or snapshot is None:
@@ -172,6 +191,10 @@ def memory_budget(worker) -> tuple[int, int, Callable[[], int]] | None:
 
         return MemorySnapshot(device=snapshot.device_).free_memory
 
+    kv = getattr(getattr(worker, "cache_config", None), "kv_cache_memory_bytes", None)
+    if kv:  # vLLM then gives the KV cache that much, whatever the utilization says
+        return (max(int(snapshot.free_memory) - int(kv), 0), int(snapshot.free_memory),
+                free_now, f"beside --kv-cache-memory-bytes {int(kv)}")
     return int(requested), int(snapshot.free_memory), free_now
 
 
