@@ -76,19 +76,21 @@ def gpu_room(device: torch.device, utilization: float,
     if budget is not None:
         free = budget[2]()
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return room_left(free, total, utilization, budget and budget[:2])
+    return room_left(free, total, utilization, budget and (budget[:2] + budget[3:]))
 
 
 def room_left(free: int, total: int, utilization: float,
-              budget: tuple[int, int] | None = None) -> tuple[int, str]:
+              budget: tuple | None = None) -> tuple[int, str]:
     """What is left of vLLM's memory budget with `free` bytes of the GPU's `total`
     free. `budget`: vLLM's own, (bytes it requested: utilization x total, free bytes
     at its start-up snapshot); it counts what this instance used since then, so
     another instance on the same GPU (two at 0.45 each: vLLM refuses to start where
     less is free than it requests) takes nothing from it. Without it (vLLM's worker
     not seen), what is left under utilization x total of all that is used on the
-    GPU."""
+    GPU. A third item in `budget` names the limit (--kv-cache-memory-bytes)."""
     where = f"under --gpu-memory-utilization {utilization}"
+    if budget is not None and len(budget) > 2:  # (requested, free at start, its limit)
+        *budget, where = budget
     if budget is None:
         return max(int(utilization * total) - (total - free), 0), (
             f"left on the GPU {where} ({free / 2**30:.2f} of {total / 2**30:.2f} GiB "

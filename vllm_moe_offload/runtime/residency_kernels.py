@@ -163,31 +163,23 @@ def _pick_reuse(owner_ptr, flags_ptr, need_ptr, vict_ptr, uses_ptr, val_ptr, lay
 
 
 @triton.jit
-def _votes(ids_ptr, n_ids, votes_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr):
-    """votes[e] = how many of ids[:n_ids] name expert e; returns it [E_PAD]."""
-    e = tl.arange(0, E_PAD)
-    tl.store(votes_ptr + e, tl.zeros([E_PAD], tl.int32), mask=e < E)
-    tl.debug_barrier()
-    for start in range(0, n_ids, ID_BLOCK):
-        i = start + tl.arange(0, ID_BLOCK)
-        ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
-        tl.atomic_add(votes_ptr + ids, tl.full([ID_BLOCK], 1, tl.int32), mask=ids >= 0)
-    tl.debug_barrier()
-    return tl.load(votes_ptr + e, mask=e < E, other=0)
-
-
-@triton.jit
-def _mark(ids_ptr, n_ids, mask_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr):
-    """mask[e] = 1 for every expert in ids[:n_ids], 0 otherwise; returns it [E_PAD]."""
+def _mark(ids_ptr, n_ids, mask_ptr, E, E_PAD: tl.constexpr, ID_BLOCK: tl.constexpr,
+          COUNT: tl.constexpr = False):
+    """mask[e] = 1 for every expert in ids[:n_ids], 0 otherwise (COUNT: how many of
+    them name e, by atomics); returns it [E_PAD]."""
     e = tl.arange(0, E_PAD)
     tl.store(mask_ptr + e, tl.zeros([E_PAD], tl.int32), mask=e < E)
     tl.debug_barrier()
     for start in range(0, n_ids, ID_BLOCK):
         i = start + tl.arange(0, ID_BLOCK)
         ids = tl.load(ids_ptr + i, mask=i < n_ids, other=-1)
-        tl.store(mask_ptr + ids, tl.full([ID_BLOCK], 1, tl.int32), mask=ids >= 0)
+        one = tl.full([ID_BLOCK], 1, tl.int32)
+        if COUNT:
+            tl.atomic_add(mask_ptr + ids, one, mask=ids >= 0)
+        else:
+            tl.store(mask_ptr + ids, one, mask=ids >= 0)
     tl.debug_barrier()
-    return tl.load(mask_ptr + e, mask=e < E, other=0) != 0
+    return tl.load(mask_ptr + e, mask=e < E, other=0)
 
 
 @triton.jit
@@ -291,7 +283,7 @@ def _resolve(ids_ptr, n_ids, out_ptr, layer, table_ptr, owner_ptr, flags_ptr, st
     if SMALL:
         need, ids = _need_small(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
     else:
-        need = _mark(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK)
+        need = _mark(ids_ptr, n_ids, need_ptr, E, E_PAD, ID_BLOCK) != 0
     if POLICY == REUSE:  # this call's experts count one use each
         tl.store(uses_ptr + layer * E + e, _log2_add(uses, now), mask=need)
     row = tl.load(table_ptr + layer * E + e, mask=e < E, other=-1)
@@ -405,7 +397,7 @@ def prefetch_kernel(ids_ptr, n_ids, layer, target, dist, table_ptr, owner_ptr,
     below ranks by it."""
     group_ptr = groups_ptr + tl.load(group_of_ptr + target) * NGROUP
     at = target * DEPTH + dist - 1
-    votes = _votes(ids_ptr, n_ids, pmask_ptr + at * E, E, E_PAD, ID_BLOCK)  # [E_PAD]
+    votes = _mark(ids_ptr, n_ids, pmask_ptr + at * E, E, E_PAD, ID_BLOCK, True)  # [E_PAD]
     tl.store(pvalid_ptr + at, n_ids * 0 + 1)
     i = tl.arange(0, E_PAD)
     order = tl.sort(tl.minimum(votes, 1 << 20) * E_PAD + (E_PAD - 1 - i), 0,
