@@ -283,8 +283,11 @@ class OffloadConfig:
         if set(values) - set(PASSIVE) and "enabled" not in values:
             values["enabled"] = True
         config = cls(**{k: coerce(cls, k, v) for k, v in values.items()})
-        for name, applies, needs in NEEDS:  # given, and nothing reads it: say so
-            if config.enabled and name in values and not applies(config):
+        for name, applies, needs in NEEDS:  # given, and nothing reads it: say so (a
+            # folded config, which vLLM hands the workers, carries every field: those
+            # at their defaults were not given)
+            if (config.enabled and name in values and not applies(config)
+                    and getattr(config, name) != _DEFAULTS[name]):
                 _warn_once(f"expert offload: {named(name)} is set, and is ignored "
                            f"without {needs}")
         return config
@@ -407,6 +410,7 @@ class OffloadConfig:
 
 
 _FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(OffloadConfig)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OffloadConfig)}
 # a flag's stem as an env var (PREFETCH_BUDGET) -> its field (prefetch_budget_slots)
 _BY_FLAG_STEM = {flag.removeprefix("--").removeprefix("expert-").removeprefix("enable-expert-")
                  .replace("-", "_").upper(): name for name, flag in _FLAGS.items()}
