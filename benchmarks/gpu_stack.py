@@ -380,11 +380,18 @@ def run_shape(name, shape, T, args, device, disk_dir, rows, failed, pdl_only=Fal
     r = row("resident", "uniform", uniform, lambda c=cache: stack.offload_step(c), cuda,
             cache)
     if r:  # the target's ratio, its two rows timed in turn (they were minutes apart)
-        r["x_plain_paired"] = paired_ratio(stack, uniform, plain_eager,
-                                           lambda c=cache: stack.offload_step(c), cuda, args)
-        print(f"  {name} T={T} resident / plain, timed in turn: "
-              f"{r['x_plain_paired'][0]:.3f} (min-max {r['x_plain_paired'][1]:.3f}-"
-              f"{r['x_plain_paired'][2]:.3f})", flush=True)
+        try:
+            r["x_plain_paired"] = paired_ratio(stack, uniform, plain_eager,
+                                               lambda c=cache: stack.offload_step(c), cuda,
+                                               args)
+            print(f"  {name} T={T} resident / plain, timed in turn: "
+                  f"{r['x_plain_paired'][0]:.3f} (min-max {r['x_plain_paired'][1]:.3f}-"
+                  f"{r['x_plain_paired'][2]:.3f})", flush=True)
+        except Exception as e:  # the rows after it still run
+            print(f"  {name} T={T} resident / plain in turn: FAILED: {e!r}", flush=True)
+            failed.append(dict(shape=name, batch=T, row="resident / plain in turn",
+                               error=repr(e)))
+        written()
     if cuda and T == 1:  # decode calls through the general path instead of registers
         cache.small_path = False
         row("resident (general path)", "uniform", uniform,

@@ -164,11 +164,11 @@ def test_a_checkpoint_of_many_shards_fits_the_store_header(tmp_path):
     assert store_file_name(_fingerprint(config)) != store_file_name(fingerprint)
 
 
-def test_a_second_engine_beside_a_live_one_is_refused(monkeypatch):
+def test_a_second_engine_beside_a_live_one_is_named_in_a_warning(monkeypatch, caplog):
     """Both in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the layers find their
     model state through the process's one current state, so B's took over A's layer
-    calls and A computed with B's slot ids, silently. A dropped engine (its worker
-    gone) is no obstacle."""
+    calls, silently. Not refused: an engine dropped without a shutdown may live on
+    (vLLM freezes its objects out of the garbage collector's reach)."""
     import weakref
 
     from vllm_moe_offload.integration.vllm import model_state
@@ -180,18 +180,22 @@ def test_a_second_engine_beside_a_live_one_is_refused(monkeypatch):
     a = model_state.get_or_create(OffloadConfig(), {"model": "m"}, torch.device("cpu"))
     worker = Worker()
     a.cache, a.owner = object(), weakref.ref(worker)
-    with pytest.raises(RuntimeError, match="an engine in this process serves m with expert "
-                                           "offload; .* Shut the first down"):
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
+        b = model_state.get_or_create(OffloadConfig(), {"model": "m2"}, torch.device("cpu"))
+    assert b is not a and model_state.current() is b
+    assert "an engine in this process already serves m with expert offload" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(model_state, "_MODEL", a)
+    del worker  # its worker gone: nothing to say
+    with caplog.at_level("WARNING", logger="vllm.moe_offload"):
         model_state.get_or_create(OffloadConfig(), {"model": "m2"}, torch.device("cpu"))
-    del worker
-    b = model_state.get_or_create(OffloadConfig(), {"model": "m2"}, torch.device("cpu"))
-    assert b is not a
+    assert caplog.text == ""
 
 
 def test_a_start_that_fails_after_loading_lets_go_of_its_model_state(monkeypatch):
-    """vLLM's memory profile, or the KV cache's allocation, fails after the pool was
-    built ("set a smaller pool"): the state stayed current and its worker alive in
-    the traceback, so a retry in the same process was refused as a second engine."""
+    """vLLM's memory profile, the KV cache's allocation or the warm-up fails after the
+    pool was built ("set a smaller pool"): the state stayed current, its files open,
+    and a retry in the same process was warned about as a second live engine."""
     import weakref
     from types import SimpleNamespace
 

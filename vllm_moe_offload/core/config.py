@@ -323,6 +323,10 @@ class OffloadConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def default_of(name: str) -> Any:
+        return _DEFAULTS[name]
+
     # ---- derived ----------------------------------------------------------------
 
     @property

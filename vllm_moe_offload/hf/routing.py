@@ -196,5 +196,8 @@ def trained_on(sidecar: str, paths: list[str]) -> list[str]:
         extra = json.loads(read_lookahead_metadata(sidecar).get("extra", "{}"))
     except ValueError:
         return []  # (evaluate says what is wrong with it)
-    seen = {os.path.realpath(p) for p in extra.get("prompts", [])}
-    return [p for p in paths if os.path.realpath(p) in seen]
+    stored = extra.get("prompts", [])
+    seen = {os.path.realpath(p) for p in stored}
+    names = {os.path.basename(p) for p in stored if not os.path.isabs(p)}  # (older
+    return [p for p in paths  # sidecars kept paths as typed, from where they ran)
+            if os.path.realpath(p) in seen or os.path.basename(p) in names]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -715,15 +714,15 @@ def get_or_create(cfg: OffloadConfig, fingerprint: dict, device: torch.device) -
     loaded (its pool built) is another engine's, in this process: a new one starts
     afresh (with its own config: the old state's failed its first layer)."""
     global _MODEL
-    if _MODEL is not None and _MODEL.cache is not None and _MODEL.owner is not None:
-        gc.collect()  # (an engine dropped but not shut down: its worker's __del__ goes)
-        if _MODEL is not None and _MODEL.owner() is not None:
-            raise RuntimeError(
-                f"expert offload: an engine in this process serves "
-                f"{_MODEL.fingerprint.get('model')} with expert offload; a second one "
-                "would take over its layer calls (one model state per process). Shut the "
-                "first down (del llm), or give each engine its own process (vLLM's "
-                "default, VLLM_ENABLE_V1_MULTIPROCESSING=1)")
+    if (_MODEL is not None and _MODEL.cache is not None and _MODEL.owner is not None
+            and _MODEL.owner() is not None):  # (not refused: a dropped engine that was
+        logger.warning(  # never shut down may live on, its objects frozen by vLLM's gc)
+            "expert offload: an engine in this process already serves %s with expert "
+            "offload, and its worker is alive. This process keeps one offload state: "
+            "from now on it is the new engine's, and the first engine must not be used "
+            "again (its layer calls would read the new engine's slots). Shut it down "
+            "first (del llm), or give each engine its own process (vLLM's default, "
+            "VLLM_ENABLE_V1_MULTIPROCESSING=1)", _MODEL.fingerprint.get("model"))
     if _MODEL is None or _MODEL.fingerprint != fingerprint or _MODEL.cache is not None:
         _MODEL = ModelOffload(cfg, fingerprint, device)
     return _MODEL

@@ -128,18 +128,34 @@ def fold_offload_config(additional_config: dict | None, cli: dict | None = None)
                config_section(merged), "CLI flags": cli or {}}
     values = overlay(overlay(sources["env"], sources["additional_config"]), cli or {})
     if values:
-        ignored = sorted(set(values) - {"enabled"} - set(PASSIVE))
-        if values.get("enabled") is False and ignored:
-            where = next(k for k in ("CLI flags", "additional_config", "env")
-                         if sources[k].get("enabled") is False)
-            logger.warning("expert offload: off (enabled=false, from %s); %s set, and "
-                           "ignored", where, ", ".join(ignored))
-        if "enabled" not in values and set(values) - set(PASSIVE):
+        config = OffloadConfig.from_dict(values)
+        if not set(sources["additional_config"]) >= set(config.to_dict()):  # (vLLM folds
+            _say_how_it_folded(config, values, sources)  # a folded one again: said then)
+        merged[CONFIG_KEY] = config.to_dict()
+    return merged
+
+
+def _say_how_it_folded(config: OffloadConfig, values: dict, sources: dict) -> None:
+    """On because settings were given without `enabled`; off with settings that
+    then do nothing (an enabled=false from some source, or report settings alone)."""
+    given = sorted(k for k in values
+                   if k != "enabled" and getattr(config, k) != OffloadConfig.default_of(k))
+    if config.enabled:
+        if "enabled" not in values:
             logger.info("expert offload: on, since %s set without enabled (set "
                         "expert_offload.enabled=false to keep it off)",
                         ", ".join(sorted(values)))
-        merged[CONFIG_KEY] = OffloadConfig.from_dict(values).to_dict()
-    return merged
+        return
+    ignored = [k for k in given if k not in PASSIVE]
+    alone = [k for k in given if k in PASSIVE and k not in sources["env"]]
+    if values.get("enabled") is False and ignored:
+        where = next(k for k in ("CLI flags", "additional_config", "env")
+                     if sources[k].get("enabled") is False)
+        logger.warning("expert offload: off (enabled=false, from %s); %s set, and "
+                       "ignored", where, ", ".join(ignored))
+    elif "enabled" not in values and alone:
+        logger.warning("expert offload: off; %s set, which alone does not turn it on "
+                       "(add --enable-expert-offload)", ", ".join(alone))
 
 
 def check_model(model_config, cfg: OffloadConfig) -> None:

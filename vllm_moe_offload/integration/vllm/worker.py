@@ -98,13 +98,20 @@ def install() -> None:
         return _released_on_failure(self, measured)
 
     Worker.determine_available_memory = determine_available_memory
+    original_warm_up = Worker.compile_or_warm_up_model
+
+    def compile_or_warm_up_model(self, *args, **kwargs):  # (CUDA graph capture: OOM)
+        return _released_on_failure(self, lambda: original_warm_up(self, *args, **kwargs))
+
+    Worker.compile_or_warm_up_model = compile_or_warm_up_model
     _name_the_pool_on_cpu()
 
 
 def _name_the_pool_on_cpu() -> None:
     """vLLM's CPU worker sizes the KV cache from its RSS, without the GPU worker's
     method, and its error ("reduce CPU memory used by other processes") does not
-    name the memory that offload holds: add it."""
+    name the memory that offload holds: add it. A failed start here lets go of the
+    model state too (_released_on_failure)."""
     try:
         from vllm.v1.worker.cpu_worker import CPUWorker
     except ImportError:  # a build without it
@@ -122,9 +129,18 @@ def _name_the_pool_on_cpu() -> None:
             if note is None:
                 raise
             raise ValueError(f"{e} {note}") from None
+        except BaseException:
+            model_state.release(getattr(self, "_moe_offload_model", None))
+            raise
 
     determine_available_memory._moe_offload = True
     CPUWorker.determine_available_memory = determine_available_memory
+    original_warm_up = CPUWorker.compile_or_warm_up_model
+
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        return _released_on_failure(self, lambda: original_warm_up(self, *args, **kwargs))
+
+    CPUWorker.compile_or_warm_up_model = compile_or_warm_up_model
 
 
 def _released_on_failure(worker, call):
