@@ -98,12 +98,7 @@ def install() -> None:
         return _released_on_failure(self, measured)
 
     Worker.determine_available_memory = determine_available_memory
-    original_warm_up = Worker.compile_or_warm_up_model
-
-    def compile_or_warm_up_model(self, *args, **kwargs):  # (CUDA graph capture: OOM)
-        return _released_on_failure(self, lambda: original_warm_up(self, *args, **kwargs))
-
-    Worker.compile_or_warm_up_model = compile_or_warm_up_model
+    _release_on_failure_of(Worker, "compile_or_warm_up_model")  # (graph capture: OOM)
     _name_the_pool_on_cpu()
 
 
@@ -121,26 +116,20 @@ def _name_the_pool_on_cpu() -> None:
     original = CPUWorker.determine_available_memory
 
     def determine_available_memory(self):
-        try:
-            return original(self)
-        except ValueError as e:
-            note = pool_note(model_state.current())
-            model_state.release(getattr(self, "_moe_offload_model", None))
-            if note is None:
-                raise
-            raise ValueError(f"{e} {note}") from None
-        except BaseException:
-            model_state.release(getattr(self, "_moe_offload_model", None))
-            raise
+        def measured():
+            try:
+                return original(self)
+            except ValueError as e:
+                note = pool_note(model_state.current())  # (before the state goes)
+                if note is None:
+                    raise
+                raise ValueError(f"{e} {note}") from None
+
+        return _released_on_failure(self, measured)
 
     determine_available_memory._moe_offload = True
     CPUWorker.determine_available_memory = determine_available_memory
-    original_warm_up = CPUWorker.compile_or_warm_up_model
-
-    def compile_or_warm_up_model(self, *args, **kwargs):
-        return _released_on_failure(self, lambda: original_warm_up(self, *args, **kwargs))
-
-    CPUWorker.compile_or_warm_up_model = compile_or_warm_up_model
+    _release_on_failure_of(CPUWorker, "compile_or_warm_up_model")
 
 
 def _released_on_failure(worker, call):
@@ -153,6 +142,16 @@ def _released_on_failure(worker, call):
     except BaseException:
         model_state.release(getattr(worker, "_moe_offload_model", None))
         raise
+
+
+def _release_on_failure_of(cls, name: str) -> None:
+    """cls.name, wrapped in _released_on_failure."""
+    original = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        return _released_on_failure(self, lambda: original(self, *args, **kwargs))
+
+    setattr(cls, name, wrapped)
 
 
 def pool_note(model) -> str | None:
